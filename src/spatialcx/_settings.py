@@ -1,0 +1,44 @@
+"""Package-wide settings (``scx.settings``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
+
+logger = logging.getLogger("spatialcx")
+
+
+@dataclass
+class _Settings:
+    """Settings of spatialcx.
+
+    Attributes
+    ----------
+    verbosity
+        0 errors, 1 warnings (default), 2 info, 3 debug. Progress bars are shown at 2 and above, and only on a
+        terminal or in a notebook.
+    chunk_size
+        Default number of cells processed at once by chunked operations (prediction, normalization).
+    """
+
+    _verbosity: int = 1
+    chunk_size: int = 50_000
+
+    @property
+    def verbosity(self) -> int:
+        """Verbosity level, 0-3."""
+        return self._verbosity
+
+    @verbosity.setter
+    def verbosity(self, value: int) -> None:
+        value = int(value)
+        if value not in _LEVELS:
+            raise ValueError(f"verbosity must be one of {sorted(_LEVELS)}, got {value}.")
+        self._verbosity = value
+        logger.setLevel(_LEVELS[value])
+
+
+settings = _Settings()
+logger.setLevel(_LEVELS[settings.verbosity])

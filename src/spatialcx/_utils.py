@@ -1,0 +1,34 @@
+"""Small internal helpers: progress bars, optional imports, seeding."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from ._settings import settings
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], *, total: int | None = None, desc: str | None = None) -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm progress bar when verbose and attached to a terminal or notebook."""
+    if settings.verbosity < 2:
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+
+    disable = None if sys.stderr.isatty() or "ipykernel" in sys.modules else True
+    yield from tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
+
+
+def import_optional(module: str, extra: str) -> Any:
+    """Import an optional dependency or raise an ImportError that names the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"{module!r} is required for this feature but is not installed. "
+            f"Install it with `pip install 'spatialcx[{extra}]'`."
+        ) from e

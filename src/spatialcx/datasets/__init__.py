@@ -1,0 +1,3 @@
+"""Synthetic datasets made by code (nothing is downloaded)."""
+
+from ._demo import demo

@@ -1,0 +1,5 @@
+"""Demo dataset (being implemented)."""
+
+
+def demo(**kwargs):  # noqa: D103
+    raise NotImplementedError

@@ -1,0 +1,3 @@
+"""Reading and writing: references, remote URIs, tables in zarr stores, 10x outputs."""
+
+from .._table import write_table

@@ -1,0 +1,5 @@
+"""Being implemented."""
+
+
+class CellTypeModel:  # noqa: D101
+    pass

@@ -1,0 +1,3 @@
+"""Plots: confidence over the tissue, validation, ontology mapping, thresholds."""
+
+from ._confidence import confidence
