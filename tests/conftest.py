@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+#: Real public datasets live beside the project checkout (``../shared/data``); tests skip cleanly without them.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """Return a path under ``../shared/data`` or skip the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared dataset not available: {'/'.join(parts)}")
+    return path
+
+
+@pytest.fixture
+def shared_data():
+    """Factory fixture: ``shared_data("starmap_mpfc", "starmap_mpfc.h5ad")``."""
+    return shared_path
