@@ -1,5 +1,391 @@
-"""Being implemented."""
+"""``CellTypeModel``: a CellTypist-compatible linear model with exact, sparse, chunked scoring.
+
+The model is CellTypist's: a standard scaler (``(x - mean) / scale``, scaled values clipped at 10) followed by a
+one-vs-rest logistic regression. Scoring never densifies the query: because a zero is never clipped
+(``-mean / scale <= 10`` for non-negative data), the scaled zeros are a constant that folds into the intercept, and
+the clip is applied to the non-zero entries only. The result equals CellTypist's decision matrix to float rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from spatialcx._constants import TARGET_SUM
+from spatialcx._settings import logger
+
+if TYPE_CHECKING:
+    from celltypist.models import Model as CelltypistModel
+
+#: Version of the on-disk format written by :meth:`CellTypeModel.save`.
+FORMAT_VERSION = 1
+_FORMAT_NAME = "spatialcx.CellTypeModel"
+
+NormalizeOver = Literal["genes", "all"]
 
 
-class CellTypeModel:  # noqa: D101
-    pass
+@dataclass(frozen=True)
+class ScoringWeights:
+    """The scaler folded into the weights, for the model genes present in one query.
+
+    A zero is never clipped (its scaled value ``z0 = -mean / scale`` is at most the clip for non-negative means), so
+    zeros contribute a constant that is folded into ``intercept``; non-zeros contribute
+    ``min(x / scale - mean / scale, clip) - z0``. Scores are exact (float64) and the query stays sparse.
+    """
+
+    weights: np.ndarray  # (n_present, n_classes)
+    intercept: np.ndarray  # (n_classes,)
+    inv_scale: np.ndarray
+    shift: np.ndarray
+    z0: np.ndarray
+    clip: float
+
+    def score(self, x: sparse.spmatrix | np.ndarray) -> np.ndarray:
+        """Decision scores ``(n_cells, n_classes)`` of a normalized block whose columns are the present genes."""
+        x = sparse.csr_matrix(x, dtype=np.float64, copy=True)
+        cols = x.indices
+        v = x.data * self.inv_scale[cols]
+        v -= self.shift[cols]
+        np.minimum(v, self.clip, out=v)
+        v -= self.z0[cols]
+        x.data = v
+        return self.intercept + x @ self.weights
+
+
+@dataclass(eq=False)
+class CellTypeModel:
+    """A CellTypist-compatible cell-type classifier.
+
+    Parameters
+    ----------
+    features
+        Gene names, in the order of the columns of ``coef``.
+    classes
+        Cell-type labels, in the order of the rows of ``coef``.
+    coef
+        One-vs-rest logistic regression weights, ``(n_classes, n_features)``. Binary models store both rows
+        (``[-w, w]``) so that scores always have one column per class, as CellTypist reports them.
+    intercept
+        ``(n_classes,)``.
+    scaler_mean, scaler_scale
+        The standard scaler fitted on the training data (mean is zero for ``with_mean=False`` scalers).
+    clip
+        Upper clip of scaled values (CellTypist: 10).
+    normalize_over
+        How query counts are normalized before scoring: ``"genes"`` (library size over the model's genes: models
+        trained by spatialcx on a panel) or ``"all"`` (over every gene of the table: CellTypist's convention, used for
+        imported models).
+    target_sum
+        Counts per cell after normalization (10,000).
+    description
+        Free metadata (training parameters, reference provenance, dates); JSON-serialisable.
+    """
+
+    features: np.ndarray
+    classes: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    scaler_mean: np.ndarray
+    scaler_scale: np.ndarray
+    clip: float = 10.0
+    normalize_over: NormalizeOver = "genes"
+    target_sum: float = TARGET_SUM
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.features = np.asarray(self.features).astype(str)
+        self.classes = np.asarray(self.classes).astype(str)
+        self.coef = np.asarray(self.coef, dtype=np.float64)
+        self.intercept = np.asarray(self.intercept, dtype=np.float64).ravel()
+        self.scaler_mean = np.asarray(self.scaler_mean, dtype=np.float64).ravel()
+        self.scaler_scale = np.asarray(self.scaler_scale, dtype=np.float64).ravel()
+        n_k, n_g = len(self.classes), len(self.features)
+        if n_k < 2:
+            raise ValueError(f"A cell-type model needs at least 2 classes, got {n_k}.")
+        if self.coef.shape != (n_k, n_g):
+            raise ValueError(f"coef has shape {self.coef.shape}; expected (n_classes, n_features) = {(n_k, n_g)}.")
+        for name in ("intercept", "scaler_mean", "scaler_scale"):
+            arr = getattr(self, name)
+            expected = n_k if name == "intercept" else n_g
+            if arr.shape != (expected,):
+                raise ValueError(f"{name} has shape {arr.shape}; expected ({expected},).")
+        if not np.all(np.isfinite(self.coef)) or not np.all(np.isfinite(self.intercept)):
+            raise ValueError("The model's weights contain NaN or infinite values.")
+        if (self.scaler_scale <= 0).any():
+            raise ValueError("scaler_scale must be positive for every feature.")
+        if pd.Index(self.features).has_duplicates:
+            raise ValueError("The model's features contain duplicated gene names.")
+        if self.normalize_over not in ("genes", "all"):
+            raise ValueError(f"normalize_over must be 'genes' or 'all', got {self.normalize_over!r}.")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_features(self) -> int:
+        """Number of genes the model uses."""
+        return len(self.features)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of cell types."""
+        return len(self.classes)
+
+    @property
+    def model_hash(self) -> str:
+        """SHA-256 over the weights, scaler, features and classes (identifies the model in ``uns``)."""
+        h = hashlib.sha256()
+        for arr in (self.coef, self.intercept, self.scaler_mean, self.scaler_scale):
+            h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
+        h.update("\x1f".join(self.features).encode())
+        h.update(b"\x1e")
+        h.update("\x1f".join(self.classes).encode())
+        h.update(f"{self.clip}|{self.normalize_over}|{self.target_sum}".encode())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        cls = ", ".join(self.classes[:4]) + (", ..." if self.n_classes > 4 else "")
+        return (
+            f"CellTypeModel with {self.n_classes} cell types and {self.n_features} genes "
+            f"(normalized over {'the model genes' if self.normalize_over == 'genes' else 'all genes'})\n"
+            f"    cell types: {cls}"
+        )
+
+    # ------------------------------------------------------------------ scoring
+    def scoring_weights(self, present: np.ndarray) -> ScoringWeights:
+        """Fold the scaler into the weights for the genes ``present`` in a query (indices into ``features``).
+
+        Genes of the model that the query lacks are dropped, as CellTypist does: their scaled value is 0, i.e.
+        they sit at the training mean.
+        """
+        present = np.asarray(present, dtype=np.intp)
+        mean = self.scaler_mean[present]
+        scale = self.scaler_scale[present]
+        coef = self.coef[:, present]
+        shift = mean / scale
+        z0 = np.minimum(-shift, self.clip)  # the scaled (and clipped) value of a zero
+        return ScoringWeights(
+            weights=np.ascontiguousarray(coef.T),
+            intercept=self.intercept + coef @ z0,
+            inv_scale=1.0 / scale,
+            shift=shift,
+            z0=z0,
+            clip=float(self.clip),
+        )
+
+    def decision_function(self, x: np.ndarray | sparse.spmatrix, genes: Sequence[str] | None = None) -> np.ndarray:
+        """Decision scores for normalized (log1p) expression ``x``.
+
+        Parameters
+        ----------
+        x
+            Cells x genes, already log1p-normalized.
+        genes
+            Column names of ``x``; defaults to the model's features in order.
+
+        Returns
+        -------
+        ``(n_cells, n_classes)`` float64 scores, equal to CellTypist's decision matrix.
+        """
+        if genes is None:
+            present = np.arange(self.n_features)
+            cols = present
+        else:
+            present, cols = self.match_genes(genes)
+        return self.scoring_weights(present).score(sparse.csr_matrix(x)[:, cols])
+
+    def match_genes(self, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(present, cols)``: model feature indices found in ``genes`` and their column positions there."""
+        pos = pd.Index(np.asarray(genes).astype(str)).get_indexer(self.features)
+        present = np.flatnonzero(pos >= 0)
+        return present, pos[present]
+
+    # ------------------------------------------------------------------ IO
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model to ``path`` (an ``.npz`` archive of arrays and JSON; loading executes no code).
+
+        The file is written atomically: an interrupted save leaves any previous file intact.
+        """
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": _FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "clip": self.clip,
+            "normalize_over": self.normalize_over,
+            "target_sum": self.target_sum,
+            "model_hash": self.model_hash,
+            "description": self.description,
+        }
+        arrays = {
+            "features": self.features.astype(str),
+            "classes": self.classes.astype(str),
+            "coef": self.coef,
+            "intercept": self.intercept,
+            "scaler_mean": self.scaler_mean,
+            "scaler_scale": self.scaler_scale,
+            "meta": np.array(json.dumps(meta, default=_json_default)),
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CellTypeModel:
+        """Read a model written by :meth:`save` (no pickle: ``allow_pickle=False``)."""
+        path = Path(path)
+        if path.suffix == ".pkl":
+            raise ValueError(
+                f"{path} is a pickle (a CellTypist model?). Pickles can execute code when loaded; import it with "
+                "`scx.CellTypeModel.from_celltypist(path, trust_pickle=True)` only if you trust its source."
+            )
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(str(npz["meta"]))
+                if meta.get("format") != _FORMAT_NAME:
+                    raise ValueError(f"{path} is not a spatialcx model file (format={meta.get('format')!r}).")
+                if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+                    raise ValueError(
+                        f"{path} was written by a newer spatialcx (format {meta['format_version']}); upgrade spatialcx."
+                    )
+                model = cls(
+                    features=npz["features"],
+                    classes=npz["classes"],
+                    coef=npz["coef"],
+                    intercept=npz["intercept"],
+                    scaler_mean=npz["scaler_mean"],
+                    scaler_scale=npz["scaler_scale"],
+                    clip=float(meta["clip"]),
+                    normalize_over=meta["normalize_over"],
+                    target_sum=float(meta["target_sum"]),
+                    description=meta.get("description", {}),
+                )
+        except (KeyError, OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"Could not read a spatialcx model from {path}: {e}") from e
+        if meta.get("model_hash") and meta["model_hash"] != model.model_hash:
+            raise ValueError(f"{path} is corrupted: its weights do not match the hash stored with them.")
+        return model
+
+    # ------------------------------------------------------------------ CellTypist interop
+    @classmethod
+    def from_celltypist(cls, model_or_path: CelltypistModel | str | os.PathLike, *, trust_pickle: bool = False):
+        """Import a CellTypist model.
+
+        Parameters
+        ----------
+        model_or_path
+            A :class:`celltypist.models.Model` or the path of a CellTypist ``.pkl`` file.
+        trust_pickle
+            CellTypist files are pickles, which can execute arbitrary code when loaded. A path is read only when
+            this is True; pass it only for files from a source you trust.
+
+        Returns
+        -------
+        A model that scores exactly as the CellTypist one, normalizing queries over all genes (``"all"``).
+        """
+        if isinstance(model_or_path, str | os.PathLike):
+            path = Path(model_or_path)
+            if not trust_pickle:
+                raise ValueError(
+                    f"Refusing to unpickle {path}: CellTypist models are pickles, which can run arbitrary code when "
+                    "loaded. If you trust the file's source, pass `trust_pickle=True`; or load it yourself with "
+                    "`celltypist.models.Model.load` and pass the object."
+                )
+            if not path.is_file():
+                raise FileNotFoundError(f"No CellTypist model file at {path}.")
+            from celltypist.models import Model
+
+            model_or_path = Model.load(str(path))
+        clf, scaler = model_or_path.classifier, model_or_path.scaler
+        features = np.asarray(clf.features).astype(str)
+        classes = np.asarray(clf.classes_).astype(str)
+        coef = np.asarray(clf.coef_, dtype=np.float64)
+        intercept = np.asarray(clf.intercept_, dtype=np.float64).ravel()
+        if len(classes) == 2 and coef.shape[0] == 1:
+            coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+        with_mean = bool(getattr(scaler, "with_mean", True))
+        mean = np.asarray(scaler.mean_, dtype=np.float64) if with_mean else np.zeros(len(features))
+        scale = np.asarray(scaler.scale_, dtype=np.float64) if scaler.scale_ is not None else np.ones(len(features))
+        description = {k: _jsonable(v) for k, v in dict(getattr(model_or_path, "description", {}) or {}).items()}
+        description["imported_from"] = "celltypist"
+        description["with_mean"] = with_mean
+        return cls(
+            features=features,
+            classes=classes,
+            coef=coef,
+            intercept=intercept,
+            scaler_mean=mean,
+            scaler_scale=scale,
+            normalize_over="all",
+            description=description,
+        )
+
+    def to_celltypist(self) -> CelltypistModel:
+        """Export as a :class:`celltypist.models.Model` that ``celltypist.annotate`` accepts."""
+        from celltypist.models import Model
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        clf = LogisticRegression()
+        clf.classes_ = self.classes.astype(object)
+        clf.coef_ = self.coef.copy()
+        clf.intercept_ = self.intercept.copy()
+        clf.n_features_in_ = self.n_features
+        clf.n_iter_ = np.zeros(1, dtype=np.int32)
+        clf.features = self.features.astype(object)
+        scaler = StandardScaler(with_mean=True)
+        scaler.mean_ = self.scaler_mean.copy()
+        scaler.scale_ = self.scaler_scale.copy()
+        scaler.var_ = self.scaler_scale**2
+        scaler.n_features_in_ = self.n_features
+        scaler.n_samples_seen_ = int(self.description.get("n_cells", 0))
+        d = self.description
+        description = {
+            "date": str(d.get("date", "")),
+            "details": str(d.get("details", "spatialcx CellTypeModel")),
+            "url": str(d.get("url", "")),
+            "source": str(d.get("source", "spatialcx")),
+            "version": str(d.get("version", "")),
+            "number_celltypes": self.n_classes,
+        }
+        return Model(clf, scaler, description)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, str | int | float | bool):
+        return v
+    return str(v)
+
+
+def _json_default(o: Any) -> Any:
+    out = _jsonable(o)
+    if out is o:
+        raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+    return out
+
+
+logger.debug("spatialcx.model loaded")

@@ -1,9 +1,335 @@
-"""Being implemented."""
+"""``scx.tl.train`` and ``scx.tl.predict``: panel-exact models and exact chunked prediction on a table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from spatialcx._constants import KEY_ADDED, TARGET_SUM, output_keys
+from spatialcx._matrix import default_chunk_size, iter_row_blocks, normalize_block
+from spatialcx._settings import logger
+from spatialcx.model._model import CellTypeModel
+from spatialcx.model._score import score_matrix
+from spatialcx.model._train import Method, fit_model
+from spatialcx.tl._confidence import ConfidenceMethod, transform_confidence
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 
-def predict(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError
+def package_versions() -> dict[str, str]:
+    """Versions of spatialcx and the libraries whose behaviour its outputs depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("spatialcx", "anndata", "numpy", "scipy", "scikit-learn", "celltypist", "spatialdata"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
-def train(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError
+def _labels(adata: AnnData, label_key: str) -> pd.Series:
+    if label_key not in adata.obs:
+        raise KeyError(
+            f"Label key {label_key!r} is not a column of the reference's obs. "
+            f"Available columns: {list(adata.obs.columns)}."
+        )
+    return adata.obs[label_key]
+
+
+def _resolve_genes(genes: Sequence[str] | AnnData | SpatialData | None) -> list[str] | None:
+    if genes is None:
+        return None
+    if isinstance(genes, str):
+        raise TypeError("genes must be a list of gene names (or a table / SpatialData), not a single string.")
+    if hasattr(genes, "var_names") or hasattr(genes, "tables"):
+        from spatialcx.pp._genes import panel_genes
+
+        return panel_genes(genes)
+    return [str(g) for g in genes]
+
+
+def training_matrix(
+    reference: AnnData, genes: Sequence[str], *, target_sum: float = TARGET_SUM, chunk_size: int | None = None
+) -> sparse.csr_matrix:
+    """Log1p-normalized expression of ``reference`` over ``genes`` (library size over those genes), as CSR float32.
+
+    Read chunk by chunk from the raw counts found by the normalization detection (or verified log1p(10k) ``X``).
+    """
+    from spatialcx._matrix import gene_indices
+    from spatialcx.pp._normalization import find_expression_source
+
+    src = find_expression_source(reference)
+    cols = gene_indices(src.var_names, genes, what="reference")
+    chunk = default_chunk_size(len(cols), chunk_size)
+    blocks = [
+        normalize_block(b, cols, kind=src.kind, over="genes", target_sum=target_sum).astype(np.float32)
+        for _, _, b in iter_row_blocks(src.matrix, chunk)
+    ]
+    return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, len(cols)), dtype=np.float32)
+
+
+def train(
+    reference: AnnData,
+    label_key: str,
+    *,
+    genes: Sequence[str] | AnnData | SpatialData | None = None,
+    method: Method = "auto",
+    C: float = 1.0,
+    alpha: float = 1e-4,
+    max_iter: int | None = None,
+    batch_size: int = 1000,
+    epochs: int = 10,
+    balance_cell_type: bool = False,
+    min_genes: int = 10,
+    random_state: int = 0,
+    n_jobs: int | None = None,
+    chunk_size: int | None = None,
+) -> CellTypeModel:
+    """Train a CellTypist-compatible model on exactly the genes of a spatial panel.
+
+    The reference is normalized to log1p(10k) **over the genes it shares with the panel**, so that training and
+    prediction see the same library-size definition however many genes each platform measures; the model is
+    CellTypist's (standard scaler, values clipped at 10, one-vs-rest logistic regression).
+
+    Parameters
+    ----------
+    reference
+        Labelled single-cell reference (in memory, backed or lazy). Raw counts are found in ``layers["counts"]``,
+        ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X`` or ``X`` (see :func:`spatialcx.pp.normalization_status`);
+        verified log1p(10k) data in ``X`` is used when no counts exist.
+    label_key
+        Column of ``reference.obs`` with the cell-type labels. Cells with missing labels are ignored.
+    genes
+        The panel: gene names, or the spatial table / SpatialData (its :func:`~spatialcx.pp.panel_genes`).
+        ``None`` uses every gene of the reference.
+    method
+        ``"logreg"`` (CellTypist's default classifier, L2 logistic regression), ``"sgd"`` (SGD logistic regression),
+        ``"minibatch"`` (mini-batch SGD that densifies ``batch_size`` cells at a time, for large references), or
+        ``"auto"`` (``"logreg"`` unless the scaled matrix would be too large to hold densely).
+    C
+        Inverse L2 regularisation strength of ``"logreg"``.
+    alpha
+        L2 regularisation of the SGD methods.
+    max_iter
+        Iterations (CellTypist's defaults by number of cells when None).
+    batch_size, epochs, balance_cell_type
+        Mini-batch SGD settings (``balance_cell_type`` samples cells inversely to their type's frequency).
+    min_genes
+        Fewer shared genes than this is an error.
+    random_state
+        Seed of everything random.
+    n_jobs
+        Parallel jobs of scikit-learn.
+    chunk_size
+        Cells read and normalized at a time.
+
+    Returns
+    -------
+    The trained :class:`~spatialcx.CellTypeModel`.
+    """
+    from spatialcx import __version__
+
+    labels = _labels(reference, label_key)
+    panel = _resolve_genes(genes)
+    ref_genes = pd.Index(reference.var_names.astype(str))
+    if panel is None:
+        shared = list(ref_genes)
+    else:
+        panel_index = pd.Index(panel)
+        shared = [g for g in panel_index.unique() if g in set(ref_genes)]
+        logger.info("%d of %d panel genes found in the reference", len(shared), len(panel_index.unique()))
+        if len(shared) < min_genes:
+            raise ValueError(
+                f"Only {len(shared)} of the panel's {len(panel_index)} genes are in the reference "
+                f"(need at least {min_genes}). Panel genes look like {panel[:5]}, reference genes like "
+                f"{list(ref_genes[:5])}: check that both use gene symbols of the same species "
+                "(Ensembl ids must be mapped to symbols first)."
+            )
+    keep = labels.notna().to_numpy()
+    if not keep.all():
+        logger.info("%d reference cells without a label are ignored", int((~keep).sum()))
+    x = training_matrix(reference, shared, chunk_size=chunk_size)
+    y = labels.astype(str).to_numpy()
+    if not keep.all():
+        x, y = x[keep], y[keep]
+    if x.shape[0] == 0:
+        raise ValueError(f"The reference has no labelled cells in obs[{label_key!r}].")
+    counts = pd.Series(y).value_counts()
+    description: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": "spatialcx",
+        "version": __version__,
+        "label_key": label_key,
+        "n_panel_genes": len(panel) if panel is not None else len(shared),
+        "n_shared_genes": len(shared),
+        "cells_per_type": {str(k): int(v) for k, v in counts.items()},
+    }
+    model = fit_model(
+        x,
+        y,
+        shared,
+        method=method,
+        C=C,
+        alpha=alpha,
+        max_iter=max_iter,
+        batch_size=batch_size,
+        epochs=epochs,
+        balance_cell_type=balance_cell_type,
+        random_state=random_state,
+        n_jobs=n_jobs,
+        description=description,
+    )
+    logger.info("trained %r", model)
+    return model
+
+
+def _as_model(model: CellTypeModel | Any) -> CellTypeModel:
+    if isinstance(model, CellTypeModel):
+        return model
+    if isinstance(model, str) or hasattr(model, "__fspath__"):
+        return CellTypeModel.load(model)
+    if hasattr(model, "classifier") and hasattr(model, "scaler"):
+        return CellTypeModel.from_celltypist(model)
+    raise TypeError(
+        f"model must be a scx.CellTypeModel, the path of a saved one, or a celltypist Model; got {type(model).__name__}."
+    )
+
+
+def predict(
+    data: AnnData | SpatialData,
+    model: CellTypeModel | str | Any,
+    *,
+    table_key: str = "table",
+    key_added: str = KEY_ADDED,
+    confidence: ConfidenceMethod = "zscore",
+    chunk_size: int | None = None,
+    normalize_over: Literal["genes", "all"] | None = None,
+    min_gene_fraction: float = 0.5,
+    store_decision_scores: bool = True,
+    unsafe_force: bool = False,
+    copy: bool = False,
+    write: bool = True,
+) -> AnnData | SpatialData | None:
+    """Predict cell types, exactly as CellTypist scores, chunk by chunk on the sparse table.
+
+    Parameters
+    ----------
+    data
+        The spatial data or its table. Raw counts are located as in :func:`spatialcx.pp.normalization_status`
+        and normalized per chunk; the table is never densified or modified beyond the output keys.
+    model
+        A :class:`~spatialcx.CellTypeModel`, the path of a saved one, or a ``celltypist.models.Model``.
+    table_key
+        The table of a SpatialData.
+    key_added
+        Prefix of the output keys (``cell_type`` -> ``cell_type``, ``cell_type_predicted``,
+        ``cell_type_confidence``, ``cell_type_confidence_raw``, ``obsm["cell_type_decision_scores"]``,
+        ``uns["cell_type"]``).
+    confidence
+        How decision scores become ``{key_added}_confidence``; see :func:`~spatialcx.tl.transform_confidence`.
+        ``{key_added}_confidence_raw`` always holds CellTypist's probability.
+    chunk_size
+        Cells scored at a time (memory is O(chunk_size)); defaults to ``scx.settings.chunk_size``. Dask-backed
+        tables are scored block-parallel on the active dask scheduler.
+    normalize_over
+        Library size over the model's genes (``"genes"``) or all genes (``"all"``); defaults to the model's own
+        convention (``"genes"`` for models trained by :func:`train`, ``"all"`` for imported CellTypist models).
+    min_gene_fraction
+        Fewer of the model's genes in the table than this share is an error. Missing genes sit at their training
+        mean, as in CellTypist.
+    store_decision_scores
+        Keep the cells x classes decision scores in ``obsm``.
+    unsafe_force
+        Score even when the table's values are neither raw counts nor verified log1p(10k) data.
+    copy
+        Return a copy instead of writing into ``data``.
+    write
+        Persist the new keys into the zarr store of a backed SpatialData (crash-safe; X is never rewritten).
+
+    Returns
+    -------
+    The annotated copy when ``copy=True``, else None. ``{key_added}`` and ``{key_added}_predicted`` hold the
+    predicted label; :func:`filter_low_confidence` then marks low-confidence cells ``Unassigned`` in
+    ``{key_added}``.
+    """
+    from spatialcx._table import resolve_table
+    from spatialcx.pp._normalization import find_expression_source
+
+    model = _as_model(model)
+    if not 0 <= min_gene_fraction <= 1:
+        raise ValueError(f"min_gene_fraction must be in [0, 1], got {min_gene_fraction}.")
+    ref = resolve_table(data, table_key, copy=copy)
+    adata = ref.adata
+    src = find_expression_source(adata, unsafe_force=unsafe_force)
+    present, _ = model.match_genes(np.asarray(src.var_names).astype(str))
+    frac = len(present) / model.n_features
+    if len(present) == 0 or frac < min_gene_fraction:
+        raise ValueError(
+            f"Only {len(present)} of the model's {model.n_features} genes ({frac:.1%}) are in the table "
+            f"(minimum {min_gene_fraction:.0%}). Model genes look like {model.features[:5].tolist()}, table genes "
+            f"like {list(src.var_names[:5])}. Train a model on this panel with `scx.tl.train(reference, label_key, "
+            "genes=data)`, or lower `min_gene_fraction` if you accept missing genes sitting at their training mean."
+        )
+    if len(present) < model.n_features:
+        logger.warning(
+            "%d of the model's %d genes are missing from the table; they sit at their training mean (as in CellTypist)",
+            model.n_features - len(present),
+            model.n_features,
+        )
+    scores, _ = score_matrix(
+        src.matrix, src.var_names, model, kind=src.kind, normalize_over=normalize_over, chunk_size=chunk_size
+    )
+    conf = transform_confidence(scores, confidence)
+    conf_raw = transform_confidence(scores, "raw")
+    best = scores.argmax(axis=1)
+    labels = pd.Categorical.from_codes(best, categories=pd.Index(model.classes))
+    keys = output_keys(key_added)
+    params = {
+        "model_hash": model.model_hash,
+        "classes": model.classes.tolist(),
+        "n_model_genes": int(model.n_features),
+        "n_genes_used": int(len(present)),
+        "confidence_method": confidence,
+        "normalize_over": normalize_over or model.normalize_over,
+        "expression_source": src.where,
+        "chunk_size": int(default_chunk_size(len(present), chunk_size)),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "model_description": _jsonable_dict(model.description),
+    }
+    # everything is computed: now write (nothing half-written on error)
+    index = adata.obs_names
+    adata.obs[keys["predicted"]] = pd.Categorical(labels, categories=model.classes)
+    adata.obs[keys["label"]] = pd.Categorical(labels, categories=model.classes)
+    adata.obs[keys["confidence"]] = pd.Series(conf.astype(np.float32), index=index)
+    adata.obs[keys["confidence_raw"]] = pd.Series(conf_raw.astype(np.float32), index=index)
+    if store_decision_scores:
+        # an array, not a DataFrame: class names may hold characters that are not valid zarr keys;
+        # the column order is uns[key_added]["classes"]
+        adata.obsm[keys["decision_scores"]] = scores.astype(np.float32)
+    elif keys["decision_scores"] in adata.obsm:
+        del adata.obsm[keys["decision_scores"]]
+    adata.uns[key_added] = params
+    return ref.finish(write=write, elements=("obs", "obsm", "uns"))
+
+
+def _jsonable_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop None values (not storable in ``uns``) and convert numpy scalars."""
+    from spatialcx.model._model import _jsonable
+
+    out = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        v = _jsonable(v)
+        out[str(k)] = _jsonable_dict(v) if isinstance(v, dict) else v
+    return out

@@ -1,0 +1,157 @@
+"""Fit a CellTypist-family model (standard scaler + one-vs-rest logistic regression) on normalized expression."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from scipy import sparse
+
+from spatialcx._settings import logger
+from spatialcx._utils import progress
+from spatialcx.model._model import CellTypeModel
+
+Method = Literal["auto", "logreg", "sgd", "minibatch"]
+
+#: Above this many matrix entries (cells x genes) "auto" trains with mini-batch SGD instead of densifying the data.
+AUTO_DENSE_LIMIT = 200_000_000
+
+
+def _scale_params(x: sparse.csr_matrix, with_mean: bool) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.utils.sparsefuncs import mean_variance_axis
+
+    mean, var = mean_variance_axis(sparse.csr_matrix(x, dtype=np.float64), axis=0)
+    scale = np.sqrt(var)
+    # sklearn's StandardScaler leaves (near-)constant features unscaled
+    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
+    if not with_mean:
+        mean = np.zeros_like(mean)
+    return mean, scale
+
+
+def _scaled_dense(x: sparse.csr_matrix, mean: np.ndarray, scale: np.ndarray, clip: float) -> np.ndarray:
+    z = x.toarray().astype(np.float32, copy=False)
+    z -= mean.astype(np.float32)
+    z /= scale.astype(np.float32)
+    np.minimum(z, clip, out=z)
+    return z
+
+
+def _coef_from(clf: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(clf, "estimators_"):  # OneVsRestClassifier
+        coef = np.vstack([est.coef_ for est in clf.estimators_])
+        intercept = np.concatenate([np.ravel(est.intercept_) for est in clf.estimators_])
+    else:
+        coef, intercept = np.asarray(clf.coef_), np.ravel(clf.intercept_)
+    if n_classes == 2 and coef.shape[0] == 1:
+        coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+    return coef, intercept
+
+
+def fit_model(
+    x: sparse.spmatrix | np.ndarray,
+    labels: Sequence[str] | np.ndarray,
+    features: Sequence[str],
+    *,
+    method: Method = "auto",
+    C: float = 1.0,
+    alpha: float = 1e-4,
+    max_iter: int | None = None,
+    batch_size: int = 1000,
+    epochs: int = 10,
+    balance_cell_type: bool = False,
+    with_mean: bool = True,
+    clip: float = 10.0,
+    random_state: int = 0,
+    n_jobs: int | None = None,
+    description: dict[str, Any] | None = None,
+) -> CellTypeModel:
+    """Fit the model on log1p-normalized expression ``x`` (cells x ``features``).
+
+    As CellTypist: genes not expressed in any training cell are dropped, the data are standard-scaled and clipped at
+    ``clip``, and a one-vs-rest L2 logistic regression is fitted (``"logreg"``, lbfgs), or a log-loss SGD classifier
+    (``"sgd"``), or the SGD classifier by mini-batches that densify only ``batch_size`` cells at a time
+    (``"minibatch"``, for references too large to densify). ``"auto"`` picks ``"logreg"`` unless the dense matrix
+    would exceed :data:`AUTO_DENSE_LIMIT` entries.
+    """
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.multiclass import OneVsRestClassifier
+
+    x = sparse.csr_matrix(x)
+    labels = np.asarray(labels).astype(str)
+    features = np.asarray(features).astype(str)
+    if x.shape != (len(labels), len(features)):
+        raise ValueError(f"Expression {x.shape} does not match {len(labels)} labels x {len(features)} genes.")
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError(
+            f"The reference has a single cell type ({classes.tolist()}); a classifier needs at least two. "
+            "Add references with other types, or check that the label key is the cell-type column."
+        )
+    expressed = np.asarray((x != 0).sum(axis=0)).ravel() > 0
+    if not expressed.all():
+        logger.info("%d genes are not expressed in any training cell and are dropped", int((~expressed).sum()))
+        x, features = x[:, expressed], features[expressed]
+    if x.shape[1] == 0:
+        raise ValueError("No gene is expressed in the training cells.")
+    mean, scale = _scale_params(x, with_mean)
+    n, g = x.shape
+    if method == "auto":
+        method = "logreg" if n * g <= AUTO_DENSE_LIMIT else "minibatch"
+    if max_iter is None:
+        max_iter = 1000 if n < 50_000 else 500 if n < 500_000 else 200
+    rng = np.random.default_rng(random_state)
+    seed = int(rng.integers(2**31 - 1))
+
+    if method == "logreg":
+        z = _scaled_dense(x, mean, scale, clip)
+        base = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter)
+        clf = OneVsRestClassifier(base, n_jobs=n_jobs).fit(z, labels)
+        del z
+    elif method == "sgd":
+        z = _scaled_dense(x, mean, scale, clip)
+        clf = SGDClassifier(loss="log_loss", alpha=alpha, max_iter=max_iter, random_state=seed, n_jobs=n_jobs)
+        clf.fit(z, labels)
+        del z
+    elif method == "minibatch":
+        clf = SGDClassifier(loss="log_loss", alpha=alpha, random_state=seed, n_jobs=n_jobs)
+        if balance_cell_type:
+            _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+            p = 1.0 / (counts[inverse] * len(counts))
+            p /= p.sum()
+        else:
+            p = None
+        for _ in progress(range(epochs), total=epochs, desc="training epochs"):
+            order = rng.choice(n, size=n, replace=False, p=p)
+            for start in range(0, n, batch_size):
+                idx = np.sort(order[start : start + batch_size])
+                clf.partial_fit(_scaled_dense(x[idx], mean, scale, clip), labels[idx], classes=classes)
+    else:
+        raise ValueError(f"Unknown training method {method!r}; use 'auto', 'logreg', 'sgd' or 'minibatch'.")
+
+    coef, intercept = _coef_from(clf, len(classes))
+    clf_classes = np.asarray(getattr(clf, "classes_", classes)).astype(str)
+    desc = dict(description or {})
+    desc.update(
+        {
+            "method": method,
+            "C": C,
+            "alpha": alpha,
+            "max_iter": max_iter,
+            "random_state": random_state,
+            "n_cells": int(n),
+            "n_genes": int(g),
+            "with_mean": with_mean,
+        }
+    )
+    return CellTypeModel(
+        features=features,
+        classes=clf_classes,
+        coef=coef,
+        intercept=intercept,
+        scaler_mean=mean,
+        scaler_scale=scale,
+        clip=clip,
+        description=desc,
+    )
