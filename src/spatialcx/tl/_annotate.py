@@ -1,5 +1,274 @@
-"""Being implemented."""
+"""``scx.tl.annotate``: references in, CELLxGENE-standard cell-type columns out, in one call."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from spatialcx._constants import (
+    KEY_ADDED,
+    ORIGINAL_LABEL_KEY,
+    SOURCE_KEY,
+    UNASSIGNED,
+    UNKNOWN_ONTOLOGY_ID,
+    output_keys,
+)
+from spatialcx._settings import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
 
 
-def annotate(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError
+def _as_list(references: Any, label_keys: str | Sequence[str]) -> tuple[list[Any], list[str]]:
+    if isinstance(references, str | os.PathLike) or hasattr(references, "obs"):
+        references = [references]
+    references = list(references)
+    if not references:
+        raise ValueError("No reference given: pass one or more labelled AnnData objects, h5ad/zarr paths or URIs.")
+    if isinstance(label_keys, str):
+        label_keys = [label_keys] * len(references)
+    label_keys = list(label_keys)
+    if len(label_keys) != len(references):
+        raise ValueError(
+            f"{len(references)} references but {len(label_keys)} label keys: give one label key per reference "
+            "(or a single string used for all)."
+        )
+    return references, label_keys
+
+
+def ontology_names(classes: Sequence[str], *, index: Any = None) -> tuple[list[str], list[str], list[str], Any]:
+    """Map model classes to Cell Ontology ids; return (final names, ids, CL names, mapping).
+
+    The final name of a class is its CL name when one fits, else the class's own label.
+    """
+    from spatialcx.tl._ontology import map_labels
+
+    mapping = map_labels(list(classes), index=index)
+    table = mapping.table.set_index("input_label")
+    ids, cl_names, final = [], [], []
+    for c in classes:
+        term = str(table.loc[c, "ontology_term_id"]) if c in table.index else UNKNOWN_ONTOLOGY_ID
+        name = table.loc[c, "ontology_label"] if c in table.index else None
+        if term == UNKNOWN_ONTOLOGY_ID or name is None or pd.isna(name):
+            ids.append(UNKNOWN_ONTOLOGY_ID)
+            cl_names.append(UNKNOWN_ONTOLOGY_ID)
+            final.append(str(c))
+        else:
+            ids.append(term)
+            cl_names.append(str(name))
+            final.append(str(name))
+    return final, ids, cl_names, mapping
+
+
+def annotate(
+    data: AnnData | SpatialData,
+    references: Any,
+    *,
+    label_keys: str | Sequence[str],
+    table_key: str = "table",
+    tissue: str = "unknown",
+    balance: Literal["proportional", "equal"] = "proportional",
+    max_cells_per_type: int = 5000,
+    max_cells_per_ref: int = 100_000,
+    target_proportions: Mapping[str, float] | str | os.PathLike | None = None,
+    confidence_threshold: float = 0.8,
+    confidence: str = "zscore",
+    model_out: str | os.PathLike | None = None,
+    plots_dir: str | os.PathLike | None = None,
+    add_ontology: bool = True,
+    plots: bool = True,
+    key_added: str = KEY_ADDED,
+    train_kwargs: Mapping[str, Any] | None = None,
+    chunk_size: int | None = None,
+    random_state: int = 0,
+    copy: bool = False,
+    write: bool = True,
+) -> AnnData | SpatialData | None:
+    """Annotate a spatial table with cell types from labelled scRNA-seq references, in one call.
+
+    The pipeline: panel genes of the table -> combine the references over the genes they share with the panel
+    (:func:`~spatialcx.pp.combine_references`) -> balance cell types and sources ("Cap & Fill",
+    :func:`~spatialcx.pp.subsample_balanced`) -> train a panel-exact CellTypist-compatible model
+    (:func:`~spatialcx.tl.train`) -> predict exactly and chunked (:func:`~spatialcx.tl.predict`) -> map the
+    labels to the Cell Ontology -> mark low-confidence cells ``Unassigned``
+    (:func:`~spatialcx.tl.filter_low_confidence`) -> write everything into the table (and its zarr store).
+
+    Parameters
+    ----------
+    data
+        The spatial data (or its table). Its raw counts are used; nothing else of the table changes.
+    references
+        One or more labelled references: AnnData objects, local ``.h5ad``/``.zarr`` paths, or URIs.
+    label_keys
+        The label column of each reference (one string for all).
+    table_key
+        The table of a SpatialData.
+    tissue
+        Tissue of the sample, recorded with the results.
+    balance
+        How a cell type's quota is split between references: ``"proportional"`` to what each has, or ``"equal"``.
+    max_cells_per_type
+        Cap of training cells per cell type (after combining references).
+    max_cells_per_ref
+        Cap of cells read from each reference.
+    target_proportions
+        Optional wanted share of each type in the training set (dict, JSON or CSV path).
+    confidence_threshold
+        Cells with a confidence below it are ``Unassigned`` in ``{key_added}``.
+    confidence
+        Confidence method (:func:`~spatialcx.tl.transform_confidence`).
+    model_out
+        Save the trained model there (``.npz``, loads without executing code).
+    plots_dir
+        Write QC plots there (when ``plots``).
+    add_ontology
+        Map labels to Cell Ontology ids and names (``{key_added}_ontology_term_id``, ``{key_added}_ontology_label``);
+        ``{key_added}`` then shows the CL name of each mapped label and the reference's own label otherwise.
+    plots
+        Draw the QC plots into ``plots_dir``.
+    key_added
+        Prefix of the output keys.
+    train_kwargs
+        Extra arguments of :func:`~spatialcx.tl.train` (e.g. ``{"method": "minibatch"}``).
+    chunk_size
+        Cells processed at a time when reading and scoring.
+    random_state
+        Seed of everything random.
+    copy
+        Return an annotated copy instead of modifying ``data``.
+    write
+        Persist the outputs into the zarr store of a backed SpatialData (crash-safe; X never rewritten).
+
+    Returns
+    -------
+    The annotated copy when ``copy=True``, else None. Writes ``obs`` columns ``{key}``, ``{key}_predicted``,
+    ``{key}_confidence``, ``{key}_confidence_raw``, ``{key}_ontology_term_id``, ``{key}_ontology_label``, the decision
+    scores in ``obsm["{key}_decision_scores"]`` and the parameters, model hash, versions and reference provenance in
+    ``uns[key]``.
+    """
+    from spatialcx._table import resolve_table
+    from spatialcx.pp import combine_references, panel_genes, subsample_balanced
+    from spatialcx.tl._filter import filter_low_confidence
+    from spatialcx.tl._predict import compute_predictions, train, write_predictions
+
+    if not 0 <= confidence_threshold <= 1:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
+    references, label_keys = _as_list(references, label_keys)
+    ref = resolve_table(data, table_key, copy=copy)
+    adata = ref.adata
+    panel = panel_genes(adata)
+    logger.info("panel: %d genes", len(panel))
+
+    combined = combine_references(
+        references,
+        label_keys,
+        genes=panel,
+        max_cells_per_ref=max_cells_per_ref,
+        random_state=random_state,
+    )
+    balanced = subsample_balanced(
+        combined,
+        ORIGINAL_LABEL_KEY,
+        max_cells_per_type=max_cells_per_type,
+        source_key=SOURCE_KEY,
+        source_balance=balance,
+        target_proportions=target_proportions,
+        random_state=random_state,
+    )
+    model = train(
+        balanced,
+        ORIGINAL_LABEL_KEY,
+        genes=list(balanced.var_names),
+        random_state=random_state,
+        chunk_size=chunk_size,
+        **dict(train_kwargs or {}),
+    )
+    model.description["tissue"] = tissue
+    model.description["references"] = _provenance(balanced)
+    out = compute_predictions(adata, model, confidence=confidence, chunk_size=chunk_size)
+
+    classes = [str(c) for c in model.classes]
+    if add_ontology:
+        names, ids, cl_names, mapping = ontology_names(classes)
+    else:
+        names, ids, cl_names, mapping = classes, [], [], None
+
+    # all computed: write into the table
+    keys = output_keys(key_added)
+    write_predictions(adata, out, key_added=key_added)
+    codes = out.labels.codes
+    if add_ontology:
+        adata.obs[keys["ontology_id"]] = pd.Categorical(np.asarray(ids, dtype=object)[codes])
+        adata.obs[keys["ontology_label"]] = pd.Categorical(np.asarray(cl_names, dtype=object)[codes])
+    params = adata.uns[key_added]
+    params.update(
+        {
+            "names": names,
+            "ontology_term_ids": ids,
+            "tissue": tissue,
+            "references": _provenance(balanced),
+            "balance": balance,
+            "max_cells_per_type": int(max_cells_per_type),
+            "max_cells_per_ref": int(max_cells_per_ref),
+            "random_state": int(random_state),
+        }
+    )
+    if mapping is not None:
+        params["ontology_mapping"] = _mapping_lists(mapping)
+    filter_low_confidence(adata, key=key_added, threshold=confidence_threshold, unassigned_label=UNASSIGNED)
+
+    if model_out is not None:
+        saved = model.save(model_out)
+        adata.uns[key_added]["model_path"] = str(saved)
+    result = ref.finish(write=write, elements=("obs", "obsm", "uns"))
+
+    if plots and plots_dir is not None:
+        _plots(result if copy else data, Path(plots_dir), key_added, confidence_threshold, mapping, table_key)
+    return result
+
+
+def _provenance(balanced: AnnData) -> list[dict[str, Any]]:
+    from spatialcx.tl._predict import _jsonable_dict
+
+    prov = balanced.uns.get("spatialcx_references", [])
+    return [_jsonable_dict(dict(p)) for p in prov] if isinstance(prov, list) else []
+
+
+def _mapping_lists(mapping: Any) -> dict[str, list]:
+    t = mapping.table
+    out = {}
+    for col in t.columns:
+        vals = t[col]
+        out[str(col)] = [v.item() if hasattr(v, "item") else ("" if v is None else v) for v in vals.tolist()]
+        out[str(col)] = [("" if (isinstance(v, float) and np.isnan(v)) else v) for v in out[str(col)]]
+    return out
+
+
+def _plots(data: Any, plots_dir: Path, key: str, threshold: float, mapping: Any, table_key: str) -> dict[str, Path]:
+    """Draw the QC plots; a plotting failure is logged, never raised (the annotation is already saved)."""
+    import matplotlib.pyplot as plt
+
+    from spatialcx import pl
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    try:
+        fig = pl.confidence(data, key=key, threshold=threshold, table_key=table_key, save=plots_dir / "confidence.png")
+        plt.close(fig)
+        paths["confidence"] = plots_dir / "confidence.png"
+    except Exception as e:  # noqa: BLE001
+        logger.warning("The confidence plot failed: %s", e)
+    if mapping is not None and hasattr(pl, "ontology_mapping"):
+        try:
+            fig = pl.ontology_mapping(mapping, save=plots_dir / "ontology_mapping.png")
+            plt.close(fig)
+            paths["ontology_mapping"] = plots_dir / "ontology_mapping.png"
+        except Exception as e:  # noqa: BLE001
+            logger.warning("The ontology mapping plot failed: %s", e)
+    return paths

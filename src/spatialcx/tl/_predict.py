@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -171,7 +172,8 @@ def train(
         "label_key": label_key,
         "n_panel_genes": len(panel) if panel is not None else len(shared),
         "n_shared_genes": len(shared),
-        "cells_per_type": {str(k): int(v) for k, v in counts.items()},
+        # labels are never dict keys in uns (they may not be valid zarr names): two aligned lists
+        "cells_per_type": {"labels": [str(k) for k in counts.index], "n_cells": [int(v) for v in counts]},
     }
     model = fit_model(
         x,
@@ -262,13 +264,48 @@ def predict(
     ``{key_added}``.
     """
     from spatialcx._table import resolve_table
+
+    ref = resolve_table(data, table_key, copy=copy)
+    out = compute_predictions(
+        ref.adata,
+        model,
+        confidence=confidence,
+        chunk_size=chunk_size,
+        normalize_over=normalize_over,
+        min_gene_fraction=min_gene_fraction,
+        unsafe_force=unsafe_force,
+    )
+    write_predictions(ref.adata, out, key_added=key_added, store_decision_scores=store_decision_scores)
+    return ref.finish(write=write, elements=("obs", "obsm", "uns"))
+
+
+@dataclass
+class Predictions:
+    """Everything :func:`predict` writes, computed without touching the table."""
+
+    labels: pd.Categorical
+    confidence: np.ndarray
+    confidence_raw: np.ndarray
+    scores: np.ndarray
+    params: dict[str, Any]
+
+
+def compute_predictions(
+    adata: AnnData,
+    model: CellTypeModel | str | Any,
+    *,
+    confidence: ConfidenceMethod = "zscore",
+    chunk_size: int | None = None,
+    normalize_over: Literal["genes", "all"] | None = None,
+    min_gene_fraction: float = 0.5,
+    unsafe_force: bool = False,
+) -> Predictions:
+    """Score ``adata`` with ``model`` and derive labels and confidences; ``adata`` is not modified."""
     from spatialcx.pp._normalization import find_expression_source
 
     model = _as_model(model)
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction must be in [0, 1], got {min_gene_fraction}.")
-    ref = resolve_table(data, table_key, copy=copy)
-    adata = ref.adata
     src = find_expression_source(adata, unsafe_force=unsafe_force)
     present, _ = model.match_genes(np.asarray(src.var_names).astype(str))
     frac = len(present) / model.n_features
@@ -288,11 +325,7 @@ def predict(
     scores, _ = score_matrix(
         src.matrix, src.var_names, model, kind=src.kind, normalize_over=normalize_over, chunk_size=chunk_size
     )
-    conf = transform_confidence(scores, confidence)
-    conf_raw = transform_confidence(scores, "raw")
     best = scores.argmax(axis=1)
-    labels = pd.Categorical.from_codes(best, categories=pd.Index(model.classes))
-    keys = output_keys(key_added)
     params = {
         "model_hash": model.model_hash,
         "classes": model.classes.tolist(),
@@ -306,20 +339,32 @@ def predict(
         "versions": package_versions(),
         "model_description": _jsonable_dict(model.description),
     }
-    # everything is computed: now write (nothing half-written on error)
+    return Predictions(
+        labels=pd.Categorical.from_codes(best, categories=pd.Index(model.classes)),
+        confidence=transform_confidence(scores, confidence),
+        confidence_raw=transform_confidence(scores, "raw"),
+        scores=scores,
+        params=params,
+    )
+
+
+def write_predictions(
+    adata: AnnData, out: Predictions, *, key_added: str = KEY_ADDED, store_decision_scores: bool = True
+) -> None:
+    """Assign :class:`Predictions` to the output keys of ``adata`` (no computation, so nothing is half-written)."""
+    keys = output_keys(key_added)
     index = adata.obs_names
-    adata.obs[keys["predicted"]] = pd.Categorical(labels, categories=model.classes)
-    adata.obs[keys["label"]] = pd.Categorical(labels, categories=model.classes)
-    adata.obs[keys["confidence"]] = pd.Series(conf.astype(np.float32), index=index)
-    adata.obs[keys["confidence_raw"]] = pd.Series(conf_raw.astype(np.float32), index=index)
+    adata.obs[keys["predicted"]] = out.labels.copy()
+    adata.obs[keys["label"]] = out.labels.copy()
+    adata.obs[keys["confidence"]] = pd.Series(out.confidence.astype(np.float32), index=index)
+    adata.obs[keys["confidence_raw"]] = pd.Series(out.confidence_raw.astype(np.float32), index=index)
     if store_decision_scores:
         # an array, not a DataFrame: class names may hold characters that are not valid zarr keys;
         # the column order is uns[key_added]["classes"]
-        adata.obsm[keys["decision_scores"]] = scores.astype(np.float32)
+        adata.obsm[keys["decision_scores"]] = out.scores.astype(np.float32)
     elif keys["decision_scores"] in adata.obsm:
         del adata.obsm[keys["decision_scores"]]
-    adata.uns[key_added] = params
-    return ref.finish(write=write, elements=("obs", "obsm", "uns"))
+    adata.uns[key_added] = dict(out.params)
 
 
 def _jsonable_dict(d: dict[str, Any]) -> dict[str, Any]:
