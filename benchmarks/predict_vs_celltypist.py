@@ -1,0 +1,106 @@
+"""Time and peak memory of ``scx.tl.predict`` vs ``celltypist.annotate`` on the same model and input, one process.
+
+    python benchmarks/predict_vs_celltypist.py [--cells 100000] [--genes 2000] [--nnz 200] [--classes 20]
+
+Both tools score the same log1p(10k)-normalized sparse matrix with the same model (trained once, not timed).
+Memory is the peak of Python-tracked allocations during the call (``tracemalloc``; numpy and scipy report theirs),
+i.e. the extra memory each tool needs on top of the input. Decision scores are compared as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import time
+import tracemalloc
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+
+def make_query(n: int, g: int, nnz: int, k: int, seed: int = 0) -> tuple[ad.AnnData, np.ndarray]:
+    """Sparse log1p(10k) data with ~``nnz`` non-zeros per cell and ``k`` classes with their own marker genes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    markers = rng.permutation(g)[: k * 50].reshape(k, 50)
+    n_mark = nnz // 4
+    cols = np.concatenate(
+        [markers[labels][np.arange(n)[:, None], rng.integers(0, 50, (n, n_mark))], rng.integers(0, g, (n, nnz - n_mark))],
+        axis=1,
+    )
+    rows = np.repeat(np.arange(n), nnz)
+    vals = rng.poisson(1.5, n * nnz).astype(np.float32) + 1
+    x = sparse.csr_matrix((vals, (rows, cols.ravel())), shape=(n, g))
+    x.sum_duplicates()
+    lib = np.asarray(x.sum(axis=1)).ravel()
+    x = sparse.csr_matrix(sparse.diags(1e4 / lib) @ x).astype(np.float32)
+    x.data = np.log1p(x.data)
+    adata = ad.AnnData(x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]))
+    adata.var_names = [f"G{i}" for i in range(g)]
+    return adata, np.array([f"type_{i}" for i in labels])
+
+
+def measure(fn):
+    gc.collect()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return out, dt, peak / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cells", type=int, default=100_000)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--nnz", type=int, default=200)
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--train-cells", type=int, default=10_000)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("celltypist").setLevel(logging.ERROR)
+
+    import celltypist
+
+    import spatialcx as scx
+    from spatialcx.model._train import fit_model
+
+    query, labels = make_query(args.cells, args.genes, args.nnz, args.classes)
+    nt = args.train_cells
+    model = fit_model(query.X[:nt], labels[:nt], query.var_names, method="sgd", random_state=0)
+    ct_model = model.to_celltypist()
+    print(
+        f"query: {query.n_obs:,} cells x {query.n_vars:,} genes, {query.X.nnz / query.n_obs:.0f} non-zeros per cell, "
+        f"{model.n_classes} classes; input matrix {query.X.data.nbytes / 2**20 * 2:.0f} MB"
+    )
+
+    q_scx = query.copy()
+    _, t_scx, m_scx = measure(
+        lambda: scx.tl.predict(q_scx, model, normalize_over="all", chunk_size=10_000, store_decision_scores=True)
+    )
+    q_ct = query.copy()
+    res, t_ct, m_ct = measure(lambda: celltypist.annotate(q_ct, model=ct_model))
+
+    ours = q_scx.obsm["cell_type_decision_scores"].astype(np.float64)
+    theirs = res.decision_matrix.to_numpy()
+    max_abs = float(np.abs(ours - theirs).max())
+    same = bool((q_scx.obs["cell_type_predicted"].astype(str).to_numpy() == res.predicted_labels["predicted_labels"]
+                 .astype(str).to_numpy()).all())
+    print(f"{'tool':<22}{'time (s)':>10}{'peak extra memory (MB)':>26}")
+    print(f"{'spatialcx.tl.predict':<22}{t_scx:>10.2f}{m_scx:>26.0f}")
+    print(f"{'celltypist.annotate':<22}{t_ct:>10.2f}{m_ct:>26.0f}")
+    print(f"speed-up: {t_ct / t_scx:.1f}x; memory ratio (spatialcx / celltypist): {m_scx / m_ct:.3f}")
+    print(
+        f"decision scores: max |diff| = {max_abs:.2e} (float32 storage; max |score| = {np.abs(theirs).max():.1f}); "
+        f"identical labels: {same}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Sphinx configuration of the spatialcx documentation."""
+
+from datetime import datetime
+from importlib.metadata import version as _version
+
+project = "spatialcx"
+author = "spatialcx developers"
+copyright = f"{datetime.now():%Y}, {author}"
+try:
+    release = _version("spatialcx")
+except Exception:  # noqa: BLE001
+    release = "0.0.0"
+version = release
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.mathjax",
+    "sphinx_autodoc_typehints",
+    "sphinx_copybutton",
+]
+autosummary_generate = True
+autodoc_member_order = "groupwise"
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_rtype = True
+typehints_defaults = "braces"
+myst_enable_extensions = ["colon_fence", "dollarmath"]
+nb_execution_mode = "off"
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+html_theme = "sphinx_book_theme"
+html_static_path = ["_static"]
+html_title = "spatialcx"
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", None),
+    "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+    "spatialdata": ("https://spatialdata.scverse.org/en/stable/", None),
+    "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
+    "numpy": ("https://numpy.org/doc/stable/", None),
+    "pandas": ("https://pandas.pydata.org/docs/", None),
+}
