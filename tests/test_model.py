@@ -1,0 +1,152 @@
+"""CellTypeModel: exact scoring against CellTypist, training, save/load, CellTypist interop."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from scipy import sparse
+
+import spatialcx as scx
+from spatialcx.model._train import fit_model
+
+logging.getLogger("celltypist").setLevel(logging.ERROR)
+
+
+def _counts(n=1500, g=120, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, k, n)
+    mu = rng.gamma(0.6, 1.5, (k, g))
+    x = rng.poisson(mu[lab] * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
+    a = ad.AnnData(sparse.csr_matrix(x), obs=pd.DataFrame({"label": [f"type {i}" for i in lab]}))
+    a.obs_names = [f"cell{i}" for i in range(n)]
+    a.var_names = [f"G{i}" for i in range(g)]
+    return a
+
+
+def _lognorm(a):
+    b = a.copy()
+    sc.pp.normalize_total(b, target_sum=1e4)
+    sc.pp.log1p(b)
+    return b
+
+
+def _celltypist_scores(adata, model):
+    import celltypist
+
+    res = celltypist.annotate(adata.copy(), model=model)
+    return res.decision_matrix.to_numpy(), res.predicted_labels["predicted_labels"].astype(str).to_numpy()
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_scores_equal_celltypist_for_exported_model(n_classes):
+    ref = _lognorm(_counts(k=n_classes))
+    model = fit_model(ref.X, ref.obs["label"], ref.var_names, method="logreg")
+    query = _lognorm(_counts(n=400, k=n_classes, seed=1))[:, 15:]  # 15 model genes missing from the query
+    theirs, their_labels = _celltypist_scores(query, model.to_celltypist())
+    ours = model.decision_function(query.X, query.var_names)
+    assert ours.shape == (400, n_classes)
+    assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(theirs).max()
+    assert (model.classes[ours.argmax(1)] == their_labels).all()
+
+
+def test_celltypist_sgd_model_imported_scores_exactly():
+    import celltypist
+
+    ref = _lognorm(_counts())
+    ct_model = celltypist.train(ref, labels="label", use_SGD=True, check_expression=False)
+    model = scx.CellTypeModel.from_celltypist(ct_model)
+    assert model.normalize_over == "all"
+    query = _lognorm(_counts(n=300, seed=2))
+    theirs, their_labels = _celltypist_scores(query, ct_model)
+    # through the public predict on the same normalized input
+    scx.tl.predict(query, model)
+    ours = query.obsm["cell_type_decision_scores"]
+    assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(theirs).max()
+    assert (query.obs["cell_type_predicted"].astype(str).to_numpy() == their_labels).all()
+    assert query.uns["cell_type"]["classes"] == model.classes.tolist()
+
+
+def test_sparse_scoring_handles_values_above_clip_and_zero_variance_genes():
+    rng = np.random.default_rng(3)
+    x = sparse.random(300, 30, density=0.2, random_state=4, format="csr", dtype=np.float64) * 8
+    x = x.tocsr()
+    x[:, 5] = 0  # a gene never expressed
+    x = sparse.csr_matrix(x)
+    y = rng.choice(["a", "b", "c"], 300)
+    model = fit_model(x, y, [f"g{i}" for i in range(30)], method="logreg")
+    # a dense reference computation of CellTypist's formula
+    genes = model.features
+    cols = [int(g[1:]) for g in genes]
+    dense = x[:, cols].toarray()
+    z = np.minimum((dense - model.scaler_mean) / model.scaler_scale, 10)
+    expected = z @ model.coef.T + model.intercept
+    ours = model.decision_function(x[:, cols] * 50, genes)  # huge values: many clipped
+    z50 = np.minimum((dense * 50 - model.scaler_mean) / model.scaler_scale, 10)
+    assert (z50 == 10).any()
+    np.testing.assert_allclose(ours, z50 @ model.coef.T + model.intercept, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(model.decision_function(x[:, cols], genes), expected, rtol=1e-10, atol=1e-10)
+    assert "g5" not in set(genes)  # not expressed in training -> dropped, as in CellTypist
+
+
+def test_training_is_seeded_and_methods_work():
+    ref = _lognorm(_counts(n=2500))
+    m1 = fit_model(ref.X, ref.obs["label"], ref.var_names, method="minibatch", epochs=2, random_state=1)
+    m2 = fit_model(ref.X, ref.obs["label"], ref.var_names, method="minibatch", epochs=2, random_state=1)
+    m3 = fit_model(ref.X, ref.obs["label"], ref.var_names, method="minibatch", epochs=2, random_state=2)
+    assert m1.model_hash == m2.model_hash
+    assert m1.model_hash != m3.model_hash
+    for method in ("logreg", "sgd", "minibatch"):
+        m = fit_model(ref.X, ref.obs["label"], ref.var_names, method=method, epochs=3)
+        acc = (m.classes[m.decision_function(ref.X, ref.var_names).argmax(1)] == ref.obs["label"].to_numpy()).mean()
+        assert acc > 0.9, method
+
+
+def test_save_load_roundtrip_and_no_pickle(tmp_path):
+    ref = _lognorm(_counts())
+    model = fit_model(ref.X, ref.obs["label"], ref.var_names, description={"note": "x", "nested": {"a": [1, 2]}})
+    path = model.save(tmp_path / "m.npz")
+    back = scx.CellTypeModel.load(path)
+    assert back.model_hash == model.model_hash
+    assert back.description["nested"] == {"a": [1, 2]}
+    np.testing.assert_array_equal(back.coef, model.coef)
+    # the archive holds no object arrays: loading never unpickles
+    with np.load(path, allow_pickle=False) as npz:
+        assert all(npz[k].dtype != object for k in npz.files)
+    # a tampered file is detected
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["coef"] = arrays["coef"] + 1
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="corrupted"):
+        scx.CellTypeModel.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="pickle"):
+        scx.CellTypeModel.load(tmp_path / "model.pkl")
+
+
+def test_from_celltypist_path_requires_trust(tmp_path):
+    ref = _lognorm(_counts())
+    model = fit_model(ref.X, ref.obs["label"], ref.var_names)
+    ct = model.to_celltypist()
+    path = tmp_path / "model.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump({"Model": ct.classifier, "Scaler_": ct.scaler, "description": ct.description}, fh)
+    with pytest.raises(ValueError, match="trust_pickle"):
+        scx.CellTypeModel.from_celltypist(path)
+    back = scx.CellTypeModel.from_celltypist(path, trust_pickle=True)
+    np.testing.assert_allclose(back.coef, model.coef)
+    assert list(back.classes) == list(model.classes)
+
+
+def test_model_validation_errors():
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        scx.CellTypeModel(["a"], ["x"], np.zeros((1, 1)), [0.0], [0.0], [1.0])
+    with pytest.raises(ValueError, match="shape"):
+        scx.CellTypeModel(["a", "b"], ["x", "y"], np.zeros((2, 3)), [0.0, 0.0], [0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="single cell type"):
+        fit_model(sparse.csr_matrix(np.ones((5, 3))), ["a"] * 5, ["g1", "g2", "g3"])

@@ -1,0 +1,186 @@
+"""scx.tl.train / predict / transform_confidence / filters on AnnData tables of every backing."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from scipy import sparse
+
+import spatialcx as scx
+
+
+def _data(n=1200, g=80, k=4, seed=0, depth=1.0):
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, k, n)
+    mu = np.random.default_rng(123).gamma(0.6, 1.5, (k, g)) * depth  # the same types in every dataset
+    x = rng.poisson(mu[lab] * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
+    a = ad.AnnData(sparse.csr_matrix(x), obs=pd.DataFrame({"label": pd.Categorical([f"type {i}" for i in lab])}))
+    a.obs_names = [f"c{seed}_{i}" for i in range(n)]
+    a.var_names = [f"G{i}" for i in range(g)]
+    return a
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scx.tl.train(_data(seed=0, depth=5), "label", genes=[f"G{i}" for i in range(70)])
+
+
+def test_train_uses_panel_genes_and_records_provenance(model):
+    assert model.n_features <= 70
+    assert set(model.features) <= {f"G{i}" for i in range(70)}
+    assert model.normalize_over == "genes"
+    d = model.description
+    assert d["label_key"] == "label" and d["n_shared_genes"] == 70
+    assert sum(d["cells_per_type"]["n_cells"]) == 1200
+
+
+def test_predict_on_counts_writes_columns_and_keeps_counts(model, tmp_path):
+    q = _data(n=500, seed=1)
+    x_before = q.X.copy()
+    scx.tl.predict(q, model)
+    obs = q.obs
+    for col in ("cell_type", "cell_type_predicted", "cell_type_confidence", "cell_type_confidence_raw"):
+        assert col in obs
+    assert ((obs["cell_type_confidence"] >= 0) & (obs["cell_type_confidence"] <= 1)).all()
+    assert q.obsm["cell_type_decision_scores"].shape == (500, 4)
+    acc = (obs["cell_type_predicted"].astype(str) == obs["label"].astype(str)).mean()
+    assert acc > 0.9
+    assert (q.X != x_before).nnz == 0  # counts untouched
+    uns = q.uns["cell_type"]
+    assert uns["model_hash"] == model.model_hash and uns["expression_source"] == "X"
+    # serialisable
+    q.write_h5ad(tmp_path / "q.h5ad")
+    back = ad.read_h5ad(tmp_path / "q.h5ad")
+    assert list(back.uns["cell_type"]["classes"]) == list(model.classes)
+    assert back.uns["cell_type"]["model_description"]["label_key"] == "label"
+
+
+def test_predict_normalizes_over_model_genes_like_training(model):
+    """The query normalized per chunk over the model's genes equals a manual computation."""
+    q = _data(n=200, seed=2)
+    scx.tl.predict(q, model)
+    sub = q[:, list(model.features)].copy()
+    sc.pp.normalize_total(sub, target_sum=1e4)
+    sc.pp.log1p(sub)
+    expected = model.decision_function(sub.X, sub.var_names)
+    np.testing.assert_allclose(q.obsm["cell_type_decision_scores"], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_chunked_equals_unchunked_and_dask(model):
+    import dask.array as da
+
+    q = _data(n=700, seed=3)
+    a, b = q.copy(), q.copy()
+    scx.tl.predict(a, model, chunk_size=64)
+    scx.tl.predict(b, model, chunk_size=100_000)
+    np.testing.assert_array_equal(a.obsm["cell_type_decision_scores"], b.obsm["cell_type_decision_scores"])
+    np.testing.assert_array_equal(a.obs["cell_type_confidence"], b.obs["cell_type_confidence"])
+    d = q.copy()
+    d.X = da.from_array(q.X.toarray(), chunks=(100, -1))
+    scx.tl.predict(d, model, chunk_size=128)
+    np.testing.assert_allclose(d.obsm["cell_type_decision_scores"], a.obsm["cell_type_decision_scores"], rtol=1e-6)
+
+
+def test_predict_on_backed_h5ad_and_layers(model, tmp_path):
+    q = _data(n=300, seed=4)
+    ref = q.copy()
+    scx.tl.predict(ref, model)
+    # counts in a layer, log1p in X
+    lay = q.copy()
+    lay.layers["counts"] = lay.X.copy()
+    sc.pp.normalize_total(lay, target_sum=1e4)
+    sc.pp.log1p(lay)
+    scx.tl.predict(lay, model)
+    assert lay.uns["cell_type"]["expression_source"] == "layers['counts']"
+    np.testing.assert_allclose(lay.obsm["cell_type_decision_scores"], ref.obsm["cell_type_decision_scores"])
+    q.write_h5ad(tmp_path / "q.h5ad")
+    backed = ad.read_h5ad(tmp_path / "q.h5ad", backed="r")
+    scx.tl.predict(backed, model, chunk_size=50)  # X stays on disk; outputs go to the in-memory obs/obsm
+    assert backed.isbacked
+    np.testing.assert_allclose(
+        backed.obsm["cell_type_decision_scores"], ref.obsm["cell_type_decision_scores"], rtol=1e-6
+    )
+
+
+def test_predict_errors_leave_table_unchanged(model):
+    q = _data(n=100, seed=5)
+    q.var_names = [f"other{i}" for i in range(q.n_vars)]
+    before = q.obs.copy()
+    with pytest.raises(ValueError, match="genes"):
+        scx.tl.predict(q, model)
+    pd.testing.assert_frame_equal(q.obs, before)
+    assert "cell_type" not in q.uns
+    # log1p-CPM data without raw counts
+    cpm = _data(n=100, seed=6)
+    sc.pp.normalize_total(cpm, target_sum=1e6)
+    sc.pp.log1p(cpm)
+    with pytest.raises(ValueError, match="(?i)cpm|counts"):
+        scx.tl.predict(cpm, model)
+    assert "cell_type" not in cpm.obs
+    # negative values (scaled data)
+    neg = _data(n=100, seed=7)
+    sc.pp.log1p(neg)
+    sc.pp.scale(neg)
+    with pytest.raises(ValueError, match="(?i)negative"):
+        scx.tl.predict(neg, model)
+    with pytest.raises(TypeError):
+        scx.tl.predict(q, object())
+
+
+def test_train_errors():
+    ref = _data()
+    with pytest.raises(KeyError, match="not_there"):
+        scx.tl.train(ref, "not_there")
+    single = ref.copy()
+    single.obs["label"] = "only type"
+    with pytest.raises(ValueError, match="single cell type"):
+        scx.tl.train(single, "label")
+    with pytest.raises(ValueError, match="panel"):
+        scx.tl.train(ref, "label", genes=["NOPE1", "NOPE2"])
+
+
+def test_transform_confidence_properties():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(1000, 2))
+    for method in ("raw", "zscore"):
+        c = scx.tl.transform_confidence(s, method)
+        assert c.shape == (1000,) and (c >= 0).all() and (c <= 1).all()
+        assert np.unique(np.round(c, 6)).size > 10  # not constant for 2 classes
+    # dataset-level z-score: a clear winner beats a tie
+    s = np.array([[5.0, -5.0], [0.1, 0.0], [-3.0, 3.0], [0.0, 0.1]])
+    c = scx.tl.transform_confidence(s, "zscore")
+    assert c[0] > c[1] and c[2] > c[3]
+    # shifted scores (platform shift): raw collapses, zscore does not
+    shifted = rng.normal(size=(500, 5)) - 8
+    shifted[np.arange(500), rng.integers(0, 5, 500)] += 4
+    assert np.median(scx.tl.transform_confidence(shifted, "raw")) < 0.05
+    assert np.median(scx.tl.transform_confidence(shifted, "zscore")) > 0.5
+    with pytest.raises(ValueError, match="Unknown confidence"):
+        scx.tl.transform_confidence(s, "nope")
+    with pytest.raises(ValueError, match="2 classes"):
+        scx.tl.transform_confidence(np.ones((3, 1)))
+
+
+def test_filters(model):
+    q = _data(n=400, seed=8)
+    scx.tl.predict(q, model)
+    conf = q.obs["cell_type_confidence"].to_numpy()
+    scx.tl.filter_low_confidence(q, threshold=0.8)
+    low = conf < 0.8
+    assert (q.obs["cell_type"][low] == "Unassigned").all()
+    assert (q.obs["cell_type"][~low].astype(str) == q.obs["cell_type_predicted"][~low].astype(str)).all()
+    # refiltering with a lower threshold restores cells (starts from the unfiltered predictions)
+    scx.tl.filter_low_confidence(q, threshold=0.0)
+    assert (q.obs["cell_type"] != "Unassigned").all()
+    assert q.uns["cell_type"]["confidence_threshold"] == 0.0
+    counts = q.obs["cell_type"].value_counts()
+    rare = counts.index[-1]
+    out = scx.tl.filter_low_count_types(q, min_cells=int(counts.min()) + 1, copy=True)
+    assert (out.obs["cell_type"][q.obs["cell_type"] == rare] == "Unassigned").all()
+    assert rare in out.uns["cell_type"]["removed_types"]
+    assert "Unassigned" not in q.obs["cell_type"].astype(str).unique()  # copy left q alone
+    with pytest.raises(ValueError, match="threshold"):
+        scx.tl.filter_low_confidence(q, threshold=2)
