@@ -1,12 +1,128 @@
-"""Detect how a matrix is normalized and find raw counts (being implemented; see the contract in the issue)."""
+"""Detect how an expression matrix is normalized, find raw counts, and normalize to log1p(10k).
+
+CellTypist-compatible models expect ``log1p(normalize_total(counts, target_sum=1e4))``. This module finds out what a
+table holds, from a small seeded sample of its rows, so that even a lazily read (dask) or file-backed matrix is never
+loaded whole.
+
+Where raw counts are looked for
+-------------------------------
+``layers["counts"]``, ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X`` and ``X``, in that order. The first
+candidate that is classified ``"raw"`` is the raw source. A layer always has ``X``'s shape; ``raw.X`` may have more
+genes than ``X`` (its columns are ``raw.var_names``).
+
+Sampling
+--------
+Up to :data:`N_SAMPLE_ROWS` cells are drawn without replacement with ``numpy.random.default_rng(random_state)``
+(fewer for very wide matrices), sorted, and only those rows are read: by fancy indexing of in-memory arrays, of
+anndata's backed datasets (``read_h5ad(..., backed="r")``) and of h5py datasets, and by computing only the chunks
+holding those rows of a dask array. The same rows are used for every candidate. Whole rows are read because the
+log1p check needs row sums. Up to :data:`N_SAMPLE_VALUES` of the non-zero values of these rows are drawn for the
+value tests.
+
+Decision rules (one state per matrix, see :data:`STATES`)
+---------------------------------------------------------
+Zeros (stored or not) are ignored; "values" are the non-zero entries of the sampled rows.
+
+1. ``"unknown"``: the matrix has no cells or genes, the sampled rows are all zero, or a value is NaN or infinite.
+2. ``"negative"``: any value is negative (scaled or centred data, residuals). Never usable.
+3. ``"raw"``: more than 95 % of the sampled values are integers (``|v - round(v)| < 1e-6``).
+4. ``"linear"``: the largest value exceeds ``log1p(1e9)`` (about 20.7): no log1p of per-cell normalized data gets
+   there.
+5. Otherwise the matrix is compared on two scales, as it is (*linear*) and after ``expm1`` (*log*). Per-cell
+   normalization multiplies each cell's counts by one factor, so on the right scale each value divided by the
+   smallest non-zero value of its cell is (nearly, within 0.01) an integer: the fraction of such values is measured
+   on both scales (values equal to their cell's minimum say nothing and are left out). When the two fractions
+   differ by at least 0.2 the higher one decides; otherwise the scale on which the row sums are more nearly constant
+   (smaller ``(q90 - q10) / median``) decides, since ``normalize_total`` makes them constant. The linear scale gives
+   ``"linear"`` (e.g. ``normalize_total`` without ``log1p``, CPM, counts divided by cell volume).
+6. On the log scale, with ``m`` the median of the ``expm1`` row sums of the non-empty sampled cells:
+   ``"log1p_10k"`` when ``8e3 <= m <= 1.2e4``; ``"log1p_cpm"`` when ``8e5 <= m <= 1.2e6``; ``"log1p_other"``
+   otherwise. Data whose ``expm1`` values are themselves integers (more than 95 %) is ``log1p`` of counts that were
+   never normalized, and is ``"log1p_other"`` whatever ``m`` is.
+
+A table is usable when raw counts are found, or when ``X`` is ``"log1p_10k"``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+from spatialcx._constants import RAW_COUNT_LAYERS, TARGET_SUM
+from spatialcx._settings import logger
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+#: The states a matrix can be in.
+STATES: tuple[str, ...] = ("raw", "log1p_10k", "log1p_cpm", "log1p_other", "linear", "negative", "unknown")
+#: Where raw counts are looked for, in order.
+RAW_SEARCH_ORDER: tuple[str, ...] = (*(f"layers[{k!r}]" for k in RAW_COUNT_LAYERS), "raw.X", "X")
+#: Most cells read to classify a matrix.
+N_SAMPLE_ROWS = 1_000
+#: Fewest cells read for very wide matrices (when ``N_SAMPLE_ROWS`` rows would exceed ``MAX_SAMPLE_ELEMENTS``).
+MIN_SAMPLE_ROWS = 200
+#: Rows x genes read at most (bounds memory when the matrix is dense).
+MAX_SAMPLE_ELEMENTS = 20_000_000
+#: Most non-zeros read at once from a file-backed CSC matrix (read by blocks of columns).
+CSC_BLOCK_NNZ = 10_000_000
+#: Most non-zero values used for the value tests.
+N_SAMPLE_VALUES = 10_000
+#: A value is an integer when ``|v - round(v)| < INTEGER_TOL``.
+INTEGER_TOL = 1e-6
+#: A matrix holds counts when more than this fraction of its sampled non-zero values are integers.
+INTEGER_FRACTION = 0.95
+#: Median expm1 row sums of log1p data normalized to 10,000 counts per cell.
+LOG1P_10K_RANGE: tuple[float, float] = (8e3, 1.2e4)
+#: Median expm1 row sums of log1p data normalized to a million counts per cell (CPM).
+LOG1P_CPM_RANGE: tuple[float, float] = (8e5, 1.2e6)
+#: No log1p of per-cell normalized data exceeds this (``log1p(1e9)``).
+LOG1P_MAX_VALUE = float(np.log1p(1e9))
+#: Tolerance of "value / smallest value of its cell is an integer".
+SCALED_INTEGER_TOL = 0.01
+#: Difference between the scaled-integer fractions of the two scales that decides between them.
+SCALE_VOTE_MARGIN = 0.2
+
+#: What each state means, for messages.
+_STATE_TEXT = {
+    "raw": "raw counts (integer values)",
+    "log1p_10k": "log1p of counts normalized to 10,000 per cell",
+    "log1p_cpm": "log1p of counts normalized to 1,000,000 per cell (CPM)",
+    "log1p_other": "log1p data, but not of counts normalized to 10,000 per cell",
+    "linear": "normalized but not log-transformed (non-integer, non-log values)",
+    "negative": "data with negative values (scaled, centred or residuals)",
+    "unknown": "no usable values (empty, all zero, or NaN/infinite values)",
+}
 
 
 @dataclass
-class NormalizationStatus:  # noqa: D101
+class NormalizationStatus:
+    """What a table's expression matrices hold.
+
+    Attributes
+    ----------
+    raw_source
+        Where raw counts were found (``"layers['counts']"``, ``"layers['raw_counts']"``, ``"layers['raw']"``,
+        ``"raw.X"`` or ``"X"``), or ``None``.
+    x_state
+        State of ``X``, one of :data:`STATES`.
+    x_target_sum
+        Median ``expm1`` row sum of the sampled cells when ``X`` looks like log1p data, else ``None``.
+    is_usable
+        Raw counts were found, or ``X`` is verified ``"log1p_10k"``.
+    has_log1p_uns
+        ``"log1p"`` is in ``adata.uns`` (scanpy's mark of log-transformed data).
+    stats
+        What was measured: ``n_obs``, ``n_vars``, ``n_rows_sampled``, ``random_state`` and, under ``"checked"``, a
+        dict per inspected matrix (``"X"`` always) with its ``state``, a ``reason`` and the sampled figures
+        (``integer_fraction``, ``min``, ``max``, row-sum medians and spreads, scaled-integer fractions, ...).
+    """
+
     raw_source: str | None
     x_state: str
     x_target_sum: float | None
@@ -14,14 +130,544 @@ class NormalizationStatus:  # noqa: D101
     has_log1p_uns: bool
     stats: dict = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """A readable multi-line summary."""
+        head = "usable" if self.is_usable else "NOT usable"
+        if self.raw_source is not None:
+            head += f": raw counts in {self.raw_source}"
+        elif self.x_state == "log1p_10k":
+            head += ": X is verified log1p(10k)"
+        lines = [f"NormalizationStatus ({head})"]
+        x_line = f"  X: {self.x_state} ({_STATE_TEXT.get(self.x_state, '?')})"
+        if self.x_target_sum is not None:
+            x_line += f", median expm1 row sum {self.x_target_sum:,.1f}"
+        lines.append(x_line)
+        lines.append(f"  uns['log1p']: {'present' if self.has_log1p_uns else 'absent'}")
+        n = self.stats.get("n_rows_sampled")
+        if n is not None:
+            lines.append(
+                f"  sampled {n} of {self.stats.get('n_obs')} cells (random_state={self.stats.get('random_state')})"
+            )
+        for where, s in self.stats.get("checked", {}).items():
+            lines.append(f"  {where}: {s.get('state')} - {s.get('reason', '')}")
+        return "\n".join(lines)
 
-def normalization_status(adata):  # noqa: D103
-    raise NotImplementedError
+    def __str__(self) -> str:
+        return self.summary()
 
 
-def ensure_normalized(adata, *, target_sum=1e4, unsafe_force=False):  # noqa: D103
-    raise NotImplementedError
+@dataclass
+class ExpressionSource:
+    """The matrix to compute normalized expression from (internal, used by prediction and training).
+
+    Attributes
+    ----------
+    matrix
+        The raw counts, or ``X`` when it is verified log1p(10k) (or when forced). Not copied, not loaded.
+    var_names
+        Column names of ``matrix`` (``raw.var_names`` for ``raw.X``).
+    kind
+        ``"counts"`` or ``"log1p"`` (log1p of data normalized to 10,000 per cell).
+    where
+        ``"layers['counts']"``, ``"raw.X"``, ``"X"``, ...
+    status
+        The :class:`NormalizationStatus` the choice was made from.
+    """
+
+    matrix: Any
+    var_names: pd.Index
+    kind: str
+    where: str
+    status: NormalizationStatus
 
 
-def find_expression_source(adata, *, unsafe_force=False):  # noqa: D103
-    raise NotImplementedError
+# --------------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def _n_sample_rows(n_obs: int, n_vars: int) -> int:
+    by_size = MAX_SAMPLE_ELEMENTS // max(n_vars, 1)
+    return int(min(n_obs, max(MIN_SAMPLE_ROWS, min(N_SAMPLE_ROWS, by_size))))
+
+
+def _sample_row_indices(n_obs: int, n_vars: int, random_state: int) -> np.ndarray:
+    n = _n_sample_rows(n_obs, n_vars)
+    if n >= n_obs:
+        return np.arange(n_obs)
+    rng = np.random.default_rng(random_state)
+    return np.sort(rng.choice(n_obs, size=n, replace=False))
+
+
+def _read_sampled_rows(x: Any, rows: np.ndarray) -> sparse.csr_matrix:
+    """Read the (sorted, unique) ``rows`` of ``x`` into a float64 CSR matrix without explicit zeros."""
+    if len(rows) == 0:
+        return sparse.csr_matrix((0, x.shape[1]), dtype=np.float64)
+    if not sparse.issparse(x) and getattr(x, "format", None) == "csc" and hasattr(x, "group"):
+        return _read_rows_backed_csc(x, rows)
+    if sparse.issparse(x) and x.format not in ("csr", "csc"):
+        x = sparse.csr_matrix(x)  # COO/DIA/... cannot be indexed; the matrix is in memory already
+    if len(rows) == x.shape[0] and (sparse.issparse(x) or isinstance(x, np.ndarray)):
+        part = x
+    else:
+        part = x[rows]
+    if hasattr(part, "compute"):  # dask: computes only the chunks that hold the sampled rows
+        part = part.compute()
+    if sparse.issparse(part):
+        out = sparse.csr_matrix(part, dtype=np.float64, copy=True)
+    else:
+        out = sparse.csr_matrix(np.asarray(part, dtype=np.float64))
+    out.eliminate_zeros()
+    return out
+
+
+def _read_rows_backed_csc(x: Any, rows: np.ndarray) -> sparse.csr_matrix:
+    """Rows of a file-backed CSC matrix, read a block of columns at a time (anndata would load it whole)."""
+    indptr = np.asarray(x.group["indptr"][...])
+    blocks, start, n_vars = [], 0, x.shape[1]
+    while start < n_vars:
+        # columns whose non-zeros fit in one block (at least one column)
+        stop = int(np.searchsorted(indptr, indptr[start] + CSC_BLOCK_NNZ, side="right")) - 1
+        stop = min(max(stop, start + 1), n_vars)
+        blocks.append(sparse.csc_matrix(x[:, start:stop])[rows])
+        start = stop
+    out = sparse.csr_matrix(sparse.hstack(blocks, format="csr"), dtype=np.float64)
+    out.eliminate_zeros()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# classification
+
+
+def _spread(values: np.ndarray) -> float:
+    """``(q90 - q10) / median`` of positive values; 0 for a constant, NaN when undefined."""
+    if values.size < 2:
+        return float("nan")
+    q10, q50, q90 = np.quantile(values, [0.1, 0.5, 0.9])
+    if not np.isfinite(q90) or q50 <= 0:
+        return float("inf")
+    return float((q90 - q10) / q50)
+
+
+def _near_integer(v: np.ndarray, tol: float) -> np.ndarray:
+    return np.abs(v - np.round(v)) < tol
+
+
+def _classify(sample: sparse.csr_matrix, random_state: int) -> dict[str, Any]:
+    """Classify a sample of whole rows (see the module docstring for the rules)."""
+    data = sample.data
+    n_rows = sample.shape[0]
+    row_nnz = np.diff(sample.indptr)
+    nonempty = row_nnz > 0
+    stats: dict[str, Any] = {
+        "n_nonzero_sampled": int(data.size),
+        "n_zero_rows": int(n_rows - nonempty.sum()),
+    }
+    if n_rows == 0 or sample.shape[1] == 0:
+        return {"state": "unknown", "reason": "the matrix has no cells or no genes", **stats}
+    if data.size == 0:
+        return {"state": "unknown", "reason": f"all {n_rows} sampled cells are zero", **stats}
+    finite = np.isfinite(data)
+    if not finite.all():
+        stats["n_nonfinite"] = int((~finite).sum())
+        return {"state": "unknown", "reason": f"{stats['n_nonfinite']} sampled values are NaN or infinite", **stats}
+
+    vmin, vmax = float(data.min()), float(data.max())
+    stats.update(min=vmin, max=vmax)
+    rng = np.random.default_rng(random_state)
+    pick = rng.choice(data.size, size=N_SAMPLE_VALUES, replace=False) if data.size > N_SAMPLE_VALUES else None
+    values = data if pick is None else data[pick]
+    stats["n_values_checked"] = int(values.size)
+    if vmin < 0:
+        stats["negative_fraction"] = float((values < 0).mean())
+        return {"state": "negative", "reason": f"negative values (min {vmin:.4g})", **stats}
+
+    frac_int = float(_near_integer(values, INTEGER_TOL).mean())
+    stats["integer_fraction"] = frac_int
+    row_sums = np.asarray(sample.sum(axis=1)).ravel()[nonempty]
+    stats["row_sum_median"] = float(np.median(row_sums))
+    if frac_int > INTEGER_FRACTION:
+        return {
+            "state": "raw",
+            "reason": f"{frac_int:.1%} of {values.size} sampled non-zero values are integers",
+            **stats,
+        }
+    stats["row_sum_spread"] = _spread(row_sums)
+    if vmax > LOG1P_MAX_VALUE:
+        reason = f"non-integer values up to {vmax:.4g}, above what log1p of normalized data reaches"
+        return {"state": "linear", "reason": reason, **stats}
+
+    # compare the linear and the expm1 scale
+    expm1 = np.expm1(data)
+    expm1_rows = sparse.csr_matrix((expm1, sample.indices, sample.indptr), shape=sample.shape)
+    expm1_sums = np.asarray(expm1_rows.sum(axis=1)).ravel()[nonempty]
+    median_expm1 = float(np.median(expm1_sums))
+    stats.update(expm1_row_sum_median=median_expm1, expm1_row_sum_spread=_spread(expm1_sums))
+
+    starts = sample.indptr[:-1][nonempty]
+    row_min = np.repeat(np.minimum.reduceat(data, starts), row_nnz[nonempty])
+    row_min_expm1 = np.repeat(np.minimum.reduceat(expm1, starts), row_nnz[nonempty])
+    ratio_lin, ratio_exp = data / row_min, expm1 / row_min_expm1
+    if pick is not None:
+        ratio_lin, ratio_exp = ratio_lin[pick], ratio_exp[pick]
+    informative = ratio_lin > 1 + 1e-9
+    stats["n_scaled_values"] = int(informative.sum())
+    f_lin = f_exp = float("nan")
+    if informative.any():
+        f_lin = float(_near_integer(ratio_lin[informative], SCALED_INTEGER_TOL).mean())
+        f_exp = float(_near_integer(ratio_exp[informative], SCALED_INTEGER_TOL).mean())
+    stats.update(linear_scaled_integer_fraction=f_lin, expm1_scaled_integer_fraction=f_exp)
+    if np.isfinite(f_lin) and abs(f_exp - f_lin) >= SCALE_VOTE_MARGIN:
+        log_scale = f_exp > f_lin
+        why = f"per-cell scaled integers on the {'expm1' if log_scale else 'linear'} scale ({max(f_exp, f_lin):.0%})"
+    else:
+        s_lin, s_exp = stats["row_sum_spread"], stats["expm1_row_sum_spread"]
+        log_scale = not (s_lin < s_exp)  # NaN (a single cell) leans to log
+        why = f"row sums more constant on the {'expm1' if log_scale else 'linear'} scale"
+    if not log_scale:
+        return {"state": "linear", "reason": f"non-integer values up to {vmax:.4g}, {why}", **stats}
+
+    expm1_values = expm1 if pick is None else expm1[pick]
+    frac_expm1_int = float(_near_integer(expm1_values, 1e-3).mean())
+    stats["expm1_integer_fraction"] = frac_expm1_int
+    if frac_expm1_int > INTEGER_FRACTION:
+        reason = (
+            f"log1p of counts that were not normalized per cell (expm1 gives integers; median sum {median_expm1:,.0f})"
+        )
+        return {"state": "log1p_other", "reason": reason, **stats}
+    reason = f"log-scale values up to {vmax:.3g}, median expm1 row sum {median_expm1:,.1f}"
+    if LOG1P_10K_RANGE[0] <= median_expm1 <= LOG1P_10K_RANGE[1]:
+        return {"state": "log1p_10k", "reason": reason, **stats}
+    if LOG1P_CPM_RANGE[0] <= median_expm1 <= LOG1P_CPM_RANGE[1]:
+        return {"state": "log1p_cpm", "reason": reason, **stats}
+    return {"state": "log1p_other", "reason": reason, **stats}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# candidates and status
+
+
+def _candidates(adata: AnnData) -> list[tuple[str, Any, pd.Index]]:
+    """``(where, matrix, var_names)`` of every matrix that may hold raw counts, in search order."""
+    out = []
+    for key in RAW_COUNT_LAYERS:
+        if key in adata.layers:
+            layer = adata.layers[key]
+            if tuple(layer.shape) != tuple(adata.shape):
+                raise ValueError(
+                    f"layers[{key!r}] has shape {tuple(layer.shape)} but X has {tuple(adata.shape)}. "
+                    "A layer must have X's shape; fix or delete the layer."
+                )
+            out.append((f"layers[{key!r}]", layer, adata.var_names))
+    if adata.raw is not None:
+        out.append(("raw.X", adata.raw.X, adata.raw.var_names))
+    if adata.X is not None:
+        out.append(("X", adata.X, adata.var_names))
+    return out
+
+
+def _as_anndata(data: AnnData | SpatialData, table_key: str) -> AnnData:
+    if isinstance(data, AnnData):
+        return data
+    from spatialcx._table import get_table
+
+    return get_table(data, table_key=table_key)
+
+
+def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, dict[str, tuple[Any, pd.Index]]]:
+    """Classify ``X`` and the raw candidates; return the status and the candidate matrices by location."""
+    n_obs, n_vars = adata.shape
+    candidates = _candidates(adata)
+    widest = max([n_vars, *(m.shape[1] for _, m, _ in candidates)])
+    rows = _sample_row_indices(n_obs, widest, random_state)
+    checked: dict[str, dict[str, Any]] = {}
+    raw_source = None
+    for where, matrix, _ in candidates:
+        if raw_source is not None and where != "X":
+            continue  # the first raw source wins; X is always classified
+        result = _classify(_read_sampled_rows(matrix, rows), random_state)
+        checked[where] = result
+        logger.debug(f"{where}: {result['state']} ({result['reason']})")
+        if raw_source is None and result["state"] == "raw":
+            raw_source = where
+    if "X" not in checked:  # X is None (AnnData without X)
+        checked["X"] = {"state": "unknown", "reason": "X is None"}
+    x = checked["X"]
+    x_state = x["state"]
+    x_target_sum = x.get("expm1_row_sum_median") if x_state.startswith("log1p") else None
+    status = NormalizationStatus(
+        raw_source=raw_source,
+        x_state=x_state,
+        x_target_sum=x_target_sum,
+        is_usable=raw_source is not None or x_state == "log1p_10k",
+        has_log1p_uns="log1p" in adata.uns,
+        stats={
+            "n_obs": int(n_obs),
+            "n_vars": int(n_vars),
+            "n_rows_sampled": len(rows),
+            "random_state": int(random_state),
+            "checked": checked,
+        },
+    )
+    return status, {where: (matrix, names) for where, matrix, names in candidates}
+
+
+def normalization_status(
+    data: AnnData | SpatialData, *, table_key: str = "table", random_state: int = 0
+) -> NormalizationStatus:
+    """Find raw counts and tell how ``X`` is normalized, from a seeded sample of cells.
+
+    Raw counts are looked for in ``layers["counts"]``, ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X`` and
+    ``X``, in that order; a candidate is accepted when more than 95 % of its sampled non-zero values are integers
+    and none is negative. ``X`` is classified as one of :data:`STATES` by the rules of the module docstring
+    (integer test, then ``expm1`` row sums: 8,000-12,000 is ``"log1p_10k"``, 800,000-1,200,000 ``"log1p_cpm"``).
+    Only sampled rows are read: sparse, dense, dask and file-backed matrices are never loaded whole.
+
+    Parameters
+    ----------
+    data
+        The spatial data or its table (AnnData, also in backed mode).
+    table_key
+        The table of a SpatialData.
+    random_state
+        Seed of the sampling of cells and values.
+
+    Returns
+    -------
+    The status; ``print`` it for a summary, read ``stats`` for the figures measured.
+
+    Examples
+    --------
+    >>> import spatialcx as scx
+    >>> status = scx.pp.normalization_status(adata)  # doctest: +SKIP
+    >>> status.raw_source, status.x_state  # doctest: +SKIP
+    ("X", "raw")
+    """
+    adata = _as_anndata(data, table_key)
+    status, _ = _inspect(adata, random_state)
+    return status
+
+
+def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET_SUM) -> str:
+    """What was found, why it cannot be used and how to fix it."""
+    checked = status.stats.get("checked", {})
+    found = []
+    for where in RAW_SEARCH_ORDER:
+        if where in checked:
+            s = checked[where]
+            found.append(f"{where} is {s['state']!r} ({s.get('reason', '')})")
+    absent = [w for w in RAW_SEARCH_ORDER if w not in checked]
+    x = checked.get("X", {})
+    figures = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in x.items()
+        if k in ("integer_fraction", "min", "max", "row_sum_median", "expm1_row_sum_median", "n_values_checked")
+    )
+    hints = {
+        "linear": "If X was made with sc.pp.normalize_total(target_sum=1e4) alone, apply sc.pp.log1p(adata). ",
+        "log1p_cpm": "X is log1p of CPM; rescale it with X = log1p(expm1(X) / 100) or provide the counts. ",
+        "log1p_other": (
+            "X looks like log1p of data normalized to a median of "
+            f"{status.x_target_sum or float('nan'):,.0f} counts per cell (or of unnormalized counts, in which case "
+            "np.rint(np.expm1(X)) gives the counts back). "
+        ),
+        "negative": "X has negative values, e.g. after sc.pp.scale or as residuals; only the counts can help. ",
+        "unknown": "X holds no usable values. ",
+    }
+    return (
+        f"No usable expression matrix: no raw counts among {', '.join(RAW_SEARCH_ORDER)}, and X is not "
+        f"log1p of counts normalized to {target_sum:,.0f} per cell. "
+        f"Found: {'; '.join(found)}"
+        + (f"; absent: {', '.join(absent)}" if absent else "")
+        + f". X figures from {status.stats.get('n_rows_sampled', 0)} sampled cells: {figures or 'none'}. "
+        "Why: cell-type models expect log1p(normalize_total(counts, target_sum=1e4)), which cannot be derived "
+        f"from X in state {status.x_state!r} ({_STATE_TEXT.get(status.x_state, '')}). "
+        f"{hints.get(status.x_state, '')}"
+        "How to fix: put the raw integer counts in adata.layers['counts'] (same cells and genes as X), "
+        "or set X to sc.pp.log1p(sc.pp.normalize_total(counts, target_sum=1e4)); "
+        "or pass unsafe_force=True to use X as it is (results may be wrong)."
+    )
+
+
+def _force_warning(status: NormalizationStatus, what: str) -> None:
+    logger.warning(
+        "UNSAFE (unsafe_force=True): %s although it is not verified log1p(10k) data and no raw counts were found "
+        "(X state %r: %s). Cell types predicted from it may be wrong. Put the raw counts in adata.layers['counts'] "
+        "to fix this.",
+        what,
+        status.x_state,
+        status.stats.get("checked", {}).get("X", {}).get("reason", ""),
+    )
+
+
+def find_expression_source(adata: AnnData, *, unsafe_force: bool = False, random_state: int = 0) -> ExpressionSource:
+    """The matrix to compute log1p(10k) expression from: the raw counts, or ``X`` when it is verified log1p(10k).
+
+    Parameters
+    ----------
+    adata
+        The table (in memory, backed or lazy).
+    unsafe_force
+        Use ``X`` as log1p(10k) data when neither raw counts nor verified log1p(10k) ``X`` are found, with a
+        warning instead of an error.
+    random_state
+        Seed of the sampling.
+
+    Returns
+    -------
+    The source; its ``matrix`` is the table's own (not copied, not loaded).
+
+    Raises
+    ------
+    ValueError
+        When nothing usable is found and ``unsafe_force`` is false; the message says what was found and how to fix
+        it.
+    """
+    status, matrices = _inspect(adata, random_state)
+    if status.raw_source is not None:
+        matrix, names = matrices[status.raw_source]
+        return ExpressionSource(matrix, pd.Index(names), "counts", status.raw_source, status)
+    if status.x_state == "log1p_10k":
+        return ExpressionSource(adata.X, pd.Index(adata.var_names), "log1p", "X", status)
+    if not unsafe_force or adata.X is None:
+        raise ValueError(_unusable_message(status))
+    _force_warning(status, "using X as log1p(10k) expression")
+    return ExpressionSource(adata.X, pd.Index(adata.var_names), "log1p", "X", status)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# normalization
+
+
+def _log1p_normalized(counts: Any, target_sum: float) -> Any:
+    """``log1p(normalize_total(counts, target_sum))`` through scanpy, as a new matrix (the input is not touched)."""
+    import scanpy as sc
+
+    tmp = AnnData(X=counts)
+    x = sc.pp.normalize_total(tmp, target_sum=target_sum, inplace=False)["X"]
+    out = AnnData(X=x)
+    sc.pp.log1p(out)
+    return out.X
+
+
+def ensure_normalized(
+    data: AnnData | SpatialData,
+    *,
+    target_sum: float = TARGET_SUM,
+    unsafe_force: bool = False,
+    copy: bool = False,
+    table_key: str = "table",
+    random_state: int = 0,
+) -> AnnData | SpatialData | None:
+    """Make ``X`` log1p of counts normalized to ``target_sum`` per cell, from the raw counts when they exist.
+
+    What happens depends on :func:`normalization_status`:
+
+    - raw counts found: ``X`` becomes ``log1p(normalize_total(counts, target_sum))`` (scanpy; sparse stays
+      sparse, dask stays lazy). When the counts are in ``X`` they are first kept in ``layers["counts"]``. When they
+      are in ``raw.X``, cells are normalized over all of ``raw``'s genes and ``X``'s genes are kept.
+    - no raw counts, ``X`` already log1p data whose median ``expm1`` row sum is within 20 % of ``target_sum``
+      (``"log1p_10k"`` for the default): ``X`` is left as it is.
+    - otherwise: a ValueError saying what was found and how to fix it, or, with ``unsafe_force=True``, ``X`` is
+      left as it is with a prominent warning.
+
+    ``uns["log1p"]`` is set as scanpy does (``{"base": None}``) whenever ``X`` is (or is accepted as) log1p data.
+    Raw counts are never overwritten. With a SpatialData object the table is changed in memory only (``X`` is not
+    written back into a zarr store).
+
+    Parameters
+    ----------
+    data
+        The spatial data or its table.
+    target_sum
+        Counts per cell after normalization.
+    unsafe_force
+        Accept ``X`` as it is when it cannot be verified, with a warning instead of an error.
+    copy
+        Return a changed copy instead of changing ``data``.
+    table_key
+        The table of a SpatialData.
+    random_state
+        Seed of the sampling used for the detection.
+
+    Returns
+    -------
+    A copy when ``copy=True``, else ``None``.
+
+    Raises
+    ------
+    ValueError
+        No raw counts and ``X`` not normalized as asked (unless ``unsafe_force``); the counts are in ``X`` but
+        ``layers["counts"]`` holds something else; ``raw`` lacks some of ``X``'s genes; a backed table would need a
+        new ``X``.
+    """
+    if not (np.isfinite(target_sum) and target_sum > 0):
+        raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
+    ref = None
+    if isinstance(data, AnnData):
+        adata = data
+        if copy:
+            adata = adata.to_memory() if adata.isbacked else adata.copy()
+    else:
+        from spatialcx._table import resolve_table
+
+        ref = resolve_table(data, table_key, copy=copy)
+        adata = ref.adata
+
+    status, matrices = _inspect(adata, random_state)
+    x_at_target = (
+        status.x_state.startswith("log1p")
+        and status.x_target_sum is not None
+        and 0.8 * target_sum <= status.x_target_sum <= 1.2 * target_sum
+    )
+
+    new_x = None
+    keep_counts = False
+    if status.raw_source is not None:
+        counts, names = matrices[status.raw_source]
+        if status.raw_source == "X" and "counts" in adata.layers:
+            c = status.stats["checked"].get("layers['counts']", {})
+            raise ValueError(
+                f"The raw counts are in X, but layers['counts'] already holds other data (state {c.get('state')!r}: "
+                f"{c.get('reason', '')}). Normalizing X would lose the counts, and layers['counts'] is never "
+                "overwritten. Rename or delete layers['counts'] (e.g. adata.layers['old'] = "
+                "adata.layers.pop('counts')) and call again."
+            )
+        cols = None
+        if status.raw_source == "raw.X":
+            pos = pd.Index(names).get_indexer(adata.var_names)
+            if (pos < 0).any():
+                missing = list(adata.var_names[pos < 0][:10])
+                raise ValueError(
+                    f"The raw counts are in raw.X, but {(pos < 0).sum()} of X's genes are not in raw.var_names "
+                    f"(e.g. {missing}), so X cannot be recomputed from them. Put counts for X's genes in "
+                    "adata.layers['counts'] instead."
+                )
+            cols = None if pos.size == len(names) and (pos == np.arange(pos.size)).all() else pos
+        if adata.isbacked:
+            raise ValueError(
+                f"The table is backed by {adata.filename} (read with backed mode), so X cannot be replaced. "
+                "Load it into memory first (adata = adata.to_memory()) or pass copy=True."
+            )
+        logger.info(f"normalizing the raw counts in {status.raw_source} to log1p({target_sum:g}) in X")
+        new_x = _log1p_normalized(counts, target_sum)
+        if cols is not None:
+            new_x = new_x[:, cols]
+        keep_counts = status.raw_source == "X"
+    elif x_at_target:
+        logger.info(f"X is already log1p data normalized to ~{status.x_target_sum:,.0f} per cell; left as is")
+    elif unsafe_force:
+        _force_warning(status, "leaving X as it is")
+    else:
+        raise ValueError(_unusable_message(status, target_sum=target_sum))
+
+    # everything is validated and computed: assign
+    if keep_counts:
+        adata.layers["counts"] = adata.X
+    if new_x is not None:
+        adata.X = new_x
+    if new_x is not None or ("log1p" not in adata.uns and status.x_state.startswith("log1p")):
+        adata.uns["log1p"] = {"base": None}
+    if ref is not None:
+        return ref.finish(write=False)
+    return adata if copy else None

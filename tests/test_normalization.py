@@ -1,0 +1,557 @@
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from scipy import sparse
+
+import spatialcx as scx
+from spatialcx.pp import _normalization as norm
+from spatialcx.pp._normalization import (
+    RAW_SEARCH_ORDER,
+    STATES,
+    ExpressionSource,
+    NormalizationStatus,
+    find_expression_source,
+)
+
+# --------------------------------------------------------------------------------------------------------------------
+# synthetic data
+
+
+def make_counts(n_obs: int = 1500, n_vars: int = 120, *, mean: float = 0.6, seed: int = 0) -> np.ndarray:
+    """Poisson counts with gene-specific means and cell-specific library sizes (float32, integer-valued)."""
+    rng = np.random.default_rng(seed)
+    lam = rng.gamma(2.0, mean / 2, size=(1, n_vars)) * rng.lognormal(0, 0.5, size=(n_obs, 1))
+    return rng.poisson(lam).astype(np.float32)
+
+
+def log1p_norm(counts: np.ndarray, target_sum: float, *, log: bool = True) -> np.ndarray:
+    a = ad.AnnData(counts.copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.normalize_total(a, target_sum=target_sum)
+        if log:
+            sc.pp.log1p(a)
+    return np.asarray(a.X)
+
+
+@pytest.fixture(scope="module")
+def counts() -> np.ndarray:
+    return make_counts()
+
+
+def adata_of(x, n_vars: int | None = None) -> ad.AnnData:
+    n_vars = x.shape[1] if n_vars is None else n_vars
+    return ad.AnnData(x, var=pd.DataFrame(index=[f"g{i}" for i in range(n_vars)]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# states
+
+
+def test_states_constant():
+    assert STATES == ("raw", "log1p_10k", "log1p_cpm", "log1p_other", "linear", "negative", "unknown")
+    assert RAW_SEARCH_ORDER == ("layers['counts']", "layers['raw_counts']", "layers['raw']", "raw.X", "X")
+
+
+@pytest.mark.parametrize(
+    ("transform", "state"),
+    [
+        (lambda c: c, "raw"),
+        (lambda c: c.astype(np.int64), "raw"),
+        (lambda c: log1p_norm(c, 1e4), "log1p_10k"),
+        (lambda c: log1p_norm(c, 1e6), "log1p_cpm"),
+        (lambda c: log1p_norm(c, 100), "log1p_other"),
+        (lambda c: log1p_norm(c, 1e5), "log1p_other"),
+        (lambda c: np.log1p(c), "log1p_other"),  # log1p of counts never normalized per cell
+        (lambda c: log1p_norm(c, 1e4)[:, :60], "log1p_other"),  # genes dropped after normalization
+        (lambda c: log1p_norm(c, 1e4, log=False), "linear"),
+        (lambda c: log1p_norm(c, 1e6, log=False), "linear"),
+        (lambda c: log1p_norm(c, 1, log=False), "linear"),
+        (lambda c: c / np.linspace(50, 500, c.shape[0])[:, None], "linear"),  # counts / cell volume
+        (lambda c: log1p_norm(c, 1e4) - 1.0, "negative"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_x_states(counts, transform, state, fmt):
+    x = np.asarray(transform(counts))
+    x = sparse.csr_matrix(x) if fmt == "csr" else x
+    status = scx.pp.normalization_status(adata_of(x))
+    assert isinstance(status, NormalizationStatus)
+    assert status.x_state == state
+    assert status.raw_source == ("X" if state == "raw" else None)
+    assert status.is_usable == (state in ("raw", "log1p_10k"))
+    assert status.stats["checked"]["X"]["state"] == state
+    if state.startswith("log1p"):
+        assert status.x_target_sum is not None
+    else:
+        assert status.x_target_sum is None
+
+
+def test_target_sum_measured(counts):
+    for target in (1e4, 1e6, 250.0):
+        status = scx.pp.normalization_status(adata_of(log1p_norm(counts, target)))
+        assert status.x_target_sum == pytest.approx(target, rel=1e-4)
+
+
+def test_scaled_data_is_negative_and_not_usable(counts):
+    a = adata_of(counts.copy())
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    sc.pp.scale(a)
+    status = scx.pp.normalization_status(a)
+    assert status.x_state == "negative"
+    assert not status.is_usable
+    assert status.has_log1p_uns
+    assert status.stats["checked"]["X"]["min"] < 0
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.zeros((0, 5), dtype=np.float32),
+        np.zeros((5, 0), dtype=np.float32),
+        np.zeros((20, 5), dtype=np.float32),
+        sparse.csr_matrix((20, 5), dtype=np.float32),
+        np.array([[1.0, np.nan], [2.0, 3.0]]),
+    ],
+    ids=["no-cells", "no-genes", "all-zero", "all-zero-sparse", "nan"],
+)
+def test_unknown(x):
+    status = scx.pp.normalization_status(adata_of(x))
+    assert status.x_state == "unknown"
+    assert status.raw_source is None
+    assert not status.is_usable
+
+
+def test_all_zero_rows_are_ignored(counts):
+    x = log1p_norm(counts, 1e4)
+    x[::3] = 0  # a third of the cells are empty
+    status = scx.pp.normalization_status(adata_of(sparse.csr_matrix(x)))
+    assert status.x_state == "log1p_10k"
+    assert status.x_target_sum == pytest.approx(1e4, rel=1e-4)
+    assert status.stats["checked"]["X"]["n_zero_rows"] > 0
+
+
+def test_mostly_integer_threshold(counts):
+    x = counts.copy()
+    nz = np.flatnonzero(x)
+    rng = np.random.default_rng(0)
+    # 2 % non-integer values: still counts (ambient-corrected counts, say); 20 %: not counts
+    for frac, state in ((0.02, "raw"), (0.2, "linear")):
+        y = x.copy().ravel()
+        y[rng.choice(nz, int(frac * nz.size), replace=False)] += 0.5
+        status = scx.pp.normalization_status(adata_of(y.reshape(x.shape)))
+        assert status.x_state == state, frac
+        assert status.stats["checked"]["X"]["integer_fraction"] == pytest.approx(1 - frac, abs=0.02)
+
+
+def test_summary_is_readable(counts):
+    a = adata_of(log1p_norm(counts, 1e4))
+    a.layers["counts"] = sparse.csr_matrix(counts)
+    status = scx.pp.normalization_status(a)
+    text = str(status)
+    assert text == status.summary()
+    assert "usable" in text and "layers['counts']" in text and "log1p_10k" in text and "10,000" in text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# where raw counts are found
+
+
+@pytest.mark.parametrize("layer", ["counts", "raw_counts", "raw"])
+def test_raw_in_layer(counts, layer):
+    a = adata_of(log1p_norm(counts, 1e4))
+    a.layers[layer] = sparse.csr_matrix(counts)
+    status = scx.pp.normalization_status(a)
+    assert status.raw_source == f"layers[{layer!r}]"
+    assert status.x_state == "log1p_10k"
+    assert status.is_usable
+
+
+def test_search_order(counts):
+    a = adata_of(counts.copy())  # X holds counts too: last in the order
+    a.layers["raw"] = counts.copy()
+    a.layers["raw_counts"] = counts.copy()
+    assert scx.pp.normalization_status(a).raw_source == "layers['raw_counts']"
+    a.layers["counts"] = counts.copy()
+    assert scx.pp.normalization_status(a).raw_source == "layers['counts']"
+    # a non-count candidate is skipped (and reported) in favour of the next one
+    a.layers["counts"] = log1p_norm(counts, 1e4)
+    status = scx.pp.normalization_status(a)
+    assert status.raw_source == "layers['raw_counts']"
+    assert status.stats["checked"]["layers['counts']"]["state"] == "log1p_10k"
+    # candidates after the first raw one are not read, X always is
+    assert "layers['raw']" not in status.stats["checked"]
+    assert "X" in status.stats["checked"]
+
+
+def test_raw_x_before_x(counts):
+    raw = adata_of(counts)
+    a = raw[:, :80].copy()
+    a.raw = raw
+    a.X = log1p_norm(counts, 1e4)[:, :80]
+    status = scx.pp.normalization_status(a)
+    assert status.raw_source == "raw.X"
+    # raw.X with more genes than X: the source's columns are raw's genes
+    src = find_expression_source(a)
+    assert isinstance(src, ExpressionSource)
+    assert (src.kind, src.where) == ("counts", "raw.X")
+    assert src.matrix.shape == (counts.shape[0], counts.shape[1])
+    assert list(src.var_names) == list(raw.var_names)
+
+
+def test_negative_layer_is_never_raw(counts):
+    a = adata_of(counts.copy())
+    a.layers["counts"] = counts - 1  # integer-valued but negative: not counts
+    status = scx.pp.normalization_status(a)
+    assert status.stats["checked"]["layers['counts']"]["state"] == "negative"
+    assert status.raw_source == "X"
+
+
+def test_sampling_is_reproducible():
+    a = adata_of(log1p_norm(make_counts(5000, 60, seed=3), 1e4))
+    s1 = scx.pp.normalization_status(a)
+    s2 = scx.pp.normalization_status(a)
+    s3 = scx.pp.normalization_status(a, random_state=1)
+    assert s1.stats == s2.stats
+    assert s1.stats["n_rows_sampled"] == norm.N_SAMPLE_ROWS
+    assert s1.stats["checked"]["X"]["n_values_checked"] == norm.N_SAMPLE_VALUES
+    assert s1.stats["checked"]["X"]["row_sum_median"] != s3.stats["checked"]["X"]["row_sum_median"]
+    assert s3.x_state == "log1p_10k"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# backings: dask and file-backed, never loaded whole
+
+
+class _RowCounter:
+    def __init__(self):
+        self.rows = 0
+
+    def __call__(self, block):
+        self.rows += block.shape[0]
+        return block
+
+
+def counting_dask(x, chunk_rows: int, counter: _RowCounter):
+    """A dask array whose every computed block adds its number of rows to ``counter``."""
+    import dask.array as da
+
+    base = da.from_array(x, chunks=(chunk_rows, x.shape[1]), asarray=False)
+    meta = x[:0] if sparse.issparse(x) else np.empty((0, 0), dtype=x.dtype)
+    return base.map_blocks(counter, dtype=x.dtype, meta=meta)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_dask_reads_only_sampled_rows(fmt):
+    c = make_counts(20_000, 30, mean=2.0, seed=1)
+    x = sparse.csr_matrix(c) if fmt == "csr" else c
+    counter = _RowCounter()
+    a = adata_of(counting_dask(x, 10, counter))
+    status = scx.pp.normalization_status(a)
+    assert (status.x_state, status.raw_source) == ("raw", "X")
+    n = status.stats["n_rows_sampled"]
+    assert 0 < counter.rows <= 10 * n < c.shape[0]
+    # same rows as the in-memory matrix
+    assert status.stats == scx.pp.normalization_status(adata_of(x)).stats
+
+
+def test_dask_log1p_10k_lazy_and_ensure_normalized_stays_lazy():
+    import dask.array as da
+
+    c = make_counts(20_000, 30, mean=2.0, seed=2)
+    counter = _RowCounter()
+    a = adata_of(counting_dask(sparse.csr_matrix(c), 10, counter))
+    scx.pp.ensure_normalized(a)
+    sampled = counter.rows
+    assert sampled < c.shape[0]
+    assert isinstance(a.X, da.Array) and isinstance(a.layers["counts"], da.Array)
+    assert counter.rows == sampled  # nothing computed by the normalization itself
+    result = a.X[:500].compute()
+    assert sparse.issparse(result)
+    expected = log1p_norm(c[:500], 1e4)
+    np.testing.assert_allclose(result.toarray(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_in_memory_sparse_is_never_densified():
+    full_shape = (8000, 50)
+    c = make_counts(*full_shape, seed=4)
+
+    class NoDense(sparse.csr_matrix):
+        def toarray(self, *args, **kwargs):
+            if self.shape == full_shape:
+                raise AssertionError("the whole matrix was densified")
+            return super().toarray(*args, **kwargs)
+
+        def todense(self, *args, **kwargs):
+            return self.toarray()
+
+    status = scx.pp.normalization_status(adata_of(NoDense(c)))
+    assert status.x_state == "raw"
+
+
+def test_backed_csc_is_read_by_column_blocks(tmp_path, counts, monkeypatch):
+    from anndata._core.sparse_dataset import BaseCompressedSparseDataset
+
+    c = make_counts(3000, 40, seed=5)
+    adata_of(sparse.csc_matrix(log1p_norm(c, 1e4))).write_h5ad(tmp_path / "csc.h5ad")
+    backed = ad.read_h5ad(tmp_path / "csc.h5ad", backed="r")
+    monkeypatch.setattr(norm, "CSC_BLOCK_NNZ", 5000)  # many column blocks
+    monkeypatch.setattr(BaseCompressedSparseDataset, "to_memory", lambda self: pytest.fail("read whole"))
+    try:
+        status = scx.pp.normalization_status(backed)
+    finally:
+        backed.file.close()
+    monkeypatch.undo()
+    assert status.x_state == "log1p_10k"
+    assert status.stats == scx.pp.normalization_status(adata_of(sparse.csr_matrix(log1p_norm(c, 1e4)))).stats
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_backed_h5ad(tmp_path, counts, fmt, monkeypatch):
+    from anndata._core.sparse_dataset import BaseCompressedSparseDataset
+
+    x = log1p_norm(counts, 1e4)
+    a = adata_of(sparse.csr_matrix(x) if fmt == "csr" else x)
+    a.layers["counts"] = sparse.csr_matrix(counts)
+    raw = adata_of(sparse.csr_matrix(counts) if fmt == "csr" else counts)
+    a.raw = raw
+    path = tmp_path / "t.h5ad"
+    a.write_h5ad(path)
+
+    def no_full_read(self, *args, **kwargs):
+        raise AssertionError("the whole backed matrix was read")
+
+    backed = ad.read_h5ad(path, backed="r")  # layers are read into memory; X and raw.X stay on disk
+    monkeypatch.setattr(BaseCompressedSparseDataset, "to_memory", no_full_read)
+    try:
+        status = scx.pp.normalization_status(backed)
+        assert (status.raw_source, status.x_state) == ("layers['counts']", "log1p_10k")
+        del backed.layers["counts"]
+        status = scx.pp.normalization_status(backed)
+        assert (status.raw_source, status.x_state) == ("raw.X", "log1p_10k")
+        # a backed X cannot be replaced: clear error, nothing changed
+        with pytest.raises(ValueError, match="backed"):
+            scx.pp.ensure_normalized(backed)
+        assert "log1p" not in backed.uns
+    finally:
+        backed.file.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ensure_normalized
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr", "csc"])
+def test_ensure_normalized_from_counts_in_x(counts, fmt):
+    to = {"dense": np.asarray, "csr": sparse.csr_matrix, "csc": sparse.csc_matrix}[fmt]
+    a = adata_of(to(counts.copy()))
+    before = a.X
+    scx.pp.ensure_normalized(a)
+    # the counts are kept, unchanged, in layers["counts"]
+    assert a.layers["counts"] is before
+    kept = a.layers["counts"].toarray() if sparse.issparse(a.layers["counts"]) else a.layers["counts"]
+    np.testing.assert_array_equal(kept, counts)
+    assert sparse.issparse(a.X) == (fmt != "dense")
+    x = a.X.toarray() if sparse.issparse(a.X) else a.X
+    np.testing.assert_allclose(x, log1p_norm(counts, 1e4), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.expm1(x).sum(axis=1)[counts.sum(axis=1) > 0], 1e4, rtol=1e-4)
+    assert a.uns["log1p"] == {"base": None}
+    status = scx.pp.normalization_status(a)
+    assert (status.raw_source, status.x_state, status.is_usable) == ("layers['counts']", "log1p_10k", True)
+    # idempotent
+    x1 = a.X.copy()
+    scx.pp.ensure_normalized(a)
+    x2 = a.X.toarray() if sparse.issparse(a.X) else a.X
+    np.testing.assert_allclose(x2, x1.toarray() if sparse.issparse(x1) else x1, rtol=1e-6)
+    np.testing.assert_array_equal(kept, counts)
+
+
+def test_ensure_normalized_integer_counts_and_target_sum(counts):
+    a = adata_of(counts.astype(np.int32))
+    scx.pp.ensure_normalized(a, target_sum=1e6)
+    assert a.layers["counts"].dtype == np.int32
+    np.testing.assert_array_equal(a.layers["counts"], counts.astype(np.int32))
+    assert scx.pp.normalization_status(a).x_state == "log1p_cpm"
+
+
+def test_ensure_normalized_from_layer_keeps_layer(counts):
+    a = adata_of(log1p_norm(counts, 100))  # X at another target
+    a.layers["raw_counts"] = sparse.csr_matrix(counts)
+    layer = a.layers["raw_counts"]
+    scx.pp.ensure_normalized(a)
+    assert a.layers["raw_counts"] is layer
+    np.testing.assert_array_equal(layer.toarray(), counts)
+    assert "counts" not in a.layers
+    assert sparse.issparse(a.X)  # X takes the format of the counts
+    np.testing.assert_allclose(a.X.toarray(), log1p_norm(counts, 1e4), rtol=1e-5, atol=1e-6)
+
+
+def test_ensure_normalized_from_raw_x_normalizes_over_raw_genes(counts):
+    raw = adata_of(counts.copy())
+    a = raw[:, 10:70].copy()
+    a.raw = raw
+    a.X = np.zeros(a.shape, dtype=np.float32) + 0.5  # something unusable
+    scx.pp.ensure_normalized(a)
+    np.testing.assert_allclose(a.X, log1p_norm(counts, 1e4)[:, 10:70], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(a.raw.X, counts)
+
+
+def test_ensure_normalized_raw_missing_genes(counts):
+    raw = adata_of(counts[:, :50].copy())
+    a = adata_of(np.zeros((counts.shape[0], 60), dtype=np.float32) + 0.5)
+    a.raw = raw
+    with pytest.raises(ValueError, match="not in raw.var_names"):
+        scx.pp.ensure_normalized(a)
+
+
+def test_ensure_normalized_leaves_verified_log1p_10k(counts):
+    x = sparse.csr_matrix(log1p_norm(counts, 1e4))
+    a = adata_of(x)
+    scx.pp.ensure_normalized(a)
+    assert a.X is x
+    assert a.uns["log1p"] == {"base": None}
+    assert "counts" not in a.layers
+
+
+def test_ensure_normalized_copy(counts):
+    a = adata_of(counts.copy())
+    out = scx.pp.ensure_normalized(a, copy=True)
+    assert isinstance(out, ad.AnnData)
+    np.testing.assert_array_equal(a.X, counts)
+    assert "counts" not in a.layers and "log1p" not in a.uns
+    assert scx.pp.normalization_status(out).x_state == "log1p_10k"
+    assert scx.pp.ensure_normalized(a) is None
+
+
+def test_never_overwrites_other_counts_layer(counts):
+    a = adata_of(counts.copy())
+    other = log1p_norm(counts, 1e4)
+    a.layers["counts"] = other
+    with pytest.raises(ValueError, match=r"layers\['counts'\] already holds") as e:
+        scx.pp.ensure_normalized(a)
+    assert "log1p_10k" in str(e.value) and "delete" in str(e.value)
+    # nothing half-written
+    assert a.layers["counts"] is other
+    np.testing.assert_array_equal(a.X, counts)
+    assert "log1p" not in a.uns
+
+
+@pytest.mark.parametrize(
+    ("transform", "state", "hint"),
+    [
+        (lambda c: log1p_norm(c, 1e4, log=False), "linear", "sc.pp.log1p"),
+        (lambda c: log1p_norm(c, 1e6), "log1p_cpm", "CPM"),
+        (lambda c: log1p_norm(c, 100), "log1p_other", "median of 100"),
+        (lambda c: log1p_norm(c, 1e4) - 1, "negative", "negative"),
+    ],
+)
+def test_error_says_what_and_how(counts, transform, state, hint):
+    x = transform(counts)
+    a = adata_of(x.copy())
+    a.layers["counts"] = x.copy()  # a non-count "counts" layer is reported too
+    with pytest.raises(ValueError) as e:
+        scx.pp.ensure_normalized(a)
+    msg = str(e.value)
+    assert f"X is {state!r}" in msg
+    assert f"layers['counts'] is {state!r}" in msg
+    assert "absent: layers['raw_counts'], layers['raw'], raw.X" in msg
+    assert hint in msg
+    assert "adata.layers['counts']" in msg and "unsafe_force=True" in msg
+    np.testing.assert_array_equal(a.X, x)
+    with pytest.raises(ValueError, match=f"X is {state!r}"):
+        find_expression_source(a)
+
+
+def test_unsafe_force_warns(counts, caplog):
+    x = log1p_norm(counts, 1e4, log=False)
+    a = adata_of(x.copy())
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.pp.ensure_normalized(a, unsafe_force=True)
+    assert any(r.levelno == logging.WARNING and "UNSAFE" in r.getMessage() for r in caplog.records)
+    assert "linear" in caplog.text
+    np.testing.assert_array_equal(a.X, x)  # left as it is
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        src = find_expression_source(a, unsafe_force=True)
+    assert "UNSAFE" in caplog.text
+    assert (src.kind, src.where) == ("log1p", "X")
+    assert src.matrix is a.X
+
+
+def test_expression_source_kinds(counts):
+    a = adata_of(log1p_norm(counts, 1e4))
+    src = find_expression_source(a)
+    assert (src.kind, src.where, src.status.x_state) == ("log1p", "X", "log1p_10k")
+    assert src.matrix is a.X
+    a.layers["counts"] = counts
+    src = find_expression_source(a)
+    assert (src.kind, src.where) == ("counts", "layers['counts']")
+    assert src.matrix is a.layers["counts"]
+    assert list(src.var_names) == list(a.var_names)
+
+
+def test_uns_round_trip(tmp_path, counts):
+    a = adata_of(sparse.csr_matrix(counts))
+    scx.pp.ensure_normalized(a)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    b = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert "log1p" in b.uns
+    status = scx.pp.normalization_status(b)
+    assert status.has_log1p_uns and status.raw_source == "layers['counts']" and status.x_state == "log1p_10k"
+
+
+def test_spatialdata_table(counts):
+    sd = pytest.importorskip("spatialdata")
+    sdata = sd.SpatialData(tables={"cells": adata_of(counts.copy())})
+    status = scx.pp.normalization_status(sdata, table_key="cells")
+    assert (status.raw_source, status.x_state) == ("X", "raw")
+    scx.pp.ensure_normalized(sdata, table_key="cells")
+    table = sdata.tables["cells"]
+    np.testing.assert_array_equal(table.layers["counts"], counts)
+    assert scx.pp.normalization_status(sdata, table_key="cells").x_state == "log1p_10k"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# real data
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("starmap_mpfc", "starmap_mpfc.h5ad"),
+        ("hypothalamus_merfish_pair", "reference_scrna.h5ad"),
+        ("hypothalamus_merfish_pair", "merfish_query.h5ad"),
+    ],
+)
+def test_real_counts_detected_as_raw(shared_data, parts):
+    path = shared_data(*parts)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        status = scx.pp.normalization_status(backed)
+    finally:
+        backed.file.close()
+    assert (status.raw_source, status.x_state, status.is_usable) == ("X", "raw", True)
+    assert status.stats["checked"]["X"]["integer_fraction"] == 1.0
+
+
+def test_real_ensure_normalized(shared_data, tmp_path):
+    path = tmp_path / "starmap.h5ad"
+    shutil.copy(shared_data("starmap_mpfc", "starmap_mpfc.h5ad"), path)
+    a = ad.read_h5ad(path)
+    original = a.X.copy()
+    scx.pp.ensure_normalized(a)
+    assert sparse.issparse(a.X)
+    assert (a.layers["counts"] != original).nnz == 0
+    status = scx.pp.normalization_status(a)
+    assert (status.raw_source, status.x_state) == ("layers['counts']", "log1p_10k")
+    nonempty = np.asarray(original.sum(axis=1)).ravel() > 0
+    np.testing.assert_allclose(np.asarray(np.expm1(a.X).sum(axis=1)).ravel()[nonempty], 1e4, rtol=1e-4)
