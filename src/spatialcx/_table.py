@@ -1,28 +1,742 @@
 """Resolve ``AnnData | SpatialData`` + ``table_key`` to a table, and persist table changes crash-safely.
 
-CONTRACT (being implemented):
+Contract
+--------
+``resolve_table(data, table_key="table", *, copy=False) -> TableRef``
+    ``TableRef.adata`` is the AnnData table (a deep copy when ``copy=True``), ``TableRef.sdata`` the SpatialData or
+    ``None``, ``TableRef.table_key`` the key. ``TableRef.finish(*, write=True, elements=("obs", "obsm", "uns"))``
+    returns the copy when ``copy=True`` (AnnData for AnnData input; for SpatialData input a new in-memory SpatialData
+    that shares the other elements and holds the copied table). Otherwise it persists the given elements into the
+    zarr store when the SpatialData is backed by one and ``write=True``, and returns ``None``.
+``get_table(data, table_key="table") -> AnnData``
+``write_table(sdata, table_key="table", *, elements=("obs", "obsm", "uns")) -> None`` (public: ``scx.io.write_table``)
 
-resolve_table(data, table_key="table", *, copy=False) -> TableRef
-    TableRef.adata   the AnnData table (a copy when copy=True)
-    TableRef.sdata   the SpatialData or None
-    TableRef.table_key
-    TableRef.finish(*, write=True, elements=("obs", "obsm", "uns")) -> AnnData | SpatialData | None
-        Persist the changed elements to the zarr store when sdata is backed (and not a copy and write=True);
-        return the copy (AnnData or SpatialData) when copy=True, else None.
-get_table(data, table_key="table") -> AnnData
-write_table(sdata, table_key="table", *, elements=("obs", "obsm", "uns")) -> None   (public: scx.io.write_table)
+How a table is written into a zarr store
+----------------------------------------
+A SpatialData store keeps table ``key`` as the zarr group ``<store>/tables/<key>`` (anndata's on-disk layout: one
+sub-group or array per element, ``X``, ``obs``, ``obsm``, ``uns``, ...). :func:`write_table` never edits that group in
+place. Holding an exclusive lock on the store directory, it
+
+1. stages a complete new table group in ``<store>/.spatialcx/stage-<random>/<key>``: every element that is *not*
+   written (``X``, ``layers``, ``raw``, ``var``, ...) is hard-linked file by file (nothing is copied or rewritten, the
+   chunk files keep their inode), the group's own metadata files are copied, and the written elements
+   (``obs``, ``obsm``, ``uns`` by default) are written fresh with :func:`anndata.io.write_elem` and synced to disk;
+2. swaps the staged group with the live one in one atomic step (``renameat2(RENAME_EXCHANGE)`` on Linux). Where the
+   exchange is not available, the live group is renamed aside to ``<store>/.spatialcx/aside/<key>`` and the staged
+   one renamed in; a crash between the two renames leaves the table aside, and the next write (of any table in that
+   store) restores it before doing anything else;
+3. deletes the old group (its hard links; the shared chunk files stay with the new group), removes the work
+   directory, and refreshes the store's consolidated metadata when the store has it (zarr v2 ``.zmetadata``, the
+   undotted ``zmetadata`` that some copies carry, or zarr v3 ``consolidated_metadata`` in the root ``zarr.json``).
+
+An interrupted write therefore leaves either the old or the new table in place, never a partial one, and the next
+write removes its leftovers. The hidden work directory holds no zarr metadata, so zarr and spatialdata do not read
+it as part of the hierarchy. The store's zarr format (v2 or v3) is kept: staged groups are written in the format of
+the group they replace. A table that is in memory but not yet in the store is written whole with spatialdata's table
+writer into the work directory and renamed into ``tables/`` when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-def resolve_table(data, table_key="table", *, copy=False):  # noqa: D103
-    raise NotImplementedError
+from anndata import AnnData
+
+from ._settings import logger
+
+if TYPE_CHECKING:
+    import zarr
+    from spatialdata import SpatialData
+
+__all__ = ["TableRef", "get_table", "resolve_table", "write_table"]
+
+#: Hidden work directory inside a store: staging and set-aside tables live here during a write.
+WORK_DIR = ".spatialcx"
+#: Elements of a table that :func:`write_table` may rewrite. ``X``, ``layers`` and ``raw`` hold the expression
+#: values (raw counts) and are never rewritten.
+WRITABLE_ELEMENTS = ("obs", "obsm", "obsp", "uns", "var", "varm", "varp")
+_EXPRESSION_ELEMENTS = ("X", "layers", "raw")
+_ATTRS_KEY = "spatialdata_attrs"
+_LINK_KEYS = ("region", "region_key", "instance_key")
+_V2_METADATA_FILES = (".zarray", ".zgroup", ".zattrs")
 
 
-def get_table(data, table_key="table"):  # noqa: D103
-    raise NotImplementedError
+# --------------------------------------------------------------------------------------------------------------------
+# Resolving the table
+# --------------------------------------------------------------------------------------------------------------------
 
 
-def write_table(sdata, table_key="table", *, elements=("obs", "obsm", "uns")):  # noqa: D103
-    raise NotImplementedError
+def _is_spatialdata(data: Any) -> bool:
+    """Whether ``data`` is a SpatialData object, without importing spatialdata when it was never imported."""
+    sd = sys.modules.get("spatialdata")
+    return sd is not None and isinstance(data, sd.SpatialData)
+
+
+def _check_data(data: Any) -> None:
+    if not isinstance(data, AnnData) and not _is_spatialdata(data):
+        raise TypeError(
+            f"Expected an AnnData or a SpatialData object, got {type(data).__module__}.{type(data).__qualname__}. "
+            "Pass the cell table itself (AnnData) or the SpatialData object that holds it."
+        )
+
+
+def _table_from_sdata(sdata: SpatialData, table_key: str) -> AnnData:
+    if not isinstance(table_key, str):
+        raise TypeError(f"table_key must be a str naming a table of the SpatialData object, got {table_key!r}.")
+    if table_key not in sdata.tables:
+        available = sorted(sdata.tables.keys())
+        if not available:
+            raise KeyError(
+                f"Table {table_key!r} not found: the SpatialData object has no tables. Add one with "
+                f"`sdata.tables[{table_key!r}] = TableModel.parse(adata, region=..., region_key=..., instance_key=...)`."
+            )
+        raise KeyError(
+            f"Table {table_key!r} not found in the SpatialData object. Available tables: {available}. "
+            f"Pass one of them as table_key."
+        )
+    return sdata.tables[table_key]
+
+
+@dataclass
+class TableRef:
+    """A resolved table and where it came from.
+
+    Attributes
+    ----------
+    adata
+        The AnnData table to read and modify (a deep copy when resolved with ``copy=True``).
+    sdata
+        The SpatialData object holding the table, or ``None`` for AnnData input.
+    table_key
+        Key of the table in ``sdata.tables`` (ignored for AnnData input).
+    copy
+        Whether ``adata`` is a copy.
+    """
+
+    adata: AnnData
+    sdata: SpatialData | None
+    table_key: str
+    copy: bool = False
+
+    def finish(
+        self, *, write: bool = True, elements: Iterable[str] = ("obs", "obsm", "uns")
+    ) -> AnnData | SpatialData | None:
+        """Hand back the result of a function that changed the table.
+
+        Parameters
+        ----------
+        write
+            Persist the changed elements into the zarr store when the SpatialData object is backed by one. Ignored for
+            copies, AnnData input and SpatialData objects held in memory only.
+        elements
+            The table elements that changed (see :func:`write_table`).
+
+        Returns
+        -------
+        The copy (AnnData for AnnData input, otherwise a new in-memory SpatialData that shares the other elements and
+        holds the copied table) when the table was resolved with ``copy=True``, else ``None``.
+        """
+        if self.copy:
+            if self.sdata is None:
+                return self.adata
+            from spatialdata import SpatialData
+
+            sdata = self.sdata
+            tables = {k: v for k, v in sdata.tables.items() if k != self.table_key}
+            tables[self.table_key] = self.adata
+            return SpatialData(
+                images=dict(sdata.images),
+                labels=dict(sdata.labels),
+                points=dict(sdata.points),
+                shapes=dict(sdata.shapes),
+                tables=tables,
+                attrs=dict(sdata.attrs),
+            )
+        if self.sdata is None:
+            return None
+        if self.sdata.tables.get(self.table_key) is not self.adata:
+            # the caller replaced the table object (e.g. a subset): put it into the SpatialData object
+            self.sdata.tables[self.table_key] = self.adata
+        if write and self.sdata.path is not None:
+            write_table(self.sdata, self.table_key, elements=elements)
+        return None
+
+
+def resolve_table(data: AnnData | SpatialData, table_key: str = "table", *, copy: bool = False) -> TableRef:
+    """Find the table of ``data``.
+
+    Parameters
+    ----------
+    data
+        An AnnData table, or a SpatialData object holding the table in ``data.tables[table_key]``.
+    table_key
+        Key of the table in a SpatialData object; ignored for AnnData input.
+    copy
+        Work on a deep copy of the table and leave ``data`` untouched.
+
+    Returns
+    -------
+    A :class:`TableRef`; call its ``finish`` method when done to persist changes or get the copy.
+
+    Raises
+    ------
+    TypeError
+        If ``data`` is neither an AnnData nor a SpatialData object.
+    KeyError
+        If the SpatialData object has no table ``table_key`` (the message lists the available tables).
+    """
+    _check_data(data)
+    if isinstance(data, AnnData):
+        if copy:
+            return TableRef(adata=data.copy(), sdata=None, table_key=table_key, copy=True)
+        if data.is_view:
+            # as scanpy does: turn the view into an actual AnnData so that changes land in the object itself
+            data._init_as_actual(data.copy())
+        return TableRef(adata=data, sdata=None, table_key=table_key)
+    adata = _table_from_sdata(data, table_key)
+    if copy:
+        return TableRef(adata=adata.copy(), sdata=data, table_key=table_key, copy=True)
+    return TableRef(adata=adata, sdata=data, table_key=table_key)
+
+
+def get_table(data: AnnData | SpatialData, table_key: str = "table") -> AnnData:
+    """Return the table of ``data`` (the AnnData itself, or ``data.tables[table_key]``).
+
+    Parameters
+    ----------
+    data
+        An AnnData table, or a SpatialData object.
+    table_key
+        Key of the table in a SpatialData object; ignored for AnnData input.
+
+    Returns
+    -------
+    The table, not a copy.
+    """
+    return resolve_table(data, table_key).adata
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_table(
+    sdata: SpatialData, table_key: str = "table", *, elements: Iterable[str] | str = ("obs", "obsm", "uns")
+) -> None:
+    """Persist changed elements of a table into the zarr store backing ``sdata``, crash-safely.
+
+    Only the given elements are written. ``X``, ``layers``, ``raw`` and every element not named are never rewritten:
+    their files are kept as they are (hard links). The new table replaces the old one in one atomic step, so an
+    interrupted write leaves the previous table readable; leftovers of an interrupted write are cleaned up (and a
+    table set aside is restored) by the next write to the same store. Consolidated metadata is refreshed when the
+    store has it, and the store's zarr format (v2 or v3) is kept. A table that is not yet in the store is written
+    whole.
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData object backed by a local zarr store (``sdata.path``).
+    table_key
+        Key of the table in ``sdata.tables``.
+    elements
+        Table elements to write, any of ``"obs"``, ``"obsm"``, ``"obsp"``, ``"uns"``, ``"var"``, ``"varm"``,
+        ``"varp"``.
+
+    Raises
+    ------
+    TypeError
+        If ``sdata`` is not a SpatialData object.
+    KeyError
+        If there is no table ``table_key``.
+    ValueError
+        If ``sdata`` is not backed by a zarr store, the store is not local, ``elements`` names something that cannot
+        be written, the table no longer matches the one in the store (cells or genes), its link to the spatial
+        elements (``uns["spatialdata_attrs"]``) is broken, or ``.uns`` holds a value that cannot be serialised.
+        Nothing in the store is changed in these cases.
+
+    Examples
+    --------
+    >>> sdata = spatialdata.read_zarr("sample.zarr")  # doctest: +SKIP
+    >>> sdata.tables["table"].obs["cluster"] = labels  # doctest: +SKIP
+    >>> scx.io.write_table(sdata, "table", elements=("obs",))  # doctest: +SKIP
+    """
+    if not _is_spatialdata(sdata):
+        raise TypeError(
+            f"write_table needs a SpatialData object backed by a zarr store, got "
+            f"{type(sdata).__module__}.{type(sdata).__qualname__}. An AnnData is written with `adata.write_zarr(path)` "
+            "or `adata.write_h5ad(path)`."
+        )
+    adata = _table_from_sdata(sdata, table_key)
+    elements = _check_elements(elements)
+    store = _local_store_path(sdata)
+    _check_link(adata, table_key)
+    _check_uns_serialisable(adata, table_key, store)  # also when uns is not written: a new table is written whole
+
+    with _store_lock(store):
+        _recover(store)
+        live = store / "tables" / table_key
+        if not live.is_dir():
+            _write_new_table(store, adata, table_key)
+            _refresh_consolidated(store)
+            logger.info(f"Wrote the new table {table_key!r} whole into {store}.")
+            return
+        if not elements:
+            return
+        _check_matches_disk(live, adata, table_key, elements)
+        _stage_and_swap(store, live, adata, table_key, elements)
+        _refresh_consolidated(store)
+    logger.info(f"Wrote {', '.join(elements)} of table {table_key!r} into {store}.")
+
+
+def _check_elements(elements: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(elements, str):
+        elements = (elements,)
+    out: list[str] = []
+    for name in elements:
+        if name in _EXPRESSION_ELEMENTS:
+            raise ValueError(
+                f"elements contains {name!r}: write_table never rewrites X, layers or raw (they hold the expression "
+                "values and raw counts). To store a table with changed expression values, write the SpatialData object "
+                "to a new store with `sdata.write(new_path)`."
+            )
+        if name not in WRITABLE_ELEMENTS:
+            raise ValueError(
+                f"elements contains {name!r}, which is not a table element; use any of {WRITABLE_ELEMENTS}."
+            )
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def _local_store_path(sdata: SpatialData) -> Path:
+    path = sdata.path
+    if path is None:
+        raise ValueError(
+            "The SpatialData object is not backed by a zarr store (sdata.path is None), so there is nothing to write "
+            "the table into. Write the whole object first with `sdata.write(path)`; later changes to its table can "
+            "then be written with write_table."
+        )
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        raise ValueError(
+            f"The SpatialData object is backed by the remote store {text!r}. Tables are written crash-safely by "
+            "swapping directories atomically, which object stores do not support. Write the object to a local store "
+            "with `sdata.write(local_path)`, or copy the store to local disk, write there and upload the result."
+        )
+    store = Path(text.removeprefix("file://"))
+    if not store.is_dir():
+        raise ValueError(
+            f"The zarr store of the SpatialData object, {store}, does not exist or is not a directory (it may have been "
+            "moved or deleted). Write the object again with `sdata.write(path)`."
+        )
+    return store
+
+
+def _check_link(adata: AnnData, table_key: str) -> None:
+    """Validate the table's link to its spatial elements as spatialdata does before writing."""
+    if _ATTRS_KEY not in adata.uns:
+        return
+    from spatialdata.models import TableModel
+
+    try:
+        TableModel().validate(adata)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(
+            f"Table {table_key!r} cannot be written: its link to the spatial elements (uns['{_ATTRS_KEY}'] with "
+            f"region, region_key, instance_key) is inconsistent: {e} Restore the region and instance columns in obs, "
+            "or set the link again with `sdata.set_table_annotates_spatialelement(...)`. Nothing was written."
+        ) from e
+
+
+def _write_elem(group: zarr.Group, key: str, value: Any) -> None:
+    """Write one element with anndata's writer (looked up at call time)."""
+    try:
+        import anndata.io as adio
+
+        writer = adio.write_elem
+    except (ImportError, AttributeError):  # anndata < 0.11
+        from anndata.experimental import write_elem as writer
+    writer(group, key, value)
+
+
+def _element_value(adata: AnnData, name: str) -> Any:
+    if name in ("obs", "var"):
+        return getattr(adata, name)
+    return dict(getattr(adata, name))
+
+
+def _memory_group(zarr_format: int) -> zarr.Group:
+    import zarr
+
+    return zarr.open_group(store=zarr.storage.MemoryStore(), mode="w", zarr_format=zarr_format)
+
+
+def _check_uns_serialisable(adata: AnnData, table_key: str, store: Path) -> None:
+    """Write ``uns`` into memory first: a value that cannot be stored raises here, before the store is touched."""
+    fmt = _zarr_format(store)
+    try:
+        _write_elem(_memory_group(fmt), "uns", dict(adata.uns))
+    except Exception as e:
+        where, value = _find_unwritable(adata.uns, [], fmt)
+        location = "uns" + "".join(f"[{k!r}]" for k in where)
+        raise ValueError(
+            f"Table {table_key!r} cannot be written: {location} holds a {type(value).__module__}."
+            f"{type(value).__qualname__}, which cannot be stored in a zarr or h5ad file ({e}). Keep only str, int, "
+            "float, bool, lists, dicts (with str keys), arrays and data frames in .uns: convert the value (e.g. "
+            f"with str()) or remove it. Nothing was written to {store}."
+        ) from e
+
+
+def _find_unwritable(value: Any, where: list[Any], fmt: int) -> tuple[list[Any], Any]:
+    """Locate the first value below ``value`` that anndata cannot write."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return [*where, k], k
+            try:
+                _write_elem(_memory_group(fmt), "x", v)
+            except Exception:  # noqa: BLE001
+                return _find_unwritable(v, [*where, k], fmt)
+    return where, value
+
+
+def _zarr_format(group_dir: Path) -> int:
+    if (group_dir / "zarr.json").is_file():
+        return 3
+    if (group_dir / ".zgroup").is_file():
+        return 2
+    raise ValueError(
+        f"{group_dir} is not a zarr group (neither zarr.json nor .zgroup found), so it is not a SpatialData zarr "
+        "store. Write the SpatialData object with `sdata.write(path)`."
+    )
+
+
+def _read_index(group: zarr.Group) -> Any:
+    """Read the index array of a data frame group (obs or var) without reading its columns."""
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    return read_elem(group[group.attrs["_index"]])
+
+
+def _check_matches_disk(live: Path, adata: AnnData, table_key: str, elements: tuple[str, ...]) -> None:
+    """Refuse to write elements that would not match the expression matrix and link kept on disk."""
+    import numpy as np
+    import zarr
+
+    group = zarr.open_group(str(live), mode="r", use_consolidated=False)
+    for axis, names in (("obs", adata.obs_names), ("var", adata.var_names)):
+        if axis not in group:
+            continue
+        on_disk = np.asarray(_read_index(group[axis])).astype(object)
+        in_memory = np.asarray(names).astype(object)
+        if on_disk.shape != in_memory.shape or not np.array_equal(on_disk, in_memory):
+            what = "cells (obs_names)" if axis == "obs" else "genes (var_names)"
+            raise ValueError(
+                f"Table {table_key!r} in memory has {in_memory.size} {what} that differ from the {on_disk.size} in the "
+                f"store (subset, reordered or renamed). Writing only {', '.join(elements)} would no longer match X kept "
+                "in the store. Write the SpatialData object to a new store with `sdata.write(new_path)` instead. "
+                "Nothing was written."
+            )
+    linked = any(group.attrs.get(k) is not None for k in _LINK_KEYS)
+    if "uns" in elements and linked and _ATTRS_KEY not in adata.uns:
+        raise ValueError(
+            f"Table {table_key!r} in the store annotates {group.attrs.get('region')!r}, but uns['{_ATTRS_KEY}'] was "
+            "removed in memory; writing uns would break the link between the table and its shapes. Restore it with "
+            "`sdata.set_table_annotates_spatialelement(...)` (or TableModel.parse) before writing. Nothing was written."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Staging, swapping, recovery
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the store directory (POSIX); writers of one store run one at a time."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows has no flock
+        yield
+        return
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _recover(store: Path) -> None:
+    """Restore a table left aside by an interrupted write and remove every other leftover of interrupted writes."""
+    work = store / WORK_DIR
+    if not work.is_dir():
+        return
+    restored = False
+    aside = work / "aside"
+    if aside.is_dir():
+        for entry in sorted(aside.iterdir()):
+            live = store / "tables" / entry.name
+            if not live.exists():
+                os.rename(entry, live)
+                _fsync_dir(live.parent)
+                restored = True
+                logger.warning(f"Restored table {entry.name!r} of {store} left aside by an interrupted write.")
+    shutil.rmtree(work)
+    _fsync_dir(store)
+    logger.info(f"Removed leftovers of an interrupted table write in {store}{' (table restored)' if restored else ''}.")
+    # a write may have been interrupted after its swap but before the consolidated metadata was refreshed
+    _refresh_consolidated(store)
+
+
+def _new_stage(store: Path) -> Path:
+    stage = store / WORK_DIR / f"stage-{uuid.uuid4().hex}"
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _cleanup(store: Path, path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    work = store / WORK_DIR
+    for directory in (work / "aside", work):
+        with contextlib.suppress(OSError):  # only when empty: a table set aside must stay until it is restored
+            directory.rmdir()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # file system without hard links: copying keeps the write correct, just slower
+        shutil.copy2(src, dst)
+
+
+def _stage_table(live: Path, staged: Path, adata: AnnData, elements: tuple[str, ...]) -> None:
+    """Build the new table group at ``staged``: unchanged elements hard-linked, ``elements`` written fresh."""
+    import zarr
+
+    staged.mkdir()
+    for entry in os.scandir(live):
+        target = staged / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if entry.name not in elements:
+                shutil.copytree(entry.path, target, copy_function=_link_or_copy)
+        elif not entry.name.endswith(".partial"):
+            shutil.copy2(entry.path, target)  # the group's own small metadata files: copied, so edits stay local
+    group = zarr.open_group(str(staged), mode="r+", use_consolidated=False)
+    for name in elements:
+        _write_elem(group, name, _element_value(adata, name))
+    if "uns" in elements and _ATTRS_KEY in adata.uns:
+        # spatialdata mirrors the link in the table group's attributes; keep them equal to the new uns
+        attrs = adata.uns[_ATTRS_KEY]
+        group.attrs.update({k: _json_value(attrs.get(k)) for k in _LINK_KEYS})
+    _refresh_consolidated(staged)
+    for name in elements:
+        _fsync_tree(staged / name)
+    _fsync_tree(staged, recursive=False)
+
+
+def _json_value(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _stage_and_swap(store: Path, live: Path, adata: AnnData, table_key: str, elements: tuple[str, ...]) -> None:
+    stage = _new_stage(store)
+    staged = stage / table_key
+    try:
+        _stage_table(live, staged, adata, elements)
+    except BaseException as e:
+        _cleanup(store, stage)
+        if isinstance(e, Exception):
+            e.add_note(f"Table {table_key!r} in {store} was left unchanged.")
+        raise
+    try:
+        _swap(staged, live, store / WORK_DIR / "aside" / table_key)
+    finally:
+        _cleanup(store, stage)  # after the swap the stage holds the old table: its links go, shared chunks stay
+
+
+def _swap(staged: Path, live: Path, aside: Path) -> None:
+    """Put ``staged`` in place of ``live``; afterwards ``staged`` holds the old table or is gone."""
+    if _exchange(staged, live):
+        _fsync_dir(live.parent)
+        _fsync_dir(staged.parent)
+        return
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    _set_aside(live, aside)
+    try:
+        _move_in(staged, live)
+    except BaseException:
+        if not live.exists():
+            os.rename(aside, live)  # put the old table back at once; if this fails too, the next write restores it
+        raise
+    _fsync_dir(live.parent)
+    shutil.rmtree(aside)
+
+
+def _set_aside(live: Path, aside: Path) -> None:
+    os.rename(live, aside)
+
+
+def _move_in(staged: Path, live: Path) -> None:
+    os.rename(staged, live)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_EXCHANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two directories; ``False`` when the platform or file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _EXCHANGE_UNSUPPORTED:
+        logger.debug(f"renameat2(RENAME_EXCHANGE) not supported here ({os.strerror(err)}); renaming in two steps.")
+        return False
+    raise OSError(err, f"Could not exchange {a} and {b}: {os.strerror(err)}")
+
+
+def _write_new_table(store: Path, adata: AnnData, table_key: str) -> None:
+    """Write a table that is not in the store yet, whole, with spatialdata's table writer, then rename it in."""
+    import zarr
+    from spatialdata._io import write_table as sd_write_table
+    from spatialdata._io.format import TablesFormatV01, TablesFormatV02
+
+    root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    fmt = root.metadata.zarr_format
+    stage = _new_stage(store)
+    try:
+        stage_group = zarr.open_group(str(stage), mode="w", zarr_format=fmt)
+        element_format = TablesFormatV01() if fmt == 2 else TablesFormatV02()
+        sd_write_table(table=adata, group=stage_group, name=table_key, element_format=element_format)
+        _fsync_tree(stage / table_key)
+        root.require_group("tables")
+        _move_in(stage / table_key, store / "tables" / table_key)
+        _fsync_dir(store / "tables")
+    except BaseException:
+        _cleanup(store, stage)
+        raise
+    _cleanup(store, stage)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Consolidated metadata and durability
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _refresh_consolidated(group_dir: Path) -> None:
+    """Re-consolidate the metadata of the group at ``group_dir`` in every form it already has, and only those."""
+    import warnings
+
+    import zarr
+
+    v3 = group_dir / "zarr.json"
+    if v3.is_file():
+        if json.loads(v3.read_text()).get("consolidated_metadata") is not None:
+            with warnings.catch_warnings():  # parquet files (shapes, points) are not zarr nodes; that is expected
+                warnings.simplefilter("ignore")
+                zarr.consolidate_metadata(zarr.storage.LocalStore(str(group_dir)), zarr_format=3)
+        return
+    if (group_dir / ".zmetadata").is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(zarr.storage.LocalStore(str(group_dir)), zarr_format=2)
+    if (group_dir / "zmetadata").is_file():
+        _write_v2_consolidated(group_dir, group_dir / "zmetadata")
+
+
+def _v2_consolidated(group_dir: Path) -> dict[str, Any]:
+    """Zarr v2 consolidated metadata of ``group_dir`` as zarr-python 2 wrote it (every .zarray/.zgroup/.zattrs)."""
+    metadata: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(group_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(group_dir)
+        for name in sorted(filenames):
+            if name in _V2_METADATA_FILES:
+                key = (rel / name).as_posix()
+                metadata[key] = json.loads((Path(dirpath) / name).read_text())
+    return {"metadata": metadata, "zarr_consolidated_format": 1}
+
+
+def _write_v2_consolidated(group_dir: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_v2_consolidated(group_dir), f, indent=4, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - Windows
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path, *, recursive: bool = True) -> None:
+    """Flush the files and directories under ``path`` to disk, so that a swap never exposes unwritten data."""
+    if not path.exists() or not hasattr(os, "O_DIRECTORY"):
+        return
+    if path.is_file():
+        _fsync_file(path)
+        return
+    walker = os.walk(path) if recursive else [(str(path), [], [e.name for e in os.scandir(path) if e.is_file()])]
+    for dirpath, _, filenames in walker:
+        for name in filenames:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
