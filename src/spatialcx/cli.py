@@ -7,6 +7,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -153,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import spatialcx as scx
 
     args = build_parser().parse_args(argv)
+    # zarr's notice about a future default is not actionable for users of the command
+    warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
     scx.settings.verbosity = min(1 + args.verbose, 3)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
