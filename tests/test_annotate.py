@@ -1,0 +1,168 @@
+"""scx.tl.annotate end to end: the demo, a real SpatialData store, the real scRNA-seq -> MERFISH pair, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import spatialcx as scx
+from spatialcx.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def demo_small():
+    return scx.datasets.demo(n_cells=1500, n_reference_cells=3000, random_state=0)
+
+
+def test_annotate_demo_writes_cellxgene_columns_and_store(demo_small, tmp_path):
+    import spatialdata as sd
+
+    sdata, reference = demo_small
+    store = tmp_path / "demo.zarr"
+    sdata.write(store)
+    sdata = sd.read_zarr(store)
+    x_before = sdata.tables["table"].X.copy()
+    scx.tl.annotate(
+        sdata, reference, label_keys="cell_type", tissue="colon", model_out=tmp_path / "m.npz", plots_dir=tmp_path / "p"
+    )
+    table = sd.read_zarr(store).tables["table"]  # persisted
+    obs = table.obs
+    for key in (
+        "cell_type",
+        "cell_type_predicted",
+        "cell_type_confidence",
+        "cell_type_confidence_raw",
+        "cell_type_ontology_term_id",
+        "cell_type_ontology_label",
+    ):
+        assert key in obs, key
+    assert table.obsm["cell_type_decision_scores"].shape[0] == table.n_obs
+    acc = (obs["cell_type_predicted"].astype(str) == obs["true_cell_type"].astype(str)).mean()
+    assert acc >= 0.9
+    # ontology: demo labels are exact CL names
+    assert obs["cell_type_ontology_term_id"].astype(str).str.startswith("CL:").all()
+    assert (
+        obs.loc[obs["cell_type"] != "Unassigned", "cell_type"].astype(str)
+        == obs.loc[obs["cell_type"] != "Unassigned", "cell_type_ontology_label"].astype(str)
+    ).all()
+    low = obs["cell_type_confidence"] < 0.8
+    assert (obs.loc[low, "cell_type"] == "Unassigned").all()
+    uns = table.uns["cell_type"]
+    assert uns["tissue"] == "colon" and len(uns["model_hash"]) == 64
+    assert scx.CellTypeModel.load(tmp_path / "m.npz").model_hash == uns["model_hash"]
+    assert (tmp_path / "p" / "confidence.png").stat().st_size > 10_000
+    assert (table.X != x_before).nnz == 0  # counts unchanged
+    attrs = table.uns["spatialdata_attrs"]
+    assert attrs["region"] == "cells" and attrs["instance_key"] == "instance_id"
+
+
+def test_annotate_copy_leaves_input_and_errors_leave_store(demo_small, tmp_path):
+    import spatialdata as sd
+
+    sdata, reference = demo_small
+    out = scx.tl.annotate(sdata, reference, label_keys="cell_type", plots=False, copy=True)
+    assert "cell_type" not in sdata.tables["table"].obs
+    assert "cell_type" in out.tables["table"].obs
+    store = tmp_path / "s.zarr"
+    sdata.write(store)
+    backed = sd.read_zarr(store)
+    with pytest.raises(KeyError, match="not_a_column"):
+        scx.tl.annotate(backed, reference, label_keys="not_a_column")
+    with pytest.raises(KeyError, match="tables"):
+        scx.tl.annotate(backed, reference, label_keys="cell_type", table_key="nope")
+    single = reference[reference.obs["cell_type"] == "B cell"].copy()
+    with pytest.raises(ValueError, match="(?i)single|one cell type|at least two"):
+        scx.tl.annotate(backed, single, label_keys="cell_type")
+    other_genes = reference.copy()
+    other_genes.var_names = [f"X{i}" for i in range(other_genes.n_vars)]
+    with pytest.raises(ValueError, match="(?i)gene"):
+        scx.tl.annotate(backed, other_genes, label_keys="cell_type")
+    assert "cell_type" not in sd.read_zarr(store).tables["table"].obs
+
+
+def test_annotate_real_merfish_store(shared_data, tmp_path):
+    """Annotate the real MERFISH store from a reference built from it; write back; reopen."""
+    import scanpy as sc
+    import spatialdata as sd
+    from sklearn.cluster import KMeans
+
+    src = shared_data("merfish_visp_spatialdata", "merfish.zarr")
+    store = tmp_path / "merfish.zarr"
+    shutil.copytree(src, store)
+    sdata = sd.read_zarr(store)
+    table = sdata.tables["table"]
+    x_before = table.X.copy()
+    # a labelled reference from the slide itself: clusters of log1p-normalized expression
+    ref = ad.AnnData(table.X.copy(), var=pd.DataFrame(index=table.var_names))
+    norm = ref.copy()
+    sc.pp.normalize_total(norm, target_sum=1e4)
+    sc.pp.log1p(norm)
+    sc.pp.pca(norm, n_comps=20, random_state=0)
+    labels = KMeans(6, n_init=4, random_state=0).fit_predict(norm.obsm["X_pca"])
+    ref.obs["cluster"] = [f"Cluster {i}" for i in labels]
+    scx.tl.annotate(sdata, ref, label_keys="cluster", plots=False)
+    back = sd.read_zarr(store)
+    t = back.tables["table"]
+    assert (t.obs["cell_type_predicted"].astype(str).to_numpy() == ref.obs["cluster"].to_numpy()).mean() > 0.85
+    # labels that do not map keep their own name, with the CELLxGENE "unknown" id
+    assert set(t.obs["cell_type_ontology_term_id"].astype(str)) == {"unknown"}
+    assigned = t.obs["cell_type"].astype(str) != "Unassigned"
+    assert t.obs.loc[assigned, "cell_type"].astype(str).str.startswith("Cluster ").all()
+    np.testing.assert_array_equal(
+        np.asarray(t.X.todense() if hasattr(t.X, "todense") else t.X),
+        np.asarray(x_before.todense() if hasattr(x_before, "todense") else x_before),
+    )
+    assert t.uns["spatialdata_attrs"]["region"] == "cells"
+    assert set(t.obs["cell_id"]) <= set(back.shapes["cells"].index)
+    assert "rasterized" in back.images and "anatomical" in back.shapes
+
+
+def test_annotate_real_scrna_to_merfish_pair(shared_data):
+    """Real scRNA-seq reference -> real MERFISH query (mouse hypothalamus)."""
+    ref = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad"))
+    query = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "merfish_query.h5ad"))
+    # held-out accuracy on the reference itself (author labels are the truth)
+    rng = np.random.default_rng(0)
+    test = rng.random(ref.n_obs) < 0.25
+    model = scx.tl.train(ref[~test].copy(), "cell_type_author", genes=query)
+    held = ref[test].copy()
+    scx.tl.predict(held, model)
+    keep = ~held.obs["cell_type_author"].isin(["Ambiguous", "Unstable"])
+    acc = (held.obs["cell_type_predicted"].astype(str) == held.obs["cell_type_author"].astype(str))[keep].mean()
+    assert acc > 0.7  # 12 real types incl. three oligodendrocyte stages, 134 genes (chance: 0.08)
+    # the MERFISH query through the one-shot pipeline
+    scx.tl.annotate(query, ref, label_keys="cell_type_author", plots=False)
+    obs = query.obs
+    assert obs["cell_type_confidence"].between(0, 1).all()
+    assert obs["cell_type_predicted"].nunique() >= 8  # the slide's diversity, not one collapsed class
+    assert 0.2 < (obs["cell_type"] == "Unassigned").mean() < 0.8
+    ids = dict(zip(obs["cell_type_predicted"].astype(str), obs["cell_type_ontology_term_id"].astype(str)))
+    assert ids.get("Astrocytes", "CL:0000127") == "CL:0000127"
+    assert ids.get("Microglia", "CL:0000129") == "CL:0000129"
+
+
+def test_cli_demo(tmp_path, capsys):
+    rc = cli_main(["demo", "--out", str(tmp_path / "out"), "--n-cells", "1200", "--min-accuracy", "0.9"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "accuracy (all cells, before filtering): 0.9" in out
+    assert (tmp_path / "out" / "demo.zarr").is_dir()
+    assert (tmp_path / "out" / "model.npz").is_file()
+
+
+def test_cli_annotate(demo_small, tmp_path, capsys):
+    import spatialdata as sd
+
+    sdata, reference = demo_small
+    store = tmp_path / "s.zarr"
+    sdata.write(store)
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    rc = cli_main(["annotate", str(store), "-r", f"{tmp_path / 'ref.h5ad'}::cell_type"])
+    assert rc == 0
+    assert "annotated 1,500 cells" in capsys.readouterr().out
+    assert "cell_type_ontology_term_id" in sd.read_zarr(store).tables["table"].obs
+    assert cli_main(["annotate", str(store), "-r", str(tmp_path / "ref.h5ad")]) == 2
