@@ -1,0 +1,136 @@
+"""Diagnostic figure of :func:`spatialcx.tl.classify_by_threshold` (``scx.pl.threshold``)."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.figure import Figure
+    from spatialdata import SpatialData
+
+_LOW, _HIGH = "#9e9e9e", "#d62728"
+#: Most features drawn in the pairwise scatters (the first ones of the classification).
+MAX_PAIR_FEATURES = 4
+
+
+def threshold(
+    data: AnnData | SpatialData,
+    key: str = "threshold",
+    *,
+    table_key: str = "table",
+    max_points: int = 20_000,
+    bins: int = 80,
+    random_state: int = 0,
+    save: str | Path | None = None,
+    dpi: int = 150,
+) -> Figure:
+    """Plot the score histogram with the threshold, and pairwise feature scatters coloured by class.
+
+    Parameters
+    ----------
+    data
+        AnnData, or SpatialData holding the table ``table_key``, classified by
+        :func:`spatialcx.tl.classify_by_threshold` with ``key_added=key``.
+    key
+        The ``key_added`` of the classification.
+    table_key
+        Table to use when ``data`` is SpatialData.
+    max_points
+        Most cells drawn in each scatter (a seeded random subset; the histogram uses every cell).
+    bins
+        Histogram bins.
+    random_state
+        Seed of the subset drawn in the scatters.
+    save
+        Path to save the figure to (the folder is created).
+    dpi
+        Resolution of the saved figure.
+
+    Returns
+    -------
+    The matplotlib figure: panel 1 the score histogram (low and high cells stacked) with the threshold line, then
+    one scatter per pair of the first four features (genes as log1p(counts per 10k), obs columns as they are).
+    """
+    import matplotlib.pyplot as plt
+
+    from .._table import get_table
+
+    adata = get_table(data, table_key)
+    params, score, cluster = _classification(adata, key)
+    features = list(params.get("features", []))
+    kinds = list(params.get("feature_kinds", ["obs"] * len(features)))
+    pair_feats = features[:MAX_PAIR_FEATURES] if len(features) > 1 else []
+    pairs = list(combinations(range(len(pair_feats)), 2))
+
+    n_panels = 1 + len(pairs)
+    ncols = min(n_panels, 4)
+    nrows = int(np.ceil(n_panels / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    axes = axes.ravel()
+
+    thr = float(params["threshold"])
+    ax = axes[0]
+    edges = np.histogram_bin_edges(score, bins=bins)
+    high = cluster == 1
+    ax.hist([score[~high], score[high]], bins=edges, stacked=True, color=[_LOW, _HIGH], label=["low", "high"])
+    ax.axvline(thr, color="k", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{key} score" + (f" ({params.get('metagene')})" if len(features) > 1 else f" ({features[0]})"))
+    ax.set_ylabel("cells")
+    ax.set_title(f"{params.get('method', '')}: threshold {thr:.3g}, {int(high.sum())} / {high.size} high", fontsize=9)
+    ax.legend(frameon=False, fontsize=8)
+
+    if pairs:
+        rng = np.random.default_rng(random_state)
+        idx = np.arange(adata.n_obs)
+        if idx.size > max_points:
+            idx = np.sort(rng.choice(idx, size=max_points, replace=False))
+        values = _feature_values(adata[idx], pair_feats, kinds[: len(pair_feats)])
+        order = np.argsort(cluster[idx], kind="stable")  # high cells drawn last, on top
+        colors = np.where(cluster[idx][order] == 1, _HIGH, _LOW)
+        for ax, (i, j) in zip(axes[1:], pairs):
+            ax.scatter(values[order, i], values[order, j], c=colors, s=3, lw=0, rasterized=True)
+            ax.set_xlabel(pair_feats[i])
+            ax.set_ylabel(pair_feats[j])
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    if save is not None:
+        save = Path(save)
+        save.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, dpi=dpi, bbox_inches="tight")
+    return fig
+
+
+def _classification(adata: AnnData, key: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    cols = [f"{key}_score", f"{key}_cluster"]
+    missing = [c for c in cols if c not in adata.obs.columns]
+    if key not in adata.uns or missing:
+        raise KeyError(
+            f"No classification {key!r} in the table (missing {missing or [f'uns[{key!r}]']}). Run "
+            f"scx.tl.classify_by_threshold(data, features, key_added={key!r}) first."
+        )
+    params = dict(adata.uns[key])
+    score = adata.obs[f"{key}_score"].to_numpy(dtype=np.float64)
+    cluster = adata.obs[f"{key}_cluster"].to_numpy().astype(int)
+    return params, score, cluster
+
+
+def _feature_values(adata: AnnData, features: list[str], kinds: list[str]) -> np.ndarray:
+    out = np.empty((adata.n_obs, len(features)), dtype=np.float64)
+    genes = [f for f, k in zip(features, kinds) if k == "gene"]
+    if genes:
+        from .._matrix import normalized_expression
+
+        expr = np.asarray(normalized_expression(adata, genes, target_sum=1e4, over="all"))
+        for j, g in enumerate(genes):
+            out[:, features.index(g)] = expr[:, j]
+    for f, k in zip(features, kinds):
+        if k != "gene":
+            out[:, features.index(f)] = adata.obs[f].to_numpy(dtype=np.float64)
+    return out

@@ -1,0 +1,491 @@
+"""Contiguous tissue domains from a selection of cells (:func:`spatial_domains`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._settings import logger
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+#: Largest distance (microns) between two selected cells of one domain, per platform: about two to three typical
+#: cell spacings, so that selected cells link up across a gap of one or two unselected cells. Segmented cells are
+#: larger on CosMx and on Visium HD (cells assembled from 2 micron bins), hence the larger distances there.
+PLATFORM_MAX_DISTANCE: dict[str, float] = {
+    "xenium": 30.0,
+    "merscope": 30.0,
+    "cosmx": 35.0,
+    "visium_hd": 40.0,
+}
+#: Without a platform or a distance, the distance is this multiple of the median nearest-neighbour distance.
+NN_DISTANCE_MULTIPLE = 2.0
+
+
+def spatial_domains(
+    data: AnnData | SpatialData,
+    selection: str | Sequence[bool] | np.ndarray | pd.Series,
+    *,
+    value: Any = None,
+    table_key: str = "table",
+    spatial_key: str = "spatial",
+    platform: Literal["xenium", "cosmx", "merscope", "visium_hd"] | None = None,
+    max_distance: float | None = None,
+    min_cells: int = 10,
+    small_domains: Literal["merge", "drop"] = "merge",
+    merge_distance: float | None = None,
+    library_key: str | None = None,
+    prefix: str = "domain",
+    key_added: str = "domain",
+    add_shapes: bool = False,
+    shapes_key: str | None = None,
+    copy: bool = False,
+    write: bool = True,
+) -> AnnData | SpatialData | None:
+    """Group selected cells into contiguous tissue domains.
+
+    Selected cells closer than ``max_distance`` are linked (a radius graph built with
+    :func:`squidpy.gr.spatial_neighbors_radius`); each connected region is a domain. Domains with fewer than
+    ``min_cells`` cells are merged into the nearest domain (``small_domains="merge"``, within ``merge_distance``) or
+    dropped. Domains are named ``{prefix}_1``, ``{prefix}_2``, ... from the largest.
+
+    Parameters
+    ----------
+    data
+        AnnData, or SpatialData holding the table ``table_key``, with coordinates in ``obsm[spatial_key]``.
+    selection
+        The cells to group: the name of an obs column (boolean, or 0/1 such as ``"threshold_cluster"``; with
+        ``value``, the cells whose column equals ``value`` or, for a list, is one of its items), or a boolean
+        array / Series with one entry per cell. Missing values are not selected.
+    value
+        Value(s) of the obs column ``selection`` that select a cell, e.g. ``value="T cell"``.
+    table_key
+        Table to use when ``data`` is SpatialData.
+    spatial_key
+        Key of the coordinates in ``obsm``.
+    platform
+        Gives ``max_distance`` a platform default, in microns: Xenium 30, MERSCOPE 30, CosMx 35, Visium HD 40. The
+        coordinates must then be in microns (CosMx pixel coordinates are about 0.12 micron per pixel: pass
+        ``max_distance`` in pixels instead).
+    max_distance
+        Largest distance between two linked selected cells, in the units of the coordinates; overrides
+        ``platform``. Without either, ``2 x`` the median nearest-neighbour distance between all cells is used.
+    min_cells
+        Domains with fewer cells are small.
+    small_domains
+        ``"merge"``: a small domain joins the domain with the nearest cell, if that cell is within
+        ``merge_distance``, else it is dropped. ``"drop"``: small domains are dropped.
+    merge_distance
+        Farthest a small domain is merged; default ``2 * max_distance``.
+    library_key
+        Categorical obs column of sections / samples: cells of different sections are never linked.
+    prefix
+        Domain names are ``f"{prefix}_{n}"``.
+    key_added
+        obs column of the domain names (categorical; missing for cells in no domain) and ``uns`` key of the
+        parameters.
+    add_shapes
+        Add one polygon per domain to the SpatialData as a shapes element, with the transformations of the table's
+        region element. The polygon is the union of disks of radius ``max_distance`` around the domain's cells,
+        shrunk by ``max_distance / 2`` (a morphological closing): it holds every cell with a margin of
+        ``max_distance / 2`` and fills the gaps between linked cells. Needs SpatialData.
+    shapes_key
+        Name of the shapes element; default ``f"{key_added}_shapes"``.
+    copy
+        Return a copy instead of writing into ``data``.
+    write
+        Persist the new keys (and the shapes element) into the zarr store when ``data`` is a backed SpatialData.
+
+    Returns
+    -------
+    ``None``, or a copy of ``data`` when ``copy=True``. Writes ``obs[key_added]`` and ``uns[key_added]`` (domain
+    names and sizes, the distance used and where it came from, merge / drop counts), and with ``add_shapes`` the
+    shapes element ``shapes_key`` indexed by domain name with a ``n_cells`` column.
+
+    Raises
+    ------
+    KeyError
+        Missing obs column or coordinates.
+    ValueError
+        Bad parameters, a selection of the wrong length or type, no selected cell, or non-finite coordinates.
+    TypeError
+        ``add_shapes=True`` with an AnnData.
+    """
+    from anndata import AnnData
+
+    from .._table import resolve_table
+
+    if platform is not None and platform not in PLATFORM_MAX_DISTANCE:
+        raise ValueError(f"platform={platform!r} is not known; choose one of {sorted(PLATFORM_MAX_DISTANCE)} or None.")
+    if max_distance is not None and not (np.isfinite(max_distance) and max_distance > 0):
+        raise ValueError(f"max_distance={max_distance!r} must be a positive number (in the units of the coordinates).")
+    if merge_distance is not None and not (np.isfinite(merge_distance) and merge_distance >= 0):
+        raise ValueError(f"merge_distance={merge_distance!r} must be a non-negative number.")
+    if int(min_cells) < 1:
+        raise ValueError(f"min_cells={min_cells} must be at least 1.")
+    if small_domains not in ("merge", "drop"):
+        raise ValueError(f"small_domains={small_domains!r} must be 'merge' or 'drop'.")
+    if add_shapes and isinstance(data, AnnData):
+        raise TypeError(
+            "add_shapes=True adds a shapes element to a SpatialData, but data is an AnnData. Pass the SpatialData, "
+            "or use add_shapes=False (the domain column is written either way)."
+        )
+    shapes_key = shapes_key or f"{key_added}_shapes"
+
+    ref = resolve_table(data, table_key, copy=copy)
+    adata = ref.adata
+    mask, described = _selection_mask(adata, selection, value)
+    coords = _coordinates(adata, spatial_key)
+    libraries = _libraries(adata, library_key)
+
+    n_sel = int(mask.sum())
+    if n_sel == 0:
+        raise ValueError(
+            f"The selection {described} picks no cell of the {adata.n_obs}, so there is nothing to group. Check the "
+            "column and value (e.g. classify first with scx.tl.classify_by_threshold)."
+        )
+    sel_idx = np.flatnonzero(mask)
+    if not np.isfinite(coords[sel_idx]).all():
+        bad = int((~np.isfinite(coords[sel_idx]).all(axis=1)).sum())
+        raise ValueError(
+            f"{bad} selected cell(s) have non-finite coordinates in obsm[{spatial_key!r}]; drop them from the "
+            "selection or fix the coordinates."
+        )
+
+    nn_median = _median_nn_distance(coords, libraries)
+    if max_distance is not None:
+        distance, source = float(max_distance), "max_distance"
+    elif platform is not None:
+        distance, source = PLATFORM_MAX_DISTANCE[platform], f"platform default ({platform}, microns)"
+    else:
+        if not np.isfinite(nn_median) or nn_median <= 0:
+            raise ValueError(
+                "Cannot derive a distance from the data (fewer than two distinct cell positions); pass max_distance."
+            )
+        distance, source = NN_DISTANCE_MULTIPLE * nn_median, f"{NN_DISTANCE_MULTIPLE:g} x median nearest-neighbour"
+    if np.isfinite(nn_median) and nn_median > 0 and (distance < nn_median or distance > 50 * nn_median):
+        logger.warning(
+            "spatial_domains: max_distance %.4g is %s the median nearest-neighbour distance between cells (%.4g); "
+            "are the coordinates in the units you expect (microns for platform defaults)?",
+            distance,
+            "below" if distance < nn_median else "more than 50 x",
+            nn_median,
+        )
+    merge_dist = 2.0 * distance if merge_distance is None else float(merge_distance)
+
+    comp = _components(coords[sel_idx], None if libraries is None else libraries[sel_idx], distance)
+    comp, n_merged, n_dropped_domains = _handle_small(
+        comp,
+        coords[sel_idx],
+        None if libraries is None else libraries[sel_idx],
+        min_cells=int(min_cells),
+        how=small_domains,
+        merge_distance=merge_dist,
+    )
+    labels_sel, names, sizes = _name_domains(comp, prefix)
+    n_cells_dropped = int((labels_sel < 0).sum())
+
+    gdf = None
+    if add_shapes:
+        gdf = _domain_polygons(coords[sel_idx], labels_sel, names, sizes, radius=distance / 2.0)
+
+    # assign (everything computed and validated above)
+    codes = np.full(adata.n_obs, -1, dtype=np.int64)
+    codes[sel_idx] = labels_sel
+    adata.obs[key_added] = (
+        pd.Categorical.from_codes(codes, categories=names)
+        if names
+        else pd.Categorical([np.nan] * adata.n_obs, categories=[])
+    )
+    params: dict[str, Any] = {
+        "selection": described,
+        "n_selected": n_sel,
+        "n_domains": len(names),
+        "domains": list(names),
+        "n_cells": [int(s) for s in sizes],
+        "max_distance": float(distance),
+        "distance_source": source,
+        "median_nn_distance": float(nn_median) if np.isfinite(nn_median) else -1.0,
+        "min_cells": int(min_cells),
+        "small_domains": small_domains,
+        "merge_distance": float(merge_dist),
+        "n_small_merged": int(n_merged),
+        "n_small_dropped": int(n_dropped_domains),
+        "n_cells_dropped": n_cells_dropped,
+        "prefix": prefix,
+        "spatial_key": spatial_key,
+    }
+    if platform is not None:
+        params["platform"] = platform
+    if library_key is not None:
+        params["library_key"] = library_key
+    if gdf is not None:
+        params["shapes_key"] = shapes_key
+    adata.uns[key_added] = params
+    logger.info(
+        "spatial_domains(%r): %d domain(s) from %d selected cells (distance %.4g from %s; %d small merged, %d dropped).",
+        key_added,
+        len(names),
+        n_sel,
+        distance,
+        source,
+        n_merged,
+        n_dropped_domains,
+    )
+
+    shapes = None if gdf is None else _parse_shapes(gdf, ref.sdata, adata)
+    if shapes is not None and not copy:
+        if shapes_key in ref.sdata.shapes:
+            logger.info("spatial_domains: replacing the shapes element %r.", shapes_key)
+        ref.sdata.shapes[shapes_key] = shapes
+    out = ref.finish(write=write, elements=("obs", "uns"))
+    if shapes is not None:
+        if copy:
+            out.shapes[shapes_key] = shapes  # the copy shares the other elements, never the original's dict
+        elif write and ref.sdata.is_backed():
+            _write_shapes(ref.sdata, shapes_key)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _selection_mask(adata: AnnData, selection: Any, value: Any) -> tuple[np.ndarray, str]:
+    if isinstance(selection, str):
+        if selection not in adata.obs.columns:
+            raise KeyError(
+                f"obs has no column {selection!r} to select cells with. Columns: {list(adata.obs.columns)[:20]}."
+            )
+        col = adata.obs[selection]
+        if value is not None:
+            values = list(value) if isinstance(value, list | tuple | set | np.ndarray) else [value]
+            mask = col.isin(values).to_numpy(dtype=bool)
+            desc = f"obs[{selection!r}] in {values!r}" if len(values) > 1 else f"obs[{selection!r}] == {values[0]!r}"
+            return mask, desc
+        non_na = col.dropna()
+        if pd.api.types.is_bool_dtype(col) or (
+            pd.api.types.is_numeric_dtype(non_na)
+            and non_na.isin([0, 1]).all()
+            and not isinstance(col.dtype, pd.CategoricalDtype)
+        ):
+            return col.fillna(False).to_numpy(dtype=np.float64) == 1, f"obs[{selection!r}] == 1"
+        raise ValueError(
+            f"obs[{selection!r}] has dtype {col.dtype} with values such as {list(non_na.unique()[:5])}, not True/False "
+            f"or 0/1. Pass value=... to select the cells with that value, e.g. spatial_domains(data, {selection!r}, "
+            "value=...)."
+        )
+    if value is not None:
+        raise ValueError("value is only used when selection is the name of an obs column.")
+    if isinstance(selection, pd.Series):
+        if not selection.index.equals(adata.obs_names) and len(selection) == adata.n_obs:
+            if selection.index.isin(adata.obs_names).all():
+                selection = selection.reindex(adata.obs_names)
+        arr = selection.to_numpy()
+    else:
+        arr = np.asarray(selection)
+    if arr.ndim != 1 or arr.shape[0] != adata.n_obs:
+        raise ValueError(
+            f"selection has shape {arr.shape}, but the table has {adata.n_obs} cells; pass one boolean per cell or "
+            "the name of an obs column."
+        )
+    if arr.dtype != bool:
+        ser = pd.Series(arr)
+        if not ser.dropna().isin([0, 1, True, False]).all():
+            raise ValueError(f"selection has dtype {arr.dtype} with values other than True/False; pass booleans.")
+        arr = ser.fillna(False).to_numpy(dtype=np.float64) == 1
+    return arr.astype(bool), "boolean mask"
+
+
+def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
+    if spatial_key not in adata.obsm:
+        raise KeyError(
+            f"obsm has no {spatial_key!r} coordinates (obsm keys: {list(adata.obsm.keys())}). Put the cell centroids "
+            f"in adata.obsm[{spatial_key!r}] or pass spatial_key=..."
+        )
+    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise ValueError(f"obsm[{spatial_key!r}] has shape {coords.shape}; expected (n_cells, 2) or (n_cells, 3).")
+    return coords
+
+
+def _libraries(adata: AnnData, library_key: str | None) -> np.ndarray | None:
+    if library_key is None:
+        return None
+    if library_key not in adata.obs.columns:
+        raise KeyError(f"obs has no column {library_key!r} (library_key).")
+    col = adata.obs[library_key]
+    if col.isna().any():
+        raise ValueError(f"obs[{library_key!r}] has missing values; every cell needs a section / sample.")
+    return pd.Categorical(col).codes.astype(np.int64)
+
+
+def _median_nn_distance(coords: np.ndarray, libraries: np.ndarray | None, max_cells: int = 50_000) -> float:
+    from scipy.spatial import cKDTree
+
+    ok = np.isfinite(coords).all(axis=1)
+    groups = [ok] if libraries is None else [ok & (libraries == lib) for lib in np.unique(libraries)]
+    dists = []
+    rng = np.random.default_rng(0)
+    for g in groups:
+        pts = coords[g]
+        if pts.shape[0] < 2:
+            continue
+        tree = cKDTree(pts)
+        q = pts if pts.shape[0] <= max_cells else pts[rng.choice(pts.shape[0], max_cells, replace=False)]
+        d, _ = tree.query(q, k=2)
+        dists.append(d[:, 1])
+    if not dists:
+        return float("nan")
+    d = np.concatenate(dists)
+    d = d[d > 0]
+    return float(np.median(d)) if d.size else float("nan")
+
+
+def _components(coords: np.ndarray, libraries: np.ndarray | None, distance: float) -> np.ndarray:
+    """Connected components of the radius graph of ``coords`` (squidpy), never across libraries."""
+    import squidpy as sq
+    from anndata import AnnData
+    from scipy.sparse.csgraph import connected_components
+
+    n = coords.shape[0]
+    if n == 1:
+        return np.zeros(1, dtype=np.int64)
+    obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
+    lib_key = None
+    if libraries is not None:
+        obs["library"] = pd.Categorical(libraries)
+        lib_key = "library"
+    tmp = AnnData(obs=obs, obsm={"spatial": coords[:, :3] if coords.shape[1] >= 3 else coords[:, :2]})
+    with _quiet_spatialdata_logger():
+        conn, _ = sq.gr.spatial_neighbors_radius(tmp, radius=float(distance), library_key=lib_key, copy=True)
+    _, comp = connected_components(conn, directed=False)
+    return comp.astype(np.int64)
+
+
+@contextmanager
+def _quiet_spatialdata_logger() -> Iterator[None]:
+    """Silence the INFO line squidpy logs for every graph it builds (through spatialdata's logger)."""
+    import logging
+
+    sd_logger = logging.getLogger("spatialdata._logging")
+    level = sd_logger.level
+    sd_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        sd_logger.setLevel(level)
+
+
+def _handle_small(
+    comp: np.ndarray,
+    coords: np.ndarray,
+    libraries: np.ndarray | None,
+    *,
+    min_cells: int,
+    how: str,
+    merge_distance: float,
+) -> tuple[np.ndarray, int, int]:
+    """Merge (or drop, -1) components with fewer than ``min_cells`` cells; returns new ids and merge / drop counts."""
+    from scipy.spatial import cKDTree
+
+    comp = comp.copy()
+    sizes = np.bincount(comp)
+    small = np.flatnonzero(sizes < min_cells)
+    if small.size == 0:
+        return comp, 0, 0
+    is_small = np.isin(comp, small)
+    if how == "drop" or not (~is_small).any():
+        comp[is_small] = -1
+        return comp, 0, int(small.size)
+    new = comp.copy()
+    n_merged = n_dropped = 0
+    libs = np.zeros(comp.size, dtype=np.int64) if libraries is None else libraries
+    trees: dict[int, tuple[Any, np.ndarray]] = {}
+    for lib in np.unique(libs):
+        large_cells = np.flatnonzero(~is_small & (libs == lib))
+        if large_cells.size:
+            trees[int(lib)] = (cKDTree(coords[large_cells, :2]), large_cells)
+    for c in small:
+        cells = np.flatnonzero(comp == c)
+        lib = int(libs[cells[0]])
+        if lib not in trees:
+            new[cells] = -1
+            n_dropped += 1
+            continue
+        tree, large_cells = trees[lib]
+        d, j = tree.query(coords[cells, :2], k=1)
+        best = int(np.argmin(d))
+        if d[best] <= merge_distance:
+            new[cells] = comp[large_cells[j[best]]]
+            n_merged += 1
+        else:
+            new[cells] = -1
+            n_dropped += 1
+    return new, n_merged, n_dropped
+
+
+def _name_domains(comp: np.ndarray, prefix: str) -> tuple[np.ndarray, list[str], list[int]]:
+    """Renumber components by size (largest first, ties by first cell) into codes 0..k-1; -1 stays -1."""
+    kept = comp >= 0
+    if not kept.any():
+        return np.full(comp.size, -1, dtype=np.int64), [], []
+    ids, first, counts = np.unique(comp[kept], return_index=True, return_counts=True)
+    order = np.lexsort((first, -counts))
+    remap = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+    remap[ids[order]] = np.arange(order.size)
+    labels = np.full(comp.size, -1, dtype=np.int64)
+    labels[kept] = remap[comp[kept]]
+    names = [f"{prefix}_{i + 1}" for i in range(order.size)]
+    return labels, names, [int(c) for c in counts[order]]
+
+
+def _domain_polygons(
+    coords: np.ndarray, labels: np.ndarray, names: list[str], sizes: list[int], *, radius: float
+) -> gpd.GeoDataFrame:
+    import geopandas as gpd
+    import shapely
+
+    geoms = []
+    for i in range(len(names)):
+        pts = shapely.points(coords[labels == i, :2])
+        # closing: disks of twice the radius, unioned, then shrunk by the radius. The result holds every disk of
+        # ``radius`` around the domain's cells and fills the gaps between linked cells (no beads on a string).
+        grown = shapely.union_all(shapely.buffer(pts, 2 * radius, quad_segs=4))
+        geoms.append(shapely.buffer(grown, -radius, quad_segs=4))
+    return gpd.GeoDataFrame(
+        {"n_cells": np.asarray(sizes, dtype=np.int64)}, geometry=geoms, index=pd.Index(names, name="domain")
+    )
+
+
+def _parse_shapes(gdf: gpd.GeoDataFrame, sdata: SpatialData, adata: AnnData) -> gpd.GeoDataFrame:
+    """Shapes element with the transformations of the table's region element (Identity to 'global' otherwise)."""
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity, get_transformation
+
+    transformations = {"global": Identity()}
+    attrs = adata.uns.get("spatialdata_attrs", {})
+    region = attrs.get("region") if isinstance(attrs, dict) else None
+    if isinstance(region, list | tuple | np.ndarray) and len(region) == 1:
+        region = region[0]
+    if isinstance(region, str) and region in sdata.shapes:
+        transformations = get_transformation(sdata.shapes[region], get_all=True)
+    return ShapesModel.parse(gdf, transformations=transformations)
+
+
+def _write_shapes(sdata: SpatialData, shapes_key: str) -> None:
+    """Write the shapes element into the store, replacing an earlier version.
+
+    spatialdata cannot overwrite an element inside the store it is backed by, so an earlier version is deleted first.
+    The polygons are derived data: should the write be interrupted, rerunning :func:`spatial_domains` recreates them.
+    """
+    on_disk = {p.split("/", 1)[-1] for p in sdata.elements_paths_on_disk() if p.startswith("shapes/")}
+    if shapes_key in on_disk:
+        sdata.delete_element_from_disk(shapes_key)
+    sdata.write_element(shapes_key)

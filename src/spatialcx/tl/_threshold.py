@@ -1,0 +1,536 @@
+"""Classify cells as marker-high or marker-low from one or more features (:func:`classify_by_threshold`)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._settings import logger
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+Metagene = Literal["shifted_geometric_mean", "mean", "pc1"]
+Method = Literal["gmm", "ks"]
+
+METAGENES: tuple[str, ...] = ("shifted_geometric_mean", "mean", "pc1")
+METHODS: tuple[str, ...] = ("gmm", "ks")
+
+#: Fewest cells a threshold is fitted on.
+MIN_CELLS = 10
+#: Largest number of cells the Gaussian mixture is fitted on; all cells are then scored with the fitted parameters.
+MAX_FIT_CELLS = 50_000
+#: Smallest share of cells at the lowest score for ``ks`` to treat the data as zero-inflated.
+ZERO_INFLATION_MIN_FRACTION = 0.05
+#: ``ks`` splits off a low minority only when it forms its own mode: the density at the split must be below this
+#: fraction of the density peak beneath it.
+LOW_MODE_DENSITY_RATIO = 0.95
+_KDE_MAX_CELLS = 5_000
+_KDE_GRID = 128
+_SIGMA_QUANTILES = (0.15865525393145707, 0.8413447460685429)  # Phi(-1), Phi(1)
+
+
+def classify_by_threshold(
+    data: AnnData | SpatialData,
+    features: str | Sequence[str],
+    *,
+    metagene: Metagene = "shifted_geometric_mean",
+    method: Method = "gmm",
+    probability_cutoff: float = 0.3,
+    key_added: str = "threshold",
+    table_key: str = "table",
+    max_fit_cells: int = MAX_FIT_CELLS,
+    random_state: int = 0,
+    plot: bool = False,
+    plots_dir: str | Path | None = None,
+    copy: bool = False,
+    write: bool = True,
+) -> AnnData | SpatialData | None:
+    """Classify cells as high (1) or low (0) for a marker or a set of markers.
+
+    Gene features are read as ``log1p(counts / library size * 1e4)`` computed from the raw counts (whatever ``X``
+    holds), obs columns are used as they are. Several features are combined into one score per cell (the metagene);
+    a single feature is used directly. The score is then split in two.
+
+    Parameters
+    ----------
+    data
+        AnnData, or SpatialData holding the table ``table_key``.
+    features
+        Gene names (``var_names``) and/or numeric obs columns.
+    metagene
+        How several features become one score:
+
+        - ``"shifted_geometric_mean"``: ``exp(mean(log(x + 1))) - 1``. High only when the markers are high
+          together; tolerant of dropout in one of them. Needs non-negative features.
+        - ``"mean"``: arithmetic mean; a single very high marker is enough.
+        - ``"pc1"``: first principal component of the standardized features, signed so that a higher score means
+          higher expression (the loadings are stored in ``uns``).
+    method
+        How the score is split:
+
+        - ``"gmm"``: two-component Gaussian mixture; a cell is high when P(high | score) > ``probability_cutoff``.
+          The mixture is fitted on at most ``max_fit_cells`` cells drawn with ``random_state`` and every cell is
+          then scored with the fitted parameters. Suited to two sizeable populations.
+        - ``"ks"``: a Kolmogorov-Smirnov-inspired split for a minority population, robust to zero-inflation. Cells
+          at the lowest score (zeros) are low; on the remaining cells a robust Gaussian is fitted to the bulk
+          (median and one-sided spread) and the threshold is where the empirical CDF departs most from it. When
+          the departing minority lies below the bulk (dropout-heavy markers whose non-zero cells are mostly
+          positive) it is split off only if it forms its own mode; otherwise every non-zero cell is high.
+    probability_cutoff
+        P(high) above which a cell is high (``gmm`` only), in (0, 1).
+    key_added
+        Prefix of the output keys.
+    table_key
+        Table to use when ``data`` is SpatialData.
+    max_fit_cells
+        Most cells the Gaussian mixture is fitted on.
+    random_state
+        Seed for the subsample and the mixture initialisation.
+    plot
+        Draw the diagnostic figure (:func:`spatialcx.pl.threshold`); it stays open (shown in notebooks) unless
+        ``plots_dir`` is given.
+    plots_dir
+        Folder where the figure is saved as ``{key_added}_threshold.png`` and then closed (needs ``plot=True``).
+    copy
+        Return a copy instead of writing into ``data``.
+    write
+        Persist the new keys into the zarr store when ``data`` is a backed SpatialData.
+
+    Returns
+    -------
+    ``None``, or a copy of ``data`` when ``copy=True``. Writes into the table:
+
+    ``obs[f"{key_added}_score"]``
+        the metagene score (or the single feature).
+    ``obs[f"{key_added}_probability"]``
+        ``gmm``: posterior P(high | score), made non-decreasing in the score; ``ks``: a soft version of the split,
+        ``Phi((score - threshold) / scale)`` (0.5 at the threshold, 0 for cells at the lowest score when the
+        zero-inflated branch is used).
+    ``obs[f"{key_added}_cluster"]``
+        0 (low) or 1 (high); always equal to ``score > threshold``.
+    ``uns[key_added]``
+        the threshold, the rule, the method, the metagene and all parameters (plain serialisable types).
+
+    Raises
+    ------
+    KeyError
+        A feature is neither a gene nor an obs column.
+    ValueError
+        Bad parameters, too few cells, non-numeric or missing values, or a constant / all-zero feature.
+    """
+    from .._table import resolve_table
+
+    if metagene not in METAGENES:
+        raise ValueError(f"metagene={metagene!r} is not supported; choose one of {list(METAGENES)}.")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; choose one of {list(METHODS)}.")
+    if not 0.0 < float(probability_cutoff) < 1.0:
+        raise ValueError(
+            f"probability_cutoff={probability_cutoff!r} is outside (0, 1); it is the P(high) above which a cell is "
+            "called high, e.g. 0.3 or 0.5."
+        )
+    if int(max_fit_cells) < MIN_CELLS:
+        raise ValueError(f"max_fit_cells={max_fit_cells} is below {MIN_CELLS}; use a larger value (default 50000).")
+    if plots_dir is not None and not plot:
+        raise ValueError("plots_dir was given but plot=False; pass plot=True to draw and save the figure.")
+    features = _as_feature_list(features)
+
+    ref = resolve_table(data, table_key, copy=copy)
+    adata = ref.adata
+    if adata.n_obs < MIN_CELLS:
+        raise ValueError(
+            f"The table has {adata.n_obs} cell(s); a threshold needs at least {MIN_CELLS} cells to be estimated. "
+            "Classify a larger table (e.g. all sections together)."
+        )
+
+    kinds = _feature_kinds(adata, features)
+    values = _feature_values(adata, features, kinds)
+    _check_features(values, features, kinds, metagene)
+
+    score, metagene_info = _metagene(values, metagene if len(features) > 1 else None)
+    # split the score exactly as it is stored (float32), so that "score > threshold" holds on the stored column
+    score = score.astype(np.float32).astype(np.float64)
+    if not np.isfinite(score).all():
+        raise ValueError("The metagene score has non-finite values; check the features for infinities.")
+    if np.ptp(score) <= 0:
+        raise ValueError(
+            f"The {metagene} score is the same ({score[0]:.4g}) for every cell, so there is nothing to split. "
+            "Choose features that vary across cells."
+        )
+
+    if method == "gmm":
+        threshold, probability, fit_info = _split_gmm(
+            score, probability_cutoff, max_fit_cells=int(max_fit_cells), random_state=random_state
+        )
+    else:
+        threshold, probability, fit_info = _split_ks(score, random_state=random_state)
+    cluster = (score > threshold).astype(np.int8)
+    n_high = int(cluster.sum())
+    if n_high == 0 or n_high == cluster.size:
+        logger.warning(
+            "classify_by_threshold(%r): all %d cells fall in the %s class; the features may not separate two "
+            "populations in this table.",
+            key_added,
+            cluster.size,
+            "high" if n_high else "low",
+        )
+
+    params: dict[str, Any] = {
+        "features": list(features),
+        "feature_kinds": [kinds[f] for f in features],
+        "metagene": metagene if len(features) > 1 else "none (single feature)",
+        "method": method,
+        "threshold": float(threshold),
+        "rule": "cluster = 1 where score > threshold",
+        "probability_cutoff": float(probability_cutoff) if method == "gmm" else None,
+        "n_cells": int(cluster.size),
+        "n_high": n_high,
+        "fraction_high": float(n_high / cluster.size),
+        "random_state": int(random_state),
+        "expression": {"target_sum": 1e4, "transform": "log1p", "library_size_over": "all genes"}
+        if "gene" in kinds.values()
+        else None,
+        "metagene_params": metagene_info,
+        "fit": fit_info,
+    }
+    params = _drop_none(params)
+
+    obs_new = {
+        f"{key_added}_score": score.astype(np.float32),
+        f"{key_added}_probability": probability.astype(np.float32),
+        f"{key_added}_cluster": cluster,
+    }
+    for k, v in obs_new.items():
+        adata.obs[k] = v
+    adata.uns[key_added] = params
+    logger.info(
+        "classify_by_threshold(%r): %d of %d cells high (threshold %.4g, %s).",
+        key_added,
+        n_high,
+        cluster.size,
+        threshold,
+        method,
+    )
+
+    if plot:
+        from ..pl._threshold import threshold as plot_threshold
+
+        save = None
+        if plots_dir is not None:
+            from pathlib import Path
+
+            Path(plots_dir).mkdir(parents=True, exist_ok=True)
+            save = Path(plots_dir) / f"{key_added}_threshold.png"
+        fig = plot_threshold(adata, key=key_added, save=save, random_state=random_state)
+        if save is not None:  # saved: do not keep figures open in loops and scripts
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    return ref.finish(write=write, elements=("obs", "uns"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# features
+
+
+def _as_feature_list(features: str | Sequence[str]) -> list[str]:
+    if isinstance(features, str):
+        features = [features]
+    try:
+        features = [str(f) for f in features]
+    except TypeError as e:
+        raise TypeError(f"features must be a name or a list of names, got {type(features).__name__}.") from e
+    if not features:
+        raise ValueError("features is empty; pass at least one gene or obs column.")
+    dup = sorted({f for f in features if features.count(f) > 1})
+    if dup:
+        raise ValueError(f"features lists {dup} more than once; pass each feature once.")
+    return features
+
+
+def _feature_kinds(adata: AnnData, features: list[str]) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    missing = []
+    for f in features:
+        in_var, in_obs = f in adata.var_names, f in adata.obs.columns
+        if in_var and in_obs:
+            raise ValueError(
+                f"{f!r} is both a gene and an obs column, so it is unclear which one to use. Rename the obs column "
+                f"(e.g. adata.obs.rename(columns={{{f!r}: {f + '_obs'!r}}})) and pass the name you mean."
+            )
+        if in_var:
+            kinds[f] = "gene"
+        elif in_obs:
+            kinds[f] = "obs"
+        else:
+            missing.append(f)
+    if missing:
+        hints = []
+        pool = list(map(str, adata.var_names)) + list(map(str, adata.obs.columns))
+        lower = {p.lower(): p for p in pool}
+        for f in missing:
+            close = [lower[f.lower()]] if f.lower() in lower else difflib.get_close_matches(f, pool, n=3)
+            if close:
+                hints.append(f"{f!r} -> did you mean {close}?")
+        raise KeyError(
+            f"Feature(s) {missing} are neither genes of the table ({adata.n_vars} genes) nor obs columns. "
+            + (" ".join(hints) + " " if hints else "")
+            + "Check the spelling or use scx.pp.panel_genes(data) to list the panel."
+        )
+    return kinds
+
+
+def _feature_values(adata: AnnData, features: list[str], kinds: dict[str, str]) -> np.ndarray:
+    genes = [f for f in features if kinds[f] == "gene"]
+    out = np.empty((adata.n_obs, len(features)), dtype=np.float64)
+    if genes:
+        from .._matrix import normalized_expression
+
+        expr = np.asarray(normalized_expression(adata, genes, target_sum=1e4, over="all"))
+        for j, g in enumerate(genes):
+            out[:, features.index(g)] = expr[:, j]
+    for f in features:
+        if kinds[f] != "obs":
+            continue
+        col = adata.obs[f]
+        if isinstance(col.dtype, pd.CategoricalDtype) or not (
+            pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
+        ):
+            raise ValueError(
+                f"obs column {f!r} has dtype {col.dtype}, not numbers. classify_by_threshold needs a numeric "
+                "feature; to select cells by category use spatial_domains(data, selection=..., value=...)."
+            )
+        vals = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        n_nan = int(np.isnan(vals).sum())
+        if n_nan:
+            raise ValueError(
+                f"obs column {f!r} has {n_nan} missing value(s) of {vals.size}; every cell needs a value. Fill "
+                f"them (e.g. adata.obs[{f!r}].fillna(0)) or classify the subset of cells that have one."
+            )
+        out[:, features.index(f)] = vals
+    return out
+
+
+def _check_features(values: np.ndarray, features: list[str], kinds: dict[str, str], metagene: str) -> None:
+    for j, f in enumerate(features):
+        col = values[:, j]
+        if not np.isfinite(col).all():
+            raise ValueError(f"Feature {f!r} has non-finite values (inf); replace them before classifying.")
+        if np.ptp(col) <= 0:
+            what = "expression" if kinds[f] == "gene" else "value"
+            if col[0] == 0:
+                raise ValueError(
+                    f"Feature {f!r} is zero in all {col.size} cells: there is no {what} to threshold. Is the "
+                    f"{'gene detected in this sample' if kinds[f] == 'gene' else 'column filled'}? Remove it from "
+                    "features."
+                )
+            raise ValueError(
+                f"Feature {f!r} has the same {what} ({col[0]:.4g}) in all {col.size} cells, so it cannot separate "
+                "cells. Remove it from features."
+            )
+    if len(features) > 1 and metagene == "shifted_geometric_mean":
+        neg = [f for j, f in enumerate(features) if (values[:, j] < 0).any()]
+        if neg:
+            raise ValueError(
+                f"Feature(s) {neg} have negative values, but the shifted geometric mean exp(mean(log(x + 1))) - 1 "
+                "needs x >= 0. Use metagene='mean' or metagene='pc1' for signed features."
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# metagene
+
+
+def _metagene(values: np.ndarray, metagene: str | None) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """One score per cell from ``values`` (cells x features); ``None`` when there is one feature."""
+    if metagene is None:
+        return values[:, 0].copy(), None
+    if metagene == "shifted_geometric_mean":
+        return np.expm1(np.log1p(values).mean(axis=1)), {"shift": 1.0}
+    if metagene == "mean":
+        return values.mean(axis=1), None
+    # pc1 of the standardized features
+    from sklearn.decomposition import PCA
+
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    z = (values - mean) / std
+    pca = PCA(n_components=1, svd_solver="covariance_eigh")
+    score = pca.fit_transform(z)[:, 0]
+    loadings = pca.components_[0]
+    if loadings.sum() < 0:  # higher score = higher expression: PC1 correlates positively with the mean z-score
+        loadings, score = -loadings, -score
+    info = {
+        "loadings": loadings.astype(float).tolist(),
+        "explained_variance_ratio": float(pca.explained_variance_ratio_[0]),
+        "center": mean.astype(float).tolist(),
+        "scale": std.astype(float).tolist(),
+    }
+    return score, info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# splits
+
+
+def _split_gmm(
+    score: np.ndarray, cutoff: float, *, max_fit_cells: int, random_state: int
+) -> tuple[float, np.ndarray, dict[str, Any]]:
+    """Two-component Gaussian mixture; returns the threshold, monotone P(high | score) and the fitted parameters."""
+    from scipy.special import expit
+    from sklearn.mixture import GaussianMixture
+
+    n = score.size
+    rng = np.random.default_rng(random_state)
+    fit = score if n <= max_fit_cells else score[rng.choice(n, size=max_fit_cells, replace=False)]
+    # one dimension: "diag" is the same model as "full", with less overhead
+    gmm = GaussianMixture(n_components=2, covariance_type="diag", random_state=random_state)
+    gmm.fit(fit.reshape(-1, 1).astype(np.float64))
+    means = gmm.means_.ravel()
+    var = gmm.covariances_.ravel()
+    w = gmm.weights_.ravel()
+    hi, lo = int(np.argmax(means)), int(np.argmin(means))
+    if hi == lo:
+        raise ValueError("The Gaussian mixture found one component only; the score does not look bimodal.")
+    mu_h, mu_l, v_h, v_l, w_h, w_l = means[hi], means[lo], var[hi], var[lo], w[hi], w[lo]
+
+    # log-odds L(s) = a s^2 + b s + c0; P(high | s) = sigmoid(L(s))
+    a = 0.5 / v_l - 0.5 / v_h
+    b = mu_h / v_h - mu_l / v_l
+    c0 = np.log(w_h / w_l) + 0.5 * np.log(v_l / v_h) - 0.5 * mu_h**2 / v_h + 0.5 * mu_l**2 / v_l
+    # L is a parabola; it increases with s on one side of its vertex. Clamping s to that side makes the posterior
+    # non-decreasing in the score, so that "P(high) > cutoff" and "score > threshold" are the same rule.
+    scale = max(abs(mu_h - mu_l), np.sqrt(max(v_h, v_l)))
+    if abs(a) * scale**2 < 1e-12:
+        vertex = None
+        s_eff = score
+    else:
+        vertex = -b / (2 * a)
+        s_eff = np.maximum(score, vertex) if a > 0 else np.minimum(score, vertex)
+    logodds = (a * s_eff + b) * s_eff + c0
+    probability = expit(logodds)
+
+    target = np.log(cutoff / (1 - cutoff))
+    c = c0 - target
+    if vertex is None:
+        threshold = -c / b
+    else:
+        disc = b * b - 4 * a * c
+        if disc >= 0:
+            threshold = (-b + np.sqrt(disc)) / (2 * a)  # the root on the increasing side, for either sign of a
+        elif a < 0:  # P(high) never reaches the cutoff
+            threshold = np.inf
+        else:  # P(high) is above the cutoff everywhere
+            threshold = -np.inf
+    if not np.isfinite(threshold):
+        # keep the rule "score > threshold" exact with a finite, serialisable value
+        threshold = float(score.max()) if threshold > 0 else float(np.nextafter(score.min(), -np.inf))
+    info = {
+        "means": [float(mu_l), float(mu_h)],
+        "sds": [float(np.sqrt(v_l)), float(np.sqrt(v_h))],
+        "weights": [float(w_l), float(w_h)],
+        "components": ["low", "high"],
+        "n_fit_cells": int(fit.size),
+        "converged": bool(gmm.converged_),
+        "n_iter": int(gmm.n_iter_),
+    }
+    return float(threshold), probability, info
+
+
+def _split_ks(score: np.ndarray, *, random_state: int) -> tuple[float, np.ndarray, dict[str, Any]]:
+    """KS-inspired split of a minority population, robust to an excess of cells at the lowest score."""
+    from scipy.stats import norm
+
+    floor = float(score.min())
+    at_floor = score <= floor
+    floor_fraction = float(at_floor.mean())
+    zero_inflated = floor_fraction >= ZERO_INFLATION_MIN_FRACTION
+    v = np.sort(score[~at_floor] if zero_inflated else score)
+    info: dict[str, Any] = {
+        "floor": floor,
+        "floor_fraction": floor_fraction,
+        "zero_inflated": bool(zero_inflated),
+    }
+    if v.size < MIN_CELLS or np.ptp(v) <= 0:
+        # (almost) binary score: everything above the floor is high
+        info.update({"side": "above_floor", "n_above_floor": int(v.size)})
+        scale = float(np.ptp(score)) or 1.0
+        return floor, _soft(score, floor, scale, at_floor if zero_inflated else None), info
+
+    n = v.size
+    ecdf = np.arange(1, n + 1, dtype=np.float64) / n
+    med = float(np.median(v))
+    q_lo, q_hi = np.quantile(v, _SIGMA_QUANTILES)
+    tiny = 1e-9 * max(1.0, abs(med))
+    sd_left, sd_right = max(med - q_lo, tiny), max(q_hi - med, tiny)
+    # excess of cells above t over a Gaussian fitted to the left half of the bulk (a high minority) ...
+    d_high = norm.cdf(v, med, sd_left) - ecdf
+    # ... and of cells below t over a Gaussian fitted to the right half (a low minority)
+    d_low = np.r_[0.0, ecdf[:-1]] - norm.cdf(v, med, sd_right)
+    i_high, i_low = int(np.argmax(d_high)), int(np.argmax(d_low))
+    info.update(
+        {
+            "bulk_median": med,
+            "bulk_sd_left": float(sd_left),
+            "bulk_sd_right": float(sd_right),
+            "statistic_high": float(d_high[i_high]),
+            "statistic_low": float(d_low[i_low]),
+        }
+    )
+    if d_high[i_high] >= d_low[i_low]:
+        threshold, side, scale = float(v[i_high]), "high_minority", sd_left
+    else:
+        t_low = float(v[max(i_low - 1, 0)])
+        if _has_low_mode(v, t_low, random_state=random_state):
+            threshold, side, scale = t_low, "low_minority", sd_right
+        elif zero_inflated:
+            threshold, side, scale = floor, "above_floor", sd_right
+        else:
+            threshold, side, scale = float(v[i_high]), "high_minority", sd_left
+    info["side"] = side
+    return threshold, _soft(score, threshold, scale, at_floor if zero_inflated else None), info
+
+
+def _has_low_mode(v: np.ndarray, t: float, *, random_state: int) -> bool:
+    """Whether the sorted values ``v`` have a density peak below ``t`` that is clearly higher than the density at t."""
+    from scipy.stats import gaussian_kde
+
+    below = v[v <= t]
+    if below.size < MIN_CELLS:
+        return False
+    rng = np.random.default_rng(random_state)
+    sub = v if v.size <= _KDE_MAX_CELLS else rng.choice(v, size=_KDE_MAX_CELLS, replace=False)
+    if np.ptp(sub) <= 0:
+        return False
+    kde = gaussian_kde(sub)
+    kde.set_bandwidth(kde.factor * 0.5)  # Silverman's rule over-smooths two close modes
+    grid = np.linspace(v[0], t, _KDE_GRID)
+    peak = float(kde(grid).max())
+    return bool(kde(np.array([t]))[0] < LOW_MODE_DENSITY_RATIO * peak)
+
+
+def _soft(score: np.ndarray, threshold: float, scale: float, at_floor: np.ndarray | None) -> np.ndarray:
+    from scipy.stats import norm
+
+    p = norm.cdf((score - threshold) / scale)
+    if at_floor is not None:
+        p[at_floor] = 0.0
+    return p
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    """Recursively remove ``None`` values (not storable in h5ad / zarr)."""
+    out = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        out[k] = _drop_none(v) if isinstance(v, dict) else v
+    return out

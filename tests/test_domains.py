@@ -1,0 +1,260 @@
+"""Tests of scx.tl.spatial_domains."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import spatialcx as scx
+
+SPACING = 10.0
+
+
+def grid_table(n=40):
+    """Cells on a square grid (spacing 10) with selected blocks: A 16x16, B 11x16, C 3x3 (40 from A), D 2x2 (far)."""
+    ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    ii, jj = ii.ravel(), jj.ravel()
+    block = np.full(ii.size, "", dtype=object)
+    block[(ii >= 2) & (ii < 18) & (jj >= 2) & (jj < 18)] = "A"
+    block[(ii >= 24) & (ii < 35) & (jj >= 20) & (jj < 36)] = "B"
+    block[(ii >= 2) & (ii < 5) & (jj >= 22) & (jj < 25)] = "C"
+    block[(ii >= 37) & (ii < 39) & (jj >= 2) & (jj < 4)] = "D"
+    adata = ad.AnnData(
+        np.ones((ii.size, 1), dtype=np.float32),
+        obs=pd.DataFrame({"block": pd.Categorical(block)}, index=[f"c{k}" for k in range(ii.size)]),
+    )
+    adata.obs["selected"] = block != ""
+    adata.obs["cluster01"] = (block != "").astype(int)
+    adata.obsm["spatial"] = np.column_stack([jj, ii]).astype(float) * SPACING
+    return adata
+
+
+def members(adata, key="domain"):
+    col = adata.obs[key]
+    return {name: set(adata.obs["block"][col == name]) for name in col.cat.categories}
+
+
+def test_blocks_become_domains_ordered_by_size_and_small_ones_are_dropped():
+    adata = grid_table()
+    scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=10, small_domains="drop")
+    col = adata.obs["domain"]
+    assert list(col.cat.categories) == ["domain_1", "domain_2"]
+    assert members(adata) == {"domain_1": {"A"}, "domain_2": {"B"}}
+    assert (col == "domain_1").sum() == 256 and (col == "domain_2").sum() == 176
+    assert col[adata.obs["block"].isin(["C", "D", ""])].isna().all()
+    u = adata.uns["domain"]
+    assert u["n_domains"] == 2 and list(u["n_cells"]) == [256, 176]
+    assert u["n_small_dropped"] == 2 and u["n_cells_dropped"] == 13 and u["n_selected"] == 445
+    assert u["max_distance"] == 15 and u["distance_source"] == "max_distance"
+
+
+def test_small_domains_merge_into_nearest_within_merge_distance():
+    adata = grid_table()
+    # C is 50 from A (5 spacings); the default merge distance (2 x 15) is too short
+    scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=10)
+    assert members(adata) == {"domain_1": {"A"}, "domain_2": {"B"}}
+    assert adata.uns["domain"]["n_small_merged"] == 0 and adata.uns["domain"]["n_small_dropped"] == 2
+    scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=10, merge_distance=55)
+    assert members(adata) == {"domain_1": {"A", "C"}, "domain_2": {"B"}}
+    assert adata.uns["domain"]["n_small_merged"] == 1 and adata.uns["domain"]["n_small_dropped"] == 1
+    assert adata.obs["domain"][adata.obs["block"] == "D"].isna().all()
+
+
+def test_distance_links_across_gaps():
+    adata = grid_table()
+    # A and C are 50 apart: linked with a 55 radius, so C is part of A's domain without any merging
+    scx.tl.spatial_domains(adata, "selected", max_distance=55, min_cells=10, small_domains="drop", prefix="tumour")
+    assert members(adata) == {"tumour_1": {"A", "C"}, "tumour_2": {"B"}}
+    assert adata.uns["domain"]["n_small_merged"] == 0
+
+
+def test_default_distances_platform_and_data_driven(caplog):
+    adata = grid_table()
+    scx.tl.spatial_domains(adata, "selected")
+    u = adata.uns["domain"]
+    assert u["median_nn_distance"] == pytest.approx(SPACING)
+    assert u["max_distance"] == pytest.approx(2 * SPACING) and "nearest-neighbour" in u["distance_source"]
+    scx.tl.spatial_domains(adata, "selected", platform="xenium", key_added="x")
+    assert adata.uns["x"]["max_distance"] == 30.0 and adata.uns["x"]["platform"] == "xenium"
+    scx.tl.spatial_domains(adata, "selected", platform="cosmx", max_distance=12, key_added="y")
+    assert adata.uns["y"]["max_distance"] == 12 and adata.uns["y"]["distance_source"] == "max_distance"
+    # coordinates in millimetres with a micron default: warned
+    adata.obsm["spatial"] = adata.obsm["spatial"] / 1000
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(adata, "selected", platform="merscope", key_added="z")
+    assert "median nearest-neighbour" in caplog.text
+
+
+def test_sections_are_never_linked():
+    one = grid_table()
+    two = grid_table()
+    adata = ad.concat([one, two], index_unique="-", keys=["s1", "s2"], label="section")
+    adata.obs["section"] = adata.obs["section"].astype("category")
+    adata.obs["block"] = adata.obs["block"].astype(str)
+    scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=10, library_key="section")
+    col = adata.obs["domain"]
+    assert len(col.cat.categories) == 4
+    for name in col.cat.categories:
+        assert adata.obs["section"][col == name].nunique() == 1
+    scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=10, key_added="mixed")
+    mixed = adata.obs["mixed"]
+    assert len(mixed.cat.categories) == 3  # A, B and the two C blocks together (18 cells, no longer small)
+    for name in mixed.cat.categories:  # same coordinates: the sections overlap without library_key
+        assert adata.obs["section"][mixed == name].nunique() == 2
+
+
+def test_selection_forms():
+    adata = grid_table()
+    ref = None
+    for sel, kw in (
+        ("selected", {}),
+        ("cluster01", {}),
+        ("block", {"value": ["A", "B", "C", "D"]}),
+        (adata.obs["selected"].to_numpy(), {}),
+        (adata.obs["selected"], {}),
+        (list(adata.obs["cluster01"]), {}),
+    ):
+        scx.tl.spatial_domains(adata, sel, max_distance=15, min_cells=10, **kw)
+        cur = adata.obs["domain"].astype(str).to_numpy()
+        if ref is None:
+            ref = cur
+        np.testing.assert_array_equal(cur, ref)
+    scx.tl.spatial_domains(adata, "block", value="B", max_distance=15)
+    assert members(adata) == {"domain_1": {"B"}}
+    assert adata.uns["domain"]["selection"] == "obs['block'] == 'B'"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc", "match"),
+    [
+        (("nope",), {}, KeyError, "no column 'nope'"),
+        (("block",), {}, ValueError, "value="),
+        (("block",), {"value": "Z"}, ValueError, "picks no cell"),
+        ((np.ones(5, dtype=bool),), {}, ValueError, "1600 cells"),
+        (("selected",), {"platform": "visium"}, ValueError, "platform"),
+        (("selected",), {"max_distance": -1}, ValueError, "max_distance"),
+        (("selected",), {"min_cells": 0}, ValueError, "min_cells"),
+        (("selected",), {"small_domains": "keep"}, ValueError, "small_domains"),
+        (("selected",), {"add_shapes": True}, TypeError, "SpatialData"),
+        (("selected",), {"spatial_key": "xy"}, KeyError, "obsm has no 'xy'"),
+    ],
+)
+def test_errors_write_nothing(args, kwargs, exc, match):
+    adata = grid_table()
+    before = list(adata.obs.columns)
+    with pytest.raises(exc, match=match):
+        scx.tl.spatial_domains(adata, *args, **kwargs)
+    assert list(adata.obs.columns) == before and "domain" not in adata.uns
+
+
+def test_round_trip_h5ad_and_zarr(tmp_path):
+    adata = grid_table()
+    adata.obs["block"] = adata.obs["block"].astype(str)
+    scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=10, library_key=None)
+    for path, write, read in (
+        (tmp_path / "d.h5ad", ad.AnnData.write_h5ad, ad.read_h5ad),
+        (tmp_path / "d.zarr", ad.AnnData.write_zarr, ad.read_zarr),
+    ):
+        write(adata, path)
+        back = read(path)
+        pd.testing.assert_series_equal(back.obs["domain"], adata.obs["domain"])
+        assert list(back.uns["domain"]["domains"]) == ["domain_1", "domain_2"]
+        assert list(back.uns["domain"]["n_cells"]) == [256, 176]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SpatialData: shapes element
+
+
+def grid_sdata():
+    import geopandas as gpd
+    from shapely.geometry import Point
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Scale
+
+    adata = grid_table()
+    circles = gpd.GeoDataFrame(
+        {"radius": np.full(adata.n_obs, 4.0)},
+        geometry=[Point(x, y) for x, y in adata.obsm["spatial"]],
+        index=pd.RangeIndex(adata.n_obs),
+    )
+    shapes = ShapesModel.parse(circles, transformations={"global": Scale([2.0, 2.0], axes=("x", "y"))})
+    adata.obs["region"] = pd.Categorical(["cells"] * adata.n_obs)
+    adata.obs["cell_index"] = np.arange(adata.n_obs)
+    adata.obs["block"] = adata.obs["block"].astype(str)
+    table = TableModel.parse(adata, region="cells", region_key="region", instance_key="cell_index")
+    return SpatialData(shapes={"cells": shapes}, tables={"table": table})
+
+
+def test_domain_polygons_cover_their_cells():
+    import shapely
+    from spatialdata.transformations import get_transformation
+
+    sdata = grid_sdata()
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15, min_cells=10, add_shapes=True)
+    gdf = sdata.shapes["domain_shapes"]
+    table = sdata.tables["table"]
+    assert list(gdf.index) == ["domain_1", "domain_2"] and list(gdf["n_cells"]) == [256, 176]
+    xy = table.obsm["spatial"]
+    for name, geom in zip(gdf.index, gdf.geometry):
+        inside = shapely.contains_xy(geom, xy[:, 0], xy[:, 1])
+        np.testing.assert_array_equal(inside, (table.obs["domain"] == name).to_numpy())
+    assert get_transformation(gdf, "global").scale.tolist() == [2.0, 2.0]
+    assert table.uns["domain"]["shapes_key"] == "domain_shapes"
+
+
+def test_copy_keeps_the_original_spatialdata_unchanged():
+    sdata = grid_sdata()
+    out = scx.tl.spatial_domains(sdata, "selected", max_distance=15, add_shapes=True, shapes_key="tum", copy=True)
+    assert "tum" in out.shapes and "domain" in out.tables["table"].obs
+    assert "tum" not in sdata.shapes and "domain" not in sdata.tables["table"].obs
+
+
+def test_backed_store_gets_table_columns_and_shapes(tmp_path):
+    from spatialdata import read_zarr
+
+    sdata = grid_sdata()
+    sdata.write(tmp_path / "g.zarr")
+    sdata = read_zarr(tmp_path / "g.zarr")
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15, add_shapes=True)
+    scx.tl.spatial_domains(sdata, "selected", max_distance=55, add_shapes=True)  # replaced in place
+    back = read_zarr(tmp_path / "g.zarr")
+    assert list(back.shapes["domain_shapes"].index) == ["domain_1", "domain_2"]
+    assert list(back.shapes["domain_shapes"]["n_cells"]) == [265, 176]
+    assert back.tables["table"].obs["domain"].notna().sum() == 441
+    assert back.tables["table"].uns["domain"]["max_distance"] == 55
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# real Xenium data
+
+
+def test_real_xenium_erythroid_domains(shared_data):
+    import scanpy as sc
+
+    folder = shared_data("xenium_bonemarrow")
+    adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
+    cent = pd.read_parquet(folder / "cell_metadata_centroids.parquet")
+    adata.obsm["spatial"] = np.vstack(cent.loc[adata.obs_names, "geometry"].to_numpy()).astype(float)
+    assert adata.n_vars == 477  # control probes / codewords dropped
+    scx.tl.classify_by_threshold(adata, ["GYPA", "AHSP", "ALAS2"], method="ks", key_added="ery")
+    scx.tl.spatial_domains(adata, "ery_cluster", platform="xenium", min_cells=20, prefix="ery", key_added="ery_domain")
+    u = adata.uns["ery_domain"]
+    assert u["n_domains"] >= 5
+    sizes = adata.obs["ery_domain"].value_counts()
+    assert (sizes >= 20).all() and list(sizes.loc[u["domains"]]) == list(u["n_cells"])
+    assert list(u["n_cells"]) == sorted(u["n_cells"], reverse=True)
+    in_domain = adata.obs["ery_domain"].notna().to_numpy()
+    assert (adata.obs["ery_cluster"].to_numpy()[in_domain] == 1).all()
+    # domain cells are packed: the nearest other cell of the domain is within the linking (or merging) distance
+    from scipy.spatial import cKDTree
+
+    for name in u["domains"][:5]:
+        xy = adata.obsm["spatial"][(adata.obs["ery_domain"] == name).to_numpy()]
+        d, _ = cKDTree(xy).query(xy, k=2)
+        assert (d[:, 1] <= u["merge_distance"] + 1e-9).all()

@@ -1,0 +1,353 @@
+"""Tests of scx.tl.classify_by_threshold and scx.pl.threshold."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import spatialcx as scx
+
+MARKERS = ["MK0", "MK1", "MK2"]
+
+
+def make_counts(n=4000, *, markers=3, frac=0.2, noise=0.05, pos_mean=8.0, other=40, seed=0):
+    """Raw counts: ``markers`` marker genes high (negative binomial, mean ``pos_mean``) in a ``frac`` of the cells."""
+    rng = np.random.default_rng(seed)
+    truth = rng.random(n) < frac
+    size = rng.lognormal(0.0, 0.4, n)
+    bg = rng.poisson(rng.gamma(2.0, 2.0, (n, other)) * size[:, None])
+    mean = np.where(truth, pos_mean, noise) * size
+    mk = np.column_stack([rng.poisson(rng.gamma(2.0, mean / 2.0)) for _ in range(markers)])
+    x = np.hstack([mk, bg]).astype(np.float32)
+    names = [f"MK{i}" for i in range(markers)] + [f"G{i}" for i in range(other)]
+    adata = ad.AnnData(
+        sparse.csr_matrix(x),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]),
+        var=pd.DataFrame(index=names),
+    )
+    adata.obsm["spatial"] = rng.random((n, 2)) * 1000
+    return adata, truth
+
+
+def log1p_10k(adata, genes):
+    x = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
+    lib = x.sum(axis=1, keepdims=True)
+    idx = adata.var_names.get_indexer(genes)
+    return np.log1p(x[:, idx] / lib * 1e4)
+
+
+def accuracy(adata, key, truth):
+    return float((adata.obs[f"{key}_cluster"].to_numpy() == truth).mean())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# known truth
+
+
+@pytest.mark.parametrize("method", ["gmm", "ks"])
+@pytest.mark.parametrize("metagene", ["shifted_geometric_mean", "mean", "pc1"])
+def test_three_markers_known_truth(method, metagene):
+    adata, truth = make_counts(frac=0.15)
+    scx.tl.classify_by_threshold(adata, MARKERS, method=method, metagene=metagene)
+    assert accuracy(adata, "threshold", truth) > 0.96
+    assert adata.obs["threshold_cluster"].isin([0, 1]).all()
+    assert adata.uns["threshold"]["n_high"] == int(adata.obs["threshold_cluster"].sum())
+
+
+def test_zero_inflated_single_marker_ks_beats_gmm():
+    adata, truth = make_counts(n=6000, markers=1, frac=0.2, noise=0.05)
+    x = log1p_10k(adata, ["MK0"])[:, 0]
+    assert (x == 0).mean() > 0.7  # the case is zero-inflated
+    scx.tl.classify_by_threshold(adata, "MK0", method="ks", key_added="ks")
+    scx.tl.classify_by_threshold(adata, "MK0", method="gmm", key_added="gmm")
+    acc_ks, acc_gmm = accuracy(adata, "ks", truth), accuracy(adata, "gmm", truth)
+    assert acc_ks > 0.96
+    assert acc_ks > acc_gmm  # gmm calls every non-zero (ambient) cell high
+    fit = adata.uns["ks"]["fit"]
+    assert fit["zero_inflated"] and fit["floor"] == 0.0
+    # cells with no counts are never high, and their probability is 0
+    zero = x == 0
+    assert (adata.obs["ks_cluster"].to_numpy()[zero] == 0).all()
+    assert (adata.obs["ks_probability"].to_numpy()[zero] == 0).all()
+
+
+def test_ks_without_ambient_counts_calls_every_expressing_cell_high():
+    adata, truth = make_counts(n=5000, markers=1, frac=0.2, noise=0.0)
+    scx.tl.classify_by_threshold(adata, "MK0", method="ks")
+    x = log1p_10k(adata, ["MK0"])[:, 0]
+    assert adata.uns["threshold"]["fit"]["side"] == "above_floor"
+    np.testing.assert_array_equal(adata.obs["threshold_cluster"].to_numpy(), (x > 0).astype(int))
+    assert accuracy(adata, "threshold", truth) > 0.98
+
+
+def test_ks_on_continuous_feature_with_high_minority():
+    rng = np.random.default_rng(3)
+    adata, _ = make_counts(n=5000)
+    truth = rng.random(adata.n_obs) < 0.1
+    adata.obs["signal"] = np.where(truth, rng.normal(5, 1, adata.n_obs), rng.normal(0, 1, adata.n_obs))
+    scx.tl.classify_by_threshold(adata, "signal", method="ks")
+    assert adata.uns["threshold"]["fit"]["side"] == "high_minority"
+    assert not adata.uns["threshold"]["fit"]["zero_inflated"]
+    assert accuracy(adata, "threshold", truth) > 0.97
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scores
+
+
+def test_genes_are_read_from_counts_not_from_x():
+    adata, _ = make_counts(n=2000)
+    counts = adata.X.copy()
+    adata.layers["counts"] = counts
+    # X holds log1p(CPM): a different normalization, which the gene features must not use
+    lib = np.asarray(counts.sum(axis=1)).ravel()
+    adata.X = sparse.csr_matrix(np.log1p(counts.toarray() / lib[:, None] * 1e6))
+    x_before = adata.X.copy()
+    scx.tl.classify_by_threshold(adata, "MK1")
+    np.testing.assert_allclose(adata.obs["threshold_score"], log1p_10k(adata, ["MK1"])[:, 0], rtol=1e-5, atol=1e-5)
+    assert (adata.X != x_before).nnz == 0 and (adata.layers["counts"] != counts).nnz == 0
+    assert adata.uns["threshold"]["metagene"] == "none (single feature)"
+    assert "metagene_params" not in adata.uns["threshold"]
+
+
+def test_metagene_formulas():
+    adata, _ = make_counts(n=2000)
+    x = log1p_10k(adata, MARKERS)
+    scx.tl.classify_by_threshold(adata, MARKERS, metagene="shifted_geometric_mean", key_added="sgm")
+    np.testing.assert_allclose(adata.obs["sgm_score"], np.exp(np.log(x + 1).mean(axis=1)) - 1, rtol=1e-5, atol=1e-5)
+    scx.tl.classify_by_threshold(adata, MARKERS, metagene="mean", key_added="avg")
+    np.testing.assert_allclose(adata.obs["avg_score"], x.mean(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_geometric_mean_needs_joint_expression():
+    adata, _ = make_counts(n=500)
+    # single-positive vs triple-positive cells with the same arithmetic mean
+    adata.obs["a"] = np.r_[np.full(250, 9.0), np.full(250, 3.0)]
+    adata.obs["b"] = np.r_[np.zeros(250), np.full(250, 3.0)]
+    adata.obs["c"] = np.r_[np.zeros(250), np.full(250, 3.0)]
+    scx.tl.classify_by_threshold(adata, ["a", "b", "c"], method="ks")
+    score = adata.obs["threshold_score"].to_numpy()
+    assert (score[250:] > score[:250]).all()
+    assert (
+        adata.obs["threshold_cluster"].to_numpy()[250:].all()
+        and not adata.obs["threshold_cluster"].to_numpy()[:250].any()
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_pc1_sign_means_higher_expression(seed):
+    adata, _ = make_counts(n=1500, seed=seed)
+    feats = MARKERS[::-1] if seed % 2 else MARKERS
+    scx.tl.classify_by_threshold(adata, feats, metagene="pc1")
+    x = log1p_10k(adata, feats)
+    assert np.corrcoef(adata.obs["threshold_score"], x.mean(axis=1))[0, 1] > 0.9
+    params = adata.uns["threshold"]["metagene_params"]
+    assert all(v > 0 for v in params["loadings"]) and 0 < params["explained_variance_ratio"] <= 1
+
+
+def test_mixes_genes_and_obs_columns():
+    adata, truth = make_counts(n=3000)
+    adata.obs["marker_protein"] = log1p_10k(adata, ["MK2"])[:, 0]  # an obs column, used as it is
+    scx.tl.classify_by_threshold(adata, ["MK0", "MK1", "marker_protein"], metagene="mean")
+    assert adata.uns["threshold"]["feature_kinds"] == ["gene", "gene", "obs"]
+    assert accuracy(adata, "threshold", truth) > 0.96
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# threshold rule
+
+
+@pytest.mark.parametrize("method", ["gmm", "ks"])
+def test_threshold_is_the_rule_used(method):
+    adata, _ = make_counts(n=3000, frac=0.3)
+    scx.tl.classify_by_threshold(adata, MARKERS, method=method, probability_cutoff=0.3)
+    thr = adata.uns["threshold"]["threshold"]
+    score = adata.obs["threshold_score"].to_numpy(dtype=np.float64)
+    cluster = adata.obs["threshold_cluster"].to_numpy()
+    np.testing.assert_array_equal(cluster, (score > thr).astype(int))
+    prob = adata.obs["threshold_probability"].to_numpy(dtype=np.float64)
+    order = np.argsort(score, kind="stable")
+    assert (np.diff(prob[order]) >= -1e-6).all()  # probability never decreases with the score
+    if method == "gmm":
+        far = np.abs(score - thr) > 1e-4 * max(1.0, abs(thr))
+        np.testing.assert_array_equal((prob > 0.3)[far], (cluster == 1)[far])
+
+
+def test_gmm_cutoff_moves_the_threshold():
+    adata, _ = make_counts(n=3000, frac=0.3, pos_mean=4.0, noise=0.5)
+    thresholds, n_high = [], []
+    for cutoff in (0.1, 0.5, 0.9):
+        scx.tl.classify_by_threshold(adata, MARKERS, method="gmm", probability_cutoff=cutoff)
+        thresholds.append(adata.uns["threshold"]["threshold"])
+        n_high.append(adata.uns["threshold"]["n_high"])
+    assert thresholds[0] < thresholds[1] < thresholds[2]
+    assert n_high[0] >= n_high[1] >= n_high[2]
+
+
+def test_gmm_fits_a_seeded_subsample_and_scores_every_cell():
+    adata, truth = make_counts(n=4000)
+    scx.tl.classify_by_threshold(adata, MARKERS, max_fit_cells=500, random_state=7)
+    first = adata.obs["threshold_probability"].to_numpy().copy()
+    fit = adata.uns["threshold"]["fit"]
+    assert fit["n_fit_cells"] == 500 and fit["means"][0] < fit["means"][1]
+    assert accuracy(adata, "threshold", truth) > 0.95
+    scx.tl.classify_by_threshold(adata, MARKERS, max_fit_cells=500, random_state=7)
+    np.testing.assert_array_equal(first, adata.obs["threshold_probability"].to_numpy())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# errors: clear, and nothing written
+
+
+def _unchanged(adata, before_cols):
+    assert list(adata.obs.columns) == before_cols
+    assert "threshold" not in adata.uns
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"features": ["MK0", "NOPE"]}, KeyError, "NOPE"),
+        ({"features": ["mk0"]}, KeyError, "did you mean"),
+        ({"features": []}, ValueError, "empty"),
+        ({"features": ["MK0", "MK0"]}, ValueError, "more than once"),
+        ({"features": MARKERS, "method": "otsu"}, ValueError, "method"),
+        ({"features": MARKERS, "metagene": "median"}, ValueError, "metagene"),
+        ({"features": MARKERS, "probability_cutoff": 1.5}, ValueError, "probability_cutoff"),
+        ({"features": MARKERS, "plots_dir": "x"}, ValueError, "plot=True"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    adata, _ = make_counts(n=200)
+    before = list(adata.obs.columns)
+    with pytest.raises(exc, match=match):
+        scx.tl.classify_by_threshold(adata, **kwargs)
+    _unchanged(adata, before)
+
+
+def test_degenerate_features():
+    adata, _ = make_counts(n=300)
+    x = adata.X.toarray()
+    x[:, adata.var_names.get_loc("MK2")] = 0
+    adata.X = sparse.csr_matrix(x)
+    adata.obs["flat"] = 2.5
+    adata.obs["holes"] = np.where(np.arange(300) % 7 == 0, np.nan, 1.0 * np.arange(300))
+    adata.obs["kind"] = pd.Categorical(["a", "b", "c"] * 100)
+    adata.obs["signed"] = np.linspace(-1, 1, 300)
+    before = list(adata.obs.columns)
+    with pytest.raises(ValueError, match="zero in all 300 cells"):
+        scx.tl.classify_by_threshold(adata, ["MK0", "MK2"])
+    with pytest.raises(ValueError, match="same value"):
+        scx.tl.classify_by_threshold(adata, "flat")
+    with pytest.raises(ValueError, match="43 missing value"):
+        scx.tl.classify_by_threshold(adata, "holes")
+    with pytest.raises(ValueError, match="not numbers"):
+        scx.tl.classify_by_threshold(adata, "kind")
+    with pytest.raises(ValueError, match="negative values"):
+        scx.tl.classify_by_threshold(adata, ["MK0", "signed"])
+    adata.obs["MK1"] = 1.0
+    with pytest.raises(ValueError, match="both a gene and an obs column"):
+        scx.tl.classify_by_threshold(adata, "MK1")
+    _unchanged(adata, [*before, "MK1"])
+    scx.tl.classify_by_threshold(adata, ["MK0", "signed"], metagene="mean", key_added="ok")  # fine with a mean
+    assert adata.uns["ok"]["feature_kinds"] == ["gene", "obs"]
+
+
+def test_one_cell_is_refused():
+    adata, _ = make_counts(n=50)
+    with pytest.raises(ValueError, match="1 cell"):
+        scx.tl.classify_by_threshold(adata[:1].copy(), "MK0")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# storage, SpatialData, copies
+
+
+@pytest.mark.parametrize("method", ["gmm", "ks"])
+@pytest.mark.parametrize("metagene", ["shifted_geometric_mean", "pc1"])
+def test_round_trip_h5ad_and_zarr(tmp_path, method, metagene):
+    adata, _ = make_counts(n=800)
+    scx.tl.classify_by_threshold(adata, MARKERS, method=method, metagene=metagene)
+    for path, write, read in (
+        (tmp_path / "t.h5ad", ad.AnnData.write_h5ad, ad.read_h5ad),
+        (tmp_path / "t.zarr", ad.AnnData.write_zarr, ad.read_zarr),
+    ):
+        write(adata, path)
+        back = read(path)
+        assert back.uns["threshold"]["threshold"] == adata.uns["threshold"]["threshold"]
+        assert back.uns["threshold"]["method"] == method
+        assert list(back.uns["threshold"]["features"]) == MARKERS
+        pd.testing.assert_frame_equal(back.obs, adata.obs)
+
+
+def test_copy_leaves_input_untouched():
+    adata, _ = make_counts(n=500)
+    out = scx.tl.classify_by_threshold(adata, MARKERS, copy=True)
+    assert "threshold_cluster" in out.obs and "threshold_cluster" not in adata.obs and "threshold" not in adata.uns
+    assert scx.tl.classify_by_threshold(adata, MARKERS) is None
+
+
+def _sdata(adata):
+    import geopandas as gpd
+    from shapely.geometry import Point
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+
+    circles = gpd.GeoDataFrame(
+        {"radius": np.full(adata.n_obs, 5.0)},
+        geometry=[Point(x, y) for x, y in adata.obsm["spatial"]],
+        index=pd.RangeIndex(adata.n_obs),
+    )
+    adata = adata.copy()
+    adata.obs["region"] = pd.Categorical(["cells"] * adata.n_obs)
+    adata.obs["cell_index"] = np.arange(adata.n_obs)
+    table = TableModel.parse(adata, region="cells", region_key="region", instance_key="cell_index")
+    return SpatialData(shapes={"cells": ShapesModel.parse(circles)}, tables={"table": table})
+
+
+def test_spatialdata_backed_store_is_updated(tmp_path):
+    from spatialdata import read_zarr
+
+    adata, truth = make_counts(n=600)
+    sdata = _sdata(adata)
+    sdata.write(tmp_path / "s.zarr")
+    sdata = read_zarr(tmp_path / "s.zarr")
+    out = scx.tl.classify_by_threshold(sdata, MARKERS, method="ks", copy=True)
+    assert "threshold_cluster" in out.tables["table"].obs and "threshold_cluster" not in sdata.tables["table"].obs
+    scx.tl.classify_by_threshold(sdata, MARKERS, method="ks")
+    back = read_zarr(tmp_path / "s.zarr")
+    obs = back.tables["table"].obs
+    assert (obs["threshold_cluster"].to_numpy() == truth).mean() > 0.95
+    assert back.tables["table"].uns["threshold"]["method"] == "ks"
+    assert back.tables["table"].uns["spatialdata_attrs"]["region"] == "cells"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# plot
+
+
+def test_plot_is_saved_and_drawn(tmp_path):
+    import matplotlib.pyplot as plt
+
+    adata, _ = make_counts(n=1500)
+    scx.tl.classify_by_threshold(adata, MARKERS, plot=True, plots_dir=tmp_path / "plots", key_added="t")
+    png = tmp_path / "plots" / "t_threshold.png"
+    assert png.is_file() and png.stat().st_size > 10_000
+    fig = scx.pl.threshold(adata, "t", max_points=300)
+    visible = [a for a in fig.axes if a.get_visible()]
+    assert len(visible) == 1 + 3  # histogram + 3 gene pairs
+    hist = visible[0]
+    assert any(np.allclose(line.get_xdata(), adata.uns["t"]["threshold"]) for line in hist.get_lines())
+    assert {visible[1].get_xlabel(), visible[1].get_ylabel()} == {"MK0", "MK1"}
+    plt.close("all")
+
+    scx.tl.classify_by_threshold(adata, "MK0", key_added="one")
+    fig = scx.pl.threshold(adata, "one", save=tmp_path / "one.png")
+    assert len([a for a in fig.axes if a.get_visible()]) == 1 and (tmp_path / "one.png").is_file()
+    plt.close("all")
+    with pytest.raises(KeyError, match="classify_by_threshold"):
+        scx.pl.threshold(adata, "never")
