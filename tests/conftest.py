@@ -19,6 +19,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Caches (the ontology index) go to a temporary folder, never into the user's home."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPATIALCX_CACHE_DIR", str(tmp_path_factory.mktemp("spatialcx_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def shared_data():
     """Factory fixture: ``shared_data("starmap_mpfc", "starmap_mpfc.h5ad")``."""

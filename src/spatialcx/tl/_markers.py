@@ -1,0 +1,104 @@
+"""``scx.tl.load_canonical_markers``: the packaged marker genes of common cell types, keyed by Cell Ontology."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+MARKERS_FILE = "canonical_markers.json"
+_CL_ID_RE = re.compile(r"CL:\d{7}")
+
+
+def _read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
+    if path is None:
+        resource = resources.files("spatialcx") / "data" / MARKERS_FILE
+        where = f"the packaged {MARKERS_FILE}"
+        if not resource.is_file():
+            raise FileNotFoundError(
+                f"{where} is missing from the installed spatialcx package; reinstall spatialcx "
+                "(`pip install --force-reinstall spatialcx`)."
+            )
+        text = resource.read_text(encoding="utf-8")
+    else:
+        p = Path(path).expanduser()
+        where = str(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"Marker file {where!r} does not exist.")
+        text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"Marker file {where!r} is empty: it should hold a JSON object with a 'cell_types' list.")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Marker file {where!r} is not valid JSON ({e}).") from None
+    return data, where
+
+
+def load_canonical_markers(
+    *,
+    species: Literal["human", "mouse"] = "human",
+    key: Literal["name", "id"] = "name",
+    path: str | os.PathLike[str] | None = None,
+) -> dict[str, list[str]]:
+    """Return canonical marker genes of common cell types, keyed by Cell Ontology name or id.
+
+    The packaged table (``spatialcx/data/canonical_markers.json``) lists textbook markers of more than 100 cell types
+    (immune, stromal, vascular, epithelial, neural, ...), each under its CL id and CL name. Use it to check an
+    annotation, e.g. with :func:`spatialcx.tl.score_signatures` or a dot plot, restricted to the genes of the panel.
+
+    Parameters
+    ----------
+    species
+        ``"human"`` (HGNC symbols) or ``"mouse"`` (MGI symbols: the human symbol in title case unless the table gives
+        the mouse genes explicitly).
+    key
+        Key the result by CL ``"name"`` (e.g. ``"T cell"``) or CL ``"id"`` (``"CL:0000084"``).
+    path
+        Read another file with the same layout instead of the packaged one.
+
+    Returns
+    -------
+    ``{cell type: [genes]}`` in the order of the table.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file is missing.
+    ValueError
+        The file is empty, not JSON, or lists no cell type with markers.
+    """
+    if species not in ("human", "mouse"):
+        raise ValueError(f"species must be 'human' or 'mouse', got {species!r}.")
+    if key not in ("name", "id"):
+        raise ValueError(f"key must be 'name' or 'id', got {key!r}.")
+    data, where = _read(path)
+    entries = data.get("cell_types") if isinstance(data, dict) else None
+    if not entries:
+        raise ValueError(
+            f"Marker file {where!r} lists no cell types: it needs a non-empty 'cell_types' list of "
+            "{'ontology_term_id', 'name', 'markers'} records."
+        )
+    out: dict[str, list[str]] = {}
+    for i, entry in enumerate(entries):
+        try:
+            term_id, name, genes = str(entry["ontology_term_id"]), str(entry["name"]), list(entry["markers"])
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"Marker file {where!r}: record {i} ({entry!r}) needs 'ontology_term_id', 'name' and 'markers'."
+            ) from None
+        if not _CL_ID_RE.fullmatch(term_id):
+            raise ValueError(f"Marker file {where!r}: {name!r} has the id {term_id!r}, which is not a CL id.")
+        if species == "mouse":
+            genes = list(entry.get("mouse") or [g[:1].upper() + g[1:].lower() for g in genes])
+        genes = [str(g) for g in genes if str(g)]
+        if not genes:
+            raise ValueError(f"Marker file {where!r}: {name!r} ({term_id}) has no marker genes.")
+        k = name if key == "name" else term_id
+        if k in out:
+            raise ValueError(f"Marker file {where!r} lists {k!r} twice.")
+        out[k] = genes
+    return out
