@@ -1,5 +1,410 @@
-"""Confidence plot (being implemented)."""
+"""Confidence QC plot: confidence over the tissue and per cell type."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from numbers import Real
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._constants import PREDICTED_SUFFIX, UNASSIGNED
+from .._settings import logger
+from . import _utils
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap, Normalize
+    from matplotlib.figure import Figure
+    from spatialdata import SpatialData
+
+#: Colour that marks cells below the threshold (edges on the map, the threshold line, the shares above the strips).
+LOW_COLOR = "#ff2d55"
+#: Colour of cells without a confidence value.
+MISSING_COLOR = "#bdbdbd"
+
+_WRITERS = "`scx.tl.predict` or `scx.tl.annotate`"
 
 
-def confidence(data, **kwargs):  # noqa: D103
-    raise NotImplementedError
+def _check_columns(obs: pd.DataFrame, key: str, confidence_key: str) -> tuple[pd.Series, np.ndarray, str]:
+    """Validate and return (labels, confidence, label column used)."""
+    for name, what in ((key, "cell-type labels"), (confidence_key, "confidence")):
+        if name not in obs.columns:
+            raise KeyError(
+                f"obs has no column {name!r} with {what}. It is written by {_WRITERS}; run one of them first or pass "
+                f"the right column name. obs columns: {', '.join(map(repr, obs.columns)) or 'none'}."
+            )
+    raw = obs[confidence_key]
+    if not (pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw)):
+        raise TypeError(
+            f"obs[{confidence_key!r}] must hold numbers (confidence in [0, 1]) but has dtype {raw.dtype} "
+            f"(e.g. {raw.iloc[:3].tolist()}). Pass the confidence column written by {_WRITERS}, not a label column."
+        )
+    conf = raw.to_numpy(dtype=float, na_value=np.nan)
+    label_key = key
+    predicted = f"{key}{PREDICTED_SUFFIX}"
+    if (obs[key].astype(object) == UNASSIGNED).any() and predicted in obs.columns:
+        logger.info("obs[%r] has %r cells; grouping by the raw prediction obs[%r].", key, UNASSIGNED, predicted)
+        label_key = predicted
+    return obs[label_key], conf, label_key
+
+
+def _check_args(threshold: float, max_points_per_type: int, point_size: float | None) -> None:
+    if not isinstance(threshold, Real) or isinstance(threshold, bool) or not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number (a confidence such as 0.8), got {threshold!r}.")
+    if isinstance(max_points_per_type, bool) or not isinstance(max_points_per_type, int | np.integer):
+        raise TypeError(f"max_points_per_type must be a positive integer, got {max_points_per_type!r}.")
+    if max_points_per_type < 1:
+        raise ValueError(f"max_points_per_type must be a positive integer, got {max_points_per_type}.")
+    if point_size is not None and not (isinstance(point_size, Real) and point_size > 0):
+        raise ValueError(f"point_size must be a positive number (marker area in points²) or None, got {point_size!r}.")
+
+
+def _type_summary(labels: pd.Series, conf: np.ndarray, threshold: float) -> pd.DataFrame:
+    """Per type: number of cells, median confidence, share below the threshold; sorted by median (highest first)."""
+    valid = labels.notna().to_numpy() & np.isfinite(conf)
+    frame = pd.DataFrame({"label": labels.astype(object).to_numpy()[valid], "conf": conf[valid]})
+    frame["label"] = frame["label"].astype(str)
+    summary = frame.groupby("label", sort=False)["conf"].agg(
+        n="size", median="median", below=lambda c: float(np.mean(c < threshold))
+    )
+    summary.index.name = None
+    summary["type"] = summary.index
+    return summary.sort_values(["median", "type"], ascending=[False, True])
+
+
+def _strip_panel(
+    ax: Axes,
+    labels: pd.Series,
+    conf: np.ndarray,
+    summary: pd.DataFrame,
+    *,
+    threshold: float,
+    cmap: Colormap,
+    norm: Normalize,
+    max_points_per_type: int,
+    label_key: str,
+    confidence_key: str,
+    random_state: int,
+) -> None:
+    rng = np.random.default_rng(random_state)
+    valid = labels.notna().to_numpy() & np.isfinite(conf)
+    codes = np.where(valid, pd.Categorical(labels.astype(object).astype(str), categories=summary.index).codes, -1)
+    members = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes + 1, minlength=len(summary) + 1)))
+    xs, ys = [], []
+    for i in range(len(summary)):
+        idx = members[i + 1]
+        if idx.size > max_points_per_type:
+            idx = np.sort(rng.choice(idx, size=max_points_per_type, replace=False))
+        xs.append(i + rng.uniform(-0.35, 0.35, size=idx.size))
+        ys.append(conf[idx])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    n_types = len(summary)
+    size = 6.0 if n_types <= 20 else 3.0
+    points = ax.scatter(x, y, c=y, cmap=cmap, norm=norm, s=size, alpha=0.7, linewidths=0, rasterized=True)
+    points.set_label("cells (subsampled)" if (summary["n"] > max_points_per_type).any() else "cells")
+    positions = np.arange(n_types)
+    ax.hlines(summary["median"], positions - 0.4, positions + 0.4, colors="black", linewidths=1.5, label="median")
+    ax.axhline(threshold, color=LOW_COLOR, linestyle="--", linewidth=1.2, label=f"threshold {threshold:g}")
+
+    ax.set_xticks(positions)
+    ax.set_xticklabels(
+        [f"{lab} ({n:,})" for lab, n in zip(summary.index, summary["n"])],
+        rotation=90 if n_types > 4 else 0,
+        fontsize="small" if n_types <= 30 else "x-small",
+    )
+    ax.set_xlim(-0.6, n_types - 0.4)
+    lo = min(0.0, float(np.nanmin(conf[valid]))) if valid.any() else 0.0
+    hi = max(1.0, float(np.nanmax(conf[valid]))) if valid.any() else 1.0
+    ax.set_ylim(lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo))
+    ax.set_ylabel(confidence_key)
+    ax.set_xlabel(f"{label_key} (cells)")
+
+    # Share of each type below the threshold, above the strips.
+    blended = ax.get_xaxis_transform()
+    fontsize = "small" if n_types <= 20 else "x-small"
+    for i, share in enumerate(summary["below"]):
+        ax.text(
+            i,
+            1.01,
+            f"{share:.0%}",
+            transform=blended,
+            ha="center",
+            va="bottom",
+            fontsize=fontsize,
+            color=LOW_COLOR,
+            rotation=0 if n_types <= 12 else 90,
+            gid="share_below",
+        )
+    ax.text(
+        -0.01,
+        1.01,
+        f"< {threshold:g}:",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=fontsize,
+        color=LOW_COLOR,
+    )
+    ax.legend(loc="lower left", fontsize="small", framealpha=0.8, markerscale=2)
+    ax.set_title("Confidence per cell type\n(red: share of cells below the threshold)", fontsize="medium", pad=28)
+
+
+@dataclass
+class _MapData:
+    geometries: list[_utils.CellGeometry]
+    layer: _utils.ImageLayer | None
+    bounds: _utils.Bounds
+
+
+def _prepare_map(
+    adata: AnnData,
+    sdata: SpatialData | None,
+    *,
+    image_key: str | None,
+    shapes_key: str | None,
+    coordinate_system: str,
+    spatial_key: str,
+) -> _MapData:
+    """Find the cells and the image, in ``coordinate_system``, and read the image over the cells' extent."""
+    geometries = _utils.cell_geometries(
+        adata, sdata, shapes_key=shapes_key, coordinate_system=coordinate_system, spatial_key=spatial_key
+    )
+    image = _utils.find_image(sdata, image_key)
+    bounds = _utils.union_bounds([g.bounds() for g in geometries])
+    layer = None
+    if image is not None:
+        name, element = image
+        matrix = _utils.affine_matrix(element, coordinate_system, name=name)
+        layer = _utils.prepare_image(element, matrix, bounds=bounds, name=name)
+        if layer is None:
+            logger.warning(
+                "Image %r does not overlap the cells in coordinate system %r; check the elements' transformations. "
+                "Drawing the whole image.",
+                name,
+                coordinate_system,
+            )
+            layer = _utils.prepare_image(element, matrix, name=name)
+            bounds = _utils.union_bounds([bounds, layer.bounds()])
+    return _MapData(geometries, layer, bounds)
+
+
+def _map_panel(
+    ax: Axes,
+    map_data: _MapData,
+    conf: np.ndarray,
+    *,
+    threshold: float,
+    cmap: Colormap,
+    norm: Normalize,
+    axis_labels: tuple[str, str],
+    point_size: float | None,
+) -> None:
+    from matplotlib.colors import to_rgba
+
+    _utils.set_spatial_limits(ax, map_data.bounds)
+    if map_data.layer is not None:
+        _utils.draw_image(ax, map_data.layer)
+
+    finite = np.isfinite(conf)
+    low = finite & (conf < threshold)
+    face = np.asarray(cmap(norm(np.where(finite, conf, 0.0))))
+    face[~finite] = to_rgba(MISSING_COLOR)
+    # Confident cells first without edges, then low-confidence cells outlined, on top.
+    geometries = map_data.geometries
+    _utils.draw_cells(ax, geometries, face, subset=~low, point_size=point_size)
+    _utils.draw_cells(
+        ax, geometries, face, subset=low, edgecolor=LOW_COLOR, point_size=point_size, label="low-confidence cells"
+    )
+
+    drawn = np.zeros(len(conf), dtype=bool)
+    for geom in geometries:
+        drawn[geom.rows] = True
+    n_low = int((low & drawn).sum())
+    where = f" over {map_data.layer.name!r}" if map_data.layer is not None else ""
+    sources = sorted({g.source if g.source.startswith("obsm[") else repr(g.source) for g in geometries})
+    lines = [f"{int(drawn.sum()):,} cells from {', '.join(sources)}{where}"]
+    lines.append(f"red outline: {n_low:,} ({n_low / max(int((finite & drawn).sum()), 1):.1%}) below {threshold:g}")
+    if (~finite & drawn).any():
+        lines[-1] += f"; grey: {int((~finite & drawn).sum()):,} without confidence"
+    ax.set_title("\n".join(lines), fontsize="medium")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.tick_params(labelsize="small")
+
+
+def confidence(
+    data: AnnData | SpatialData,
+    *,
+    key: str = "cell_type",
+    confidence_key: str = "cell_type_confidence",
+    threshold: float = 0.8,
+    table_key: str = "table",
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    coordinate_system: str = "global",
+    spatial_key: str = "spatial",
+    cmap: str | Colormap = "viridis",
+    point_size: float | None = None,
+    max_points_per_type: int = 2000,
+    figsize: tuple[float, float] | None = None,
+    title: str | None = None,
+    save: str | os.PathLike[str] | None = None,
+    random_state: int = 0,
+) -> Figure:
+    """Plot cell-type confidence over the tissue and per cell type.
+
+    Left: the cells, coloured by confidence, over the tissue image (SpatialData only), with cells below
+    ``threshold`` outlined in red. Cells are drawn from the shapes element the table annotates (circles or
+    polygons) or from ``shapes_key``, transformed to ``coordinate_system`` like the image, so both align whatever
+    their transformations; without shapes, from the centroids in ``obsm[spatial_key]``. Right: confidence per cell
+    type as jittered strips (types sorted by median confidence, highest first; at most ``max_points_per_type``
+    random cells drawn per type), with the median, the threshold and the share of each type's cells below it.
+
+    Parameters
+    ----------
+    data
+        AnnData table or SpatialData object holding it.
+    key
+        obs column with cell-type labels. When it has ``"Unassigned"`` cells (see
+        :func:`spatialcx.tl.filter_low_confidence`) and ``f"{key}_predicted"`` exists, the strips group cells by the
+        raw prediction, so that filtered cells stay with their type.
+    confidence_key
+        obs column with the confidence of each cell, in ``[0, 1]``.
+    threshold
+        Confidence below which a cell is flagged.
+    table_key
+        Name of the table in ``data.tables`` (SpatialData only).
+    image_key
+        Image element to draw under the cells; ``None`` takes the first image, if any. Multiscale images are read
+        at the coarsest level sharp enough for display, over the cells' extent only.
+    shapes_key
+        Shapes element to draw the cells from; ``None`` uses the element(s) the table annotates.
+    coordinate_system
+        Coordinate system in which image and cells are drawn.
+    spatial_key
+        obsm key with cell centroids, used when there are no shapes. Taken to be in ``coordinate_system`` units.
+    cmap
+        Colormap for confidence.
+    point_size
+        Marker area (points²) when cells are drawn as points (centroids, or more than 100,000 shapes); ``None``
+        sizes markers automatically.
+    max_points_per_type
+        Most cells drawn per type in the strips (a seeded random subset); statistics use all cells.
+    figsize
+        Figure size in inches; ``None`` sizes it from the number of types.
+    title
+        Figure title; ``None`` summarises the share of cells below the threshold.
+    save
+        Write the figure there (format from the suffix, e.g. ``.png`` or ``.pdf``); parent folders are created.
+    random_state
+        Seed for the subsampling and the jitter.
+
+    Returns
+    -------
+    The figure, with the map and the strip plot as its first two axes (the third is the colourbar).
+
+    Raises
+    ------
+    KeyError
+        ``key`` or ``confidence_key`` is missing from obs, ``image_key``/``shapes_key`` is not an element, or
+        ``table_key`` is not a table.
+    TypeError
+        ``confidence_key`` is not numeric, or ``data`` is neither an AnnData nor a SpatialData object.
+    ValueError
+        No coordinates for the cells (no shapes and no ``obsm[spatial_key]``), an empty table, or a bad argument.
+
+    Examples
+    --------
+    >>> fig = scx.pl.confidence(sdata, threshold=0.8, save="plots/confidence.png")  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.colors import Colormap, Normalize
+
+    _check_args(threshold, max_points_per_type, point_size)
+    adata, sdata = _utils.split_data(data, table_key)
+    if adata.n_obs == 0:
+        raise ValueError(f"The table {table_key!r} has no cells; there is nothing to plot.")
+    labels, conf, label_key = _check_columns(adata.obs, key, confidence_key)
+    finite = np.isfinite(conf)
+    if not finite.any():
+        raise ValueError(
+            f"obs[{confidence_key!r}] has no finite values (all NaN); run {_WRITERS} to compute confidence."
+        )
+    cmap = cmap if isinstance(cmap, Colormap) else colormaps[cmap]
+    lo, hi = float(np.min(conf[finite])), float(np.max(conf[finite]))
+    if lo < 0 or hi > 1:
+        logger.warning("obs[%r] has values outside [0, 1] (%.3g to %.3g).", confidence_key, lo, hi)
+    norm = Normalize(vmin=min(0.0, lo), vmax=max(1.0, hi))
+    summary = _type_summary(labels, conf, threshold)
+    if summary.empty:
+        raise ValueError(
+            f"No cell has both a label in obs[{label_key!r}] and a finite confidence; run {_WRITERS} to label the "
+            "cells."
+        )
+
+    map_data = _prepare_map(
+        adata,
+        sdata,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        coordinate_system=coordinate_system,
+        spatial_key=spatial_key,
+    )
+
+    # Widths: the map keeps the tissue's aspect ratio (plus the colourbar), the strips grow with the types.
+    xmin, xmax, ymin, ymax = map_data.bounds
+    aspect = float(np.clip((xmax - xmin) / max(ymax - ymin, 1e-12), 0.6, 2.0))
+    map_width = 5.0 * aspect + 1.6
+    strip_width = max(4.0, 0.28 * len(summary) + 1.5)
+    if figsize is None:
+        figsize = (map_width + strip_width, 6.5)
+    fig = plt.figure(figsize=figsize, layout="constrained")
+    fig.get_layout_engine().set(wspace=0.06)  # room between the colourbar label and the strips' y label
+    try:
+        ax_map, ax_strip = fig.subplots(1, 2, width_ratios=[map_width, strip_width])
+        _map_panel(
+            ax_map,
+            map_data,
+            conf,
+            threshold=threshold,
+            cmap=cmap,
+            norm=norm,
+            axis_labels=(f"x ({coordinate_system})", f"y ({coordinate_system})") if sdata is not None else ("x", "y"),
+            point_size=point_size,
+        )
+        _strip_panel(
+            ax_strip,
+            labels,
+            conf,
+            summary,
+            threshold=threshold,
+            cmap=cmap,
+            norm=norm,
+            max_points_per_type=max_points_per_type,
+            label_key=label_key,
+            confidence_key=confidence_key,
+            random_state=random_state,
+        )
+        from matplotlib.cm import ScalarMappable
+
+        cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_map, shrink=0.8, pad=0.02, aspect=30)
+        cbar.set_label(confidence_key)
+        cbar.ax.axhline(threshold, color=LOW_COLOR, linewidth=2)
+        n_low = int((conf[finite] < threshold).sum())
+        if title is None:
+            title = (
+                f"{confidence_key}: {n_low:,} of {int(finite.sum()):,} cells ({n_low / finite.sum():.1%}) "
+                f"below {threshold:g}"
+            )
+        fig.suptitle(title)
+        if save is not None:
+            _utils.save_figure(fig, save)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig

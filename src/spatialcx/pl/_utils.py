@@ -1,0 +1,771 @@
+"""Shared plotting helpers: find a table's image and shapes, bring them into one coordinate system, draw, save.
+
+Everything here works on plain arrays once the elements are found: an element's transformation to the target
+coordinate system is reduced to a 2D affine matrix (``x, y`` in, ``x, y`` out) with
+:func:`spatialdata.transformations.get_transformation`, and the geometry is transformed with numpy. Images are
+drawn with :meth:`~matplotlib.axes.Axes.imshow` in coordinate-system units, cells with matplotlib collections in data
+units (circles as :class:`~matplotlib.collections.EllipseCollection`, polygons as
+:class:`~matplotlib.collections.PolyCollection`, centroids as a scatter), so that image and cells align whatever their
+transforms are.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from anndata import AnnData
+
+from .._settings import logger
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.collections import Collection
+    from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
+    from spatialdata import SpatialData
+
+#: Largest side, in pixels, of an image as drawn (images are read at the pyramid level closest above, then binned).
+MAX_IMAGE_PIXELS = 2000
+#: Above this many cells, shapes are drawn as points at their centroids (each cell is then a few pixels at most).
+MAX_SHAPES = 100_000
+#: Resolution of saved raster figures and of rasterized layers in vector figures.
+SAVE_DPI = 150
+
+Bounds = tuple[float, float, float, float]  # xmin, xmax, ymin, ymax
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finding the table and its elements
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def split_data(data: AnnData | SpatialData, table_key: str = "table") -> tuple[AnnData, SpatialData | None]:
+    """Return the table and the SpatialData that holds it (``None`` for an AnnData).
+
+    Parameters
+    ----------
+    data
+        An AnnData table or a SpatialData object.
+    table_key
+        Name of the table in ``data.tables`` (SpatialData only).
+
+    Returns
+    -------
+    The table and the SpatialData object, or the AnnData and ``None``.
+
+    Raises
+    ------
+    TypeError
+        ``data`` is neither an AnnData nor a SpatialData object.
+    KeyError
+        The SpatialData object has no table ``table_key``.
+    """
+    from .._table import resolve_table
+
+    ref = resolve_table(data, table_key)
+    return ref.adata, ref.sdata
+
+
+def _available(keys: Any) -> str:
+    keys = sorted(map(str, keys))
+    return ", ".join(repr(k) for k in keys) if keys else "none"
+
+
+def find_image(sdata: SpatialData | None, image_key: str | None = None) -> tuple[str, Any] | None:
+    """Pick the image element to draw under the cells.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object, or ``None`` (AnnData input: there is no image).
+    image_key
+        Name of an element of ``sdata.images``; ``None`` picks the first one, if any.
+
+    Returns
+    -------
+    ``(name, element)`` or ``None`` when there is no image to draw.
+
+    Raises
+    ------
+    KeyError
+        ``image_key`` is not an image of ``sdata``.
+    ValueError
+        ``image_key`` was given for an AnnData.
+    """
+    if sdata is None:
+        if image_key is not None:
+            raise ValueError(
+                f"image_key={image_key!r} was given, but the data is an AnnData, which holds no image elements. "
+                "Pass the SpatialData object that holds the table and the image, or leave image_key=None."
+            )
+        return None
+    if image_key is None:
+        if len(sdata.images) == 0:
+            return None
+        image_key = next(iter(sdata.images))
+        logger.info("Drawing cells over image %r (the first image element); choose another with image_key.", image_key)
+    elif image_key not in sdata.images:
+        raise KeyError(
+            f"image_key={image_key!r} is not an image element of the SpatialData object. "
+            f"Available images: {_available(sdata.images.keys())}."
+        )
+    return image_key, sdata.images[image_key]
+
+
+def affine_matrix(element: Any, coordinate_system: str, *, name: str = "element") -> np.ndarray:
+    """Return the 3 x 3 affine matrix (``x, y`` in, ``x, y`` out) from an element to a coordinate system.
+
+    Parameters
+    ----------
+    element
+        A SpatialData element (image, labels, shapes, points).
+    coordinate_system
+        The target coordinate system.
+    name
+        Name of the element, for error messages.
+
+    Returns
+    -------
+    The matrix ``M`` such that ``M @ [x, y, 1]`` are the coordinates in ``coordinate_system``.
+
+    Raises
+    ------
+    ValueError
+        The element has no transformation to ``coordinate_system``.
+    """
+    from spatialdata.transformations import get_transformation
+
+    transformations = get_transformation(element, get_all=True)
+    if coordinate_system not in transformations:
+        raise ValueError(
+            f"Element {name!r} has no transformation to coordinate system {coordinate_system!r}, so it cannot be drawn "
+            f"there. Its coordinate systems: {_available(transformations)}. Pass one of them as coordinate_system."
+        )
+    matrix = transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    return np.asarray(matrix, dtype=float)
+
+
+def apply_affine(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Apply a 3 x 3 affine matrix to an ``(n, 2)`` array of ``x, y`` coordinates."""
+    xy = np.asarray(xy, dtype=float)
+    return xy @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cells: shapes or centroids, in the target coordinate system
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellGeometry:
+    """Cells of one element, in the target coordinate system.
+
+    Attributes
+    ----------
+    rows
+        Positions (into the table's rows) of the cells, one per drawn item.
+    centers
+        ``(n, 2)`` centres (circles), centroids (points) or vertex means (polygons), one per item of ``rows``.
+    kind
+        ``"circles"``, ``"polygons"`` or ``"points"``.
+    n_cells
+        Number of distinct table rows (a cell drawn as a multipolygon is one item per part).
+    widths, heights, angles
+        Circles only: full axis lengths and angle (degrees, counter-clockwise) of each circle after the transform,
+        which makes ellipses of circles when the scale is anisotropic.
+    vertices, offsets
+        Polygons only: the exterior rings of all items stacked, ``(m, 2)``, and where each starts
+        (``vertices[offsets[i]:offsets[i + 1]]`` is item ``i``).
+    source
+        Name of the element the cells come from, or ``"obsm['spatial']"``.
+    """
+
+    rows: np.ndarray
+    centers: np.ndarray
+    kind: Literal["circles", "polygons", "points"]
+    n_cells: int
+    widths: np.ndarray | None = None
+    heights: np.ndarray | None = None
+    angles: np.ndarray | None = None
+    vertices: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    source: str = ""
+
+    def polygons(self, items: np.ndarray | None = None) -> list[np.ndarray]:
+        """Exterior ring of each item (or of ``items``), an ``(m, 2)`` array each."""
+        items = np.arange(len(self.rows)) if items is None else items
+        return [self.vertices[self.offsets[i] : self.offsets[i + 1]] for i in items]
+
+    def bounds(self) -> Bounds:
+        """Return ``(xmin, xmax, ymin, ymax)`` of the cells, shapes included."""
+        if self.kind == "polygons":
+            xy = self.vertices
+            return float(xy[:, 0].min()), float(xy[:, 0].max()), float(xy[:, 1].min()), float(xy[:, 1].max())
+        pad = 0.0 if self.widths is None else np.maximum(self.widths, self.heights) / 2
+        x, y = self.centers[:, 0], self.centers[:, 1]
+        return float((x - pad).min()), float((x + pad).max()), float((y - pad).min()), float((y + pad).max())
+
+    def typical_size(self) -> float:
+        """Median cell diameter in coordinate-system units (0 for points)."""
+        if self.kind == "circles":
+            return float(np.median((self.widths + self.heights) / 2))
+        if self.kind == "polygons":
+            sample = np.arange(0, len(self.rows), max(1, len(self.rows) // 1000))
+            return float(np.median([np.ptp(p, axis=0).mean() for p in self.polygons(sample)]))
+        return 0.0
+
+
+def union_bounds(bounds: Sequence[Bounds]) -> Bounds:
+    """Smallest box holding all ``bounds``."""
+    b = np.asarray(bounds, dtype=float)
+    return float(b[:, 0].min()), float(b[:, 1].max()), float(b[:, 2].min()), float(b[:, 3].max())
+
+
+def _instance_positions(shapes_index: Any, instance_ids: Any) -> np.ndarray:
+    """Positions of ``instance_ids`` in ``shapes_index`` (-1 when absent), matching ids as strings if types differ."""
+    import pandas as pd
+
+    index = pd.Index(shapes_index)
+    ids = pd.Index(instance_ids)
+    if not index.is_unique:
+        raise ValueError(
+            "The shapes element's index has repeated values, so table rows cannot be matched to single shapes. "
+            "Give each shape a unique index (its instance id)."
+        )
+    pos = index.get_indexer(ids)
+    if (pos < 0).all() and len(ids):
+        pos = index.astype(str).get_indexer(ids.astype(str))
+    return np.asarray(pos)
+
+
+def _shapes_geometry(gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str) -> CellGeometry:
+    """Transform the geometries of ``gdf`` (already aligned with ``rows``) with ``matrix``."""
+    import shapely
+
+    geoms = np.asarray(gdf.geometry.values, dtype=object)
+    types = shapely.get_type_id(geoms)
+    if np.all(types == shapely.GeometryType.POINT):
+        centers = apply_affine(matrix, shapely.get_coordinates(geoms)[:, :2])
+        if "radius" not in gdf.columns:
+            return CellGeometry(rows=rows, centers=centers, kind="points", n_cells=len(rows), source=source)
+        radius = np.asarray(gdf["radius"], dtype=float)
+        # A circle of radius r maps under the linear part A = U S V^T to an ellipse with semi-axes r * S and the
+        # first axis along U[:, 0].
+        u, s, _ = np.linalg.svd(matrix[:2, :2])
+        angle = float(np.degrees(np.arctan2(u[1, 0], u[0, 0])))
+        return CellGeometry(
+            rows=rows,
+            centers=centers,
+            kind="circles",
+            n_cells=len(rows),
+            widths=2 * radius * s[0],
+            heights=2 * radius * s[1],
+            angles=np.full(len(rows), angle),
+            source=source,
+        )
+    polygonal = np.isin(types, [shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON])
+    if not polygonal.all():
+        found = sorted({shapely.GeometryType(t).name for t in np.unique(types[~polygonal])})
+        raise ValueError(
+            f"Shapes element {source!r} mixes geometry types ({', '.join(found)} besides polygons); cells can be drawn "
+            "from circles (points with a 'radius' column) or from polygons. Pass another element as shapes_key."
+        )
+    parts, part_of = shapely.get_parts(geoms, return_index=True)
+    rings = shapely.get_exterior_ring(parts)
+    vertices = apply_affine(matrix, shapely.get_coordinates(rings)[:, :2])
+    counts = shapely.get_num_coordinates(rings)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    # Mean of each ring's vertices (rings are closed: the last repeats the first): a cheap marker position.
+    ok = counts > 1
+    centers = np.full((len(parts), 2), np.nan)
+    sums = np.add.reduceat(vertices, offsets[:-1][ok], axis=0) if ok.any() else np.zeros((0, 2))
+    centers[ok] = (sums - vertices[offsets[1:][ok] - 1]) / (counts[ok, None] - 1)
+    return CellGeometry(
+        rows=rows[part_of],
+        centers=centers,
+        kind="polygons",
+        n_cells=len(rows),
+        vertices=vertices,
+        offsets=offsets,
+        source=source,
+    )
+
+
+def cell_geometries(
+    adata: AnnData,
+    sdata: SpatialData | None = None,
+    *,
+    shapes_key: str | None = None,
+    coordinate_system: str = "global",
+    spatial_key: str = "spatial",
+) -> list[CellGeometry]:
+    """Find where each cell of a table is, in one coordinate system.
+
+    Cells come from the shapes element(s) that the table annotates (``uns["spatialdata_attrs"]``: region,
+    region_key, instance_key), or from ``shapes_key``, transformed to ``coordinate_system``; without shapes, from
+    the centroids in ``obsm[spatial_key]`` (taken to be in ``coordinate_system`` units already).
+
+    Parameters
+    ----------
+    adata
+        The table.
+    sdata
+        The SpatialData object holding it, or ``None``.
+    shapes_key
+        A shapes element to draw the cells from. When the table does not annotate it, table rows are matched to its
+        index by the table's instance key (e.g. ``cell_boundaries`` for a table that annotates ``cell_circles``).
+    coordinate_system
+        Coordinate system to draw in.
+    spatial_key
+        Key in ``adata.obsm`` with centroids, used when there are no shapes.
+
+    Returns
+    -------
+    One :class:`CellGeometry` per shapes element (or one for the centroids).
+
+    Raises
+    ------
+    KeyError
+        ``shapes_key`` is not a shapes element.
+    ValueError
+        No coordinates at all, or the table cannot be matched to the shapes.
+    """
+    from spatialdata.models import get_table_keys
+
+    if sdata is None and shapes_key is not None:
+        raise ValueError(
+            f"shapes_key={shapes_key!r} was given, but the data is an AnnData, which holds no shapes elements. "
+            "Pass the SpatialData object, or leave shapes_key=None to draw the centroids in obsm."
+        )
+    if sdata is not None and shapes_key is not None and shapes_key not in sdata.shapes:
+        raise KeyError(
+            f"shapes_key={shapes_key!r} is not a shapes element of the SpatialData object. "
+            f"Available shapes: {_available(sdata.shapes.keys())}."
+        )
+
+    regions: list[str] = []
+    region_key = instance_key = None
+    if sdata is not None and adata.uns.get("spatialdata_attrs"):
+        region, region_key, instance_key = get_table_keys(adata)
+        regions = [region] if isinstance(region, str) else list(region)
+
+    if sdata is not None and shapes_key is not None:
+        targets = [shapes_key]
+    elif sdata is not None:
+        targets = [r for r in regions if r in sdata.shapes]
+    else:
+        targets = []
+
+    geometries: list[CellGeometry] = []
+    for name in targets:
+        if instance_key is None or instance_key not in adata.obs:
+            raise ValueError(
+                f"Cannot match the table's rows to shapes {name!r}: the table has no instance key column "
+                f"(uns['spatialdata_attrs']['instance_key']={instance_key!r}). Annotate the table with "
+                "spatialdata.models.TableModel.parse(..., region=..., region_key=..., instance_key=...)."
+            )
+        if name in regions and region_key in adata.obs:
+            rows = np.flatnonzero((adata.obs[region_key].astype(str) == name).to_numpy())
+        else:
+            rows = np.arange(adata.n_obs)
+        gdf = sdata.shapes[name]
+        pos = _instance_positions(gdf.index, adata.obs[instance_key].to_numpy()[rows])
+        found = pos >= 0
+        if not found.any():
+            raise ValueError(
+                f"None of the table's {instance_key!r} values were found in the index of shapes {name!r} "
+                f"(e.g. table {adata.obs[instance_key].iloc[rows[:3]].tolist()} vs shapes {gdf.index[:3].tolist()}). "
+                "Pass the shapes element that the table annotates as shapes_key."
+            )
+        if not found.all():
+            logger.warning("%d of %d cells have no shape in %r and are not drawn.", (~found).sum(), found.size, name)
+        matrix = affine_matrix(gdf, coordinate_system, name=name)
+        geometries.append(_shapes_geometry(gdf.iloc[pos[found]], matrix, rows[found], name))
+    if geometries:
+        return geometries
+
+    if spatial_key in adata.obsm:
+        xy = np.asarray(adata.obsm[spatial_key], dtype=float)
+        if xy.ndim != 2 or xy.shape[1] < 2:
+            raise ValueError(f"obsm[{spatial_key!r}] must be an (n_cells, 2) array of x, y; found shape {xy.shape}.")
+        if sdata is not None:
+            logger.info("No shapes found for the table; drawing centroids from obsm[%r] as they are.", spatial_key)
+        return [
+            CellGeometry(
+                rows=np.arange(adata.n_obs),
+                centers=xy[:, :2],
+                kind="points",
+                n_cells=adata.n_obs,
+                source=f"obsm[{spatial_key!r}]",
+            )
+        ]
+
+    where = (
+        f"the table annotates {regions or 'no element'} (shapes elements: {_available(sdata.shapes.keys())})"
+        if sdata is not None
+        else "the data is an AnnData"
+    )
+    raise ValueError(
+        f"No coordinates to draw the cells: {where}, and obsm has no {spatial_key!r} key "
+        f"(obsm keys: {_available(adata.obsm.keys())}). Add cell centroids as obsm[{spatial_key!r}] "
+        "(n_cells x 2), or link the table to its shapes with spatialdata.models.TableModel.parse."
+    )
+
+
+def _points_per_data_unit(ax: Axes) -> float:
+    """Current scale of the x axis, in points per data unit."""
+    width_pt = ax.get_window_extent().width * 72 / ax.figure.dpi
+    x0, x1 = ax.get_xlim()
+    return width_pt / max(abs(x1 - x0), 1e-12)
+
+
+def draw_cells(
+    ax: Axes,
+    geometries: Sequence[CellGeometry],
+    facecolors: np.ndarray,
+    *,
+    subset: np.ndarray | None = None,
+    edgecolor: Any = None,
+    linewidth: float = 0.8,
+    point_size: float | None = None,
+    max_shapes: int = MAX_SHAPES,
+    rasterized: bool = True,
+    label: str = "cells",
+) -> list[Collection]:
+    """Draw cells as one collection per geometry, coloured per table row.
+
+    Set the axes limits before calling: points are sized from them. Call once per layer (e.g. a second call with
+    ``subset`` and ``edgecolor`` outlines some cells on top of the others); edges cost drawing time, so draw
+    them only where they carry meaning.
+
+    Parameters
+    ----------
+    ax
+        Axes to draw on.
+    geometries
+        From :func:`cell_geometries`.
+    facecolors
+        ``(n_obs, 4)`` RGBA colours, indexed by table row.
+    subset
+        Boolean mask over table rows: draw only these cells.
+    edgecolor
+        One colour for the cells' edges; ``None`` draws no edges.
+    linewidth
+        Edge width in points (thinner for markers smaller than 4 points across).
+    point_size
+        Marker area (points²) when cells are drawn as points; ``None`` sizes markers from the cell size, or from
+        the number of cells for centroids.
+    max_shapes
+        Above this many cells in one element, circles and polygons are drawn as points at their centres.
+    rasterized
+        Rasterize the collections in vector output (keeps PDFs of many cells small).
+    label
+        Label of the collections; the source element is appended, e.g. ``"cells (cell_boundaries)"``.
+
+    Returns
+    -------
+    The collections added.
+    """
+    from matplotlib.collections import EllipseCollection, PolyCollection
+    from matplotlib.colors import to_rgba
+
+    ec = "none" if edgecolor is None else to_rgba(edgecolor)
+    lw = 0.0 if edgecolor is None else linewidth
+    n_total = sum(g.n_cells for g in geometries)
+    collections = []
+    for geom in geometries:
+        items = np.arange(len(geom.rows)) if subset is None else np.flatnonzero(subset[geom.rows])
+        fc = facecolors[geom.rows[items]]
+        kind = geom.kind
+        if kind != "points" and geom.n_cells > max_shapes:
+            logger.info("%d cells in %r: drawing them as points at their centres.", geom.n_cells, geom.source)
+            kind = "points"
+        if kind == "circles":
+            coll = EllipseCollection(
+                geom.widths[items],
+                geom.heights[items],
+                geom.angles[items],
+                units="xy",
+                offsets=geom.centers[items],
+                offset_transform=ax.transData,
+                facecolors=fc,
+                edgecolors=ec,
+                linewidths=lw,
+            )
+            ax.add_collection(coll, autolim=False)
+        elif kind == "polygons":
+            coll = PolyCollection(geom.polygons(items), facecolors=fc, edgecolors=ec, linewidths=lw)
+            ax.add_collection(coll, autolim=False)
+        else:
+            if point_size is None:
+                diameter_pt = geom.typical_size() * _points_per_data_unit(ax)
+                size = diameter_pt**2 if diameter_pt > 0 else min(30.0, 120_000 / max(n_total, 1))
+                size = max(size, (72 / ax.figure.dpi) ** 2)  # at least a pixel
+            else:
+                size = float(point_size)
+            coll = ax.scatter(
+                geom.centers[items, 0],
+                geom.centers[items, 1],
+                s=size,
+                c=fc,
+                edgecolors=ec,
+                linewidths=lw * min(1.0, np.sqrt(size) / 4),
+                marker="o" if size >= 4 else "s",  # a square is cheaper and looks the same at a few pixels
+            )
+        coll.set_rasterized(rasterized)
+        coll.set_label(f"{label} ({geom.source})")
+        collections.append(coll)
+    return collections
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageLayer:
+    """An image ready to draw: pixels and where they lie in the coordinate system.
+
+    Attributes
+    ----------
+    pixels
+        ``(h, w)`` floats (drawn with ``cmap`` between ``vmin`` and ``vmax``) or ``(h, w, 3)`` RGB in ``[0, 1]``.
+    intrinsic_extent
+        ``(x0, x1, y0, y1)`` of the pixels in the element's own full-resolution pixel coordinates (pixel ``i``
+        spans ``[i, i + 1)``).
+    matrix
+        3 x 3 affine from full-resolution pixel coordinates to the coordinate system.
+    name
+        Name of the image element.
+    """
+
+    pixels: np.ndarray
+    intrinsic_extent: tuple[float, float, float, float]
+    matrix: np.ndarray
+    vmin: float | None = None
+    vmax: float | None = None
+    cmap: str | None = "gray"
+    name: str = ""
+
+    @property
+    def axis_aligned(self) -> bool:
+        """Whether the transform is a scale and translation only (no rotation or shear)."""
+        m = self.matrix[:2, :2]
+        return bool(np.isclose(m[0, 1], 0) and np.isclose(m[1, 0], 0))
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """``(left, right, bottom, top)`` in the coordinate system, as :meth:`~matplotlib.axes.Axes.imshow` wants.
+
+        Only meaningful when :attr:`axis_aligned`; row 0 of :attr:`pixels` is at ``top``.
+        """
+        x0, x1, y0, y1 = self.intrinsic_extent
+        (left, top), (right, bottom) = apply_affine(self.matrix, [[x0, y0], [x1, y1]])
+        return float(left), float(right), float(bottom), float(top)
+
+    def bounds(self) -> Bounds:
+        """``(xmin, xmax, ymin, ymax)`` of the drawn image in the coordinate system."""
+        x0, x1, y0, y1 = self.intrinsic_extent
+        c = apply_affine(self.matrix, [[x0, y0], [x1, y0], [x0, y1], [x1, y1]])
+        return float(c[:, 0].min()), float(c[:, 0].max()), float(c[:, 1].min()), float(c[:, 1].max())
+
+
+def _pyramid(image: Any) -> list[Any]:
+    """Levels of a multiscale image (finest first), or ``[image]`` for a single-scale one."""
+    from xarray import DataArray
+
+    if isinstance(image, DataArray):
+        return [image]
+    from spatialdata import get_pyramid_levels
+
+    return list(get_pyramid_levels(image))
+
+
+def _to_display(arr: np.ndarray, dtype: np.dtype, channels: Sequence[Any]) -> tuple[np.ndarray, Any, Any, Any]:
+    """Turn a binned ``(c, h, w)`` array into something imshow can draw: (pixels, vmin, vmax, cmap)."""
+
+    def stretch(a: np.ndarray) -> tuple[float, float]:
+        finite = a[np.isfinite(a)]
+        if finite.size == 0:
+            return 0.0, 1.0
+        lo, hi = np.percentile(finite, [0.5, 99.5])
+        if hi <= lo:
+            lo, hi = float(finite.min()), float(finite.max())
+        return float(lo), float(hi if hi > lo else lo + 1)
+
+    names = [str(c).lower() for c in channels]
+    if arr.shape[0] in (3, 4) and (np.issubdtype(dtype, np.uint8) or names[:3] == ["r", "g", "b"]):
+        rgb = arr[:3].transpose(1, 2, 0).astype(float)
+        if np.issubdtype(dtype, np.uint8):
+            rgb = rgb / 255
+        else:
+            for i in range(3):
+                lo, hi = stretch(rgb[..., i])
+                rgb[..., i] = (rgb[..., i] - lo) / (hi - lo)
+        return np.clip(rgb, 0, 1), None, None, None
+    if arr.shape[0] > 1:
+        logger.info("Image has %d channels; drawing the first (%s) in grey.", arr.shape[0], channels[0])
+    lo, hi = stretch(arr[0])
+    return arr[0].astype(float), lo, hi, "gray"
+
+
+def prepare_image(
+    image: Any,
+    matrix: np.ndarray,
+    *,
+    bounds: Bounds | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    name: str = "",
+) -> ImageLayer | None:
+    """Read the part of an image that covers ``bounds``, at a resolution fit for display.
+
+    The coarsest pyramid level that still has at least ``max_pixels`` along the longer side of the crop is read (the
+    finest when none has), and it is binned (mean) down to at most ``max_pixels``. 3D images are max-projected
+    along ``z``. Only the needed region of the needed level is computed.
+
+    Parameters
+    ----------
+    image
+        An image element (``DataArray`` or multiscale ``DataTree``) with ``c, y, x`` (or ``c, z, y, x``) axes.
+    matrix
+        3 x 3 affine from the image's full-resolution pixels to the coordinate system (:func:`affine_matrix`).
+    bounds
+        ``(xmin, xmax, ymin, ymax)`` in the coordinate system to cover; ``None`` reads the whole image.
+    max_pixels
+        Largest side of the returned pixels.
+    name
+        Name of the element, kept on the result.
+
+    Returns
+    -------
+    The image layer, or ``None`` when the image does not overlap ``bounds``.
+    """
+    levels = _pyramid(image)
+    full = levels[0]
+    h0, w0 = int(full.sizes["y"]), int(full.sizes["x"])
+
+    x0, x1, y0, y1 = 0.0, float(w0), 0.0, float(h0)
+    if bounds is not None:
+        bx0, bx1, by0, by1 = bounds
+        corners = np.array([[bx0, by0], [bx1, by0], [bx0, by1], [bx1, by1]])
+        px = apply_affine(np.linalg.inv(matrix), corners)
+        x0, x1 = max(0.0, np.floor(px[:, 0].min())), min(float(w0), np.ceil(px[:, 0].max()))
+        y0, y1 = max(0.0, np.floor(px[:, 1].min())), min(float(h0), np.ceil(px[:, 1].max()))
+        if x1 <= x0 or y1 <= y0:
+            return None
+
+    # Coarsest level with enough pixels over the crop.
+    chosen, sx, sy = full, 1.0, 1.0
+    for level in levels[1:]:
+        lsx, lsy = w0 / level.sizes["x"], h0 / level.sizes["y"]
+        if max((x1 - x0) / lsx, (y1 - y0) / lsy) < max_pixels:
+            break
+        chosen, sx, sy = level, lsx, lsy
+    lx0, lx1 = int(np.floor(x0 / sx)), int(np.ceil(x1 / sx))
+    ly0, ly1 = int(np.floor(y0 / sy)), int(np.ceil(y1 / sy))
+    lx1, ly1 = min(lx1, int(chosen.sizes["x"])), min(ly1, int(chosen.sizes["y"]))
+    crop = chosen.isel(x=slice(lx0, lx1), y=slice(ly0, ly1))
+    if "z" in crop.dims:
+        crop = crop.max("z")
+    factor = max(1, int(np.ceil(max(lx1 - lx0, ly1 - ly0) / max_pixels)))
+    if factor > 1:
+        crop = crop.coarsen(x=factor, y=factor, boundary="trim").mean()
+    if "c" not in crop.dims:
+        crop = crop.expand_dims("c")
+    crop = crop.transpose("c", "y", "x")
+    channels = list(crop.coords["c"].values) if "c" in crop.coords else list(range(crop.sizes["c"]))
+    arr = np.asarray(crop.values)
+    if arr.size == 0:
+        return None
+    pixels, vmin, vmax, cmap = _to_display(arr, full.dtype, channels)
+    h, w = arr.shape[1:]
+    intrinsic = (lx0 * sx, (lx0 + w * factor) * sx, ly0 * sy, (ly0 + h * factor) * sy)
+    return ImageLayer(pixels, intrinsic, matrix, vmin=vmin, vmax=vmax, cmap=cmap, name=name)
+
+
+def draw_image(ax: Axes, layer: ImageLayer, *, zorder: float = 0) -> AxesImage:
+    """Draw an :class:`ImageLayer` in coordinate-system units.
+
+    Scale and translation become the ``extent``; rotations and shears go through an affine artist transform.
+    """
+    from matplotlib.transforms import Affine2D
+
+    kwargs = {"cmap": layer.cmap, "vmin": layer.vmin, "vmax": layer.vmax, "interpolation": "antialiased"}
+    if layer.axis_aligned:
+        im = ax.imshow(layer.pixels, extent=layer.extent, origin="upper", zorder=zorder, **kwargs)
+    else:
+        x0, x1, y0, y1 = layer.intrinsic_extent
+        im = ax.imshow(layer.pixels, extent=(x0, x1, y1, y0), origin="upper", zorder=zorder, **kwargs)
+        im.set_transform(Affine2D(layer.matrix) + ax.transData)
+    im.set_label(f"image ({layer.name})")
+    return im
+
+
+def set_spatial_limits(ax: Axes, bounds: Bounds, *, pad: float = 0.02) -> None:
+    """Frame ``bounds`` with equal aspect and y pointing down, as images are shown."""
+    xmin, xmax, ymin, ymax = bounds
+    dx = max(xmax - xmin, 1e-9) * pad
+    dy = max(ymax - ymin, 1e-9) * pad
+    d = max(dx, dy)
+    ax.set_xlim(xmin - d, xmax + d)
+    ax.set_ylim(ymax + d, ymin - d)
+    ax.set_aspect("equal")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = SAVE_DPI) -> Path:
+    """Write a figure, choosing the format from the suffix; parent folders are created.
+
+    The file is written next to its destination and moved into place, so an interrupted save leaves no partial
+    file.
+
+    Parameters
+    ----------
+    fig
+        The figure.
+    path
+        Destination, e.g. ``"plots/confidence.png"`` or ``.pdf``/``.svg``.
+    dpi
+        Resolution of raster output and of rasterized layers in vector output.
+
+    Returns
+    -------
+    The path written.
+
+    Raises
+    ------
+    ValueError
+        The suffix is missing or not a format matplotlib can write.
+    """
+    path = Path(path).expanduser()
+    fmt = path.suffix.lower().lstrip(".")
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(
+            f"Cannot save the figure to {str(path)!r}: the suffix {path.suffix or '(none)'!r} is not a figure format. "
+            f"Use one of: {', '.join('.' + s for s in sorted(supported))} (e.g. '.png' or '.pdf')."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        # Figures with a layout engine are already laid out; "tight" would draw them twice.
+        bbox = None if fig.get_layout_engine() is not None else "tight"
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches=bbox)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("Saved figure to %s", path)
+    return path

@@ -1,0 +1,513 @@
+from __future__ import annotations
+
+import warnings
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+from matplotlib.collections import EllipseCollection, PathCollection, PolyCollection
+from matplotlib.colors import to_rgba
+from matplotlib.image import AxesImage
+
+import spatialcx as scx
+from spatialcx.pl import _utils
+from spatialcx.pl._confidence import LOW_COLOR, MISSING_COLOR
+
+THRESHOLD = 0.8
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Synthetic data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _obs(n: int, rng: np.random.Generator) -> pd.DataFrame:
+    types = np.array(["B cell", "T cell", "macrophage"])
+    labels = types[np.arange(n) % 3]
+    # Distinct medians per type: macrophage lowest, B cell highest.
+    centre = {"B cell": 0.95, "T cell": 0.8, "macrophage": 0.5}
+    conf = np.clip([centre[lab] + rng.normal(0, 0.08) for lab in labels], 0, 1)
+    return pd.DataFrame(
+        {"cell_type": pd.Categorical(labels), "cell_type_confidence": conf}, index=[f"c{i}" for i in range(n)]
+    )
+
+
+def _table(obs: pd.DataFrame, region: str, ids) -> AnnData:
+    from spatialdata.models import TableModel
+
+    obs = obs.copy()
+    obs["region"] = pd.Categorical([region] * len(obs))
+    obs["cell_id"] = np.asarray(ids)
+    adata = AnnData(X=np.zeros((len(obs), 2), dtype=np.float32), obs=obs)
+    return TableModel.parse(adata, region=region, region_key="region", instance_key="cell_id")
+
+
+def _image(h: int = 40, w: int = 60, *, transform=None, scale_factors=None):
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    arr = np.arange(h * w, dtype=np.float32).reshape(1, h, w)
+    return Image2DModel.parse(
+        arr, dims=("c", "y", "x"), transformations={"global": transform or Identity()}, scale_factors=scale_factors
+    )
+
+
+def _px_to_um():
+    """Image in pixels: 2 µm per pixel in x, 3 in y, origin at (10, 20) µm."""
+    from spatialdata.transformations import Scale, Sequence, Translation
+
+    return Sequence([Scale([2.0, 3.0], axes=("x", "y")), Translation([10.0, 20.0], axes=("x", "y"))])
+
+
+def circles_sdata(n: int = 30, *, shapes_transform=None, seed: int = 0):
+    """Image 40 x 60 px (Scale + Translation to µm) and circles spread over the whole image, in µm."""
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    rng = np.random.default_rng(seed)
+    # Cells spanning the image: x in [10, 130], y in [20, 140] µm.
+    xy = np.column_stack([rng.uniform(15, 125, n), rng.uniform(25, 135, n)])
+    xy[0], xy[1] = (13.0, 23.0), (127.0, 137.0)
+    radius = np.full(n, 3.0)
+    ids = np.arange(100, 100 + n)
+    circles = ShapesModel.parse(
+        xy, geometry=0, radius=radius, index=ids, transformations={"global": shapes_transform or Identity()}
+    )
+    table = _table(_obs(n, rng), "cells", ids[::-1])  # table rows in another order than the shapes
+    return SpatialData(images={"he": _image(transform=_px_to_um())}, shapes={"cells": circles}, tables={"table": table})
+
+
+def polygons_sdata(n: int = 12):
+    """Square cells (polygons) in pixel units, with a Scale of 0.5 to the global coordinate system."""
+    import geopandas as gpd
+    from shapely.geometry import box
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Scale
+
+    rng = np.random.default_rng(1)
+    corners = np.column_stack([np.arange(n) * 20.0, np.arange(n) * 10.0])
+    gdf = gpd.GeoDataFrame(
+        geometry=[box(x, y, x + 8, y + 4) for x, y in corners], index=pd.Index([f"cell_{i}" for i in range(n)])
+    )
+    polys = ShapesModel.parse(gdf, transformations={"global": Scale([0.5, 0.5], axes=("x", "y"))})
+    table = _table(_obs(n, rng), "cell_boundaries", polys.index)
+    return SpatialData(shapes={"cell_boundaries": polys}, tables={"table": table})
+
+
+def points_adata(n: int = 300, seed: int = 2) -> AnnData:
+    rng = np.random.default_rng(seed)
+    adata = AnnData(X=np.zeros((n, 2), dtype=np.float32), obs=_obs(n, rng))
+    adata.obsm["spatial"] = rng.uniform(0, 1000, size=(n, 2))
+    return adata
+
+
+def _cell_collections(ax, layer: str = "any"):
+    """Collections of cells on the map: confident cells ("cells (...)") and outlined ones ("low-confidence ...")."""
+    prefixes = {"any": ("cells (", "low-confidence cells ("), "confident": ("cells (",), "low": ("low-confidence",)}
+    return [c for c in ax.collections if str(c.get_label()).startswith(prefixes[layer])]
+
+
+def _n_items(coll) -> int:
+    if isinstance(coll, PolyCollection):
+        return len(coll.get_paths())
+    return len(coll.get_offsets())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Map panel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_circles_over_image_aligned():
+    sdata = circles_sdata()
+    fig = scx.pl.confidence(sdata)
+    ax_map, ax_strip = fig.axes[:2]
+    assert len([a for a in fig.axes if a.get_label() != "<colorbar>"]) == 2
+
+    images = [im for im in ax_map.get_images() if isinstance(im, AxesImage)]
+    assert len(images) == 1
+    # 60 x 40 px, 2 µm/px in x and 3 µm/px in y, origin at (10, 20): left, right, bottom, top (y points down).
+    np.testing.assert_allclose(images[0].get_extent(), (10.0, 130.0, 140.0, 20.0))
+    assert ax_map.get_ylim()[0] > ax_map.get_ylim()[1]  # y axis points down, as in the image
+
+    colls = _cell_collections(ax_map)
+    assert all(isinstance(c, EllipseCollection) for c in colls)
+    assert sum(_n_items(c) for c in colls) == sdata.tables["table"].n_obs
+    gdf = sdata.shapes["cells"]
+    expected = np.column_stack([gdf.geometry.x, gdf.geometry.y])
+    offsets = np.concatenate([c.get_offsets() for c in colls])
+    np.testing.assert_allclose(np.sort(offsets, axis=0), np.sort(expected, axis=0))
+
+
+def test_shapes_transform_is_applied():
+    """Circles stored at half scale with a Scale(2) land at the same place, with twice the radius."""
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Scale
+
+    sdata = circles_sdata()
+    gdf = sdata.shapes["cells"]
+    xy_um = np.column_stack([gdf.geometry.x, gdf.geometry.y])
+    sdata.shapes["cells"] = ShapesModel.parse(
+        xy_um / 2,
+        geometry=0,
+        radius=gdf["radius"].to_numpy() / 2,
+        index=gdf.index,
+        transformations={"global": Scale([2.0, 2.0], axes=("x", "y"))},
+    )
+    geoms = _utils.cell_geometries(sdata.tables["table"], sdata)
+    (geom,) = geoms
+    assert geom.kind == "circles"
+    table_ids = sdata.tables["table"].obs["cell_id"].to_numpy()
+    order = np.searchsorted(gdf.index.to_numpy(), table_ids[geom.rows])
+    np.testing.assert_allclose(geom.centers, xy_um[order])
+    np.testing.assert_allclose(geom.widths, 6.0)  # diameter 2 * 1.5 * 2
+
+
+def test_anisotropic_and_rotated_transforms():
+    from spatialdata.transformations import Affine
+
+    sdata = circles_sdata()
+    theta = np.deg2rad(30)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 5.0], [np.sin(theta), np.cos(theta), -3.0], [0, 0, 1]])
+    sdata.images["he"] = _image(transform=Affine(rot, input_axes=("x", "y"), output_axes=("x", "y")))
+    fig = scx.pl.confidence(sdata)
+    ax_map = fig.axes[0]
+    (im,) = ax_map.get_images()
+    # The image is placed by the affine: pixel corner (x=60, y=0) goes where the rotation sends it.
+    to_data = im.get_transform() - ax_map.transData
+    x0, x1, y0, y1 = _utils.prepare_image(sdata.images["he"], rot).intrinsic_extent
+    np.testing.assert_allclose(to_data.transform([[x1, y0]])[0], (rot @ [x1, y0, 1])[:2], atol=1e-6)
+
+    # An anisotropic scale turns circles into ellipses.
+    from spatialdata.transformations import Scale, set_transformation
+
+    set_transformation(sdata.shapes["cells"], Scale([2.0, 1.0], axes=("x", "y")), "global")
+    (geom,) = _utils.cell_geometries(sdata.tables["table"], sdata)
+    np.testing.assert_allclose(geom.widths, 12.0)
+    np.testing.assert_allclose(geom.heights, 6.0)
+
+
+def test_polygons_drawn_with_transform():
+    sdata = polygons_sdata()
+    fig = scx.pl.confidence(sdata)
+    ax_map = fig.axes[0]
+    assert not ax_map.get_images()  # no image element
+    colls = _cell_collections(ax_map)
+    assert all(isinstance(c, PolyCollection) for c in colls)
+    assert sum(_n_items(c) for c in colls) == sdata.tables["table"].n_obs
+    verts = np.concatenate([p.vertices for c in colls for p in c.get_paths()])
+    bounds = sdata.shapes["cell_boundaries"].total_bounds  # pixels, Scale(0.5) to global
+    np.testing.assert_allclose(verts.min(axis=0), bounds[:2] * 0.5)
+    np.testing.assert_allclose(verts.max(axis=0), bounds[2:] * 0.5)
+
+
+def test_anndata_centroids():
+    adata = points_adata()
+    fig = scx.pl.confidence(adata, point_size=5)
+    ax_map = fig.axes[0]
+    assert not ax_map.get_images()
+    colls = _cell_collections(ax_map)
+    assert all(isinstance(c, PathCollection) for c in colls)
+    assert sum(_n_items(c) for c in colls) == adata.n_obs
+    offsets = np.concatenate([c.get_offsets() for c in colls])
+    np.testing.assert_allclose(np.sort(offsets, axis=0), np.sort(adata.obsm["spatial"], axis=0))
+    for coll in colls:
+        np.testing.assert_allclose(coll.get_sizes(), 5)
+
+
+def test_anndata_view():
+    adata = points_adata()
+    view = adata[adata.obs["cell_type"] != "macrophage"]
+    fig = scx.pl.confidence(view)
+    assert sum(_n_items(c) for c in _cell_collections(fig.axes[0])) == view.n_obs
+    assert "cell_type_confidence" in adata.obs  # the parent is untouched
+
+
+def test_low_confidence_marked_and_on_top():
+    adata = points_adata()
+    conf = adata.obs["cell_type_confidence"].to_numpy().copy()
+    conf[:3] = np.nan
+    adata.obs["cell_type_confidence"] = conf
+    fig = scx.pl.confidence(adata, threshold=THRESHOLD)
+    ax = fig.axes[0]
+    (confident,) = _cell_collections(ax, "confident")
+    (outlined,) = _cell_collections(ax, "low")
+    low = np.isfinite(conf) & (conf < THRESHOLD)
+    assert _n_items(outlined) == low.sum() > 0
+    assert _n_items(confident) == adata.n_obs - low.sum()
+    np.testing.assert_allclose(outlined.get_edgecolors(), [to_rgba(LOW_COLOR)])
+    assert np.all(outlined.get_linewidths() > 0)
+    assert np.all(confident.get_linewidths() == 0)
+    # Outlined cells are drawn after (on top of) the others.
+    assert ax.collections.index(outlined) > ax.collections.index(confident)
+    # Their faces keep the confidence colour.
+    np.testing.assert_allclose(
+        np.sort(outlined.get_facecolors(), axis=0),
+        np.sort(plt.get_cmap("viridis")(conf[low]), axis=0),
+    )
+    faces = np.concatenate([confident.get_facecolors(), outlined.get_facecolors()])
+    assert np.all(np.isclose(faces, to_rgba(MISSING_COLOR)), axis=1).sum() == 3
+
+
+def test_crop_to_cells_and_multiscale():
+    sdata = circles_sdata()
+    image = _image(400, 600, transform=_px_to_um(), scale_factors=[2, 2])
+    matrix = _utils.affine_matrix(image, "global")
+    # Whole image at a small size: coarsest level that still has >= 100 px, binned down to <= 100.
+    layer = _utils.prepare_image(image, matrix, max_pixels=100)
+    assert max(layer.pixels.shape) <= 100
+    np.testing.assert_allclose(layer.intrinsic_extent, (0, 600, 0, 400))
+    # A box in µm maps to a pixel-aligned crop that covers it.
+    layer = _utils.prepare_image(image, matrix, bounds=(110.0, 210.0, 320.0, 620.0))
+    left, right, bottom, top = layer.extent
+    assert left <= 110 < 210 <= right and top <= 320 < 620 <= bottom
+    assert right - left < 130 and bottom - top < 330
+    x0, x1, y0, y1 = layer.intrinsic_extent
+    assert all(float(v).is_integer() for v in (x0, x1, y0, y1))
+    # Cells outside the image: nothing to crop.
+    assert _utils.prepare_image(image, matrix, bounds=(5000.0, 6000.0, 5000.0, 6000.0)) is None
+
+    sdata.images["he"] = image
+    fig = scx.pl.confidence(sdata)
+    (im,) = fig.axes[0].get_images()
+    left, right, bottom, top = im.get_extent()
+    cells = _utils.union_bounds([g.bounds() for g in _utils.cell_geometries(sdata.tables["table"], sdata)])
+    assert left <= cells[0] and right >= cells[1] and top <= cells[2] and bottom >= cells[3]
+    assert right - left < 200  # cropped to the cells (the image spans 1200 µm)
+
+
+def test_large_data_drawn_as_points():
+    sdata = circles_sdata()
+    geoms = _utils.cell_geometries(sdata.tables["table"], sdata)
+    fig, ax = plt.subplots()
+    _utils.set_spatial_limits(ax, geoms[0].bounds())
+    n = sdata.tables["table"].n_obs
+    (coll,) = _utils.draw_cells(ax, geoms, np.ones((n, 4)), max_shapes=10)
+    assert isinstance(coll, PathCollection)
+    assert _n_items(coll) == n
+    assert coll.get_rasterized()
+
+    # Polygons become points at their centres.
+    sdata = polygons_sdata()
+    (geom,) = _utils.cell_geometries(sdata.tables["table"], sdata)
+    (coll,) = _utils.draw_cells(ax, [geom], np.ones((geom.n_cells, 4)), max_shapes=5)
+    assert isinstance(coll, PathCollection)
+    boxes = sdata.shapes["cell_boundaries"].geometry
+    expected = np.column_stack([boxes.centroid.x, boxes.centroid.y]) * 0.5  # Scale(0.5) to global
+    np.testing.assert_allclose(np.sort(coll.get_offsets(), axis=0), np.sort(expected, axis=0))
+
+
+def test_image_and_shapes_keys():
+    from spatialdata.models import ShapesModel
+
+    sdata = circles_sdata()
+    sdata.images["dapi"] = _image(20, 30, transform=_px_to_um())
+    fig = scx.pl.confidence(sdata, image_key="dapi")
+    (im,) = fig.axes[0].get_images()
+    assert im.get_array().shape == (20, 30)
+
+    # A second shapes element indexed by the same ids (e.g. boundaries beside circles) can be chosen.
+    gdf = sdata.shapes["cells"]
+    sdata.shapes["cell_circles_big"] = ShapesModel.parse(
+        np.column_stack([gdf.geometry.x, gdf.geometry.y]), geometry=0, radius=10.0, index=gdf.index
+    )
+    fig = scx.pl.confidence(sdata, shapes_key="cell_circles_big")
+    colls = _cell_collections(fig.axes[0])
+    np.testing.assert_allclose(np.concatenate([c.get_widths() for c in colls]), 20.0)  # full widths: diameters
+    assert sum(_n_items(c) for c in colls) == gdf.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Strip panel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _strip_points(ax):
+    (coll,) = [c for c in ax.collections if str(c.get_label()).startswith("cells")]
+    return coll.get_offsets()
+
+
+def test_strip_threshold_sorting_shares():
+    adata = points_adata(600)
+    fig = scx.pl.confidence(adata, threshold=0.7)
+    ax = fig.axes[1]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("threshold")]
+    np.testing.assert_allclose(line.get_ydata(), [0.7, 0.7])
+
+    ticks = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_xticklabels()]
+    assert ticks == ["B cell", "T cell", "macrophage"]  # by median confidence, highest first
+
+    obs = adata.obs
+    shares = [f"{np.mean(obs.loc[obs.cell_type == t, 'cell_type_confidence'] < 0.7):.0%}" for t in ticks]
+    texts = [t.get_text() for t in ax.texts if t.get_gid() == "share_below"]
+    assert texts == shares
+    assert len(_strip_points(ax)) == adata.n_obs  # below the cap: every cell is drawn
+    # Points sit on their type's column.
+    pts = _strip_points(ax)
+    assert np.all(np.abs(pts[:, 0] - np.round(pts[:, 0])) <= 0.35)
+
+
+def test_strip_subsampled_to_cap_and_seeded():
+    adata = points_adata(900)
+    adata.obs["cell_type"] = pd.Categorical(np.where(np.arange(900) < 40, "rare", "common"))
+    fig = scx.pl.confidence(adata, max_points_per_type=100, random_state=3)
+    pts = _strip_points(fig.axes[1])
+    assert len(pts) == 100 + 40
+    again = _strip_points(scx.pl.confidence(adata, max_points_per_type=100, random_state=3).axes[1])
+    other = _strip_points(scx.pl.confidence(adata, max_points_per_type=100, random_state=4).axes[1])
+    np.testing.assert_array_equal(pts, again)
+    assert not np.array_equal(pts, other)
+    # Which cells are drawn (not only their jitter) depends on the seed; they are cells of the type.
+    ticks = [t.get_text().rsplit(" (", 1)[0] for t in fig.axes[1].get_xticklabels()]
+    col = ticks.index("common")
+    common = adata.obs["cell_type_confidence"].to_numpy()[40:]
+    drawn = [np.sort(np.asarray(p[np.round(p[:, 0]) == col, 1])) for p in (pts, other)]
+    assert all(len(d) == 100 and np.isin(d, common).all() for d in drawn)
+    assert not np.array_equal(drawn[0], drawn[1])
+
+
+def test_unassigned_uses_raw_prediction():
+    adata = points_adata()
+    predicted = adata.obs["cell_type"].copy()
+    low = adata.obs["cell_type_confidence"] < THRESHOLD
+    adata.obs["cell_type"] = pd.Categorical(np.where(low, "Unassigned", predicted.astype(str)))
+    fig = scx.pl.confidence(adata)
+    assert "Unassigned" in [t.get_text().rsplit(" (", 1)[0] for t in fig.axes[1].get_xticklabels()]
+
+    adata.obs["cell_type_predicted"] = predicted
+    fig = scx.pl.confidence(adata)
+    ax = fig.axes[1]
+    ticks = {t.get_text().rsplit(" (", 1)[0] for t in ax.get_xticklabels()}
+    assert ticks == {"B cell", "T cell", "macrophage"}
+    assert ax.get_xlabel().startswith("cell_type_predicted")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("suffix", "magic"), [(".png", b"\x89PNG"), (".pdf", b"%PDF")])
+def test_save(tmp_path, suffix, magic):
+    path = tmp_path / "sub" / "dir" / f"confidence{suffix}"
+    fig = scx.pl.confidence(circles_sdata(), save=path)
+    assert fig is not None
+    assert path.read_bytes()[:4] == magic
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_save_bad_suffix(tmp_path):
+    with pytest.raises(ValueError, match=r"suffix '\.txt' is not a figure format"):
+        scx.pl.confidence(points_adata(), save=tmp_path / "plot.txt")
+    with pytest.raises(ValueError, match="suffix '\\(none\\)'"):
+        scx.pl.confidence(points_adata(), save=str(tmp_path / "plot"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_error_missing_columns():
+    adata = points_adata()
+    no_conf = AnnData(obs=adata.obs[["cell_type"]], obsm={"spatial": adata.obsm["spatial"]})
+    with pytest.raises(KeyError, match=r"no column 'cell_type_confidence'.*scx\.tl\.predict"):
+        scx.pl.confidence(no_conf)
+    with pytest.raises(KeyError, match=r"no column 'label'.*scx\.tl\.annotate"):
+        scx.pl.confidence(adata, key="label")
+
+
+def test_error_non_numeric_confidence():
+    adata = points_adata()
+    adata.obs["cell_type_confidence"] = adata.obs["cell_type"]
+    with pytest.raises(TypeError, match="must hold numbers"):
+        scx.pl.confidence(adata)
+
+
+def test_error_no_coordinates():
+    adata = points_adata()
+    del adata.obsm["spatial"]
+    with pytest.raises(ValueError, match=r"No coordinates to draw the cells.*obsm\['spatial'\]"):
+        scx.pl.confidence(adata)
+    sdata = polygons_sdata()
+    del sdata.shapes["cell_boundaries"]
+    with pytest.raises(ValueError, match=r"No coordinates.*annotates \['cell_boundaries'\]"):
+        scx.pl.confidence(sdata)
+
+
+def test_error_unknown_elements():
+    sdata = circles_sdata()
+    with pytest.raises(KeyError, match=r"image_key='nope'.*Available images: 'he'"):
+        scx.pl.confidence(sdata, image_key="nope")
+    with pytest.raises(KeyError, match=r"shapes_key='nope'.*Available shapes: 'cells'"):
+        scx.pl.confidence(sdata, shapes_key="nope")
+    with pytest.raises(ValueError, match=r"no transformation to coordinate system 'aligned'.*'global'"):
+        scx.pl.confidence(sdata, coordinate_system="aligned")
+    with pytest.raises(ValueError, match="holds no image elements"):
+        scx.pl.confidence(points_adata(), image_key="he")
+    with pytest.raises(ValueError, match="holds no shapes elements"):
+        scx.pl.confidence(points_adata(), shapes_key="cells")
+
+
+def test_error_table():
+    with pytest.raises(KeyError, match=r"Table 'cells_table' not found.*Available tables: \['table'\]"):
+        scx.pl.confidence(circles_sdata(), table_key="cells_table")
+    with pytest.raises(TypeError):
+        scx.pl.confidence(points_adata().obs)
+
+
+def test_error_bad_arguments():
+    adata = points_adata()
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        scx.pl.confidence(adata, threshold=float("nan"))
+    with pytest.raises(ValueError, match="max_points_per_type must be a positive integer"):
+        scx.pl.confidence(adata, max_points_per_type=0)
+    assert plt.get_fignums() == []  # nothing left open by failed calls
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_real_merfish_store(shared_data, tmp_path):
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation
+
+    path = shared_data("merfish_visp_spatialdata", "merfish.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = sd.read_zarr(path)
+    table = sdata.tables["table"]
+    rng = np.random.default_rng(0)
+    table.obs["cell_type"] = pd.Categorical(rng.choice(["L2/3 IT", "L5 IT", "Astro", "Oligo", "Pvalb"], table.n_obs))
+    table.obs["cell_type_confidence"] = rng.beta(6, 1.5, table.n_obs)
+
+    out = tmp_path / "merfish_confidence.png"
+    fig = scx.pl.confidence(sdata, image_key="rasterized", shapes_key="cells", save=out)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    ax_map = fig.axes[0]
+    (im,) = ax_map.get_images()
+    matrix = get_transformation(sdata.images["rasterized"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
+    h, w = sdata.images["rasterized"].shape[1:]
+    left, right, bottom, top = im.get_extent()
+    # The cells extend beyond the image on every side but the top-left: the whole image is drawn.
+    np.testing.assert_allclose([left, top], matrix[:2, 2])
+    np.testing.assert_allclose([right, bottom], matrix[:2, :2] @ [w, h] + matrix[:2, 2])
+    colls = _cell_collections(ax_map)
+    assert sum(_n_items(c) for c in colls) == table.n_obs == 2389
+    # The shapes have an identity transform: circles keep their radii.
+    radius = sdata.shapes["cells"]["radius"].to_numpy()
+    widths = np.concatenate([c.get_widths() for c in colls])
+    np.testing.assert_allclose(np.sort(widths), np.sort(2 * radius))
