@@ -166,3 +166,13 @@ def test_cli_annotate(demo_small, tmp_path, capsys):
     assert "annotated 1,500 cells" in capsys.readouterr().out
     assert "cell_type_ontology_term_id" in sd.read_zarr(store).tables["table"].obs
     assert cli_main(["annotate", str(store), "-r", str(tmp_path / "ref.h5ad")]) == 2
+
+
+def test_colliding_labels_are_not_merged_in_cell_type():
+    from spatialcx.tl._annotate import ontology_names
+
+    final, ids, cl_names, mapping = ontology_names(["CD4+ T cells", "CD4 T", "Macrophages"])
+    assert ids[0] == ids[1] == "CL:0000624"
+    assert final == ["CD4+ T cells", "CD4 T", "macrophage"]  # shared id: own labels kept; unique id: CL name
+    assert cl_names[:2] == ["CD4-positive, alpha-beta T cell"] * 2
+    assert "CL:0000624" in mapping.collisions

@@ -45,24 +45,29 @@ def _as_list(references: Any, label_keys: str | Sequence[str]) -> tuple[list[Any
 def ontology_names(classes: Sequence[str], *, index: Any = None) -> tuple[list[str], list[str], list[str], Any]:
     """Map model classes to Cell Ontology ids; return (final names, ids, CL names, mapping).
 
-    The final name of a class is its CL name when one fits, else the class's own label.
+    The final name of a class (shown in ``cell_type``) is its CL name when one fits, else the class's own label.
+    Distinct classes that map to one CL id keep their own labels, so they are not silently merged in ``cell_type``
+    (their shared id is in ``cell_type_ontology_term_id`` and the collision is reported).
     """
     from spatialcx.tl._ontology import map_labels
 
     mapping = map_labels(list(classes), index=index)
-    table = mapping.table.set_index("input_label")
-    ids, cl_names, final = [], [], []
+    table = mapping.table.drop_duplicates("input_label").set_index("input_label")
+    ids, cl_names = [], []
     for c in classes:
         term = str(table.loc[c, "ontology_term_id"]) if c in table.index else UNKNOWN_ONTOLOGY_ID
         name = table.loc[c, "ontology_label"] if c in table.index else None
         if term == UNKNOWN_ONTOLOGY_ID or name is None or pd.isna(name):
             ids.append(UNKNOWN_ONTOLOGY_ID)
             cl_names.append(UNKNOWN_ONTOLOGY_ID)
-            final.append(str(c))
         else:
             ids.append(term)
             cl_names.append(str(name))
-            final.append(str(name))
+    shared = pd.Series(ids).value_counts()
+    final = [
+        str(c) if term == UNKNOWN_ONTOLOGY_ID or shared[term] > 1 else name
+        for c, term, name in zip(classes, ids, cl_names)
+    ]
     return final, ids, cl_names, mapping
 
 
