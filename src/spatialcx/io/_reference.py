@@ -1,0 +1,615 @@
+"""Lazy reading of labelled references: labels first, then only the chosen rows and genes, in bounded blocks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._settings import logger
+from ._uri import fingerprint, resolve_uri
+
+if TYPE_CHECKING:
+    from ..pp._harmonize import GeneSymbols
+
+#: Largest number of stored values read from disk in one piece (bounds memory while reading).
+BLOCK_ELEMS = 8_000_000
+#: Neighbouring rows whose stored values are closer than this are read in one piece instead of two.
+GAP_ELEMS = 16_384
+#: Key in ``.uns`` of a reference opened by :func:`read_reference` (where it came from).
+READ_UNS_KEY = "spatialcx_reference"
+
+ReferenceLike = AnnData | str | os.PathLike
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Readers: (sorted rows, columns in any order) -> CSR float32
+# --------------------------------------------------------------------------------------------------------------------
+def _minor_map(selected: np.ndarray, n: int) -> np.ndarray:
+    out = np.full(n, -1, dtype=np.int64)
+    out[selected] = np.arange(len(selected), dtype=np.int64)
+    return out
+
+
+class _DiskCompressed:
+    """A CSR or CSC matrix stored as anndata's ``data`` / ``indices`` / ``indptr`` arrays (HDF5 or zarr)."""
+
+    def __init__(self, group: Any, fmt: str, shape: tuple[int, int]):
+        self.data = group["data"]
+        self.indices = group["indices"]
+        self.indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+        self.fmt = fmt
+        self.shape = shape
+
+    def _gather(self, majors: np.ndarray, minor_map: np.ndarray, n_minor: int) -> sp.csr_matrix:
+        """Rows ``majors`` (sorted) of the major axis, minor axis remapped by ``minor_map`` (-1 drops).
+
+        Neighbouring rows are read in one contiguous piece (at most :data:`BLOCK_ELEMS` values, gaps of at most
+        :data:`GAP_ELEMS` values of rows not asked for); only the values of the wanted rows and columns are kept.
+        """
+        starts = self.indptr[majors]
+        ends = self.indptr[majors + 1]
+        out_rows: list[np.ndarray] = []
+        out_cols: list[np.ndarray] = []
+        out_vals: list[np.ndarray] = []
+        n = len(majors)
+        i = 0
+        while i < n:
+            seg_start, end = int(starts[i]), int(ends[i])
+            j = i + 1
+            while j < n and starts[j] - end <= GAP_ELEMS and ends[j] - seg_start <= BLOCK_ELEMS:
+                end = int(ends[j])
+                j += 1
+            if end > seg_start:
+                local_starts = starts[i:j] - seg_start
+                local_ends = ends[i:j] - seg_start
+                minor = minor_map[np.asarray(self.indices[seg_start:end])]
+                keep = minor >= 0
+                if int((local_ends - local_starts).sum()) != end - seg_start:  # rows not asked for lie in between
+                    marks = np.zeros(end - seg_start + 1, dtype=np.int32)
+                    np.add.at(marks, local_starts, 1)
+                    np.add.at(marks, local_ends, -1)
+                    keep &= np.cumsum(marks[:-1]) > 0
+                pos = np.flatnonzero(keep)
+                if pos.size:
+                    vals = np.asarray(self.data[seg_start:end])[pos]
+                    out_rows.append(i + np.searchsorted(local_starts, pos, side="right") - 1)
+                    out_cols.append(minor[pos])
+                    out_vals.append(vals.astype(np.float32, copy=False))
+            i = j
+        rows = np.concatenate(out_rows) if out_rows else np.zeros(0, dtype=np.int64)
+        cols = np.concatenate(out_cols) if out_cols else np.zeros(0, dtype=np.int64)
+        vals = np.concatenate(out_vals) if out_vals else np.zeros(0, dtype=np.float32)
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int64)
+        m = sp.csr_matrix((vals, cols, indptr), shape=(n, n_minor))
+        m.sort_indices()
+        return m
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+        n_rows, n_cols = self.shape
+        if self.fmt == "csr":
+            return self._gather(rows, _minor_map(cols, n_cols), len(cols))
+        order = np.argsort(cols, kind="stable")
+        sub = self._gather(cols[order], _minor_map(rows, n_rows), len(rows))  # (cols x rows), sorted cols
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return sp.csr_matrix(sub[inverse].T)
+
+
+class _DiskDense:
+    """A dense 2-D array on disk (h5py or zarr), read in blocks of rows."""
+
+    def __init__(self, array: Any):
+        self.array = array
+        self.shape = tuple(int(s) for s in array.shape)
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+        step = max(1, BLOCK_ELEMS // max(self.shape[1], 1))
+        pieces = []
+        for start in range(0, len(rows), step):
+            block = rows[start : start + step]
+            lo, hi = int(block[0]), int(block[-1]) + 1
+            if hi - lo <= 2 * len(block):
+                values = np.asarray(self.array[lo:hi])[block - lo]
+            elif hasattr(self.array, "get_orthogonal_selection"):
+                values = np.asarray(self.array.get_orthogonal_selection((block, slice(None))))
+            else:
+                values = np.asarray(self.array[block])
+            pieces.append(sp.csr_matrix(values[:, cols].astype(np.float32, copy=False)))
+        return sp.vstack(pieces, format="csr") if pieces else sp.csr_matrix((0, len(cols)), dtype=np.float32)
+
+
+class _InMemory:
+    """Any other matrix: scipy sparse, numpy, dask, anndata backed datasets; read in blocks of rows."""
+
+    def __init__(self, matrix: Any):
+        self.matrix = matrix
+        self.shape = tuple(int(s) for s in matrix.shape)
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+        m = self.matrix
+        if sp.issparse(m) and m.format == "csc":
+            return sp.csr_matrix(m[:, cols][rows], dtype=np.float32)
+        if sp.issparse(m) and m.format != "csr":
+            m = sp.csr_matrix(m)
+        sparse_blocks = sp.issparse(m) or sp.issparse(getattr(m, "_meta", None))  # scipy, or dask of scipy chunks
+        step = 50_000 if sparse_blocks else max(1, BLOCK_ELEMS // max(self.shape[1], 1))
+        pieces = []
+        for start in range(0, len(rows), step):
+            block = m[rows[start : start + step]]
+            if hasattr(block, "compute"):
+                block = block.compute()
+            block = block[:, cols]
+            pieces.append(sp.csr_matrix(block, dtype=np.float32))
+        return sp.vstack(pieces, format="csr") if pieces else sp.csr_matrix((0, len(cols)), dtype=np.float32)
+
+
+def _matrix_reader(matrix: Any) -> Callable[[np.ndarray, np.ndarray], sp.csr_matrix]:
+    """Best reader for ``matrix``: on-disk arrays are read directly, the rest through :class:`_InMemory`."""
+    from anndata.abc import CSCDataset, CSRDataset
+
+    if isinstance(matrix, CSRDataset | CSCDataset):
+        fmt = "csr" if isinstance(matrix, CSRDataset) else "csc"
+        return _DiskCompressed(matrix.group, fmt, tuple(matrix.shape)).read
+    if _is_disk_array(matrix) and len(matrix.shape) == 2:
+        return _DiskDense(matrix).read
+    return _InMemory(matrix).read
+
+
+def _is_disk_array(obj: Any) -> bool:
+    mod = type(obj).__module__
+    return mod.startswith("h5py") or mod.startswith("zarr")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Opening a reference
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ReferenceHandle:
+    """An opened reference: its labels and names in memory, its expression on disk (or wherever it lives).
+
+    Internal to spatialcx; produced by :func:`open_reference`.
+    """
+
+    name: str
+    uri: str
+    checksum: str
+    label_key: str
+    labels: pd.Series
+    obs_names: pd.Index
+    var_names: pd.Index
+    feature_names: pd.Series | None
+    kind: str
+    where: str
+    reader: Callable[[np.ndarray, np.ndarray], sp.csr_matrix]
+    _close: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def n_obs(self) -> int:
+        """Number of cells in the reference."""
+        return len(self.obs_names)
+
+    def symbols(self) -> GeneSymbols:
+        """Gene symbols of the expression source's var (see :func:`spatialcx.pp._harmonize.to_symbols`)."""
+        from ..pp._harmonize import to_symbols
+
+        return to_symbols(self.var_names, feature_names=self.feature_names)
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+        """Expression of ``rows`` (positions, any order) x ``cols`` (positions, any order) as CSR float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        if len(sorted_rows) and (np.diff(sorted_rows) == 0).any():
+            raise ValueError("rows must not repeat.")
+        out = self.reader(sorted_rows, cols)
+        if not np.array_equal(order, np.arange(len(order))):
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            out = out[inverse]
+        return out
+
+    def close(self) -> None:
+        """Close the files opened for this reference."""
+        while self._close:
+            self._close.pop()()
+
+    def __enter__(self) -> ReferenceHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _attr(elem: Any, key: str, default: Any = None) -> Any:
+    value = elem.attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encoding(elem: Any) -> str:
+    enc = _attr(elem, "encoding-type", "") or ""
+    if not enc and _attr(elem, "h5sparse_format"):
+        enc = f"{_attr(elem, 'h5sparse_format')}_matrix"
+    return str(enc)
+
+
+def _open_store(path: Path) -> tuple[Any, Callable[[], None]]:
+    if path.is_dir():
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        return group, lambda: None
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(
+            f"Cannot open reference {str(path)!r} as an .h5ad (HDF5) file ({e}). References must be AnnData .h5ad "
+            "files or AnnData .zarr folders."
+        ) from e
+    return f, f.close
+
+
+def _read_index(df_group: Any) -> pd.Index:
+    from anndata.io import read_elem
+
+    key = _attr(df_group, "_index", "_index")
+    return pd.Index(np.asarray(read_elem(df_group[key])).astype(object).astype(str))
+
+
+def _df_columns(df_group: Any) -> list[str]:
+    order = _attr(df_group, "column-order", [])
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+
+
+def _read_column(df_group: Any, key: str) -> pd.Series:
+    from anndata.io import read_elem
+
+    values = read_elem(df_group[key])
+    if isinstance(values, np.ndarray) and values.dtype.kind not in "biufcSUO":  # e.g. numpy's StringDType
+        values = values.astype(object)
+    return pd.Series(values)
+
+
+def _disk_matrix(elem: Any) -> tuple[Any, Any]:
+    """Return ``(object for AnnData / normalization detection, reader)`` for an on-disk matrix element."""
+    enc = _encoding(elem)
+    if enc in ("csr_matrix", "csc_matrix"):
+        from anndata.io import sparse_dataset
+
+        ds = sparse_dataset(elem)
+        return ds, _DiskCompressed(elem, enc[:3], tuple(ds.shape)).read
+    if hasattr(elem, "shape") and len(elem.shape) == 2:
+        return elem, _DiskDense(elem).read
+    raise ValueError(f"Unsupported matrix encoding {enc!r} at {getattr(elem, 'name', elem)!r}.")
+
+
+def _backed_view(store: Any) -> tuple[AnnData, dict[int, tuple[str, Any]]]:
+    """An AnnData whose X / layers / raw.X are the on-disk matrices (nothing read), plus their readers by id."""
+    from anndata.io import read_elem
+
+    readers: dict[int, tuple[str, Any]] = {}
+    obs_names = _read_index(store["obs"])
+    var_names = _read_index(store["var"])
+    var = pd.DataFrame(index=var_names)
+    if "feature_name" in _df_columns(store["var"]):
+        var["feature_name"] = _read_column(store["var"], "feature_name").astype(object).to_numpy()
+    X = None
+    if "X" in store:
+        X, reader = _disk_matrix(store["X"])
+        readers[id(X)] = ("X", reader)
+    layers = {}
+    if "layers" in store:
+        for key in store["layers"]:
+            try:
+                layers[key], reader = _disk_matrix(store["layers"][key])
+            except ValueError:
+                continue
+            readers[id(layers[key])] = (f"layers[{key!r}]", reader)
+    uns: dict[str, Any] = {}
+    if "uns" in store:
+        for key in ("log1p",):
+            if key in store["uns"]:
+                try:
+                    uns[key] = read_elem(store["uns"][key])
+                except Exception as e:  # noqa: BLE001 - an odd uns entry must not stop reading the expression
+                    logger.debug("Could not read uns[%r]: %s", key, e)
+    adata = AnnData(X=X, obs=pd.DataFrame(index=obs_names), var=var, layers=layers, uns=uns)
+    if "raw" in store and "X" in store["raw"]:
+        raw_x, reader = _disk_matrix(store["raw"]["X"])
+        raw_var = pd.DataFrame(index=_read_index(store["raw"]["var"]))
+        if "feature_name" in _df_columns(store["raw"]["var"]):
+            raw_var["feature_name"] = _read_column(store["raw"]["var"], "feature_name").astype(object).to_numpy()
+        adata.raw = AnnData(X=raw_x, obs=pd.DataFrame(index=obs_names), var=raw_var)
+        readers[id(adata.raw.X)] = ("raw.X", reader)
+    return adata, readers
+
+
+def _where_from_text(where: str) -> str | None:
+    """Normalise a ``where`` description (``"layers['counts']"``, ``"layers/counts"``, ``"raw.X"``, ``"X"``)."""
+    text = str(where).strip()
+    if re.fullmatch(r"(adata\.)?X", text):
+        return "X"
+    if re.fullmatch(r"(adata\.)?raw[./]X", text):
+        return "raw.X"
+    m = re.fullmatch(r"(adata\.)?layers(?:\[['\"](.+)['\"]\]|/(.+))", text)
+    if m:
+        return f"layers[{(m.group(2) or m.group(3))!r}]"
+    return None
+
+
+def _find_source(adata: AnnData) -> Any:
+    from ..pp._normalization import find_expression_source
+
+    return find_expression_source(adata)
+
+
+def _feature_names_for(adata: AnnData, var_names: pd.Index) -> pd.Series | None:
+    """``feature_name`` aligned with ``var_names``, from var or raw.var (matched by id when needed)."""
+    candidates = [adata.var]
+    if adata.raw is not None:
+        candidates.insert(0, adata.raw.var)
+    for var in candidates:
+        cols = list(var.columns) if hasattr(var, "columns") else list(getattr(var, "keys", list)())
+        if "feature_name" not in cols:
+            continue
+        values = pd.Series(np.asarray(var["feature_name"]).astype(object), index=pd.Index(np.asarray(var.index)))
+        if values.index.equals(var_names):
+            return values.reset_index(drop=True)
+        if values.index.is_unique:
+            return values.reindex(var_names).reset_index(drop=True)
+    return None
+
+
+def _labels_of(adata: AnnData, label_key: str) -> pd.Series:
+    cols = list(adata.obs.columns) if hasattr(adata.obs, "columns") else list(adata.obs.keys())
+    if label_key not in cols:
+        raise KeyError(f"label_key {label_key!r} is not an obs column of the reference; available: {cols}.")
+    col = adata.obs[label_key]
+    if isinstance(col, pd.Series):
+        return col.reset_index(drop=True).astype(object)
+    return pd.Series(np.asarray(col.to_numpy() if hasattr(col, "to_numpy") else col, dtype=object))
+
+
+def _content_fingerprint(adata: AnnData, labels: pd.Series) -> str:
+    h = hashlib.sha256()
+    h.update(f"{adata.n_obs}x{adata.n_vars}\0".encode())
+    for values in (np.asarray(adata.obs_names), np.asarray(adata.var_names), labels.astype(str).to_numpy()):
+        h.update("\0".join(map(str, values)).encode())
+    return "sha256-names:" + h.hexdigest()
+
+
+def open_reference(
+    reference: ReferenceLike,
+    label_key: str,
+    *,
+    name: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> ReferenceHandle:
+    """Open a reference for reading: labels and names now, expression later through :meth:`ReferenceHandle.read`.
+
+    ``reference`` may be an AnnData (in memory, backed or lazy), a local path (``.h5ad`` or AnnData ``.zarr``) or a
+    URI (see :func:`spatialcx.io.resolve_uri`). For files, only the label column and the obs/var names are read; the
+    raw counts (or verified log1p data) are located with :func:`spatialcx.pp._normalization.find_expression_source`
+    on an AnnData whose matrices are the on-disk arrays, and later read block by block.
+    """
+    if isinstance(reference, AnnData):
+        return _open_anndata(reference, label_key, name=name)
+    uri = os.fspath(reference)
+    path = resolve_uri(uri, cache_dir=cache_dir, storage_options=storage_options)
+    store, close = _open_store(path)
+    try:
+        obs = store["obs"]
+        if _encoding(obs) != "dataframe":
+            close()
+            from anndata import read_h5ad
+
+            logger.info("%s uses an old on-disk format; opening it in backed mode.", uri)
+            adata = read_h5ad(path, backed="r")
+            handle = _open_anndata(adata, label_key, name=name or _stem(path))
+            handle.uri, handle.checksum = uri, fingerprint(path)
+            handle._close.append(lambda: adata.file.close())
+            return handle
+        columns = _df_columns(obs)
+        if label_key not in columns:
+            raise KeyError(f"label_key {label_key!r} is not an obs column of {uri!r}; available: {columns}.")
+        labels = _read_column(obs, label_key).astype(object)
+        view, readers = _backed_view(store)
+        source = _find_source(view)
+        where = readers.get(id(source.matrix))
+        if where is None:
+            path_in_store = _where_from_text(getattr(source, "where", ""))
+            found = [w for w in readers.values() if w[0] == path_in_store]
+            where = found[0] if found else (str(getattr(source, "where", "")), _matrix_reader(source.matrix))
+        var_names = pd.Index(np.asarray(source.var_names).astype(str))
+        return ReferenceHandle(
+            name=name or _stem(path),
+            uri=uri,
+            checksum=fingerprint(path),
+            label_key=label_key,
+            labels=labels,
+            obs_names=view.obs_names,
+            var_names=var_names,
+            feature_names=_feature_names_for(view, var_names),
+            kind=str(source.kind),
+            where=where[0],
+            reader=where[1],
+            _close=[close],
+        )
+    except BaseException:
+        close()
+        raise
+
+
+def _open_anndata(adata: AnnData, label_key: str, *, name: str | None) -> ReferenceHandle:
+    labels = _labels_of(adata, label_key)
+    source = _find_source(adata)
+    var_names = pd.Index(np.asarray(source.var_names).astype(str))
+    info = adata.uns.get(READ_UNS_KEY, None) if hasattr(adata.uns, "get") else None
+    info = info if isinstance(info, Mapping) else {}
+    if info.get("uri"):
+        uri, checksum = str(info["uri"]), str(info.get("checksum", ""))
+    elif adata.isbacked and adata.filename is not None:
+        uri, checksum = str(adata.filename), fingerprint(adata.filename)
+    else:
+        uri, checksum = "", _content_fingerprint(adata, labels)
+    return ReferenceHandle(
+        name=name or str(info.get("name", "")) or "ref",
+        uri=uri,
+        checksum=checksum,
+        label_key=label_key,
+        labels=labels,
+        obs_names=pd.Index(np.asarray(adata.obs_names).astype(str)),
+        var_names=var_names,
+        feature_names=_feature_names_for(adata, var_names),
+        kind=str(source.kind),
+        where=str(getattr(source, "where", "")),
+        reader=_matrix_reader(source.matrix),
+    )
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".h5ad", ".zarr", ".h5"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or "ref"
+    return path.stem or "ref"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public: read_reference
+# --------------------------------------------------------------------------------------------------------------------
+def choose_cells(
+    labels: pd.Series, max_cells: int | None, *, rng: np.random.Generator, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Positions of the cells to keep, chosen from labels alone.
+
+    At most ``max_cells`` cells with a label (and ``valid``), capping the largest types first (water filling, see
+    :func:`spatialcx.pp._balance.cap_to_total`) so that rare types are kept whole; cells are drawn uniformly at random
+    within each type. Returns sorted positions.
+    """
+    from ..pp._balance import cap_to_total
+
+    mask = labels.notna().to_numpy()
+    if valid is not None:
+        mask &= valid
+    pos = np.flatnonzero(mask)
+    if max_cells is None or len(pos) <= max_cells:
+        return pos
+    values = labels.to_numpy()[pos].astype(str)
+    codes, names = pd.factorize(values, sort=True)
+    counts = pd.Series(np.bincount(codes, minlength=len(names)), index=pd.Index(names))
+    keep_n = cap_to_total(counts, int(max_cells))
+    chosen = []
+    for code, t in enumerate(names):
+        members = pos[codes == code]
+        k = int(keep_n[t])
+        chosen.append(members if k >= len(members) else rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def read_reference(
+    uri: str | os.PathLike,
+    *,
+    label_key: str,
+    genes: Sequence[str] | None = None,
+    max_cells: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    random_state: int = 0,
+    storage_options: dict[str, Any] | None = None,
+) -> AnnData:
+    """Open a labelled reference lazily, keeping only the cells and genes asked for.
+
+    Parameters
+    ----------
+    uri
+        Local path or URI of an ``.h5ad`` file or AnnData ``.zarr`` store (see :func:`resolve_uri`; remote ones are
+        downloaded once into the cache).
+    label_key
+        obs column with the cell-type labels.
+    genes
+        Keep only these genes (e.g. the spatial panel), in this order, named as given. Ensembl-indexed references
+        are mapped to symbols (``var["feature_name"]`` or the packaged human / mouse tables) and matched
+        case-insensitively where unambiguous. ``None`` keeps every gene, renamed to symbols when the reference is
+        Ensembl-indexed.
+    max_cells
+        Keep at most this many labelled cells, chosen from the labels alone: the largest types are capped first so
+        that rare types stay whole; cells are drawn at random within a type.
+    cache_dir
+        Cache folder for remote URIs.
+    random_state
+        Seed of the cell draw.
+    storage_options
+        Passed to the fsspec filesystem of a remote URI.
+
+    Returns
+    -------
+    A lazy AnnData (:func:`anndata.experimental.read_lazy`): obs and var are lazy frames and X / layers are dask
+    arrays read from disk only when computed (``.to_memory()`` loads the selection). raw, when present, is left as
+    it is. ``uns["spatialcx_reference"]`` records the URI, checksum, label key, the number of cells in the file and
+    how gene names were mapped. For a file, keep the returned object alive while reading from it.
+    """
+    from anndata.experimental import read_lazy
+
+    from ..pp._harmonize import match_genes, to_symbols
+
+    path = resolve_uri(uri, cache_dir=cache_dir, storage_options=storage_options)
+    store, close = _open_store(path)
+    try:
+        obs = store["obs"]
+        columns = _df_columns(obs)
+        if label_key not in columns:
+            raise KeyError(f"label_key {label_key!r} is not an obs column of {os.fspath(uri)!r}; available: {columns}.")
+        labels = _read_column(obs, label_key).astype(object)
+        var_names = _read_index(store["var"])
+        feature = (
+            _read_column(store["var"], "feature_name").astype(object)
+            if "feature_name" in _df_columns(store["var"])
+            else None
+        )
+    finally:
+        close()
+    symbols = to_symbols(var_names, feature_names=feature)
+    if genes is not None:
+        match = match_genes(list(genes), symbols.symbols, ids=var_names)
+        if match.n_found == 0:
+            raise ValueError(
+                f"None of the {len(genes)} genes asked for is in {os.fspath(uri)!r} (e.g. {list(genes)[:5]}; the "
+                f"reference has e.g. {list(symbols.symbols[:5])}). Check the species and gene naming."
+            )
+        logger.info("%s: %d of %d genes found.", os.fspath(uri), match.n_found, len(genes))
+        cols, new_names = match.columns, pd.Index(match.genes)
+    else:
+        cols, new_names = np.arange(len(var_names)), symbols.symbols
+    rows = (
+        slice(None) if max_cells is None else choose_cells(labels, max_cells, rng=np.random.default_rng(random_state))
+    )
+
+    lazy = read_lazy(str(path))
+    if max_cells is not None or genes is not None:
+        lazy = lazy[rows, cols]
+    lazy.var_names = pd.Index(np.asarray(new_names).astype(str))
+    lazy.uns[READ_UNS_KEY] = {
+        "uri": os.fspath(uri),
+        "name": _stem(path),
+        "checksum": fingerprint(path),
+        "label_key": label_key,
+        "n_cells_file": int(len(labels)),
+        "gene_names": symbols.method,
+        "n_genes_requested": -1 if genes is None else len(genes),
+        "n_genes_found": int(len(cols)),
+        "random_state": int(random_state),
+    }
+    return lazy

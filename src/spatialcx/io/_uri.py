@@ -1,0 +1,223 @@
+"""Resolve local paths and remote URIs (``file://``, ``http(s)://``, ``gs://``, ``s3://``, ...) to local files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .._settings import logger
+
+#: fsspec protocols that are local: nothing is downloaded or cached.
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+#: Optional extras that provide fsspec filesystems, by protocol.
+_PROTOCOL_EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3"}
+#: Files larger than this get a sampled fingerprint instead of a full sha256 (see :func:`fingerprint`).
+FULL_HASH_MAX_BYTES = 1 << 30
+_SAMPLE_BYTES = 8 << 20
+_CACHE_ENV = "SPATIALCX_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Return the cache folder for downloaded references.
+
+    ``$SPATIALCX_CACHE_DIR`` when set, otherwise the user's cache folder (``platformdirs.user_cache_dir``, e.g.
+    ``~/.cache/spatialcx`` on Linux).
+    """
+    env = os.environ.get(_CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    try:
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("spatialcx"))
+    except ImportError:  # pragma: no cover - platformdirs comes with most scientific stacks
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "spatialcx"
+
+
+def split_protocol(uri: str | os.PathLike) -> tuple[str | None, str]:
+    """Split ``uri`` into ``(protocol, rest)``; ``protocol`` is ``None`` for a plain path."""
+    text = os.fspath(uri)
+    if "://" not in text:
+        return None, text
+    protocol, rest = text.split("://", 1)
+    return protocol.lower(), rest
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` names something that must be fetched (anything but a plain path or ``file://``)."""
+    protocol, _ = split_protocol(uri)
+    return protocol is not None and protocol not in _LOCAL_PROTOCOLS
+
+
+def get_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
+    """Return ``(fsspec filesystem, path)`` for ``uri``, with an ImportError naming the extra when it is missing."""
+    import fsspec
+
+    protocol, _ = split_protocol(uri)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except ImportError as e:
+        extra = _PROTOCOL_EXTRAS.get(protocol or "")
+        hint = (
+            f"Install it with `pip install 'spatialcx[{extra}]'`."
+            if extra
+            else "Install the fsspec implementation for this protocol."
+        )
+        raise ImportError(
+            f"Reading {protocol}:// URIs needs an optional dependency that is missing ({e}). {hint}"
+        ) from e
+    except ValueError as e:
+        raise ValueError(
+            f"Unknown URI protocol {protocol!r} in {uri!r}: fsspec has no filesystem for it. Use a local path or a "
+            "file://, http(s)://, gs:// or s3:// URI."
+        ) from e
+    return fs, path
+
+
+def _cache_path(uri: str, cache_dir: Path) -> Path:
+    """Cache location of ``uri``: a folder named by the URI's hash holding a file with the URI's base name."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    _, rest = split_protocol(uri)
+    name = rest.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "reference"
+    return cache_dir / "references" / digest / name
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _atomic_download(fs, rpath: str, dest: Path, *, is_dir: bool) -> None:
+    """Download ``rpath`` to ``dest`` through a temporary sibling that is renamed into place only when complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part-{uuid.uuid4().hex}")
+    try:
+        if is_dir:
+            fs.get(rpath.rstrip("/") + "/", str(tmp), recursive=True)
+        else:
+            fs.get_file(rpath, str(tmp))
+            expected = fs.info(rpath).get("size")
+            got = tmp.stat().st_size
+            if expected is not None and int(expected) != got:
+                raise OSError(
+                    f"Incomplete download of {rpath!r}: got {got} bytes, the remote file has {expected}. "
+                    "Nothing was cached; run again (the download restarts)."
+                )
+        if dest.exists():  # force=True, or another process finished first
+            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            _remove(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        _remove(tmp)
+
+
+def resolve_uri(
+    uri: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Path:
+    """Return a local path for a reference given as a path or a URI, downloading remote ones into a cache.
+
+    Parameters
+    ----------
+    uri
+        A local path, ``file://`` URI, or any fsspec URI: ``http(s)://``, ``gs://`` (needs the ``gcs`` extra,
+        ``gcsfs``), ``s3://`` (needs the ``s3`` extra, ``s3fs``). Files (``.h5ad``) and folders (AnnData ``.zarr``
+        stores) are supported. Credentials come from the environment as the filesystem library reads them
+        (``GOOGLE_APPLICATION_CREDENTIALS``, ``AWS_ACCESS_KEY_ID`` / ``AWS_PROFILE``, ...) or from
+        ``storage_options``.
+    cache_dir
+        Where downloads are kept. Defaults to :func:`default_cache_dir` (``$SPATIALCX_CACHE_DIR`` or the user's cache
+        folder).
+    force
+        Download again even when the cache holds a copy.
+    storage_options
+        Extra keyword arguments for the fsspec filesystem (e.g. ``{"anon": True}`` for public S3 buckets).
+
+    Returns
+    -------
+    The local path. Local inputs are returned as they are (never copied); remote ones are cached under
+    ``cache_dir/references/<hash of the URI>/<file name>`` and re-used unless ``force=True``. Downloads go to a
+    temporary name and are renamed into place only when complete, so an interrupted download is never taken for a
+    cached copy.
+
+    Raises
+    ------
+    FileNotFoundError
+        When a local path or remote object does not exist.
+    ImportError
+        When the protocol needs an optional extra that is not installed.
+    """
+    text = os.fspath(uri)
+    protocol, rest = split_protocol(text)
+    if protocol is None or protocol in _LOCAL_PROTOCOLS:
+        if protocol is not None:
+            import fsspec.implementations.local as local
+
+            rest = local.make_path_posix(rest)
+        path = Path(rest).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"Reference {text!r} does not exist (looked for {str(path)!r}). Check the path, or give a remote URI "
+                "(gs://, s3://, https://)."
+            )
+        return path
+
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    dest = _cache_path(text, cache)
+    if dest.exists() and not force:
+        logger.info("Using cached copy of %s", text)
+        return dest
+    fs, rpath = get_filesystem(text, storage_options)
+    if not fs.exists(rpath):
+        raise FileNotFoundError(
+            f"Remote reference {text!r} does not exist (or is not readable with these credentials)."
+        )
+    is_dir = fs.isdir(rpath)
+    logger.info("Downloading %s to %s", text, dest)
+    _atomic_download(fs, rpath, dest, is_dir=is_dir)
+    return dest
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Checksum of a local reference for provenance.
+
+    Files up to :data:`FULL_HASH_MAX_BYTES` (1 GiB) get ``"sha256:<hex>"`` of the whole file. Larger files get
+    ``"sha256-sampled:<hex>"``: the sha256 of the file size and three 8 MiB blocks (start, middle, end), which
+    changes whenever the file is rewritten with different content or size, at a fixed cost. Folders (zarr stores) get
+    ``"sha256-tree:<hex>"`` over the sorted relative paths and sizes of all files plus the content of the small
+    metadata files (``.zattrs``, ``.zarray``, ``.zgroup``, ``zarr.json``, ...).
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = f.relative_to(path).as_posix()
+            size = f.stat().st_size
+            h.update(f"{rel}\0{size}\0".encode())
+            if f.name.startswith(".z") or f.name == "zarr.json":
+                h.update(f.read_bytes())
+        return "sha256-tree:" + h.hexdigest()
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if size <= FULL_HASH_MAX_BYTES:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+            return "sha256:" + h.hexdigest()
+        h.update(str(size).encode())
+        for offset in (0, size // 2, max(size - _SAMPLE_BYTES, 0)):
+            fh.seek(offset)
+            h.update(fh.read(_SAMPLE_BYTES))
+    return "sha256-sampled:" + h.hexdigest()

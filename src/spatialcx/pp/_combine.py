@@ -1,0 +1,358 @@
+"""Combine labelled references over the genes they share with the panel."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._constants import DEFAULT_EXCLUDE_LABELS, ORIGINAL_LABEL_KEY, SOURCE_KEY, TARGET_SUM
+from .._settings import logger
+from .._utils import progress
+from ._balance import REFERENCES_UNS_KEY
+from ._harmonize import check_overlap, match_genes
+
+if TYPE_CHECKING:
+    from ..io._reference import ReferenceHandle
+
+#: Key in ``.uns`` of the output of :func:`combine_references` with its parameters.
+COMBINE_UNS_KEY = "spatialcx_combine"
+
+
+def _as_lists(references: Any, label_keys: Any) -> tuple[list[str | None], list[Any], list[str]]:
+    """Normalise ``references`` / ``label_keys`` to ``(names, references, label keys)``."""
+    if isinstance(references, Mapping):
+        names: list[str | None] = [str(k) for k in references]
+        refs = list(references.values())
+    else:
+        if isinstance(references, AnnData | str | os.PathLike):
+            references = [references]
+        refs = list(references)
+        names = [None] * len(refs)
+    if not refs:
+        raise ValueError("No reference given: pass one or more AnnData objects, .h5ad/.zarr paths or URIs.")
+    if isinstance(label_keys, str):
+        keys = [label_keys] * len(refs)
+    elif isinstance(label_keys, Mapping):
+        missing = [n for n in names if n not in label_keys]
+        if None in names or missing:
+            raise ValueError(
+                "label_keys is a mapping, so references must be a mapping with the same names; missing label keys "
+                f"for {missing}."
+            )
+        keys = [str(label_keys[n]) for n in names]
+    else:
+        keys = [str(k) for k in label_keys]
+    if len(keys) != len(refs):
+        raise ValueError(
+            f"{len(refs)} references but {len(keys)} label keys: give one label key per reference (or one string for "
+            "all)."
+        )
+    return names, refs, keys
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Readable unique source names (``"/"`` is not allowed in h5ad keys)."""
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for name in names:
+        base = str(name).replace("/", "_") or "ref"
+        candidate = base
+        while candidate in seen:
+            seen[base] += 1
+            candidate = f"{base}-{seen[base]}"
+        seen.setdefault(candidate, 0)
+        out.append(candidate)
+    return out
+
+
+def _counts_list(series: pd.Series) -> dict[str, list]:
+    series = series[series > 0]
+    return {"cell_types": [str(t) for t in series.index], "n_cells": [int(v) for v in series.to_numpy()]}
+
+
+def combine_references(
+    references: AnnData | str | os.PathLike | Sequence[AnnData | str | os.PathLike] | Mapping[str, Any],
+    label_keys: str | Sequence[str] | Mapping[str, str],
+    *,
+    genes: Sequence[str] | None = None,
+    output_key: str = ORIGINAL_LABEL_KEY,
+    source_key: str = SOURCE_KEY,
+    max_cells_per_ref: int | None = 100_000,
+    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
+    min_cells_per_type: int = 10,
+    filter_min_cells: bool = True,
+    random_state: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> AnnData:
+    """Combine labelled references into one training set over the genes they share with the panel.
+
+    Each reference is read lazily: first only its label column; the cells to keep are chosen from the labels alone;
+    then only those rows and only the shared genes are read from its raw counts, in bounded blocks. Memory therefore
+    grows with the cells kept and the panel, not with the size of the references.
+
+    Steps, per reference:
+
+    1. Labels: cells without a label, and cells whose label is in ``exclude_labels`` (exact, case-sensitive match)
+       are dropped.
+    2. Genes: var names are mapped to symbols (Ensembl ids through ``var["feature_name"]`` or the packaged human /
+       mouse tables; duplicated symbols: the first in var order wins) and matched to ``genes`` exactly, then
+       case-insensitively where unambiguous (mouse ``Gad1`` = human ``GAD1``). The shared genes are the panel genes
+       found in every reference, in panel order; too small an overlap raises a ValueError.
+    3. Cells: at most ``max_cells_per_ref`` labelled cells, the largest types capped first so that rare types stay
+       whole, drawn at random within a type.
+    4. Across references, types with fewer than ``min_cells_per_type`` cells are removed (``filter_min_cells=True``)
+       or kept with a warning.
+    5. Expression: the raw counts are located with the normalization detection (``layers["counts"]``,
+       ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X``, ``X``); a reference with only verified log1p(10k)
+       data is used through ``expm1`` of it (counts per 10,000, which normalize to the same values). Cells with no
+       counts over the shared genes are dropped. ``X`` is ``log1p(normalize_total(counts, 1e4))`` over the shared
+       genes.
+
+    Parameters
+    ----------
+    references
+        AnnData objects (in memory, backed or lazy, e.g. from :func:`spatialcx.io.read_reference`), local paths
+        (``.h5ad``, AnnData ``.zarr``) or URIs (``file://``, ``https://``, ``gs://``, ``s3://``); a mapping gives
+        each its source name.
+    label_keys
+        The label column of each reference; one string for all, a sequence, or a mapping by source name.
+    genes
+        The panel. ``None`` uses the genes shared by all references (in the first reference's order).
+    output_key
+        obs column of the output holding the labels.
+    source_key
+        obs column of the output naming each cell's reference: the mapping key, the file stem, or ``ref<i>``.
+    max_cells_per_ref
+        Cap of labelled cells read per reference (``None``: all).
+    exclude_labels
+        Labels that are not cell types; ``[]`` keeps everything.
+    min_cells_per_type
+        Fewest cells a type needs across references.
+    filter_min_cells
+        Remove types below ``min_cells_per_type`` (otherwise keep them with a warning).
+    random_state
+        Seed of the cell draws.
+    cache_dir
+        Cache folder for remote URIs.
+
+    Returns
+    -------
+    A new in-memory AnnData: kept cells x shared genes (symbols, panel spelling), ``layers["counts"]`` the raw
+    counts (CSR float32), ``X`` their ``log1p(normalize_total(., 1e4))`` (CSR float32), obs ``output_key`` and
+    ``source_key`` (categorical). ``uns["spatialcx_references"]`` is a dict keyed by source name, one entry per
+    reference (``index``, ``name``, ``uri``, ``checksum``, ``label_key``, ``expression`` and ``expression_source``,
+    ``gene_names``, ``n_cells``, ``n_cells_labelled``, ``n_panel_genes``, ``n_panel_genes_found``,
+    ``n_genes_case_insensitive``, ``excluded_labels``, ``cells_kept`` per type); ``uns["spatialcx_combine"]`` the
+    parameters and the types removed.
+    """
+    from ..io._reference import choose_cells, open_reference
+
+    if min_cells_per_type < 0:
+        raise ValueError(f"min_cells_per_type must be >= 0, got {min_cells_per_type}.")
+    if max_cells_per_ref is not None and max_cells_per_ref < 1:
+        raise ValueError(f"max_cells_per_ref must be >= 1 or None, got {max_cells_per_ref}.")
+    if isinstance(exclude_labels, str):
+        exclude_labels = [exclude_labels]
+    excluded_set = {str(x) for x in exclude_labels}
+    names, refs, keys = _as_lists(references, label_keys)
+    panel = None if genes is None else list(dict.fromkeys(str(g) for g in genes))
+    if panel is not None and not panel:
+        raise ValueError("genes is empty: give the panel genes, or None to use the genes shared by the references.")
+
+    handles: list[ReferenceHandle] = []
+    try:
+        for i, (name, ref, key) in enumerate(zip(names, refs, keys)):
+            handles.append(open_reference(ref, key, name=name, cache_dir=cache_dir))
+            if name is None and isinstance(ref, AnnData) and handles[-1].name == "ref":
+                handles[-1].name = f"ref{i}"
+        source_names = _unique_names([h.name for h in handles])
+        for h, n in zip(handles, source_names):
+            h.name = n
+
+        # genes --------------------------------------------------------------------------------------------------
+        symbols = [h.symbols() for h in handles]
+        if panel is None:
+            common = set(symbols[0].symbols)
+            for s in symbols[1:]:
+                common &= set(s.symbols)
+            panel = [g for g in dict.fromkeys(symbols[0].symbols) if g in common]
+        matches = [match_genes(panel, s.symbols, ids=h.var_names) for h, s in zip(handles, symbols)]
+        found_sets = [set(m.genes) for m in matches]
+        shared = [g for g in panel if all(g in f for f in found_sets)]
+        for h, m in zip(handles, matches):
+            log = logger.warning if m.missing else logger.info
+            log(
+                "%s: %d of %d panel genes found (%d case-insensitively)%s",
+                h.name,
+                m.n_found,
+                len(panel),
+                m.n_case_insensitive,
+                f"; missing e.g. {m.missing[:5]}." if m.missing else ".",
+            )
+        missing = [g for g in panel if g not in set(shared)]
+        check_overlap(
+            len(panel), {h.name: m.n_found for h, m in zip(handles, matches)}, len(shared), missing_example=missing
+        )
+        shared_cols = []
+        for m in matches:
+            pos = dict(zip(m.genes, m.columns))
+            shared_cols.append(np.asarray([pos[g] for g in shared], dtype=np.int64))
+
+        # labels and cells ---------------------------------------------------------------------------------------
+        rng = np.random.default_rng(random_state)
+        chosen: list[np.ndarray] = []
+        excluded_counts: list[pd.Series] = []
+        n_labelled: list[int] = []
+        for h in handles:
+            labels = h.labels
+            has_label = labels.notna().to_numpy()
+            is_excluded = labels.astype(object).isin(list(excluded_set)).to_numpy() & has_label
+            valid = has_label & ~is_excluded
+            excluded_counts.append(labels[is_excluded].astype(str).value_counts())
+            n_labelled.append(int(valid.sum()))
+            if not valid.any():
+                raise ValueError(
+                    f"Reference {h.name!r} has no usable labels in obs[{h.label_key!r}] after removing missing labels "
+                    f"and {sorted(excluded_set)[:6]}...: check label_keys, or pass exclude_labels=[]."
+                )
+            chosen.append(choose_cells(labels, max_cells_per_ref, rng=rng, valid=valid))
+
+        all_labels = pd.Series(
+            np.concatenate([h.labels.to_numpy()[c].astype(str) for h, c in zip(handles, chosen)])
+        ).value_counts()
+        small = sorted(all_labels.index[all_labels < min_cells_per_type])
+        if small and filter_min_cells:
+            logger.warning(
+                "Removing %d cell types with fewer than %d cells across references: %s.",
+                len(small),
+                min_cells_per_type,
+                ", ".join(f"{t!r} ({all_labels[t]})" for t in small),
+            )
+            small_set = set(small)
+            chosen = [c[~np.isin(h.labels.to_numpy()[c].astype(str), list(small_set))] for h, c in zip(handles, chosen)]
+        elif small:
+            logger.warning(
+                "Keeping %d cell types with fewer than %d cells (filter_min_cells=False): %s.",
+                len(small),
+                min_cells_per_type,
+                ", ".join(f"{t!r} ({all_labels[t]})" for t in small),
+            )
+
+        # expression ---------------------------------------------------------------------------------------------
+        blocks: list[sp.csr_matrix] = []
+        obs_parts: list[pd.DataFrame] = []
+        empty_counts: list[int] = []
+        for h, rows, cols in progress(zip(handles, chosen, shared_cols), total=len(handles), desc="references"):
+            counts = h.read(rows, cols)
+            if h.kind == "log1p":
+                counts.data = np.expm1(counts.data)
+            totals = np.asarray(counts.sum(axis=1)).ravel()
+            nonempty = totals > 0
+            empty_counts.append(int((~nonempty).sum()))
+            if not nonempty.all():
+                counts, rows = counts[nonempty], rows[nonempty]
+            counts.eliminate_zeros()
+            blocks.append(counts.astype(np.float32))
+            obs_parts.append(
+                pd.DataFrame(
+                    {output_key: h.labels.to_numpy()[rows].astype(str), source_key: h.name},
+                    index=h.obs_names[rows],
+                )
+            )
+        if sum(empty_counts):
+            logger.info(
+                "Dropped %d cells with no counts over the %d shared genes (%s).",
+                sum(empty_counts),
+                len(shared),
+                ", ".join(f"{h.name}: {n}" for h, n in zip(handles, empty_counts) if n),
+            )
+        obs = pd.concat(obs_parts)
+        if filter_min_cells:
+            sizes = obs[output_key].value_counts()
+            now_small = set(sizes.index[sizes < min_cells_per_type])
+            if now_small:
+                logger.warning(
+                    "Removing %s: fewer than %d cells with counts over the shared genes.",
+                    sorted(now_small),
+                    min_cells_per_type,
+                )
+                keep = ~obs[output_key].isin(now_small).to_numpy()
+                offsets = np.cumsum([0] + [b.shape[0] for b in blocks])
+                blocks = [b[keep[offsets[k] : offsets[k + 1]]] for k, b in enumerate(blocks)]
+                obs = obs[keep]
+                small = sorted(set(small) | now_small)
+        if obs.empty:
+            raise ValueError(
+                "No cells left after removing excluded labels, small types and cells without counts over the "
+                f"{len(shared)} shared genes. Lower min_cells_per_type or check the references."
+            )
+
+        counts = sp.vstack(blocks, format="csr").astype(np.float32)
+        obs[output_key] = pd.Categorical(obs[output_key])
+        obs[source_key] = pd.Categorical(obs[source_key], categories=[h.name for h in handles])
+        provenance: dict[str, dict[str, Any]] = {}
+        for i, (h, m, s, excl) in enumerate(zip(handles, matches, symbols, excluded_counts)):
+            kept = obs.loc[obs[source_key] == h.name, output_key].value_counts().sort_index()
+            provenance[h.name] = {
+                "index": i,
+                "name": h.name,
+                "uri": h.uri,
+                "checksum": h.checksum,
+                "label_key": h.label_key,
+                "expression": h.kind,
+                "expression_source": h.where,
+                "gene_names": s.method,
+                "n_cells": int(h.n_obs),
+                "n_cells_labelled": n_labelled[i],
+                "n_cells_without_counts": empty_counts[i],
+                "n_genes": int(len(h.var_names)),
+                "n_panel_genes": len(panel),
+                "n_panel_genes_found": int(m.n_found),
+                "n_genes_case_insensitive": int(m.n_case_insensitive),
+                "excluded_labels": {"labels": [str(t) for t in excl.index], "n_cells": excl.astype(int).tolist()},
+                "cells_kept": _counts_list(kept),
+            }
+    finally:
+        for h in handles:
+            h.close()
+
+    if not obs.index.is_unique:
+        from anndata.utils import make_index_unique
+
+        obs.index = make_index_unique(obs.index.astype(str))
+    out = AnnData(
+        X=_log1p_normalize(counts),
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index(shared)),
+        layers={"counts": counts},
+    )
+    out.uns[REFERENCES_UNS_KEY] = provenance
+    out.uns[COMBINE_UNS_KEY] = {
+        "n_panel_genes": len(panel),
+        "n_shared_genes": len(shared),
+        "max_cells_per_ref": -1 if max_cells_per_ref is None else int(max_cells_per_ref),
+        "exclude_labels": sorted(excluded_set),
+        "min_cells_per_type": int(min_cells_per_type),
+        "filter_min_cells": bool(filter_min_cells),
+        "removed_types": [str(t) for t in small] if filter_min_cells else [],
+        "random_state": int(random_state),
+        "target_sum": float(TARGET_SUM),
+    }
+    logger.info("Combined %d references: %d cells x %d genes.", len(handles), out.n_obs, out.n_vars)
+    return out
+
+
+def _log1p_normalize(counts: sp.csr_matrix) -> sp.csr_matrix:
+    """``log1p(normalize_total(counts, target_sum=1e4))`` through scanpy, as CSR float32."""
+    import scanpy as sc
+
+    tmp = AnnData(X=counts.copy())
+    sc.pp.normalize_total(tmp, target_sum=TARGET_SUM)
+    sc.pp.log1p(tmp)
+    return sp.csr_matrix(tmp.X, dtype=np.float32)

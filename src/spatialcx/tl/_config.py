@@ -1,0 +1,206 @@
+"""``AnnotationConfig``: the arguments of :func:`spatialcx.tl.annotate` as a YAML file, and running it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+_PATH_FIELDS = ("model_out", "plots_dir")
+
+
+def _is_local_relative(value: str) -> bool:
+    return "://" not in value and not Path(value).expanduser().is_absolute()
+
+
+@dataclass
+class AnnotationConfig:
+    """Everything :func:`spatialcx.tl.annotate` needs besides the data, as a dataclass that reads and writes YAML.
+
+    Example file::
+
+    References
+    ----------
+          - cellxgene_lung.h5ad                 # relative to the YAML file
+          - gs://my-bucket/refs/airway.zarr
+        label_keys: [cell_type, ann_finest_level]
+        tissue: lung
+        balance: proportional
+        max_cells_per_type: 5000
+        target_proportions: proportions.csv     # or a mapping {cell type: proportion}
+        confidence_threshold: 0.8
+        model_out: lung_model.npz
+
+    Attributes
+    ----------
+    references
+        Paths or URIs of the references (``.h5ad``, AnnData ``.zarr``; ``file://``, ``https://``, ``gs://``,
+        ``s3://``). Relative local paths in a YAML file are taken relative to that file.
+    label_keys
+        Label column of each reference, or one for all.
+    table_key, tissue, balance, max_cells_per_type, max_cells_per_ref, target_proportions, confidence_threshold,
+    model_out, plots_dir, add_ontology, plots, random_state
+        As in :func:`spatialcx.tl.annotate`.
+    """
+
+    references: list[str]
+    label_keys: str | list[str]
+    table_key: str = "table"
+    tissue: str = "unknown"
+    balance: str = "proportional"
+    max_cells_per_type: int = 5000
+    max_cells_per_ref: int = 100_000
+    target_proportions: dict[str, float] | str | None = None
+    confidence_threshold: float = 0.8
+    model_out: str | None = None
+    plots_dir: str | None = None
+    add_ontology: bool = True
+    plots: bool = True
+    random_state: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.references, str | os.PathLike):
+            self.references = [self.references]
+        self.references = [os.fspath(r) for r in (self.references or [])]
+        if not self.references:
+            raise ValueError("AnnotationConfig needs at least one reference (a path or URI) in 'references'.")
+        if isinstance(self.label_keys, list | tuple):
+            self.label_keys = [str(k) for k in self.label_keys]
+            if len(self.label_keys) != len(self.references):
+                raise ValueError(
+                    f"{len(self.references)} references but {len(self.label_keys)} label_keys: give one per reference "
+                    "or a single string for all."
+                )
+        elif not isinstance(self.label_keys, str):
+            raise TypeError(f"label_keys must be a string or a list of strings, got {type(self.label_keys).__name__}.")
+        if self.balance not in ("proportional", "equal"):
+            raise ValueError(f"balance must be 'proportional' or 'equal', got {self.balance!r}.")
+        if not 0 <= float(self.confidence_threshold) <= 1:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}.")
+        for name in ("max_cells_per_type", "max_cells_per_ref"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if isinstance(self.target_proportions, os.PathLike):
+            self.target_proportions = os.fspath(self.target_proportions)
+        if self.target_proportions is not None and not isinstance(self.target_proportions, str | Mapping):
+            raise TypeError(
+                "target_proportions must be a mapping {cell type: proportion} or the path of a .json / .csv file, "
+                f"got {type(self.target_proportions).__name__}."
+            )
+        if isinstance(self.target_proportions, Mapping):
+            self.target_proportions = {str(k): float(v) for k, v in self.target_proportions.items()}
+        for name in _PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, os.fspath(value))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain Python values (what :meth:`to_yaml` writes)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None) -> AnnotationConfig:
+        """Build a config from a mapping; unknown keys are an error. Relative local paths are joined to ``base_dir``."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"Unknown AnnotationConfig keys {unknown}; valid keys: {names}.")
+        missing = [k for k in ("references", "label_keys") if k not in values]
+        if missing:
+            raise ValueError(f"AnnotationConfig needs {missing}.")
+        values = dict(values)
+        if base_dir is not None:
+            base = Path(base_dir)
+            refs = values["references"]
+            refs = [refs] if isinstance(refs, str) else list(refs)
+            values["references"] = [str(base / r) if _is_local_relative(str(r)) else str(r) for r in refs]
+            for name in (*_PATH_FIELDS, "target_proportions"):
+                value = values.get(name)
+                if isinstance(value, str) and _is_local_relative(value):
+                    values[name] = str(base / value)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike) -> AnnotationConfig:
+        """Read a config from a YAML file (relative paths are taken relative to it) or from YAML text."""
+        import yaml
+
+        is_text = isinstance(source, str) and (
+            "\n" in source or not (Path(source).is_file() or source.strip().endswith((".yaml", ".yml")))
+        )
+        if is_text:
+            text, base = str(source), None
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+            text, base = path.read_text(), path.parent
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"The annotation config is not valid YAML: {e}") from e
+        if not isinstance(values, Mapping):
+            raise ValueError(
+                f"The annotation config must be a YAML mapping (key: value lines), got {type(values).__name__}."
+            )
+        return cls.from_dict(values, base_dir=base)
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        """Return the config as YAML text, and write it to ``path`` (atomically) when given."""
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return text
+
+
+def annotate_from_config(
+    data: AnnData | SpatialData,
+    config: AnnotationConfig | Mapping[str, Any] | str | os.PathLike,
+    *,
+    copy: bool = False,
+) -> AnnData | SpatialData | None:
+    """Run :func:`spatialcx.tl.annotate` with the arguments of a config.
+
+    Parameters
+    ----------
+    data
+        The spatial data or its table.
+    config
+        An :class:`AnnotationConfig`, a mapping of its fields, or a YAML file (or YAML text).
+    copy
+        Return an annotated copy instead of modifying ``data``.
+
+    Returns
+    -------
+    What :func:`spatialcx.tl.annotate` returns: the annotated copy when ``copy=True``, else ``None``.
+    """
+    from . import _annotate
+
+    if isinstance(config, AnnotationConfig):
+        cfg = config
+    elif isinstance(config, Mapping):
+        cfg = AnnotationConfig.from_dict(config)
+    else:
+        cfg = AnnotationConfig.from_yaml(config)
+    kwargs = cfg.to_dict()
+    references = kwargs.pop("references")
+    return _annotate.annotate(data, references, copy=copy, **kwargs)

@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import types
+from contextlib import contextmanager
+
+import anndata as ad
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+import spatialcx as scx
+
+FSSPEC_REGISTRY = importlib.import_module("fsspec.registry")
+IDS = ["ENSG00000128683", "ENSG00000136750", "ENSG00000157005", "ENSG00000075624", "ENSG00000198851"]
+SYMBOLS = ["GAD1", "GAD2", "SST", "ACTB", "CD3E"]
+
+
+def cxg_like(sizes: dict[str, int], seed: int = 0) -> ad.AnnData:
+    """A CELLxGENE-style reference: Ensembl var names, feature_name, counts, cell_type."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(list(sizes), list(sizes.values()))
+    a = ad.AnnData(
+        sp.csr_matrix(rng.poisson(2.0, (len(labels), 5)).astype(np.float32) + 1),
+        obs=pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))]),
+        var=pd.DataFrame({"feature_name": SYMBOLS}, index=IDS),
+    )
+    return a
+
+
+@pytest.fixture
+def fake_census(tmp_path, monkeypatch):
+    """A stand-in ``cellxgene_census`` module: no network."""
+    source = tmp_path / "census_source.h5ad"
+    cxg_like({"T cell": 300, "B cell": 60, "pericyte": 12}).write_h5ad(source)
+    census_cells = cxg_like({"alveolar macrophage": 500, "AT2 cell": 80, "ionocyte": 5}, seed=1)
+    census_cells.obs["soma_joinid"] = np.arange(1000, 1000 + census_cells.n_obs)
+    calls: dict[str, list] = {"download": [], "open": [], "get_obs": [], "get_anndata": []}
+    mod = types.ModuleType("cellxgene_census")
+
+    @contextmanager
+    def open_soma(census_version="stable"):
+        calls["open"].append(census_version)
+        yield "census-handle"
+
+    def download_source_h5ad(dataset_id, to_path, *, census_version="stable", progress_bar=True):
+        calls["download"].append((dataset_id, census_version))
+        shutil.copyfile(source, to_path)
+
+    def get_obs(census, organism, *, value_filter=None, column_names=None):
+        calls["get_obs"].append((census, organism, value_filter, column_names))
+        return census_cells.obs[["soma_joinid", "cell_type"]].reset_index(drop=True)
+
+    def get_anndata(census, organism, obs_coords=None, obs_column_names=None, **kwargs):
+        calls["get_anndata"].append((organism, np.asarray(obs_coords), obs_column_names))
+        rows = np.flatnonzero(np.isin(census_cells.obs["soma_joinid"], obs_coords))
+        out = census_cells[rows].copy()
+        out.var = pd.DataFrame({"feature_id": IDS, "feature_name": SYMBOLS}, index=[str(i) for i in range(5)])
+        return out
+
+    mod.open_soma, mod.download_source_h5ad, mod.get_obs, mod.get_anndata = (
+        open_soma,
+        download_source_h5ad,
+        get_obs,
+        get_anndata,
+    )
+    monkeypatch.setitem(sys.modules, "cellxgene_census", mod)
+    return calls
+
+
+@pytest.fixture
+def fake_synapse(tmp_path, monkeypatch):
+    calls: dict[str, list] = {"login": [], "get": []}
+    source = tmp_path / "syn_source.h5ad"
+    cxg_like({"hepatocyte": 40, "Kupffer cell": 20}, seed=2).write_h5ad(source)
+
+    class Synapse:
+        def login(self, **kwargs):
+            calls["login"].append(kwargs)
+
+        def get(self, entity, downloadLocation=None):
+            calls["get"].append(entity)
+            dest = f"{downloadLocation}/liver.h5ad"
+            os.makedirs(downloadLocation, exist_ok=True)
+            shutil.copyfile(source, dest)
+            return types.SimpleNamespace(path=dest)
+
+    mod = types.ModuleType("synapseclient")
+    mod.Synapse = Synapse
+    monkeypatch.setitem(sys.modules, "synapseclient", mod)
+    return calls
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    root = tmp_path / "gcs"
+    root.mkdir()
+
+    class LocalGCS(DirFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(path=str(root), fs=LocalFileSystem())
+
+    LocalGCS.clear_instance_cache()
+    monkeypatch.setitem(FSSPEC_REGISTRY._registry, "gs", LocalGCS)
+    return root
+
+
+def test_list_datasets():
+    df = scx.io.list_datasets()
+    assert {"human_lung_cell_atlas", "healthy_human_liver", "colon_immune_niches", "lung_covid"} <= set(df.index)
+    assert df.loc["human_lung_cell_atlas", "dataset_id"] == "066943a2-fdac-4b29-b348-40cede398e4e"
+    assert df["dataset_id"].str.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}").all()
+    assert (df["label_key"] == "cell_type").all() and (df["uri"] == "cellxgene://" + df.index).all()
+
+
+def test_predefined_dataset_download_and_reuse(tmp_path, fake_census):
+    out = scx.io.acquire_reference("cellxgene://human_lung_cell_atlas", tmp_path / "refs", census_version="2025-01-30")
+    assert out == f"{tmp_path}/refs/human_lung_cell_atlas.h5ad"
+    assert fake_census["download"] == [("066943a2-fdac-4b29-b348-40cede398e4e", "2025-01-30")]
+    adata = ad.read_h5ad(out)
+    assert adata.n_obs == 372
+    info = adata.uns["spatialcx_acquisition"]
+    assert info["dataset_id"] == "066943a2-fdac-4b29-b348-40cede398e4e" and info["census_version"] == "2025-01-30"
+    assert [p.name for p in (tmp_path / "refs").iterdir()] == ["human_lung_cell_atlas.h5ad"]  # nothing half-written
+
+    scx.io.acquire_reference("cellxgene://human_lung_cell_atlas", tmp_path / "refs")
+    assert len(fake_census["download"]) == 1  # re-used
+    scx.io.acquire_reference("cellxgene://human_lung_cell_atlas", tmp_path / "refs", force=True)
+    assert len(fake_census["download"]) == 2
+
+
+def test_predefined_dataset_with_max_cells(tmp_path, fake_census):
+    out = scx.io.acquire_reference("cellxgene://lung_covid", tmp_path / "covid.h5ad", max_cells=100)
+    adata = ad.read_h5ad(out)
+    counts = adata.obs["cell_type"].value_counts()
+    assert adata.n_obs == 100 and counts["pericyte"] == 12  # rare types whole, largest capped first
+    assert adata.uns["spatialcx_acquisition"]["n_cells_kept"] == 100
+    assert "spatialcx_reference" not in adata.uns
+
+
+def test_census_query_downloads_only_the_chosen_cells(tmp_path, fake_census):
+    out = scx.io.acquire_reference(
+        "cellxgene://?tissue=lung&disease=normal,COVID-19&organism=Homo sapiens", tmp_path / "q/", max_cells=50
+    )
+    assert out.endswith("q/cellxgene_query.h5ad")
+    ((_, organism, value_filter, _),) = fake_census["get_obs"]
+    assert organism == "Homo sapiens"
+    assert value_filter == (
+        "is_primary_data == True and (tissue in ['lung'] or tissue_general in ['lung']) and "
+        "disease in ['normal', 'COVID-19']"
+    )
+    ((_, coords, _),) = fake_census["get_anndata"]
+    assert len(coords) == 50 and (np.diff(coords) > 0).all()
+    adata = ad.read_h5ad(out)
+    assert adata.n_obs == 50 and adata.obs["cell_type"].value_counts()["ionocyte"] == 5
+    assert list(adata.var_names) == IDS and adata.uns["spatialcx_acquisition"]["n_cells_matching"] == 585
+    # the stored reference works as it is: Ensembl ids mapped to symbols through feature_name
+    combined = scx.pp.combine_references(out, "cell_type", genes=["CD3E", "SST"], min_cells_per_type=1)
+    assert list(combined.var_names) == ["CD3E", "SST"] and combined.n_obs == 50
+
+
+def test_census_query_errors(tmp_path, fake_census):
+    with pytest.raises(ValueError, match="Unknown CELLxGENE query keys \\['colour'\\]"):
+        scx.io.acquire_reference("cellxgene://?colour=blue", tmp_path / "x.h5ad")
+    with pytest.raises(ValueError, match="at least one filter"):
+        scx.io.acquire_reference("cellxgene://?organism=Homo sapiens", tmp_path / "x.h5ad")
+
+
+def test_synapse_to_a_bucket(tmp_path, fake_synapse, fake_gcs, monkeypatch):
+    monkeypatch.setenv("SYNAPSE_AUTH_TOKEN", "token-from-env")
+    out = scx.io.acquire_reference("synapse://syn12345", "gs://bucket/refs/", max_cells=30)
+    assert out == "gs://bucket/refs/syn12345.h5ad"
+    assert fake_synapse["login"] == [{"authToken": "token-from-env", "silent": True}]
+    assert fake_synapse["get"] == ["syn12345"]
+    stored = fake_gcs / "bucket" / "refs" / "syn12345.h5ad"
+    adata = ad.read_h5ad(stored)
+    assert adata.n_obs == 30 and adata.uns["spatialcx_acquisition"]["synapse_id"] == "syn12345"
+    # and read back through the same URI
+    lazy = scx.io.read_reference(out, label_key="cell_type", cache_dir=tmp_path / "cache")
+    assert lazy.n_obs == 30 and list(lazy.var_names) == SYMBOLS
+    scx.io.acquire_reference("synapse://syn12345", "gs://bucket/refs/")
+    assert len(fake_synapse["get"]) == 1  # already in the bucket
+
+
+def test_synapse_without_token_uses_the_config(tmp_path, fake_synapse, monkeypatch):
+    monkeypatch.delenv("SYNAPSE_AUTH_TOKEN", raising=False)
+    scx.io.acquire_reference("synapse://syn7", tmp_path)
+    assert fake_synapse["login"] == [{"silent": True}]
+    assert (tmp_path / "syn7.h5ad").is_file()
+
+
+@pytest.mark.parametrize(
+    ("module", "extra", "source"),
+    [("cellxgene_census", "census", "cellxgene://lung_covid"), ("synapseclient", "synapse", "synapse://syn1")],
+)
+def test_missing_extras_are_named(tmp_path, monkeypatch, module, extra, source):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=rf"spatialcx\[{extra}\]"):
+        scx.io.acquire_reference(source, tmp_path / "x.h5ad")
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "output", "match"),
+    [
+        ("https://example.org/ref.h5ad", "x.h5ad", "Unsupported source"),
+        ("cellxgene://no_such_dataset", "x.h5ad", "Unknown CELLxGENE dataset 'no_such_dataset'"),
+        ("synapse://abc", "x.h5ad", "Bad Synapse id"),
+        ("cellxgene://lung_covid", "x.csv", "must be an .h5ad file or a folder"),
+    ],
+)
+def test_bad_sources(tmp_path, source, output, match):
+    with pytest.raises(ValueError, match=match):
+        scx.io.acquire_reference(source, tmp_path / output)
+
+
+def test_gs_output_without_gcsfs_names_the_extra(tmp_path, fake_census, monkeypatch):
+    monkeypatch.delitem(FSSPEC_REGISTRY._registry, "gs", raising=False)
+    monkeypatch.setitem(
+        FSSPEC_REGISTRY.known_implementations,
+        "gs",
+        {"class": "spatialcx_no_such_module.GCSFileSystem", "err": "Please install gcsfs"},
+    )
+    with pytest.raises(ImportError, match=r"spatialcx\[gcs\]"):
+        scx.io.acquire_reference("cellxgene://lung_covid", "gs://bucket/covid.h5ad")
+    fsspec.filesystem("file")  # the registry is still usable

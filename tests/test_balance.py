@@ -1,0 +1,264 @@
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import spatialcx as scx
+from spatialcx.pp._balance import (
+    cap_and_fill,
+    cap_to_total,
+    read_target_proportions,
+    resolve_target_proportions,
+    split_across_sources,
+)
+
+
+# ------------------------------------------------------------------------------------------------ pure arithmetic
+def test_worked_example_proportional_and_equal():
+    counts = pd.DataFrame({"A": [30_000], "B": [5_000]}, index=["macrophage"])
+    prop = cap_and_fill(counts, max_cells_per_type=10_000, source_balance="proportional")
+    equal = cap_and_fill(counts, max_cells_per_type=10_000, source_balance="equal")
+    assert prop.loc["macrophage"].tolist() == [8_571, 1_429]
+    assert equal.loc["macrophage"].tolist() == [5_000, 5_000]
+
+
+def test_floor_does_not_overshoot_the_cap():
+    # the published implementation gave 995 + 50 = 1,045 here
+    out = split_across_sources(np.array([9_950, 50]), 1_000, min_cells_per_source=50)
+    assert out.tolist() == [950, 50]
+    assert out.sum() == 1_000
+
+
+def test_equal_redistributes_shortfall_to_sources_with_spare_cells():
+    out = split_across_sources(np.array([30_000, 3_000, 100]), 10_000, source_balance="equal", min_cells_per_source=50)
+    # 10,000 / 3 = 3,333 each; source 2 has 3,000 and source 3 has 100, the rest goes to source 1
+    assert out.tolist() == [6_900, 3_000, 100]
+
+
+def test_floors_larger_than_target_are_shared_equally():
+    out = split_across_sources(np.array([500, 500, 500, 20]), 120, min_cells_per_source=50)
+    assert out.sum() == 120
+    assert out.tolist() == [34, 33, 33, 20]
+
+
+def test_target_above_available_takes_everything():
+    out = split_across_sources(np.array([10, 20]), 1_000)
+    assert out.tolist() == [10, 20]
+
+
+@pytest.mark.parametrize("balance", ["proportional", "equal"])
+def test_allocation_invariants_on_random_tables(balance):
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n_types, n_src = rng.integers(1, 6), rng.integers(1, 5)
+        counts = pd.DataFrame(
+            rng.integers(0, 3) * rng.integers(0, 20_000, (n_types, n_src)) + rng.integers(0, 300, (n_types, n_src)),
+            index=[f"t{i}" for i in range(n_types)],
+            columns=[f"s{j}" for j in range(n_src)],
+        )
+        cap = int(rng.integers(1, 12_000))
+        floor = int(rng.integers(0, 200))
+        alloc = cap_and_fill(
+            counts, max_cells_per_type=cap, min_cells_per_type=0, source_balance=balance, min_cells_per_source=floor
+        )
+        avail = counts.to_numpy()
+        a = alloc.to_numpy()
+        assert (a >= 0).all() and (a <= avail).all()
+        assert (a.sum(axis=1) == np.minimum(avail.sum(axis=1), cap)).all()  # exactly the cap, never more
+        floors = np.minimum(avail, floor)
+        feasible = floors.sum(axis=1) <= np.minimum(avail.sum(axis=1), cap)
+        assert (a[feasible] >= floors[feasible]).all()
+
+
+def test_proportional_split_follows_shares():
+    out = split_across_sources(np.array([6_000, 3_000, 1_000]), 5_000, min_cells_per_source=0)
+    assert out.tolist() == [3_000, 1_500, 500]
+
+
+def test_cap_to_total_keeps_rare_types_whole():
+    counts = pd.Series({"a": 10_000, "b": 500, "c": 50, "d": 3_000})
+    kept = cap_to_total(counts, 2_000)
+    assert kept.sum() == 2_000
+    assert kept["c"] == 50 and kept["b"] == 500
+    assert kept["a"] == kept["d"] == 725
+    assert cap_to_total(counts, None).equals(counts.sort_index())
+
+
+# ------------------------------------------------------------------------------------------ target proportions
+@pytest.fixture
+def three_types():
+    return pd.DataFrame({"A": [4_000, 3_000, 1_000], "B": [4_000, 1_000, 1_000]}, index=["T", "B", "NK"])
+
+
+def _write_props(tmp_path, fmt, props):
+    if fmt == "json":
+        path = tmp_path / "props.json"
+        path.write_text(json.dumps(props))
+        return path
+    path = tmp_path / "props.csv"
+    pd.DataFrame({"cell_type": list(props), "proportion": list(props.values())}).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["dict", "json", "csv"])
+def test_target_proportions_all_three_formats(tmp_path, three_types, fmt):
+    props = {"T": 0.5, "B": 0.3, "NK": 0.2}
+    source = props if fmt == "dict" else _write_props(tmp_path, fmt, props)
+    assert read_target_proportions(source) == props
+    alloc = cap_and_fill(three_types, max_cells_per_type=5_000, target_proportions=source, min_cells_per_type=0)
+    totals = alloc.sum(axis=1)
+    # output size without proportions: 5,000 + 4,000 + 2,000 = 11,000; NK can only give its 2,000
+    assert totals["T"] == 5_500 and totals["B"] == 3_300 and totals["NK"] == 2_000
+    assert (alloc.to_numpy() <= three_types.to_numpy()).all()
+
+
+def test_partial_proportions_leave_the_rest_to_the_other_types(three_types):
+    alloc = cap_and_fill(three_types, max_cells_per_type=5_000, target_proportions={"NK": 0.1}, min_cells_per_type=0)
+    totals = alloc.sum(axis=1)
+    assert totals["NK"] == 1_100  # 10 % of 11,000
+    # 9,900 are left for T and B, but the cap holds for types without a proportion
+    assert totals["T"] == 5_000 and totals["B"] == 4_000
+
+
+def test_unnamed_types_share_the_rest_in_proportion_to_their_capped_sizes():
+    counts = pd.DataFrame({"A": [10_000, 10_000, 10_000]}, index=["T", "B", "NK"])
+    alloc = cap_and_fill(counts, max_cells_per_type=6_000, target_proportions={"NK": 0.5}, min_cells_per_type=0)
+    # N = 18,000: NK 9,000 (above the cap: proportions override it), T and B share 9,000 equally
+    assert alloc["A"].tolist() == [4_500, 4_500, 9_000]
+
+
+def test_min_cells_per_type_floor_applies_to_small_targets(three_types):
+    alloc = cap_and_fill(three_types, max_cells_per_type=5_000, target_proportions={"NK": 0.001}, min_cells_per_type=50)
+    assert alloc.sum(axis=1)["NK"] == 50
+
+
+@pytest.mark.parametrize(
+    ("props", "match"),
+    [
+        ({"T": 0.5, "Mast": 0.1}, "Mast"),
+        ({"T": 0.7, "B": 0.4}, "at most 1"),
+        ({"T": 0.6, "B": 0.4}, "leave out \\['NK'\\]"),
+        ({"T": 0.5, "B": 0.3, "NK": 0.1}, "name every cell type but sum to 0.9"),
+        ({"T": -0.1}, "between 0 and 1"),
+        ({"T": "lots"}, "not a number"),
+    ],
+)
+def test_bad_target_proportions_are_clear_errors(props, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_target_proportions(props, ["T", "B", "NK"])
+
+
+def test_bad_proportion_files(tmp_path):
+    bad_csv = tmp_path / "p.csv"
+    bad_csv.write_text("type,share\nT,0.5\n")
+    with pytest.raises(ValueError, match="cell_type,proportion"):
+        read_target_proportions(bad_csv)
+    bad_json = tmp_path / "p.json"
+    bad_json.write_text("[0.5]")
+    with pytest.raises(ValueError, match="JSON object"):
+        read_target_proportions(bad_json)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_target_proportions(tmp_path / "missing.csv")
+    txt = tmp_path / "p.txt"
+    txt.write_text("x")
+    with pytest.raises(ValueError, match=".json or .csv"):
+        read_target_proportions(txt)
+
+
+# ------------------------------------------------------------------------------------------------ AnnData layer
+def _reference(counts: dict[tuple[str, str], int], extra_obs: dict | None = None) -> ad.AnnData:
+    labels, sources = [], []
+    for (label, source), n in counts.items():
+        labels += [label] * n
+        sources += [source] * n
+    n = len(labels)
+    obs = pd.DataFrame(
+        {"original_label": pd.Categorical(labels), "reference_source": pd.Categorical(sources)},
+        index=[f"c{i}" for i in range(n)],
+    )
+    for key, fn in (extra_obs or {}).items():
+        obs[key] = fn(obs)
+    adata = ad.AnnData(X=sp.csr_matrix(np.ones((n, 3), dtype=np.float32)), obs=obs)
+    adata.uns["spatialcx_references"] = {
+        "A": {"index": 0, "name": "A", "cells_kept": {"cell_types": ["mac"], "n_cells": [1]}},
+        "B": {"index": 1, "name": "B"},
+    }
+    return adata
+
+
+def test_subsample_balanced_draws_the_allocation():
+    adata = _reference({("mac", "A"): 3_000, ("mac", "B"): 500, ("T", "A"): 200, ("T", "B"): 40})
+    before = adata.obs.copy()
+    out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=1_000)
+    assert adata.obs.equals(before) and adata.n_obs == 3_740  # input untouched
+    got = pd.crosstab(out.obs["original_label"], out.obs["reference_source"])
+    assert got.loc["mac"].tolist() == [857, 143]
+    assert got.loc["T"].tolist() == [200, 40]
+    assert out.obs_names.is_unique and set(out.obs_names) <= set(adata.obs_names)
+    # original order is kept
+    pos = adata.obs_names.get_indexer(out.obs_names)
+    assert (np.diff(pos) > 0).all()
+    bal = out.uns["spatialcx_balance"]
+    assert bal["groups"] == ["T", "mac"] and bal["sources"] == ["A", "B"]
+    np.testing.assert_array_equal(bal["drawn"], [[200, 40], [857, 143]])
+    used = out.uns["spatialcx_references"]["A"]["cells_used"]
+    assert dict(zip(used["cell_types"], used["n_cells"])) == {"T": 200, "mac": 857}
+    assert out.uns["spatialcx_references"]["B"]["cells_used"]["n_cells"] == [40, 143]
+
+
+def test_subsample_balanced_is_seeded():
+    adata = _reference({("mac", "A"): 3_000, ("mac", "B"): 500})
+    a = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=300, random_state=3)
+    b = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=300, random_state=3)
+    c = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=300, random_state=4)
+    assert list(a.obs_names) == list(b.obs_names)
+    assert list(a.obs_names) != list(c.obs_names)
+
+
+def test_group_by_merges_differently_named_labels():
+    names = {"CD4+ T cells": "CL:0000624", "CD4-positive, alpha-beta T cell": "CL:0000624", "B cell": "CL:0000236"}
+    adata = _reference(
+        {("CD4+ T cells", "A"): 600, ("CD4-positive, alpha-beta T cell", "B"): 600, ("B cell", "A"): 100},
+        extra_obs={"ontology": lambda obs: obs["original_label"].map(names).astype(str)},
+    )
+    out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=400, group_by="ontology")
+    assert (out.obs["ontology"] == "CL:0000624").sum() == 400  # one group, one cap
+    assert out.obs["original_label"].value_counts()["B cell"] == 100
+    assert out.uns["spatialcx_balance"]["groups"] == ["CL:0000236", "CL:0000624"]
+
+
+def test_subsample_balanced_target_proportions_and_uns_round_trip(tmp_path):
+    adata = _reference({("mac", "A"): 3_000, ("T", "A"): 3_000, ("NK", "B"): 3_000})
+    path = tmp_path / "p.csv"
+    path.write_text("cell_type,proportion\nNK,0.2\n")
+    out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=1_000, target_proportions=path)
+    assert out.obs["original_label"].value_counts()["NK"] == 600  # 20 % of 3,000
+    out.write_h5ad(tmp_path / "b.h5ad")
+    back = ad.read_h5ad(tmp_path / "b.h5ad")
+    assert list(back.uns["spatialcx_balance"]["target_proportions"]["cell_types"]) == ["NK"]
+    out.write_zarr(tmp_path / "b.zarr")
+    assert int(ad.read_zarr(tmp_path / "b.zarr").uns["spatialcx_balance"]["n_cells"]) == out.n_obs
+
+
+def test_subsample_balanced_errors():
+    adata = _reference({("mac", "A"): 10})
+    with pytest.raises(KeyError, match="not an obs column"):
+        scx.pp.subsample_balanced(adata, "cell_type")
+    with pytest.raises(ValueError, match="proportional' or 'equal"):
+        scx.pp.subsample_balanced(adata, "original_label", source_balance="fair")
+    adata.obs["original_label"] = adata.obs["original_label"].astype(object)
+    adata.obs.iloc[0, 0] = None
+    with pytest.raises(ValueError, match="no label"):
+        scx.pp.subsample_balanced(adata, "original_label")
+
+
+def test_without_source_column_all_cells_are_one_source():
+    adata = _reference({("mac", "A"): 100, ("mac", "B"): 100})
+    del adata.obs["reference_source"]
+    out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=50)
+    assert out.n_obs == 50

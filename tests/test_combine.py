@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import spatialcx as scx
+from spatialcx._constants import DEFAULT_EXCLUDE_LABELS
+
+HUMAN_IDS = ["ENSG00000128683", "ENSG00000136750", "ENSG00000157005", "ENSG00000075624", "ENSG00000198851"]
+HUMAN_SYMBOLS = ["GAD1", "GAD2", "SST", "ACTB", "CD3E"]
+MOUSE_SYMBOLS = ["Gad1", "Gad2", "Sst", "Actb", "Cd3e"]
+
+
+def make_ref(labels: dict[str, int], genes: list[str], seed: int = 0, prefix: str = "c") -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    lab = np.repeat(list(labels), list(labels.values()))
+    x = rng.poisson(2.0, (len(lab), len(genes))).astype(np.float32)
+    x[:, 0] += 1  # every cell has counts over the first gene
+    return ad.AnnData(
+        sp.csr_matrix(x),
+        obs=pd.DataFrame({"label": pd.Categorical(lab)}, index=[f"{prefix}{i}" for i in range(len(lab))]),
+        var=pd.DataFrame(index=genes),
+    )
+
+
+def log1p_norm(counts: np.ndarray) -> np.ndarray:
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.log1p(counts / np.where(totals == 0, 1, totals) * 1e4)
+
+
+def test_combine_structure_values_and_provenance(tmp_path):
+    a = make_ref({"T cell": 30, "B cell": 20}, MOUSE_SYMBOLS + ["Xist"], seed=1)
+    b = make_ref({"T cell": 15, "NK cell": 25}, HUMAN_SYMBOLS, seed=2, prefix="d")
+    b.write_h5ad(tmp_path / "human_ref.h5ad")
+    panel = ["Sst", "Gad1", "Cd3e", "Pvalb"]
+    out = scx.pp.combine_references(
+        [a, f"file://{tmp_path}/human_ref.h5ad"], "label", genes=panel, min_cells_per_type=1
+    )
+
+    assert list(out.var_names) == ["Sst", "Gad1", "Cd3e"]  # shared panel genes, panel order and spelling
+    assert out.n_obs == 90
+    assert isinstance(out.obs["original_label"].dtype, pd.CategoricalDtype)
+    assert list(out.obs["reference_source"].cat.categories) == ["ref0", "human_ref"]
+    assert sp.issparse(out.X) and out.X.format == "csr" and out.X.dtype == np.float32
+    counts = out.layers["counts"]
+    assert counts.format == "csr" and counts.dtype == np.float32
+    # raw counts are the references' own, over the shared genes
+    np.testing.assert_array_equal(counts[:50].toarray(), a.X[:, [2, 0, 4]].toarray())
+    np.testing.assert_array_equal(counts[50:].toarray(), b.X[:, [2, 0, 4]].toarray())
+    np.testing.assert_allclose(out.X.toarray(), log1p_norm(counts.toarray()), rtol=1e-5)
+    np.testing.assert_allclose(np.expm1(out.X.toarray()).sum(axis=1), 1e4, rtol=1e-4)
+
+    prov = out.uns["spatialcx_references"]
+    assert list(prov) == ["ref0", "human_ref"]
+    h = prov["human_ref"]
+    assert h["uri"] == f"file://{tmp_path}/human_ref.h5ad" and h["checksum"].startswith("sha256:")
+    assert h["n_panel_genes"] == 4 and h["n_panel_genes_found"] == 3 and h["n_genes_case_insensitive"] == 3
+    assert h["expression"] == "counts" and h["expression_source"] == "X" and h["label_key"] == "label"
+    assert dict(zip(h["cells_kept"]["cell_types"], h["cells_kept"]["n_cells"])) == {"NK cell": 25, "T cell": 15}
+    assert prov["ref0"]["checksum"].startswith("sha256-names:")
+
+    out.write_h5ad(tmp_path / "combined.h5ad")
+    back = ad.read_h5ad(tmp_path / "combined.h5ad")
+    assert int(back.uns["spatialcx_references"]["human_ref"]["n_cells"]) == 40
+    out.write_zarr(tmp_path / "combined.zarr")
+    assert set(ad.read_zarr(tmp_path / "combined.zarr").uns["spatialcx_references"]) == {"ref0", "human_ref"}
+    # the inputs are untouched
+    assert list(a.obs.columns) == ["label"] and a.X.shape == (50, 6)
+
+
+def test_default_exclude_labels_exact_and_case_sensitive():
+    labels = dict.fromkeys(DEFAULT_EXCLUDE_LABELS, 12)
+    labels.update({"T cell": 12, "UNASSIGNED": 12, "unknown cells": 12, "Doublets": 12})
+    ref = make_ref(labels, MOUSE_SYMBOLS)
+    out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
+    assert set(out.obs["original_label"].cat.categories) == {"T cell", "UNASSIGNED", "unknown cells", "Doublets"}
+    excluded = out.uns["spatialcx_references"]["ref0"]["excluded_labels"]
+    assert set(excluded["labels"]) == set(DEFAULT_EXCLUDE_LABELS) and set(excluded["n_cells"]) == {12}
+    kept_all = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, exclude_labels=[])
+    assert kept_all.n_obs == ref.n_obs
+
+
+def test_missing_labels_are_dropped():
+    ref = make_ref({"T cell": 20, "B cell": 20}, MOUSE_SYMBOLS)
+    ref.obs["label"] = ref.obs["label"].astype(object)
+    ref.obs.iloc[:5, 0] = np.nan
+    out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
+    assert out.n_obs == 35 and out.uns["spatialcx_references"]["ref0"]["n_cells_labelled"] == 35
+
+
+def test_min_cells_per_type_removes_or_warns(caplog):
+    ref = make_ref({"T cell": 40, "rare": 4}, MOUSE_SYMBOLS)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, min_cells_per_type=10)
+    assert list(out.obs["original_label"].cat.categories) == ["T cell"]
+    assert "Removing 1 cell types" in caplog.text and "'rare' (4)" in caplog.text
+    assert out.uns["spatialcx_combine"]["removed_types"] == ["rare"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        kept = scx.pp.combine_references(
+            ref, "label", genes=MOUSE_SYMBOLS, min_cells_per_type=10, filter_min_cells=False
+        )
+    assert kept.obs["original_label"].value_counts()["rare"] == 4
+    assert "Keeping 1 cell types" in caplog.text
+
+
+def test_min_cells_counts_across_references():
+    a = make_ref({"T cell": 6}, MOUSE_SYMBOLS)
+    b = make_ref({"T cell": 6}, MOUSE_SYMBOLS, prefix="d")
+    out = scx.pp.combine_references([a, b], "label", genes=MOUSE_SYMBOLS, min_cells_per_type=10)
+    assert out.n_obs == 12
+
+
+def test_max_cells_per_ref_caps_large_types_first_and_is_seeded():
+    ref = make_ref({"big": 500, "mid": 60, "small": 15}, MOUSE_SYMBOLS)
+    out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=100, random_state=7)
+    counts = out.obs["original_label"].value_counts()
+    assert counts["small"] == 15 and counts["big"] == 43 and counts["mid"] == 42
+    again = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=100, random_state=7)
+    assert list(again.obs_names) == list(out.obs_names)
+    other = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=100, random_state=8)
+    assert list(other.obs_names) != list(out.obs_names)
+
+
+def test_ensembl_indexed_references(tmp_path):
+    with_feature = make_ref({"T cell": 20}, HUMAN_IDS, seed=3)
+    with_feature.var["feature_name"] = HUMAN_SYMBOLS
+    with_feature.var_names = [f"{i}.5" for i in HUMAN_IDS]  # versioned ids
+    table_only = make_ref({"T cell": 20}, HUMAN_IDS, seed=4, prefix="d")
+    table_only.write_h5ad(tmp_path / "table_only.h5ad")
+    out = scx.pp.combine_references(
+        {"cxg": with_feature, "plain": tmp_path / "table_only.h5ad"}, "label", genes=["CD3E", "GAD1", "ACTB"]
+    )
+    assert list(out.var_names) == ["CD3E", "GAD1", "ACTB"]
+    np.testing.assert_array_equal(out.layers["counts"][:20].toarray(), with_feature.X[:, [4, 0, 3]].toarray())
+    np.testing.assert_array_equal(out.layers["counts"][20:].toarray(), table_only.X[:, [4, 0, 3]].toarray())
+    prov = out.uns["spatialcx_references"]
+    assert prov["cxg"]["gene_names"] == "feature_name"
+    assert prov["plain"]["gene_names"] == "gene_table:homo_sapiens"
+
+
+def test_counts_in_raw_and_layers_are_found(tmp_path):
+    raw_ref = make_ref({"T cell": 20, "B cell": 20}, MOUSE_SYMBOLS)
+    truth = raw_ref.X.toarray()
+    raw_ref.raw = raw_ref.copy()
+    raw_ref = raw_ref[:, :3].copy()
+    raw_ref.X = sp.csr_matrix(log1p_norm(truth)[:, :3].astype(np.float32))
+    layer_ref = make_ref({"T cell": 20}, MOUSE_SYMBOLS, seed=5, prefix="d")
+    layer_truth = layer_ref.X.toarray()
+    layer_ref.layers["counts"] = layer_ref.X.copy()
+    layer_ref.X = sp.csr_matrix(log1p_norm(layer_truth).astype(np.float32))
+    layer_ref.write_h5ad(tmp_path / "layer.h5ad")
+    out = scx.pp.combine_references([raw_ref, tmp_path / "layer.h5ad"], "label", genes=["Actb", "Gad1"])
+    np.testing.assert_array_equal(out.layers["counts"][:40].toarray(), truth[:, [3, 0]])
+    np.testing.assert_array_equal(out.layers["counts"][40:].toarray(), layer_truth[:, [3, 0]])
+    prov = out.uns["spatialcx_references"]
+    assert prov["ref0"]["expression_source"] == "raw.X"
+    assert prov["layer"]["expression_source"] == "layers['counts']"
+
+
+def test_reference_with_only_log1p_10k_data():
+    ref = make_ref({"T cell": 30}, MOUSE_SYMBOLS)
+    counts = ref.X.toarray()
+    ref.X = sp.csr_matrix(log1p_norm(counts).astype(np.float32))
+    out = scx.pp.combine_references(ref, "label", genes=["Sst", "Gad1"])
+    assert out.uns["spatialcx_references"]["ref0"]["expression"] == "log1p"
+    # same training values as from the counts themselves
+    np.testing.assert_allclose(out.X.toarray(), log1p_norm(counts[:, [2, 0]]), rtol=1e-4, atol=1e-5)
+
+
+def test_cells_without_counts_over_shared_genes_are_dropped():
+    ref = make_ref({"T cell": 30}, MOUSE_SYMBOLS)
+    x = ref.X.toarray()
+    x[:4, 1:3] = 0
+    ref.X = sp.csr_matrix(x)
+    out = scx.pp.combine_references(ref, "label", genes=["Gad2", "Sst"])
+    assert out.n_obs == 26 and out.uns["spatialcx_references"]["ref0"]["n_cells_without_counts"] == 4
+    assert (np.asarray(out.layers["counts"].sum(axis=1)).ravel() > 0).all()
+
+
+def test_genes_none_uses_genes_shared_by_all_references():
+    a = make_ref({"T cell": 20}, ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K"])
+    b = make_ref({"B cell": 20}, ["K", "J", "I", "H", "G", "F", "E", "D", "C", "B", "Z"], prefix="d")
+    out = scx.pp.combine_references([a, b], "label")
+    assert list(out.var_names) == ["B", "C", "D", "E", "F", "G", "H", "I", "J", "K"]
+
+
+def test_errors_are_clear(tmp_path):
+    ref = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    with pytest.raises(ValueError, match=r"Only 0 of 20 panel genes.*ref0: 0/20"):
+        scx.pp.combine_references(ref, "label", genes=[f"Foo{i}" for i in range(20)])
+    with pytest.raises(KeyError, match="'cell_type' is not an obs column"):
+        scx.pp.combine_references(ref, "cell_type", genes=MOUSE_SYMBOLS)
+    with pytest.raises(ValueError, match="2 references but 3 label keys"):
+        scx.pp.combine_references([ref, ref], ["label", "label", "label"], genes=MOUSE_SYMBOLS)
+    with pytest.raises(FileNotFoundError, match="nope.h5ad"):
+        scx.pp.combine_references(tmp_path / "nope.h5ad", "label", genes=MOUSE_SYMBOLS)
+    only_junk = make_ref({"Unknown": 20}, MOUSE_SYMBOLS)
+    with pytest.raises(ValueError, match="no usable labels"):
+        scx.pp.combine_references(only_junk, "label", genes=MOUSE_SYMBOLS)
+
+
+def test_per_reference_label_keys_and_unique_names(tmp_path):
+    a = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    b = make_ref({"B cell": 20}, MOUSE_SYMBOLS, prefix="c")  # same cell names as a
+    b.obs = b.obs.rename(columns={"label": "ann_finest_level"})
+    a.write_h5ad(tmp_path / "x.h5ad")
+    out = scx.pp.combine_references(
+        [tmp_path / "x.h5ad", b, tmp_path / "x.h5ad"], ["label", "ann_finest_level", "label"]
+    )
+    assert list(out.obs["reference_source"].cat.categories) == ["x", "ref1", "x-1"]
+    assert out.obs_names.is_unique
+    assert out.uns["spatialcx_references"]["ref1"]["label_key"] == "ann_finest_level"
+
+
+def test_real_hypothalamus_reference(shared_data, tmp_path):
+    path = shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad")
+    query = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "merfish_query.h5ad"))
+    panel = list(query.var_names)
+    out = scx.pp.combine_references(f"file://{path}", "cell_type_author", genes=panel)
+    full = ad.read_h5ad(path)
+    assert list(out.var_names) == panel
+    sub = full[out.obs_names, panel]
+    np.testing.assert_array_equal(out.layers["counts"].toarray(), sub.X.toarray())
+    assert out.obs["original_label"].nunique() == 14
+    assert out.n_obs == full.n_obs - out.uns["spatialcx_references"]["reference_scrna"]["n_cells_without_counts"]
+    balanced = scx.pp.subsample_balanced(out, "original_label", max_cells_per_type=50, min_cells_per_type=10)
+    assert balanced.obs["original_label"].value_counts().max() == 50
+    used = balanced.uns["spatialcx_references"]["reference_scrna"]["cells_used"]
+    assert sum(used["n_cells"]) == balanced.n_obs
+
+
+def test_lazy_reference_from_read_reference(tmp_path):
+    ref = make_ref({"T cell": 200, "B cell": 30}, MOUSE_SYMBOLS)
+    ref.write_h5ad(tmp_path / "atlas.h5ad")
+    lazy = scx.io.read_reference(
+        tmp_path / "atlas.h5ad", label_key="label", genes=["Sst", "Gad1", "Actb"], max_cells=100
+    )
+    out = scx.pp.combine_references(lazy, "label", genes=["Gad1", "Sst"])
+    assert out.n_obs == 100 and out.obs["original_label"].value_counts()["B cell"] == 30
+    prov = out.uns["spatialcx_references"]["atlas"]
+    assert prov["uri"] == str(tmp_path / "atlas.h5ad") and prov["checksum"].startswith("sha256:")
+    np.testing.assert_array_equal(out.layers["counts"].toarray(), ref[out.obs_names, ["Gad1", "Sst"]].X.toarray())
+
+
+def test_real_starmap_na_labels_are_excluded(shared_data):
+    path = shared_data("starmap_mpfc", "starmap_mpfc.h5ad")
+    full = ad.read_h5ad(path)
+    n_na = int((full.obs["cell_type_author"].astype(str) == "NA").sum())
+    assert n_na > 0
+    out = scx.pp.combine_references(path, "cell_type_author", min_cells_per_type=1)
+    assert "NA" not in set(out.obs["original_label"].cat.categories)
+    excluded = out.uns["spatialcx_references"]["starmap_mpfc"]["excluded_labels"]
+    assert dict(zip(excluded["labels"], excluded["n_cells"])) == {"NA": n_na}
+    assert list(out.var_names) == list(full.var_names)  # genes=None: all genes of the single reference

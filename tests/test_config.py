@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import spatialcx as scx
+from spatialcx.tl import _annotate
+from spatialcx.tl._config import AnnotationConfig
+
+YAML = """\
+references:
+  - refs/lung.h5ad
+  - gs://bucket/airway.zarr
+label_keys: [cell_type, ann_finest_level]
+tissue: lung
+balance: equal
+max_cells_per_type: 2000
+target_proportions: props.csv
+model_out: models/lung.npz
+"""
+
+
+def test_yaml_round_trip_and_relative_paths(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "annotate.yaml"
+    path.write_text(YAML)
+    cfg = AnnotationConfig.from_yaml(path)
+    base = tmp_path / "conf"
+    assert cfg.references == [str(base / "refs/lung.h5ad"), "gs://bucket/airway.zarr"]
+    assert cfg.label_keys == ["cell_type", "ann_finest_level"]
+    assert cfg.balance == "equal" and cfg.max_cells_per_type == 2000 and cfg.max_cells_per_ref == 100_000
+    assert cfg.target_proportions == str(base / "props.csv") and cfg.model_out == str(base / "models/lung.npz")
+    assert cfg.confidence_threshold == 0.8 and cfg.random_state == 0  # defaults
+    out = tmp_path / "copy.yaml"
+    text = cfg.to_yaml(out)
+    assert out.read_text() == text
+    assert AnnotationConfig.from_yaml(out) == cfg
+    assert AnnotationConfig.from_yaml(text) == cfg  # YAML text works too
+
+
+def test_target_proportions_mapping_in_yaml():
+    cfg = AnnotationConfig.from_yaml("references: [a.h5ad]\nlabel_keys: cell_type\ntarget_proportions: {T cell: 0.2}\n")
+    assert cfg.target_proportions == {"T cell": 0.2} and cfg.references == ["a.h5ad"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "match"),
+    [
+        (
+            "references: [a.h5ad]\nlabel_keys: x\ncolour: blue\n",
+            ValueError,
+            r"Unknown AnnotationConfig keys \['colour'\]",
+        ),
+        ("label_keys: x\n", ValueError, r"needs \['references'\]"),
+        ("references: [a.h5ad, b.h5ad]\nlabel_keys: [x, y, z]\n", ValueError, "2 references but 3 label_keys"),
+        ("references: [a.h5ad]\nlabel_keys: x\nbalance: fair\n", ValueError, "balance must be"),
+        ("references: [a.h5ad]\nlabel_keys: x\nconfidence_threshold: 2\n", ValueError, "confidence_threshold"),
+        ("references: [a.h5ad]\nlabel_keys: x\nmax_cells_per_type: 0\n", ValueError, "positive integer"),
+        ("references: []\nlabel_keys: x\n", ValueError, "at least one reference"),
+        ("- a\n- b\n", ValueError, "YAML mapping"),
+        ("references: [a\n", ValueError, "not valid YAML"),
+    ],
+)
+def test_bad_configs(text, error, match):
+    with pytest.raises(error, match=match):
+        AnnotationConfig.from_yaml(text)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AnnotationConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_annotate_from_config_passes_every_field(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_annotate(data, references, **kwargs):
+        seen.update(data=data, references=references, **kwargs)
+        return "result"
+
+    monkeypatch.setattr(_annotate, "annotate", fake_annotate)
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML)
+    adata = ad.AnnData(np.zeros((2, 2)))
+    assert scx.tl.annotate_from_config(adata, path, copy=True) == "result"
+    assert seen["data"] is adata and seen["copy"] is True
+    assert seen["references"] == [str(tmp_path / "refs/lung.h5ad"), "gs://bucket/airway.zarr"]
+    assert seen["label_keys"] == ["cell_type", "ann_finest_level"] and seen["balance"] == "equal"
+    assert seen["target_proportions"] == str(tmp_path / "props.csv")
+    import inspect
+
+    params = set(inspect.signature(scx.tl.annotate).parameters)
+    assert set(seen) - {"data", "references"} <= params  # every field is an argument of the real annotate
+    seen.clear()
+    scx.tl.annotate_from_config(adata, {"references": ["x.h5ad"], "label_keys": "cell_type"})
+    assert seen["references"] == ["x.h5ad"] and seen["copy"] is False
+
+
+def test_real_pair_annotated_from_a_file_uri(shared_data, tmp_path):
+    ref = shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad")
+    query = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "merfish_query.h5ad"))
+    cfg = AnnotationConfig(
+        references=[f"file://{ref}"],
+        label_keys="cell_type_author",
+        tissue="hypothalamus",
+        max_cells_per_type=100,
+        confidence_threshold=0.5,
+        add_ontology=False,
+        plots=False,
+    )
+    scx.tl.annotate_from_config(query, cfg)
+    labels = query.obs["cell_type_predicted"].astype(str)
+    ref_types = set(ad.read_h5ad(ref).obs["cell_type_author"].astype(str))
+    assert set(labels) <= ref_types and labels.nunique() >= 5
+    conf = query.obs["cell_type_confidence"].to_numpy()
+    assert np.isfinite(conf).all() and ((conf >= 0) & (conf <= 1)).all()
+    assert query.uns["cell_type"]["tissue"] == "hypothalamus"

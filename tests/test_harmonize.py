@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+from importlib.resources import files
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spatialcx.pp._harmonize import (
+    check_overlap,
+    detect_species,
+    is_ensembl_id,
+    load_gene_table,
+    looks_like_ensembl,
+    match_genes,
+    to_symbols,
+)
+
+
+def test_packaged_tables_are_compact_and_correct():
+    for species in ("homo_sapiens", "mus_musculus"):
+        path = files("spatialcx") / "data" / "genes" / f"{species}.csv.gz"
+        assert path.is_file()
+        assert len(path.read_bytes()) < 1_000_000
+    human, mouse = load_gene_table("homo_sapiens"), load_gene_table("mus_musculus")
+    assert len(human) > 40_000 and len(mouse) > 50_000
+    assert human["ENSG00000128683"] == "GAD1" and human["ENSG00000075624"] == "ACTB"
+    assert mouse["ENSMUSG00000070880"] == "Gad1" and mouse["ENSMUSG00000004366"] == "Sst"
+    assert human.index.is_unique and mouse.index.is_unique
+    with pytest.raises(ValueError, match="available"):
+        load_gene_table("danio_rerio")
+
+
+def test_ensembl_detection():
+    names = ["ENSG00000128683", "ENSG00000075624.17", "ENSMUSG00000070880", "GAD1", "ENSG123"]
+    assert is_ensembl_id(names).tolist() == [True, True, True, False, False]
+    assert looks_like_ensembl(names) and not looks_like_ensembl(["GAD1", "ACTB", "ENSG00000128683"])
+    assert detect_species(["ENSMUSG00000070880", "ENSMUSG00000004366", "ENSG00000128683"]) == "mus_musculus"
+    assert detect_species(["GAD1"]) is None
+
+
+def test_symbols_from_feature_name_win_over_the_table():
+    ids = ["ENSG00000128683", "ENSG00000075624", "ENSG00000999999"]
+    out = to_symbols(ids, feature_names=["GAD1", "ACTB-custom", np.nan])
+    assert out.method == "feature_name"
+    assert list(out.symbols) == ["GAD1", "ACTB-custom", "ENSG00000999999"]
+    assert out.n_mapped == 2 and out.n_unmapped == 1
+
+
+def test_symbols_from_the_packaged_tables_with_versions():
+    human = to_symbols(["ENSG00000128683.13", "ENSG00000136750", "ENSG00000000000"])
+    assert human.method == "gene_table:homo_sapiens"
+    assert list(human.symbols) == ["GAD1", "GAD2", "ENSG00000000000"]
+    mouse = to_symbols(["ENSMUSG00000070880", "ENSMUSG00000026787"])
+    assert mouse.method == "gene_table:mus_musculus" and list(mouse.symbols) == ["Gad1", "Gad2"]
+
+
+def test_duplicated_symbols_first_in_var_order_wins():
+    # ENSG00000254093 and ENSG00000258724 are both PINX1 in GENCODE
+    for order in (["ENSG00000254093", "ENSG00000258724"], ["ENSG00000258724", "ENSG00000254093"]):
+        out = to_symbols([*order, "ENSG00000128683"])
+        assert list(out.symbols) == ["PINX1", order[1], "GAD1"]
+        assert out.n_duplicates == 1
+
+
+def test_symbols_are_left_alone():
+    out = to_symbols(["Gad1", "Sst", "Actb"])
+    assert out.method == "var_names" and list(out.symbols) == ["Gad1", "Sst", "Actb"]
+
+
+def test_unknown_species_without_feature_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="feature_name"):
+        to_symbols(["ENSDARG00000000001", "ENSDARG00000000002"])
+
+
+def test_match_exact_then_case_insensitive():
+    m = match_genes(["GAD1", "SST", "ACTB", "XIST"], ["Gad1", "Sst", "ACTB", "Pvalb"])
+    assert m.genes == ["GAD1", "SST", "ACTB"]
+    assert m.columns.tolist() == [0, 1, 2]
+    assert m.missing == ["XIST"] and m.n_case_insensitive == 2
+
+
+def test_case_insensitive_match_skipped_when_ambiguous():
+    m = match_genes(["FOO", "bar", "Baz"], ["Foo", "foo", "bar", "BAZ"])
+    assert m.genes == ["bar", "Baz"]  # "FOO" could be "Foo" or "foo": not matched
+    assert m.missing == ["FOO"]
+    m2 = match_genes(["Foo"], ["Foo", "foo"])  # an exact match is always fine
+    assert m2.columns.tolist() == [0]
+    assert match_genes(["GAD1"], ["Gad1"], case_insensitive=False).genes == []
+
+
+def test_panel_of_ensembl_ids_matches_reference_ids():
+    m = match_genes(
+        ["ENSG00000128683", "ENSG00000075624.2"], ["GAD1", "ACTB"], ids=["ENSG00000075624.9", "ENSG00000128683"]
+    )
+    assert m.genes == ["ENSG00000128683", "ENSG00000075624.2"]
+    assert m.columns.tolist() == [1, 0]
+
+
+def test_repeated_reference_names_use_the_first():
+    m = match_genes(["A", "B"], pd.Index(["B", "A", "A"]))
+    assert m.columns.tolist() == [1, 0]
+
+
+def test_overlap_check():
+    check_overlap(100, {"ref": 30}, 30)  # 25 % is enough
+    with pytest.raises(ValueError, match=r"Only 5 of 100 panel genes.*ref: 5/100.*same species"):
+        check_overlap(100, {"ref": 5}, 5, missing_example=["GAD1"])
+    check_overlap(4, {"ref": 2}, 2)  # small panels need half of their genes
+    with pytest.raises(ValueError, match="at least 2"):
+        check_overlap(4, {"ref": 1}, 1)
+    check_overlap(40, {"ref": 10}, 10)  # ... larger ones 10 genes and a quarter of the panel
+    with pytest.raises(ValueError, match="at least 10"):
+        check_overlap(40, {"ref": 9, "other": 30}, 9)

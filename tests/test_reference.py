@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import spatialcx as scx
+from spatialcx.io import _reference
+from spatialcx.io._reference import open_reference
+
+HUMAN = {
+    "ENSG00000128683": "GAD1",
+    "ENSG00000136750": "GAD2",
+    "ENSG00000157005": "SST",
+    "ENSG00000075624": "ACTB",
+    "ENSG00000198851": "CD3E",
+}
+
+
+def make_reference(n: int = 400, n_genes: int = 40, seed: int = 0, sizes=(250, 100, 40, 10)) -> ad.AnnData:
+    """Integer counts, imbalanced labels, symbols as var names."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([f"type{i}" for i in range(len(sizes))], sizes)[:n]
+    rng.shuffle(labels)
+    x = rng.poisson(0.6, (len(labels), n_genes)).astype(np.float32)
+    x[:, : len(sizes)] += 5 * (labels[:, None] == np.array([f"type{i}" for i in range(len(sizes))]))
+    a = ad.AnnData(
+        sp.csr_matrix(x),
+        obs=pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=[f"Gene{i}" for i in range(n_genes)]),
+    )
+    return a
+
+
+def log1p_10k(x: sp.csr_matrix) -> sp.csr_matrix:
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    y = sp.csr_matrix(sp.diags(1e4 / totals) @ x).astype(np.float32)
+    y.data = np.log1p(y.data)
+    return y
+
+
+def expected(adata_counts: ad.AnnData, rows, cols) -> np.ndarray:
+    return np.asarray(adata_counts.X[rows][:, cols].todense())
+
+
+# ------------------------------------------------------------------------------------------- on-disk layouts
+@pytest.mark.parametrize("layout", ["csr", "csc", "dense", "layer", "raw", "zarr", "log1p"])
+def test_open_reference_reads_exactly_the_rows_and_genes_asked_for(tmp_path, layout):
+    ref = make_reference()
+    truth = ref.copy()
+    path = tmp_path / "ref.h5ad"
+    kind, where = "counts", "X"
+    if layout == "csc":
+        ref.X = sp.csc_matrix(ref.X)
+    elif layout == "dense":
+        ref.X = ref.X.toarray()
+    elif layout == "layer":
+        ref.layers["counts"] = ref.X.copy()
+        ref.X = log1p_10k(ref.X)
+        where = "layers['counts']"
+    elif layout == "raw":
+        ref.raw = ref.copy()
+        ref = ref[:, 5:].copy()  # X has fewer genes than raw
+        ref.X = log1p_10k(truth.X)[:, 5:]
+        where = "raw.X"
+    elif layout == "zarr":
+        path = tmp_path / "ref.zarr"
+    elif layout == "log1p":
+        ref.X = log1p_10k(ref.X)
+        ref.uns["log1p"] = {"base": None}
+        kind = "log1p"
+    if layout == "zarr":
+        ref.write_zarr(path)
+    else:
+        ref.write_h5ad(path)
+
+    rng = np.random.default_rng(1)
+    rows = rng.choice(truth.n_obs, 57, replace=False)  # any order
+    cols = rng.choice(truth.n_vars, 9, replace=False)
+    with open_reference(path, "cell_type") as h:
+        assert h.kind == kind and h.where == where and h.name == "ref"
+        assert h.n_obs == truth.n_obs and list(h.var_names) == list(truth.var_names)
+        assert list(h.labels) == list(truth.obs["cell_type"].astype(str))
+        got = h.read(rows, cols)
+        assert isinstance(got, sp.csr_matrix) and got.dtype == np.float32
+        want = log1p_10k(truth.X)[rows][:, cols].toarray() if kind == "log1p" else expected(truth, rows, cols)
+        np.testing.assert_allclose(got.toarray(), want, rtol=1e-6)
+        assert h.checksum.startswith(("sha256:", "sha256-tree:"))
+
+
+def test_blocks_and_gaps_give_the_same_values_and_read_only_what_is_needed(tmp_path, monkeypatch):
+    ref = make_reference(n=400)
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    rows = np.sort(np.random.default_rng(2).choice(400, 60, replace=False))
+    cols = np.arange(0, 40, 3)
+    with open_reference(tmp_path / "r.h5ad", "cell_type") as h:
+        full = h.read(rows, cols).toarray()
+
+    read_elems = []
+
+    class Counting:
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __getitem__(self, key):
+            read_elems.append(key.stop - key.start)
+            return self.arr[key]
+
+    real_init = _reference._DiskCompressed.__init__
+
+    def counting_init(self, group, fmt, shape):
+        real_init(self, group, fmt, shape)
+        self.data, self.indices = Counting(self.data), Counting(self.indices)
+
+    monkeypatch.setattr(_reference._DiskCompressed, "__init__", counting_init)
+    monkeypatch.setattr(_reference, "GAP_ELEMS", 0)
+    monkeypatch.setattr(_reference, "BLOCK_ELEMS", 50)
+    with open_reference(tmp_path / "r.h5ad", "cell_type") as h:
+        read_elems.clear()
+        np.testing.assert_array_equal(h.read(rows, cols).toarray(), full)
+    wanted_nnz = int(np.diff(sp.csr_matrix(ref.X).indptr)[rows].sum())
+    assert sum(read_elems) == 2 * wanted_nnz  # data + indices of the chosen rows, nothing else
+    assert sum(read_elems) < 2 * ref.X.nnz / 4
+
+
+@pytest.mark.parametrize("mode", ["memory", "backed", "lazy"])
+def test_open_reference_accepts_anndata_objects(tmp_path, mode):
+    truth = make_reference()
+    truth.write_h5ad(tmp_path / "r.h5ad")
+    if mode == "memory":
+        adata = truth.copy()
+    elif mode == "backed":
+        adata = ad.read_h5ad(tmp_path / "r.h5ad", backed="r")
+    else:
+        adata = ad.experimental.read_lazy(tmp_path / "r.h5ad")
+    rows, cols = np.array([5, 1, 300, 42]), np.array([3, 0, 7])
+    with open_reference(adata, "cell_type", name="mine") as h:
+        assert h.name == "mine" and h.kind == "counts"
+        np.testing.assert_array_equal(h.read(rows, cols).toarray(), expected(truth, rows, cols))
+        if mode == "backed":
+            assert h.uri.endswith("r.h5ad") and h.checksum.startswith("sha256:")
+        if mode == "memory":
+            assert h.checksum.startswith("sha256-names:")
+
+
+def test_open_reference_errors(tmp_path):
+    make_reference().write_h5ad(tmp_path / "r.h5ad")
+    with pytest.raises(KeyError, match=r"'celltype'.*available: \['cell_type'\]"):
+        open_reference(tmp_path / "r.h5ad", "celltype")
+    (tmp_path / "bad.h5ad").write_text("not hdf5")
+    with pytest.raises(ValueError, match="as an .h5ad"):
+        open_reference(tmp_path / "bad.h5ad", "cell_type")
+    unusable = make_reference()
+    unusable.X = unusable.X * 0.37  # neither counts nor log1p(10k)
+    with pytest.raises(ValueError, match="No usable expression matrix"):
+        open_reference(unusable, "cell_type")
+
+
+# ------------------------------------------------------------------------------------------------ read_reference
+def test_read_reference_is_lazy_and_caps_large_types_first(tmp_path):
+    make_reference(sizes=(250, 100, 40, 10)).write_h5ad(tmp_path / "r.h5ad")
+    lazy = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=160)
+    assert not isinstance(lazy.X, np.ndarray | sp.spmatrix)  # dask: nothing loaded yet
+    mem = lazy.to_memory()
+    counts = mem.obs["cell_type"].value_counts()
+    assert mem.n_obs == 160
+    assert counts["type3"] == 10 and counts["type2"] == 40  # rare types whole
+    assert counts["type0"] == counts["type1"] == 55
+    info = mem.uns["spatialcx_reference"]
+    assert info["n_cells_file"] == 400 and info["label_key"] == "cell_type" and info["checksum"].startswith("sha256:")
+    again = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=160).to_memory()
+    assert list(again.obs_names) == list(mem.obs_names)  # seeded
+
+
+def test_read_reference_ensembl_ids_to_panel_symbols(tmp_path):
+    ref = make_reference(n_genes=5)
+    ref.var_names = list(HUMAN)
+    ref.write_h5ad(tmp_path / "ens.h5ad")
+    lazy = scx.io.read_reference(f"file://{tmp_path}/ens.h5ad", label_key="cell_type", genes=["Sst", "Gad1", "Pvalb"])
+    assert list(lazy.var_names) == ["Sst", "Gad1"]  # mouse-style panel matched to human symbols
+    mem = lazy.to_memory()
+    np.testing.assert_array_equal(mem.X.toarray(), ref.X[:, [2, 0]].toarray())
+    assert mem.uns["spatialcx_reference"]["gene_names"] == "gene_table:homo_sapiens"
+    with pytest.raises(ValueError, match="None of the 2 genes"):
+        scx.io.read_reference(tmp_path / "ens.h5ad", label_key="cell_type", genes=["Foo", "Bar"])
+
+
+def test_read_reference_zarr_and_feature_name(tmp_path):
+    ref = make_reference(n_genes=5)
+    ref.var_names = [f"ENSG0000000000{i}" for i in range(5)]
+    ref.var["feature_name"] = ["A1", "B2", "C3", "D4", "E5"]
+    ref.write_zarr(tmp_path / "r.zarr")
+    lazy = scx.io.read_reference(tmp_path / "r.zarr", label_key="cell_type")
+    assert list(lazy.var_names) == ["A1", "B2", "C3", "D4", "E5"]
+    assert lazy.uns["spatialcx_reference"]["gene_names"] == "feature_name"
+
+
+def test_read_reference_real_hypothalamus(shared_data):
+    path = shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad")
+    lazy = scx.io.read_reference(path, label_key="cell_type_author", genes=["GAD1", "Slc17a6"], max_cells=280)
+    mem = lazy.to_memory()
+    assert list(mem.var_names) == ["GAD1", "Slc17a6"]
+    counts = mem.obs["cell_type_author"].value_counts()
+    assert mem.n_obs == 280 and counts.max() - counts.min() <= 1  # 14 types, 20 each
+    full = ad.read_h5ad(path)
+    sub = full[mem.obs_names, ["Gad1", "Slc17a6"]]
+    np.testing.assert_array_equal(mem.X.toarray(), sub.X.toarray())

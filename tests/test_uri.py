@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import hashlib
+import importlib
+import uuid
+from pathlib import Path
+
+import anndata as ad
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+import spatialcx as scx
+from spatialcx.io import _uri
+from spatialcx.io._uri import fingerprint
+
+FSSPEC_REGISTRY = importlib.import_module("fsspec.registry")  # the module (``fsspec.registry`` is the mapping)
+
+
+def _small_adata(n: int = 20) -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    a = ad.AnnData(rng.poisson(1.0, (n, 5)).astype(np.float32))
+    a.obs["cell_type"] = ["x", "y"] * (n // 2)
+    return a
+
+
+@pytest.fixture
+def memfs():
+    """A fresh in-memory fsspec filesystem, emptied afterwards."""
+    fs = fsspec.filesystem("memory")
+    root = f"/{uuid.uuid4().hex}"
+    fs.mkdir(root)
+    yield fs, root
+    fs.rm(root, recursive=True)
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """Register a local folder as the ``gs://`` filesystem (no network, no gcsfs needed)."""
+    bucket_root = tmp_path / "gcs"
+    bucket_root.mkdir()
+
+    class LocalGCS(DirFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(path=str(bucket_root), fs=LocalFileSystem())
+
+    LocalGCS.clear_instance_cache()
+    monkeypatch.setitem(FSSPEC_REGISTRY._registry, "gs", LocalGCS)
+    return bucket_root
+
+
+def test_local_paths_are_returned_unchanged(tmp_path):
+    f = tmp_path / "ref.h5ad"
+    f.write_bytes(b"x")
+    assert scx.io.resolve_uri(f) == f
+    assert scx.io.resolve_uri(str(f)) == f
+    assert scx.io.resolve_uri(f"file://{f}") == f
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scx.io.resolve_uri(tmp_path / "missing.h5ad")
+    with pytest.raises(FileNotFoundError, match="missing.h5ad"):
+        scx.io.resolve_uri(f"file://{tmp_path}/missing.h5ad")
+
+
+def test_remote_file_is_cached_and_reused(tmp_path, memfs):
+    fs, root = memfs
+    local = tmp_path / "src.h5ad"
+    _small_adata().write_h5ad(local)
+    fs.put_file(str(local), f"{root}/ref.h5ad")
+    uri = f"memory://{root}/ref.h5ad"
+    cache = tmp_path / "cache"
+
+    path = scx.io.resolve_uri(uri, cache_dir=cache)
+    assert path.is_relative_to(cache) and path.name == "ref.h5ad"
+    assert path.read_bytes() == local.read_bytes()
+    assert ad.read_h5ad(path).n_obs == 20
+
+    fs.pipe(f"{root}/ref.h5ad", b"changed")  # the cached copy is re-used ...
+    assert scx.io.resolve_uri(uri, cache_dir=cache).read_bytes() == local.read_bytes()
+    assert scx.io.resolve_uri(uri, cache_dir=cache, force=True).read_bytes() == b"changed"  # ... unless force
+    assert not [p for p in path.parent.iterdir() if p.name != "ref.h5ad"]  # no temporary files left
+
+
+def test_interrupted_download_is_never_taken_as_complete(tmp_path, memfs, monkeypatch):
+    fs, root = memfs
+    fs.pipe(f"{root}/ref.h5ad", b"0123456789" * 1000)
+    uri = f"memory://{root}/ref.h5ad"
+    cls = type(fs)
+    real_get_file = cls.get_file
+
+    def broken(self, rpath, lpath, **kwargs):
+        Path(lpath).write_bytes(b"01234")  # half written, then the connection drops
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(cls, "get_file", broken)
+    with pytest.raises(ConnectionError):
+        scx.io.resolve_uri(uri, cache_dir=tmp_path)
+    cached = _uri._cache_path(uri, tmp_path)
+    assert not cached.exists()
+    assert not list(cached.parent.glob("*"))  # the partial file was removed
+
+    def short(self, rpath, lpath, **kwargs):
+        Path(lpath).write_bytes(b"01234")  # returns without error but short
+
+    monkeypatch.setattr(cls, "get_file", short)
+    with pytest.raises(OSError, match="Incomplete download"):
+        scx.io.resolve_uri(uri, cache_dir=tmp_path)
+    assert not cached.exists()
+
+    monkeypatch.setattr(cls, "get_file", real_get_file)
+    assert scx.io.resolve_uri(uri, cache_dir=tmp_path).read_bytes() == b"0123456789" * 1000
+
+
+def test_remote_zarr_folder(tmp_path, memfs):
+    fs, root = memfs
+    store = tmp_path / "src.zarr"
+    _small_adata().write_zarr(store)
+    fs.put(str(store), f"{root}/ref.zarr", recursive=True)
+    path = scx.io.resolve_uri(f"memory://{root}/ref.zarr", cache_dir=tmp_path / "cache")
+    assert path.is_dir() and path.name == "ref.zarr"
+    back = ad.read_zarr(path)
+    assert back.n_obs == 20 and list(back.obs["cell_type"][:2]) == ["x", "y"]
+
+
+def test_gs_uri_through_fsspec(tmp_path, fake_gcs):
+    (fake_gcs / "bucket").mkdir()
+    _small_adata(10).write_h5ad(fake_gcs / "bucket" / "lung.h5ad")
+    path = scx.io.resolve_uri("gs://bucket/lung.h5ad", cache_dir=tmp_path / "cache")
+    assert ad.read_h5ad(path).n_obs == 10
+    with pytest.raises(FileNotFoundError, match="gs://bucket/nope.h5ad"):
+        scx.io.resolve_uri("gs://bucket/nope.h5ad", cache_dir=tmp_path / "cache")
+
+
+def test_missing_optional_filesystem_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.delitem(FSSPEC_REGISTRY._registry, "gs", raising=False)
+    monkeypatch.setitem(
+        FSSPEC_REGISTRY.known_implementations,
+        "gs",
+        {"class": "spatialcx_no_such_module.GCSFileSystem", "err": "Please install gcsfs to access Google Storage"},
+    )
+    with pytest.raises(ImportError, match=r"spatialcx\[gcs\]"):
+        scx.io.resolve_uri("gs://bucket/ref.h5ad", cache_dir=tmp_path)
+
+
+def test_unknown_protocol(tmp_path):
+    with pytest.raises(ValueError, match="Unknown URI protocol"):
+        scx.io.resolve_uri("nosuchproto://x/ref.h5ad", cache_dir=tmp_path)
+
+
+def test_default_cache_dir_can_be_overridden(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPATIALCX_CACHE_DIR", str(tmp_path / "mycache"))
+    assert _uri.default_cache_dir() == tmp_path / "mycache"
+    monkeypatch.delenv("SPATIALCX_CACHE_DIR")
+    assert "spatialcx" in str(_uri.default_cache_dir())
+
+
+def test_fingerprints(tmp_path, monkeypatch):
+    f = tmp_path / "a.bin"
+    data = np.random.default_rng(0).bytes(3 << 20)
+    f.write_bytes(data)
+    assert fingerprint(f) == "sha256:" + hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(_uri, "FULL_HASH_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(_uri, "_SAMPLE_BYTES", 1 << 16)
+    sampled = fingerprint(f)
+    assert sampled.startswith("sha256-sampled:")
+    mid = bytearray(data)
+    mid[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(mid))
+    assert fingerprint(f) != sampled  # a change in a sampled block is seen
+    store = tmp_path / "s.zarr"
+    _small_adata().write_zarr(store)
+    tree = fingerprint(store)
+    assert tree.startswith("sha256-tree:") and fingerprint(store) == tree
