@@ -53,6 +53,9 @@ def test_annotate_demo_writes_cellxgene_columns_and_store(demo_small, tmp_path):
     assert (obs.loc[low, "cell_type"] == "Unassigned").all()
     uns = table.uns["cell_type"]
     assert uns["tissue"] == "colon" and len(uns["model_hash"]) == 64
+    prov = uns["references"]["ref0"]
+    assert prov["label_key"] == "cell_type" and prov["n_cells"] == reference.n_obs
+    assert sum(prov["cells_used"]["n_cells"]) == uns["model_description"]["n_cells"]
     assert scx.CellTypeModel.load(tmp_path / "m.npz").model_hash == uns["model_hash"]
     assert (tmp_path / "p" / "confidence.png").stat().st_size > 10_000
     assert (table.X != x_before).nnz == 0  # counts unchanged

@@ -212,6 +212,7 @@ def annotate(
         adata.obs[keys["ontology_id"]] = pd.Categorical(np.asarray(ids, dtype=object)[codes])
         adata.obs[keys["ontology_label"]] = pd.Categorical(np.asarray(cl_names, dtype=object)[codes])
     params = adata.uns[key_added]
+    params["model_description"].pop("references", None)  # kept once, at the top level
     params.update(
         {
             "names": names,
@@ -238,11 +239,17 @@ def annotate(
     return result
 
 
-def _provenance(balanced: AnnData) -> list[dict[str, Any]]:
+def _provenance(balanced: AnnData) -> dict[str, dict[str, Any]]:
+    """Reference provenance as ``{"ref0": {...}, ...}``: keys that are always valid zarr/h5ad names, in input order.
+
+    (A list of dicts cannot be written to h5ad; source names are kept inside each entry, ``name``.)
+    """
     from spatialcx.tl._predict import _jsonable_dict
 
-    prov = balanced.uns.get("spatialcx_references", [])
-    return [_jsonable_dict(dict(p)) for p in prov] if isinstance(prov, list) else []
+    prov = balanced.uns.get("spatialcx_references", {})
+    entries = list(prov.values()) if isinstance(prov, dict) else list(prov)
+    entries = sorted((dict(e) for e in entries), key=lambda e: int(e.get("index", 0)))
+    return {f"ref{i}": _jsonable_dict(e) for i, e in enumerate(entries)}
 
 
 def _mapping_lists(mapping: Any) -> dict[str, list]:
