@@ -27,8 +27,9 @@ from spatialcx._settings import logger
 if TYPE_CHECKING:
     from celltypist.models import Model as CelltypistModel
 
-#: Version of the on-disk format written by :meth:`CellTypeModel.save`.
-FORMAT_VERSION = 1
+#: Version of the on-disk format written by :meth:`CellTypeModel.save` (2 adds the confidence calibration; files
+#: without one are still written as version 1).
+FORMAT_VERSION = 2
 _FORMAT_NAME = "spatialcx.CellTypeModel"
 
 NormalizeOver = Literal["genes", "all"]
@@ -89,6 +90,9 @@ class CellTypeModel:
         Counts per cell after normalization (10,000).
     description
         Free metadata (training parameters, reference provenance, dates); JSON-serialisable.
+    calibration
+        Confidence calibration fitted on reference cells by :func:`~spatialcx.tl.train` (see
+        :func:`~spatialcx.tl.transform_confidence`); ``None`` for imported CellTypist models. JSON-serialisable.
     """
 
     features: np.ndarray
@@ -101,6 +105,7 @@ class CellTypeModel:
     normalize_over: NormalizeOver = "genes"
     target_sum: float = TARGET_SUM
     description: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features).astype(str)
@@ -127,6 +132,10 @@ class CellTypeModel:
             raise ValueError("The model's features contain duplicated gene names.")
         if self.normalize_over not in ("genes", "all"):
             raise ValueError(f"normalize_over must be 'genes' or 'all', got {self.normalize_over!r}.")
+        if self.calibration is not None:
+            from spatialcx.model._calibration import check_calibration
+
+            self.calibration = check_calibration(self.calibration, n_k)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -149,6 +158,9 @@ class CellTypeModel:
         h.update(b"\x1e")
         h.update("\x1f".join(self.classes).encode())
         h.update(f"{self.clip}|{self.normalize_over}|{self.target_sum}".encode())
+        if self.calibration is not None:  # absent for models without one, so their hash is unchanged
+            h.update(b"\x1dcalibration")
+            h.update(json.dumps(self.calibration, sort_keys=True, default=_json_default).encode())
         return h.hexdigest()
 
     def __repr__(self) -> str:
@@ -220,13 +232,15 @@ class CellTypeModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": _FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.calibration is not None else 1,
             "clip": self.clip,
             "normalize_over": self.normalize_over,
             "target_sum": self.target_sum,
             "model_hash": self.model_hash,
             "description": self.description,
         }
+        if self.calibration is not None:
+            meta["calibration"] = self.calibration
         arrays = {
             "features": self.features.astype(str),
             "classes": self.classes.astype(str),
@@ -275,6 +289,7 @@ class CellTypeModel:
                     normalize_over=meta["normalize_over"],
                     target_sum=float(meta["target_sum"]),
                     description=meta.get("description", {}),
+                    calibration=meta.get("calibration"),
                 )
         except (KeyError, OSError, json.JSONDecodeError) as e:
             raise ValueError(f"Could not read a spatialcx model from {path}: {e}") from e

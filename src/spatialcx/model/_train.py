@@ -66,6 +66,7 @@ def fit_model(
     random_state: int = 0,
     n_jobs: int | None = None,
     description: dict[str, Any] | None = None,
+    calibrate: bool = True,
 ) -> CellTypeModel:
     """Fit the model on log1p-normalized expression ``x`` (cells x ``features``).
 
@@ -74,6 +75,9 @@ def fit_model(
     (``"sgd"``), or the SGD classifier by mini-batches that densify only ``batch_size`` cells at a time
     (``"minibatch"``, for references too large to densify). ``"auto"`` picks ``"logreg"`` unless the dense matrix
     would exceed :data:`AUTO_DENSE_LIMIT` entries.
+
+    With ``calibrate`` (default), the training cells are scored by the fitted model (one sparse product, no second
+    fit) and the confidence calibration is fitted on them (:func:`spatialcx.model._calibration.fit_calibration`).
     """
     from sklearn.linear_model import LogisticRegression, SGDClassifier
     from sklearn.multiclass import OneVsRestClassifier
@@ -145,7 +149,7 @@ def fit_model(
             "with_mean": with_mean,
         }
     )
-    return CellTypeModel(
+    model = CellTypeModel(
         features=features,
         classes=clf_classes,
         coef=coef,
@@ -155,3 +159,8 @@ def fit_model(
         clip=clip,
         description=desc,
     )
+    if calibrate:
+        from spatialcx.model._calibration import fit_calibration
+
+        model.calibration = fit_calibration(model.decision_function(x), labels, model.classes)
+    return model

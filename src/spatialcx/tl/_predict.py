@@ -17,7 +17,7 @@ from spatialcx._settings import logger
 from spatialcx.model._model import CellTypeModel
 from spatialcx.model._score import score_matrix
 from spatialcx.model._train import Method, fit_model
-from spatialcx.tl._confidence import ConfidenceMethod, transform_confidence
+from spatialcx.tl._confidence import DEFAULT_CONFIDENCE, ConfidenceMethod, confidence_with_params, transform_confidence
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -212,7 +212,7 @@ def predict(
     *,
     table_key: str = "table",
     key_added: str = KEY_ADDED,
-    confidence: ConfidenceMethod = "zscore",
+    confidence: ConfidenceMethod = DEFAULT_CONFIDENCE,
     chunk_size: int | None = None,
     normalize_over: Literal["genes", "all"] | None = None,
     min_gene_fraction: float = 0.5,
@@ -237,8 +237,10 @@ def predict(
         ``cell_type_confidence``, ``cell_type_confidence_raw``, ``obsm["cell_type_decision_scores"]``,
         ``uns["cell_type"]``).
     confidence
-        How decision scores become ``{key_added}_confidence``; see :func:`~spatialcx.tl.transform_confidence`.
-        ``{key_added}_confidence_raw`` always holds CellTypist's probability.
+        How decision scores become ``{key_added}_confidence``; see :func:`~spatialcx.tl.transform_confidence`
+        (``"calibrated"``, the default, uses the model's reference calibration when it has one).
+        ``{key_added}_confidence_raw`` always holds CellTypist's probability. The method and the parameters it used
+        are recorded in ``uns[key_added]["confidence_method"]`` and ``["confidence_params"]``.
     chunk_size
         Cells scored at a time (memory is O(chunk_size)); defaults to ``scx.settings.chunk_size``. Dask-backed
         tables are scored block-parallel on the active dask scheduler.
@@ -294,7 +296,7 @@ def compute_predictions(
     adata: AnnData,
     model: CellTypeModel | str | Any,
     *,
-    confidence: ConfidenceMethod = "zscore",
+    confidence: ConfidenceMethod = DEFAULT_CONFIDENCE,
     chunk_size: int | None = None,
     normalize_over: Literal["genes", "all"] | None = None,
     min_gene_fraction: float = 0.5,
@@ -326,12 +328,17 @@ def compute_predictions(
         src.matrix, src.var_names, model, kind=src.kind, normalize_over=normalize_over, chunk_size=chunk_size
     )
     best = scores.argmax(axis=1)
+    conf, conf_params = confidence_with_params(scores, confidence, calibration=model)
+    if model.calibration is not None:
+        conf_params["calibration_source"] = str(model.calibration.get("source", ""))
+        conf_params["calibration_n_cells"] = int(model.calibration.get("n_cells", 0))
     params = {
         "model_hash": model.model_hash,
         "classes": model.classes.tolist(),
         "n_model_genes": int(model.n_features),
         "n_genes_used": int(len(present)),
         "confidence_method": confidence,
+        "confidence_params": conf_params,
         "normalize_over": normalize_over or model.normalize_over,
         "expression_source": src.where,
         "chunk_size": int(default_chunk_size(len(present), chunk_size)),
@@ -341,7 +348,7 @@ def compute_predictions(
     }
     return Predictions(
         labels=pd.Categorical.from_codes(best, categories=pd.Index(model.classes)),
-        confidence=transform_confidence(scores, confidence),
+        confidence=conf,
         confidence_raw=transform_confidence(scores, "raw"),
         scores=scores,
         params=params,

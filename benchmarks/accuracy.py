@@ -1,0 +1,351 @@
+"""Accuracy of the predictions and usefulness of every confidence method, on real and synthetic data.
+
+    python benchmarks/accuracy.py [--data ../shared/data] [--per-type] [--csv results.csv] [--no-scale]
+
+Cases (all run by default):
+
+(a) STARmap mouse prefrontal cortex (3,704 cells x 158 genes, 3 sections): train on two sections, predict the
+    third (all three rotations); the authors' labels are the truth, ``NA`` cells are predicted but left out of the
+    metrics (and never used for training).
+(b) a synthetic scRNA-seq -> spatial shift with 2, 8 and 30 types: the reference measures 1,000 genes; the query
+    measures a 200-gene panel at 5x lower depth with a per-gene platform bias (log-normal, sd 0.5) and other type
+    proportions.
+(c) novelty: one type left out of the reference, each type in turn (STARmap: every type, in every rotation;
+    synthetic: T0, T1 and T2 of the 8- and 30-type cases); reported as the mean over the left-out types of the share
+    of that type's query cells below the threshold and of the share of correct calls (on the other cells) above it.
+
+For each case and confidence method it prints accuracy and macro-F1 of the predicted labels (the same for every
+method: confidence does not change the call), AUROC of the confidence for "the call is correct", the share of
+correct calls kept and of wrong calls removed at the threshold (0.8), and the novelty shares. On STARmap it also
+runs ``celltypist.train`` + ``celltypist.annotate`` on the same splits. celltypist 1.7.1's default (non-SGD) training
+passes ``multi_class="ovr"``, which scikit-learn >= 1.8 rejects; the script runs that path with
+``LogisticRegression`` replaced by ``OneVsRestClassifier(LogisticRegression(...))`` (the model it asks for), and
+``use_SGD=True`` as it ships. Finally it times every method on 1,000,000 cells x 50 classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+import spatialcx as scx
+from spatialcx.tl._confidence import CONFIDENCE_METHODS, DEFAULT_CONFIDENCE
+from spatialcx.tl._predict import compute_predictions
+
+THRESHOLD = 0.8
+BASELINES = ("raw", "cell_zscore")
+COLUMNS = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "auroc": "AUROC",
+    "correct_kept": "correct kept",
+    "wrong_removed": "wrong removed",
+    "novel_below": "unseen below",
+    "novel_kept": "correct kept (novelty)",
+    "novel_below_at_80": "unseen below at 80 % kept",
+}
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def synthetic_shift(
+    n_types: int,
+    *,
+    seed: int = 0,
+    n_ref_per_type: int = 100,
+    n_query: int = 3000,
+    n_genes: int = 1000,
+    n_panel: int = 200,
+    depth: float = 3000.0,
+    depth_ratio: float = 5.0,
+    bias_sd: float = 0.5,
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """A labelled scRNA-seq reference and a spatial query of the same types, with a platform shift.
+
+    Types: a gamma baseline, ~sqrt(K) lineages that share effects on 5 % of the genes, and 40 marker genes per type
+    (log-fold change ~ N(2.5, 0.5)). Counts are negative binomial (shape 2). Reference: ``n_ref_per_type`` cells per
+    type over all genes at ``depth`` counts. Query: the panel (a random ``n_panel`` genes), ``depth / depth_ratio``
+    counts, a per-gene bias ``exp(N(0, bias_sd))`` and Dirichlet(2) type proportions.
+    """
+    rng = np.random.default_rng(seed)
+    base = np.log(rng.gamma(0.4, 1.0, n_genes) + 1e-3)
+    n_lineages = max(1, int(np.ceil(np.sqrt(n_types))))
+    lineage = rng.integers(0, n_lineages, n_types)
+    lineage_effect = rng.normal(0, 1, (n_lineages, n_genes)) * (rng.random((n_lineages, n_genes)) < 0.05)
+    type_effect = np.zeros((n_types, n_genes))
+    for t in range(n_types):
+        markers = rng.choice(n_genes, 40, replace=False)
+        type_effect[t, markers] = rng.normal(2.5, 0.5, 40)
+    profile = np.exp(base + lineage_effect[lineage] + type_effect)
+    profile /= profile.sum(axis=1, keepdims=True)
+
+    def draw(labels: np.ndarray, genes: np.ndarray, lib_mean: float, bias: np.ndarray | float) -> sparse.csr_matrix:
+        lib = lib_mean * rng.lognormal(0, 0.4, len(labels))
+        mu = profile[labels][:, genes] * bias * lib[:, None]
+        return sparse.csr_matrix(rng.poisson(rng.gamma(2.0, mu / 2.0)).astype(np.float32))
+
+    ref_labels = np.repeat(np.arange(n_types), n_ref_per_type)
+    ref = ad.AnnData(draw(ref_labels, np.arange(n_genes), depth, 1.0))
+    ref.obs["label"] = pd.Categorical([f"T{t}" for t in ref_labels])
+    ref.var_names = [f"g{i}" for i in range(n_genes)]
+    ref.obs_names = [f"r{i}" for i in range(ref.n_obs)]
+    panel = np.sort(rng.choice(n_genes, n_panel, replace=False))
+    q_labels = rng.choice(n_types, n_query, p=rng.dirichlet(np.full(n_types, 2.0)))
+    bias = np.exp(rng.normal(0, bias_sd, n_panel))
+    query = ad.AnnData(draw(q_labels, panel, depth / depth_ratio, bias))
+    query.obs["label"] = pd.Categorical([f"T{t}" for t in q_labels])
+    query.var_names = [f"g{i}" for i in panel]
+    query.obs_names = [f"q{i}" for i in range(query.n_obs)]
+    return ref, query
+
+
+def starmap_splits(path: Path) -> list[tuple[str, ad.AnnData, ad.AnnData]]:
+    """(name, reference = two sections without NA, query = the third section) for the three rotations."""
+    a = ad.read_h5ad(path)
+    a.obs["label"] = a.obs["cell_type_author"].astype(str)
+    out = []
+    for i, s in enumerate(sorted(a.obs["section"].unique())):
+        ref = a[(a.obs["section"] != s) & (a.obs["label"] != "NA")].copy()
+        query = a[a.obs["section"] == s].copy()
+        out.append((f"STARmap, query section {i + 1}", ref, query))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+def fit_and_score(ref: ad.AnnData, query: ad.AnnData, leave_out: str | None = None):
+    if leave_out is not None:
+        ref = ref[ref.obs["label"].astype(str) != leave_out].copy()
+    model = scx.tl.train(ref, "label", genes=list(query.var_names), random_state=0)
+    return model, compute_predictions(query, model).scores
+
+
+SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def evaluate_case(
+    name: str, ref: ad.AnnData, query: ad.AnnData, leave_out: list[str], per_type: list[dict], sweep: list[dict]
+) -> pd.DataFrame:
+    truth = query.obs["label"].astype(str)
+    model, scores = fit_and_score(ref, query)
+    table = scx.tl.compare_confidence_methods(scores, model.classes, truth, calibration=model, threshold=THRESHOLD)
+    conf = scx.tl.transform_confidence(scores, DEFAULT_CONFIDENCE, calibration=model)
+    predicted = model.classes[scores.argmax(axis=1)]
+    for t in SWEEP:
+        m = scx.tl.confidence_metrics(truth, predicted, conf, known_classes=model.classes, threshold=t)
+        sweep.append(
+            {"case": name, "threshold": t, "correct kept": m["correct_kept"], "wrong removed": m["wrong_removed"]}
+        )
+    below: dict[str, list[float]] = {m: [] for m in table.index}
+    kept: dict[str, list[float]] = {m: [] for m in table.index}
+    frontier: dict[str, list[float]] = {m: [] for m in table.index}
+    for lo in leave_out:
+        m_lo, s_lo = fit_and_score(ref, query, leave_out=lo)
+        # cells of the left-out type are "unseen"; NA cells stay out of every metric
+        res = scx.tl.compare_confidence_methods(s_lo, m_lo.classes, truth, calibration=m_lo, threshold=THRESHOLD)
+        predicted = m_lo.classes[s_lo.argmax(axis=1)]
+        unseen = (truth == lo).to_numpy()
+        correct = (truth.to_numpy() == predicted) & ~unseen
+        for method, row in res.iterrows():
+            below[method].append(row["unseen_below"])
+            kept[method].append(row["correct_kept"])
+            # threshold-free: the share of unseen cells below the threshold that keeps exactly 80 % of correct calls
+            conf = scx.tl.transform_confidence(s_lo, method, calibration=m_lo)
+            frontier[method].append(float((conf[unseen] < np.quantile(conf[correct], 0.2)).mean()))
+            per_type.append({"case": name, "left_out": lo, "method": method, **row.to_dict()})
+    table["novel_below"] = [np.mean(below[m]) if below[m] else np.nan for m in table.index]
+    table["novel_kept"] = [np.mean(kept[m]) if kept[m] else np.nan for m in table.index]
+    table["novel_below_at_80"] = [np.mean(frontier[m]) if frontier[m] else np.nan for m in table.index]
+    table.insert(0, "case", name)
+    return table.reset_index()
+
+
+def celltypist_baseline(ref: ad.AnnData, query: ad.AnnData, *, use_sgd: bool) -> dict[str, float]:
+    """``celltypist.train`` + ``celltypist.annotate`` (best match) on the same split; metrics on labelled cells."""
+    import importlib
+
+    import celltypist
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    def norm(a: ad.AnnData) -> ad.AnnData:
+        import scanpy as sc
+
+        b = a.copy()
+        sc.pp.normalize_total(b, target_sum=1e4)
+        sc.pp.log1p(b)
+        return b
+
+    r, q = norm(ref), norm(query)
+    ct_train = importlib.import_module("celltypist.train")  # the module (``celltypist.train`` is the function)
+
+    class OvrLogisticRegression(LogisticRegression):
+        """``LogisticRegression`` fitted one-vs-rest: what celltypist asks for with ``multi_class="ovr"``."""
+
+        def fit(self, X, y, sample_weight=None):
+            ovr = OneVsRestClassifier(LogisticRegression(**self.get_params()), n_jobs=self.n_jobs).fit(X, y)
+            self.classes_ = ovr.classes_
+            self.coef_ = np.vstack([e.coef_ for e in ovr.estimators_])
+            self.intercept_ = np.concatenate([np.ravel(e.intercept_) for e in ovr.estimators_])
+            self.n_features_in_ = X.shape[1]
+            self.n_iter_ = np.array([int(np.max(e.n_iter_)) for e in ovr.estimators_])
+            return self
+
+    def ovr_logistic_regression(multi_class: str = "ovr", **kwargs) -> LogisticRegression:
+        return OvrLogisticRegression(**kwargs)
+
+    original = ct_train.LogisticRegression
+    ct_train.LogisticRegression = ovr_logistic_regression
+    try:
+        model = celltypist.train(r, labels="label", use_SGD=use_sgd, n_jobs=1)
+    finally:
+        ct_train.LogisticRegression = original
+    pred = celltypist.annotate(q, model=model).predicted_labels["predicted_labels"].astype(str).to_numpy()
+    m = scx.tl.confidence_metrics(query.obs["label"].astype(str), pred, np.ones(len(pred)))
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+
+def scale_benchmark(n_cells: int = 1_000_000, n_classes: int = 50) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, n_classes, n_cells)
+    scores = rng.normal(-4.0, 1.5, (n_cells, n_classes))
+    scores[np.arange(n_cells), labels] += 6.0
+    calibration = {"negative_median": [-3.0] * n_classes, "softmax_temperature": 1.0}
+    rows = []
+    for method in CONFIDENCE_METHODS:
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        conf = scx.tl.transform_confidence(scores, method, calibration=calibration)
+        dt = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert conf.shape == (n_cells,)
+        rows.append({"method": method, "time (s)": round(dt, 2), "peak extra memory (MB)": round(peak / 2**20)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------- output
+def markdown(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            if isinstance(v, float):
+                cells.append("–" if np.isnan(v) else floatfmt.format(v))
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def check_targets(results: pd.DataFrame, ct: pd.DataFrame) -> list[str]:
+    lines = []
+    for case, g in results.groupby("case", sort=False):
+        g = g.set_index("method")
+        d = g.loc[DEFAULT_CONFIDENCE]
+        best_base = max(g.loc[b, "auroc"] for b in BASELINES if b in g.index)
+        ok = d["auroc"] > best_base and (not case.startswith("STARmap") or d["auroc"] >= 0.80)
+        lines.append(
+            f"{case}: AUROC {d['auroc']:.3f} vs best baseline {best_base:.3f}"
+            + (" (target >= 0.80)" if case.startswith("STARmap") else "")
+            + f" -> {'PASS' if ok else 'FAIL'}"
+        )
+        if not np.isnan(d["novel_below"]):
+            ok = d["novel_below"] >= 0.6 and d["novel_kept"] >= 0.8
+            lines.append(
+                f"{case}: novelty {d['novel_below']:.1%} of unseen cells below {THRESHOLD}, "
+                f"{d['novel_kept']:.1%} of correct calls kept (targets 60 % / 80 %) -> {'PASS' if ok else 'FAIL'}"
+            )
+        if case in ct.index:
+            f1 = d["macro_f1"]
+            ref = ct.loc[case, "celltypist (default LR)"]
+            lines.append(
+                f"{case}: macro-F1 {f1:.3f} vs celltypist.train + annotate {ref:.3f} -> "
+                f"{'PASS' if f1 >= ref - 1e-9 else 'FAIL'}"
+            )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--per-type", action="store_true", help="also print the novelty share of every left-out type")
+    p.add_argument("--csv", type=Path, default=None, help="write the results table there")
+    p.add_argument("--no-scale", action="store_true", help="skip the 1,000,000-cell timing")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("celltypist").setLevel(logging.ERROR)
+    pd.set_option("display.width", 200)
+    t_start = time.perf_counter()
+
+    tables, per_type, sweep, ct_rows = [], [], [], {}
+    star = args.data / "starmap_mpfc" / "starmap_mpfc.h5ad"
+    if star.exists():
+        for name, ref, query in starmap_splits(star):
+            t0 = time.perf_counter()
+            types = sorted(ref.obs["label"].astype(str).unique())
+            tables.append(evaluate_case(name, ref, query, types, per_type, sweep))
+            ct_rows[name] = {
+                "celltypist (default LR)": celltypist_baseline(ref, query, use_sgd=False)["macro_f1"],
+                "celltypist (SGD)": celltypist_baseline(ref, query, use_sgd=True)["macro_f1"],
+            }
+            print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    else:
+        print(f"STARmap data not found at {star}; only the synthetic cases run.")
+    for k in (2, 8, 30):
+        t0 = time.perf_counter()
+        ref, query = synthetic_shift(k, seed=0)
+        name = f"synthetic shift, {k} types"
+        tables.append(evaluate_case(name, ref, query, [] if k == 2 else ["T0", "T1", "T2"], per_type, sweep))
+        print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    results = pd.concat(tables, ignore_index=True)
+    out = results[["case", "method", *COLUMNS]].rename(columns=COLUMNS)
+    print(f"\nConfidence threshold {THRESHOLD}; default method: {DEFAULT_CONFIDENCE!r}; baselines: {BASELINES}\n")
+    print(markdown(out))
+    ct = pd.DataFrame.from_dict(ct_rows, orient="index")
+    if len(ct):
+        ours = results[results["method"] == DEFAULT_CONFIDENCE].set_index("case")["macro_f1"]
+        ct.insert(0, "spatialcx", ours.reindex(ct.index))
+        print("\nMacro-F1 on STARmap, spatialcx vs celltypist.train + annotate on the same splits\n")
+        print(markdown(ct.rename_axis("case").reset_index()))
+    sw = pd.DataFrame(sweep).pivot_table(index="case", columns="threshold", sort=False)
+    sw.columns = [f"{what} at {t}" for what, t in sw.columns]
+    print(f"\nOther thresholds, {DEFAULT_CONFIDENCE!r}: share of correct calls kept / wrong calls removed\n")
+    cols = [f"{w} at {t}" for t in SWEEP for w in ("correct kept", "wrong removed")]
+    print(
+        markdown(
+            sw[cols]
+            .rename(columns=lambda c: c.replace("correct kept", "kept").replace("wrong removed", "removed"))
+            .reset_index(),
+            "{:.2f}",
+        )
+    )
+    print("\nTargets for the default method\n")
+    for line in check_targets(results, ct):
+        print("- " + line)
+    if args.per_type and per_type:
+        pt = pd.DataFrame(per_type)
+        pt = pt[pt["method"].isin([DEFAULT_CONFIDENCE, *BASELINES])]
+        wide = pt.pivot_table(index=["case", "left_out"], columns="method", values="unseen_below", sort=False)
+        print("\nShare of the left-out type's cells below the threshold, per type\n")
+        print(markdown(wide.reset_index(), "{:.2f}"))
+    if args.csv is not None:
+        results.to_csv(args.csv, index=False)
+    print(f"\nAccuracy cases: {time.perf_counter() - t_start:.0f} s")
+    if not args.no_scale:
+        print("\nOne query of 1,000,000 cells x 50 classes (decision scores in memory: 400 MB)\n")
+        print(markdown(scale_benchmark(), "{:.2f}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Measure how well predictions and their confidence hold up against known labels.
+
+For labelled query cells: accuracy and macro-F1 of the predicted labels; AUROC of the confidence for "the call is
+correct"; at a threshold, the share of correct calls kept and of wrong calls removed; and, for cells whose true type
+the model never saw (an unseen type), the share that falls below the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, output_keys
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from spatialcx.model._model import CellTypeModel
+
+#: Keys of the dict returned by :func:`confidence_metrics`, in the order the benchmark prints them.
+METRICS: tuple[str, ...] = (
+    "n_cells",
+    "accuracy",
+    "macro_f1",
+    "auroc",
+    "correct_kept",
+    "wrong_removed",
+    "n_unseen",
+    "unseen_below",
+)
+
+
+def confidence_metrics(
+    truth: Sequence[str] | np.ndarray | pd.Series,
+    predicted: Sequence[str] | np.ndarray | pd.Series,
+    confidence: Sequence[float] | np.ndarray | pd.Series,
+    *,
+    known_classes: Sequence[str] | None = None,
+    threshold: float = 0.8,
+    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
+) -> dict[str, float]:
+    """Accuracy of the predictions and usefulness of their confidence, against true labels.
+
+    Parameters
+    ----------
+    truth
+        True label of each cell. Cells whose label is missing or in ``exclude_labels`` (``NA``, ``Unknown``, ...)
+        are left out of every metric.
+    predicted
+        Predicted label of each cell (the model's call, before any low-confidence filtering).
+    confidence
+        Confidence of each call, in [0, 1].
+    known_classes
+        The model's classes. Cells whose true label is not among them belong to a type the model never saw: they are
+        left out of the accuracy metrics and counted in ``unseen_below``. ``None``: every true label is known.
+    threshold
+        Confidence threshold (cells below it would be ``Unassigned``).
+    exclude_labels
+        True labels that are not cell types.
+
+    Returns
+    -------
+    A dict with ``n_cells`` (known-type cells evaluated), ``accuracy``, ``macro_f1`` (scikit-learn's macro average
+    over the labels that occur in truth or predictions), ``auroc`` (confidence as a score for "the call is correct";
+    NaN when every call is right or every call is wrong), ``correct_kept`` (share of correct calls at or above the
+    threshold), ``wrong_removed`` (share of wrong calls below it), ``n_unseen`` and ``unseen_below`` (share of
+    unseen-type cells below the threshold; NaN without such cells).
+    """
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    y = pd.Series(np.asarray(truth, dtype=object))
+    pred = np.asarray(predicted, dtype=object).astype(str)
+    conf = np.asarray(confidence, dtype=np.float64)
+    if not (len(y) == len(pred) == len(conf)):
+        raise ValueError(
+            f"truth, predicted and confidence must have one value per cell; got {len(y)}, {len(pred)} and {len(conf)}."
+        )
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
+    if np.isnan(conf).any() or (conf < 0).any() or (conf > 1).any():
+        raise ValueError("confidence must hold values in [0, 1] without NaN.")
+    labelled = y.notna().to_numpy() & ~y.astype(str).isin(list(exclude_labels)).to_numpy()
+    y_str = y.astype(str).to_numpy()
+    known = labelled if known_classes is None else labelled & np.isin(y_str, np.asarray(known_classes).astype(str))
+    unseen = labelled & ~known
+    out: dict[str, float] = {"n_cells": int(known.sum()), "n_unseen": int(unseen.sum())}
+    if known.any():
+        correct = y_str[known] == pred[known]
+        c = conf[known]
+        out["accuracy"] = float(correct.mean())
+        out["macro_f1"] = float(f1_score(y_str[known], pred[known], average="macro", zero_division=0))
+        out["auroc"] = float(roc_auc_score(correct, c)) if 0 < correct.sum() < correct.size else float("nan")
+        out["correct_kept"] = float((c[correct] >= threshold).mean()) if correct.any() else float("nan")
+        out["wrong_removed"] = float((c[~correct] < threshold).mean()) if (~correct).any() else float("nan")
+    else:
+        out.update(accuracy=np.nan, macro_f1=np.nan, auroc=np.nan, correct_kept=np.nan, wrong_removed=np.nan)
+    out["unseen_below"] = float((conf[unseen] < threshold).mean()) if unseen.any() else float("nan")
+    return {k: out[k] for k in METRICS}
+
+
+def compare_confidence_methods(
+    decision_scores: np.ndarray,
+    classes: Sequence[str],
+    truth: Sequence[str] | np.ndarray | pd.Series,
+    *,
+    methods: Sequence[str] | None = None,
+    calibration: Mapping[str, Any] | CellTypeModel | None = None,
+    threshold: float = 0.8,
+    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
+) -> pd.DataFrame:
+    """:func:`confidence_metrics` of every confidence method on the same decision scores.
+
+    Parameters
+    ----------
+    decision_scores
+        ``(n_cells, n_classes)`` decision scores of the whole query dataset (columns in the order of ``classes``).
+    classes
+        The model's classes.
+    truth
+        True label of each cell (see :func:`confidence_metrics`).
+    methods
+        Confidence methods (:func:`~spatialcx.tl.transform_confidence`); all of them by default. ``"softmax"`` is
+        skipped without a calibration.
+    calibration
+        The model or its calibration dict.
+    threshold, exclude_labels
+        As in :func:`confidence_metrics`.
+
+    Returns
+    -------
+    One row per method (index ``method``), the columns of :func:`confidence_metrics`.
+    """
+    from spatialcx.tl._confidence import CONFIDENCE_METHODS, _calibration_dict, transform_confidence
+
+    scores = np.asarray(decision_scores, dtype=np.float64)
+    classes = np.asarray(classes).astype(str)
+    if scores.ndim != 2 or scores.shape[1] != len(classes):
+        raise ValueError(f"decision_scores has shape {scores.shape} but there are {len(classes)} classes.")
+    methods = list(CONFIDENCE_METHODS if methods is None else methods)
+    has_calibration = _calibration_dict(calibration, len(classes)) is not None
+    predicted = classes[scores.argmax(axis=1)]
+    rows = {}
+    for method in methods:
+        if method == "softmax" and not has_calibration:
+            continue
+        conf = transform_confidence(scores, method, calibration=calibration)
+        rows[method] = confidence_metrics(
+            truth, predicted, conf, known_classes=classes, threshold=threshold, exclude_labels=exclude_labels
+        )
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
+
+
+def evaluate_confidence(
+    data: AnnData | SpatialData,
+    truth_key: str,
+    *,
+    key: str = KEY_ADDED,
+    threshold: float = 0.8,
+    methods: Sequence[str] | None = None,
+    calibration: Mapping[str, Any] | CellTypeModel | None = None,
+    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
+    table_key: str = "table",
+) -> pd.DataFrame:
+    """Evaluate the predictions written by :func:`~spatialcx.tl.predict` / :func:`~spatialcx.tl.annotate` on a table.
+
+    Parameters
+    ----------
+    data
+        The spatial data or its table, with predictions under ``key`` and true labels in ``obs[truth_key]``.
+    truth_key
+        Column of ``obs`` with the true labels (e.g. the authors' annotation).
+    key
+        The ``key_added`` of the prediction: ``{key}_predicted`` (unfiltered calls), ``{key}_confidence`` and
+        ``uns[key]["classes"]`` are read; with ``methods``, ``obsm["{key}_decision_scores"]`` too.
+    threshold
+        Confidence threshold of the kept/removed shares.
+    methods
+        ``None``: evaluate the confidence stored in the table (row named by ``uns[key]["confidence_method"]``).
+        Otherwise recompute each method from the stored decision scores (see :func:`compare_confidence_methods`).
+    calibration
+        The model (or its calibration dict), for methods that use one.
+    exclude_labels
+        True labels that are not cell types (left out).
+    table_key
+        The table of a SpatialData.
+
+    Returns
+    -------
+    One row per method, the columns of :func:`confidence_metrics`. Nothing in ``data`` changes.
+    """
+    from spatialcx._table import get_table
+
+    adata = get_table(data, table_key)
+    keys = output_keys(key)
+    if truth_key not in adata.obs:
+        raise KeyError(f"truth_key {truth_key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
+    params = adata.uns.get(key)
+    if not isinstance(params, Mapping) or "classes" not in params:
+        raise KeyError(
+            f"uns[{key!r}] with the model's classes is missing: run `scx.tl.predict` or `scx.tl.annotate` with "
+            f"key_added={key!r} first."
+        )
+    classes = np.asarray(params["classes"]).astype(str)
+    truth = adata.obs[truth_key]
+    if methods is not None:
+        if keys["decision_scores"] not in adata.obsm:
+            raise KeyError(
+                f"obsm[{keys['decision_scores']!r}] is missing: recomputing confidence methods needs the decision "
+                "scores; predict with `store_decision_scores=True`."
+            )
+        return compare_confidence_methods(
+            np.asarray(adata.obsm[keys["decision_scores"]]),
+            classes,
+            truth,
+            methods=methods,
+            calibration=calibration,
+            threshold=threshold,
+            exclude_labels=exclude_labels,
+        )
+    for col in (keys["predicted"], keys["confidence"]):
+        if col not in adata.obs:
+            raise KeyError(f"obs[{col!r}] is missing: run `scx.tl.predict` or `scx.tl.annotate` first.")
+    row = confidence_metrics(
+        truth,
+        adata.obs[keys["predicted"]].astype(str).to_numpy(),
+        adata.obs[keys["confidence"]].to_numpy(dtype=np.float64),
+        known_classes=classes,
+        threshold=threshold,
+        exclude_labels=exclude_labels,
+    )
+    name = str(params.get("confidence_method", "stored"))
+    return pd.DataFrame([row], index=pd.Index([name], name="method"))
