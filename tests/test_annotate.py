@@ -179,3 +179,25 @@ def test_colliding_labels_are_not_merged_in_cell_type():
     assert final == ["CD4+ T cells", "CD4 T", "macrophage"]  # shared id: own labels kept; unique id: CL name
     assert cl_names[:2] == ["CD4-positive, alpha-beta T cell"] * 2
     assert "CL:0000624" in mapping.collisions
+
+
+@pytest.mark.parametrize("kind", ["log1p_cpm", "negative"])
+def test_unusable_store_values_raise_and_leave_store_unchanged(demo_small, tmp_path, kind):
+    """log1p-CPM data without raw counts, or scaled data with negative values: a clear error, the store untouched."""
+    import scanpy as sc
+    import spatialdata as sd
+
+    sdata, reference = demo_small
+    table = sdata.tables["table"].copy()
+    sc.pp.normalize_total(table, target_sum=1e6 if kind == "log1p_cpm" else 1e4)
+    sc.pp.log1p(table)
+    if kind == "negative":
+        sc.pp.scale(table, zero_center=True)
+    bad = sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table})
+    store = tmp_path / "bad.zarr"
+    bad.write(store)
+    before = {p.relative_to(store): p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="(?i)cpm" if kind == "log1p_cpm" else "(?i)negative"):
+        scx.tl.annotate(sd.read_zarr(store), reference, label_keys="cell_type")
+    after = {p.relative_to(store): p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    assert before == after

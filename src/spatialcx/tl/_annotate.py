@@ -83,7 +83,7 @@ def annotate(
     max_cells_per_ref: int = 100_000,
     target_proportions: Mapping[str, float] | str | os.PathLike | None = None,
     confidence_threshold: float = 0.8,
-    confidence: str = "zscore",
+    confidence: str = "calibrated",
     model_out: str | os.PathLike | None = None,
     plots_dir: str | os.PathLike | None = None,
     add_ontology: bool = True,
@@ -127,7 +127,8 @@ def annotate(
     confidence_threshold
         Cells with a confidence below it are ``Unassigned`` in ``{key_added}``.
     confidence
-        Confidence method (:func:`~spatialcx.tl.transform_confidence`).
+        Confidence method (:func:`~spatialcx.tl.transform_confidence`); the default ``"calibrated"`` uses the
+        trained model's reference calibration.
     model_out
         Save the trained model there (``.npz``, loads without executing code).
     plots_dir
@@ -159,6 +160,7 @@ def annotate(
     """
     from spatialcx._table import resolve_table
     from spatialcx.pp import combine_references, panel_genes, subsample_balanced
+    from spatialcx.pp._normalization import find_expression_source
     from spatialcx.tl._filter import filter_low_confidence
     from spatialcx.tl._predict import compute_predictions, train, write_predictions
 
@@ -169,6 +171,8 @@ def annotate(
     adata = ref.adata
     panel = panel_genes(adata)
     logger.info("panel: %d genes", len(panel))
+    # fail fast, before the references are read and a model trained: the table must hold usable expression
+    find_expression_source(adata)
 
     combined = combine_references(
         references,
@@ -262,25 +266,13 @@ def _mapping_lists(mapping: Any) -> dict[str, list]:
     return out
 
 
-def _plots(data: Any, plots_dir: Path, key: str, threshold: float, mapping: Any, table_key: str) -> dict[str, Path]:
-    """Draw the QC plots; a plotting failure is logged, never raised (the annotation is already saved)."""
-    import matplotlib.pyplot as plt
+def _plots(data: Any, plots_dir: Path, key: str, threshold: float, mapping: Any, table_key: str) -> dict[str, Any]:
+    """Draw every QC plot into ``plots_dir`` with :func:`spatialcx.pl.annotation_report`.
 
+    A plot that cannot be drawn is logged, never raised: the annotation is already saved.
+    """
     from spatialcx import pl
 
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    try:
-        fig = pl.confidence(data, key=key, threshold=threshold, table_key=table_key, save=plots_dir / "confidence.png")
-        plt.close(fig)
-        paths["confidence"] = plots_dir / "confidence.png"
-    except Exception as e:  # noqa: BLE001
-        logger.warning("The confidence plot failed: %s", e)
-    if mapping is not None and hasattr(pl, "ontology_mapping"):
-        try:
-            fig = pl.ontology_mapping(mapping, save=plots_dir / "ontology_mapping.png")
-            plt.close(fig)
-            paths["ontology_mapping"] = plots_dir / "ontology_mapping.png"
-        except Exception as e:  # noqa: BLE001
-            logger.warning("The ontology mapping plot failed: %s", e)
-    return paths
+    return pl.annotation_report(
+        data, key=key, table_key=table_key, plots_dir=plots_dir, mapping=mapping, threshold=threshold
+    )
