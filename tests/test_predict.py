@@ -184,3 +184,22 @@ def test_filters(model):
     assert "Unassigned" not in q.obs["cell_type"].astype(str).unique()  # copy left q alone
     with pytest.raises(ValueError, match="threshold"):
         scx.tl.filter_low_confidence(q, threshold=2)
+
+
+def test_predict_lazy_zarr_table_on_dask_distributed(model, tmp_path):
+    """A lazily read zarr table (dask array of sparse chunks) scored on a dask.distributed cluster (worker processes)."""
+    from distributed import Client, LocalCluster
+
+    q = _data(n=900, seed=9)
+    eager = q.copy()
+    scx.tl.predict(eager, model)
+    q.write_zarr(tmp_path / "q.zarr")
+    lazy = ad.experimental.read_lazy(tmp_path / "q.zarr")
+    assert type(lazy.X).__module__.startswith("dask")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        out = scx.tl.predict(lazy, model, chunk_size=200, copy=True)
+    np.testing.assert_allclose(out.obsm["cell_type_decision_scores"], eager.obsm["cell_type_decision_scores"])
+    assert (out.obs["cell_type_predicted"].to_numpy() == eager.obs["cell_type_predicted"].to_numpy()).all()
