@@ -1,0 +1,234 @@
+"""``scx.pl.deg_heatmap``: the top differentially expressed panel genes of each predicted type."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._settings import logger
+from . import _utils
+from ._markers import check_label_column, check_positive_int, draw_group_header, group_codes, unassigned_label
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from spatialdata import SpatialData
+
+__all__ = ["deg_heatmap"]
+
+#: Methods of :func:`scanpy.tl.rank_genes_groups` accepted.
+METHODS = ("wilcoxon", "t-test", "t-test_overestim_var", "logreg")
+
+
+def subsample_groups(codes: np.ndarray, n_groups: int, max_cells_per_group: int, random_state: int) -> np.ndarray:
+    """Sorted row positions: all cells of each group, or a seeded random ``max_cells_per_group`` of them."""
+    rng = np.random.default_rng(random_state)
+    picked = []
+    for k in range(n_groups):
+        members = np.flatnonzero(codes == k)
+        if members.size > max_cells_per_group:
+            members = rng.choice(members, size=max_cells_per_group, replace=False)
+        picked.append(members)
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _normalized_rows(adata: AnnData, rows: np.ndarray) -> tuple[AnnData, str]:
+    """A new AnnData of log1p(10k) expression (sparse) of ``rows``, every gene of the expression source."""
+    from .._matrix import normalize_block
+    from ..pp._normalization import _read_sampled_rows, find_expression_source
+
+    src = find_expression_source(adata)
+    block = _read_sampled_rows(src.matrix, rows)
+    x = normalize_block(block, np.arange(block.shape[1]), kind=src.kind, over="all")
+    tmp = AnnData(X=x.astype(np.float32), var=pd.DataFrame(index=pd.Index(src.var_names.astype(str))))
+    tmp.uns["log1p"] = {"base": None}
+    return tmp, src.where
+
+
+def top_genes(result: dict, groups: list[str], n_genes: int) -> tuple[list[str], list[str]]:
+    """Top up-regulated genes of each group from a ``rank_genes_groups`` result, each gene once.
+
+    A group takes its best-ranked genes with a positive score (and positive log fold change, when computed) that an
+    earlier group has not taken.
+    """
+    names = pd.DataFrame(result["names"])
+    scores = pd.DataFrame(result["scores"])
+    lfc = pd.DataFrame(result["logfoldchanges"]) if "logfoldchanges" in result else None
+    genes: list[str] = []
+    owners: list[str] = []
+    taken: set[str] = set()
+    for g in groups:
+        ok = scores[g].to_numpy(dtype=float) > 0
+        if lfc is not None:
+            ok &= lfc[g].to_numpy(dtype=float) > 0
+        chosen = [str(n) for n in names[g].to_numpy()[ok] if str(n) not in taken][:n_genes]
+        taken.update(chosen)
+        genes += chosen
+        owners += [g] * len(chosen)
+    return genes, owners
+
+
+def deg_heatmap(
+    data: AnnData | SpatialData,
+    *,
+    key: str = "cell_type",
+    n_genes: int = 5,
+    method: str = "wilcoxon",
+    min_cells: int = 10,
+    max_cells_per_group: int = 2000,
+    random_state: int = 0,
+    table_key: str = "table",
+    cmap: str = "RdBu_r",
+    title: str | None = None,
+    save: str | os.PathLike[str] | None = None,
+    dpi: int = 150,
+) -> Figure:
+    """Heatmap of the top differentially expressed panel genes of each predicted type.
+
+    The cells of each type in obs[``key``] (``"Unassigned"`` left out; types with at least ``min_cells`` cells) are
+    subsampled to at most ``max_cells_per_group`` (seeded), normalized to log1p(10k) from the raw counts, and tested
+    one type against the rest with :func:`scanpy.tl.rank_genes_groups` on a temporary AnnData (nothing is written
+    into the table). Each type contributes its ``n_genes`` best up-regulated genes (each gene shown once). The
+    heatmap shows each type's mean expression over the subsample, z-scored per gene across types; the blocks where
+    a type meets its own genes are outlined.
+
+    Parameters
+    ----------
+    data
+        AnnData table or SpatialData object holding it.
+    key
+        obs column with the cell-type labels.
+    n_genes
+        Genes per type.
+    method
+        Test of :func:`scanpy.tl.rank_genes_groups`: ``"wilcoxon"``, ``"t-test"``, ``"t-test_overestim_var"`` or
+        ``"logreg"``.
+    min_cells
+        Types with fewer cells are left out (named in the title).
+    max_cells_per_group
+        Most cells per type used for the test and the means.
+    random_state
+        Seed of the subsample.
+    table_key
+        Name of the table in ``data.tables`` (SpatialData only).
+    cmap
+        Diverging colormap of the z-scores.
+    title
+        Figure title.
+    save
+        Write the figure there (format from the suffix); parent folders are created.
+    dpi
+        Resolution of the saved figure.
+
+    Returns
+    -------
+    The figure: the heatmap axes (rows: types, columns: genes, an image whose array holds the z-scores), the type
+    header above and the colourbar.
+
+    Raises
+    ------
+    KeyError
+        ``key`` is missing from obs.
+    ValueError
+        Fewer than two types have ``min_cells`` cells, or a bad argument.
+    """
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    from matplotlib.patches import Rectangle
+
+    fn = "deg_heatmap"
+    adata, _ = _utils.split_data(data, table_key)
+    check_label_column(adata, key, fn=fn)
+    n_genes = check_positive_int(n_genes, "n_genes", fn=fn)
+    min_cells = check_positive_int(min_cells, "min_cells", fn=fn)
+    max_cells_per_group = check_positive_int(max_cells_per_group, "max_cells_per_group", fn=fn, minimum=2)
+    if method not in METHODS:
+        raise ValueError(f"{fn}: method must be one of {METHODS} (scanpy.tl.rank_genes_groups), got {method!r}.")
+
+    groups, codes, sizes, too_small = group_codes(
+        adata.obs[key], min_cells=min_cells, exclude=(unassigned_label(adata, key),)
+    )
+    if len(groups) < 2:
+        raise ValueError(
+            f"{fn}: differential expression needs at least two types with min_cells={min_cells} cells in "
+            f"obs[{key!r}] (besides 'Unassigned'); found {groups or 'none'}"
+            f"{f' and smaller ones {too_small}' if too_small else ''}. Lower min_cells or check the labels."
+        )
+    rows = subsample_groups(codes, len(groups), max_cells_per_group, random_state)
+    tmp, where = _normalized_rows(adata, rows)
+    group_names = np.asarray(groups, dtype=object)[codes[rows]]
+    tmp.obs["group"] = pd.Categorical(group_names, categories=groups)
+    tmp.obs_names = adata.obs_names[rows].astype(str)
+    logger.info("%s: %s on %d cells of %d types (log1p(10k) of %s)", fn, method, len(rows), len(groups), where)
+    kwargs = {"random_state": random_state} if method == "logreg" else {}
+    sc.tl.rank_genes_groups(tmp, "group", method=method, use_raw=False, key_added="rank", **kwargs)
+    genes, owners = top_genes(tmp.uns["rank"], groups, n_genes)
+    if not genes:
+        raise ValueError(f"{fn}: no gene is up-regulated in any type ({method}); the types are not separable.")
+
+    cols = tmp.var_names.get_indexer(genes)
+    x = tmp.X[:, cols]
+    from scipy import sparse
+
+    member = sparse.csr_matrix(pd.get_dummies(tmp.obs["group"]).to_numpy(dtype=np.float64).T)  # types x cells
+    means = (member @ x).toarray() / np.asarray(member.sum(axis=1))
+    sd = means.std(axis=0)
+    z = np.where(sd > 0, (means - means.mean(axis=0)) / np.where(sd > 0, sd, 1.0), 0.0)
+
+    # ---- figure ----
+    from ._markers import _header_height, _label_width, text_inches, wrap_notes
+
+    n_rows, n_cols = len(groups), len(genes)
+    row_labels = [f"{g} ({n:,})" for g, n in zip(groups, sizes, strict=True)]
+    header_h, gene_h = _header_height(owners), text_inches(genes, 9) + 0.2
+    cell_w, cell_h = max(0.26 * n_cols, 1.5), max(0.3 * n_rows, 1.2)
+    left_w = _label_width(row_labels)
+    fig_w = left_w + cell_w + 1.3
+    fig_h = 0.7 + header_h + cell_h + gene_h + (0.35 if too_small else 0.0)
+    fig = plt.figure(figsize=(max(fig_w, 6.0), max(fig_h, 3.5)), layout="constrained")
+    try:
+        grid = fig.add_gridspec(2, 2, height_ratios=[header_h, cell_h], width_ratios=[cell_w, 0.25], hspace=0.0)
+        ax = fig.add_subplot(grid[1, 0])
+        header = fig.add_subplot(grid[0, 0], sharex=ax)
+        cax = fig.add_subplot(grid[1, 1])
+        vmax = float(max(np.abs(z).max(), 1e-9))
+        image = ax.imshow(z, aspect="auto", cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
+        for i, g in enumerate(groups):
+            own = [j for j, o in enumerate(owners) if o == g]
+            if own:
+                ax.add_patch(
+                    Rectangle((own[0] - 0.5, i - 0.5), len(own), 1, fill=False, edgecolor="black", linewidth=1.2)
+                )
+        ax.set_xticks(np.arange(n_cols), genes, rotation=90, fontsize=9)
+        ax.set_yticks(np.arange(n_rows), row_labels, fontsize=9)
+        ax.set_ylabel(f"{key} (cells)")
+        ax.tick_params(length=2)
+        draw_group_header(header, owners)
+        header.tick_params(labelbottom=False)
+        cbar = fig.colorbar(image, cax=cax)
+        cbar.set_label("mean log1p(10k), z-score per gene", fontsize=8)
+        cbar.ax.tick_params(labelsize=7)
+        if title is None:
+            capped = " (subsampled)" if (sizes > max_cells_per_group).any() else ""
+            title = (
+                f"Top {n_genes} DE genes per type in obs[{key!r}]: {method}, one type vs rest, "
+                f"≤ {max_cells_per_group:,} cells per type{capped}"
+            )
+        fig.suptitle(title, fontsize=10)
+        if too_small:
+            note = f"fewer than {min_cells} cells, not tested: " + ", ".join(f"{k} ({v})" for k, v in too_small.items())
+            header.set_title(
+                wrap_notes([note], cell_w + 1.2, 8),
+                fontsize=8,
+                color="#c62828",
+                loc="left",
+            )
+        if save is not None:
+            _utils.save_figure(fig, save, dpi=dpi)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig

@@ -1,0 +1,929 @@
+"""Marker-gene QC plots: ``scx.pl.marker_dotplot`` and ``scx.pl.validation_2d``.
+
+Both check predicted cell types against marker genes that the classifier never saw as such: the canonical markers
+of each type's Cell Ontology term (:func:`spatialcx.tl.load_canonical_markers`), restricted to the panel, or a
+user's own ``{type: [genes]}``. Expression is ``log1p(counts / library size * 1e4)`` computed from the raw counts a
+block of cells at a time (whatever ``X`` holds), so memory stays bounded on tables of millions of cells: the dot plot
+keeps per-type sums only, the validation plot one score per cell.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+from .._constants import CONFIDENCE_SUFFIX, ONTOLOGY_ID_SUFFIX, PREDICTED_SUFFIX, UNASSIGNED, UNKNOWN_ONTOLOGY_ID
+from .._settings import logger
+from .._utils import progress
+from . import _utils
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from spatialdata import SpatialData
+
+__all__ = ["marker_dotplot", "validation_2d"]
+
+_WRITERS = "`scx.tl.annotate` or `scx.tl.predict`"
+#: Marker area (points²) of a dot for a gene expressed in every cell of a type.
+DOT_MAX_AREA = 180.0
+#: Colours of the validation scatter: confident and marker-backed, confident without marker counts, below threshold.
+BACKED_COLOR, NO_MARKER_COLOR, LOW_COLOR = "#1f77b4", "#d62728", "#9e9e9e"
+#: Colour of the threshold line.
+THRESHOLD_COLOR = "#ff2d55"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Labels and arguments
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_label_column(adata: AnnData, column: str, *, fn: str, what: str = "cell-type labels") -> None:
+    """Raise a KeyError that names the writers when ``column`` is not in ``adata.obs``."""
+    if not isinstance(column, str):
+        raise TypeError(f"{fn}: the label column must be a str naming an obs column, got {column!r}.")
+    if column not in adata.obs.columns:
+        cols = ", ".join(map(repr, adata.obs.columns)) or "none"
+        raise KeyError(
+            f"{fn}: obs has no column {column!r} with {what}. It is written by {_WRITERS}; run one of them first or "
+            f"pass the right column name. obs columns: {cols}."
+        )
+
+
+def as_categorical(labels: pd.Series) -> pd.Categorical:
+    """``labels`` as a Categorical (its own categories when categorical, sorted values otherwise), nulls missing."""
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        return labels.array
+    values = labels.to_numpy(dtype=object)
+    return pd.Categorical(np.where(pd.isna(values), None, values.astype(str)))
+
+
+def group_codes(
+    labels: pd.Series, *, min_cells: int, exclude: Sequence[str] = (UNASSIGNED,)
+) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, int]]:
+    """Number the groups of ``labels`` that have at least ``min_cells`` cells (vectorized, fine for millions).
+
+    Returns
+    -------
+    ``(groups, codes, sizes, too_small)``: the kept groups in category order (as strings), a code per cell (-1 for
+    cells of no kept group), the number of cells of each kept group, and ``{group: n_cells}`` of the groups dropped
+    for having fewer than ``min_cells`` cells (empty categories are not reported).
+    """
+    cat = as_categorical(labels)
+    cats = [str(c) for c in cat.categories]
+    base = np.asarray(cat.codes, dtype=np.int64)
+    counts = np.bincount(base[base >= 0], minlength=len(cats))
+    allowed = np.array([c not in set(exclude) for c in cats], dtype=bool)
+    keep = allowed & (counts >= min_cells)
+    too_small = {c: int(n) for c, n, ok, k in zip(cats, counts, allowed, keep, strict=True) if ok and not k and n}
+    remap = np.full(len(cats) + 1, -1, dtype=np.int64)
+    remap[1:][keep] = np.arange(int(keep.sum()))
+    codes = remap[base + 1]
+    groups = [c for c, k in zip(cats, keep, strict=True) if k]
+    return groups, codes, counts[keep].astype(np.int64), too_small
+
+
+def unassigned_label(adata: AnnData, key: str) -> str:
+    """The label of filtered cells: ``uns[key]["unassigned_label"]`` when recorded, else ``"Unassigned"``."""
+    params = adata.uns.get(key)
+    label = params.get("unassigned_label") if isinstance(params, Mapping) else None
+    return str(label) if label is not None else UNASSIGNED
+
+
+def predicted_labels(adata: AnnData, key: str) -> tuple[pd.Series, str]:
+    """Labels before confidence filtering: ``{key}_predicted`` shown by its final names, else ``key``.
+
+    ``{key}_predicted`` holds the model's classes; ``uns[key]["classes"]`` and ``uns[key]["names"]`` (aligned lists,
+    written by :func:`spatialcx.tl.annotate`) give the name each class is shown by in ``key``.
+    """
+    predicted = f"{key}{PREDICTED_SUFFIX}"
+    if predicted not in adata.obs.columns:
+        return adata.obs[key], key
+    labels = adata.obs[predicted]
+    params = adata.uns.get(key)
+    if isinstance(params, Mapping):
+        classes, names = list(params.get("classes", [])), list(params.get("names", []))
+        if classes and len(classes) == len(names):
+            mapping = {str(c): str(n) for c, n in zip(classes, names, strict=True)}
+            cat = as_categorical(labels)
+            renamed = [mapping.get(str(c), str(c)) for c in cat.categories]
+            if renamed != [str(c) for c in cat.categories]:
+                unique = list(dict.fromkeys(renamed))
+                where = np.array([unique.index(n) for n in renamed] + [-1], dtype=np.int64)
+                codes = where[np.asarray(cat.codes, dtype=np.int64)]  # code -1 (missing) picks the last entry, -1
+                labels = pd.Series(pd.Categorical.from_codes(codes, categories=unique), index=labels.index)
+    return labels, predicted
+
+
+def check_positive_int(value: Any, name: str, *, fn: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int, or raise when it is not an integer of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{fn}: {name} must be an integer of at least {minimum}, got {value!r}.")
+    return int(value)
+
+
+def resolve_threshold(adata: AnnData, key: str, threshold: float | None, *, fn: str) -> float:
+    """``threshold``, or the one recorded in ``uns[key]["confidence_threshold"]``, or 0.8."""
+    if threshold is None:
+        params = adata.uns.get(key)
+        recorded = params.get("confidence_threshold") if isinstance(params, Mapping) else None
+        threshold = float(recorded) if recorded is not None else 0.8
+    if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= float(threshold) <= 1:
+        raise ValueError(
+            f"{fn}: threshold must be a confidence in [0, 1] (e.g. 0.8) or None to use the one recorded by "
+            f"scx.tl.annotate in uns[{key!r}]['confidence_threshold'], got {threshold!r}."
+        )
+    return float(threshold)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Markers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MarkerSets:
+    """Marker genes matched to the panel.
+
+    Attributes
+    ----------
+    genes
+        ``{type: [panel genes]}``, spelled as in the panel, for the types with at least one marker on the panel.
+    missing
+        Types for which no marker gene is on the panel (or none is known).
+    source
+        ``"canonical"`` or ``"user"``.
+    """
+
+    genes: dict[str, list[str]]
+    missing: list[str] = field(default_factory=list)
+    source: str = "canonical"
+
+
+def _panel_lookup(var_names: Sequence[str]) -> dict[str, str]:
+    """Upper-cased gene name -> the panel's own spelling (the first one when two differ only by case)."""
+    lookup: dict[str, str] = {}
+    for g in map(str, var_names):
+        lookup.setdefault(g.upper(), g)
+    return lookup
+
+
+def _on_panel(genes: Sequence[str], lookup: Mapping[str, str]) -> list[str]:
+    """Genes found in the panel (case-insensitively, so Gad1 matches GAD1), spelled as in the panel, once each."""
+    found = (lookup.get(str(g).upper()) for g in genes)
+    return list(dict.fromkeys(g for g in found if g is not None))
+
+
+def _canonical_tables() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Canonical markers keyed by CL id and by lower-cased CL name; human and mouse symbols together."""
+    from spatialcx.tl import load_canonical_markers
+
+    by_id = {k: list(v) for k, v in load_canonical_markers(species="human", key="id").items()}
+    for k, v in load_canonical_markers(species="mouse", key="id").items():
+        by_id[k] = list(dict.fromkeys([*by_id.get(k, []), *v]))
+    names = load_canonical_markers(species="human", key="name")
+    ids = list(load_canonical_markers(species="human", key="id"))
+    by_name = {name.lower(): by_id[i] for name, i in zip(names, ids, strict=True)}
+    return by_id, by_name
+
+
+def _group_term_ids(adata: AnnData, key: str, codes: np.ndarray, n_groups: int) -> list[str | None]:
+    """The most common CL id of each group's cells (``{key}_ontology_term_id``), ``None`` without one."""
+    column = f"{key}{ONTOLOGY_ID_SUFFIX}"
+    out: list[str | None] = [None] * n_groups
+    if column not in adata.obs.columns or n_groups == 0:
+        return out
+    ids = as_categorical(adata.obs[column])
+    terms = [str(c) for c in ids.categories]
+    id_codes = np.asarray(ids.codes, dtype=np.int64)
+    ok = (codes >= 0) & (id_codes >= 0)
+    if not ok.any() or not terms:
+        return out
+    table = np.bincount(codes[ok] * len(terms) + id_codes[ok], minlength=n_groups * len(terms))
+    table = table.reshape(n_groups, len(terms))
+    table[:, [t == UNKNOWN_ONTOLOGY_ID for t in terms]] = 0
+    for g in range(n_groups):
+        if table[g].max() > 0:
+            out[g] = terms[int(table[g].argmax())]
+    return out
+
+
+def _check_markers_arg(markers: Any, fn: str) -> dict[str, list[str]]:
+    if not isinstance(markers, Mapping):
+        raise TypeError(
+            f"{fn}: markers must be a dict {{cell type: [gene, ...]}} or None for the canonical markers, "
+            f"got {type(markers).__name__}."
+        )
+    if not markers:
+        raise ValueError(f"{fn}: markers is an empty dict; give at least one cell type with marker genes, or None.")
+    out: dict[str, list[str]] = {}
+    for name, genes in markers.items():
+        if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
+            raise TypeError(
+                f"{fn}: markers[{name!r}] must be a list of gene names, got {type(genes).__name__} {genes!r}. "
+                f"Write markers={{{str(name)!r}: [{genes!r}]}} for a single gene."
+            )
+        out[str(name)] = [str(g) for g in genes]
+    return out
+
+
+def resolve_markers(
+    adata: AnnData,
+    var_names: Sequence[str],
+    groups: Sequence[str],
+    codes: np.ndarray,
+    *,
+    key: str,
+    markers: Mapping[str, Sequence[str]] | None,
+    max_genes_per_type: int | None,
+    fn: str,
+) -> MarkerSets:
+    """Match marker genes to the panel for each of ``groups`` (canonical) or for each type of ``markers`` (user).
+
+    Canonical markers of a group are those of its cells' most common CL id (``{key}_ontology_term_id``), else of the
+    CL name equal to the group's label (case-insensitive). Genes are matched to ``var_names`` case-insensitively and
+    kept in the table's order of markers; at most ``max_genes_per_type`` per type for canonical markers.
+    """
+    lookup = _panel_lookup(var_names)
+    if markers is not None:
+        user = _check_markers_arg(markers, fn)
+        genes = {t: _on_panel(g, lookup) for t, g in user.items()}
+        missing = [t for t, g in genes.items() if not g]
+        dropped = {t: [g for g in gs if g.upper() not in lookup] for t, gs in user.items()}
+        dropped = {t: gs for t, gs in dropped.items() if gs}
+        if dropped:
+            logger.info("%s: marker genes not on the panel, left out: %s", fn, dropped)
+        return MarkerSets({t: g for t, g in genes.items() if g}, missing, "user")
+
+    by_id, by_name = _canonical_tables()
+    term_ids = _group_term_ids(adata, key, codes, len(groups))
+    found: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for group, term in zip(groups, term_ids, strict=True):
+        known = by_id.get(term) if term is not None else None
+        if known is None:
+            known = by_name.get(str(group).lower(), [])
+        panel = _on_panel(known, lookup)
+        if max_genes_per_type is not None:
+            panel = panel[:max_genes_per_type]
+        if panel:
+            found[group] = panel
+        else:
+            missing.append(group)
+    return MarkerSets(found, missing, "canonical")
+
+
+def _columns(marker_sets: MarkerSets) -> tuple[list[str], list[str]]:
+    """Gene columns grouped by type, each gene once (under the first type listing it), and each column's type."""
+    genes: list[str] = []
+    owners: list[str] = []
+    seen: set[str] = set()
+    for t, gs in marker_sets.genes.items():
+        for g in gs:
+            if g not in seen:
+                seen.add(g)
+                genes.append(g)
+                owners.append(t)
+    return genes, owners
+
+
+def _no_markers_text(marker_sets: MarkerSets) -> list[str]:
+    """A note naming the types without markers (empty list when there are none)."""
+    if not marker_sets.missing:
+        return []
+    what = "no canonical markers on the panel" if marker_sets.source == "canonical" else "no given markers on the panel"
+    return [f"{what}: " + ", ".join(marker_sets.missing)]
+
+
+def wrap_notes(notes: Sequence[str], width_in: float, fontsize: float) -> str:
+    """Join ``notes`` into lines that fit ``width_in`` inches at ``fontsize`` (names are never split)."""
+    chars = max(30, int(width_in * 72 / (fontsize * 0.55)))
+    return "\n".join(textwrap.fill(n, width=chars, break_on_hyphens=False, break_long_words=False) for n in notes if n)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chunked expression statistics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _expression_blocks(adata: AnnData, genes: Sequence[str], chunk_size: int | None, desc: str):
+    """Yield ``(start, stop, csr)``: log1p(10k) of ``genes`` (library size over all genes), a block of cells at a time."""
+    from .._matrix import default_chunk_size, gene_indices, iter_row_blocks, normalize_block
+    from ..pp._normalization import find_expression_source
+
+    src = find_expression_source(adata)
+    cols = gene_indices(src.var_names, list(genes))
+    chunk = default_chunk_size(src.matrix.shape[1], chunk_size)
+    n_blocks = -(-src.matrix.shape[0] // chunk)
+    for start, stop, block in progress(iter_row_blocks(src.matrix, chunk), total=n_blocks, desc=desc):
+        yield start, stop, normalize_block(block, cols, kind=src.kind, over="all")
+
+
+def expression_source_genes(adata: AnnData) -> pd.Index:
+    """Gene names of the matrix expression is computed from (``raw.var_names`` when the counts are in ``raw``)."""
+    from ..pp._normalization import find_expression_source
+
+    return find_expression_source(adata).var_names
+
+
+def group_expression_stats(
+    adata: AnnData, codes: np.ndarray, n_groups: int, genes: Sequence[str], *, chunk_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group mean log1p(10k) expression and fraction of cells expressing, computed block by block.
+
+    Parameters
+    ----------
+    adata
+        The table.
+    codes
+        Group of each cell (0 to ``n_groups - 1``), -1 for cells left out.
+    n_groups
+        Number of groups.
+    genes
+        Genes of the expression source.
+    chunk_size
+        Cells per block; memory is O(``chunk_size`` x ``len(genes)``).
+
+    Returns
+    -------
+    ``(means, fractions)``, both ``n_groups x len(genes)`` float64.
+    """
+    sums = np.zeros((n_groups, len(genes)))
+    expressing = np.zeros((n_groups, len(genes)))
+    for start, stop, x in _expression_blocks(adata, genes, chunk_size, "marker expression"):
+        c = codes[start:stop]
+        rows = np.flatnonzero(c >= 0)
+        if rows.size == 0:
+            continue
+        member = sparse.csr_matrix((np.ones(rows.size), (c[rows], rows)), shape=(n_groups, stop - start))
+        sums += np.asarray((member @ x).todense())
+        nonzero = x.copy()
+        nonzero.data = (nonzero.data > 0).astype(np.float64)
+        expressing += np.asarray((member @ nonzero).todense())
+    n = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n > 0, sums / n, np.nan), np.where(n > 0, expressing / n, np.nan)
+
+
+def cell_marker_scores(
+    adata: AnnData, codes: np.ndarray, marker_genes: Sequence[Sequence[str]], *, chunk_size: int | None = None
+) -> np.ndarray:
+    """Each cell's mean log1p(10k) expression of the markers of its own group, computed block by block.
+
+    Parameters
+    ----------
+    adata
+        The table.
+    codes
+        Group of each cell, -1 for none.
+    marker_genes
+        Genes of each group (an empty list for a group without markers).
+    chunk_size
+        Cells per block.
+
+    Returns
+    -------
+    One float per cell; NaN for cells of no group or of a group without markers.
+    """
+    genes = list(dict.fromkeys(g for gs in marker_genes for g in gs))
+    out = np.full(len(codes), np.nan)
+    if not genes:
+        return out
+    position = {g: i for i, g in enumerate(genes)}
+    weights = np.zeros((len(genes), len(marker_genes)))
+    for k, gs in enumerate(marker_genes):
+        for g in dict.fromkeys(gs):
+            weights[position[g], k] = 1.0 / len(set(gs))
+    has_markers = np.array([len(gs) > 0 for gs in marker_genes] + [False])
+    for start, stop, x in _expression_blocks(adata, genes, chunk_size, "marker scores"):
+        c = codes[start:stop]
+        scores = np.asarray(x @ weights)
+        ok = (c >= 0) & has_markers[c]
+        out[start:stop][ok] = scores[np.flatnonzero(ok), c[ok]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Drawing helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def draw_group_header(ax: Axes, owners: Sequence[str], *, fontsize: float = 8) -> list[tuple[str, int, int]]:
+    """Brackets over consecutive columns of the same type, with the type's name above, in a header axes.
+
+    The header shares its x axis with the plot below; brackets and labels are placed in points from the header's
+    bottom edge, so they sit just above the plot whatever the header's height.
+
+    Returns the spans ``(type, first column, last column)``.
+    """
+    from matplotlib.lines import TICKDOWN
+    from matplotlib.transforms import blended_transform_factory, offset_copy
+
+    spans: list[tuple[str, int, int]] = []
+    for j, owner in enumerate(owners):
+        if spans and spans[-1][0] == owner and spans[-1][2] == j - 1:
+            spans[-1] = (owner, spans[-1][1], j)
+        else:
+            spans.append((owner, j, j))
+    base = blended_transform_factory(ax.transData, ax.transAxes)
+    bracket = offset_copy(base, fig=ax.figure, y=BRACKET_PT, units="points")
+    for owner, a, b in spans:
+        ax.plot(
+            [a - 0.4, b + 0.4],
+            [0, 0],
+            transform=bracket,
+            color="black",
+            lw=0.9,
+            marker=TICKDOWN,
+            markersize=BRACKET_PT - 1,
+            clip_on=False,
+        )
+        ax.annotate(
+            owner,
+            xy=((a + b) / 2, 0),
+            xycoords=base,
+            xytext=(0, BRACKET_PT + 3),
+            textcoords="offset points",
+            rotation=90,
+            ha="center",
+            va="bottom",
+            fontsize=fontsize,
+            gid="group_label",
+            annotation_clip=False,
+        )
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    return spans
+
+
+#: Height of the brackets over column groups, in points.
+BRACKET_PT = 6
+
+
+def text_inches(labels: Sequence[str], fontsize: float) -> float:
+    """Width, in inches, of the longest of ``labels`` drawn at ``fontsize`` in the default font."""
+    if not labels:
+        return 0.0
+    longest = sorted(map(str, labels), key=len)[-5:]
+    try:
+        from matplotlib.textpath import TextPath
+
+        return max(TextPath((0, 0), s, size=fontsize).get_extents().width for s in longest) / 72
+    except Exception:  # noqa: BLE001 - an estimate is good enough for a layout
+        return max(map(len, longest)) * fontsize * 0.5 / 72
+
+
+def _header_height(labels: Sequence[str], fontsize: float = 8) -> float:
+    """Inches needed above a plot by rotated group labels and their brackets."""
+    return float(np.clip(text_inches(labels, fontsize) + (BRACKET_PT + 8) / 72, 0.4, 3.5))
+
+
+def _label_width(labels: Sequence[str], fontsize: float = 9) -> float:
+    """Inches taken by tick labels (the longest of ``labels``) beside a plot."""
+    return float(np.clip(text_inches(labels, fontsize) + 0.5, 0.8, 5.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# marker_dotplot
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def marker_dotplot(
+    data: AnnData | SpatialData,
+    *,
+    key: str = "cell_type",
+    markers: Mapping[str, Sequence[str]] | None = None,
+    groupby: str | None = None,
+    max_genes_per_type: int = 5,
+    min_cells: int = 10,
+    table_key: str = "table",
+    chunk_size: int | None = None,
+    cmap: str = "Reds",
+    title: str | None = None,
+    save: str | os.PathLike[str] | None = None,
+    dpi: int = 150,
+) -> Figure:
+    """Dot plot of marker genes (columns, grouped by the type they mark) across predicted cell types (rows).
+
+    A dot's size is the fraction of the type's cells with at least one count of the gene; its colour the mean
+    log1p(10k) expression, scaled per gene from 0 (lowest type) to 1 (highest type). The cells where a type meets
+    its own markers are shaded, so a good annotation reads as a staircase of large dark dots. Expression comes from
+    the raw counts, normalized a block of cells at a time, so the plot works on tables of millions of cells with
+    memory bounded by ``chunk_size``.
+
+    Parameters
+    ----------
+    data
+        AnnData table or SpatialData object holding it.
+    key
+        obs column with the cell-type labels (written by :func:`spatialcx.tl.annotate`). Its CL ids
+        (``{key}_ontology_term_id``) select the canonical markers.
+    markers
+        ``{cell type: [genes]}`` to show instead of the canonical markers (all of each list's panel genes are shown,
+        in the given order). Genes are matched to the panel case-insensitively.
+    groupby
+        obs column whose groups are the rows; default ``key``. ``"Unassigned"`` cells are left out. With the
+        canonical markers, each group's markers are those of its cells' most common CL id in
+        ``{key}_ontology_term_id``, else of the CL name equal to the group's label.
+    max_genes_per_type
+        Most canonical markers shown per type (the first ones on the panel, in the order of the marker table).
+    min_cells
+        Groups with fewer cells are not shown (they are named in the title).
+    table_key
+        Name of the table in ``data.tables`` (SpatialData only).
+    chunk_size
+        Cells normalized at once; ``None`` uses ``scx.settings.chunk_size``.
+    cmap
+        Colormap of the scaled mean expression.
+    title
+        Figure title; default names the label column and lists the types without markers.
+    save
+        Write the figure there (format from the suffix, e.g. ``.png`` or ``.pdf``); parent folders are created.
+    dpi
+        Resolution of the saved figure.
+
+    Returns
+    -------
+    The figure. Its axes are the dots (rows: groups, columns: genes; dots are one scatter whose offsets are
+    ``(column, row)``), the type header above, the colourbar and the size legend.
+
+    Raises
+    ------
+    KeyError
+        ``key`` or ``groupby`` is not an obs column, or ``table_key`` is not a table.
+    ValueError
+        No group has ``min_cells`` cells, or no marker gene of any type is on the panel.
+    TypeError
+        ``markers`` is not a dict of gene lists.
+
+    Examples
+    --------
+    >>> fig = scx.pl.marker_dotplot(sdata, save="plots/markers.png")  # doctest: +SKIP
+    >>> fig = scx.pl.marker_dotplot(adata, markers={"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E"]})  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    fn = "marker_dotplot"
+    adata, _ = _utils.split_data(data, table_key)
+    column = key if groupby is None else groupby
+    check_label_column(adata, column, fn=fn, what="cell-type labels" if groupby is None else "groups")
+    if groupby is not None and key not in adata.obs.columns:
+        logger.info("%s: obs has no %r column; canonical markers are looked up by group name.", fn, key)
+    min_cells = check_positive_int(min_cells, "min_cells", fn=fn)
+    max_genes_per_type = check_positive_int(max_genes_per_type, "max_genes_per_type", fn=fn)
+
+    groups, codes, sizes, too_small = group_codes(
+        adata.obs[column], min_cells=min_cells, exclude=(unassigned_label(adata, key),)
+    )
+    if not groups:
+        raise ValueError(
+            f"{fn}: no group of obs[{column!r}] has at least min_cells={min_cells} cells (besides {UNASSIGNED!r}); "
+            f"groups found: {too_small or 'none'}. Lower min_cells or check the labels."
+        )
+    panel = expression_source_genes(adata)
+    marker_sets = resolve_markers(
+        adata, panel, groups, codes, key=key, markers=markers, max_genes_per_type=max_genes_per_type, fn=fn
+    )
+    genes, owners = _columns(marker_sets)
+    if not genes:
+        where = "the given types" if markers is not None else f"any of the {len(groups)} types"
+        raise ValueError(
+            f"{fn}: no marker gene of {where} is on the panel ({len(panel)} genes, e.g. {list(panel[:5])}), so there "
+            "is nothing to plot. Pass markers={type: [panel genes]}; canonical markers are gene symbols, so a panel "
+            "named by Ensembl ids needs symbols as var_names."
+        )
+    means, fractions = group_expression_stats(adata, codes, len(groups), genes, chunk_size=chunk_size)
+    low, high = means.min(axis=0), means.max(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(high > low, (means - low) / (high - low), 0.0)
+
+    # ---- figure ----
+    n_rows, n_cols = len(groups), len(genes)
+    row_labels = [f"{g} ({n:,})" for g, n in zip(groups, sizes, strict=True)]
+    header_h = _header_height(owners)
+    gene_h = text_inches(genes, 9) + 0.2
+    dots_w, dots_h = max(0.3 * n_cols, 1.5), max(0.3 * n_rows, 1.2)
+    left_w, legend_w = _label_width(row_labels), 1.5
+    fig_w = left_w + dots_w + legend_w + 0.4
+    notes = _no_markers_text(marker_sets)
+    if too_small:
+        notes.append(
+            f"fewer than {min_cells} cells, not shown: " + ", ".join(f"{k} ({v})" for k, v in too_small.items())
+        )
+    note = wrap_notes(notes, dots_w + legend_w, 8)
+    title_h = 0.45 + (0.16 * (note.count("\n") + 1) if note else 0.0)
+    fig_h = title_h + header_h + dots_h + gene_h + 0.2
+    fig = plt.figure(figsize=(max(fig_w, 6.0), max(fig_h, 3.5)), layout="constrained")
+    try:
+        grid = fig.add_gridspec(2, 2, height_ratios=[header_h, dots_h], width_ratios=[dots_w, legend_w], hspace=0.0)
+        ax = fig.add_subplot(grid[1, 0])
+        header = fig.add_subplot(grid[0, 0], sharex=ax)
+        side = grid[1, 1].subgridspec(2, 1, height_ratios=[1, 1.3])
+        cax = fig.add_subplot(side[0])
+        sax = fig.add_subplot(side[1])
+
+        # shade each type's own markers
+        col_of = {t: [j for j, o in enumerate(owners) if o == t] for t in dict.fromkeys(owners)}
+        for i, g in enumerate(groups):
+            cols = col_of.get(g)
+            if cols:
+                ax.add_patch(
+                    Rectangle((min(cols) - 0.5, i - 0.5), len(cols), 1, facecolor="#e8eef7", edgecolor="none", zorder=0)
+                )
+        xx, yy = np.meshgrid(np.arange(n_cols), np.arange(n_rows))
+        norm = Normalize(0, 1)
+        dots = ax.scatter(
+            xx.ravel(),
+            yy.ravel(),
+            s=fractions.ravel() * DOT_MAX_AREA,
+            c=scaled.ravel(),
+            cmap=cmap,
+            norm=norm,
+            edgecolors="#555555",
+            linewidths=0.4,
+            zorder=2,
+            gid="dots",
+        )
+        ax.set_xlim(-0.6, n_cols - 0.4)
+        ax.set_ylim(n_rows - 0.4, -0.6)
+        ax.set_xticks(np.arange(n_cols), genes, rotation=90, fontsize=9)
+        ax.set_yticks(np.arange(n_rows), row_labels, fontsize=9)
+        ax.set_ylabel(f"{column} (cells)")
+        ax.tick_params(length=2)
+        ax.grid(False)
+        ax.set_axisbelow(True)
+        draw_group_header(header, owners)
+        header.tick_params(labelbottom=False)
+
+        cbar = fig.colorbar(dots, cax=cax)
+        cbar.set_label("mean log1p(10k)\nscaled per gene", fontsize=8)
+        cbar.ax.tick_params(labelsize=7)
+        cax.set_box_aspect(4)
+        shares = [0.2, 0.4, 0.6, 0.8, 1.0]
+        sax.scatter(
+            np.zeros(len(shares)),
+            np.arange(len(shares)),
+            s=np.array(shares) * DOT_MAX_AREA,
+            color="#9e9e9e",
+            edgecolors="#555555",
+            linewidths=0.4,
+        )
+        for k, share in enumerate(shares):
+            sax.text(0.6, k, f"{share:.0%}", va="center", fontsize=8)
+        sax.set_xlim(-0.8, 2.2)
+        sax.set_ylim(-0.8, len(shares) - 0.2)
+        sax.set_title("cells expressing", fontsize=8)
+        sax.axis("off")
+
+        if title is None:
+            title = f"Marker genes per type in obs[{column!r}]" + (
+                " (canonical markers on the panel)" if marker_sets.source == "canonical" else ""
+            )
+        fig.suptitle(title, fontsize=11)
+        if note:
+            header.set_title(note, fontsize=8, color="#c62828", loc="left", gid="notes")
+        if save is not None:
+            _utils.save_figure(fig, save, dpi=dpi)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# validation_2d
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TypeValidation:
+    """Marker evidence of one predicted type (what one panel of :func:`validation_2d` shows)."""
+
+    name: str
+    n_cells: int
+    markers: list[str]
+    spearman: float
+    share_confident_without_markers: float
+    share_below_threshold: float
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return float("nan")
+    return float(spearmanr(x[ok], y[ok]).statistic)
+
+
+def validation_2d(
+    data: AnnData | SpatialData,
+    *,
+    key: str = "cell_type",
+    markers: Mapping[str, Sequence[str]] | None = None,
+    threshold: float | None = None,
+    confidence_key: str | None = None,
+    table_key: str = "table",
+    max_types: int = 16,
+    min_cells: int = 10,
+    max_genes_per_type: int = 5,
+    min_marker_score: float = 0.0,
+    max_points_per_type: int = 2000,
+    chunk_size: int | None = None,
+    random_state: int = 0,
+    title: str | None = None,
+    save: str | os.PathLike[str] | None = None,
+    dpi: int = 150,
+) -> Figure:
+    """Check the calls against marker evidence: each cell's marker score for its predicted type vs its confidence.
+
+    One panel per predicted type (the ``max_types`` largest, largest first). x: the cell's mean log1p(10k)
+    expression of the type's markers (canonical markers of its CL id on the panel, or ``markers``); y: the cell's
+    confidence, with the threshold as a line. Each panel's title gives the Spearman correlation of the two and the
+    share of the type's cells that are confident (at or above the threshold) but express none of the markers
+    (score ``<= min_marker_score``, drawn red): calls the markers do not back. Cells below the threshold are grey.
+    Cells are grouped by the prediction before filtering (``{key}_predicted``), so filtered cells stay with their
+    type.
+
+    Parameters
+    ----------
+    data
+        AnnData table or SpatialData object holding it.
+    key
+        Label column written by :func:`spatialcx.tl.annotate` / :func:`spatialcx.tl.predict`.
+    markers
+        ``{cell type: [genes]}`` instead of the canonical markers; types not in it are listed as without markers.
+    threshold
+        Confidence threshold; ``None`` uses ``uns[key]["confidence_threshold"]`` (else 0.8).
+    confidence_key
+        obs column with the confidence; default ``{key}_confidence``.
+    table_key
+        Name of the table in ``data.tables`` (SpatialData only).
+    max_types
+        Most panels (the largest types).
+    min_cells
+        Types with fewer cells get no panel.
+    max_genes_per_type
+        Most canonical markers per type (the first ones on the panel).
+    min_marker_score
+        Cells whose score is at most this count as expressing no marker (default: no count of any marker).
+    max_points_per_type
+        Most cells drawn per panel (a seeded random subset); the statistics use every cell.
+    chunk_size
+        Cells normalized at once; ``None`` uses ``scx.settings.chunk_size``.
+    random_state
+        Seed of the subset drawn.
+    title
+        Figure title.
+    save
+        Write the figure there (format from the suffix); parent folders are created.
+    dpi
+        Resolution of the saved figure.
+
+    Returns
+    -------
+    The figure, one axes per type, largest type first (unused grid cells removed); each panel's cells are its
+    first collection and the threshold its dashed line.
+
+    Raises
+    ------
+    KeyError
+        ``key`` or the confidence column is missing.
+    ValueError
+        No type has ``min_cells`` cells, no type has a marker on the panel, or a bad argument.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fn = "validation_2d"
+    adata, _ = _utils.split_data(data, table_key)
+    check_label_column(adata, key, fn=fn)
+    confidence_key = f"{key}{CONFIDENCE_SUFFIX}" if confidence_key is None else confidence_key
+    check_label_column(adata, confidence_key, fn=fn, what="confidence")
+    raw_conf = adata.obs[confidence_key]
+    if not (pd.api.types.is_numeric_dtype(raw_conf) and not pd.api.types.is_bool_dtype(raw_conf)):
+        raise TypeError(f"{fn}: obs[{confidence_key!r}] must hold numbers in [0, 1], found dtype {raw_conf.dtype}.")
+    threshold = resolve_threshold(adata, key, threshold, fn=fn)
+    max_types = check_positive_int(max_types, "max_types", fn=fn)
+    min_cells = check_positive_int(min_cells, "min_cells", fn=fn)
+    max_genes_per_type = check_positive_int(max_genes_per_type, "max_genes_per_type", fn=fn)
+    max_points_per_type = check_positive_int(max_points_per_type, "max_points_per_type", fn=fn)
+    if isinstance(min_marker_score, bool) or not isinstance(min_marker_score, Real) or min_marker_score < 0:
+        raise ValueError(f"{fn}: min_marker_score must be a number >= 0, got {min_marker_score!r}.")
+
+    labels, label_key = predicted_labels(adata, key)
+    conf = raw_conf.to_numpy(dtype=float, na_value=np.nan)
+    groups, codes, sizes, too_small = group_codes(labels, min_cells=min_cells, exclude=(unassigned_label(adata, key),))
+    if not groups:
+        raise ValueError(
+            f"{fn}: no type in obs[{label_key!r}] has at least min_cells={min_cells} cells; types found: "
+            f"{too_small or 'none'}. Lower min_cells."
+        )
+    panel = expression_source_genes(adata)
+    marker_sets = resolve_markers(
+        adata, panel, groups, codes, key=key, markers=markers, max_genes_per_type=max_genes_per_type, fn=fn
+    )
+    if markers is not None:
+        missing = [g for g in groups if g not in marker_sets.genes]
+        marker_sets = MarkerSets({g: marker_sets.genes[g] for g in groups if g in marker_sets.genes}, missing, "user")
+    with_markers = [g for g in groups if g in marker_sets.genes]
+    if not with_markers:
+        raise ValueError(
+            f"{fn}: none of the {len(groups)} predicted types has a marker gene on the panel "
+            f"({', '.join(groups[:8])}{', ...' if len(groups) > 8 else ''}), so marker evidence cannot be shown. "
+            "Pass markers={type: [panel genes]}."
+        )
+    order = sorted(with_markers, key=lambda g: (-int(sizes[groups.index(g)]), g))
+    shown = order[:max_types]
+    scores = cell_marker_scores(adata, codes, [marker_sets.genes.get(g, []) for g in groups], chunk_size=chunk_size)
+
+    rng = np.random.default_rng(random_state)
+    stats: list[TypeValidation] = []
+    n = len(shown)
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    longest = max(len(g) for g in shown)
+    panel_w = max(float(np.clip(0.075 * longest + 0.6, 3.0, 4.2)), 7.0 / ncols)
+    fig_w = panel_w * ncols
+    notes = _no_markers_text(marker_sets)
+    if len(order) > max_types:
+        notes.append(f"{len(order) - max_types} smaller types not shown (max_types={max_types})")
+    if too_small:
+        notes.append(f"fewer than {min_cells} cells: " + ", ".join(too_small))
+    note = wrap_notes(notes, fig_w, 9)
+    fig_h = 3.0 * nrows + 1.0 + (0.16 * (note.count("\n") + 1) if note else 0.0)
+    fig = plt.figure(figsize=(fig_w, fig_h), layout="constrained")
+    try:
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+        for ax in axes.ravel()[n:]:
+            ax.remove()
+        for ax, g in zip(axes.ravel(), shown, strict=False):
+            members = np.flatnonzero(codes == groups.index(g))
+            x, y = scores[members], conf[members]
+            confident = y >= threshold
+            silent = confident & (x <= min_marker_score)
+            stat = TypeValidation(
+                name=g,
+                n_cells=int(members.size),
+                markers=list(marker_sets.genes[g]),
+                spearman=_spearman(x, y),
+                share_confident_without_markers=float(silent.mean()),
+                share_below_threshold=float(np.mean(~confident)),
+            )
+            stats.append(stat)
+            drawn = np.arange(members.size)
+            if drawn.size > max_points_per_type:
+                drawn = np.sort(rng.choice(drawn, size=max_points_per_type, replace=False))
+            colour = np.where(~confident[drawn], LOW_COLOR, np.where(silent[drawn], NO_MARKER_COLOR, BACKED_COLOR))
+            ax.scatter(x[drawn], y[drawn], c=colour, s=7, alpha=0.6, linewidths=0, rasterized=True, gid="cells")
+            ax.axhline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.1, gid="threshold")
+            rho = "n/a" if np.isnan(stat.spearman) else f"{stat.spearman:.2f}"
+            name = textwrap.shorten(g, width=int(panel_w * 11), placeholder="…")
+            ax.set_title(f"{name} ({stat.n_cells:,} cells)", fontsize=9, pad=14)
+            ax.text(
+                0.5,
+                1.01,
+                f"Spearman ρ = {rho} · confident w/o markers {stat.share_confident_without_markers:.1%}",
+                transform=ax.transAxes,
+                ha="center",
+                va="bottom",
+                fontsize=7.5,
+                color="#424242",
+                gid="stats",
+            )
+            marker_text = textwrap.shorten(", ".join(stat.markers), width=int(panel_w * 13), placeholder=" …")
+            ax.set_xlabel(f"mean log1p of {marker_text}", fontsize=7.5)
+            xmax = float(np.nanmax(x)) if np.isfinite(x).any() else 1.0
+            ax.set_xlim(-0.04 * max(xmax, 1e-3), max(xmax, 1e-3) * 1.04)
+            ax.set_ylim(-0.03, 1.03)
+            ax.tick_params(labelsize=7)
+        for ax in axes[:, 0]:
+            ax.set_ylabel(confidence_key, fontsize=8)
+
+        handles = [
+            Line2D([], [], marker="o", ls="", color=BACKED_COLOR, label="confident, markers expressed"),
+            Line2D([], [], marker="o", ls="", color=NO_MARKER_COLOR, label="confident, no marker counts"),
+            Line2D([], [], marker="o", ls="", color=LOW_COLOR, label="below threshold"),
+            Line2D([], [], ls="--", color=THRESHOLD_COLOR, label=f"threshold {threshold:g}"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncol=4 if fig_w >= 9 else 2, fontsize=8, frameon=False)
+        if title is None:
+            title = f"Marker evidence vs confidence per predicted type (obs[{label_key!r}])"
+        fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=9.5 if note else 10)
+        if save is not None:
+            _utils.save_figure(fig, save, dpi=dpi)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
