@@ -96,6 +96,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         table_key=args.table_key,
         tissue=args.tissue,
         confidence_threshold=args.threshold,
+        confidence=args.confidence,
         max_cells_per_type=args.max_cells_per_type,
         balance=args.balance,
         model_out=args.model_out,
@@ -140,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--table-key", default="table")
     ann.add_argument("--tissue", default="unknown")
     ann.add_argument("--threshold", type=float, default=0.8, help="confidence threshold")
+    ann.add_argument(
+        "--confidence",
+        default="calibrated",
+        choices=["calibrated", "zscore", "margin", "softmax", "raw"],
+        help="confidence method (see the docs)",
+    )
     ann.add_argument("--max-cells-per-type", type=int, default=5000)
     ann.add_argument("--balance", choices=["proportional", "equal"], default="proportional")
     ann.add_argument("--model-out", default=None, help="save the trained model (.npz)")
