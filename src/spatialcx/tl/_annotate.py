@@ -161,11 +161,14 @@ def annotate(
     from spatialcx._table import resolve_table
     from spatialcx.pp import combine_references, panel_genes, subsample_balanced
     from spatialcx.pp._normalization import find_expression_source
+    from spatialcx.tl._confidence import CONFIDENCE_METHODS
     from spatialcx.tl._filter import filter_low_confidence
     from spatialcx.tl._predict import compute_predictions, train, write_predictions
 
     if not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
+    if confidence not in CONFIDENCE_METHODS:
+        raise ValueError(f"Unknown confidence method {confidence!r}; choose one of {CONFIDENCE_METHODS}.")
     references, label_keys = _as_list(references, label_keys)
     ref = resolve_table(data, table_key, copy=copy)
     adata = ref.adata

@@ -25,10 +25,11 @@ def _is_local_relative(value: str) -> bool:
 class AnnotationConfig:
     """Everything :func:`spatialcx.tl.annotate` needs besides the data, as a dataclass that reads and writes YAML.
 
-    Example file::
+    Example file:
 
-    References
-    ----------
+    .. code-block:: yaml
+
+        references:
           - cellxgene_lung.h5ad                 # relative to the YAML file
           - gs://my-bucket/refs/airway.zarr
         label_keys: [cell_type, ann_finest_level]
@@ -47,7 +48,7 @@ class AnnotationConfig:
     label_keys
         Label column of each reference, or one for all.
     table_key, tissue, balance, max_cells_per_type, max_cells_per_ref, target_proportions, confidence_threshold,
-    model_out, plots_dir, add_ontology, plots, random_state
+    confidence, model_out, plots_dir, add_ontology, plots, random_state
         As in :func:`spatialcx.tl.annotate`.
     """
 
@@ -60,6 +61,7 @@ class AnnotationConfig:
     max_cells_per_ref: int = 100_000
     target_proportions: dict[str, float] | str | None = None
     confidence_threshold: float = 0.8
+    confidence: str = "calibrated"
     model_out: str | None = None
     plots_dir: str | None = None
     add_ontology: bool = True
