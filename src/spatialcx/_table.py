@@ -46,6 +46,7 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,7 +285,9 @@ def write_table(
     _check_link(adata, table_key)
     _check_uns_serialisable(adata, table_key, store)  # also when uns is not written: a new table is written whole
 
-    with _store_lock(store):
+    with _store_lock(store), warnings.catch_warnings():
+        # zarr's notice about a future default (autosharding) is not actionable here
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
         _recover(store)
         live = store / "tables" / table_key
         if not live.is_dir():
