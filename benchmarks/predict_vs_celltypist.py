@@ -29,7 +29,10 @@ def make_query(n: int, g: int, nnz: int, k: int, seed: int = 0) -> tuple[ad.AnnD
     markers = rng.permutation(g)[: k * 50].reshape(k, 50)
     n_mark = nnz // 4
     cols = np.concatenate(
-        [markers[labels][np.arange(n)[:, None], rng.integers(0, 50, (n, n_mark))], rng.integers(0, g, (n, nnz - n_mark))],
+        [
+            markers[labels][np.arange(n)[:, None], rng.integers(0, 50, (n, n_mark))],
+            rng.integers(0, g, (n, nnz - n_mark)),
+        ],
         axis=1,
     )
     rows = np.repeat(np.arange(n), nnz)
@@ -90,8 +93,12 @@ def main() -> None:
     ours = q_scx.obsm["cell_type_decision_scores"].astype(np.float64)
     theirs = res.decision_matrix.to_numpy()
     max_abs = float(np.abs(ours - theirs).max())
-    same = bool((q_scx.obs["cell_type_predicted"].astype(str).to_numpy() == res.predicted_labels["predicted_labels"]
-                 .astype(str).to_numpy()).all())
+    same = bool(
+        (
+            q_scx.obs["cell_type_predicted"].astype(str).to_numpy()
+            == res.predicted_labels["predicted_labels"].astype(str).to_numpy()
+        ).all()
+    )
     print(f"{'tool':<22}{'time (s)':>10}{'peak extra memory (MB)':>26}")
     print(f"{'spatialcx.tl.predict':<22}{t_scx:>10.2f}{m_scx:>26.0f}")
     print(f"{'celltypist.annotate':<22}{t_ct:>10.2f}{m_ct:>26.0f}")
