@@ -510,7 +510,8 @@ def test_uns_round_trip(tmp_path, counts):
 
 
 def test_spatialdata_table(counts):
-    sd = pytest.importorskip("spatialdata")
+    import spatialdata as sd
+
     sdata = sd.SpatialData(tables={"cells": adata_of(counts.copy())})
     status = scx.pp.normalization_status(sdata, table_key="cells")
     assert (status.raw_source, status.x_state) == ("X", "raw")

@@ -511,7 +511,6 @@ def test_add_ontology_ids_errors():
 
 
 def test_add_ontology_ids_spatialdata_store(tmp_path):
-    pytest.importorskip("spatialdata")
     from spatialdata import SpatialData, read_zarr
     from spatialdata.models import TableModel
 

@@ -13,13 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import spatialdata as sd
+import zarr
 
 import spatialcx as scx
 from spatialcx import _table
 from spatialcx._table import WORK_DIR, get_table, resolve_table, write_table
-
-sd = pytest.importorskip("spatialdata")
-zarr = pytest.importorskip("zarr")
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:SpatialData is not stored in the most current format:UserWarning",
