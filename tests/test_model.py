@@ -150,3 +150,24 @@ def test_model_validation_errors():
         scx.CellTypeModel(["a", "b"], ["x", "y"], np.zeros((2, 3)), [0.0, 0.0], [0.0, 0.0], [1.0, 1.0])
     with pytest.raises(ValueError, match="single cell type"):
         fit_model(sparse.csr_matrix(np.ones((5, 3))), ["a"] * 5, ["g1", "g2", "g3"])
+
+
+def test_saved_files_get_default_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the final files must be readable as any new file is."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    from spatialcx.pl._utils import save_figure
+
+    umask = os.umask(0o022)
+    try:
+        ref = _lognorm(_counts(n=200))
+        path = fit_model(ref.X, ref.obs["label"], ref.var_names).save(tmp_path / "m.npz")
+        fig = plt.figure()
+        png = save_figure(fig, tmp_path / "f.png")
+        plt.close(fig)
+    finally:
+        os.umask(umask)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(png.stat().st_mode & 0o777) == oct(0o644)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -32,3 +33,10 @@ def import_optional(module: str, extra: str) -> Any:
             f"{module!r} is required for this feature but is not installed. "
             f"Install it with `pip install 'spatialcx[{extra}]'`."
         ) from e
+
+
+def set_default_permissions(path: str | os.PathLike) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the permissions a plain ``open(path, "w")`` would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -23,6 +23,7 @@ from scipy import sparse
 
 from spatialcx._constants import TARGET_SUM
 from spatialcx._settings import logger
+from spatialcx._utils import set_default_permissions
 
 if TYPE_CHECKING:
     from celltypist.models import Model as CelltypistModel
@@ -252,6 +253,7 @@ class CellTypeModel:
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            set_default_permissions(tmp)
             with os.fdopen(fd, "wb") as fh:
                 np.savez_compressed(fh, **arrays)
             os.replace(tmp, path)

@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from spatialcx._settings import logger
+from spatialcx._utils import set_default_permissions
 
 from ._patterns import Patterns, load_patterns
 from ._text import NORMALIZER_VERSION
@@ -262,9 +263,7 @@ def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        set_default_permissions(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, separators=(",", ":"))
             fh.flush()

@@ -22,6 +22,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._settings import logger
+from .._utils import set_default_permissions
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -760,6 +761,7 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = SAVE_DP
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        set_default_permissions(tmp)
         # Figures with a layout engine are already laid out; "tight" would draw them twice.
         bbox = None if fig.get_layout_engine() is not None else "tight"
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches=bbox)
