@@ -37,9 +37,18 @@ def default_chunk_size(n_cols: int, chunk_size: int | None = None) -> int:
 
 
 def read_rows(x: Any, start: int, stop: int) -> np.ndarray | sparse.csr_matrix:
-    """Read rows ``start:stop`` of ``x`` into memory as a CSR matrix or a dense array."""
+    """Read rows ``start:stop`` of ``x`` into memory as a CSR matrix or a dense array.
+
+    Rows of an in-memory CSR matrix come back as a view that shares its arrays (no copy): callers must not modify
+    the values in place (:func:`normalize_block` copies before it does).
+    """
     if isinstance(x, np.ndarray):
         return x[start:stop]
+    if isinstance(x, sparse.csr_matrix | sparse.csr_array):
+        a, b = int(x.indptr[start]), int(x.indptr[stop])
+        return sparse.csr_matrix(
+            (x.data[a:b], x.indices[a:b], x.indptr[start : stop + 1] - a), shape=(stop - start, x.shape[1])
+        )
     if sparse.issparse(x):
         block = x[start:stop]
         return block.tocsr() if not isinstance(block, sparse.csr_matrix) else block
@@ -95,23 +104,36 @@ def normalize_block(
     -------
     CSR float64 matrix ``log1p(x / library_size * target_sum)`` of shape ``(n_rows, len(cols))``.
     """
-    block = sparse.csr_matrix(block, dtype=np.float64, copy=True)
-    if kind == "log1p":
-        if over == "all":
-            return block[:, cols].tocsr()
-        block = block[:, cols].tocsr()
-        block.data = np.expm1(block.data)
-    elif over == "genes":
-        block = block[:, cols].tocsr()
-    lib = np.asarray(block.sum(axis=1)).ravel()
-    if over == "all" and kind == "counts":
-        block = block[:, cols].tocsr()
+    given = block.data if sparse.issparse(block) else block
+    block = sparse.csr_matrix(block, dtype=np.float64)  # no copy when it already is float64 CSR
+    if kind == "log1p" and over == "all":
+        return _own(_take_columns(block, cols), given)
+    if kind == "log1p" or over == "genes":
+        block = _own(_take_columns(block, cols), given)
+        if kind == "log1p":
+            np.expm1(block.data, out=block.data)
+        lib = np.asarray(block.sum(axis=1)).ravel()
+    else:  # counts, library size over all columns
+        lib = np.asarray(block.sum(axis=1)).ravel()
+        block = _own(_take_columns(block, cols), given)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(lib > 0, target_sum / lib, 0.0)
     block.data *= np.repeat(scale, np.diff(block.indptr))
     np.log1p(block.data, out=block.data)
     block.eliminate_zeros()
     return block
+
+
+def _take_columns(block: sparse.csr_matrix, cols: np.ndarray) -> sparse.csr_matrix:
+    """``block[:, cols]``, without the copy when ``cols`` is every column in order (the usual panel case)."""
+    if len(cols) == block.shape[1] and np.array_equal(cols, np.arange(block.shape[1])):
+        return block
+    return block[:, cols].tocsr()
+
+
+def _own(block: sparse.csr_matrix, given: Any) -> sparse.csr_matrix:
+    """``block``, copied if its values are still the caller's array (they are modified in place next)."""
+    return block.copy() if np.shares_memory(block.data, given) else block
 
 
 def gene_indices(var_names: pd.Index | Sequence[str], genes: Sequence[str], *, what: str = "table") -> np.ndarray:

@@ -21,10 +21,13 @@ class _Settings:
         terminal or in a notebook.
     chunk_size
         Default number of cells processed at once by chunked operations (prediction, normalization).
+    n_jobs
+        Threads that score blocks of cells in parallel (``None``: one per CPU core). Results do not depend on it.
     """
 
     _verbosity: int = 1
     chunk_size: int = 50_000
+    n_jobs: int | None = None
 
     @property
     def verbosity(self) -> int:

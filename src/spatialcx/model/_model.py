@@ -8,6 +8,7 @@ the clip is applied to the non-zero entries only. The result equals CellTypist's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,14 +55,28 @@ class ScoringWeights:
 
     def score(self, x: sparse.spmatrix | np.ndarray) -> np.ndarray:
         """Decision scores ``(n_cells, n_classes)`` of a normalized block whose columns are the present genes."""
-        x = sparse.csr_matrix(x, dtype=np.float64, copy=True)
+        # a new CSR object (the caller's is left alone); its values are replaced, never modified in place
+        x = sparse.csr_matrix(x, dtype=np.float64)
         cols = x.indices
-        v = x.data * self.inv_scale[cols]
-        v -= self.shift[cols]
-        np.minimum(v, self.clip, out=v)
-        v -= self.z0[cols]
+        if self._zero_unclipped:
+            # min(x/s - m/s, clip) - z0 with z0 = -m/s  ==  min(x/s, clip + m/s): two gathers instead of three
+            v = x.data * self.inv_scale[cols]
+            np.minimum(v, self._cap[cols], out=v)
+        else:
+            v = x.data * self.inv_scale[cols]
+            v -= self.shift[cols]
+            np.minimum(v, self.clip, out=v)
+            v -= self.z0[cols]
         x.data = v
         return self.intercept + x @ self.weights
+
+    @functools.cached_property
+    def _zero_unclipped(self) -> bool:
+        return bool(np.array_equal(self.z0, -self.shift))
+
+    @functools.cached_property
+    def _cap(self) -> np.ndarray:
+        return self.clip + self.shift
 
 
 @dataclass(eq=False)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
 
 from spatialcx._matrix import default_chunk_size, is_dask, iter_row_blocks, normalize_block
+from spatialcx._settings import settings
 from spatialcx._utils import progress
 from spatialcx.model._model import CellTypeModel, ScoringWeights
 
@@ -55,9 +59,26 @@ def score_matrix(
         return _score_dask(matrix, cols, kind, over_block, model.target_sum, sw, chunk), present
     n = matrix.shape[0]
     scores = np.empty((n, model.n_classes), dtype=np.float64)
-    blocks = iter_row_blocks(matrix, chunk)
-    for start, stop, block in progress(blocks, total=-(-n // chunk), desc="scoring cells"):
-        scores[start:stop] = sw.score(
-            normalize_block(block, cols, kind=kind, over=over_block, target_sum=model.target_sum)
-        )
+
+    def _one(block: Any) -> np.ndarray:
+        return sw.score(normalize_block(block, cols, kind=kind, over=over_block, target_sum=model.target_sum))
+
+    n_chunks = -(-n // chunk)
+    blocks = progress(iter_row_blocks(matrix, chunk), total=n_chunks, desc="scoring cells")
+    workers = max(1, min(settings.n_jobs or os.cpu_count() or 1, n_chunks))
+    if workers == 1:
+        for start, stop, block in blocks:
+            scores[start:stop] = _one(block)
+        return scores, present
+    # blocks are read in order by this thread (file-backed arrays are not thread-safe) and scored by a pool; numpy
+    # and scipy release the GIL in the heavy loops. At most `workers` blocks are in flight: memory stays O(chunk).
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for start, stop, block in blocks:
+            pending.append((start, stop, pool.submit(_one, block)))
+            while len(pending) > workers:
+                s0, s1, fut = pending.popleft()
+                scores[s0:s1] = fut.result()
+        for s0, s1, fut in pending:
+            scores[s0:s1] = fut.result()
     return scores, present

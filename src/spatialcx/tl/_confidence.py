@@ -60,6 +60,30 @@ def _top_two_probability(s: np.ndarray, best: np.ndarray) -> np.ndarray:
     return p[:, 1] / (p[:, 0] + p[:, 1])
 
 
+#: Cells the within-dataset discriminant is fitted on at most (a seeded subset that keeps every predicted type);
+#: the posterior is then computed for every cell. Means and a shared covariance of a few dozen dimensions are
+#: estimated to within sampling noise long before this many cells.
+LDA_MAX_FIT_CELLS = 20_000
+
+
+def _fit_subset(best: np.ndarray, *, max_cells: int, min_per_class: int = 50) -> np.ndarray | slice:
+    """Rows to fit on: all, or a seeded subset of ``max_cells`` plus ``min_per_class`` cells of each predicted type.
+
+    Rare types are always represented; the choice is deterministic.
+    """
+    n = best.shape[0]
+    if n <= max_cells:
+        return slice(None)
+    rng = np.random.default_rng(0)
+    chosen = np.zeros(n, dtype=bool)
+    chosen[rng.choice(n, size=max_cells, replace=False)] = True
+    for k in np.unique(best):
+        members = np.flatnonzero(best == k)
+        if chosen[members].sum() < min_per_class:
+            chosen[members[:min_per_class]] = True
+    return np.flatnonzero(chosen)
+
+
 def _lda_posterior(s: np.ndarray, best: np.ndarray) -> np.ndarray | None:
     """Posterior of the predicted class under a linear discriminant of the scores, fitted on this dataset.
 
@@ -82,10 +106,11 @@ def _lda_posterior(s: np.ndarray, best: np.ndarray) -> np.ndarray | None:
         )
         return None
     lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
+    fit = _fit_subset(best, max_cells=LDA_MAX_FIT_CELLS)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Only one sample available")  # a type called for a single cell
         try:
-            lda.fit(s, best)
+            lda.fit(s[fit], best[fit])
             proba = lda.predict_proba(s)
         except (ValueError, np.linalg.LinAlgError) as e:
             logger.warning("The discriminant of the decision scores could not be fitted (%s); it is not used.", e)
