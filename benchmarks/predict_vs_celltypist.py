@@ -3,8 +3,10 @@
     python benchmarks/predict_vs_celltypist.py [--cells 100000] [--genes 2000] [--nnz 200] [--classes 20]
 
 Both tools score the same log1p(10k)-normalized sparse matrix with the same model (trained once, not timed).
-Memory is the peak of Python-tracked allocations during the call (``tracemalloc``; numpy and scipy report theirs),
-i.e. the extra memory each tool needs on top of the input. Decision scores are compared as well.
+Each call runs twice on a fresh copy of the input: once timed (best of ``--repeats``), once under ``tracemalloc`` for
+the peak of Python-tracked allocations (numpy and scipy report theirs), i.e. the extra memory each tool needs on top
+of the input; tracing slows allocation-heavy code, so time and memory are not measured in the same run. Decision
+scores are compared as well.
 """
 
 from __future__ import annotations
@@ -47,15 +49,23 @@ def make_query(n: int, g: int, nnz: int, k: int, seed: int = 0) -> tuple[ad.AnnD
     return adata, np.array([f"type_{i}" for i in labels])
 
 
-def measure(fn):
+def measure(fn, make_input, repeats=1):
+    """Wall times of ``repeats`` runs (the first call in the process, then repeated calls), then the traced peak
+    memory of one more run."""
+    times = []
+    for _ in range(repeats):
+        data = make_input()
+        gc.collect()
+        t0 = time.perf_counter()
+        out = fn(data)
+        times.append(time.perf_counter() - t0)
+    data = make_input()
     gc.collect()
     tracemalloc.start()
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
+    fn(data)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return out, dt, peak / 2**20
+    return out, times, peak / 2**20
 
 
 def main() -> None:
@@ -65,6 +75,7 @@ def main() -> None:
     p.add_argument("--nnz", type=int, default=200)
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--train-cells", type=int, default=10_000)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("celltypist").setLevel(logging.ERROR)
@@ -83,12 +94,16 @@ def main() -> None:
         f"{model.n_classes} classes; input matrix {query.X.data.nbytes / 2**20 * 2:.0f} MB"
     )
 
-    q_scx = query.copy()
-    _, t_scx, m_scx = measure(
-        lambda: scx.tl.predict(q_scx, model, normalize_over="all", chunk_size=10_000, store_decision_scores=True)
-    )
-    q_ct = query.copy()
-    res, t_ct, m_ct = measure(lambda: celltypist.annotate(q_ct, model=ct_model))
+    results = {}
+
+    def run_scx(q):
+        scx.tl.predict(q, model, normalize_over="all", chunk_size=10_000)
+        results["scx"] = q
+        return q
+
+    _, t_scx, m_scx = measure(run_scx, query.copy, args.repeats)
+    q_scx = results["scx"]
+    res, t_ct, m_ct = measure(lambda q: celltypist.annotate(q, model=ct_model), query.copy, args.repeats)
 
     ours = q_scx.obsm["cell_type_decision_scores"].astype(np.float64)
     theirs = res.decision_matrix.to_numpy()
@@ -99,10 +114,14 @@ def main() -> None:
             == res.predicted_labels["predicted_labels"].astype(str).to_numpy()
         ).all()
     )
-    print(f"{'tool':<22}{'time (s)':>10}{'peak extra memory (MB)':>26}")
-    print(f"{'spatialcx.tl.predict':<22}{t_scx:>10.2f}{m_scx:>26.0f}")
-    print(f"{'celltypist.annotate':<22}{t_ct:>10.2f}{m_ct:>26.0f}")
-    print(f"speed-up: {t_ct / t_scx:.1f}x; memory ratio (spatialcx / celltypist): {m_scx / m_ct:.3f}")
+    warm_scx, warm_ct = min(t_scx[1:] or t_scx), min(t_ct[1:] or t_ct)
+    print(f"{'tool':<22}{'first call (s)':>16}{'repeated call (s)':>19}{'peak extra memory (MB)':>25}")
+    print(f"{'spatialcx.tl.predict':<22}{t_scx[0]:>16.2f}{warm_scx:>19.2f}{m_scx:>25.0f}")
+    print(f"{'celltypist.annotate':<22}{t_ct[0]:>16.2f}{warm_ct:>19.2f}{m_ct:>25.0f}")
+    print(
+        f"speed-up: {t_ct[0] / t_scx[0]:.1f}x on the first call, {warm_ct / warm_scx:.1f}x on repeated calls; "
+        f"memory ratio (spatialcx / celltypist): {m_scx / m_ct:.3f}"
+    )
     print(
         f"decision scores: max |diff| = {max_abs:.2e} (float32 storage; max |score| = {np.abs(theirs).max():.1f}); "
         f"identical labels: {same}"
