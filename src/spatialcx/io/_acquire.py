@@ -275,7 +275,7 @@ def acquire_reference(
           matching a CELLxGENE Census query (keys: :data:`CENSUS_QUERY_KEYS`; ``tissue`` matches ``tissue`` or
           ``tissue_general``; several values comma-separated), with raw counts and Census obs columns; var names are
           Ensembl ids with ``var["feature_name"]`` symbols.
-        - ``synapse://synXXXX``: a Synapse file entity (``.h5ad``), through ``synapseclient``. Credentials: the
+        - ``synapse://syn<id>``: a Synapse file entity (``.h5ad``), through ``synapseclient``. Credentials: the
           ``SYNAPSE_AUTH_TOKEN`` environment variable, else ``~/.synapseConfig``.
         ``cellxgene://`` needs the ``census`` extra (``cellxgene-census``), ``synapse://`` the ``synapse`` extra.
     output
@@ -307,7 +307,7 @@ def acquire_reference(
     if protocol not in ("cellxgene", "synapse"):
         raise ValueError(
             f"Unsupported source {source!r}: use cellxgene://<dataset key or id>, cellxgene://?tissue=...&disease=... "
-            f"or synapse://synXXXX. Predefined datasets: {sorted(CELLXGENE_DATASETS)}. For plain files and URIs use "
+            f"or synapse://syn<id>. Predefined datasets: {sorted(CELLXGENE_DATASETS)}. For plain files and URIs use "
             "read_reference / resolve_uri."
         )
     if max_cells is not None and max_cells < 1:
