@@ -1,0 +1,41 @@
+"""The package itself: cheap import, version, typing marker, public API of the design contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import spatialcx as scx
+
+HEAVY = ("scanpy", "spatialdata", "celltypist", "matplotlib", "sklearn", "squidpy", "geopandas")
+
+
+def test_import_defers_heavy_libraries():
+    code = f"import sys, spatialcx; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing spatialcx loaded {out}"
+
+
+def test_version_and_typing_marker():
+    assert scx.__version__ != "0.0.0"
+    assert (Path(scx.__file__).parent / "py.typed").is_file()
+
+
+def test_design_contract_names_exist():
+    names = {
+        "io": ["read_reference", "resolve_uri", "acquire_reference", "list_datasets", "read_10x_cell_types",
+               "add_10x_cell_types", "write_table"],
+        "pp": ["normalization_status", "ensure_normalized", "panel_genes", "combine_references", "subsample_balanced"],
+        "tl": ["train", "predict", "annotate", "AnnotationConfig", "annotate_from_config", "transform_confidence",
+               "filter_low_confidence", "filter_low_count_types", "add_ontology_ids", "classify_by_threshold",
+               "spatial_domains", "score_signatures", "annotate_domains", "load_canonical_markers"],
+        "pl": ["confidence", "validation_2d", "deg_heatmap", "ontology_mapping", "marker_dotplot", "threshold",
+               "annotation_report"],
+        "datasets": ["demo"],
+    }  # fmt: skip
+    missing = [
+        f"{mod}.{n}" for mod, ns in names.items() for n in ns if not callable(getattr(getattr(scx, mod), n, None))
+    ]
+    assert missing == []
+    assert hasattr(scx.CellTypeModel, "from_celltypist") and hasattr(scx.CellTypeModel, "to_celltypist")
