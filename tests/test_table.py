@@ -629,3 +629,99 @@ def test_hard_crash_after_swap_refreshes_consolidated_metadata(v3_store):
     assert not (v3_store / WORK_DIR).exists()
     fresh = zarr.open_group(str(v3_store), mode="r", use_consolidated=True)
     assert {"crashed_write", "later"} <= set(fresh["tables/table/obs"].keys())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# shapes elements (the polygons of spatial domains)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _squares(n: int, offset: float = 0.0):
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel
+
+    polys = [shapely.box(offset + 10 * i, 0, offset + 10 * i + 5, 5) for i in range(n)]
+    gdf = gpd.GeoDataFrame({"n_cells": np.arange(n) + 1}, geometry=polys, index=[f"domain_{i + 1}" for i in range(n)])
+    return ShapesModel.parse(gdf)
+
+
+@pytest.mark.parametrize("store", ["v3_store", "v2_store"])
+def test_write_shapes_element_adds_then_replaces(store, request):
+    path = request.getfixturevalue(store)
+    formats = _formats(path)
+    cells_before = _under(_snapshot(path), "shapes/cells")
+    sdata = sd.read_zarr(path)
+    sdata.shapes["domains"] = _squares(3)
+    _table.write_shapes_element(sdata, "domains")
+    back = sd.read_zarr(path)
+    assert list(back.shapes["domains"].index) == ["domain_1", "domain_2", "domain_3"]
+
+    sdata.shapes["domains"] = _squares(2, offset=100.0)
+    _table.write_shapes_element(sdata, "domains")
+    back = sd.read_zarr(path)
+    assert list(back.shapes["domains"]["n_cells"]) == [1, 2]
+    assert back.shapes["domains"].total_bounds[0] == 100.0
+    assert _formats(path) == formats  # the store's zarr format is kept
+    assert _under(_snapshot(path), "shapes/cells") == cells_before  # nothing else touched
+    assert not (path / WORK_DIR).exists()
+    if (path / ".zmetadata").is_file() or json.loads((path / "zarr.json").read_text()).get("consolidated_metadata"):
+        assert "domains" in zarr.open_group(str(path), mode="r", use_consolidated=True)["shapes"]
+
+
+def test_write_shapes_element_unknown_key_raises(v3_store):
+    sdata = sd.read_zarr(v3_store)
+    with pytest.raises(KeyError, match="no shapes element 'nope'.*cells"):
+        _table.write_shapes_element(sdata, "nope")
+
+
+_SHAPES_CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, warnings
+    warnings.simplefilter("ignore")
+    import geopandas as gpd, shapely
+    import spatialdata as sd
+    from spatialdata.models import ShapesModel
+    from spatialcx import _table
+
+    path, mode = sys.argv[1], sys.argv[2]
+    sdata = sd.read_zarr(path)
+    sdata.shapes["domains"] = ShapesModel.parse(gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 1, 1)], index=["new"]))
+    die = lambda *args, **kwargs: os._exit(17)
+    if mode == "mid_write":
+        real = sdata._write_element
+        def half(**kwargs):
+            real(**kwargs)  # the staged element is complete; dying now leaves it in the work directory only
+            os._exit(17)
+        sdata._write_element = half
+    elif mode == "between_renames":
+        _table._exchange = lambda a, b: False
+        _table._move_in = die
+    _table.write_shapes_element(sdata, "domains")
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["mid_write", "between_renames"])
+def test_hard_crash_while_replacing_shapes_keeps_the_old_ones_and_recovers(v3_store, mode):
+    sdata = sd.read_zarr(v3_store)
+    sdata.shapes["domains"] = _squares(3)
+    _table.write_shapes_element(sdata, "domains")
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHAPES_CRASH_SCRIPT, str(v3_store), mode], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 17, proc.stderr
+    assert (v3_store / WORK_DIR).exists()
+    if mode == "between_renames":
+        assert (v3_store / WORK_DIR / "aside-shapes" / "domains").is_dir()
+    else:
+        back = sd.read_zarr(v3_store)  # readable, with the previous polygons
+        assert list(back.shapes["domains"].index) == ["domain_1", "domain_2", "domain_3"]
+
+    sdata.tables["table"].obs["later"] = 1.0
+    write_table(sdata, elements=("obs",))  # any later write recovers first
+    assert not (v3_store / WORK_DIR).exists()
+    back = sd.read_zarr(v3_store)
+    assert list(back.shapes["domains"].index) == ["domain_1", "domain_2", "domain_3"]
+    assert "later" in back.tables["table"].obs

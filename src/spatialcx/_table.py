@@ -33,7 +33,10 @@ An interrupted write therefore leaves either the old or the new table in place, 
 write removes its leftovers. The hidden work directory holds no zarr metadata, so zarr and spatialdata do not read
 it as part of the hierarchy. The store's zarr format (v2 or v3) is kept: staged groups are written in the format of
 the group they replace. A table that is in memory but not yet in the store is written whole with spatialdata's table
-writer into the work directory and renamed into ``tables/`` when complete.
+writer into the work directory and renamed into ``tables/`` when complete. Shapes elements (the polygons of
+spatial domains) are replaced the same way by :func:`write_shapes_element`: written whole into the work directory,
+then exchanged with the live element (set aside in ``<store>/.spatialcx/aside-shapes/<key>`` where no exchange is
+available).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ _EXPRESSION_ELEMENTS = ("X", "layers", "raw")
 _ATTRS_KEY = "spatialdata_attrs"
 _LINK_KEYS = ("region", "region_key", "instance_key")
 _V2_METADATA_FILES = (".zarray", ".zgroup", ".zattrs")
+#: Where a shapes element replaced without an atomic exchange waits (inside the work directory) until it is removed.
+_SHAPES_ASIDE = "aside-shapes"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -492,15 +497,16 @@ def _recover(store: Path) -> None:
     if not work.is_dir():
         return
     restored = False
-    aside = work / "aside"
-    if aside.is_dir():
+    for aside, kind in ((work / "aside", "tables"), (work / _SHAPES_ASIDE, "shapes")):
+        if not aside.is_dir():
+            continue
         for entry in sorted(aside.iterdir()):
-            live = store / "tables" / entry.name
+            live = store / kind / entry.name
             if not live.exists():
                 os.rename(entry, live)
                 _fsync_dir(live.parent)
                 restored = True
-                logger.warning(f"Restored table {entry.name!r} of {store} left aside by an interrupted write.")
+                logger.warning(f"Restored {kind} element {entry.name!r} of {store} left aside by an interrupted write.")
     shutil.rmtree(work)
     _fsync_dir(store)
     logger.info(f"Removed leftovers of an interrupted table write in {store}{' (table restored)' if restored else ''}.")
@@ -517,7 +523,7 @@ def _new_stage(store: Path) -> Path:
 def _cleanup(store: Path, path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     work = store / WORK_DIR
-    for directory in (work / "aside", work):
+    for directory in (work / "aside", work / _SHAPES_ASIDE, work):
         with contextlib.suppress(OSError):  # only when empty: a table set aside must stay until it is restored
             directory.rmdir()
 
@@ -659,6 +665,64 @@ def _write_new_table(store: Path, adata: AnnData, table_key: str) -> None:
         _cleanup(store, stage)
         raise
     _cleanup(store, stage)
+
+
+def write_shapes_element(sdata: SpatialData, shapes_key: str) -> None:
+    """Write the shapes element ``shapes_key`` of ``sdata`` into its zarr store, crash-safely, replacing an old one.
+
+    The element is written whole with spatialdata's writer (in the store's container format) into the work
+    directory, then exchanged atomically with the element in the store (or renamed in when there is none), as tables
+    are by :func:`write_table`; an interrupted write leaves the previous element readable, and the next write to the
+    store removes the leftovers (restoring an element set aside where no atomic exchange is available). Nothing else
+    in the store is touched; its consolidated metadata is refreshed.
+    """
+    import zarr
+    from spatialdata._io.format import SpatialDataContainerFormats
+
+    if shapes_key not in sdata.shapes:
+        raise KeyError(f"There is no shapes element {shapes_key!r}; the SpatialData holds {list(sdata.shapes)}.")
+    store = _local_store_path(sdata)
+    with _store_lock(store), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        _recover(store)
+        root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+        version = (root.attrs.get(_ATTRS_KEY) or {}).get("version")
+        container = SpatialDataContainerFormats.get(str(version)) if version is not None else None
+        stage = _new_stage(store)
+        try:
+            staging_root = stage / "root.zarr"
+            zarr.create_group(str(staging_root), zarr_format=root.metadata.zarr_format)
+            sdata._write_element(  # spatialdata's own element writer, aimed at the staging root
+                element=sdata.shapes[shapes_key],
+                zarr_container_path=staging_root,
+                element_type="shapes",
+                element_name=shapes_key,
+                overwrite=False,
+                parsed_formats=_parse_container_formats(container),
+            )
+            staged = staging_root / "shapes" / shapes_key
+            _fsync_tree(staged)
+            root.require_group("shapes")
+            live = store / "shapes" / shapes_key
+            if live.exists():
+                _swap(staged, live, store / WORK_DIR / _SHAPES_ASIDE / shapes_key)
+            else:
+                _move_in(staged, live)
+                _fsync_dir(live.parent)
+        except BaseException as e:
+            _cleanup(store, stage)
+            if isinstance(e, Exception):
+                e.add_note(f"The shapes element {shapes_key!r} in {store} was left as it was.")
+            raise
+        _cleanup(store, stage)
+        _refresh_consolidated(store)
+    logger.info(f"Wrote the shapes element {shapes_key!r} into {store}.")
+
+
+def _parse_container_formats(container: Any) -> dict[str, Any]:
+    from spatialdata._io.format import _parse_formats
+
+    return _parse_formats(container)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -480,12 +480,7 @@ def _parse_shapes(gdf: gpd.GeoDataFrame, sdata: SpatialData, adata: AnnData) -> 
 
 
 def _write_shapes(sdata: SpatialData, shapes_key: str) -> None:
-    """Write the shapes element into the store, replacing an earlier version.
+    """Write the shapes element into the store, crash-safely replacing an earlier version (staged, then swapped)."""
+    from spatialcx._table import write_shapes_element
 
-    spatialdata cannot overwrite an element inside the store it is backed by, so an earlier version is deleted first.
-    The polygons are derived data: should the write be interrupted, rerunning :func:`spatial_domains` recreates them.
-    """
-    on_disk = {p.split("/", 1)[-1] for p in sdata.elements_paths_on_disk() if p.startswith("shapes/")}
-    if shapes_key in on_disk:
-        sdata.delete_element_from_disk(shapes_key)
-    sdata.write_element(shapes_key)
+    write_shapes_element(sdata, shapes_key)
