@@ -208,6 +208,39 @@ def test_domain_polygons_cover_their_cells():
     assert table.uns["domain"]["shapes_key"] == "domain_shapes"
 
 
+def test_spatialdata_without_obsm_uses_the_linked_shapes_centroids():
+    reference = grid_sdata()
+    scx.tl.spatial_domains(reference, "selected", max_distance=15, min_cells=10, add_shapes=True)
+    sdata = grid_sdata()
+    # shuffle the shapes' rows: cells are matched by instance id, not by position
+    sdata.shapes["cells"] = sdata.shapes["cells"].iloc[np.random.default_rng(0).permutation(sdata["table"].n_obs)]
+    del sdata.tables["table"].obsm["spatial"]
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15, min_cells=10, add_shapes=True)
+    table = sdata.tables["table"]
+    pd.testing.assert_series_equal(table.obs["domain"], reference.tables["table"].obs["domain"])
+    assert table.uns["domain"]["coordinates"] == "centroids of shapes 'cells'"
+    assert reference.tables["table"].uns["domain"]["coordinates"] == "obsm['spatial']"
+    assert "spatial" not in table.obsm  # nothing written besides the documented keys
+    gdf, ref_gdf = sdata.shapes["domain_shapes"], reference.shapes["domain_shapes"]
+    assert gdf.geometry.geom_equals(ref_gdf.geometry).all()
+
+
+def test_spatialdata_without_coordinates_or_link_raises():
+    sdata = grid_sdata()
+    del sdata.tables["table"].obsm["spatial"]
+    sdata.tables["table"].uns["spatialdata_attrs"]["region"] = ["cells", "nuclei"]
+    with pytest.raises(ValueError, match="annotates 2 regions"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=15)
+    sdata.tables["table"].uns["spatialdata_attrs"]["region"] = "cells"
+    sdata.tables["table"].obs["cell_index"] = np.arange(sdata.tables["table"].n_obs) + 10_000
+    with pytest.raises(ValueError, match="not in the index of the shapes element 'cells'"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=15)
+    adata = sdata.tables["table"].copy()
+    with pytest.raises(KeyError, match="obsm has no 'spatial'"):
+        scx.tl.spatial_domains(adata, "selected", max_distance=15)
+    assert "domain" not in adata.obs and "domain" not in sdata.tables["table"].obs
+
+
 def test_copy_keeps_the_original_spatialdata_unchanged():
     sdata = grid_sdata()
     out = scx.tl.spatial_domains(sdata, "selected", max_distance=15, add_shapes=True, shapes_key="tum", copy=True)

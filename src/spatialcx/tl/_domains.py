@@ -59,7 +59,9 @@ def spatial_domains(
     Parameters
     ----------
     data
-        AnnData, or SpatialData holding the table ``table_key``, with coordinates in ``obsm[spatial_key]``.
+        AnnData, or SpatialData holding the table ``table_key``, with coordinates in ``obsm[spatial_key]``. Without
+        them, a SpatialData table linked to one shapes element uses the centroids of the cells' shapes (in that
+        element's own coordinates; the domain polygons get its transformations).
     selection
         The cells to group: the name of an obs column (boolean, or 0/1 such as ``"threshold_cluster"``; with
         ``value``, the cells whose column equals ``value`` or, for a list, is one of its items), or a boolean
@@ -142,7 +144,7 @@ def spatial_domains(
     ref = resolve_table(data, table_key, copy=copy)
     adata = ref.adata
     mask, described = _selection_mask(adata, selection, value)
-    coords = _coordinates(adata, spatial_key)
+    coords, coords_source = _coordinates(adata, spatial_key, ref.sdata)
     libraries = _libraries(adata, library_key)
 
     n_sel = int(mask.sum())
@@ -221,6 +223,7 @@ def spatial_domains(
         "n_cells_dropped": n_cells_dropped,
         "prefix": prefix,
         "spatial_key": spatial_key,
+        "coordinates": coords_source,
     }
     if platform is not None:
         params["platform"] = platform
@@ -303,16 +306,60 @@ def _selection_mask(adata: AnnData, selection: Any, value: Any) -> tuple[np.ndar
     return arr.astype(bool), "boolean mask"
 
 
-def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
+def _coordinates(adata: AnnData, spatial_key: str, sdata: SpatialData | None = None) -> tuple[np.ndarray, str]:
+    """Cell coordinates: ``obsm[spatial_key]``, or else the centroids of the shapes the table annotates (SpatialData).
+
+    Returns the ``(n_cells, d)`` coordinates and where they came from (for ``uns``).
+    """
     if spatial_key not in adata.obsm:
-        raise KeyError(
-            f"obsm has no {spatial_key!r} coordinates (obsm keys: {list(adata.obsm.keys())}). Put the cell centroids "
-            f"in adata.obsm[{spatial_key!r}] or pass spatial_key=..."
-        )
+        coords = None if sdata is None else _linked_shape_centroids(adata, sdata)
+        if coords is None:
+            raise KeyError(
+                f"obsm has no {spatial_key!r} coordinates (obsm keys: {list(adata.obsm.keys())})"
+                + ("" if sdata is None else " and the table is not linked to a shapes element of the SpatialData")
+                + f". Put the cell centroids in adata.obsm[{spatial_key!r}] or pass spatial_key=..."
+            )
+        return coords
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] < 2:
         raise ValueError(f"obsm[{spatial_key!r}] has shape {coords.shape}; expected (n_cells, 2) or (n_cells, 3).")
-    return coords
+    return coords, f"obsm[{spatial_key!r}]"
+
+
+def _linked_shape_centroids(adata: AnnData, sdata: SpatialData) -> tuple[np.ndarray, str] | None:
+    """Centroids of the cells' shapes, in the shapes' own coordinates, when the table annotates one shapes element.
+
+    The domain polygons get that element's transformations (:func:`_parse_shapes`), so they overlay the cells.
+    ``None`` when the table is not linked to a shapes element.
+    """
+    attrs = adata.uns.get("spatialdata_attrs", {})
+    if not isinstance(attrs, dict):
+        return None
+    region, instance_key = attrs.get("region"), attrs.get("instance_key")
+    if isinstance(region, list | tuple | np.ndarray):
+        if len(region) != 1:
+            raise ValueError(
+                f"obsm has no coordinates and the table annotates {len(region)} regions ({list(region)}), whose "
+                "coordinates may differ; put the cell centroids in a common coordinate system in adata.obsm['spatial']."
+            )
+        region = region[0]
+    if not isinstance(region, str) or region not in sdata.shapes or instance_key not in adata.obs:
+        return None
+    gdf = sdata.shapes[region]
+    ids = adata.obs[instance_key].to_numpy()
+    pos = gdf.index.get_indexer(ids)
+    if (pos < 0).any():
+        raise ValueError(
+            f"{int((pos < 0).sum())} cell(s) of the table have an {instance_key!r} that is not in the index of the "
+            f"shapes element {region!r} (e.g. {ids[pos < 0][:3].tolist()}); the table and its shapes do not match."
+        )
+    geoms = gdf.geometry.to_numpy()[pos]
+    import shapely
+
+    cent = shapely.centroid(geoms)  # points (circles) are their own centroid
+    coords = np.column_stack([shapely.get_x(cent), shapely.get_y(cent)]).astype(np.float64)
+    logger.info("spatial_domains: no obsm coordinates; using the centroids of the shapes element %r.", region)
+    return coords, f"centroids of shapes {region!r}"
 
 
 def _libraries(adata: AnnData, library_key: str | None) -> np.ndarray | None:
