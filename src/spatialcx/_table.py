@@ -509,7 +509,7 @@ def _recover(store: Path) -> None:
                 logger.warning(f"Restored {kind} element {entry.name!r} of {store} left aside by an interrupted write.")
     shutil.rmtree(work)
     _fsync_dir(store)
-    logger.info(f"Removed leftovers of an interrupted table write in {store}{' (table restored)' if restored else ''}.")
+    logger.info(f"Removed leftovers of an interrupted write in {store}{' (element restored)' if restored else ''}.")
     # a write may have been interrupted after its swap but before the consolidated metadata was refreshed
     _refresh_consolidated(store)
 
