@@ -60,6 +60,7 @@ from anndata import AnnData
 from ._settings import logger
 
 if TYPE_CHECKING:
+    import numpy as np
     import zarr
     from spatialdata import SpatialData
 
@@ -350,6 +351,24 @@ def _local_store_path(sdata: SpatialData) -> Path:
             "moved or deleted). Write the object again with `sdata.write(path)`."
         )
     return store
+
+
+def instance_positions(shapes_index: Any, instance_ids: Any) -> np.ndarray:
+    """Positions of ``instance_ids`` in ``shapes_index`` (-1 when absent), matching ids as strings if types differ."""
+    import numpy as np
+    import pandas as pd
+
+    index = pd.Index(shapes_index)
+    ids = pd.Index(instance_ids)
+    if not index.is_unique:
+        raise ValueError(
+            "The shapes element's index has repeated values, so table rows cannot be matched to single shapes. "
+            "Give each shape a unique index (its instance id)."
+        )
+    pos = index.get_indexer(ids)
+    if (pos < 0).all() and len(ids):
+        pos = index.astype(str).get_indexer(ids.astype(str))
+    return np.asarray(pos)
 
 
 def _check_link(adata: AnnData, table_key: str) -> None:
@@ -677,7 +696,7 @@ def write_shapes_element(sdata: SpatialData, shapes_key: str) -> None:
     in the store is touched; its consolidated metadata is refreshed.
     """
     import zarr
-    from spatialdata._io.format import SpatialDataContainerFormats
+    from spatialdata._io.format import SpatialDataContainerFormats, _parse_formats
 
     if shapes_key not in sdata.shapes:
         raise KeyError(f"There is no shapes element {shapes_key!r}; the SpatialData holds {list(sdata.shapes)}.")
@@ -698,7 +717,7 @@ def write_shapes_element(sdata: SpatialData, shapes_key: str) -> None:
                 element_type="shapes",
                 element_name=shapes_key,
                 overwrite=False,
-                parsed_formats=_parse_container_formats(container),
+                parsed_formats=_parse_formats(container),
             )
             staged = staging_root / "shapes" / shapes_key
             _fsync_tree(staged)
@@ -717,12 +736,6 @@ def write_shapes_element(sdata: SpatialData, shapes_key: str) -> None:
         _cleanup(store, stage)
         _refresh_consolidated(store)
     logger.info(f"Wrote the shapes element {shapes_key!r} into {store}.")
-
-
-def _parse_container_formats(container: Any) -> dict[str, Any]:
-    from spatialdata._io.format import _parse_formats
-
-    return _parse_formats(container)
 
 
 # --------------------------------------------------------------------------------------------------------------------

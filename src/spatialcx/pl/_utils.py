@@ -22,6 +22,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._settings import logger
+from .._table import instance_positions
 from .._utils import set_default_permissions
 
 if TYPE_CHECKING:
@@ -228,23 +229,6 @@ def union_bounds(bounds: Sequence[Bounds]) -> Bounds:
     return float(b[:, 0].min()), float(b[:, 1].max()), float(b[:, 2].min()), float(b[:, 3].max())
 
 
-def _instance_positions(shapes_index: Any, instance_ids: Any) -> np.ndarray:
-    """Positions of ``instance_ids`` in ``shapes_index`` (-1 when absent), matching ids as strings if types differ."""
-    import pandas as pd
-
-    index = pd.Index(shapes_index)
-    ids = pd.Index(instance_ids)
-    if not index.is_unique:
-        raise ValueError(
-            "The shapes element's index has repeated values, so table rows cannot be matched to single shapes. "
-            "Give each shape a unique index (its instance id)."
-        )
-    pos = index.get_indexer(ids)
-    if (pos < 0).all() and len(ids):
-        pos = index.astype(str).get_indexer(ids.astype(str))
-    return np.asarray(pos)
-
-
 def _shapes_geometry(gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str) -> CellGeometry:
     """Transform the geometries of ``gdf`` (already aligned with ``rows``) with ``matrix``."""
     import shapely
@@ -376,7 +360,7 @@ def cell_geometries(
         else:
             rows = np.arange(adata.n_obs)
         gdf = sdata.shapes[name]
-        pos = _instance_positions(gdf.index, adata.obs[instance_key].to_numpy()[rows])
+        pos = instance_positions(gdf.index, adata.obs[instance_key].to_numpy()[rows])
         found = pos >= 0
         if not found.any():
             raise ValueError(

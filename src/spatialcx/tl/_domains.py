@@ -332,31 +332,32 @@ def _linked_shape_centroids(adata: AnnData, sdata: SpatialData) -> tuple[np.ndar
     The domain polygons get that element's transformations (:func:`_parse_shapes`), so they overlay the cells.
     ``None`` when the table is not linked to a shapes element.
     """
-    attrs = adata.uns.get("spatialdata_attrs", {})
-    if not isinstance(attrs, dict):
+    import shapely
+    from spatialdata.models import get_table_keys
+
+    from .._table import instance_positions
+
+    if not adata.uns.get("spatialdata_attrs"):
         return None
-    region, instance_key = attrs.get("region"), attrs.get("instance_key")
-    if isinstance(region, list | tuple | np.ndarray):
-        if len(region) != 1:
-            raise ValueError(
-                f"obsm has no coordinates and the table annotates {len(region)} regions ({list(region)}), whose "
-                "coordinates may differ; put the cell centroids in a common coordinate system in adata.obsm['spatial']."
-            )
-        region = region[0]
-    if not isinstance(region, str) or region not in sdata.shapes or instance_key not in adata.obs:
+    region, _, instance_key = get_table_keys(adata)
+    regions = [region] if isinstance(region, str) else list(region)
+    if len(regions) != 1:
+        raise ValueError(
+            f"obsm has no coordinates and the table annotates {len(regions)} regions ({regions}), whose coordinates "
+            "may differ; put the cell centroids in a common coordinate system in adata.obsm['spatial']."
+        )
+    region = regions[0]
+    if region not in sdata.shapes or instance_key not in adata.obs:
         return None
     gdf = sdata.shapes[region]
     ids = adata.obs[instance_key].to_numpy()
-    pos = gdf.index.get_indexer(ids)
+    pos = instance_positions(gdf.index, ids)
     if (pos < 0).any():
         raise ValueError(
             f"{int((pos < 0).sum())} cell(s) of the table have an {instance_key!r} that is not in the index of the "
             f"shapes element {region!r} (e.g. {ids[pos < 0][:3].tolist()}); the table and its shapes do not match."
         )
-    geoms = gdf.geometry.to_numpy()[pos]
-    import shapely
-
-    cent = shapely.centroid(geoms)  # points (circles) are their own centroid
+    cent = shapely.centroid(gdf.geometry.to_numpy()[pos])  # points (circles) are their own centroid
     coords = np.column_stack([shapely.get_x(cent), shapely.get_y(cent)]).astype(np.float64)
     logger.info("spatial_domains: no obsm coordinates; using the centroids of the shapes element %r.", region)
     return coords, f"centroids of shapes {region!r}"
