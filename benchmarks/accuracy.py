@@ -1,7 +1,7 @@
 """Accuracy of the predictions and usefulness of every confidence method, on real and synthetic data.
 
     python benchmarks/accuracy.py [--data ../shared/data] [--per-type] [--csv results.csv] [--no-scale]
-                                  [--alternatives]
+                                  [--alternatives] [--C 1.0]
 
 Cases (all run by default):
 
@@ -29,6 +29,8 @@ targets hold (>= 80 % of correct calls kept, >= 60 % of the left-out type below)
 principled alternatives tried to place the default's 0.8 threshold on real data (shift measured on held-out reference
 cells, a composition-robust shift, the product of the two probabilities, Platt scaling on held-out reference cells,
 and, as a bound no method can use, isotonic calibration on the query's own labels); it refits every model 5 times.
+``--C`` sets the inverse regularisation strength of every model trained (spatialcx's and the CellTypist baseline's;
+default 1.0, CellTypist's), to see how the scale of the decision scores moves the confidence.
 """
 
 from __future__ import annotations
@@ -128,10 +130,14 @@ def starmap_splits(path: Path) -> list[tuple[str, ad.AnnData, ad.AnnData]]:
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
+#: Inverse regularisation strength of every model trained here (``--C``); 1.0 is CellTypist's default.
+TRAIN_C = 1.0
+
+
 def fit_and_score(ref: ad.AnnData, query: ad.AnnData, leave_out: str | None = None):
     if leave_out is not None:
         ref = ref[ref.obs["label"].astype(str) != leave_out].copy()
-    model = scx.tl.train(ref, "label", genes=list(query.var_names), random_state=0)
+    model = scx.tl.train(ref, "label", genes=list(query.var_names), random_state=0, C=TRAIN_C)
     return model, compute_predictions(query, model).scores
 
 
@@ -280,7 +286,7 @@ def celltypist_baseline(ref: ad.AnnData, query: ad.AnnData, *, use_sgd: bool) ->
     original = ct_train.LogisticRegression
     ct_train.LogisticRegression = ovr_logistic_regression
     try:
-        model = celltypist.train(r, labels="label", use_SGD=use_sgd, n_jobs=1)
+        model = celltypist.train(r, labels="label", use_SGD=use_sgd, C=TRAIN_C, n_jobs=1)
     finally:
         ct_train.LogisticRegression = original
     pred = celltypist.annotate(q, model=model).predicted_labels["predicted_labels"].astype(str).to_numpy()
@@ -321,7 +327,7 @@ def heldout_scores(
     y = ref.obs["label"].astype(str).to_numpy()
     held = np.empty((len(y), model.n_classes))
     for train, test in StratifiedKFold(n_splits, shuffle=True, random_state=0).split(np.zeros(len(y)), y):
-        fold = fit_model(x[train], y[train], model.features, calibrate=False, random_state=0)
+        fold = fit_model(x[train], y[train], model.features, C=TRAIN_C, calibrate=False, random_state=0)
         cols = pd.Index(fold.classes).get_indexer(model.classes)
         assert (cols >= 0).all(), "every type needs at least n_splits reference cells"
         held[test] = fold.decision_function(x[test], genes=model.features)[:, cols]
@@ -479,7 +485,10 @@ def main() -> None:
         action="store_true",
         help="also evaluate the alternatives tried for the default's threshold (5-fold refits: several minutes)",
     )
+    p.add_argument("--C", type=float, default=1.0, help="inverse regularisation strength of every model trained")
     args = p.parse_args()
+    global TRAIN_C
+    TRAIN_C = args.C
     warnings.filterwarnings("ignore")
     logging.getLogger("celltypist").setLevel(logging.ERROR)
     pd.set_option("display.width", 200)
