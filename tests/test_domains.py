@@ -263,6 +263,34 @@ def test_backed_store_gets_table_columns_and_shapes(tmp_path):
     assert back.tables["table"].uns["domain"]["max_distance"] == 55
 
 
+def test_no_domain_writes_no_polygons_and_removes_an_earlier_runs(tmp_path, caplog):
+    from spatialdata import read_zarr
+
+    sdata = grid_sdata()
+    sdata.write(tmp_path / "g.zarr")
+    sdata = read_zarr(tmp_path / "g.zarr")
+    # no domain at all, no earlier polygons: a warning, the obs column empty, nothing to add
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=15, min_cells=10_000, add_shapes=True)
+    assert "no shapes element 'domain_shapes'" in caplog.text
+    assert "domain_shapes" not in sdata.shapes and sdata.tables["table"].obs["domain"].isna().all()
+
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15, add_shapes=True)
+    assert "domain_shapes" in read_zarr(tmp_path / "g.zarr").shapes
+    # a copy without domains drops the polygons from the copy only
+    out = scx.tl.spatial_domains(sdata, "selected", max_distance=15, min_cells=10_000, add_shapes=True, copy=True)
+    assert "domain_shapes" not in out.shapes and "domain_shapes" in sdata.shapes
+    # in place: the polygons of the earlier run describe domains that are gone, so they leave memory and the store
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=15, min_cells=10_000, add_shapes=True)
+    assert "the one of an earlier run is removed" in caplog.text
+    assert "domain_shapes" not in sdata.shapes
+    back = read_zarr(tmp_path / "g.zarr")
+    assert "domain_shapes" not in back.shapes and "cells" in back.shapes
+    assert back.tables["table"].obs["domain"].isna().all() and back.tables["table"].uns["domain"]["n_domains"] == 0
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # real Xenium data
 

@@ -724,3 +724,64 @@ def test_hard_crash_while_replacing_shapes_keeps_the_old_ones_and_recovers(v3_st
     back = sd.read_zarr(v3_store)
     assert list(back.shapes["domains"].index) == ["domain_1", "domain_2", "domain_3"]
     assert "later" in back.tables["table"].obs
+
+
+@pytest.mark.parametrize("store", ["v3_store", "v2_store"])
+def test_remove_shapes_element(store, request):
+    path = request.getfixturevalue(store)
+    sdata = sd.read_zarr(path)
+    sdata.shapes["domains"] = _squares(3)
+    _table.write_shapes_element(sdata, "domains")
+    formats = _formats(path)
+    cells_before = _under(_snapshot(path), "shapes/cells")
+
+    assert _table.remove_shapes_element(sdata, "domains") is True
+    assert "domains" in sdata.shapes  # the object in memory is the caller's business
+    assert not (path / "shapes" / "domains").exists() and not (path / WORK_DIR).exists()
+    back = sd.read_zarr(path)
+    assert list(back.shapes) == ["cells"] and "table" in back.tables
+    assert "domains" not in zarr.open_group(str(path), mode="r", use_consolidated=True)["shapes"]
+    assert _formats(path) == formats and _under(_snapshot(path), "shapes/cells") == cells_before
+    assert _table.remove_shapes_element(sdata, "domains") is False  # nothing left to remove
+
+
+_REMOVE_CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, warnings
+    warnings.simplefilter("ignore")
+    import spatialdata as sd
+    from spatialcx import _table
+
+    path, mode = sys.argv[1], sys.argv[2]
+    sdata = sd.read_zarr(path)
+    if mode == "after_metadata":
+        real_drop = _table._drop_from_consolidated
+        def then_die(*args):
+            real_drop(*args)  # the metadata no longer lists the element; its files are still in place
+            os._exit(17)
+        _table._drop_from_consolidated = then_die
+    else:  # after_move: the element's folder has left the store
+        real_rename = os.rename
+        def rename_then_die(src, dst):
+            real_rename(src, dst)
+            if str(src).endswith(os.path.join("shapes", "domains")):
+                os._exit(17)
+        os.rename = rename_then_die
+    _table.remove_shapes_element(sdata, "domains")
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["after_metadata", "after_move"])
+def test_hard_crash_while_removing_shapes_leaves_a_readable_store(v3_store, mode):
+    sdata = sd.read_zarr(v3_store)
+    sdata.shapes["domains"] = _squares(3)
+    _table.write_shapes_element(sdata, "domains")
+    proc = subprocess.run(
+        [sys.executable, "-c", _REMOVE_CRASH_SCRIPT, str(v3_store), mode], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 17, proc.stderr
+    back = sd.read_zarr(v3_store)  # readable: the metadata never lists an element whose files are gone
+    assert "cells" in back.shapes and "table" in back.tables
+    _table.remove_shapes_element(sdata, "domains")  # the next call finishes the job (or finds it done)
+    assert list(sd.read_zarr(v3_store).shapes) == ["cells"] and not (v3_store / WORK_DIR).exists()

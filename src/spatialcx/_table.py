@@ -738,9 +738,57 @@ def write_shapes_element(sdata: SpatialData, shapes_key: str) -> None:
     logger.info(f"Wrote the shapes element {shapes_key!r} into {store}.")
 
 
+def remove_shapes_element(sdata: SpatialData, shapes_key: str) -> bool:
+    """Remove the shapes element ``shapes_key`` from the zarr store of ``sdata``, crash-safely.
+
+    The element is first dropped from the store's consolidated metadata (rewritten atomically), then its folder is
+    moved into the work directory and deleted: at every moment the store reads, with or without the element, and
+    never lists an element whose files are gone. The in-memory ``sdata`` is not changed. Returns whether there was an
+    element to remove.
+    """
+    store = _local_store_path(sdata)
+    with _store_lock(store), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        _recover(store)
+        live = store / "shapes" / shapes_key
+        if not live.exists():
+            return False
+        _drop_from_consolidated(store, f"shapes/{shapes_key}")
+        stage = _new_stage(store)
+        os.rename(live, stage / shapes_key)
+        _fsync_dir(live.parent)
+        _cleanup(store, stage)
+        _refresh_consolidated(store)
+    logger.info(f"Removed the shapes element {shapes_key!r} from {store}.")
+    return True
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Consolidated metadata and durability
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _drop_from_consolidated(group_dir: Path, node: str) -> None:
+    """Remove ``node`` and everything under it from every consolidated metadata of the group, each rewritten atomically."""
+    prefix = node.rstrip("/") + "/"
+
+    def keep(key: str) -> bool:
+        return key != node and not key.startswith(prefix)
+
+    v3 = group_dir / "zarr.json"
+    if v3.is_file():
+        meta = json.loads(v3.read_text())
+        consolidated = meta.get("consolidated_metadata")
+        if isinstance(consolidated, dict) and isinstance(consolidated.get("metadata"), dict):
+            consolidated["metadata"] = {k: v for k, v in consolidated["metadata"].items() if keep(k)}
+            _write_json_atomic(v3, meta)
+        return
+    for name in (".zmetadata", "zmetadata"):
+        path = group_dir / name
+        if path.is_file():
+            meta = json.loads(path.read_text())
+            meta["metadata"] = {k: v for k, v in meta.get("metadata", {}).items() if keep(k)}
+            _write_json_atomic(path, meta, indent=4, sort_keys=True)
 
 
 def _refresh_consolidated(group_dir: Path) -> None:
@@ -778,13 +826,19 @@ def _v2_consolidated(group_dir: Path) -> dict[str, Any]:
 
 
 def _write_v2_consolidated(group_dir: Path, target: Path) -> None:
+    _write_json_atomic(target, _v2_consolidated(group_dir), indent=4, sort_keys=True)
+
+
+def _write_json_atomic(target: Path, value: Any, **dump_kwargs: Any) -> None:
+    """Write JSON to a temporary file beside ``target``, flush it to disk, then rename it over ``target``."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
     try:
         with open(tmp, "w") as f:
-            json.dump(_v2_consolidated(group_dir), f, indent=4, sort_keys=True)
+            json.dump(value, f, **dump_kwargs)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -195,8 +195,18 @@ def spatial_domains(
     n_cells_dropped = int((labels_sel < 0).sum())
 
     gdf = None
-    if add_shapes:
+    if add_shapes and names:
         gdf = _domain_polygons(coords[sel_idx], labels_sel, names, sizes, radius=distance / 2.0)
+    # no domain: no polygons, and polygons of an earlier run under the same key would describe domains that are gone
+    stale = add_shapes and not names and shapes_key in ref.sdata.shapes
+    if add_shapes and not names:
+        logger.warning(
+            "spatial_domains(%r): no domain of at least %d linked cells, so no shapes element %r%s.",
+            key_added,
+            int(min_cells),
+            shapes_key,
+            " (the one of an earlier run is removed)" if stale else "",
+        )
 
     # assign (everything computed and validated above)
     codes = np.full(adata.n_obs, -1, dtype=np.int64)
@@ -248,12 +258,21 @@ def spatial_domains(
         if shapes_key in ref.sdata.shapes:
             logger.info("spatial_domains: replacing the shapes element %r.", shapes_key)
         ref.sdata.shapes[shapes_key] = shapes
+    if stale and not copy:
+        del ref.sdata.shapes[shapes_key]
     out = ref.finish(write=write, elements=("obs", "uns"))
     if shapes is not None:
         if copy:
             out.shapes[shapes_key] = shapes  # the copy shares the other elements, never the original's dict
         elif write and ref.sdata.is_backed():
             _write_shapes(ref.sdata, shapes_key)
+    elif stale:
+        if copy:
+            out.shapes.pop(shapes_key, None)
+        elif write and ref.sdata.is_backed():
+            from spatialcx._table import remove_shapes_element
+
+            remove_shapes_element(ref.sdata, shapes_key)
     return out
 
 
