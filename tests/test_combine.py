@@ -75,10 +75,10 @@ def test_combine_structure_values_and_provenance(tmp_path):
 
 def test_default_exclude_labels_exact_and_case_sensitive():
     labels = dict.fromkeys(DEFAULT_EXCLUDE_LABELS, 12)
-    labels.update({"T cell": 12, "UNASSIGNED": 12, "unknown cells": 12, "Doublets": 12})
+    labels.update({"T cell": 12, "UNASSIGNED": 12, "unknown cells": 12, "Doublet cells": 12})
     ref = make_ref(labels, MOUSE_SYMBOLS)
     out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
-    assert set(out.obs["original_label"].cat.categories) == {"T cell", "UNASSIGNED", "unknown cells", "Doublets"}
+    assert set(out.obs["original_label"].cat.categories) == {"T cell", "UNASSIGNED", "unknown cells", "Doublet cells"}
     excluded = out.uns["spatialcx_references"]["ref0"]["excluded_labels"]
     assert set(excluded["labels"]) == set(DEFAULT_EXCLUDE_LABELS) and set(excluded["n_cells"]) == {12}
     kept_all = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, exclude_labels=[])
@@ -227,8 +227,13 @@ def test_real_hypothalamus_reference(shared_data, tmp_path):
     assert list(out.var_names) == panel
     sub = full[out.obs_names, panel]
     np.testing.assert_array_equal(out.layers["counts"].toarray(), sub.X.toarray())
-    assert out.obs["original_label"].nunique() == 14
-    assert out.n_obs == full.n_obs - out.uns["spatialcx_references"]["reference_scrna"]["n_cells_without_counts"]
+    # 14 author labels; "Ambiguous" (100 cells) is not a cell type and is left out by default
+    assert out.obs["original_label"].nunique() == 13 and "Ambiguous" not in set(out.obs["original_label"])
+    prov = out.uns["spatialcx_references"]["reference_scrna"]
+    assert list(prov["excluded_labels"]["labels"]) == ["Ambiguous"] and list(prov["excluded_labels"]["n_cells"]) == [
+        100
+    ]
+    assert out.n_obs == full.n_obs - 100 - prov["n_cells_without_counts"]
     balanced = scx.pp.subsample_balanced(out, "original_label", max_cells_per_type=50, min_cells_per_type=10)
     assert balanced.obs["original_label"].value_counts().max() == 50
     used = balanced.uns["spatialcx_references"]["reference_scrna"]["cells_used"]

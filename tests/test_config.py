@@ -97,6 +97,30 @@ def test_annotate_from_config_passes_every_field(monkeypatch, tmp_path):
     assert seen["references"] == ["x.h5ad"] and seen["copy"] is False
 
 
+def test_exclude_labels_in_config(monkeypatch):
+    from spatialcx._constants import DEFAULT_EXCLUDE_LABELS
+
+    cfg = AnnotationConfig.from_yaml("references: [a.h5ad]\nlabel_keys: x\nexclude_labels: [NA, Unstable]\n")
+    assert cfg.exclude_labels == ["NA", "Unstable"]
+    assert AnnotationConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert AnnotationConfig.from_yaml(
+        "references: [a.h5ad]\nlabel_keys: x\nexclude_labels: Unstable\n"
+    ).exclude_labels == ["Unstable"]
+    with pytest.raises(TypeError, match="exclude_labels must be a list"):
+        AnnotationConfig.from_yaml("references: [a.h5ad]\nlabel_keys: x\nexclude_labels: {a: 1}\n")
+    seen = {}
+    monkeypatch.setattr(_annotate, "annotate", lambda data, references, **kw: seen.update(kw))
+    scx.tl.annotate_from_config(None, cfg)
+    assert seen["exclude_labels"] == ["NA", "Unstable"]
+    seen.clear()
+    scx.tl.annotate_from_config(None, {"references": ["a.h5ad"], "label_keys": "x"})
+    assert "exclude_labels" not in seen  # annotate's own default applies
+    import inspect
+
+    assert inspect.signature(scx.tl.annotate).parameters["exclude_labels"].default == DEFAULT_EXCLUDE_LABELS
+    assert {"Ambiguous", "Doublets", "Unclassified", "NA", "Unknown"} <= set(DEFAULT_EXCLUDE_LABELS)
+
+
 def test_real_pair_annotated_from_a_file_uri(shared_data, tmp_path):
     ref = shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad")
     query = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "merfish_query.h5ad"))

@@ -36,8 +36,14 @@ DEFAULT_EXCLUDE_LABELS: tuple[str, ...] = (
     "null",
     "doublet",
     "Doublet",
+    "doublets",
+    "Doublets",
     "low quality",
     "Low quality",
+    "ambiguous",
+    "Ambiguous",
+    "unclassified",
+    "Unclassified",
 )
 
 #: Where raw counts are looked for, in order.

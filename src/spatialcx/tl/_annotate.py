@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from spatialcx._constants import (
+    DEFAULT_EXCLUDE_LABELS,
     KEY_ADDED,
     ORIGINAL_LABEL_KEY,
     SOURCE_KEY,
@@ -82,6 +83,7 @@ def annotate(
     max_cells_per_type: int = 5000,
     max_cells_per_ref: int = 100_000,
     target_proportions: Mapping[str, float] | str | os.PathLike | None = None,
+    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
     confidence_threshold: float = 0.8,
     confidence: str = "calibrated",
     model_out: str | os.PathLike | None = None,
@@ -124,6 +126,11 @@ def annotate(
         Cap of cells read from each reference.
     target_proportions
         Optional wanted share of each type in the training set (dict, JSON or CSV path).
+    exclude_labels
+        Reference labels that are not cell types; their cells are left out of training (exact, case-sensitive
+        match). The default (:data:`~spatialcx._constants.DEFAULT_EXCLUDE_LABELS`) covers ``NA``, ``Unknown``,
+        ``Doublet``, ``Ambiguous``, ``Unclassified``, ``Low quality`` and their usual spellings; pass
+        ``[*DEFAULT_EXCLUDE_LABELS, "Unstable"]`` to add a reference's own.
     confidence_threshold
         Cells with a confidence below it are ``Unassigned`` in ``{key_added}``.
     confidence
@@ -182,6 +189,7 @@ def annotate(
         label_keys,
         genes=panel,
         max_cells_per_ref=max_cells_per_ref,
+        exclude_labels=exclude_labels,
         random_state=random_state,
     )
     balanced = subsample_balanced(
@@ -229,6 +237,9 @@ def annotate(
             "balance": balance,
             "max_cells_per_type": int(max_cells_per_type),
             "max_cells_per_ref": int(max_cells_per_ref),
+            "exclude_labels": [
+                str(x) for x in ([exclude_labels] if isinstance(exclude_labels, str) else exclude_labels)
+            ],
             "random_state": int(random_state),
         }
     )

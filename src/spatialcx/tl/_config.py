@@ -47,6 +47,9 @@ class AnnotationConfig:
         ``s3://``). Relative local paths in a YAML file are taken relative to that file.
     label_keys
         Label column of each reference, or one for all.
+    exclude_labels
+        Reference labels that are not cell types, left out of training; ``None`` (default): the package's list
+        (``NA``, ``Unknown``, ``Doublet``, ``Ambiguous``, ...), as in :func:`spatialcx.tl.annotate`.
     table_key, tissue, balance, max_cells_per_type, max_cells_per_ref, target_proportions, confidence_threshold,
     confidence, model_out, plots_dir, add_ontology, plots, random_state
         As in :func:`spatialcx.tl.annotate`.
@@ -60,6 +63,7 @@ class AnnotationConfig:
     max_cells_per_type: int = 5000
     max_cells_per_ref: int = 100_000
     target_proportions: dict[str, float] | str | None = None
+    exclude_labels: list[str] | None = None
     confidence_threshold: float = 0.8
     confidence: str = "calibrated"
     model_out: str | None = None
@@ -100,6 +104,15 @@ class AnnotationConfig:
             )
         if isinstance(self.target_proportions, Mapping):
             self.target_proportions = {str(k): float(v) for k, v in self.target_proportions.items()}
+        if isinstance(self.exclude_labels, str):
+            self.exclude_labels = [self.exclude_labels]
+        if self.exclude_labels is not None:
+            if not isinstance(self.exclude_labels, list | tuple):
+                raise TypeError(
+                    f"exclude_labels must be a list of labels (or null for the default), got "
+                    f"{type(self.exclude_labels).__name__}."
+                )
+            self.exclude_labels = [str(x) for x in self.exclude_labels]
         for name in _PATH_FIELDS:
             value = getattr(self, name)
             if value is not None:
@@ -205,4 +218,6 @@ def annotate_from_config(
         cfg = AnnotationConfig.from_yaml(config)
     kwargs = cfg.to_dict()
     references = kwargs.pop("references")
+    if kwargs["exclude_labels"] is None:
+        del kwargs["exclude_labels"]  # annotate's default
     return _annotate.annotate(data, references, copy=copy, **kwargs)
