@@ -1,15 +1,86 @@
-"""The ``spatialcx`` command: ``demo`` and ``annotate``."""
+"""The ``spatialcx`` command: ``demo``, ``annotate`` and ``classify``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+
+class CommandError(Exception):
+    """A problem with the command's input, reported as one line (no traceback) with exit status 2."""
+
+
+def _is_h5ad(path: Path) -> bool:
+    if path.suffix.lower() == ".h5ad":
+        return True
+    if path.is_file():
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    return False
+
+
+def _write_h5ad_atomic(adata: Any, path: Path) -> None:
+    """Write ``adata`` to a temporary file beside ``path``, then rename it over ``path``: never a partial file."""
+    path = path.resolve()
+    tmp = path.with_name(f".{path.name}.spatialcx-{os.getpid()}.tmp.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_data(path_str: str, *, table_key: str, out: str | None) -> tuple[Any, Callable[[], str]]:
+    """Open a SpatialData zarr store or an ``.h5ad`` file; return it and a function that saves the result.
+
+    A SpatialData store is annotated in place (the functions persist their keys crash-safely); an ``.h5ad`` file is
+    rewritten atomically, in place or to ``out``.
+    """
+    path = Path(path_str)
+    if not path.exists():
+        raise CommandError(f"{path_str}: no such file or directory (expected a SpatialData .zarr store or an .h5ad).")
+    if _is_h5ad(path):
+        import anndata as ad
+
+        adata = ad.read_h5ad(path)
+        target = Path(out) if out is not None else path
+
+        def save() -> str:
+            _write_h5ad_atomic(adata, target)
+            return str(target)
+
+        return adata, save
+    if out is not None:
+        raise CommandError(
+            "--out applies to .h5ad input only; a SpatialData store is annotated in place (copy the store first to "
+            "keep the original)."
+        )
+    import spatialdata as sd
+
+    try:
+        sdata = sd.read_zarr(path)
+    except Exception as e:
+        raise CommandError(
+            f"{path_str} could not be read as a SpatialData zarr store ({type(e).__name__}: {e}). Pass a SpatialData "
+            "store or an .h5ad file."
+        ) from e
+    if table_key not in sdata.tables:
+        raise CommandError(
+            f"{path_str} has no table {table_key!r}; its tables: {sorted(sdata.tables)}. Choose one with --table-key."
+        )
+    return sdata, lambda: path_str
+
+
+def _table(data: Any, table_key: str) -> Any:
+    return data.tables[table_key] if hasattr(data, "tables") else data
 
 
 def _parse_reference(spec: str) -> tuple[str, str | None]:
@@ -74,23 +145,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_annotate(args: argparse.Namespace) -> int:
-    import spatialdata as sd
-
     import spatialcx as scx
+    from spatialcx._constants import DEFAULT_EXCLUDE_LABELS
 
     refs, keys = [], []
     for spec in args.reference:
         path, key = _parse_reference(spec)
         key = key or args.label_key
         if key is None:
-            print(f"No label key for reference {path!r}: use PATH::LABEL_KEY or --label-key.", file=sys.stderr)
-            return 2
+            raise CommandError(f"no label key for reference {path!r}: use PATH::LABEL_KEY or --label-key.")
         refs.append(path)
         keys.append(key)
-    sdata = sd.read_zarr(args.store)
+    data, save = _open_data(args.store, table_key=args.table_key, out=args.out)
+    exclude = [*DEFAULT_EXCLUDE_LABELS, *(args.exclude_label or [])]
     t0 = time.perf_counter()
     scx.tl.annotate(
-        sdata,
+        data,
         refs,
         label_keys=keys,
         table_key=args.table_key,
@@ -99,15 +169,69 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         max_cells_per_type=args.max_cells_per_type,
         balance=args.balance,
+        exclude_labels=exclude,
         model_out=args.model_out,
         plots_dir=args.plots_dir,
         plots=args.plots_dir is not None,
         random_state=args.seed,
     )
-    table = sdata.tables[args.table_key]
+    written = save()
+    table = _table(data, args.table_key)
     counts = table.obs["cell_type"].value_counts()
-    print(f"annotated {table.n_obs:,} cells in {time.perf_counter() - t0:.1f} s; written into {args.store}")
+    print(f"annotated {table.n_obs:,} cells in {time.perf_counter() - t0:.1f} s; written into {written}")
     print(counts.to_string())
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import spatialcx as scx
+
+    data, save = _open_data(args.data, table_key=args.table_key, out=args.out)
+    key = args.key_added
+    scx.tl.classify_by_threshold(
+        data,
+        args.features,
+        metagene=args.metagene,
+        method=args.method,
+        probability_cutoff=args.probability_cutoff,
+        key_added=key,
+        table_key=args.table_key,
+        random_state=args.seed,
+        plot=args.plots_dir is not None,
+        plots_dir=args.plots_dir,
+    )
+    table = _table(data, args.table_key)
+    high = table.obs[f"{key}_cluster"].to_numpy() == 1
+    params = table.uns[key]
+    print(
+        f"{key}: {', '.join(args.features)} ({params['method']}, {params['metagene']}): threshold "
+        f"{params['threshold']:.4g}; {int(high.sum()):,} of {table.n_obs:,} cells high ({high.mean():.1%})"
+    )
+    if args.domains:
+        scx.tl.spatial_domains(
+            data,
+            f"{key}_cluster",
+            value=1,
+            table_key=args.table_key,
+            platform=args.platform,
+            max_distance=args.max_distance,
+            min_cells=args.min_cells,
+            key_added=args.domain_key,
+            prefix=args.domain_key,
+            add_shapes=hasattr(data, "tables"),
+        )
+        domains = table.obs[args.domain_key].value_counts()
+        domains = domains[domains > 0]
+        info = table.uns[args.domain_key]
+        print(
+            f"{args.domain_key}: {len(domains)} domain(s) of at least {info['min_cells']} linked high cells "
+            f"(linking distance {info['max_distance']:.4g}); {int(info['n_cells_dropped']):,} high cells in none"
+        )
+        if len(domains):
+            print(domains.to_string())
+        else:
+            print("no domain: the high cells are scattered; raise --max-distance or lower --min-cells to link them")
+    print(f"written into {save()}")
     return 0
 
 
@@ -128,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--min-accuracy", type=float, default=0.0, help="exit with 1 below this accuracy")
     demo.set_defaults(func=_cmd_demo)
 
-    ann = sub.add_parser("annotate", help="annotate a SpatialData zarr store from labelled references")
-    ann.add_argument("store", help="SpatialData zarr store (annotated in place, crash-safely)")
+    data_help = "SpatialData zarr store (annotated in place, crash-safely) or .h5ad file (rewritten atomically)"
+    out_help = "for .h5ad input: write the result here instead of replacing the input"
+    ann = sub.add_parser("annotate", help="annotate a SpatialData zarr store or an .h5ad from labelled references")
+    ann.add_argument("store", metavar="data", help=data_help)
     ann.add_argument(
         "-r",
         "--reference",
@@ -149,10 +275,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ann.add_argument("--max-cells-per-type", type=int, default=5000)
     ann.add_argument("--balance", choices=["proportional", "equal"], default="proportional")
+    ann.add_argument(
+        "--exclude-label",
+        action="append",
+        metavar="LABEL",
+        help="a reference label that is not a cell type, left out of training (repeatable; added to the defaults "
+        "NA, Unknown, Doublet, Ambiguous, ...)",
+    )
     ann.add_argument("--model-out", default=None, help="save the trained model (.npz)")
     ann.add_argument("--plots-dir", default=None, help="write QC plots here")
     ann.add_argument("--seed", type=int, default=0)
+    ann.add_argument("--out", default=None, help=out_help)
     ann.set_defaults(func=_cmd_annotate)
+
+    cls = sub.add_parser(
+        "classify", help="classify cells as high or low for markers, optionally grouping the high cells into domains"
+    )
+    cls.add_argument("data", help=data_help)
+    cls.add_argument("features", nargs="+", help="marker genes (var_names) and/or numeric obs columns")
+    cls.add_argument("--method", choices=["gmm", "ks"], default="gmm", help="how the score is split (see the docs)")
+    cls.add_argument(
+        "--metagene",
+        choices=["shifted_geometric_mean", "mean", "pc1"],
+        default="shifted_geometric_mean",
+        help="how several markers become one score",
+    )
+    cls.add_argument("--probability-cutoff", type=float, default=0.3, help="P(high) above which a cell is high (gmm)")
+    cls.add_argument("--key-added", default="threshold", help="prefix of the obs/uns keys written")
+    cls.add_argument("--table-key", default="table")
+    cls.add_argument("--plots-dir", default=None, help="write the diagnostic figure here")
+    cls.add_argument("--seed", type=int, default=0)
+    cls.add_argument("--domains", action="store_true", help="group the high cells into contiguous spatial domains")
+    cls.add_argument("--domain-key", default="domain", help="obs column (and shapes prefix) of the domains")
+    cls.add_argument(
+        "--platform",
+        choices=["xenium", "cosmx", "merscope", "visium_hd"],
+        default=None,
+        help="platform default for the linking distance of the domains",
+    )
+    cls.add_argument("--max-distance", type=float, default=None, help="linking distance of the domains")
+    cls.add_argument("--min-cells", type=int, default=10, help="smallest domain (smaller ones are merged)")
+    cls.add_argument("--out", default=None, help=out_help)
+    cls.set_defaults(func=_cmd_classify)
     return parser
 
 
@@ -163,9 +327,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # zarr's notice about a future default is not actionable for users of the command
     warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+    # docstring-template notices from a dependency's import, not about the user's data
+    warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
     scx.settings.verbosity = min(1 + args.verbose, 3)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (CommandError, ValueError, KeyError, FileNotFoundError, ImportError) as e:
+        if args.verbose >= 2:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"spatialcx {args.command}: error: {message}", file=sys.stderr)
+        print("(run with -vv for the full traceback)", file=sys.stderr)
+        return 2 if isinstance(e, CommandError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,148 @@
+"""The ``spatialcx`` command on AnnData files and SpatialData stores: annotate, classify, errors."""
+
+from __future__ import annotations
+
+import hashlib
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import spatialcx as scx
+from spatialcx.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    """The demo slide as a SpatialData store and as an .h5ad table, and its reference with two non-type labels."""
+    root = tmp_path_factory.mktemp("cli")
+    sdata, reference = scx.datasets.demo(n_cells=700, n_reference_cells=1500, random_state=0)
+    labels = reference.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[:40] = "Unstable"  # a reference's own word for cells that are not a type
+    labels[40:80] = "Ambiguous"  # one of the package's default exclusions
+    reference.obs["cell_type"] = labels
+    reference.write_h5ad(root / "ref.h5ad")
+    sdata.write(root / "slide.zarr")
+    table = sdata.tables["table"].copy()
+    table.write_h5ad(root / "slide.h5ad")
+    return root
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_annotate_h5ad_to_out_then_in_place(demo_files, tmp_path, capsys):
+    src = tmp_path / "slide.h5ad"
+    src.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    before = _digest(src)
+    ref = f"{demo_files / 'ref.h5ad'}::cell_type"
+    rc = cli_main(["annotate", str(src), "-r", ref, "--exclude-label", "Unstable", "--out", str(tmp_path / "o.h5ad")])
+    assert rc == 0
+    assert "annotated 700 cells" in capsys.readouterr().out
+    assert _digest(src) == before  # --out leaves the input as it was
+    out = ad.read_h5ad(tmp_path / "o.h5ad")
+    classes = out.uns["cell_type"]["classes"]
+    assert "Unstable" not in classes and "Ambiguous" not in classes and len(classes) == 13
+    assert "Unstable" in out.uns["cell_type"]["exclude_labels"] and "NA" in out.uns["cell_type"]["exclude_labels"]
+    assert out.obs["cell_type_confidence"].between(0, 1).all()
+    assert (out.obs["cell_type_predicted"].astype(str) == out.obs["true_cell_type"].astype(str)).mean() > 0.85
+
+    rc = cli_main(["annotate", str(src), "-r", ref])  # in place, rewritten atomically
+    assert rc == 0
+    again = ad.read_h5ad(src)
+    assert "cell_type_ontology_term_id" in again.obs
+    np.testing.assert_array_equal(again.X.toarray(), ad.read_h5ad(demo_files / "slide.h5ad").X.toarray())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.h5ad", "slide.h5ad"]  # no temporary file left
+
+
+def test_failed_h5ad_write_leaves_the_file(demo_files, tmp_path, monkeypatch):
+    from spatialcx import cli
+
+    src = tmp_path / "slide.h5ad"
+    src.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    before = _digest(src)
+    adata = ad.read_h5ad(src)
+    adata.obs["new"] = 1
+
+    def half_write(self, path, *args, **kwargs):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        cli._write_h5ad_atomic(adata, src)
+    assert _digest(src) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["slide.h5ad"]
+
+
+def test_classify_store_with_domains(demo_files, tmp_path, capsys):
+    import shutil
+
+    import spatialdata as sd
+
+    store = tmp_path / "slide.zarr"
+    shutil.copytree(demo_files / "slide.zarr", store)
+    rc = cli_main(["classify", str(store), "CD19", "MS4A1", "--domains", "--key-added", "bcell", "--domain-key", "fol"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "bcell: CD19, MS4A1 (gmm, shifted_geometric_mean)" in out and "fol: 1 domain(s)" in out
+    back = sd.read_zarr(store)
+    obs = back.tables["table"].obs
+    assert set(obs["bcell_cluster"].unique()) == {0, 1}
+    in_domain = obs["fol"].notna()
+    assert in_domain.sum() >= 10 and (obs.loc[in_domain, "bcell_cluster"] == 1).all()
+    # the domain holds the slide's B-cell follicle: mostly B cells
+    assert (obs.loc[in_domain, "true_cell_type"].astype(str) == "B cell").mean() > 0.6
+    assert list(back.shapes["fol_shapes"].index) == ["fol_1"]
+
+
+def test_classify_h5ad_with_plot(demo_files, tmp_path, capsys):
+    rc = cli_main(
+        [
+            "classify",
+            str(demo_files / "slide.h5ad"),
+            "ACTA2",
+            "--method",
+            "ks",
+            "--plots-dir",
+            str(tmp_path / "plots"),
+            "--out",
+            str(tmp_path / "c.h5ad"),
+        ]
+    )
+    assert rc == 0
+    assert "threshold: ACTA2 (ks" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "threshold_threshold.png").stat().st_size > 10_000
+    out = ad.read_h5ad(tmp_path / "c.h5ad")
+    assert out.uns["threshold"]["method"] == "ks"
+    np.testing.assert_array_equal(
+        out.obs["threshold_cluster"].to_numpy(), (out.obs["threshold_score"] > out.uns["threshold"]["threshold"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["classify", "{tmp}/nope.zarr", "CD19"], 2, "no such file or directory"),
+        (["classify", "{tmp}", "CD19"], 2, "could not be read as a SpatialData zarr store"),
+        (["classify", "{store}", "CD19", "--table-key", "cells"], 2, r"no table 'cells'; its tables: \['table'\]"),
+        (["classify", "{store}", "CD19", "--out", "{tmp}/x.h5ad"], 2, "--out applies to .h5ad input only"),
+        (["classify", "{h5ad}", "NOTAGENE"], 1, r"\['NOTAGENE'\] are neither genes"),
+        (["annotate", "{h5ad}", "-r", "{ref}"], 2, "no label key for reference"),
+        (["annotate", "{h5ad}", "-r", "{ref}::no_such_column"], 1, "no_such_column"),
+    ],
+)
+def test_errors_are_one_line_and_write_nothing(demo_files, tmp_path, capsys, argv, code, message):
+    import re
+
+    h5ad = tmp_path / "slide.h5ad"
+    h5ad.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    before = _digest(h5ad)
+    fill = {"tmp": str(tmp_path), "store": str(demo_files / "slide.zarr"), "h5ad": str(h5ad)}
+    fill["ref"] = str(demo_files / "ref.h5ad")
+    assert cli_main([a.format(**fill) for a in argv]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"spatialcx {argv[0]}: error: ") and re.search(message, err), err
+    assert "Traceback" not in err
+    assert _digest(h5ad) == before
