@@ -1,11 +1,13 @@
-"""Small internal helpers: progress bars, optional imports, seeding."""
+"""Small internal helpers: progress bars, optional imports, atomic file writes."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ._settings import settings
@@ -40,3 +42,24 @@ def set_default_permissions(path: str | os.PathLike) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any], *, suffix: str = ".tmp") -> Path:
+    """Make the file ``path`` with ``write(tmp)`` on a temporary file beside it, then rename that over ``path``.
+
+    Readers see the old file or the whole new one, never a partial one; on any error (or interrupt) the temporary file
+    is removed and ``path`` is left as it was. The folder is created if needed, and the file gets the permissions a
+    plain ``open(path, "w")`` would give. ``suffix`` is the temporary file's (some writers want ``.h5ad`` or ``.png``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        set_default_permissions(tmp)
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import time
@@ -28,14 +27,10 @@ def _is_h5ad(path: Path) -> bool:
 
 
 def _write_h5ad_atomic(adata: Any, path: Path) -> None:
-    """Write ``adata`` to a temporary file beside ``path``, then rename it over ``path``: never a partial file."""
-    path = path.resolve()
-    tmp = path.with_name(f".{path.name}.spatialcx-{os.getpid()}.tmp.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``adata`` to ``path`` through a temporary file renamed over it: never a partial file."""
+    from spatialcx._utils import write_atomically
+
+    write_atomically(path, adata.write_h5ad, suffix=".h5ad")
 
 
 def _open_data(path_str: str, *, table_key: str, out: str | None) -> tuple[Any, Callable[[], str]]:

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .._settings import logger
-from .._utils import import_optional
+from .._utils import import_optional, write_atomically
 from ._uri import get_filesystem, is_remote, split_protocol
 
 #: Predefined CELLxGENE datasets for ``acquire_reference("cellxgene://<key>", ...)``. ``dataset_id`` is the
@@ -142,12 +141,7 @@ def _store(local: Path, target: str, storage_options: dict[str, Any] | None) -> 
     if local.parent == dest.parent or local.parent.parent == dest.parent:
         os.replace(local, dest)  # same folder tree, same filesystem: atomic
         return
-    tmp = dest.with_name(f".{dest.name}.part-{uuid.uuid4().hex}")
-    try:
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(dest, lambda tmp: shutil.copyfile(local, tmp))
 
 
 def _mark(path: Path, info: dict[str, Any]) -> None:

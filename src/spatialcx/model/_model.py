@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from scipy import sparse
 
 from spatialcx._constants import TARGET_SUM
 from spatialcx._settings import logger
-from spatialcx._utils import set_default_permissions
+from spatialcx._utils import write_atomically
 
 if TYPE_CHECKING:
     from celltypist.models import Model as CelltypistModel
@@ -266,16 +265,12 @@ class CellTypeModel:
             "scaler_scale": self.scaler_scale,
             "meta": np.array(json.dumps(meta, default=_json_default)),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            set_default_permissions(tmp)
-            with os.fdopen(fd, "wb") as fh:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: numpy would add ".npz" to a path
                 np.savez_compressed(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+
+        return write_atomically(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CellTypeModel:

@@ -12,12 +12,10 @@ Users extend the index with their own entries (label -> CL id) by passing a file
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from spatialcx._settings import logger
-from spatialcx._utils import set_default_permissions
+from spatialcx._utils import write_atomically
 
 from ._patterns import Patterns, load_patterns
 from ._text import NORMALIZER_VERSION
@@ -260,19 +258,13 @@ def _cache_path(directory: Path, release: str, patterns: Patterns) -> Path:
 
 
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        set_default_permissions(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, separators=(",", ":"))
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    write_atomically(path, write)
 
 
 def _read_cached(path: Path, release: str) -> OntologyIndex | None:

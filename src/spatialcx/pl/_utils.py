@@ -12,7 +12,6 @@ transforms are.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from anndata import AnnData
 
 from .._settings import logger
 from .._table import instance_positions
-from .._utils import set_default_permissions
+from .._utils import write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -741,17 +740,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = SAVE_DP
             f"Cannot save the figure to {str(path)!r}: the suffix {path.suffix or '(none)'!r} is not a figure format. "
             f"Use one of: {', '.join('.' + s for s in sorted(supported))} (e.g. '.png' or '.pdf')."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        set_default_permissions(tmp)
-        # Figures with a layout engine are already laid out; "tight" would draw them twice.
-        bbox = None if fig.get_layout_engine() is not None else "tight"
-        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches=bbox)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Figures with a layout engine are already laid out; "tight" would draw them twice.
+    bbox = None if fig.get_layout_engine() is not None else "tight"
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches=bbox), suffix=path.suffix)
     logger.info("Saved figure to %s", path)
     return path

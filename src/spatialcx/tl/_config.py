@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,14 +175,9 @@ class AnnotationConfig:
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                tmp.write_text(text)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            from spatialcx._utils import write_atomically
+
+            write_atomically(path, lambda tmp: tmp.write_text(text))
         return text
 
 
