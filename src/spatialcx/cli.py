@@ -215,8 +215,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             prefix=args.domain_key,
             add_shapes=hasattr(data, "tables"),
         )
-        domains = table.obs[args.domain_key].value_counts()
-        domains = domains[domains > 0]
+        domains = table.obs[args.domain_key].value_counts()  # categories are the domains, each with cells
         info = table.uns[args.domain_key]
         print(
             f"{args.domain_key}: {len(domains)} domain(s) of at least {info['min_cells']} linked high cells "
@@ -233,6 +232,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spatialcx`` command."""
     from spatialcx import __version__
+    from spatialcx.tl._confidence import CONFIDENCE_METHODS
+    from spatialcx.tl._domains import PLATFORM_MAX_DISTANCE
+    from spatialcx.tl._threshold import METAGENES, METHODS
 
     parser = argparse.ArgumentParser(prog="spatialcx", description="Cell types for spatial transcriptomics.")
     parser.add_argument("--version", action="version", version=f"spatialcx {__version__}")
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument(
         "--confidence",
         default="calibrated",
-        choices=["calibrated", "zscore", "margin", "softmax", "raw"],
+        choices=[m for m in CONFIDENCE_METHODS if m != "cell_zscore"],  # the per-cell z-score is a baseline only
         help="confidence method (see the docs)",
     )
     ann.add_argument("--max-cells-per-type", type=int, default=5000)
@@ -288,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cls.add_argument("data", help=data_help)
     cls.add_argument("features", nargs="+", help="marker genes (var_names) and/or numeric obs columns")
-    cls.add_argument("--method", choices=["gmm", "ks"], default="gmm", help="how the score is split (see the docs)")
+    cls.add_argument("--method", choices=METHODS, default="gmm", help="how the score is split (see the docs)")
     cls.add_argument(
         "--metagene",
-        choices=["shifted_geometric_mean", "mean", "pc1"],
+        choices=METAGENES,
         default="shifted_geometric_mean",
         help="how several markers become one score",
     )
@@ -304,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--domain-key", default="domain", help="obs column (and shapes prefix) of the domains")
     cls.add_argument(
         "--platform",
-        choices=["xenium", "cosmx", "merscope", "visium_hd"],
+        choices=list(PLATFORM_MAX_DISTANCE),
         default=None,
         help="platform default for the linking distance of the domains",
     )
