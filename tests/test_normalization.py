@@ -264,6 +264,24 @@ def test_dask_reads_only_sampled_rows(fmt):
     assert status.stats == scx.pp.normalization_status(adata_of(x)).stats
 
 
+def test_dask_with_small_chunks_reads_a_few_chunks_not_the_whole_table():
+    """anndata's lazy reader makes 1,000-row chunks: rows drawn from the whole table would touch almost all of them."""
+    c = sparse.csr_matrix(make_counts(200_000, 20, mean=1.0, seed=5))
+    counter = _RowCounter()
+    a = adata_of(counting_dask(c, 1_000, counter))
+    status = scx.pp.normalization_status(a)
+    assert (status.x_state, status.raw_source) == ("raw", "X")
+    assert status.stats["n_rows_sampled"] == norm.N_SAMPLE_ROWS
+    # drawn from about SAMPLE_ROW_BUDGET rows of whole chunks instead of touching ~200 of the 200 chunks
+    assert norm.SAMPLE_ROW_BUDGET <= counter.rows <= norm.SAMPLE_ROW_BUDGET + 1_000
+    rows = norm._sample_row_indices(200_000, 20, 0, a.X.chunks[0])
+    assert len(np.unique(rows // 1_000)) == counter.rows // 1_000  # the rows lie in the chunks that were read
+    assert np.array_equal(rows, norm._sample_row_indices(200_000, 20, 0, a.X.chunks[0]))  # seeded
+    # a log1p(10k) table is still told from counts on that sample
+    lognorm = sparse.csr_matrix(log1p_norm(c.toarray(), 1e4))
+    assert scx.pp.normalization_status(adata_of(counting_dask(lognorm, 1_000, _RowCounter()))).x_state == "log1p_10k"
+
+
 def test_dask_log1p_10k_lazy_and_ensure_normalized_stays_lazy():
     import dask.array as da
 

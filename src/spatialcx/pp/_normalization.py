@@ -15,9 +15,10 @@ Sampling
 Up to :data:`N_SAMPLE_ROWS` cells are drawn without replacement with ``numpy.random.default_rng(random_state)``
 (fewer for very wide matrices), sorted, and only those rows are read: by fancy indexing of in-memory arrays, of
 anndata's backed datasets (``read_h5ad(..., backed="r")``) and of h5py datasets, and by computing only the chunks
-holding those rows of a dask array. The same rows are used for every candidate. Whole rows are read because the
-log1p check needs row sums. Up to :data:`N_SAMPLE_VALUES` of the non-zero values of these rows are drawn for the
-value tests.
+holding those rows of a dask array (when those would be most of a table of small chunks, the rows are drawn from a
+few randomly chosen chunks instead, see :data:`SAMPLE_ROW_BUDGET`). The same rows are used for every candidate.
+Whole rows are read because the log1p check needs row sums. Up to :data:`N_SAMPLE_VALUES` of the non-zero values of
+these rows are drawn for the value tests.
 
 Decision rules (one state per matrix, see :data:`STATES`)
 ---------------------------------------------------------
@@ -69,6 +70,11 @@ N_SAMPLE_ROWS = 1_000
 MIN_SAMPLE_ROWS = 200
 #: Rows x genes read at most (bounds memory when the matrix is dense).
 MAX_SAMPLE_ELEMENTS = 20_000_000
+#: Rows of a chunked (dask) matrix read at most to draw the sample, when the chunks are small (see
+#: ``_sample_row_indices``); the rows are then drawn from randomly chosen whole chunks.
+SAMPLE_ROW_BUDGET = 20_000
+#: Fewest chunks the sample of a chunked matrix is drawn from.
+MIN_SAMPLE_CHUNKS = 8
 #: Most non-zeros read at once from a file-backed CSC matrix (read by blocks of columns).
 CSC_BLOCK_NNZ = 10_000_000
 #: Most non-zero values used for the value tests.
@@ -190,12 +196,35 @@ def _n_sample_rows(n_obs: int, n_vars: int) -> int:
     return int(min(n_obs, max(MIN_SAMPLE_ROWS, min(N_SAMPLE_ROWS, by_size))))
 
 
-def _sample_row_indices(n_obs: int, n_vars: int, random_state: int) -> np.ndarray:
+def _sample_row_indices(
+    n_obs: int, n_vars: int, random_state: int, row_chunks: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Sorted, unique rows to read; for a chunked (dask) matrix, drawn from a few whole chunks when that reads less.
+
+    A dask matrix is read chunk by chunk, so rows drawn from the whole table touch nearly every chunk when the chunks
+    are small (anndata's lazy reader makes chunks of 1,000 rows: 1,000 rows of a million-cell table touch 630 of its
+    1,000 chunks). When that would read more than :data:`SAMPLE_ROW_BUDGET` rows, the rows are drawn instead from
+    randomly chosen chunks holding about that many rows (at least :data:`MIN_SAMPLE_CHUNKS` of them).
+    """
     n = _n_sample_rows(n_obs, n_vars)
     if n >= n_obs:
         return np.arange(n_obs)
     rng = np.random.default_rng(random_state)
-    return np.sort(rng.choice(n_obs, size=n, replace=False))
+    rows = np.sort(rng.choice(n_obs, size=n, replace=False))
+    if not row_chunks or len(row_chunks) < 2:
+        return rows
+    sizes = np.asarray(row_chunks, dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    touched = np.unique(np.searchsorted(bounds, rows, side="right") - 1)
+    if sizes[touched].sum() <= SAMPLE_ROW_BUDGET:
+        return rows
+    order = rng.permutation(sizes.size)
+    enough = np.searchsorted(np.cumsum(sizes[order]), max(SAMPLE_ROW_BUDGET, n)) + 1
+    chosen = np.sort(order[: max(MIN_SAMPLE_CHUNKS, enough)])
+    if sizes[chosen].sum() >= sizes[touched].sum():
+        return rows
+    pool = np.concatenate([np.arange(bounds[c], bounds[c + 1]) for c in chosen])
+    return np.sort(rng.choice(pool, size=min(n, pool.size), replace=False))
 
 
 def _read_sampled_rows(x: Any, rows: np.ndarray) -> sparse.csr_matrix:
@@ -379,7 +408,9 @@ def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, di
     n_obs, n_vars = adata.shape
     candidates = _candidates(adata)
     widest = max([n_vars, *(m.shape[1] for _, m, _ in candidates)])
-    rows = _sample_row_indices(n_obs, widest, random_state)
+    # a dask candidate's row chunks (read_lazy gives X and the layers the same ones)
+    row_chunks = next((m.chunks[0] for _, m, _ in candidates if hasattr(m, "chunks") and hasattr(m, "compute")), None)
+    rows = _sample_row_indices(n_obs, widest, random_state, row_chunks)
     checked: dict[str, dict[str, Any]] = {}
     raw_source = None
     for where, matrix, _ in candidates:
