@@ -49,7 +49,10 @@ def make_counts(n: int, g: int, nnz: int, k: int, seed: int) -> ad.AnnData:
         m = lab.size
         n_mark = nnz // 10
         cols = np.concatenate(
-            [markers[lab][np.arange(m)[:, None], rng.integers(0, 25, (m, n_mark))], rng.integers(0, g, (m, nnz - n_mark))],
+            [
+                markers[lab][np.arange(m)[:, None], rng.integers(0, 25, (m, n_mark))],
+                rng.integers(0, g, (m, nnz - n_mark)),
+            ],
             axis=1,
         )
         rows = np.repeat(np.arange(m), nnz)
@@ -122,19 +125,19 @@ def main() -> None:
         _, t_read, m_read = timed_and_traced(lambda: sd.read_zarr(store))
         rows.append(("spatialdata.read_zarr (table into memory)", t_read, m_read))
 
-        sdata = sd.read_zarr(store)
+        slide = sd.read_zarr(store)
 
         def predict_store():
-            scx.tl.predict(sdata, model, chunk_size=args.chunk_size)  # run twice: the second overwrites the first
-            return sdata
+            scx.tl.predict(slide, model, chunk_size=args.chunk_size)  # run twice: the second overwrites the first
+            return slide
 
         _, t_pred, m_pred = timed_and_traced(predict_store)
         rows.append(("scx.tl.predict on the SpatialData, with write-back", t_pred, m_pred))
-        scores_store = sdata["table"].obsm["cell_type_decision_scores"]
-        labels_store = sdata["table"].obs["cell_type_predicted"].astype(str).to_numpy()
+        scores_store = slide["table"].obsm["cell_type_decision_scores"]
+        labels_store = slide["table"].obs["cell_type_predicted"].astype(str).to_numpy()
         reread = sd.read_zarr(store)["table"]
         assert (reread.obs["cell_type_predicted"].astype(str).to_numpy() == labels_store).all()
-        del sdata, reread
+        slide = reread = None
 
         def predict_lazy():
             lazy = ad.experimental.read_lazy(store / "tables" / "table")
