@@ -274,6 +274,21 @@ def test_uns_records_method_and_parameters_and_round_trips(shifted, tmp_path):
     np.testing.assert_allclose(back["reference_negative_median"], params["reference_negative_median"])
 
 
+def test_evaluation_works_on_a_table_read_back_from_zarr(shifted, tmp_path):
+    """String arrays in uns come back from zarr as numpy's StringDType, which ``.astype(str)`` cannot cast."""
+    model, query = shifted
+    query.write_zarr(tmp_path / "q.zarr")
+    back = ad.read_zarr(tmp_path / "q.zarr")
+    expected = scx.tl.evaluate_confidence(query, "label", methods=["calibrated", "raw"], calibration=model)
+    got = scx.tl.evaluate_confidence(back, "label", methods=["calibrated", "raw"], calibration=model)
+    pd.testing.assert_frame_equal(got, expected, atol=1e-6)
+    classes = back.uns["cell_type"]["classes"]
+    table = scx.tl.compare_confidence_methods(
+        back.obsm["cell_type_decision_scores"], classes, back.obs["label"], methods=["raw"]
+    )
+    assert table.loc["raw", "accuracy"] == pytest.approx(expected.loc["raw", "accuracy"])
+
+
 def test_without_calibration(shifted):
     model, query = shifted
     bare = scx.CellTypeModel.from_celltypist(model.to_celltypist())

@@ -1,4 +1,4 @@
-"""Small internal helpers: progress bars, optional imports, atomic file writes."""
+"""Small internal helpers: progress bars, string arrays, optional imports, atomic file writes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 from ._settings import settings
 
@@ -24,6 +26,15 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str | Non
 
     disable = None if sys.stderr.isatty() or "ipykernel" in sys.modules else True
     yield from tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
+
+
+def as_str_array(values: Any) -> np.ndarray:
+    """``values`` as a numpy array of ``str``, whatever its string dtype.
+
+    Arrays read back from zarr can hold numpy's variable-width ``StringDType``, which ``.astype(str)`` refuses to cast
+    (numpy asks for a fixed width); going through ``object`` works for it, lists, pandas objects and ``<U`` arrays.
+    """
+    return np.asarray(values, dtype=object).astype(str)
 
 
 def import_optional(module: str, extra: str) -> Any:

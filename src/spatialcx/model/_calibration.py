@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from spatialcx._utils import as_str_array
+
 #: Version of the calibration dict layout.
 CALIBRATION_VERSION = 1
 
@@ -62,8 +64,8 @@ def fit_calibration(
     ``k`` over cells of other types), ``softmax_temperature``, ``n_cells``, ``source`` and ``version``.
     """
     s = np.asarray(scores, dtype=np.float64)
-    classes = np.asarray(classes).astype(str)
-    labels = np.asarray(labels).astype(str)
+    classes = as_str_array(classes)
+    labels = as_str_array(labels)
     if s.ndim != 2 or s.shape != (len(labels), len(classes)):
         raise ValueError(
             f"Calibration scores have shape {s.shape}; expected (n_cells, n_classes) = {(len(labels), len(classes))}."

@@ -23,7 +23,7 @@ from scipy import sparse
 
 from spatialcx._constants import TARGET_SUM
 from spatialcx._settings import logger
-from spatialcx._utils import write_atomically
+from spatialcx._utils import as_str_array, write_atomically
 
 if TYPE_CHECKING:
     from celltypist.models import Model as CelltypistModel
@@ -123,8 +123,8 @@ class CellTypeModel:
     calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.features = np.asarray(self.features).astype(str)
-        self.classes = np.asarray(self.classes).astype(str)
+        self.features = as_str_array(self.features)
+        self.classes = as_str_array(self.classes)
         self.coef = np.asarray(self.coef, dtype=np.float64)
         self.intercept = np.asarray(self.intercept, dtype=np.float64).ravel()
         self.scaler_mean = np.asarray(self.scaler_mean, dtype=np.float64).ravel()
@@ -231,7 +231,7 @@ class CellTypeModel:
 
     def match_genes(self, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(present, cols)``: model feature indices found in ``genes`` and their column positions there."""
-        pos = pd.Index(np.asarray(genes).astype(str)).get_indexer(self.features)
+        pos = pd.Index(as_str_array(genes)).get_indexer(self.features)
         present = np.flatnonzero(pos >= 0)
         return present, pos[present]
 
@@ -340,8 +340,8 @@ class CellTypeModel:
 
             model_or_path = Model.load(str(path))
         clf, scaler = model_or_path.classifier, model_or_path.scaler
-        features = np.asarray(clf.features).astype(str)
-        classes = np.asarray(clf.classes_).astype(str)
+        features = as_str_array(clf.features)
+        classes = as_str_array(clf.classes_)
         coef = np.asarray(clf.coef_, dtype=np.float64)
         intercept = np.asarray(clf.intercept_, dtype=np.float64).ravel()
         if len(classes) == 2 and coef.shape[0] == 1:

@@ -11,7 +11,7 @@ import numpy as np
 
 from spatialcx._matrix import default_chunk_size, is_dask, iter_row_blocks, normalize_block
 from spatialcx._settings import settings
-from spatialcx._utils import progress
+from spatialcx._utils import as_str_array, progress
 from spatialcx.model._model import CellTypeModel, ScoringWeights
 
 
@@ -50,7 +50,7 @@ def score_matrix(
     ``(scores, present)``: float64 ``(n_cells, n_classes)`` and the indices of the model's genes found.
     """
     over = normalize_over or model.normalize_over
-    present, cols = model.match_genes(np.asarray(var_names).astype(str))
+    present, cols = model.match_genes(as_str_array(var_names))
     # "genes" means: library size over the model's genes that the table has
     over_block = "genes" if over == "genes" else "all"
     sw = model.scoring_weights(present)

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import sparse
 
 from spatialcx._settings import logger
-from spatialcx._utils import progress
+from spatialcx._utils import as_str_array, progress
 from spatialcx.model._model import CellTypeModel
 
 Method = Literal["auto", "logreg", "sgd", "minibatch"]
@@ -83,8 +83,8 @@ def fit_model(
     from sklearn.multiclass import OneVsRestClassifier
 
     x = sparse.csr_matrix(x)
-    labels = np.asarray(labels).astype(str)
-    features = np.asarray(features).astype(str)
+    labels = as_str_array(labels)
+    features = as_str_array(features)
     if x.shape != (len(labels), len(features)):
         raise ValueError(f"Expression {x.shape} does not match {len(labels)} labels x {len(features)} genes.")
     classes = np.unique(labels)
@@ -135,7 +135,7 @@ def fit_model(
         raise ValueError(f"Unknown training method {method!r}; use 'auto', 'logreg', 'sgd' or 'minibatch'.")
 
     coef, intercept = _coef_from(clf, len(classes))
-    clf_classes = np.asarray(getattr(clf, "classes_", classes)).astype(str)
+    clf_classes = as_str_array(getattr(clf, "classes_", classes))
     desc = dict(description or {})
     desc.update(
         {

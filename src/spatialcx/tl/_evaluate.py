@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, output_keys
+from spatialcx._utils import as_str_array
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -73,7 +74,7 @@ def confidence_metrics(
     from sklearn.metrics import f1_score, roc_auc_score
 
     y = pd.Series(np.asarray(truth, dtype=object))
-    pred = np.asarray(predicted, dtype=object).astype(str)
+    pred = as_str_array(predicted)
     conf = np.asarray(confidence, dtype=np.float64)
     if not (len(y) == len(pred) == len(conf)):
         raise ValueError(
@@ -85,7 +86,7 @@ def confidence_metrics(
         raise ValueError("confidence must hold values in [0, 1] without NaN.")
     labelled = y.notna().to_numpy() & ~y.astype(str).isin(list(exclude_labels)).to_numpy()
     y_str = y.astype(str).to_numpy()
-    known = labelled if known_classes is None else labelled & np.isin(y_str, np.asarray(known_classes).astype(str))
+    known = labelled if known_classes is None else labelled & np.isin(y_str, as_str_array(known_classes))
     unseen = labelled & ~known
     out: dict[str, float] = {"n_cells": int(known.sum()), "n_unseen": int(unseen.sum())}
     if known.any():
@@ -137,7 +138,7 @@ def compare_confidence_methods(
     from spatialcx.tl._confidence import CONFIDENCE_METHODS, _calibration_dict, transform_confidence
 
     scores = np.asarray(decision_scores, dtype=np.float64)
-    classes = np.asarray(classes).astype(str)
+    classes = as_str_array(classes)
     if scores.ndim != 2 or scores.shape[1] != len(classes):
         raise ValueError(f"decision_scores has shape {scores.shape} but there are {len(classes)} classes.")
     methods = list(CONFIDENCE_METHODS if methods is None else methods)
@@ -204,7 +205,7 @@ def evaluate_confidence(
             f"uns[{key!r}] with the model's classes is missing: run `scx.tl.predict` or `scx.tl.annotate` with "
             f"key_added={key!r} first."
         )
-    classes = np.asarray(params["classes"]).astype(str)
+    classes = as_str_array(params["classes"])
     truth = adata.obs[truth_key]
     if methods is not None:
         if keys["decision_scores"] not in adata.obsm:

@@ -14,6 +14,7 @@ from scipy import sparse
 from spatialcx._constants import KEY_ADDED, TARGET_SUM, output_keys
 from spatialcx._matrix import default_chunk_size, iter_row_blocks, normalize_block
 from spatialcx._settings import logger
+from spatialcx._utils import as_str_array
 from spatialcx.model._model import CellTypeModel
 from spatialcx.model._score import score_matrix
 from spatialcx.model._train import Method, fit_model
@@ -309,7 +310,7 @@ def compute_predictions(
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction must be in [0, 1], got {min_gene_fraction}.")
     src = find_expression_source(adata, unsafe_force=unsafe_force)
-    present, _ = model.match_genes(np.asarray(src.var_names).astype(str))
+    present, _ = model.match_genes(as_str_array(src.var_names))
     frac = len(present) / model.n_features
     if len(present) == 0 or frac < min_gene_fraction:
         raise ValueError(
