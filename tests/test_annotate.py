@@ -43,8 +43,12 @@ def test_annotate_demo_writes_cellxgene_columns_and_store(demo_small, tmp_path):
     assert table.obsm["cell_type_decision_scores"].shape[0] == table.n_obs
     acc = (obs["cell_type_predicted"].astype(str) == obs["true_cell_type"].astype(str)).mean()
     assert acc >= 0.9
-    # ontology: demo labels are exact CL names
-    assert obs["cell_type_ontology_term_id"].astype(str).str.startswith("CL:").all()
+    # ontology: demo labels are exact CL names; the id goes with the final label (CELLxGENE: `unknown` when the cell
+    # has no cell type), the ontology label stays unfiltered
+    assigned = (obs["cell_type"] != "Unassigned").to_numpy()
+    ids = obs["cell_type_ontology_term_id"].astype(str)
+    assert 0 < (~assigned).sum() and ids[assigned].str.startswith("CL:").all() and (ids[~assigned] == "unknown").all()
+    assert (obs["cell_type_ontology_label"].astype(str) != "unknown").all()
     assert (
         obs.loc[obs["cell_type"] != "Unassigned", "cell_type"].astype(str)
         == obs.loc[obs["cell_type"] != "Unassigned", "cell_type_ontology_label"].astype(str)
@@ -143,7 +147,11 @@ def test_annotate_real_scrna_to_merfish_pair(shared_data):
     assert obs["cell_type_confidence"].between(0, 1).all()
     assert obs["cell_type_predicted"].nunique() >= 8  # the slide's diversity, not one collapsed class
     assert 0.2 < (obs["cell_type"] == "Unassigned").mean() < 0.8
-    ids = dict(zip(obs["cell_type_predicted"].astype(str), obs["cell_type_ontology_term_id"].astype(str)))
+    assigned = obs["cell_type"] != "Unassigned"
+    assert (obs.loc[~assigned, "cell_type_ontology_term_id"] == "unknown").all()
+    ids = dict(
+        zip(obs["cell_type_predicted"][assigned].astype(str), obs["cell_type_ontology_term_id"][assigned].astype(str))
+    )
     assert ids.get("Astrocytes", "CL:0000127") == "CL:0000127"
     assert ids.get("Microglia", "CL:0000129") == "CL:0000129"
 

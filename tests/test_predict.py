@@ -186,6 +186,53 @@ def test_filters(model):
         scx.tl.filter_low_confidence(q, threshold=2)
 
 
+def test_filters_keep_ontology_ids_with_the_final_label(model):
+    """CELLxGENE: a cell without a cell type has `unknown` as its CL id; refiltering restores the class's id."""
+    q = _data(n=400, seed=8)
+    scx.tl.predict(q, model)
+    classes = [str(c) for c in q.uns["cell_type"]["classes"]]
+    class_ids = [f"CL:{i:07d}" for i in range(len(classes))]
+    q.uns["cell_type"]["ontology_term_ids"] = class_ids  # as scx.tl.annotate records them
+    by_class = dict(zip(classes, class_ids, strict=True))
+    q.obs["cell_type_ontology_term_id"] = pd.Categorical(q.obs["cell_type_predicted"].astype(str).map(by_class))
+    q.obs["cell_type_ontology_label"] = q.obs["cell_type_predicted"].astype(str)
+    conf = q.obs["cell_type_confidence"].to_numpy()
+    expected = q.obs["cell_type_predicted"].astype(str).map(by_class).to_numpy()
+    for threshold in (0.9, 0.5, 0.0):
+        scx.tl.filter_low_confidence(q, threshold=threshold)
+        low = conf < threshold
+        ids = q.obs["cell_type_ontology_term_id"].astype(str).to_numpy()
+        assert (ids[low] == "unknown").all()
+        assert (ids[~low] == expected[~low]).all()
+        assert (q.obs["cell_type_ontology_label"].astype(str) == q.obs["cell_type_predicted"].astype(str)).all()
+    assert low.sum() == 0 and (conf < 0.9).any()
+    rare = q.obs["cell_type"].value_counts().index[-1]
+    scx.tl.filter_low_count_types(q, min_cells=int(q.obs["cell_type"].value_counts().min()) + 1)
+    removed = (q.obs["cell_type_predicted"].astype(str) == rare).to_numpy()
+    assert (q.obs["cell_type_ontology_term_id"].astype(str).to_numpy()[removed] == "unknown").all()
+
+
+def test_filters_keep_missing_labels_missing_and_check_the_confidence(model):
+    q = _data(n=300, seed=3)
+    scx.tl.predict(q, model)
+    scx.tl.filter_low_confidence(q, threshold=0.0)
+    labels = q.obs["cell_type"].astype(object)
+    labels.iloc[:3] = np.nan
+    q.obs["cell_type"] = pd.Categorical(labels)
+    scx.tl.filter_low_count_types(q, min_cells=2)
+    assert q.obs["cell_type"].isna().sum() == 3 and "nan" not in q.obs["cell_type"].cat.categories
+    q.obs["author"] = pd.Categorical(labels)
+    scx.tl.filter_low_confidence(q, threshold=0.0, source_key="author")
+    assert q.obs["cell_type"].isna().sum() == 3 and "nan" not in q.obs["cell_type"].cat.categories
+    before = q.obs["cell_type"].copy()
+    for bad, match in (("high", "not numbers"), (q.obs["cell_type_confidence"] * 100, "outside")):
+        r = q.copy()
+        r.obs["cell_type_confidence"] = bad
+        with pytest.raises(ValueError, match=match):
+            scx.tl.filter_low_confidence(r)
+        pd.testing.assert_series_equal(r.obs["cell_type"], before)  # nothing written
+
+
 def test_predict_lazy_zarr_table_on_dask_distributed(model, tmp_path):
     """A lazily read zarr table (dask array of sparse chunks) scored on a dask.distributed cluster (worker processes)."""
     from distributed import Client, LocalCluster

@@ -142,7 +142,9 @@ def annotate(
         Write QC plots there (when ``plots``).
     add_ontology
         Map labels to Cell Ontology ids and names (``{key_added}_ontology_term_id``, ``{key_added}_ontology_label``);
-        ``{key_added}`` then shows the CL name of each mapped label and the reference's own label otherwise.
+        ``{key_added}`` then shows the CL name of each mapped label and the reference's own label otherwise. The id
+        goes with ``{key_added}``: ``unknown`` for ``Unassigned`` cells (the CELLxGENE rule for cells without a cell
+        type); ``{key_added}_ontology_label`` names every cell's predicted type, unfiltered.
     plots
         Draw the QC plots into ``plots_dir``.
     key_added

@@ -2,42 +2,109 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from spatialcx._constants import KEY_ADDED, PREDICTED_SUFFIX, UNASSIGNED
+from spatialcx._constants import KEY_ADDED, PREDICTED_SUFFIX, UNASSIGNED, UNKNOWN_ONTOLOGY_ID, output_keys
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
 
-def _base_labels(adata: AnnData, key: str, source_key: str | None) -> pd.Series:
+def _labels(values: pd.Series) -> np.ndarray:
+    """Labels as an object array of ``str``, missing values kept as ``None`` (never the string ``"nan"``)."""
+    out = values.astype(object).to_numpy(dtype=object)
+    missing = pd.isna(out)
+    out[~missing] = [str(v) for v in out[~missing]]
+    out[missing] = None
+    return out
+
+
+def _base_labels(adata: AnnData, key: str, source_key: str | None) -> np.ndarray:
     """Labels before filtering: ``source_key``, else ``{key}_predicted`` shown by their final names, else ``key``."""
     if source_key is not None:
         if source_key not in adata.obs:
             raise KeyError(f"source_key {source_key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
-        return adata.obs[source_key].astype(str)
+        return _labels(adata.obs[source_key])
     predicted = key + PREDICTED_SUFFIX
     if predicted in adata.obs:
-        params = adata.uns.get(key, {}) if isinstance(adata.uns.get(key), dict) else {}
-        # lists aligned with the model's classes (labels are never used as uns keys: not valid zarr names)
-        names = dict(zip(map(str, params.get("classes", [])), map(str, params.get("names", []))))
-        labels = adata.obs[predicted].astype(str)
-        return labels.map(lambda x: names.get(x, x)) if names else labels
+        names = _class_lists(adata, key, "names")
+        labels = _labels(adata.obs[predicted])
+        if names:
+            labels = np.array([v if v is None else names.get(v, v) for v in labels], dtype=object)
+        return labels
     if key in adata.obs:
-        return adata.obs[key].astype(str)
+        return _labels(adata.obs[key])
     raise KeyError(
         f"Neither {key!r} nor {predicted!r} is a column of obs; run `scx.tl.predict` or `scx.tl.annotate` first."
     )
 
 
+def _class_lists(adata: AnnData, key: str, field: str) -> dict[str, str]:
+    """``{class: value}`` from ``uns[key]["classes"]`` and the aligned list ``uns[key][field]`` (empty if absent).
+
+    (Labels are never used as uns keys: they are not always valid zarr names.)
+    """
+    params = adata.uns.get(key)
+    if not isinstance(params, Mapping):
+        return {}
+    classes, values = list(params.get("classes", [])), list(params.get(field, []))
+    if not classes or len(classes) != len(values):
+        return {}
+    return {str(c): str(v) for c, v in zip(classes, values, strict=True)}
+
+
 def _write_labels(adata: AnnData, key: str, labels: np.ndarray, unassigned_label: str) -> None:
-    cats = [c for c in pd.unique(labels) if c != unassigned_label]
-    cats = sorted(cats) + ([unassigned_label] if (labels == unassigned_label).any() else [])
+    present = [c for c in pd.unique(labels) if c is not None and c != unassigned_label]
+    cats = sorted(present) + ([unassigned_label] if (labels == unassigned_label).any() else [])
     adata.obs[key] = pd.Categorical(labels, categories=cats)
+
+
+def _ontology_ids(adata: AnnData, key: str, unassigned: np.ndarray, *, from_predictions: bool) -> np.ndarray | None:
+    """The CL ids that go with the filtered labels: ``unknown`` for unassigned cells (CELLxGENE), or ``None``.
+
+    Only when ``obs[{key}_ontology_term_id]`` exists. With ``from_predictions`` and the per-class ids that
+    :func:`~spatialcx.tl.annotate` records (``uns[key]["ontology_term_ids"]``, aligned with the classes), every cell
+    gets its predicted class's id first, so that filtering again with another threshold restores them; otherwise the
+    ids already in the column are kept for the other cells.
+    """
+    keys = output_keys(key)
+    if keys["ontology_id"] not in adata.obs:
+        return None
+    ids = None
+    class_ids = _class_lists(adata, key, "ontology_term_ids") if from_predictions else {}
+    if class_ids and keys["predicted"] in adata.obs:
+        predicted = _labels(adata.obs[keys["predicted"]])
+        ids = np.array([UNKNOWN_ONTOLOGY_ID if v is None else class_ids.get(v, UNKNOWN_ONTOLOGY_ID) for v in predicted])
+        ids = ids.astype(object)
+    if ids is None:
+        ids = _labels(adata.obs[keys["ontology_id"]])
+        ids[pd.isna(ids)] = UNKNOWN_ONTOLOGY_ID
+    ids[unassigned] = UNKNOWN_ONTOLOGY_ID
+    return ids
+
+
+def _check_confidence(adata: AnnData, confidence_key: str) -> np.ndarray:
+    values = adata.obs[confidence_key]
+    conf = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    unreadable = np.isnan(conf) & ~pd.isna(values).to_numpy()
+    if unreadable.any():
+        bad = values[unreadable].iloc[0]
+        raise ValueError(
+            f"obs[{confidence_key!r}] holds {int(unreadable.sum())} value(s) that are not numbers (e.g. {bad!r}); "
+            "the confidence must be numeric, in [0, 1]."
+        )
+    finite = conf[~np.isnan(conf)]
+    if finite.size and (finite.min() < 0 or finite.max() > 1):
+        raise ValueError(
+            f"obs[{confidence_key!r}] ranges from {finite.min():g} to {finite.max():g}, outside [0, 1]; a confidence "
+            "in percent must be divided by 100 first."
+        )
+    return conf
 
 
 def filter_low_confidence(
@@ -77,7 +144,17 @@ def filter_low_confidence(
 
     Returns
     -------
-    The copy when ``copy=True``, else None. ``uns[key]["confidence_threshold"]`` records the threshold.
+    The copy when ``copy=True``, else None. ``uns[key]["confidence_threshold"]`` records the threshold. When the table
+    has ``{key}_ontology_term_id`` (as :func:`~spatialcx.tl.annotate` writes it), filtered cells get ``unknown`` there,
+    as the CELLxGENE schema asks of cells without a cell type; the others get the id of their predicted class (from
+    ``uns[key]["ontology_term_ids"]``, so filtering again with a lower threshold restores them).
+    ``{key}_ontology_label`` is left unfiltered. Missing labels stay missing.
+
+    Raises
+    ------
+    ValueError
+        When the threshold is not in [0, 1], or the confidence column holds values that are not numbers or lie
+        outside [0, 1] (a percentage, say).
     """
     from spatialcx._table import resolve_table
 
@@ -90,11 +167,15 @@ def filter_low_confidence(
         raise KeyError(
             f"Confidence column {confidence_key!r} is not in obs; run `scx.tl.predict` or `scx.tl.annotate` first."
         )
-    conf = pd.to_numeric(adata.obs[confidence_key], errors="coerce").to_numpy(dtype=float)
-    base = _base_labels(adata, key, source_key).to_numpy(dtype=object)
+    conf = _check_confidence(adata, confidence_key)
+    base = _base_labels(adata, key, source_key)
     low = ~(conf >= threshold)  # NaN confidence counts as low
-    labels = np.where(low, unassigned_label, base).astype(str)
+    labels = np.where(low, unassigned_label, base)
+    ids = _ontology_ids(adata, key, labels == unassigned_label, from_predictions=source_key is None)
+    # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
+    if ids is not None:
+        adata.obs[output_keys(key)["ontology_id"]] = pd.Categorical(ids)
     params = dict(adata.uns.get(key, {})) if isinstance(adata.uns.get(key), dict) else {}
     params.update(
         {
@@ -135,7 +216,9 @@ def filter_low_count_types(
 
     Returns
     -------
-    The copy when ``copy=True``, else None. ``uns[key]["removed_types"]`` lists the removed types.
+    The copy when ``copy=True``, else None. ``uns[key]["removed_types"]`` lists the removed types. Cells of removed
+    types get ``unknown`` in ``{key}_ontology_term_id`` when the table has that column; missing labels stay missing
+    and do not count as a type.
     """
     from spatialcx._table import resolve_table
 
@@ -145,11 +228,15 @@ def filter_low_count_types(
     adata = ref.adata
     if key not in adata.obs:
         raise KeyError(f"{key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
-    labels = adata.obs[key].astype(str).to_numpy(dtype=object)
-    counts = pd.Series(labels).value_counts()
-    rare = [t for t, c in counts.items() if c < min_cells and t != unassigned_label]
-    labels = np.where(np.isin(labels, rare), unassigned_label, labels).astype(str)
+    labels = _labels(adata.obs[key])
+    counts = pd.Series(labels).value_counts()  # missing labels are not a type
+    rare = [str(t) for t, c in counts.items() if c < min_cells and t != unassigned_label]
+    labels = np.where(pd.Series(labels).isin(rare).to_numpy(), unassigned_label, labels)
+    ids = _ontology_ids(adata, key, labels == unassigned_label, from_predictions=False)
+    # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
+    if ids is not None:
+        adata.obs[output_keys(key)["ontology_id"]] = pd.Categorical(ids)
     params = dict(adata.uns.get(key, {})) if isinstance(adata.uns.get(key), dict) else {}
     params.update({"min_cells_per_type": int(min_cells), "removed_types": sorted(rare)})
     adata.uns[key] = params
