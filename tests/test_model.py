@@ -171,3 +171,117 @@ def test_saved_files_get_default_permissions(tmp_path):
         os.umask(umask)
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
     assert oct(png.stat().st_mode & 0o777) == oct(0o644)
+
+
+def _small_model():
+    return scx.CellTypeModel(
+        features=["G1", "G2", "G3"],
+        classes=["a", "b"],
+        coef=[[1.0, -1.0, 0.5], [-1.0, 1.0, -0.5]],
+        intercept=[0.1, -0.1],
+        scaler_mean=[0.5, 0.2, 0.1],
+        scaler_scale=[1.0, 2.0, 0.5],
+    )
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test on any attempt to reach the network (celltypist's model index or a raw socket)."""
+    import socket
+
+    import celltypist.models
+
+    def refuse(*args, **kwargs):
+        pytest.fail(f"network access attempted: {args!r}")
+
+    for name in ("get_all_models", "get_models_index", "download_models", "download_model_index", "_requests_get"):
+        monkeypatch.setattr(celltypist.models, name, refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("relative", ["ct.pkl", "./ct.pkl", "sub/ct.pkl", "PATH"])
+def test_from_celltypist_relative_path_is_loaded_locally(tmp_path, monkeypatch, no_network, relative):
+    from pathlib import Path
+
+    model = _small_model()
+    (tmp_path / "sub").mkdir()
+    target = "ct.pkl" if relative == "PATH" else relative
+    model.to_celltypist().write(str(tmp_path / target))
+    monkeypatch.chdir(tmp_path)
+    back = scx.CellTypeModel.from_celltypist(Path(target) if relative == "PATH" else relative, trust_pickle=True)
+    np.testing.assert_array_equal(back.coef, model.coef)
+    assert list(back.features) == list(model.features)
+
+
+def test_from_celltypist_bad_path_or_type(tmp_path, monkeypatch, no_network):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.pkl"):
+        scx.CellTypeModel.from_celltypist("missing.pkl", trust_pickle=True)
+    with pytest.raises(FileNotFoundError, match="Immune_All_Low.pkl"):  # a model name, not a file: never downloaded
+        scx.CellTypeModel.from_celltypist("Immune_All_Low.pkl", trust_pickle=True)
+    (tmp_path / "bad.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="bad.pkl is not a readable CellTypist model"):
+        scx.CellTypeModel.from_celltypist("bad.pkl", trust_pickle=True)
+    with pytest.raises(TypeError, match=r"celltypist.models.Model.*got int"):
+        scx.CellTypeModel.from_celltypist(5)
+    with pytest.raises(TypeError, match="got dict"):
+        scx.CellTypeModel.from_celltypist({"classifier": 1}, trust_pickle=True)
+
+
+def _corrupt(kind: str, path, tmp_path):
+    """Write a damaged model file next to the good one at ``path``; returns its path."""
+    import json
+    import struct
+    import zipfile
+
+    raw = path.read_bytes()
+    out = tmp_path / f"{kind}.npz"
+    if kind == "truncated":
+        out.write_bytes(raw[: len(raw) // 2])
+    elif kind == "empty":
+        out.write_bytes(b"")
+    elif kind == "flipped_byte":
+        with zipfile.ZipFile(path) as zf:
+            offset = zf.getinfo("coef.npy").header_offset
+        name_len, extra_len = struct.unpack("<HH", raw[offset + 26 : offset + 30])  # the local file header's
+        start = offset + 30 + name_len + extra_len  # first byte of the deflate stream
+        data = bytearray(raw)
+        data[start] ^= 0xFF
+        out.write_bytes(bytes(data))
+    elif kind == "npy":
+        out = tmp_path / "model.npy"
+        np.save(out, np.zeros(3))
+    elif kind == "meta_list":
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        arrays["meta"] = np.array(json.dumps([1, 2]))
+        np.savez(out, **arrays)
+    elif kind == "missing_array":
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files if k != "coef"}
+        np.savez(out, **arrays)
+    elif kind == "garbage":
+        out.write_bytes(b"this is not a model at all\n" * 10)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "flipped_byte", "npy", "meta_list", "missing_array", "garbage"])
+def test_load_corrupted_file_raises_one_clear_error(tmp_path, kind):
+    good = _small_model().save(tmp_path / "good.npz")
+    bad = _corrupt(kind, good, tmp_path)
+    with pytest.raises(ValueError, match=r"is not a valid spatialcx model file \(truncated or corrupted\?\)") as info:
+        scx.CellTypeModel.load(bad)
+    assert str(bad) in str(info.value) and "model.save" in str(info.value)
+    if kind in ("truncated", "flipped_byte"):  # errors of the zip / zlib layers are chained, not swallowed
+        assert info.value.__cause__ is not None
+
+
+def test_load_missing_file_and_pickle_content(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        scx.CellTypeModel.load(tmp_path / "nope.npz")
+    ct = _small_model().to_celltypist()
+    ct.write(str(tmp_path / "ct.pkl"))
+    (tmp_path / "ct.pkl").rename(tmp_path / "ct.npz")  # a CellTypist pickle under a .npz name: never unpickled
+    with pytest.raises(ValueError, match="from_celltypist"):
+        scx.CellTypeModel.load(tmp_path / "ct.npz")

@@ -207,3 +207,19 @@ def test_read_reference_real_hypothalamus(shared_data):
     full = ad.read_h5ad(path)
     sub = full[mem.obs_names, ["Gad1", "Slc17a6"]]
     np.testing.assert_array_equal(mem.X.toarray(), sub.X.toarray())
+
+
+@pytest.mark.parametrize("max_cells", [0, -5])
+def test_read_reference_rejects_non_positive_max_cells(tmp_path, max_cells):
+    make_reference().write_h5ad(tmp_path / "r.h5ad")
+    with pytest.raises(ValueError, match=rf"max_cells must be >= 1 or None.*got {max_cells}"):
+        scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=max_cells)
+    with pytest.raises(TypeError, match="max_cells must be a number of cells or None, got str"):
+        scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells="100")
+
+
+def test_read_reference_rejects_a_single_gene_string(tmp_path):
+    ref = make_reference()
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    with pytest.raises(TypeError, match=r"genes must be a list of gene names, not a single string.*\['Gene1'\]"):
+        scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", genes="Gene1")

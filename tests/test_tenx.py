@@ -188,3 +188,30 @@ def test_add_to_spatialdata_copy(tmp_path):
     sdata = SpatialData(tables={"table": table()})
     out = scx.io.add_10x_cell_types(sdata, tmp_path / "cell_types.csv", copy=True, add_ontology=False)
     assert "10x_fine" in out.tables["table"].obs and "10x_fine" not in sdata.tables["table"].obs
+
+
+@pytest.mark.parametrize("kind", ["binary", "truncated_gz", "not_gzip", "latin1"])
+def test_read_unreadable_file_raises_value_error(tmp_path, kind):
+    import gzip
+
+    good = pd.DataFrame({"barcode": BARCODES * 50, "fine_cell_type": FINE * 50}).to_csv(index=False).encode()
+    if kind == "binary":
+        path = tmp_path / "cell_types.csv"
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "truncated_gz":
+        path = tmp_path / "cell_types.csv.gz"
+        packed = gzip.compress(good)
+        path.write_bytes(packed[: len(packed) // 2])
+    elif kind == "not_gzip":
+        path = tmp_path / "cell_types.csv.gz"
+        path.write_bytes(good)
+    else:
+        path = tmp_path / "cell_types.csv"
+        path.write_bytes("barcode,fine_cell_type\ncell1,caf\xe9 cell\n".encode("latin-1"))
+    why = {"binary": "parsed as CSV|not UTF-8", "latin1": "not UTF-8"}.get(kind, "truncated or damaged")
+    with pytest.raises(
+        ValueError, match=rf"cell_types\.csv(\.gz)?' is not a readable 10x cell_types CSV: .*({why})"
+    ) as info:
+        scx.io.read_10x_cell_types(path)
+    assert str(path) in str(info.value)
+    assert info.value.__cause__ is not None

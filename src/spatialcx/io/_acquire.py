@@ -266,8 +266,10 @@ def acquire_reference(
         - ``cellxgene://<key>``: a predefined dataset (see :func:`list_datasets`), or ``cellxgene://<dataset id>``
           for any CELLxGENE dataset id; the source ``.h5ad`` is downloaded with ``cellxgene_census``.
         - ``cellxgene://?tissue=lung&disease=normal[&organism=Mus musculus&cell_type=...]``: primary cells
-          matching a CELLxGENE Census query (keys: :data:`CENSUS_QUERY_KEYS`; ``tissue`` matches ``tissue`` or
-          ``tissue_general``; several values comma-separated), with raw counts and Census obs columns; var names are
+          matching a CELLxGENE Census query (keys: ``tissue``, ``tissue_general``, ``disease``, ``cell_type``,
+          ``assay``, ``sex``, ``development_stage``, ``self_reported_ethnicity``, ``suspension_type``, ``dataset_id``
+          and ``organism``, default ``Homo sapiens``; ``tissue`` matches ``tissue`` or ``tissue_general``; several
+          values comma-separated), with raw counts and Census obs columns; var names are
           Ensembl ids with ``var["feature_name"]`` symbols.
         - ``synapse://syn<id>``: a Synapse file entity (``.h5ad``), through ``synapseclient``. Credentials: the
           ``SYNAPSE_AUTH_TOKEN`` environment variable, else ``~/.synapseConfig``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -540,13 +541,14 @@ def read_reference(
     label_key
         obs column with the cell-type labels.
     genes
-        Keep only these genes (e.g. the spatial panel), in this order, named as given. Ensembl-indexed references
-        are mapped to symbols (``var["feature_name"]`` or the packaged human / mouse tables) and matched
-        case-insensitively where unambiguous. ``None`` keeps every gene, renamed to symbols when the reference is
-        Ensembl-indexed.
+        Keep only these genes (e.g. the spatial panel), in this order, named as given: a list (or other sequence) of
+        names, not a single string. Ensembl-indexed references are mapped to symbols (``var["feature_name"]`` or the
+        packaged human / mouse tables) and matched case-insensitively where unambiguous. ``None`` keeps every gene,
+        renamed to symbols when the reference is Ensembl-indexed.
     max_cells
-        Keep at most this many labelled cells, chosen from the labels alone: the largest types are capped first so
-        that rare types stay whole; cells are drawn at random within a type.
+        Keep at most this many labelled cells (at least 1), chosen from the labels alone: the largest types are
+        capped first so that rare types stay whole; cells are drawn at random within a type. ``None`` keeps every
+        labelled cell.
     cache_dir
         Cache folder for remote URIs.
     random_state
@@ -560,11 +562,29 @@ def read_reference(
     arrays read from disk only when computed (``.to_memory()`` loads the selection). raw, when present, is left as
     it is. ``uns["spatialcx_reference"]`` records the URI, checksum, label key, the number of cells in the file and
     how gene names were mapped. For a file, keep the returned object alive while reading from it.
+
+    Raises
+    ------
+    TypeError
+        When ``genes`` is a single string, or ``max_cells`` is not a number.
+    ValueError
+        When ``max_cells`` is below 1, or none of ``genes`` is in the reference.
+    KeyError
+        When ``label_key`` is not an obs column.
     """
     from anndata.experimental import read_lazy
 
     from ..pp._harmonize import match_genes, to_symbols
 
+    if isinstance(genes, str):
+        raise TypeError(f"genes must be a list of gene names, not a single string; pass genes=[{genes!r}].")
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, numbers.Real)):
+        raise TypeError(f"max_cells must be a number of cells or None, got {type(max_cells).__name__} {max_cells!r}.")
+    if max_cells is not None and max_cells < 1:
+        raise ValueError(
+            f"max_cells must be >= 1 or None (None keeps every labelled cell), got {max_cells}; a reference without "
+            "cells cannot train a model."
+        )
     path = resolve_uri(uri, cache_dir=cache_dir, storage_options=storage_options)
     store, close = _open_store(path)
     try:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import lzma
 import re
+import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from pandas.errors import ParserError
 
 from .._settings import logger
 
@@ -74,13 +78,28 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
     FileNotFoundError
         No such file, or no / several ``cell_types.csv`` in the folder.
     ValueError
-        No barcode column, no cell type column, duplicated barcodes, or non-numeric values in a numeric column.
+        Not a readable CSV (binary content, text that is not UTF-8, a truncated or damaged ``.gz``), no barcode
+        column, no cell type column, duplicated barcodes, or non-numeric values in a numeric column.
     """
     path = _find_csv(Path(path))
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"{path.name} is empty; expected a header with a barcode and cell type columns.") from e
+    except PermissionError:
+        raise
+    except (UnicodeDecodeError, EOFError, OSError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, ParserError) as e:
+        if isinstance(e, UnicodeDecodeError):
+            why = "its content is not UTF-8 text (a binary file, or text in another encoding?)"
+        elif isinstance(e, ParserError):
+            why = "its content cannot be parsed as CSV (a binary file?)"
+        else:  # EOFError, zlib / lzma / zip errors, gzip.BadGzipFile (an OSError)
+            why = "the file is truncated or damaged (an interrupted download or copy?)"
+        raise ValueError(
+            f"{str(path)!r} is not a readable 10x cell_types CSV: {why}; {type(e).__name__}: {e}. Pass the "
+            "cell_types.csv (UTF-8 text, optionally gzipped) written by Space Ranger / Xenium Ranger, copying or "
+            "downloading it again if it was cut short."
+        ) from e
     rename = _canonical_columns(raw.columns)
     df = raw.rename(columns=rename)
     if "barcode" not in df.columns:

@@ -139,8 +139,9 @@ def resolve_uri(
         (``GOOGLE_APPLICATION_CREDENTIALS``, ``AWS_ACCESS_KEY_ID`` / ``AWS_PROFILE``, ...) or from
         ``storage_options``.
     cache_dir
-        Where downloads are kept. Defaults to :func:`default_cache_dir` (``$SPATIALCX_CACHE_DIR`` or the user's cache
-        folder).
+        Where downloads are kept. Defaults to ``$SPATIALCX_CACHE_DIR`` when that environment variable is set, else
+        the user's cache folder for spatialcx (``platformdirs.user_cache_dir("spatialcx")``, e.g.
+        ``~/.cache/spatialcx`` on Linux).
     force
         Download again even when the cache holds a copy.
     storage_options

@@ -12,6 +12,9 @@ import functools
 import hashlib
 import json
 import os
+import struct
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,10 +191,22 @@ class CellTypeModel:
 
     # ------------------------------------------------------------------ scoring
     def scoring_weights(self, present: np.ndarray) -> ScoringWeights:
-        """Fold the scaler into the weights for the genes ``present`` in a query (indices into ``features``).
+        """Fold the scaler into the weights for the model genes that a query has.
 
         Genes of the model that the query lacks are dropped, as CellTypist does: their scaled value is 0, i.e.
         they sit at the training mean.
+
+        Parameters
+        ----------
+        present
+            Integer positions into ``features`` of the model genes the query has (the first array returned by
+            :meth:`match_genes`), in the order of the query columns that will be scored.
+
+        Returns
+        -------
+        The weights, intercept and scaler terms restricted to those genes. Its ``score(x)`` method takes a
+        log1p-normalized cells x ``len(present)`` block (sparse or dense, columns in the order of ``present``) and
+        returns the ``(n_cells, n_classes)`` float64 decision scores without densifying ``x``.
         """
         present = np.asarray(present, dtype=np.intp)
         mean = self.scaler_mean[present]
@@ -230,16 +245,44 @@ class CellTypeModel:
         return self.scoring_weights(present).score(sparse.csr_matrix(x)[:, cols])
 
     def match_genes(self, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(present, cols)``: model feature indices found in ``genes`` and their column positions there."""
+        """Locate the model's genes among the column names of a query.
+
+        Names are compared exactly (case-sensitive); model genes missing from ``genes`` are left out.
+
+        Parameters
+        ----------
+        genes
+            Column (gene) names of the query, e.g. ``adata.var_names``.
+
+        Returns
+        -------
+        ``(present, cols)``, two integer arrays of equal length: ``present`` are positions into ``features`` of
+        the model genes found in ``genes`` (in the model's order) and ``cols`` their positions in ``genes``. Pass
+        ``present`` to :meth:`scoring_weights` and score ``x[:, cols]``.
+        """
         pos = pd.Index(as_str_array(genes)).get_indexer(self.features)
         present = np.flatnonzero(pos >= 0)
         return present, pos[present]
 
     # ------------------------------------------------------------------ IO
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model to ``path`` (an ``.npz`` archive of arrays and JSON; loading executes no code).
+        """Write the model to an ``.npz`` archive of plain arrays and JSON metadata (loading it executes no code).
 
-        The file is written atomically: an interrupted save leaves any previous file intact.
+        The archive holds the features, classes, weights, intercept and scaler as arrays, and the clip,
+        normalization, target sum, description, calibration and :attr:`model_hash` as JSON. The file is written
+        atomically: an interrupted save leaves any previous file at ``path`` intact. Missing parent folders are
+        created.
+
+        Parameters
+        ----------
+        path
+            Where to write. ``.npz`` is appended when the name has another suffix (``model.v2`` becomes
+            ``model.v2.npz``) and used as the suffix when it has none (``model`` becomes ``model.npz``). An existing
+            file is replaced.
+
+        Returns
+        -------
+        The path written, with the ``.npz`` suffix; pass it to :meth:`load`.
         """
         path = Path(path)
         if path.suffix != ".npz":
@@ -274,37 +317,105 @@ class CellTypeModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CellTypeModel:
-        """Read a model written by :meth:`save` (no pickle: ``allow_pickle=False``)."""
+        """Read a model written by :meth:`save`.
+
+        Nothing is unpickled (``allow_pickle=False``): the file holds plain arrays and JSON only. The weights are
+        checked against the hash stored with them.
+
+        Parameters
+        ----------
+        path
+            The ``.npz`` file written by :meth:`save`. CellTypist ``.pkl`` models are not read here; import them
+            with :meth:`from_celltypist`.
+
+        Returns
+        -------
+        The model, equal to the one saved (same :attr:`model_hash`).
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``path`` does not exist.
+        ValueError
+            When ``path`` is a pickle, is not a spatialcx model file (truncated, corrupted, another kind of file),
+            was written by a newer spatialcx, or its weights do not match their stored hash.
+        """
         path = Path(path)
+        pickle_hint = (
+            f"{path} is a pickle (a CellTypist model?). Pickles can execute code when loaded; import it with "
+            "`scx.CellTypeModel.from_celltypist(path, trust_pickle=True)` only if you trust its source."
+        )
         if path.suffix == ".pkl":
-            raise ValueError(
-                f"{path} is a pickle (a CellTypist model?). Pickles can execute code when loaded; import it with "
-                "`scx.CellTypeModel.from_celltypist(path, trust_pickle=True)` only if you trust its source."
+            raise ValueError(pickle_hint)
+        if not path.exists():
+            raise FileNotFoundError(f"Model file {str(path)!r} does not exist; pass the path returned by model.save().")
+        if not path.is_file():
+            raise ValueError(f"{path} is a folder, not a model file; pass the .npz file written by model.save().")
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic.startswith(b"\x80"):  # pickle protocol >= 2: never handed to numpy, which could be told to unpickle
+            raise ValueError(pickle_hint)
+        if not magic.startswith(b"PK"):
+            detail = (
+                "the file is empty"
+                if not magic
+                else "it holds a single NumPy array (.npy), not a model archive"
+                if magic == b"\x93NUMPY"
+                else f"it is not a zip (.npz) archive (it starts with {magic!r})"
             )
+            raise _invalid_model_file(path, detail)
         try:
             with np.load(path, allow_pickle=False) as npz:
-                meta = json.loads(str(npz["meta"]))
-                if meta.get("format") != _FORMAT_NAME:
-                    raise ValueError(f"{path} is not a spatialcx model file (format={meta.get('format')!r}).")
-                if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-                    raise ValueError(
-                        f"{path} was written by a newer spatialcx (format {meta['format_version']}); upgrade spatialcx."
-                    )
-                model = cls(
-                    features=npz["features"],
-                    classes=npz["classes"],
-                    coef=npz["coef"],
-                    intercept=npz["intercept"],
-                    scaler_mean=npz["scaler_mean"],
-                    scaler_scale=npz["scaler_scale"],
-                    clip=float(meta["clip"]),
-                    normalize_over=meta["normalize_over"],
-                    target_sum=float(meta["target_sum"]),
-                    description=meta.get("description", {}),
-                    calibration=meta.get("calibration"),
-                )
-        except (KeyError, OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"Could not read a spatialcx model from {path}: {e}") from e
+                names = list(npz.files)
+                missing = [k for k in (*_ARRAY_KEYS, "meta") if k not in names]
+                if not missing:
+                    arrays = {k: npz[k] for k in _ARRAY_KEYS}
+                    meta = json.loads(str(npz["meta"]))
+        except (
+            OSError,
+            EOFError,
+            ValueError,  # numpy's header checks and object arrays, json.JSONDecodeError, UnicodeDecodeError
+            TypeError,
+            KeyError,
+            AttributeError,
+            IndexError,
+            NotImplementedError,
+            OverflowError,
+            RecursionError,
+            struct.error,
+            zipfile.BadZipFile,
+            zlib.error,
+        ) as e:
+            if isinstance(e, PermissionError):
+                raise
+            raise _invalid_model_file(path, f"{type(e).__name__}: {e}") from e
+        if missing:
+            raise _invalid_model_file(path, f"the archive lacks {missing} (it holds {names})")
+        if not isinstance(meta, dict):
+            raise _invalid_model_file(path, f"its metadata is a JSON {type(meta).__name__}, expected an object")
+        if meta.get("format") != _FORMAT_NAME:
+            raise ValueError(
+                f"{path} is not a spatialcx model file (format={meta.get('format')!r}); pass a file written by "
+                "model.save()."
+            )
+        try:
+            version = int(meta.get("format_version", 0))
+        except (TypeError, ValueError) as e:
+            raise _invalid_model_file(path, f"format_version is {meta.get('format_version')!r}") from e
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path} was written by a newer spatialcx (format {version}); upgrade spatialcx.")
+        try:
+            model = cls(
+                **arrays,
+                clip=float(meta["clip"]),
+                normalize_over=meta["normalize_over"],
+                target_sum=float(meta["target_sum"]),
+                description=meta.get("description", {}),
+                calibration=meta.get("calibration"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            detail = f"missing metadata {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise _invalid_model_file(path, detail) from e
         if meta.get("model_hash") and meta["model_hash"] != model.model_hash:
             raise ValueError(f"{path} is corrupted: its weights do not match the hash stored with them.")
         return model
@@ -317,7 +428,9 @@ class CellTypeModel:
         Parameters
         ----------
         model_or_path
-            A :class:`celltypist.models.Model` or the path of a CellTypist ``.pkl`` file.
+            A :class:`celltypist.models.Model`, or the path (``str`` or :class:`os.PathLike`, absolute or relative
+            to the working directory) of a local CellTypist ``.pkl`` file. A path is always read from disk, never
+            taken for the name of a published CellTypist model (nothing is downloaded).
         trust_pickle
             CellTypist files are pickles, which can execute arbitrary code when loaded. A path is read only when
             this is True; pass it only for files from a source you trust.
@@ -325,6 +438,15 @@ class CellTypeModel:
         Returns
         -------
         A model that scores exactly as the CellTypist one, normalizing queries over all genes (``"all"``).
+
+        Raises
+        ------
+        ValueError
+            When a path is given without ``trust_pickle=True``, or the file is not a readable CellTypist model.
+        FileNotFoundError
+            When the path is not an existing file.
+        TypeError
+            When ``model_or_path`` is neither a CellTypist model nor a path.
         """
         if isinstance(model_or_path, str | os.PathLike):
             path = Path(model_or_path)
@@ -335,10 +457,26 @@ class CellTypeModel:
                     "`celltypist.models.Model.load` and pass the object."
                 )
             if not path.is_file():
-                raise FileNotFoundError(f"No CellTypist model file at {path}.")
+                raise FileNotFoundError(
+                    f"No CellTypist model file at {str(path)!r} (resolved: {str(path.resolve())!r}). Pass the path "
+                    "of a local .pkl file; CellTypist model names are not downloaded here: fetch them with "
+                    "`celltypist.models.download_models(model=...)` and pass the file's path."
+                )
             from celltypist.models import Model
 
-            model_or_path = Model.load(str(path))
+            # An absolute POSIX path always holds a "/": celltypist would otherwise take a bare file name for the
+            # name of one of its published models and fetch its model index from the network.
+            try:
+                model_or_path = Model.load(path.resolve().as_posix())
+            except Exception as e:  # celltypist wraps every unpickling failure in a bare Exception
+                raise ValueError(
+                    f"{path} is not a readable CellTypist model (truncated, corrupted, or not a CellTypist .pkl?): {e}"
+                ) from e
+        elif not (hasattr(model_or_path, "classifier") and hasattr(model_or_path, "scaler")):
+            raise TypeError(
+                "model_or_path must be a celltypist.models.Model or the path (str or os.PathLike) of a CellTypist "
+                f".pkl file; got {type(model_or_path).__name__}."
+            )
         clf, scaler = model_or_path.classifier, model_or_path.scaler
         features = as_str_array(clf.features)
         classes = as_str_array(clf.classes_)
@@ -392,6 +530,16 @@ class CellTypeModel:
             "number_celltypes": self.n_classes,
         }
         return Model(clf, scaler, description)
+
+
+_ARRAY_KEYS = ("features", "classes", "coef", "intercept", "scaler_mean", "scaler_scale")
+
+
+def _invalid_model_file(path: Path, detail: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a valid spatialcx model file (truncated or corrupted?): {detail}. Re-save the model with "
+        "model.save(path), or train it again."
+    )
 
 
 def _jsonable(v: Any) -> Any:

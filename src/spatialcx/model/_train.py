@@ -73,11 +73,13 @@ def fit_model(
     As CellTypist: genes not expressed in any training cell are dropped, the data are standard-scaled and clipped at
     ``clip``, and a one-vs-rest L2 logistic regression is fitted (``"logreg"``, lbfgs), or a log-loss SGD classifier
     (``"sgd"``), or the SGD classifier by mini-batches that densify only ``batch_size`` cells at a time
-    (``"minibatch"``, for references too large to densify). ``"auto"`` picks ``"logreg"`` unless the dense matrix
-    would exceed :data:`AUTO_DENSE_LIMIT` entries.
+    (``"minibatch"``, for references too large to densify). ``"auto"`` picks ``"logreg"`` when the training matrix
+    has at most 200,000,000 entries (cells x expressed genes, e.g. 1,000,000 cells x 200 genes) and ``"minibatch"``
+    above that.
 
     With ``calibrate`` (default), the training cells are scored by the fitted model (one sparse product, no second
-    fit) and the confidence calibration is fitted on them (:func:`spatialcx.model._calibration.fit_calibration`).
+    fit) and the confidence calibration is fitted on them (stored as ``model.calibration``; see
+    :func:`spatialcx.tl.transform_confidence`).
     """
     from sklearn.linear_model import LogisticRegression, SGDClassifier
     from sklearn.multiclass import OneVsRestClassifier
