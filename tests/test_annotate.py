@@ -209,3 +209,26 @@ def test_unusable_store_values_raise_and_leave_store_unchanged(demo_small, tmp_p
         scx.tl.annotate(sd.read_zarr(store), reference, label_keys="cell_type")
     after = {p.relative_to(store): p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_bad_output_paths_fail_before_anything_is_written(demo_small, tmp_path):
+    sdata, reference = demo_small
+    table = sdata.tables["table"]
+    columns, uns = list(table.obs.columns), set(table.uns)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for kwargs, match in (
+        ({"model_out": a_file / "m.npz"}, "model_out"),
+        ({"model_out": tmp_path}, "is a folder"),
+        ({"plots_dir": a_file}, "plots_dir"),
+        ({"key_added": "cell/type"}, "key_added"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            scx.tl.annotate(sdata, reference, label_keys="cell_type", **kwargs)
+        assert list(table.obs.columns) == columns and set(table.uns) == uns
+    with pytest.raises(ValueError, match="plots_dir"):
+        scx.tl.classify_by_threshold(sdata, ["CD19"], plot=True, plots_dir=a_file / "x")
+    assert list(table.obs.columns) == columns
+    with pytest.raises(ValueError, match="key_added"):
+        scx.tl.predict(sdata, scx.tl.train(reference, "cell_type", genes=table), key_added="a/b")
+    assert list(table.obs.columns) == columns

@@ -131,6 +131,8 @@ def test_classify_h5ad_with_plot(demo_files, tmp_path, capsys):
         (["classify", "{h5ad}", "NOTAGENE"], 1, r"\['NOTAGENE'\] are neither genes"),
         (["annotate", "{h5ad}", "-r", "{ref}"], 2, "no label key for reference"),
         (["annotate", "{h5ad}", "-r", "{ref}::no_such_column"], 1, "no_such_column"),
+        (["classify", "{truncated}", "CD19"], 2, "could not be read as an .h5ad file"),
+        (["annotate", "{h5ad}", "-r", "{ref}::cell_type", "--model-out", "{h5ad}/m.npz"], 1, "model_out"),
     ],
 )
 def test_errors_are_one_line_and_write_nothing(demo_files, tmp_path, capsys, argv, code, message):
@@ -141,8 +143,17 @@ def test_errors_are_one_line_and_write_nothing(demo_files, tmp_path, capsys, arg
     before = _digest(h5ad)
     fill = {"tmp": str(tmp_path), "store": str(demo_files / "slide.zarr"), "h5ad": str(h5ad)}
     fill["ref"] = str(demo_files / "ref.h5ad")
+    truncated = tmp_path / "truncated.h5ad"
+    truncated.write_bytes((demo_files / "slide.h5ad").read_bytes()[:5000])
+    fill["truncated"] = str(truncated)
     assert cli_main([a.format(**fill) for a in argv]) == code
     err = capsys.readouterr().err
     assert err.startswith(f"spatialcx {argv[0]}: error: ") and re.search(message, err), err
     assert "Traceback" not in err
     assert _digest(h5ad) == before
+
+
+def test_verbose_after_the_command_shows_the_traceback(demo_files, tmp_path):
+    with pytest.raises(KeyError, match="NOTAGENE"):
+        cli_main(["classify", str(demo_files / "slide.h5ad"), "NOTAGENE", "--out", str(tmp_path / "x.h5ad"), "-vv"])
+    assert not (tmp_path / "x.h5ad").exists()

@@ -785,3 +785,37 @@ def test_hard_crash_while_removing_shapes_leaves_a_readable_store(v3_store, mode
     assert "cells" in back.shapes and "table" in back.tables
     _table.remove_shapes_element(sdata, "domains")  # the next call finishes the job (or finds it done)
     assert list(sd.read_zarr(v3_store).shapes) == ["cells"] and not (v3_store / WORK_DIR).exists()
+
+
+def test_failed_write_restores_the_table_in_memory(v3_store, monkeypatch):
+    """When the store cannot be written, the object in memory is put back as it was, so that the two still agree."""
+    sdata = sd.read_zarr(v3_store)
+    table = sdata.tables["table"]
+    table.uns["kept"] = {"a": 1}
+    obs_before, uns_before = table.obs.copy(), {"kept": {"a": 1}}
+    sdata_uns = dict(table.uns)
+    before = _snapshot(v3_store)
+    _fail_on_call(monkeypatch, n_ok=1)  # the in-memory uns check passes, staging obs fails
+    ref = resolve_table(sdata)
+    ref.adata.obs["cell_type"] = "T cell"
+    ref.adata.obsm["scores"] = np.zeros((ref.adata.n_obs, 2))
+    ref.adata.uns["kept"]["a"] = 2  # changed in place
+    ref.adata.uns["new"] = "x"
+    with pytest.raises(OSError, match="simulated") as info:
+        ref.finish()
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "left as it was" in notes and "write=False" in notes
+    assert sdata.tables["table"] is table
+    pd.testing.assert_frame_equal(table.obs, obs_before)
+    assert "scores" not in table.obsm
+    assert set(table.uns) == set(sdata_uns) and table.uns["kept"] == uns_before["kept"] and "new" not in table.uns
+    assert _snapshot(v3_store) == before
+
+
+@pytest.mark.parametrize("key", ["a/b", "", "__x", 3])
+def test_keys_that_cannot_be_stored_are_refused_before_anything_is_written(key):
+    from spatialcx._table import check_key
+
+    with pytest.raises((ValueError, TypeError), match="key_added"):
+        check_key(key)
+    assert check_key("cell_type_v2") == "cell_type_v2"

@@ -135,6 +135,23 @@ class TableRef:
     sdata: SpatialData | None
     table_key: str
     copy: bool = False
+    #: obs, obsm and uns as they were when the table was resolved (backed SpatialData only): restored when writing
+    #: into the store fails, so that the object in memory and the store still agree.
+    before: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
+
+    def restore(self) -> None:
+        """Put back obs, obsm and uns as they were when the table was resolved (a no-op without a snapshot)."""
+        if self.before is None:
+            return
+        obs, obsm, uns = self.before
+        self.adata.obs = obs
+        for key in list(self.adata.obsm.keys()):
+            if key not in obsm:
+                del self.adata.obsm[key]
+        for key, value in obsm.items():
+            self.adata.obsm[key] = value
+        self.adata.uns.clear()
+        self.adata.uns.update(uns)
 
     def finish(
         self, *, write: bool = True, elements: Iterable[str] = ("obs", "obsm", "uns")
@@ -176,7 +193,16 @@ class TableRef:
             # the caller replaced the table object (e.g. a subset): put it into the SpatialData object
             self.sdata.tables[self.table_key] = self.adata
         if write and self.sdata.path is not None:
-            write_table(self.sdata, self.table_key, elements=elements)
+            try:
+                write_table(self.sdata, self.table_key, elements=elements)
+            except Exception as e:
+                self.restore()
+                e.add_note(
+                    f"The results were not written into {self.sdata.path}, and the table in memory was left as it "
+                    "was. To keep results in memory only, pass write=False (or copy=True); to save them elsewhere, "
+                    "write the SpatialData object to a new path (sdata.write(...))."
+                )
+                raise
         return None
 
 
@@ -214,7 +240,27 @@ def resolve_table(data: AnnData | SpatialData, table_key: str = "table", *, copy
     adata = _table_from_sdata(data, table_key)
     if copy:
         return TableRef(adata=adata.copy(), sdata=data, table_key=table_key, copy=True)
-    return TableRef(adata=adata, sdata=data, table_key=table_key)
+    before = None
+    if data.path is not None:  # changes will be written into the store: keep what to restore if that fails
+        import copy as _copy
+
+        before = (adata.obs.copy(), dict(adata.obsm), _copy.deepcopy(dict(adata.uns)))
+    return TableRef(adata=adata, sdata=data, table_key=table_key, before=before)
+
+
+def check_key(value: Any, name: str = "key_added") -> str:
+    """Check a name that becomes obs/obsm/uns keys: a non-empty string that zarr and h5ad can store.
+
+    Keys are stored as zarr/HDF5 node names, where ``/`` separates groups and zarr reserves names starting with ``__``.
+    """
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty string (the prefix of the keys written), got {value!r}.")
+    if "/" in value or value.startswith("__"):
+        raise ValueError(
+            f"{name}={value!r} cannot be stored in a zarr or h5ad file ('/' separates groups there and names starting "
+            "with '__' are reserved); choose a name without them, e.g. 'cell_type_v2'."
+        )
+    return value
 
 
 def get_table(data: AnnData | SpatialData, table_key: str = "table") -> AnnData:
@@ -289,11 +335,15 @@ def write_table(
     elements = _check_elements(elements)
     store = _local_store_path(sdata)
     _check_link(adata, table_key)
-    _check_uns_serialisable(adata, table_key, store)  # also when uns is not written: a new table is written whole
-
-    with _store_lock(store), warnings.catch_warnings():
+    with warnings.catch_warnings():
         # zarr's notice about a future default (autosharding) is not actionable here
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        _check_uns_serialisable(adata, table_key, store)  # also when uns is not written: a new table is written whole
+        _write_locked(store, adata, table_key, elements)
+
+
+def _write_locked(store: Path, adata: AnnData, table_key: str, elements: tuple[str, ...]) -> None:
+    with _store_lock(store):
         _recover(store)
         live = store / "tables" / table_key
         if not live.is_dir():

@@ -37,6 +37,48 @@ def as_str_array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=object).astype(str)
 
 
+def check_writable_dir(path: str | os.PathLike, name: str) -> Path:
+    """Check, without creating anything, that ``path`` is or can become a folder we can write into.
+
+    Called before long computations so that a bad output path fails at once, before anything is written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} exists and is not a folder; pass a folder (it is created if needed).")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(
+            f"{name} {str(path)!r} cannot be created: {str(existing)!r} is a file, not a folder; choose another path."
+        )
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {str(path)!r} cannot be written: no write permission in {str(existing)!r}.")
+    return path
+
+
+def check_writable_file(path: str | os.PathLike, name: str) -> Path:
+    """Check, without creating anything, that a file can be written at ``path`` (its folder exists or can be made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder; pass a file path (e.g. {str(path / 'model.npz')!r}).")
+    check_writable_dir(path.parent, name)
+    return path
+
+
+def import_squidpy() -> Any:
+    """``import squidpy``, without the docstring-template notices (SyntaxWarning) its dependency docrep emits."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
+        import squidpy
+
+    return squidpy
+
+
 def import_optional(module: str, extra: str) -> Any:
     """Import an optional dependency or raise an ImportError that names the extra to install."""
     try:

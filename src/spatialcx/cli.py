@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+#: Domains listed by ``classify --domains`` (the largest); the others are summed up in one line.
+MAX_DOMAINS_LISTED = 20
+
 
 class CommandError(Exception):
     """A problem with the command's input, reported as one line (no traceback) with exit status 2."""
@@ -45,7 +48,13 @@ def _open_data(path_str: str, *, table_key: str, out: str | None) -> tuple[Any, 
     if _is_h5ad(path):
         import anndata as ad
 
-        adata = ad.read_h5ad(path)
+        try:
+            adata = ad.read_h5ad(path)
+        except Exception as e:
+            raise CommandError(
+                f"{path_str} could not be read as an .h5ad file ({type(e).__name__}: {e}); is it complete? Pass an "
+                ".h5ad file or a SpatialData store."
+            ) from e
         target = Path(out) if out is not None else path
 
         def save() -> str:
@@ -222,7 +231,11 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             f"(linking distance {info['max_distance']:.4g}); {int(info['n_cells_dropped']):,} high cells in none"
         )
         if len(domains):
-            print(domains.to_string())
+            shown = domains.head(MAX_DOMAINS_LISTED)
+            print(shown.to_string())
+            if len(domains) > len(shown):
+                rest = domains.iloc[len(shown) :]
+                print(f"... and {len(rest)} smaller domain(s) ({int(rest.sum()):,} cells) in obs[{args.domain_key!r}]")
         else:
             print("no domain: the high cells are scattered; raise --max-distance or lower --min-cells to link them")
     print(f"written into {save()}")
@@ -238,10 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="spatialcx", description="Cell types for spatial transcriptomics.")
     parser.add_argument("--version", action="version", version=f"spatialcx {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    verbose_help = "more logging (-v info, -vv debug and full tracebacks)"
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    # -v also after the command (`spatialcx classify ... -vv`); not given there, it keeps the value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="annotate the built-in synthetic demo and report accuracy and time")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="annotate the built-in synthetic demo and report accuracy and time"
+    )
     demo.add_argument("--out", default="spatialcx_demo", help="output folder (zarr store, model, plots)")
     demo.add_argument("--n-cells", type=int, default=4000, help="cells in the demo slide")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
@@ -251,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_help = "SpatialData zarr store (annotated in place, crash-safely) or .h5ad file (rewritten atomically)"
     out_help = "for .h5ad input: write the result here instead of replacing the input"
-    ann = sub.add_parser("annotate", help="annotate a SpatialData zarr store or an .h5ad from labelled references")
+    ann = sub.add_parser(
+        "annotate", parents=[common], help="annotate a SpatialData zarr store or an .h5ad from labelled references"
+    )
     ann.add_argument("store", metavar="data", help=data_help)
     ann.add_argument(
         "-r",
@@ -286,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     ann.set_defaults(func=_cmd_annotate)
 
     cls = sub.add_parser(
-        "classify", help="classify cells as high or low for markers, optionally grouping the high cells into domains"
+        "classify",
+        parents=[common],
+        help="classify cells as high or low for markers, optionally grouping the high cells into domains",
     )
     cls.add_argument("data", help=data_help)
     cls.add_argument("features", nargs="+", help="marker genes (var_names) and/or numeric obs columns")
@@ -330,11 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (CommandError, ValueError, KeyError, FileNotFoundError, ImportError) as e:
+    except (CommandError, ValueError, KeyError, OSError, ImportError) as e:
         if args.verbose >= 2:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"spatialcx {args.command}: error: {message}", file=sys.stderr)
+        notes = "".join(f" {note}" for note in getattr(e, "__notes__", []))
+        print(f"spatialcx {args.command}: error: {message}{notes}", file=sys.stderr)
         print("(run with -vv for the full traceback)", file=sys.stderr)
         return 2 if isinstance(e, CommandError) else 1
 

@@ -167,7 +167,8 @@ def annotate(
     scores in ``obsm["{key}_decision_scores"]`` and the parameters, model hash, versions and reference provenance in
     ``uns[key]``.
     """
-    from spatialcx._table import resolve_table
+    from spatialcx._table import check_key, resolve_table
+    from spatialcx._utils import check_writable_dir, check_writable_file
     from spatialcx.pp import combine_references, panel_genes, subsample_balanced
     from spatialcx.pp._normalization import find_expression_source
     from spatialcx.tl._confidence import CONFIDENCE_METHODS
@@ -178,6 +179,12 @@ def annotate(
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
     if confidence not in CONFIDENCE_METHODS:
         raise ValueError(f"Unknown confidence method {confidence!r}; choose one of {CONFIDENCE_METHODS}.")
+    check_key(key_added, "key_added")
+    # output paths are checked before anything is read, trained or written
+    if model_out is not None:
+        check_writable_file(model_out, "model_out")
+    if plots and plots_dir is not None:
+        check_writable_dir(plots_dir, "plots_dir")
     references, label_keys = _as_list(references, label_keys)
     ref = resolve_table(data, table_key, copy=copy)
     adata = ref.adata
@@ -221,6 +228,8 @@ def annotate(
     else:
         names, ids, cl_names, mapping = classes, [], [], None
 
+    saved = model.save(model_out) if model_out is not None else None  # before the table changes: may still fail
+
     # all computed: write into the table
     keys = output_keys(key_added)
     write_predictions(adata, out, key_added=key_added)
@@ -249,8 +258,7 @@ def annotate(
         params["ontology_mapping"] = _mapping_lists(mapping)
     filter_low_confidence(adata, key=key_added, threshold=confidence_threshold, unassigned_label=UNASSIGNED)
 
-    if model_out is not None:
-        saved = model.save(model_out)
+    if saved is not None:
         adata.uns[key_added]["model_path"] = str(saved)
     result = ref.finish(write=write, elements=("obs", "obsm", "uns"))
 

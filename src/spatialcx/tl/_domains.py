@@ -122,7 +122,7 @@ def spatial_domains(
     """
     from anndata import AnnData
 
-    from .._table import resolve_table
+    from .._table import check_key, resolve_table
 
     if platform is not None and platform not in PLATFORM_MAX_DISTANCE:
         raise ValueError(f"platform={platform!r} is not known; choose one of {sorted(PLATFORM_MAX_DISTANCE)} or None.")
@@ -139,7 +139,8 @@ def spatial_domains(
             "add_shapes=True adds a shapes element to a SpatialData, but data is an AnnData. Pass the SpatialData, "
             "or use add_shapes=False (the domain column is written either way)."
         )
-    shapes_key = shapes_key or f"{key_added}_shapes"
+    check_key(key_added, "key_added")
+    shapes_key = check_key(shapes_key or f"{key_added}_shapes", "shapes_key")
 
     ref = resolve_table(data, table_key, copy=copy)
     adata = ref.adata
@@ -417,7 +418,9 @@ def _median_nn_distance(coords: np.ndarray, libraries: np.ndarray | None, max_ce
 
 def _components(coords: np.ndarray, libraries: np.ndarray | None, distance: float) -> np.ndarray:
     """Connected components of the radius graph of ``coords`` (squidpy), never across libraries."""
-    import squidpy as sq
+    from spatialcx._utils import import_squidpy
+
+    sq = import_squidpy()
     from anndata import AnnData
     from scipy.sparse.csgraph import connected_components
 

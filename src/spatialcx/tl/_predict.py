@@ -266,8 +266,9 @@ def predict(
     predicted label; :func:`filter_low_confidence` then marks low-confidence cells ``Unassigned`` in
     ``{key_added}``.
     """
-    from spatialcx._table import resolve_table
+    from spatialcx._table import check_key, resolve_table
 
+    check_key(key_added, "key_added")
     ref = resolve_table(data, table_key, copy=copy)
     out = compute_predictions(
         ref.adata,

@@ -75,12 +75,13 @@ def score_signatures(
     ValueError
         Empty or malformed marker sets, or no signature with enough panel genes.
     """
-    from .._table import resolve_table
+    from .._table import check_key, resolve_table
 
     if int(min_genes) < 1:
         raise ValueError(f"min_genes={min_genes} must be at least 1.")
     if smooth and int(n_neighbors) < 1:
         raise ValueError(f"n_neighbors={n_neighbors} must be at least 1.")
+    check_key(key_added, "key_added")
     marker_sets = _load_markers(markers)
 
     ref = resolve_table(data, table_key, copy=copy)
@@ -197,7 +198,7 @@ def annotate_domains(
     """
     from scipy.stats import false_discovery_control, mannwhitneyu
 
-    from .._table import resolve_table
+    from .._table import check_key, resolve_table
 
     if not 0 < float(alpha) <= 1:
         raise ValueError(f"alpha={alpha} must be in (0, 1].")
@@ -207,7 +208,7 @@ def annotate_domains(
         raise ValueError(f"closeness={closeness} must be in [0, 1].")
     if int(max_combined) < 1:
         raise ValueError(f"max_combined={max_combined} must be at least 1.")
-    key_added = key_added or f"{groupby}_annotation"
+    key_added = check_key(key_added or f"{groupby}_annotation", "key_added")
 
     ref = resolve_table(data, table_key, copy=copy)
     adata = ref.adata
@@ -422,7 +423,10 @@ def _match_genes(
 
 def _smooth(adata: AnnData, scores: np.ndarray, *, n_neighbors: int, spatial_key: str) -> np.ndarray:
     import scipy.sparse as sp
-    import squidpy as sq
+
+    from spatialcx._utils import import_squidpy
+
+    sq = import_squidpy()
     from anndata import AnnData as _AnnData
 
     from ._domains import _quiet_spatialdata_logger

@@ -126,7 +126,8 @@ def classify_by_threshold(
     ValueError
         Bad parameters, too few cells, non-numeric or missing values, or a constant / all-zero feature.
     """
-    from .._table import resolve_table
+    from .._table import check_key, resolve_table
+    from .._utils import check_writable_dir
 
     if metagene not in METAGENES:
         raise ValueError(f"metagene={metagene!r} is not supported; choose one of {list(METAGENES)}.")
@@ -141,6 +142,9 @@ def classify_by_threshold(
         raise ValueError(f"max_fit_cells={max_fit_cells} is below {MIN_CELLS}; use a larger value (default 50000).")
     if plots_dir is not None and not plot:
         raise ValueError("plots_dir was given but plot=False; pass plot=True to draw and save the figure.")
+    check_key(key_added, "key_added")
+    if plots_dir is not None:
+        check_writable_dir(plots_dir, "plots_dir")  # before anything is written into the table
     features = _as_feature_list(features)
 
     ref = resolve_table(data, table_key, copy=copy)
