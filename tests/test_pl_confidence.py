@@ -13,7 +13,7 @@ from matplotlib.image import AxesImage
 
 import spatialcx as scx
 from spatialcx.pl import _utils
-from spatialcx.pl._confidence import LOW_COLOR, MISSING_COLOR
+from spatialcx.pl._confidence import LOW_COLOR, MIN_OUTLINE_SCALE, MISSING_COLOR, OUTLINE_WIDTH
 
 THRESHOLD = 0.8
 
@@ -469,11 +469,93 @@ def test_error_table():
 
 def test_error_bad_arguments():
     adata = points_adata()
-    with pytest.raises(ValueError, match="threshold must be a finite number"):
+    with pytest.raises(ValueError, match=r"threshold must be a confidence in \[0, 1\]"):
         scx.pl.confidence(adata, threshold=float("nan"))
     with pytest.raises(ValueError, match="max_points_per_type must be a positive integer"):
         scx.pl.confidence(adata, max_points_per_type=0)
     assert plt.get_fignums() == []  # nothing left open by failed calls
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.1, float("inf"), True, "0.8"])
+def test_threshold_validated_like_validation_2d(threshold):
+    adata = points_adata()
+    with pytest.raises(ValueError, match=r"confidence: threshold must be a confidence in \[0, 1\].*got") as conf_err:
+        scx.pl.confidence(adata, threshold=threshold)
+    with pytest.raises(ValueError, match=r"threshold must be a confidence in \[0, 1\]") as val_err:
+        scx.pl.validation_2d(adata, threshold=threshold)
+    # one helper, one message (but for the function's name)
+    assert str(conf_err.value).split(":", 1)[1] == str(val_err.value).split(":", 1)[1]
+    assert plt.get_fignums() == []
+
+
+def test_threshold_none_uses_recorded_one():
+    adata = points_adata()
+    adata.uns["cell_type"] = {"confidence_threshold": 0.6}
+    fig = scx.pl.confidence(adata, threshold=None)
+    conf = adata.obs["cell_type_confidence"].to_numpy()
+    (outlined,) = _cell_collections(fig.axes[0], "low")
+    assert _n_items(outlined) == (conf < 0.6).sum()
+    assert fig._suptitle.get_text().endswith("below 0.6")
+
+
+def _with_share_below(sdata, share: float):
+    """Set the confidence so that the first ``share`` of the cells are below THRESHOLD."""
+    table = sdata.tables["table"]
+    n_low = int(round(share * table.n_obs))
+    table.obs["cell_type_confidence"] = np.where(np.arange(table.n_obs) < n_low, 0.3, 0.95)
+    return n_low
+
+
+def test_outlines_thinner_when_most_cells_are_below():
+    sdata = circles_sdata(n=40)  # cells wider than 4 points on screen: the outline is not capped by their size
+    n_low = _with_share_below(sdata, 0.25)
+    ax = scx.pl.confidence(sdata, threshold=THRESHOLD).axes[0]
+    (outlined,) = _cell_collections(ax, "low")
+    assert _n_items(outlined) == n_low
+    np.testing.assert_allclose(outlined.get_linewidths(), OUTLINE_WIDTH)
+    assert ax.get_title().splitlines()[1] == f"red outline: {n_low} (25.0%) below 0.8"
+    plt.close("all")
+
+    widths = []
+    for share in (0.5, 0.7, 0.95):
+        n_low = _with_share_below(sdata, share)
+        ax = scx.pl.confidence(sdata, threshold=THRESHOLD).axes[0]
+        (outlined,) = _cell_collections(ax, "low")
+        assert _n_items(outlined) == n_low
+        np.testing.assert_allclose(outlined.get_edgecolors(), [to_rgba(LOW_COLOR)])
+        widths.append(float(outlined.get_linewidths()[0]))
+        plt.close("all")
+    assert widths[0] == OUTLINE_WIDTH > widths[1] > widths[2] == pytest.approx(MIN_OUTLINE_SCALE * OUTLINE_WIDTH)
+    assert ax.get_title().splitlines()[1] == f"thin red outline: {n_low} (95.0%) below 0.8"
+
+
+def test_outlines_thin_on_small_cells():
+    """An outline is at most a fifth of the cells' diameter on screen, so small cells keep their colour."""
+    from matplotlib.figure import Figure
+
+    centers = np.array([[10.0, 10.0], [90.0, 90.0]])
+    circles = _utils.CellGeometry(
+        rows=np.arange(2),
+        centers=centers,
+        kind="circles",
+        n_cells=2,
+        source="circles",
+        widths=np.full(2, 1.0),
+        heights=np.full(2, 1.0),
+        angles=np.zeros(2),
+    )
+    points = _utils.CellGeometry(rows=np.arange(2), centers=centers, kind="points", n_cells=2, source="points")
+    ax = Figure(figsize=(4, 4)).add_subplot()
+    _utils.set_spatial_limits(ax, (0.0, 100.0, 0.0, 100.0))
+    faces = np.ones((2, 4))
+    (coll,) = _utils.draw_cells(ax, [circles], faces, edgecolor=LOW_COLOR, linewidth=0.8)
+    diameter_pt = 1.0 * _utils._points_per_data_unit(ax)
+    assert diameter_pt < 4
+    np.testing.assert_allclose(coll.get_linewidths(), _utils.MAX_EDGE_FRACTION * diameter_pt)
+    (pts,) = _utils.draw_cells(ax, [points], faces, edgecolor=LOW_COLOR, linewidth=0.8, point_size=9.0)
+    np.testing.assert_allclose(pts.get_linewidths(), _utils.MAX_EDGE_FRACTION * 3.0)  # 3 points across
+    (big,) = _utils.draw_cells(ax, [points], faces, edgecolor=LOW_COLOR, linewidth=0.8, point_size=100.0)
+    np.testing.assert_allclose(big.get_linewidths(), 0.8)  # 10 points across: the width asked for
 
 
 # --------------------------------------------------------------------------------------------------------------------

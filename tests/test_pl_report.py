@@ -472,3 +472,90 @@ def test_annotation_report_mapping_argument(table):
     report = scx.pl.annotation_report(table, mapping=mapping, show=True)
     fig = report["ontology_mapping"]["figure"]
     assert len(fig.axes[0].get_yticklabels()) == 3
+
+
+def test_annotation_report_uses_mapping_of_add_ontology_ids():
+    """predict -> filter_low_confidence -> add_ontology_ids keeps the mapping in uns['cell_type_ontology']."""
+    sdata, ref = scx.datasets.demo(n_cells=600, n_reference_cells=1500)
+    scx.tl.predict(sdata, scx.tl.train(ref, "cell_type", genes=sdata))
+    scx.tl.filter_low_confidence(sdata)
+    mapping = scx.tl.add_ontology_ids(sdata, "cell_type_predicted")
+    adata = sdata.tables["table"]
+    assert "ontology_mapping" not in adata.uns["cell_type"]
+    report = scx.pl.annotation_report(sdata, show=False)
+    assert report["ontology_mapping"]["error"] is None
+    fig = report["ontology_mapping"]["figure"]
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.get_yticklabels()) == sorted(mapping.table["input_label"])
+    # the min_score recorded in the summary is drawn as the dashed line
+    assert [ln.get_xdata()[0] for ln in ax.lines] == [adata.uns["cell_type_ontology"]["min_score"]]
+
+
+def test_annotation_report_mapping_from_h5ad_round_trip(table, tmp_path):
+    del table.uns["cell_type"]["ontology_mapping"]
+    scx.tl.add_ontology_ids(table, "cell_type_predicted")
+    table.write_h5ad(tmp_path / "t.h5ad")
+    back = ad.read_h5ad(tmp_path / "t.h5ad")
+    report = scx.pl.annotation_report(back, show=False)
+    assert report["ontology_mapping"]["error"] is None
+    labels = [t.get_text() for t in report["ontology_mapping"]["figure"].axes[0].get_yticklabels()]
+    assert sorted(labels) == sorted(table.obs["cell_type_predicted"].astype(str).unique())
+
+
+def test_annotation_report_no_mapping_names_both_places(table):
+    del table.uns["cell_type"]["ontology_mapping"]
+    report = scx.pl.annotation_report(table, show=False)
+    error = report["ontology_mapping"]["error"]
+    assert "uns['cell_type']['ontology_mapping']" in error
+    assert "uns['cell_type_ontology']['mapping']" in error
+    assert "scx.tl.add_ontology_ids" in error
+
+
+def test_annotation_report_shows_figures_when_nothing_is_saved(table, tmp_path):
+    """show=None (default): figures stay open (displayed by matplotlib) without plots_dir, closed when saved."""
+    report = scx.pl.annotation_report(table)
+    drawn = [r["figure"] for r in report.values() if r["figure"] is not None]
+    assert len(drawn) == len(REPORT_PLOTS)
+    assert sorted(plt.get_fignums()) == sorted(f.number for f in drawn)
+    assert all(r["paths"] == [] for r in report.values())
+    plt.close("all")
+
+    scx.pl.annotation_report(table, plots_dir=tmp_path / "qc")
+    assert plt.get_fignums() == []
+    assert len(list((tmp_path / "qc").glob("*.png"))) == len(REPORT_PLOTS)
+
+    # explicit values keep their meaning
+    report = scx.pl.annotation_report(table, show=False)
+    assert plt.get_fignums() == [] and all(r["figure"] is not None for r in report.values())
+    scx.pl.annotation_report(table, plots_dir=tmp_path / "qc2", show=True)
+    assert len(plt.get_fignums()) == len(REPORT_PLOTS)
+    plt.close("all")
+
+    with pytest.raises(TypeError, match="show must be True, False or None"):
+        scx.pl.annotation_report(table, show="yes")
+    assert plt.get_fignums() == []
+
+
+def test_annotation_report_docstring_has_no_private_link():
+    doc = scx.pl.annotation_report.__doc__
+    assert "REPORT_PLOTS" not in doc
+    assert all(f"``{name}``" in doc for name in REPORT_PLOTS)
+
+
+def test_validation_2d_title_says_when_classes_are_shown_by_cl_names(table):
+    fig = scx.pl.validation_2d(table, max_types=2)
+    assert "shown by Cell Ontology name" not in fig._suptitle.get_text()  # the demo's classes are CL names
+
+    # classes with their own names (as in a reference), shown by CL names through uns["cell_type"]["names"]
+    alias = {"B cell": "B cells", "fibroblast": "Fibroblasts", "goblet cell": "Goblet"}
+    params = table.uns["cell_type"]
+    params["names"] = list(params["classes"])
+    params["classes"] = [alias.get(c, c) for c in params["classes"]]
+    predicted = table.obs["cell_type_predicted"]
+    table.obs["cell_type_predicted"] = predicted.cat.rename_categories(lambda c: alias.get(c, c))
+    fig = scx.pl.validation_2d(table, max_types=2)
+    title = " ".join(fig._suptitle.get_text().split())
+    assert "per predicted type (obs['cell_type_predicted'], shown by Cell Ontology name)" in title
+    sizes = predicted.astype(str).value_counts().drop("enterocyte")  # no canonical enterocyte marker on the panel
+    largest = sorted(sizes.index, key=lambda t: (-sizes[t], t))[:2]
+    assert [ax.get_title().rsplit(" (", 1)[0] for ax in fig.axes] == largest  # panels by CL name

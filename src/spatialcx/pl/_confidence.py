@@ -14,6 +14,7 @@ from anndata import AnnData
 from .._constants import PREDICTED_SUFFIX, UNASSIGNED
 from .._settings import logger
 from . import _utils
+from ._markers import resolve_threshold
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 LOW_COLOR = "#ff2d55"
 #: Colour of cells without a confidence value.
 MISSING_COLOR = "#bdbdbd"
+#: Width (points) of the outline of low-confidence cells while at most half of the cells are below the threshold.
+OUTLINE_WIDTH = 0.8
+#: Thinnest outline, as a share of ``OUTLINE_WIDTH``, reached when nearly all cells are below the threshold.
+MIN_OUTLINE_SCALE = 0.3
 
 _WRITERS = "`scx.tl.predict` or `scx.tl.annotate`"
 
@@ -52,9 +57,7 @@ def _check_columns(obs: pd.DataFrame, key: str, confidence_key: str) -> tuple[pd
     return obs[label_key], conf, label_key
 
 
-def _check_args(threshold: float, max_points_per_type: int, point_size: float | None) -> None:
-    if not isinstance(threshold, Real) or isinstance(threshold, bool) or not np.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number (a confidence such as 0.8), got {threshold!r}.")
+def _check_args(max_points_per_type: int, point_size: float | None) -> None:
     if isinstance(max_points_per_type, bool) or not isinstance(max_points_per_type, int | np.integer):
         raise TypeError(f"max_points_per_type must be a positive integer, got {max_points_per_type!r}.")
     if max_points_per_type < 1:
@@ -192,6 +195,16 @@ def _prepare_map(
     return _MapData(geometries, layer, bounds)
 
 
+def outline_width(share_low: float) -> float:
+    """Width (points) of the red outline of low-confidence cells when ``share_low`` of the cells are below.
+
+    ``OUTLINE_WIDTH`` up to half of the cells, then thinner in proportion to the share of cells above the threshold,
+    down to ``MIN_OUTLINE_SCALE * OUTLINE_WIDTH`` (reached at 85 % below).
+    """
+    scale = float(np.clip(2.0 * (1.0 - share_low), MIN_OUTLINE_SCALE, 1.0))
+    return OUTLINE_WIDTH * scale
+
+
 def _map_panel(
     ax: Axes,
     map_data: _MapData,
@@ -213,21 +226,33 @@ def _map_panel(
     low = finite & (conf < threshold)
     face = np.asarray(cmap(norm(np.where(finite, conf, 0.0))))
     face[~finite] = to_rgba(MISSING_COLOR)
-    # Confident cells first without edges, then low-confidence cells outlined, on top.
     geometries = map_data.geometries
-    _utils.draw_cells(ax, geometries, face, subset=~low, point_size=point_size)
-    _utils.draw_cells(
-        ax, geometries, face, subset=low, edgecolor=LOW_COLOR, point_size=point_size, label="low-confidence cells"
-    )
-
     drawn = np.zeros(len(conf), dtype=bool)
     for geom in geometries:
         drawn[geom.rows] = True
     n_low = int((low & drawn).sum())
+    share_low = n_low / max(int((finite & drawn).sum()), 1)
+    width = outline_width(share_low)
+    # Confident cells first without edges, then low-confidence cells outlined, on top. The outline is thinner the
+    # more cells are below the threshold: outlining most cells says little, and thick outlines would hide their
+    # colours and the image (draw_cells also keeps it thin next to small cells).
+    _utils.draw_cells(ax, geometries, face, subset=~low, point_size=point_size)
+    _utils.draw_cells(
+        ax,
+        geometries,
+        face,
+        subset=low,
+        edgecolor=LOW_COLOR,
+        linewidth=width,
+        point_size=point_size,
+        label="low-confidence cells",
+    )
+
     where = f" over {map_data.layer.name!r}" if map_data.layer is not None else ""
     sources = sorted({g.source if g.source.startswith("obsm[") else repr(g.source) for g in geometries})
     lines = [f"{int(drawn.sum()):,} cells from {', '.join(sources)}{where}"]
-    lines.append(f"red outline: {n_low:,} ({n_low / max(int((finite & drawn).sum()), 1):.1%}) below {threshold:g}")
+    outline = "red outline" if width == OUTLINE_WIDTH else "thin red outline"
+    lines.append(f"{outline}: {n_low:,} ({share_low:.1%}) below {threshold:g}")
     if (~finite & drawn).any():
         lines[-1] += f"; grey: {int((~finite & drawn).sum()):,} without confidence"
     ax.set_title("\n".join(lines), fontsize="medium")
@@ -241,7 +266,7 @@ def confidence(
     *,
     key: str = "cell_type",
     confidence_key: str = "cell_type_confidence",
-    threshold: float = 0.8,
+    threshold: float | None = 0.8,
     table_key: str = "table",
     image_key: str | None = None,
     shapes_key: str | None = None,
@@ -275,7 +300,8 @@ def confidence(
     confidence_key
         obs column with the confidence of each cell, in ``[0, 1]``.
     threshold
-        Confidence below which a cell is flagged.
+        Confidence below which a cell is flagged, in ``[0, 1]``; ``None`` uses the one recorded by
+        :func:`spatialcx.tl.filter_low_confidence` in ``uns[key]["confidence_threshold"]`` (else 0.8).
     table_key
         Name of the table in ``data.tables`` (SpatialData only).
     image_key
@@ -315,7 +341,8 @@ def confidence(
     TypeError
         ``confidence_key`` is not numeric, or ``data`` is neither an AnnData nor a SpatialData object.
     ValueError
-        No coordinates for the cells (no shapes and no ``obsm[spatial_key]``), an empty table, or a bad argument.
+        No coordinates for the cells (no shapes and no ``obsm[spatial_key]``), an empty table, ``threshold`` not in
+        ``[0, 1]``, or another bad argument.
 
     Examples
     --------
@@ -325,8 +352,9 @@ def confidence(
     from matplotlib import colormaps
     from matplotlib.colors import Colormap, Normalize
 
-    _check_args(threshold, max_points_per_type, point_size)
+    _check_args(max_points_per_type, point_size)
     adata, sdata = _utils.split_data(data, table_key)
+    threshold = resolve_threshold(adata, key, threshold, fn="confidence")
     if adata.n_obs == 0:
         raise ValueError(f"The table {table_key!r} has no cells; there is nothing to plot.")
     labels, conf, label_key = _check_columns(adata.obs, key, confidence_key)

@@ -785,7 +785,8 @@ def validation_2d(
     random_state
         Seed of the subset drawn.
     title
-        Figure title.
+        Figure title; default names the label column, and says when its classes are shown by their Cell Ontology
+        names (``uns[key]["names"]``, as in ``obs[key]``).
     save
         Write the figure there (format from the suffix); parent folders are created.
     dpi
@@ -823,6 +824,11 @@ def validation_2d(
         raise ValueError(f"{fn}: min_marker_score must be a number >= 0, got {min_marker_score!r}.")
 
     labels, label_key = predicted_labels(adata, key)
+    # The predicted classes are shown by their final names (Cell Ontology names, see predicted_labels): say so.
+    shown_by_names = label_key != key and set(map(str, as_categorical(labels).categories)) != set(
+        map(str, as_categorical(adata.obs[label_key]).categories)
+    )
+    renamed = ", shown by Cell Ontology name" if shown_by_names else ""
     conf = raw_conf.to_numpy(dtype=float, na_value=np.nan)
     groups, codes, sizes, too_small = group_codes(labels, min_cells=min_cells, exclude=(unassigned_label(adata, key),))
     if not groups:
@@ -862,7 +868,11 @@ def validation_2d(
     if too_small:
         notes.append(f"fewer than {min_cells} cells: " + ", ".join(too_small))
     note = wrap_notes(notes, fig_w, 9)
-    fig_h = 3.0 * nrows + 1.0 + (0.16 * (note.count("\n") + 1) if note else 0.0)
+    if title is None:
+        title = wrap_notes(
+            [f"Marker evidence vs confidence per predicted type (obs[{label_key!r}]{renamed})"], fig_w, 10
+        )
+    fig_h = 3.0 * nrows + 1.0 + 0.17 * title.count("\n") + (0.16 * (note.count("\n") + 1) if note else 0.0)
     fig = plt.figure(figsize=(fig_w, fig_h), layout="constrained")
     try:
         axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
@@ -918,8 +928,6 @@ def validation_2d(
             Line2D([], [], ls="--", color=THRESHOLD_COLOR, label=f"threshold {threshold:g}"),
         ]
         fig.legend(handles=handles, loc="outside lower center", ncol=4 if fig_w >= 9 else 2, fontsize=8, frameon=False)
-        if title is None:
-            title = f"Marker evidence vs confidence per predicted type (obs[{label_key!r}])"
         fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=9.5 if note else 10)
         if save is not None:
             _utils.save_figure(fig, save, dpi=dpi)

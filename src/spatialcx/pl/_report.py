@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._constants import CONFIDENCE_SUFFIX
+from .._constants import CONFIDENCE_SUFFIX, ONTOLOGY_ID_SUFFIX
 from .._settings import logger
 from . import _utils
 from ._markers import check_label_column, resolve_threshold
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
     from spatialcx.tl import OntologyMapping
 
 __all__ = ["REPORT_PLOTS", "annotation_report"]
+
+#: Suffix of the ``uns`` entry where :func:`spatialcx.tl.add_ontology_ids` keeps its summary (``cell_type_ontology``).
+ONTOLOGY_SUFFIX = "_ontology"
 
 #: Names of the plots of the report, in the order they are drawn (also the file names, ``{name}.{fmt}``).
 REPORT_PLOTS: tuple[str, ...] = ("confidence", "ontology_mapping", "marker_dotplot", "deg_heatmap", "validation_2d")
@@ -44,22 +49,45 @@ def _check_formats(formats: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def _mapping_table(adata: AnnData, key: str, mapping: Any) -> pd.DataFrame | OntologyMapping:
-    """The mapping given, or the one :func:`spatialcx.tl.annotate` kept in ``uns[key]["ontology_mapping"]``."""
-    if mapping is not None:
-        return mapping
+def _stored_mapping(adata: AnnData, key: str) -> tuple[str, Mapping[str, Any], float | None] | None:
+    """``(where, columns, min_score)`` of the mapping kept in ``uns``, or ``None`` when there is none.
+
+    :func:`spatialcx.tl.annotate` keeps it in ``uns[key]["ontology_mapping"]``; :func:`spatialcx.tl.add_ontology_ids`
+    in the summary ``uns[f"{key}_ontology"]["mapping"]`` (``key`` is the base of its ``target_key``).
+    """
     params = adata.uns.get(key)
     stored = params.get("ontology_mapping") if isinstance(params, Mapping) else None
-    if not stored:
+    if stored is not None and len(stored):
+        return f"uns[{key!r}]['ontology_mapping']", stored, None
+    summary = adata.uns.get(f"{key}{ONTOLOGY_SUFFIX}")
+    stored = summary.get("mapping") if isinstance(summary, Mapping) else None
+    if stored is not None and len(stored):
+        min_score = summary.get("min_score")
+        return f"uns[{key + ONTOLOGY_SUFFIX!r}]['mapping']", stored, None if min_score is None else float(min_score)
+    return None
+
+
+def _mapping_table(adata: AnnData, key: str, mapping: Any) -> Any:
+    """The mapping given, else the one kept in ``uns`` (see ``_stored_mapping``) with its ``min_score``."""
+    if mapping is not None:
+        return mapping
+    found = _stored_mapping(adata, key)
+    if found is None:
         raise ValueError(
-            f"No ontology mapping to draw: uns[{key!r}] has no 'ontology_mapping' (scx.tl.annotate writes it with "
-            "add_ontology=True). Pass mapping= (the result of scx.tl.map_labels or scx.tl.add_ontology_ids)."
+            f"No ontology mapping to draw: neither uns[{key!r}]['ontology_mapping'] (written by scx.tl.annotate with "
+            f"add_ontology=True) nor uns[{key + ONTOLOGY_SUFFIX!r}]['mapping'] (written by scx.tl.add_ontology_ids "
+            f"with target_key={key + ONTOLOGY_ID_SUFFIX!r}) exists. Run one of them, or pass mapping= (the result of "
+            "scx.tl.map_labels or scx.tl.add_ontology_ids)."
         )
-    columns = {str(k): list(v) for k, v in dict(stored).items()}
+    where, stored, min_score = found
+    columns = {str(k): [v.item() if hasattr(v, "item") else v for v in list(vals)] for k, vals in dict(stored).items()}
     lengths = {len(v) for v in columns.values()}
     if len(lengths) != 1:
-        raise ValueError(f"uns[{key!r}]['ontology_mapping'] has lists of different lengths ({sorted(lengths)}).")
-    return pd.DataFrame(columns)
+        raise ValueError(
+            f"{where} has lists of different lengths ({sorted(lengths)}); it is not a mapping table. Pass mapping= "
+            "(the result of scx.tl.map_labels or scx.tl.add_ontology_ids)."
+        )
+    return SimpleNamespace(table=pd.DataFrame(columns), min_score=min_score)
 
 
 def annotation_report(
@@ -71,7 +99,7 @@ def annotation_report(
     mapping: OntologyMapping | pd.DataFrame | None = None,
     threshold: float | None = None,
     formats: str | Sequence[str] = ("png",),
-    show: bool = False,
+    show: bool | None = None,
     random_state: int = 0,
     dpi: int = 150,
 ) -> dict[str, dict[str, Any]]:
@@ -81,7 +109,8 @@ def annotation_report(
 
     - ``confidence``: :func:`spatialcx.pl.confidence`, confidence over the tissue image and per type;
     - ``ontology_mapping``: :func:`spatialcx.pl.ontology_mapping` of ``mapping``, or of the mapping kept by
-      :func:`spatialcx.tl.annotate` in ``uns[key]["ontology_mapping"]``;
+      :func:`spatialcx.tl.annotate` in ``uns[key]["ontology_mapping"]``, else of the one kept by
+      :func:`spatialcx.tl.add_ontology_ids` in ``uns[f"{key}_ontology"]["mapping"]``;
     - ``marker_dotplot``: :func:`spatialcx.pl.marker_dotplot`, canonical markers across the predicted types;
     - ``deg_heatmap``: :func:`spatialcx.pl.deg_heatmap`, the top DE genes of each type;
     - ``validation_2d``: :func:`spatialcx.pl.validation_2d`, marker evidence vs confidence per type.
@@ -99,15 +128,20 @@ def annotation_report(
     table_key
         Name of the table in ``data.tables`` (SpatialData only).
     plots_dir
-        Folder to save the figures into as ``{name}.{fmt}`` (created); ``None`` saves nothing.
+        Folder to save the figures into as ``{name}.{fmt}`` (created); ``None`` saves nothing (and, by default,
+        shows the figures instead: see ``show``).
     mapping
-        Ontology mapping to draw (:func:`spatialcx.tl.map_labels`); default the one in ``uns[key]``.
+        Ontology mapping to draw (:func:`spatialcx.tl.map_labels`); default the one in ``uns[key]``, else the one
+        :func:`spatialcx.tl.add_ontology_ids` kept in ``uns[f"{key}_ontology"]``.
     threshold
         Confidence threshold; ``None`` uses ``uns[key]["confidence_threshold"]`` (else 0.8).
     formats
         File formats to save each figure in, e.g. ``("png", "pdf")``.
     show
-        Keep the figures open (to display them, e.g. in a notebook); by default each is closed once saved.
+        Keep the figures open, so that matplotlib displays them: below the cell in a notebook, in windows in an
+        interactive session (in a script, call :func:`matplotlib.pyplot.show`). ``False`` closes each figure once
+        drawn and saved (they stay in the returned dict). ``None`` (default) shows them when nothing is saved
+        (``plots_dir=None``) and closes them when they are saved.
     random_state
         Seed of the subsampling in the plots.
     dpi
@@ -115,18 +149,26 @@ def annotation_report(
 
     Returns
     -------
-    ``{name: {"figure": Figure or None, "paths": [Path, ...], "error": str or None}}`` for every plot of
-    :data:`REPORT_PLOTS`, in that order.
+    ``{name: {"figure": Figure or None, "paths": [Path, ...], "error": str or None}}`` for every plot, in the
+    order above: ``confidence``, ``ontology_mapping``, ``marker_dotplot``, ``deg_heatmap``, ``validation_2d``.
 
     Raises
     ------
     KeyError
         ``key`` is not an obs column, or ``table_key`` is not a table.
+    TypeError
+        ``show`` is not a bool or None.
     ValueError
         ``threshold`` is not in [0, 1], a format is not a figure format, or ``plots_dir`` is a file.
 
     Examples
     --------
+    In a notebook, draw and show every plot:
+
+    >>> report = scx.pl.annotation_report(sdata)  # doctest: +SKIP
+
+    Save them (and show none):
+
     >>> report = scx.pl.annotation_report(sdata, plots_dir="qc", formats=("png", "pdf"))  # doctest: +SKIP
     >>> {name: r["error"] for name, r in report.items()}  # doctest: +SKIP
     """
@@ -139,11 +181,14 @@ def annotation_report(
     check_label_column(adata, key, fn=fn)
     threshold = resolve_threshold(adata, key, threshold, fn=fn)
     formats = _check_formats(formats)
+    if show is not None and not isinstance(show, bool | np.bool_):
+        raise TypeError(f"{fn}: show must be True, False or None (show when plots_dir is None), got {show!r}.")
     directory = None
     if plots_dir is not None:
         directory = Path(plots_dir).expanduser()
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{fn}: plots_dir={str(directory)!r} is a file, not a folder; pass a folder to save into.")
+    keep_open = directory is None if show is None else bool(show)
 
     common = {"key": key, "table_key": table_key}
     plots: dict[str, Callable[[], Figure]] = {
@@ -176,7 +221,7 @@ def annotation_report(
                 except Exception as e:  # noqa: BLE001
                     entry["error"] = f"saving {name}.{fmt} failed: {type(e).__name__}: {e}"
                     logger.warning("%s: %s", fn, entry["error"])
-        if not show:
+        if not keep_open:
             plt.close(entry["figure"])
     drawn = [n for n, r in report.items() if r["error"] is None]
     logger.info("%s: drew %s%s", fn, ", ".join(drawn) or "nothing", f" into {directory}" if directory else "")

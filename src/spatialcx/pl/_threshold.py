@@ -54,7 +54,8 @@ def threshold(
     Returns
     -------
     The matplotlib figure: panel 1 the score histogram (low and high cells stacked) with the threshold line, then
-    one scatter per pair of the first four features (genes as log1p(counts per 10k), obs columns as they are).
+    one scatter per pair of the first four features (genes as log1p(counts per 10k), obs columns as they are), its
+    cells drawn in a seeded random order so that neither class hides the other where they overlap.
     """
     import matplotlib.pyplot as plt
 
@@ -77,7 +78,8 @@ def threshold(
     ax = axes[0]
     edges = np.histogram_bin_edges(score, bins=bins)
     high = cluster == 1
-    ax.hist([score[~high], score[high]], bins=edges, stacked=True, color=[_LOW, _HIGH], label=["low", "high"])
+    labels = [f"low ({int((~high).sum()):,})", f"high ({int(high.sum()):,})"]  # the scatters' legend too
+    ax.hist([score[~high], score[high]], bins=edges, stacked=True, color=[_LOW, _HIGH], label=labels)
     ax.axvline(thr, color="k", ls="--", lw=1)
     ax.set_yscale("log")
     ax.set_xlabel(f"{key} score" + (f" ({params.get('metagene')})" if len(features) > 1 else f" ({features[0]})"))
@@ -91,12 +93,19 @@ def threshold(
         if idx.size > max_points:
             idx = np.sort(rng.choice(idx, size=max_points, replace=False))
         values = _feature_values(adata[idx], pair_feats, kinds[: len(pair_feats)])
-        order = np.argsort(cluster[idx], kind="stable")  # high cells drawn last, on top
+        # Cells are drawn in a seeded random order, low and high mixed in one collection. Drawing one class after
+        # the other would hide the first wherever they overlap (e.g. the many cells with no count of a gene, piled
+        # on the axis): in a random order, the colour that shows where cells pile up follows the mix of the classes
+        # there, so neither class is hidden and neither looks more common than it is.
+        order = rng.permutation(idx.size)
         colors = np.where(cluster[idx][order] == 1, _HIGH, _LOW)
+        subset = f"random {idx.size:,} of {adata.n_obs:,} cells" if idx.size < adata.n_obs else ""
         for ax, (i, j) in zip(axes[1:], pairs):
-            ax.scatter(values[order, i], values[order, j], c=colors, s=3, lw=0, rasterized=True)
+            ax.scatter(values[order, i], values[order, j], c=colors, s=3, lw=0, rasterized=True, gid="cells")
             ax.set_xlabel(pair_feats[i])
             ax.set_ylabel(pair_feats[j])
+            if subset:
+                ax.set_title(subset, fontsize=9)
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     fig.tight_layout()

@@ -37,6 +37,9 @@ MAX_IMAGE_PIXELS = 2000
 MAX_SHAPES = 100_000
 #: Resolution of saved raster figures and of rasterized layers in vector figures.
 SAVE_DPI = 150
+#: Most width of a cell's edge, as a share of the cell's diameter on screen (an edge is drawn half inside the cell:
+#: wider edges would hide the cell's colour).
+MAX_EDGE_FRACTION = 0.2
 
 Bounds = tuple[float, float, float, float]  # xmin, xmax, ymin, ymax
 
@@ -409,6 +412,11 @@ def _points_per_data_unit(ax: Axes) -> float:
     return width_pt / max(abs(x1 - x0), 1e-12)
 
 
+def _edge_width(linewidth: float, diameter_pt: float) -> float:
+    """``linewidth``, thinned to at most ``MAX_EDGE_FRACTION`` of the cells' diameter (never below 0.1 point)."""
+    return float(min(linewidth, max(MAX_EDGE_FRACTION * diameter_pt, 0.1)))
+
+
 def draw_cells(
     ax: Axes,
     geometries: Sequence[CellGeometry],
@@ -441,7 +449,8 @@ def draw_cells(
     edgecolor
         One colour for the cells' edges; ``None`` draws no edges.
     linewidth
-        Edge width in points (thinner for markers smaller than 4 points across).
+        Edge width in points; at most 20 % (``MAX_EDGE_FRACTION``) of a cell's diameter on screen (the median cell
+        of each element; never below 0.1 point), so that small cells keep their colour.
     point_size
         Marker area (points²) when cells are drawn as points; ``None`` sizes markers from the cell size, or from
         the number of cells for centroids.
@@ -460,7 +469,6 @@ def draw_cells(
     from matplotlib.colors import to_rgba
 
     ec = "none" if edgecolor is None else to_rgba(edgecolor)
-    lw = 0.0 if edgecolor is None else linewidth
     n_total = sum(g.n_cells for g in geometries)
     collections = []
     for geom in geometries:
@@ -470,6 +478,9 @@ def draw_cells(
         if kind != "points" and geom.n_cells > max_shapes:
             logger.info("%d cells in %r: drawing them as points at their centres.", geom.n_cells, geom.source)
             kind = "points"
+        lw = 0.0
+        if edgecolor is not None and kind != "points":
+            lw = _edge_width(linewidth, geom.typical_size() * _points_per_data_unit(ax))
         if kind == "circles":
             coll = EllipseCollection(
                 geom.widths[items],
@@ -499,7 +510,7 @@ def draw_cells(
                 s=size,
                 c=fc,
                 edgecolors=ec,
-                linewidths=lw * min(1.0, np.sqrt(size) / 4),
+                linewidths=0.0 if edgecolor is None else _edge_width(linewidth, np.sqrt(size)),
                 marker="o" if size >= 4 else "s",  # a square is cheaper and looks the same at a few pixels
             )
         coll.set_rasterized(rasterized)
