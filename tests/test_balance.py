@@ -34,6 +34,14 @@ def test_floor_does_not_overshoot_the_cap():
     assert out.sum() == 1_000
 
 
+def test_a_cap_below_the_floor_is_still_a_cap():
+    counts = pd.DataFrame({"A": [300, 30]}, index=["T", "NK"])
+    out = cap_and_fill(counts, max_cells_per_type=20)  # min_cells_per_type=50 by default
+    assert out["A"].tolist() == [20, 20]
+    out = cap_and_fill(counts, max_cells_per_type=100, min_cells_per_type=50)
+    assert out["A"].tolist() == [100, 30]
+
+
 def test_equal_redistributes_shortfall_to_sources_with_spare_cells():
     out = split_across_sources(np.array([30_000, 3_000, 100]), 10_000, source_balance="equal", min_cells_per_source=50)
     # 10,000 / 3 = 3,333 each; source 2 has 3,000 and source 3 has 100, the rest goes to source 1

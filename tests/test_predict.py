@@ -37,6 +37,38 @@ def test_train_uses_panel_genes_and_records_provenance(model):
     assert sum(d["cells_per_type"]["n_cells"]) == 1200
 
 
+def test_train_matches_genes_case_insensitively_and_leaves_out_non_type_labels(caplog):
+    ref = _data(seed=0, depth=5)
+    ref.var_names = [f"GENE{i}" for i in range(ref.n_vars)]  # human-style symbols
+    panel = [f"Gene{i}" for i in range(70)]  # mouse-style spelling of the same genes
+    labels = ref.obs["label"].astype(str).to_numpy().copy()
+    labels[:50] = "NA"
+    ref.obs["label"] = labels
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        m = scx.tl.train(ref, "label", genes=panel)
+    assert list(m.features) == panel  # the panel's spelling: the model scores the spatial table by these names
+    assert "NA" not in set(m.classes) and len(m.classes) == 4
+    assert "50 reference cells labelled ['NA'] are left out" in caplog.text
+    kept = scx.tl.train(ref, "label", genes=panel, exclude_labels=())
+    assert "NA" in set(kept.classes)
+    q = _data(n=300, seed=1)
+    q.var_names = [f"Gene{i}" for i in range(q.n_vars)]
+    scx.tl.predict(q, m)
+    assert (q.obs["cell_type_predicted"].astype(str) == q.obs["label"].astype(str)).mean() > 0.9
+
+
+def test_predict_refuses_duplicated_genes_empty_tables_and_fractional_chunks(model):
+    q = _data(n=100, seed=2)
+    q.var_names = ["G0", *q.var_names[1:-1], "G0"]
+    with pytest.raises(ValueError, match="duplicated gene names"):
+        scx.tl.predict(q, model)
+    assert "cell_type" not in q.obs
+    with pytest.raises(ValueError, match="0 cells"):
+        scx.tl.predict(_data(n=100, seed=2)[:0].copy(), model)
+    with pytest.raises(ValueError, match="whole number"):
+        scx.tl.predict(_data(n=100, seed=2), model, chunk_size=1.5)
+
+
 def test_predict_on_counts_writes_columns_and_keeps_counts(model, tmp_path):
     q = _data(n=500, seed=1)
     x_before = q.X.copy()

@@ -29,8 +29,8 @@ def is_dask(x: Any) -> bool:
 def default_chunk_size(n_cols: int, chunk_size: int | None = None) -> int:
     """Number of rows per block: ``chunk_size`` or the package default, smaller for very wide dense matrices."""
     if chunk_size is not None:
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be a positive number of cells, got {chunk_size}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive whole number of cells (e.g. 10_000), got {chunk_size!r}.")
         return int(chunk_size)
     # keep a dense float64 block of the selected columns under ~256 MB
     return int(max(1_000, min(settings.chunk_size, 2**25 // max(n_cols, 1))))

@@ -153,7 +153,8 @@ def type_targets(
     would give (``sum(min(available, max_cells_per_type))``): a named type gets ``round(p * N)`` cells (overriding
     ``max_cells_per_type``, capped by what is available, with a warning when short), and the remaining
     ``N - sum(named)`` is shared by the other types in proportion to their capped sizes, never above them. Finally
-    every type not given a proportion of 0 keeps at least ``min(available, min_cells_per_type)`` cells.
+    every type not given a proportion of 0 keeps at least ``min(available, min_cells_per_type, max_cells_per_type)``
+    cells.
     """
     avail = available.astype(np.int64)
     cap = avail if max_cells_per_type is None else np.minimum(avail, int(max_cells_per_type))
@@ -182,7 +183,10 @@ def type_targets(
             targets[others] = _round_to_total(x, min(rest, int(up.sum())), up)
         zero = pd.Series(False, index=avail.index)
         zero[named] = p <= 0
-    floor = np.minimum(avail, int(min_cells_per_type))
+    least = (
+        int(min_cells_per_type) if max_cells_per_type is None else min(int(min_cells_per_type), int(max_cells_per_type))
+    )
+    floor = np.minimum(avail, least)  # the cap wins over the floor: min_cells_per_type=50 never lifts a cap of 20
     targets = targets.where(zero | (targets >= floor), floor)
     return targets.astype(np.int64)
 
@@ -205,7 +209,8 @@ def cap_and_fill(
     max_cells_per_type
         Cap per type (``None``: no cap).
     min_cells_per_type
-        Every type keeps at least ``min(available, min_cells_per_type)`` cells (matters with target proportions).
+        Every type keeps at least ``min(available, min_cells_per_type)`` cells (matters with target proportions);
+        never more than ``max_cells_per_type``.
     source_balance
         ``"proportional"`` (each source's share of the type) or ``"equal"`` (same number per source).
     min_cells_per_source
@@ -384,8 +389,8 @@ def subsample_balanced(
     max_cells_per_type
         Cap per type or group (``None``: no cap).
     min_cells_per_type
-        Every type keeps at least ``min(available, min_cells_per_type)`` cells; matters when target proportions
-        give a type only a few cells. Types are never dropped here (see ``combine_references``).
+        Every type keeps at least ``min(available, min_cells_per_type)`` cells (never more than
+        ``max_cells_per_type``); matters when target proportions give a type only a few cells. Types are never dropped here (see ``combine_references``).
     source_key
         obs column naming each cell's source; when absent, all cells are one source.
     source_balance

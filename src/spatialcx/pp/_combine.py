@@ -188,12 +188,12 @@ def combine_references(
         for h, m in zip(handles, matches):
             log = logger.warning if m.missing else logger.info
             log(
-                "%s: %d of %d panel genes found (%d case-insensitively)%s",
+                "reference %r: %d of %d panel genes found (%d case-insensitively)%s",
                 h.name,
                 m.n_found,
                 len(panel),
                 m.n_case_insensitive,
-                f"; missing e.g. {m.missing[:5]}." if m.missing else ".",
+                f"; missing e.g. {m.missing[:5]} (they are left out of the model)." if m.missing else ".",
             )
         missing = [g for g in panel if g not in set(shared)]
         check_overlap(

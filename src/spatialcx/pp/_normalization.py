@@ -551,9 +551,14 @@ def find_expression_source(adata: AnnData, *, unsafe_force: bool = False, random
     Raises
     ------
     ValueError
-        When nothing usable is found and ``unsafe_force`` is false; the message says what was found and how to fix
-        it.
+        When the table has no cells or no genes, or nothing usable is found and ``unsafe_force`` is false; the
+        message says what was found and how to fix it.
     """
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"The table has {adata.n_obs} cells x {adata.n_vars} genes: there is no expression to use. Was it subset "
+            "to nothing (e.g. a filter or a category that matched no cell)?"
+        )
     status, matrices = _inspect(adata, random_state)
     if status.raw_source is not None:
         matrix, names = matrices[status.raw_source]

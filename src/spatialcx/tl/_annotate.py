@@ -214,6 +214,7 @@ def annotate(
         balanced,
         ORIGINAL_LABEL_KEY,
         genes=list(balanced.var_names),
+        exclude_labels=exclude_labels,  # already applied by combine_references: keeps what the caller kept
         random_state=random_state,
         chunk_size=chunk_size,
         **dict(train_kwargs or {}),

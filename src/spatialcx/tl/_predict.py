@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from spatialcx._constants import KEY_ADDED, TARGET_SUM, output_keys
+from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, TARGET_SUM, output_keys
 from spatialcx._matrix import default_chunk_size, iter_row_blocks, normalize_block
 from spatialcx._settings import logger
 from spatialcx._utils import as_str_array
@@ -84,6 +84,7 @@ def train(
     label_key: str,
     *,
     genes: Sequence[str] | AnnData | SpatialData | None = None,
+    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
     method: Method = "auto",
     C: float = 1.0,
     alpha: float = 1e-4,
@@ -112,7 +113,12 @@ def train(
         Column of ``reference.obs`` with the cell-type labels. Cells with missing labels are ignored.
     genes
         The panel: gene names, or the spatial table / SpatialData (its :func:`~spatialcx.pp.panel_genes`).
-        ``None`` uses every gene of the reference.
+        ``None`` uses every gene of the reference. Panel genes are found in the reference exactly, else
+        case-insensitively where that is unambiguous (mouse ``Gad1``, human ``GAD1``), as
+        :func:`~spatialcx.pp.combine_references` does; the model keeps the panel's spelling.
+    exclude_labels
+        Labels that are not cell types (``NA``, ``Unknown``, ``Doublet``, ``Ambiguous``, ...; exact match): their
+        cells are left out, with a warning, as :func:`~spatialcx.tl.annotate` does. ``()`` keeps every label.
     method
         ``"logreg"`` (CellTypist's default classifier, L2 logistic regression), ``"sgd"`` (SGD logistic regression),
         ``"minibatch"`` (mini-batch SGD that densifies ``batch_size`` cells at a time, for large references), or
@@ -141,17 +147,28 @@ def train(
     from spatialcx import __version__
 
     labels = _labels(reference, label_key)
+    excluded = [str(x) for x in ([exclude_labels] if isinstance(exclude_labels, str) else exclude_labels)]
     panel = _resolve_genes(genes)
-    ref_genes = pd.Index(reference.var_names.astype(str))
+    ref_genes = pd.Index(as_str_array(reference.var_names))
     if panel is None:
         shared = list(ref_genes)
+        read_as = shared
     else:
-        panel_index = pd.Index(panel)
-        shared = [g for g in panel_index.unique() if g in set(ref_genes)]
-        logger.info("%d of %d panel genes found in the reference", len(shared), len(panel_index.unique()))
+        from spatialcx.pp._harmonize import match_genes
+
+        wanted = list(pd.Index(panel).unique())
+        found = match_genes(wanted, ref_genes)  # exact first, then case-insensitively where unambiguous
+        shared = found.genes  # the panel's spelling: the model scores the spatial table by these names
+        read_as = [str(ref_genes[c]) for c in found.columns]
+        logger.info(
+            "%d of %d panel genes found in the reference (%d case-insensitively)",
+            len(shared),
+            len(wanted),
+            found.n_case_insensitive,
+        )
         if len(shared) < min_genes:
             raise ValueError(
-                f"Only {len(shared)} of the panel's {len(panel_index)} genes are in the reference "
+                f"Only {len(shared)} of the panel's {len(wanted)} genes are in the reference "
                 f"(need at least {min_genes}). Panel genes look like {panel[:5]}, reference genes like "
                 f"{list(ref_genes[:5])}: check that both use gene symbols of the same species "
                 "(Ensembl ids must be mapped to symbols first)."
@@ -159,7 +176,17 @@ def train(
     keep = labels.notna().to_numpy()
     if not keep.all():
         logger.info("%d reference cells without a label are ignored", int((~keep).sum()))
-    x = training_matrix(reference, shared, chunk_size=chunk_size)
+    left_out = keep & labels.astype(str).isin(excluded).to_numpy()
+    if left_out.any():
+        names = sorted(set(labels[left_out].astype(str)))
+        logger.warning(
+            "%d reference cells labelled %s are left out of training (not cell types: exclude_labels; pass "
+            "exclude_labels=() to keep them).",
+            int(left_out.sum()),
+            names,
+        )
+        keep &= ~left_out
+    x = training_matrix(reference, read_as, chunk_size=chunk_size)
     y = labels.astype(str).to_numpy()
     if not keep.all():
         x, y = x[keep], y[keep]
@@ -311,7 +338,14 @@ def compute_predictions(
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction must be in [0, 1], got {min_gene_fraction}.")
     src = find_expression_source(adata, unsafe_force=unsafe_force)
-    present, _ = model.match_genes(as_str_array(src.var_names))
+    names = pd.Index(as_str_array(src.var_names))
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()
+        raise ValueError(
+            f"The table has duplicated gene names ({len(dup)}, e.g. {list(dup[:5])}), so a model gene could match "
+            "several columns. Make them unique first, e.g. with `adata.var_names_make_unique()`."
+        )
+    present, _ = model.match_genes(names)
     frac = len(present) / model.n_features
     if len(present) == 0 or frac < min_gene_fraction:
         raise ValueError(
