@@ -29,6 +29,7 @@ napoleon_numpy_docstring = True
 napoleon_use_rtype = True
 typehints_defaults = "braces"
 myst_enable_extensions = ["colon_fence", "dollarmath"]
+myst_heading_anchors = 3  # [Genes](#genes)-style links to headings
 nb_execution_mode = "off"
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]

@@ -392,13 +392,13 @@ def demo(
     The tissue (1.2 mm x 0.8 mm) has crypts with stem cells at their base and goblet cells and enterocytes above,
     lamina propria rich in plasma cells between them, the muscularis mucosae, a submucosa with blood vessels, and an
     isolated lymphoid follicle (B-cell core, T-cell rim). The 11 cell types carry exact Cell Ontology labels
-    (:data:`CELL_TYPES`) and express real human marker genes (:data:`MARKERS`) over shared programmes,
+    and express real human marker genes (e.g. ``LGR5``, ``MUC2``, ``MS4A1``) over shared programmes,
     housekeeping genes and a background, with counts drawn from a gamma-Poisson (negative binomial) model.
 
     The reference is deeper (about 5-10x the spatial counts per cell) and spans more genes, though not the whole
     panel (it lacks about 7 % of the panel's genes, none of them markers). It has a per-gene platform bias against
     the panel, comes from two sources (``"atlas_A"``: immune-enriched and deep; ``"atlas_B"``: epithelium-enriched
-    and shallower) and holds two types the section lacks (:data:`REFERENCE_ONLY_CELL_TYPES`). The section's cells
+    and shallower) and holds two types the section lacks (``"mast cell"``, ``"enteroendocrine cell"``). The section's cells
     carry what makes real annotation imperfect: segmentation bleed-through from neighbours, transit-amplifying cells
     between stem and mature epithelium, and a donor difference from the reference.
 

@@ -116,7 +116,8 @@ class NormalizationStatus:
         Where raw counts were found (``"layers['counts']"``, ``"layers['raw_counts']"``, ``"layers['raw']"``,
         ``"raw.X"`` or ``"X"``), or ``None``.
     x_state
-        State of ``X``, one of :data:`STATES`.
+        State of ``X``: ``"raw"``, ``"log1p_10k"``, ``"log1p_cpm"``, ``"log1p_other"``, ``"linear"``,
+        ``"negative"`` or ``"unknown"``.
     x_target_sum
         Median ``expm1`` row sum of the sampled cells when ``X`` looks like log1p data, else ``None``.
     is_usable
@@ -450,7 +451,7 @@ def normalization_status(
 
     Raw counts are looked for in ``layers["counts"]``, ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X`` and
     ``X``, in that order; a candidate is accepted when more than 95 % of its sampled non-zero values are integers
-    and none is negative. ``X`` is classified as one of :data:`STATES` by the rules of the module docstring
+    and none is negative. ``X`` is classified as one of the states of :attr:`NormalizationStatus.x_state` by these rules
     (integer test, then ``expm1`` row sums: 8,000-12,000 is ``"log1p_10k"``, 800,000-1,200,000 ``"log1p_cpm"``).
     Only sampled rows are read: sparse, dense, dask and file-backed matrices are never loaded whole.
 

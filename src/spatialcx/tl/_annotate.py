@@ -128,9 +128,9 @@ def annotate(
         Optional wanted share of each type in the training set (dict, JSON or CSV path).
     exclude_labels
         Reference labels that are not cell types; their cells are left out of training (exact, case-sensitive
-        match). The default (:data:`~spatialcx._constants.DEFAULT_EXCLUDE_LABELS`) covers ``NA``, ``Unknown``,
-        ``Doublet``, ``Ambiguous``, ``Unclassified``, ``Low quality`` and their usual spellings; pass
-        ``[*DEFAULT_EXCLUDE_LABELS, "Unstable"]`` to add a reference's own.
+        match). The default (``scx.pp.DEFAULT_EXCLUDE_LABELS``) covers ``NA``, ``Unknown``, ``Doublet``,
+        ``Ambiguous``, ``Unclassified``, ``Low quality`` and their usual spellings; pass
+        ``[*scx.pp.DEFAULT_EXCLUDE_LABELS, "Unstable"]`` to add a reference's own.
     confidence_threshold
         Cells with a confidence below it are ``Unassigned`` in ``{key_added}``.
     confidence

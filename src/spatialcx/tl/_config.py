@@ -124,7 +124,19 @@ class AnnotationConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None) -> AnnotationConfig:
-        """Build a config from a mapping; unknown keys are an error. Relative local paths are joined to ``base_dir``."""
+        """Build a config from a mapping; unknown keys are an error.
+
+        Parameters
+        ----------
+        values
+            The fields of :class:`AnnotationConfig` by name; ``references`` and ``label_keys`` are required.
+        base_dir
+            Folder that relative local reference paths are joined to (URIs and absolute paths are kept).
+
+        Returns
+        -------
+        The config.
+        """
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names))
         if unknown:
@@ -146,7 +158,17 @@ class AnnotationConfig:
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike) -> AnnotationConfig:
-        """Read a config from a YAML file (relative paths are taken relative to it) or from YAML text."""
+        """Read a config from a YAML file or from YAML text.
+
+        Parameters
+        ----------
+        source
+            A ``.yaml``/``.yml`` file (relative reference paths are taken relative to its folder) or YAML text.
+
+        Returns
+        -------
+        The config.
+        """
         import yaml
 
         is_text = isinstance(source, str) and (
@@ -170,7 +192,17 @@ class AnnotationConfig:
         return cls.from_dict(values, base_dir=base)
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
-        """Return the config as YAML text, and write it to ``path`` (atomically) when given."""
+        """Return the config as YAML text, and write it to ``path`` (atomically) when given.
+
+        Parameters
+        ----------
+        path
+            File to write (replaced atomically: never a partial file); ``None`` only returns the text.
+
+        Returns
+        -------
+        The YAML text.
+        """
         import yaml
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)

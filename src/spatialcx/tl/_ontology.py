@@ -116,6 +116,11 @@ class OntologyMapping:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the table: ``.csv``, ``.tsv`` or ``.json`` (the JSON also holds the summary: unmapped, collisions).
 
+        Parameters
+        ----------
+        path
+            The file; its suffix chooses the format (``.csv``, ``.tsv`` or ``.json``).
+
         Returns
         -------
         The path written.
