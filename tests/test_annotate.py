@@ -217,9 +217,10 @@ def test_bad_output_paths_fail_before_anything_is_written(demo_small, tmp_path):
     columns, uns = list(table.obs.columns), set(table.uns)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    (tmp_path / "m.v2.npz").mkdir()
     for kwargs, match in (
         ({"model_out": a_file / "m.npz"}, "model_out"),
-        ({"model_out": tmp_path}, "is a folder"),
+        ({"model_out": tmp_path / "m.v2"}, "is a folder"),  # model.save writes m.v2.npz: a folder here
         ({"plots_dir": a_file}, "plots_dir"),
         ({"key_added": "cell/type"}, "key_added"),
     ):

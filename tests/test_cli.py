@@ -157,3 +157,10 @@ def test_verbose_after_the_command_shows_the_traceback(demo_files, tmp_path):
     with pytest.raises(KeyError, match="NOTAGENE"):
         cli_main(["classify", str(demo_files / "slide.h5ad"), "NOTAGENE", "--out", str(tmp_path / "x.h5ad"), "-vv"])
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_verbosity_before_and_after_the_command_adds_up():
+    from spatialcx.cli import build_parser
+
+    args = build_parser().parse_args(["-v", "classify", "x.h5ad", "CD19", "-v"])
+    assert args.verbose + args.verbose_after == 2

@@ -263,10 +263,20 @@ def _corrupt(kind: str, path, tmp_path):
         np.savez(out, **arrays)
     elif kind == "garbage":
         out.write_bytes(b"this is not a model at all\n" * 10)
+    elif kind == "huge_header":  # an array header that claims 10^7 x 10^7 float64 (800 TB)
+        import io
+
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**7, 10**7)})
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+            for name in src.namelist():
+                dst.writestr(name, header.getvalue() if name == "coef.npy" else src.read(name))
     return out
 
 
-@pytest.mark.parametrize("kind", ["truncated", "empty", "flipped_byte", "npy", "meta_list", "missing_array", "garbage"])
+@pytest.mark.parametrize(
+    "kind", ["truncated", "empty", "flipped_byte", "npy", "meta_list", "missing_array", "garbage", "huge_header"]
+)
 def test_load_corrupted_file_raises_one_clear_error(tmp_path, kind):
     good = _small_model().save(tmp_path / "good.npz")
     bad = _corrupt(kind, good, tmp_path)

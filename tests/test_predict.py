@@ -244,6 +244,36 @@ def test_filters_keep_ontology_ids_with_the_final_label(model):
     assert (q.obs["cell_type_ontology_term_id"].astype(str).to_numpy()[removed] == "unknown").all()
 
 
+def test_refiltering_restores_ids_mapped_by_add_ontology_ids(model):
+    """Without annotate's per-class ids, the ids of the labels come from add_ontology_ids's mapping."""
+    q = _data(n=400, seed=8)
+    scx.tl.predict(q, model)
+    names = {f"type {i}": n for i, n in enumerate(["T cell", "B cell", "macrophage", "fibroblast"])}
+    q.obs["cell_type"] = pd.Categorical(q.obs["cell_type_predicted"].astype(str).map(names))
+    scx.tl.add_ontology_ids(q, "cell_type")
+    full = q.obs["cell_type_ontology_term_id"].astype(str).to_numpy()
+    assert (full != "unknown").all()
+    q.uns["cell_type"]["names"] = [names[c] for c in q.uns["cell_type"]["classes"]]
+    scx.tl.filter_low_confidence(q, threshold=0.95)
+    low = q.obs["cell_type_confidence"].to_numpy() < 0.95
+    assert low.any() and (q.obs["cell_type_ontology_term_id"].astype(str).to_numpy()[low] == "unknown").all()
+    scx.tl.filter_low_confidence(q, threshold=0.0)
+    assert (q.obs["cell_type_ontology_term_id"].astype(str).to_numpy() == full).all()
+
+
+def test_train_says_when_every_label_was_excluded():
+    ref = _data(n=200, seed=1)
+    ref.obs["label"] = "Unknown"
+    with pytest.raises(ValueError, match="exclude_labels"):
+        scx.tl.train(ref, "label", genes=[f"G{i}" for i in range(70)])
+    with pytest.raises(ValueError, match="positive whole number"):
+        scx.settings.chunk_size = 0
+        try:
+            scx.tl.predict(_data(n=50, seed=2), scx.tl.train(_data(seed=0), "label"))
+        finally:
+            scx.settings.chunk_size = 50_000
+
+
 def test_filters_keep_missing_labels_missing_and_check_the_confidence(model):
     q = _data(n=300, seed=3)
     scx.tl.predict(q, model)

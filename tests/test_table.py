@@ -796,7 +796,7 @@ def test_failed_write_restores_the_table_in_memory(v3_store, monkeypatch):
     sdata_uns = dict(table.uns)
     before = _snapshot(v3_store)
     _fail_on_call(monkeypatch, n_ok=1)  # the in-memory uns check passes, staging obs fails
-    ref = resolve_table(sdata)
+    ref = resolve_table(sdata, write=True)
     ref.adata.obs["cell_type"] = "T cell"
     ref.adata.obsm["scores"] = np.zeros((ref.adata.n_obs, 2))
     ref.adata.uns["kept"]["a"] = 2  # changed in place
@@ -819,3 +819,52 @@ def test_keys_that_cannot_be_stored_are_refused_before_anything_is_written(key):
     with pytest.raises((ValueError, TypeError), match="key_added"):
         check_key(key)
     assert check_key("cell_type_v2") == "cell_type_v2"
+
+
+def test_a_write_that_only_failed_to_tidy_up_keeps_the_results_in_memory(v3_store, monkeypatch):
+    sdata = sd.read_zarr(v3_store)
+    table = sdata.tables["table"]
+
+    real = _table._refresh_consolidated
+
+    def broken(group_dir):
+        if Path(group_dir) == v3_store:  # the store's own metadata, refreshed after the swap
+            raise OSError("consolidated metadata (simulated)")
+        real(group_dir)
+
+    monkeypatch.setattr(_table, "_refresh_consolidated", broken)
+    ref = resolve_table(sdata, write=True)
+    ref.adata.obs["cell_type"] = "T cell"
+    with pytest.raises(OSError, match="simulated") as info:
+        ref.finish()
+    assert getattr(info.value, _table.WRITTEN_ATTR) is True
+    assert "the tidying up" in " ".join(info.value.__notes__)
+    assert "cell_type" in table.obs  # the store has it: so does memory
+    monkeypatch.undo()
+    assert (sd.read_zarr(v3_store).tables["table"].obs["cell_type"] == "T cell").all()
+
+
+def test_read_only_calls_take_no_snapshot(v3_store):
+    import threading
+
+    sdata = sd.read_zarr(v3_store)
+    sdata.tables["table"].uns["lock"] = threading.Lock()  # cannot be copied
+    assert resolve_table(sdata).before is None
+    assert len(scx.pp.panel_genes(sdata)) == 12
+    ref = resolve_table(sdata, write=True)
+    assert ref.before is not None and ref.before[2]["lock"] is sdata.tables["table"].uns["lock"]
+
+
+def test_failed_write_of_domains_puts_the_shapes_back_too(v3_store, monkeypatch):
+    sdata = sd.read_zarr(v3_store)
+    table = sdata.tables["table"]
+    table.obs["high"] = 1
+    before_shapes = set(sdata.shapes)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(_table, "_stage_and_swap", broken)
+    with pytest.raises(OSError, match="simulated"):
+        scx.tl.spatial_domains(sdata, "high", value=1, max_distance=50.0, min_cells=2, add_shapes=True)
+    assert set(sdata.shapes) == before_shapes and "domain" not in table.obs

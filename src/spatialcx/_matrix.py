@@ -32,8 +32,13 @@ def default_chunk_size(n_cols: int, chunk_size: int | None = None) -> int:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive whole number of cells (e.g. 10_000), got {chunk_size!r}.")
         return int(chunk_size)
+    default = settings.chunk_size
+    if isinstance(default, bool) or not isinstance(default, int | np.integer) or default < 1:
+        raise ValueError(
+            f"scx.settings.chunk_size must be a positive whole number of cells (default 50_000), got {default!r}."
+        )
     # keep a dense float64 block of the selected columns under ~256 MB
-    return int(max(1_000, min(settings.chunk_size, 2**25 // max(n_cols, 1))))
+    return int(max(1_000, min(int(default), 2**25 // max(n_cols, 1))))
 
 
 def read_rows(x: Any, start: int, stop: int) -> np.ndarray | sparse.csr_matrix:

@@ -196,6 +196,8 @@ class TableRef:
             try:
                 write_table(self.sdata, self.table_key, elements=elements)
             except Exception as e:
+                if getattr(e, WRITTEN_ATTR, False):  # the store holds the results: memory must keep them too
+                    raise
                 self.restore()
                 e.add_note(
                     f"The results were not written into {self.sdata.path}, and the table in memory was left as it "
@@ -206,7 +208,9 @@ class TableRef:
         return None
 
 
-def resolve_table(data: AnnData | SpatialData, table_key: str = "table", *, copy: bool = False) -> TableRef:
+def resolve_table(
+    data: AnnData | SpatialData, table_key: str = "table", *, copy: bool = False, write: bool = False
+) -> TableRef:
     """Find the table of ``data``.
 
     Parameters
@@ -217,6 +221,9 @@ def resolve_table(data: AnnData | SpatialData, table_key: str = "table", *, copy
         Key of the table in a SpatialData object; ignored for AnnData input.
     copy
         Work on a deep copy of the table and leave ``data`` untouched.
+    write
+        The caller will persist its changes with ``finish(write=True)``: for a SpatialData backed by a zarr store,
+        obs, obsm and uns are kept aside so that a failed write can put them back.
 
     Returns
     -------
@@ -241,10 +248,8 @@ def resolve_table(data: AnnData | SpatialData, table_key: str = "table", *, copy
     if copy:
         return TableRef(adata=adata.copy(), sdata=data, table_key=table_key, copy=True)
     before = None
-    if data.path is not None:  # changes will be written into the store: keep what to restore if that fails
-        import copy as _copy
-
-        before = (adata.obs.copy(), dict(adata.obsm), _copy.deepcopy(dict(adata.uns)))
+    if write and data.path is not None:  # changes will be written into the store: keep what to restore if that fails
+        before = (adata.obs.copy(), dict(adata.obsm), _copy_uns(adata.uns))
     return TableRef(adata=adata, sdata=data, table_key=table_key, before=before)
 
 
@@ -261,6 +266,19 @@ def check_key(value: Any, name: str = "key_added") -> str:
             "with '__' are reserved); choose a name without them, e.g. 'cell_type_v2'."
         )
     return value
+
+
+def _copy_uns(uns: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``uns``; values that cannot be copied (a lock, say) are kept as they are."""
+    import copy
+
+    out = {}
+    for key, value in uns.items():
+        try:
+            out[key] = copy.deepcopy(value)
+        except Exception:  # noqa: BLE001 - any object may refuse to be copied; keep it, it is not ours to change
+            out[key] = value
+    return out
 
 
 def get_table(data: AnnData | SpatialData, table_key: str = "table") -> AnnData:
@@ -348,14 +366,14 @@ def _write_locked(store: Path, adata: AnnData, table_key: str, elements: tuple[s
         live = store / "tables" / table_key
         if not live.is_dir():
             _write_new_table(store, adata, table_key)
-            _refresh_consolidated(store)
+            _after_write(lambda: _refresh_consolidated(store))
             logger.info(f"Wrote the new table {table_key!r} whole into {store}.")
             return
         if not elements:
             return
         _check_matches_disk(live, adata, table_key, elements)
         _stage_and_swap(store, live, adata, table_key, elements)
-        _refresh_consolidated(store)
+        _after_write(lambda: _refresh_consolidated(store))
     logger.info(f"Wrote {', '.join(elements)} of table {table_key!r} into {store}.")
 
 
@@ -651,8 +669,25 @@ def _stage_and_swap(store: Path, live: Path, adata: AnnData, table_key: str, ele
         raise
     try:
         _swap(staged, live, store / WORK_DIR / "aside" / table_key)
-    finally:
-        _cleanup(store, stage)  # after the swap the stage holds the old table: its links go, shared chunks stay
+    except BaseException:
+        _cleanup(store, stage)
+        raise
+    # after the swap the stage holds the old table: its links go, shared chunks stay
+    _after_write(lambda: _cleanup(store, stage))
+
+
+#: Set on an exception raised after the new table was already in place in the store (only tidying up failed).
+WRITTEN_ATTR = "spatialcx_table_written"
+
+
+def _after_write(step: Any) -> None:
+    """Run a tidying step that comes after the new table is in the store; a failure says the table was written."""
+    try:
+        step()
+    except Exception as e:
+        setattr(e, WRITTEN_ATTR, True)
+        e.add_note("The new table is in the store; only the tidying up after writing it failed.")
+        raise
 
 
 def _swap(staged: Path, live: Path, aside: Path) -> None:

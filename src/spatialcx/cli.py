@@ -253,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spatialcx {__version__}")
     verbose_help = "more logging (-v info, -vv debug and full tracebacks)"
     parser.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
-    # -v also after the command (`spatialcx classify ... -vv`); not given there, it keeps the value given before it
+    # -v also after the command (`spatialcx classify ... -vv`); counts before and after it add up
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
+    common.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
@@ -349,12 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
     # docstring-template notices from a dependency's import, not about the user's data
     warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
-    scx.settings.verbosity = min(1 + args.verbose, 3)
+    verbose = args.verbose + getattr(args, "verbose_after", 0)
+    scx.settings.verbosity = min(1 + verbose, 3)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except (CommandError, ValueError, KeyError, OSError, ImportError) as e:
-        if args.verbose >= 2:
+        if verbose >= 2:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         notes = "".join(f" {note}" for note in getattr(e, "__notes__", []))

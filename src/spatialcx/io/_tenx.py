@@ -201,7 +201,7 @@ def add_10x_cell_types(
             "columns)."
         )
 
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     id_source, table_ids, file_ids = _match_ids(adata, df, id_key)
     pos = pd.Index(file_ids).get_indexer(table_ids)

@@ -81,6 +81,14 @@ class ScoringWeights:
         return self.clip + self.shift
 
 
+def model_file_path(path: str | os.PathLike) -> Path:
+    """Where :meth:`CellTypeModel.save` writes for ``path``: ``.npz`` appended unless it is already the suffix."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    return path
+
+
 @dataclass(eq=False)
 class CellTypeModel:
     """A CellTypist-compatible cell-type classifier.
@@ -284,9 +292,7 @@ class CellTypeModel:
         -------
         The path written, with the ``.npz`` suffix; pass it to :meth:`load`.
         """
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+        path = model_file_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": _FORMAT_NAME,
@@ -385,6 +391,7 @@ class CellTypeModel:
             struct.error,
             zipfile.BadZipFile,
             zlib.error,
+            MemoryError,  # a damaged array header that claims an impossible shape
         ) as e:
             if isinstance(e, PermissionError):
                 raise

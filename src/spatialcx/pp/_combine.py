@@ -157,6 +157,8 @@ def combine_references(
         raise ValueError(f"min_cells_per_type must be >= 0, got {min_cells_per_type}.")
     if max_cells_per_ref is not None and max_cells_per_ref < 1:
         raise ValueError(f"max_cells_per_ref must be >= 1 or None, got {max_cells_per_ref}.")
+    if exclude_labels is None:  # as in a YAML config's `null`: the default
+        exclude_labels = DEFAULT_EXCLUDE_LABELS
     if isinstance(exclude_labels, str):
         exclude_labels = [exclude_labels]
     excluded_set = {str(x) for x in exclude_labels}

@@ -648,7 +648,7 @@ def ensure_normalized(
     else:
         from spatialcx._table import resolve_table
 
-        ref = resolve_table(data, table_key, copy=copy)
+        ref = resolve_table(data, table_key, copy=copy)  # X changes in memory only: nothing is written
         adata = ref.adata
 
     status, matrices = _inspect(adata, random_state)

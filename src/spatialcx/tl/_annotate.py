@@ -182,11 +182,13 @@ def annotate(
     check_key(key_added, "key_added")
     # output paths are checked before anything is read, trained or written
     if model_out is not None:
-        check_writable_file(model_out, "model_out")
+        from spatialcx.model._model import model_file_path
+
+        check_writable_file(model_file_path(model_out), "model_out")  # the file model.save() will write
     if plots and plots_dir is not None:
         check_writable_dir(plots_dir, "plots_dir")
     references, label_keys = _as_list(references, label_keys)
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     panel = panel_genes(adata)
     logger.info("panel: %d genes", len(panel))

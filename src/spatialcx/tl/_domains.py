@@ -142,7 +142,7 @@ def spatial_domains(
     check_key(key_added, "key_added")
     shapes_key = check_key(shapes_key or f"{key_added}_shapes", "shapes_key")
 
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     mask, described = _selection_mask(adata, selection, value)
     coords, coords_source = _coordinates(adata, spatial_key, ref.sdata)
@@ -255,13 +255,25 @@ def spatial_domains(
     )
 
     shapes = None if gdf is None else _parse_shapes(gdf, ref.sdata, adata)
+    previous = ref.sdata.shapes.get(shapes_key) if (ref.sdata is not None and not copy) else None
     if shapes is not None and not copy:
-        if shapes_key in ref.sdata.shapes:
+        if previous is not None:
             logger.info("spatial_domains: replacing the shapes element %r.", shapes_key)
         ref.sdata.shapes[shapes_key] = shapes
     if stale and not copy:
         del ref.sdata.shapes[shapes_key]
-    out = ref.finish(write=write, elements=("obs", "uns"))
+    try:
+        out = ref.finish(write=write, elements=("obs", "uns"))
+    except Exception as e:
+        from spatialcx._table import WRITTEN_ATTR
+
+        put_back = not getattr(e, WRITTEN_ATTR, False)
+        if put_back and not copy and (shapes is not None or stale):  # the table was put back: so are the shapes
+            if previous is not None:
+                ref.sdata.shapes[shapes_key] = previous
+            else:
+                ref.sdata.shapes.pop(shapes_key, None)
+        raise
     if shapes is not None:
         if copy:
             out.shapes[shapes_key] = shapes  # the copy shares the other elements, never the original's dict

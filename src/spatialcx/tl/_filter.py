@@ -64,28 +64,55 @@ def _write_labels(adata: AnnData, key: str, labels: np.ndarray, unassigned_label
     adata.obs[key] = pd.Categorical(labels, categories=cats)
 
 
-def _ontology_ids(adata: AnnData, key: str, unassigned: np.ndarray, *, from_predictions: bool) -> np.ndarray | None:
-    """The CL ids that go with the filtered labels: ``unknown`` for unassigned cells (CELLxGENE), or ``None``.
+def _ontology_ids(
+    adata: AnnData, key: str, labels: np.ndarray, unassigned: np.ndarray, *, from_predictions: bool
+) -> np.ndarray | None:
+    """The CL ids that go with the filtered ``labels``: ``unknown`` for unassigned cells (CELLxGENE), or ``None``.
 
-    Only when ``obs[{key}_ontology_term_id]`` exists. With ``from_predictions`` and the per-class ids that
-    :func:`~spatialcx.tl.annotate` records (``uns[key]["ontology_term_ids"]``, aligned with the classes), every cell
-    gets its predicted class's id first, so that filtering again with another threshold restores them; otherwise the
-    ids already in the column are kept for the other cells.
+    Only when ``obs[{key}_ontology_term_id]`` exists. The other cells get the id of their label, so that filtering
+    again with another threshold restores them: with ``from_predictions``, from the per-class ids that
+    :func:`~spatialcx.tl.annotate` records (``uns[key]["ontology_term_ids"]``, aligned with the classes); otherwise
+    from the mapping :func:`~spatialcx.tl.add_ontology_ids` records (``uns[f"{key}_ontology"]``) and from the
+    label/id pairs in the table; a label found in neither keeps the id it has.
     """
     keys = output_keys(key)
     if keys["ontology_id"] not in adata.obs:
         return None
-    ids = None
+    current = _labels(adata.obs[keys["ontology_id"]])
+    current[pd.isna(current)] = UNKNOWN_ONTOLOGY_ID
     class_ids = _class_lists(adata, key, "ontology_term_ids") if from_predictions else {}
     if class_ids and keys["predicted"] in adata.obs:
         predicted = _labels(adata.obs[keys["predicted"]])
-        ids = np.array([UNKNOWN_ONTOLOGY_ID if v is None else class_ids.get(v, UNKNOWN_ONTOLOGY_ID) for v in predicted])
+        ids = np.array([class_ids.get(v, UNKNOWN_ONTOLOGY_ID) if v is not None else None for v in predicted])
         ids = ids.astype(object)
-    if ids is None:
-        ids = _labels(adata.obs[keys["ontology_id"]])
         ids[pd.isna(ids)] = UNKNOWN_ONTOLOGY_ID
+    else:
+        by_label = _recorded_ids(adata, key)
+        if key in adata.obs:  # label/id pairs of the cells that have both now
+            old = _labels(adata.obs[key])
+            pairs = pd.DataFrame({"label": old, "id": current}).dropna()
+            pairs = pairs[pairs["id"] != UNKNOWN_ONTOLOGY_ID].drop_duplicates("label")
+            for label, term in zip(pairs["label"], pairs["id"], strict=True):
+                by_label.setdefault(label, term)
+        ids = current.copy()
+        if by_label:
+            mapped = pd.Series(labels, dtype=object).map(by_label).to_numpy(dtype=object)
+            found = ~pd.isna(mapped)
+            ids[found] = mapped[found]
     ids[unassigned] = UNKNOWN_ONTOLOGY_ID
     return ids
+
+
+def _recorded_ids(adata: AnnData, key: str) -> dict[str, str]:
+    """``{label: CL id}`` from the mapping :func:`~spatialcx.tl.add_ontology_ids` kept in ``uns[f"{key}_ontology"]``."""
+    summary = adata.uns.get(f"{key}_ontology")
+    table = summary.get("mapping") if isinstance(summary, Mapping) else None
+    if not isinstance(table, Mapping) or "input_label" not in table or "ontology_term_id" not in table:
+        return {}
+    labels, ids = list(table["input_label"]), list(table["ontology_term_id"])
+    if len(labels) != len(ids):
+        return {}
+    return {str(a): str(b) for a, b in zip(labels, ids, strict=True) if str(b) != UNKNOWN_ONTOLOGY_ID}
 
 
 def _check_confidence(adata: AnnData, confidence_key: str) -> np.ndarray:
@@ -161,7 +188,7 @@ def filter_low_confidence(
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1] (a confidence), got {threshold}.")
     confidence_key = confidence_key or f"{key}_confidence"
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     if confidence_key not in adata.obs:
         raise KeyError(
@@ -171,7 +198,8 @@ def filter_low_confidence(
     base = _base_labels(adata, key, source_key)
     low = ~(conf >= threshold)  # NaN confidence counts as low
     labels = np.where(low, unassigned_label, base)
-    ids = _ontology_ids(adata, key, labels == unassigned_label, from_predictions=source_key is None)
+    from_predictions = source_key is None or source_key == key + PREDICTED_SUFFIX
+    ids = _ontology_ids(adata, key, labels, labels == unassigned_label, from_predictions=from_predictions)
     # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
     if ids is not None:
@@ -224,7 +252,7 @@ def filter_low_count_types(
 
     if min_cells < 0:
         raise ValueError(f"min_cells must be >= 0, got {min_cells}.")
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     if key not in adata.obs:
         raise KeyError(f"{key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
@@ -232,7 +260,7 @@ def filter_low_count_types(
     counts = pd.Series(labels).value_counts()  # missing labels are not a type
     rare = [str(t) for t, c in counts.items() if c < min_cells and t != unassigned_label]
     labels = np.where(pd.Series(labels).isin(rare).to_numpy(), unassigned_label, labels)
-    ids = _ontology_ids(adata, key, labels == unassigned_label, from_predictions=False)
+    ids = _ontology_ids(adata, key, labels, labels == unassigned_label, from_predictions=False)
     # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
     if ids is not None:

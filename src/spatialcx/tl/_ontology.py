@@ -337,7 +337,7 @@ def add_ontology_ids(
             "different obs columns: the labels would be overwritten."
         )
     threshold = _check_min_score(min_score)
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     if source_key not in adata.obs.columns:
         raise KeyError(

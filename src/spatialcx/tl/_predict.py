@@ -147,6 +147,8 @@ def train(
     from spatialcx import __version__
 
     labels = _labels(reference, label_key)
+    if exclude_labels is None:
+        exclude_labels = DEFAULT_EXCLUDE_LABELS
     excluded = [str(x) for x in ([exclude_labels] if isinstance(exclude_labels, str) else exclude_labels)]
     panel = _resolve_genes(genes)
     ref_genes = pd.Index(as_str_array(reference.var_names))
@@ -191,6 +193,11 @@ def train(
     if not keep.all():
         x, y = x[keep], y[keep]
     if x.shape[0] == 0:
+        if left_out.any():
+            raise ValueError(
+                f"Every labelled cell of the reference has a label of exclude_labels ({names}), so none is left to "
+                "train on: check label_key, or pass exclude_labels=() to keep those labels."
+            )
         raise ValueError(f"The reference has no labelled cells in obs[{label_key!r}].")
     counts = pd.Series(y).value_counts()
     description: dict[str, Any] = {
@@ -296,7 +303,7 @@ def predict(
     from spatialcx._table import check_key, resolve_table
 
     check_key(key_added, "key_added")
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     out = compute_predictions(
         ref.adata,
         model,

@@ -84,7 +84,7 @@ def score_signatures(
     check_key(key_added, "key_added")
     marker_sets = _load_markers(markers)
 
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     names, used, missing, dropped = _match_genes(marker_sets, adata.var_names, int(min_genes))
 
@@ -210,7 +210,7 @@ def annotate_domains(
         raise ValueError(f"max_combined={max_combined} must be at least 1.")
     key_added = check_key(key_added or f"{groupby}_annotation", "key_added")
 
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     if signature_key not in adata.obsm or signature_key not in adata.uns or "names" not in adata.uns[signature_key]:
         raise KeyError(

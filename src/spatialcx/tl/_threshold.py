@@ -147,7 +147,7 @@ def classify_by_threshold(
         check_writable_dir(plots_dir, "plots_dir")  # before anything is written into the table
     features = _as_feature_list(features)
 
-    ref = resolve_table(data, table_key, copy=copy)
+    ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     if adata.n_obs < MIN_CELLS:
         raise ValueError(
