@@ -369,3 +369,20 @@ def test_evaluate_confidence_errors(shifted):
     before = query.obs.copy()
     scx.tl.evaluate_confidence(query, "label", methods=["raw", "zscore"])
     pd.testing.assert_frame_equal(query.obs, before)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 8])
+def test_discriminant_posterior_in_blocks_equals_scikit_learn(n_classes, monkeypatch):
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from spatialcx.tl import _confidence
+
+    rng = np.random.default_rng(n_classes)
+    labels = rng.integers(0, n_classes, 3000)
+    s = rng.normal(0, 1, (3000, n_classes))
+    s[np.arange(3000), labels] += 2.5
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(s, labels)
+    col = np.searchsorted(lda.classes_, labels)
+    expected = lda.predict_proba(s)[np.arange(3000), col]
+    monkeypatch.setattr(_confidence, "POSTERIOR_BLOCK", 700)  # blocks of uneven size, the last one short
+    np.testing.assert_allclose(_confidence._posterior_of(lda, s, col), expected, rtol=0, atol=1e-12)

@@ -111,16 +111,42 @@ def _lda_posterior(s: np.ndarray, best: np.ndarray) -> np.ndarray | None:
         warnings.filterwarnings("ignore", message="Only one sample available")  # a type called for a single cell
         try:
             lda.fit(s[fit], best[fit])
-            proba = lda.predict_proba(s)
         except (ValueError, np.linalg.LinAlgError) as e:
             logger.warning("The discriminant of the decision scores could not be fitted (%s); it is not used.", e)
             return None
-    col = np.searchsorted(lda.classes_, best)
-    post = proba[np.arange(s.shape[0]), col]
+        post = _posterior_of(lda, s, np.searchsorted(lda.classes_, best))
     if not np.isfinite(post).all():
         logger.warning("The discriminant of the decision scores is degenerate for this dataset; it is not used.")
         return None
     return np.clip(post, 0.0, 1.0)
+
+
+#: Cells whose discriminant posterior is computed at once: bounds the temporary (cells x classes) arrays.
+POSTERIOR_BLOCK = 65_536
+
+
+def _posterior_of(lda: Any, s: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """``lda.predict_proba(s)[i, col[i]]`` for every cell, block by block (never a whole cells x classes copy).
+
+    The same computation as scikit-learn's (the linear decision function, then the logistic for two classes or a
+    softmax), for the one column each cell needs.
+    """
+    coef = np.asarray(lda.coef_, dtype=np.float64)
+    intercept = np.asarray(lda.intercept_, dtype=np.float64)
+    out = np.empty(s.shape[0], dtype=np.float64)
+    for start in range(0, s.shape[0], POSTERIOR_BLOCK):
+        stop = min(start + POSTERIOR_BLOCK, s.shape[0])
+        d = s[start:stop] @ coef.T
+        d += intercept
+        c = col[start:stop]
+        if coef.shape[0] == 1:  # two classes: the decision function is the log-odds of the second
+            p1 = expit(d[:, 0])
+            out[start:stop] = np.where(c == 1, p1, 1.0 - p1)
+            continue
+        d -= d.max(axis=1, keepdims=True)
+        np.exp(d, out=d)
+        out[start:stop] = d[np.arange(stop - start), c] / d.sum(axis=1)
+    return out
 
 
 def _robust_location_scale(x: np.ndarray) -> tuple[float, float]:
