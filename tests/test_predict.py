@@ -266,12 +266,16 @@ def test_train_says_when_every_label_was_excluded():
     ref.obs["label"] = "Unknown"
     with pytest.raises(ValueError, match="exclude_labels"):
         scx.tl.train(ref, "label", genes=[f"G{i}" for i in range(70)])
-    with pytest.raises(ValueError, match="positive whole number"):
-        scx.settings.chunk_size = 0
-        try:
-            scx.tl.predict(_data(n=50, seed=2), scx.tl.train(_data(seed=0), "label"))
-        finally:
-            scx.settings.chunk_size = 50_000
+    with pytest.raises(ValueError, match="exclude_labels"):  # None is the default list, as in a YAML config
+        scx.tl.train(ref, "label", genes=[f"G{i}" for i in range(70)], exclude_labels=None)
+
+
+def test_an_invalid_settings_chunk_size_is_an_error(model, monkeypatch):
+    q = _data(n=50, seed=2)
+    monkeypatch.setattr(scx.settings, "chunk_size", 0)
+    with pytest.raises(ValueError, match=r"scx.settings.chunk_size must be a positive whole number"):
+        scx.tl.predict(q, model)
+    assert "cell_type" not in q.obs
 
 
 def test_filters_keep_missing_labels_missing_and_check_the_confidence(model):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 #: Output keys written into the table (CELLxGENE naming).
 KEY_ADDED = "cell_type"
 PREDICTED_SUFFIX = "_predicted"
@@ -51,6 +53,13 @@ RAW_COUNT_LAYERS: tuple[str, ...] = ("counts", "raw_counts", "raw")
 
 #: Target sum of the log1p normalization that CellTypist models expect.
 TARGET_SUM = 1e4
+
+
+def label_list(labels: Sequence[str] | str | None) -> list[str]:
+    """``exclude_labels`` as a list of str: ``None`` is the default (:data:`DEFAULT_EXCLUDE_LABELS`), a str one label."""
+    if labels is None:
+        labels = DEFAULT_EXCLUDE_LABELS
+    return [str(x) for x in ([labels] if isinstance(labels, str) else labels)]
 
 
 def output_keys(key_added: str = KEY_ADDED) -> dict[str, str]:

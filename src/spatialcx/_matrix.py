@@ -141,16 +141,21 @@ def _own(block: sparse.csr_matrix, given: Any) -> sparse.csr_matrix:
     return block.copy() if np.shares_memory(block.data, given) else block
 
 
-def gene_indices(var_names: pd.Index | Sequence[str], genes: Sequence[str], *, what: str = "table") -> np.ndarray:
-    """Positions of ``genes`` in ``var_names``; a KeyError names the missing genes."""
+def check_unique_genes(var_names: pd.Index | Sequence[str], *, what: str = "table") -> pd.Index:
+    """``var_names`` as an Index; a ValueError names duplicated gene names (a gene could match several columns)."""
     index = pd.Index(var_names)
     if not index.is_unique:
-        index = index.copy()
         dup = index[index.duplicated()].unique()
         raise ValueError(
-            f"The {what} has duplicated gene names ({len(dup)}, e.g. {list(dup[:5])}). "
-            "Make them unique first, e.g. with `adata.var_names_make_unique()`."
+            f"The {what} has duplicated gene names ({len(dup)}, e.g. {list(dup[:5])}), so a gene could match several "
+            "columns. Make them unique first, e.g. with `adata.var_names_make_unique()`."
         )
+    return index
+
+
+def gene_indices(var_names: pd.Index | Sequence[str], genes: Sequence[str], *, what: str = "table") -> np.ndarray:
+    """Positions of ``genes`` in ``var_names``; a KeyError names the missing genes."""
+    index = check_unique_genes(var_names, what=what)
     pos = index.get_indexer(list(genes))
     if (pos < 0).any():
         missing = [g for g, p in zip(genes, pos) if p < 0]

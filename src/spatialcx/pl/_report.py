@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -14,6 +14,7 @@ from anndata import AnnData
 
 from .._constants import CONFIDENCE_SUFFIX, ONTOLOGY_ID_SUFFIX
 from .._settings import logger
+from ..tl._ontology import ONTOLOGY_SUFFIX, stored_mapping
 from . import _utils
 from ._markers import check_label_column, resolve_threshold
 
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
     from spatialcx.tl import OntologyMapping
 
 __all__ = ["REPORT_PLOTS", "annotation_report"]
-
-#: Suffix of the ``uns`` entry where :func:`spatialcx.tl.add_ontology_ids` keeps its summary (``cell_type_ontology``).
-ONTOLOGY_SUFFIX = "_ontology"
 
 #: Names of the plots of the report, in the order they are drawn (also the file names, ``{name}.{fmt}``).
 REPORT_PLOTS: tuple[str, ...] = ("confidence", "ontology_mapping", "marker_dotplot", "deg_heatmap", "validation_2d")
@@ -49,29 +47,11 @@ def _check_formats(formats: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def _stored_mapping(adata: AnnData, key: str) -> tuple[str, Mapping[str, Any], float | None] | None:
-    """``(where, columns, min_score)`` of the mapping kept in ``uns``, or ``None`` when there is none.
-
-    :func:`spatialcx.tl.annotate` keeps it in ``uns[key]["ontology_mapping"]``; :func:`spatialcx.tl.add_ontology_ids`
-    in the summary ``uns[f"{key}_ontology"]["mapping"]`` (``key`` is the base of its ``target_key``).
-    """
-    params = adata.uns.get(key)
-    stored = params.get("ontology_mapping") if isinstance(params, Mapping) else None
-    if stored is not None and len(stored):
-        return f"uns[{key!r}]['ontology_mapping']", stored, None
-    summary = adata.uns.get(f"{key}{ONTOLOGY_SUFFIX}")
-    stored = summary.get("mapping") if isinstance(summary, Mapping) else None
-    if stored is not None and len(stored):
-        min_score = summary.get("min_score")
-        return f"uns[{key + ONTOLOGY_SUFFIX!r}]['mapping']", stored, None if min_score is None else float(min_score)
-    return None
-
-
 def _mapping_table(adata: AnnData, key: str, mapping: Any) -> Any:
-    """The mapping given, else the one kept in ``uns`` (see ``_stored_mapping``) with its ``min_score``."""
+    """The mapping given, else the one kept in ``uns`` (see :func:`spatialcx.tl._ontology.stored_mapping`) with its ``min_score``."""
     if mapping is not None:
         return mapping
-    found = _stored_mapping(adata, key)
+    found = stored_mapping(adata, key)
     if found is None:
         raise ValueError(
             f"No ontology mapping to draw: neither uns[{key!r}]['ontology_mapping'] (written by scx.tl.annotate with "

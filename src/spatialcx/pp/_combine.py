@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._constants import DEFAULT_EXCLUDE_LABELS, ORIGINAL_LABEL_KEY, SOURCE_KEY, TARGET_SUM
+from .._constants import DEFAULT_EXCLUDE_LABELS, ORIGINAL_LABEL_KEY, SOURCE_KEY, TARGET_SUM, label_list
 from .._settings import logger
 from .._utils import progress
 from ._balance import REFERENCES_UNS_KEY
@@ -157,11 +157,7 @@ def combine_references(
         raise ValueError(f"min_cells_per_type must be >= 0, got {min_cells_per_type}.")
     if max_cells_per_ref is not None and max_cells_per_ref < 1:
         raise ValueError(f"max_cells_per_ref must be >= 1 or None, got {max_cells_per_ref}.")
-    if exclude_labels is None:  # as in a YAML config's `null`: the default
-        exclude_labels = DEFAULT_EXCLUDE_LABELS
-    if isinstance(exclude_labels, str):
-        exclude_labels = [exclude_labels]
-    excluded_set = {str(x) for x in exclude_labels}
+    excluded_set = set(label_list(exclude_labels))  # None (a YAML config's `null`): the default
     names, refs, keys = _as_lists(references, label_keys)
     panel = None if genes is None else list(dict.fromkeys(str(g) for g in genes))
     if panel is not None and not panel:

@@ -17,6 +17,7 @@ from spatialcx._constants import (
     SOURCE_KEY,
     UNASSIGNED,
     UNKNOWN_ONTOLOGY_ID,
+    label_list,
     output_keys,
 )
 from spatialcx._settings import logger
@@ -251,9 +252,7 @@ def annotate(
             "balance": balance,
             "max_cells_per_type": int(max_cells_per_type),
             "max_cells_per_ref": int(max_cells_per_ref),
-            "exclude_labels": [
-                str(x) for x in ([exclude_labels] if isinstance(exclude_labels, str) else exclude_labels)
-            ],
+            "exclude_labels": label_list(exclude_labels),
             "random_state": int(random_state),
         }
     )

@@ -83,9 +83,7 @@ def _ontology_ids(
     class_ids = _class_lists(adata, key, "ontology_term_ids") if from_predictions else {}
     if class_ids and keys["predicted"] in adata.obs:
         predicted = _labels(adata.obs[keys["predicted"]])
-        ids = np.array([class_ids.get(v, UNKNOWN_ONTOLOGY_ID) if v is not None else None for v in predicted])
-        ids = ids.astype(object)
-        ids[pd.isna(ids)] = UNKNOWN_ONTOLOGY_ID
+        ids = np.array([class_ids.get(v, UNKNOWN_ONTOLOGY_ID) for v in predicted], dtype=object)
     else:
         by_label = _recorded_ids(adata, key)
         if key in adata.obs:  # label/id pairs of the cells that have both now
@@ -104,9 +102,11 @@ def _ontology_ids(
 
 
 def _recorded_ids(adata: AnnData, key: str) -> dict[str, str]:
-    """``{label: CL id}`` from the mapping :func:`~spatialcx.tl.add_ontology_ids` kept in ``uns[f"{key}_ontology"]``."""
-    summary = adata.uns.get(f"{key}_ontology")
-    table = summary.get("mapping") if isinstance(summary, Mapping) else None
+    """``{label: CL id}`` from the mapping kept in ``uns`` (:func:`spatialcx.tl._ontology.stored_mapping`)."""
+    from spatialcx.tl._ontology import stored_mapping
+
+    found = stored_mapping(adata, key)
+    table = found[1] if found is not None else None
     if not isinstance(table, Mapping) or "input_label" not in table or "ontology_term_id" not in table:
         return {}
     labels, ids = list(table["input_label"]), list(table["ontology_term_id"])
@@ -173,8 +173,9 @@ def filter_low_confidence(
     -------
     The copy when ``copy=True``, else None. ``uns[key]["confidence_threshold"]`` records the threshold. When the table
     has ``{key}_ontology_term_id`` (as :func:`~spatialcx.tl.annotate` writes it), filtered cells get ``unknown`` there,
-    as the CELLxGENE schema asks of cells without a cell type; the others get the id of their predicted class (from
-    ``uns[key]["ontology_term_ids"]``, so filtering again with a lower threshold restores them).
+    as the CELLxGENE schema asks of cells without a cell type; the others get the id of their label (from the per-class
+    ids ``annotate`` records, or the mapping ``add_ontology_ids`` records), so filtering again with a lower threshold
+    restores them.
     ``{key}_ontology_label`` is left unfiltered. Missing labels stay missing.
 
     Raises

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 DEFAULT_MIN_SCORE = 0.5
 TABLE_COLUMNS = ("input_label", "ontology_term_id", "ontology_label", "tier", "score", "matched", "note")
 TIER_NAMES = {-1: "unmapped", 0: "pattern", 1: "exact", 2: "token", 3: "similarity"}
+
+
+#: Suffix of the ``uns`` entry where :func:`add_ontology_ids` keeps its summary (``cell_type_ontology``).
+ONTOLOGY_SUFFIX = "_ontology"
 
 
 @dataclass
@@ -391,8 +396,26 @@ def add_ontology_ids(
         "n_cells_kept": int(keep.sum()),
         "user_entries": int(len(idx.entries)),
     }
-    adata.uns[f"{base}_ontology"] = summary
+    adata.uns[f"{base}{ONTOLOGY_SUFFIX}"] = summary
     out = ref.finish(write=write, elements=("obs", "uns"))
     if copy:
         mapping.data = out
     return mapping
+
+
+def stored_mapping(adata: AnnData, key: str) -> tuple[str, Mapping[str, Any], float | None] | None:
+    """``(where, columns, min_score)`` of the mapping kept in ``uns``, or ``None`` when there is none.
+
+    :func:`spatialcx.tl.annotate` keeps it in ``uns[key]["ontology_mapping"]``; :func:`spatialcx.tl.add_ontology_ids`
+    in the summary ``uns[f"{key}_ontology"]["mapping"]`` (``key`` is the base of its ``target_key``).
+    """
+    params = adata.uns.get(key)
+    stored = params.get("ontology_mapping") if isinstance(params, Mapping) else None
+    if stored is not None and len(stored):
+        return f"uns[{key!r}]['ontology_mapping']", stored, None
+    summary = adata.uns.get(f"{key}{ONTOLOGY_SUFFIX}")
+    stored = summary.get("mapping") if isinstance(summary, Mapping) else None
+    if stored is not None and len(stored):
+        min_score = summary.get("min_score")
+        return f"uns[{key + ONTOLOGY_SUFFIX!r}]['mapping']", stored, None if min_score is None else float(min_score)
+    return None

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, TARGET_SUM, output_keys
-from spatialcx._matrix import default_chunk_size, iter_row_blocks, normalize_block
+from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, TARGET_SUM, label_list, output_keys
+from spatialcx._matrix import check_unique_genes, default_chunk_size, iter_row_blocks, normalize_block
 from spatialcx._settings import logger
 from spatialcx._utils import as_str_array
 from spatialcx.model._model import CellTypeModel
@@ -147,9 +147,7 @@ def train(
     from spatialcx import __version__
 
     labels = _labels(reference, label_key)
-    if exclude_labels is None:
-        exclude_labels = DEFAULT_EXCLUDE_LABELS
-    excluded = [str(x) for x in ([exclude_labels] if isinstance(exclude_labels, str) else exclude_labels)]
+    excluded = label_list(exclude_labels)
     panel = _resolve_genes(genes)
     ref_genes = pd.Index(as_str_array(reference.var_names))
     if panel is None:
@@ -345,14 +343,7 @@ def compute_predictions(
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction must be in [0, 1], got {min_gene_fraction}.")
     src = find_expression_source(adata, unsafe_force=unsafe_force)
-    names = pd.Index(as_str_array(src.var_names))
-    if not names.is_unique:
-        dup = names[names.duplicated()].unique()
-        raise ValueError(
-            f"The table has duplicated gene names ({len(dup)}, e.g. {list(dup[:5])}), so a model gene could match "
-            "several columns. Make them unique first, e.g. with `adata.var_names_make_unique()`."
-        )
-    present, _ = model.match_genes(names)
+    present, _ = model.match_genes(check_unique_genes(as_str_array(src.var_names)))
     frac = len(present) / model.n_features
     if len(present) == 0 or frac < min_gene_fraction:
         raise ValueError(
