@@ -28,6 +28,10 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = True
 typehints_defaults = "braces"
+# Returns sections are prose (what comes back and what is written), rendered as written; the return type is in the
+# signature. (napoleon would read the first line of the prose as a type.)
+napoleon_custom_sections = ["Returns"]
+typehints_document_rtype = False
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3  # [Genes](#genes)-style links to headings
 nb_execution_mode = "off"
@@ -35,6 +39,7 @@ source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-n
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 html_theme = "sphinx_book_theme"
 html_static_path = ["_static"]
+templates_path = ["_templates"]  # class templates that document the methods (and the model's properties)
 html_title = "spatialcx"
 intersphinx_mapping = {
     "python": ("https://docs.python.org/3", None),
@@ -43,4 +48,8 @@ intersphinx_mapping = {
     "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
     "numpy": ("https://numpy.org/doc/stable/", None),
     "pandas": ("https://pandas.pydata.org/docs/", None),
+    "scipy": ("https://docs.scipy.org/doc/scipy/", None),
+    "matplotlib": ("https://matplotlib.org/stable/", None),
+    "squidpy": ("https://squidpy.readthedocs.io/en/stable/", None),
+    "celltypist": ("https://celltypist.readthedocs.io/en/latest/", None),
 }

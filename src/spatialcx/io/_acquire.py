@@ -273,6 +273,7 @@ def acquire_reference(
           Ensembl ids with ``var["feature_name"]`` symbols.
         - ``synapse://syn<id>``: a Synapse file entity (``.h5ad``), through ``synapseclient``. Credentials: the
           ``SYNAPSE_AUTH_TOKEN`` environment variable, else ``~/.synapseConfig``.
+
         ``cellxgene://`` needs the ``census`` extra (``cellxgene-census``), ``synapse://`` the ``synapse`` extra.
     output
         Where to store it: an ``.h5ad`` path or a folder (then ``<key>.h5ad`` / ``<synapse id>.h5ad`` /

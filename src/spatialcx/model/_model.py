@@ -274,7 +274,7 @@ class CellTypeModel:
         """Write the model to an ``.npz`` archive of plain arrays and JSON metadata (loading it executes no code).
 
         The archive holds the features, classes, weights, intercept and scaler as arrays, and the clip,
-        normalization, target sum, description, calibration and :attr:`model_hash` as JSON. The file is written
+        normalization, target sum, description, calibration and :attr:`~spatialcx.CellTypeModel.model_hash` as JSON. The file is written
         atomically: an interrupted save leaves any previous file at ``path`` intact. Missing parent folders are
         created.
 
@@ -320,7 +320,7 @@ class CellTypeModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CellTypeModel:
-        """Read a model written by :meth:`save`.
+        """Read a model written by :meth:`~spatialcx.CellTypeModel.save`.
 
         Nothing is unpickled (``allow_pickle=False``): the file holds plain arrays and JSON only. The weights are
         checked against the hash stored with them.
@@ -328,12 +328,12 @@ class CellTypeModel:
         Parameters
         ----------
         path
-            The ``.npz`` file written by :meth:`save`. CellTypist ``.pkl`` models are not read here; import them
+            The ``.npz`` file written by :meth:`~spatialcx.CellTypeModel.save`. CellTypist ``.pkl`` models are not read here; import them
             with :meth:`from_celltypist`.
 
         Returns
         -------
-        The model, equal to the one saved (same :attr:`model_hash`).
+        The model, equal to the one saved (same :attr:`~spatialcx.CellTypeModel.model_hash`).
 
         Raises
         ------

@@ -372,7 +372,7 @@ def subsample_balanced(
     """Subsample a (combined) reference so that cell types and sources are balanced ("Cap & Fill").
 
     Per cell type (or per ``group_by`` value) at most ``max_cells_per_type`` cells are drawn, split across the
-    sources in ``obs[source_key]`` by :func:`split_across_sources`: ``"proportional"`` (each source gives its share
+    sources in ``obs[source_key]``: ``"proportional"`` (each source gives its share
     of the type) or ``"equal"``, at least ``min_cells_per_source`` per source (capped by what it has), never more
     than a source has, the shortfall going to sources with spare cells. Totals never exceed the cap. Within a type
     and source, cells are drawn uniformly at random without replacement.

@@ -119,7 +119,7 @@ class AnnotationConfig:
 
     # ----------------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The fields as plain Python values (what :meth:`to_yaml` writes)."""
+        """The fields as plain Python values (what :meth:`~spatialcx.tl.AnnotationConfig.to_yaml` writes)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod

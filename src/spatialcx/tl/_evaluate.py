@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from spatialcx.model._model import CellTypeModel
 
-#: Keys of the dict returned by :func:`confidence_metrics`, in the order the benchmark prints them.
+#: Keys of the dict returned by :func:`~spatialcx.tl.confidence_metrics`, in the order the benchmark prints them.
 METRICS: tuple[str, ...] = (
     "n_cells",
     "accuracy",
@@ -113,7 +113,7 @@ def compare_confidence_methods(
     threshold: float = 0.8,
     exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
 ) -> pd.DataFrame:
-    """:func:`confidence_metrics` of every confidence method on the same decision scores.
+    """:func:`~spatialcx.tl.confidence_metrics` of every confidence method on the same decision scores.
 
     Parameters
     ----------
@@ -122,18 +122,18 @@ def compare_confidence_methods(
     classes
         The model's classes.
     truth
-        True label of each cell (see :func:`confidence_metrics`).
+        True label of each cell (see :func:`~spatialcx.tl.confidence_metrics`).
     methods
         Confidence methods (:func:`~spatialcx.tl.transform_confidence`); all of them by default. ``"softmax"`` is
         skipped without a calibration.
     calibration
         The model or its calibration dict.
     threshold, exclude_labels
-        As in :func:`confidence_metrics`.
+        As in :func:`~spatialcx.tl.confidence_metrics`.
 
     Returns
     -------
-    One row per method (index ``method``), the columns of :func:`confidence_metrics`.
+    One row per method (index ``method``), the columns of :func:`~spatialcx.tl.confidence_metrics`.
     """
     from spatialcx.tl._confidence import CONFIDENCE_METHODS, _calibration_dict, transform_confidence
 
@@ -191,7 +191,7 @@ def evaluate_confidence(
 
     Returns
     -------
-    One row per method, the columns of :func:`confidence_metrics`. Nothing in ``data`` changes.
+    One row per method, the columns of :func:`~spatialcx.tl.confidence_metrics`. Nothing in ``data`` changes.
     """
     from spatialcx._table import get_table
 

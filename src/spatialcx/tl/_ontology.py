@@ -80,7 +80,7 @@ class OntologyMapping:
 
     @property
     def collisions(self) -> dict[str, list[str]]:
-        """CL ids that two or more distinct input labels map to: ``{CL id: [labels]}``."""
+        """``{CL id: [labels]}`` for the CL ids that two or more distinct input labels map to."""
         t = self.table[self.table["ontology_term_id"] != UNKNOWN_ONTOLOGY_ID]
         groups = t.groupby("ontology_term_id", sort=True)["input_label"].agg(list)
         return {str(k): [str(x) for x in v] for k, v in groups.items() if len(v) > 1}
@@ -198,7 +198,7 @@ def map_labels(
     index
         ``None`` for the Cell Ontology shipped with ``cellxgene-ontology-guide``; or user entries that extend it and
         win over everything else: a CSV/TSV file with the columns ``label`` and ``ontology_term_id``, a JSON file
-        ``{label: CL id}``, a dict or a DataFrame; or an :class:`~spatialcx.ontology.OntologyIndex`.
+        ``{label: CL id}``, a dict or a DataFrame; or an index already built (``spatialcx.ontology.load_index()``).
     min_score
         Matches scoring below it map to ``"unknown"`` (exact matches score 0.95-1, pattern matches 0.9-0.95, same
         words in another order 0.85, fall-backs to a parent term and similarity matches less).
