@@ -39,3 +39,18 @@ def test_design_contract_names_exist():
     ]
     assert missing == []
     assert hasattr(scx.CellTypeModel, "from_celltypist") and hasattr(scx.CellTypeModel, "to_celltypist")
+
+
+def test_every_public_name_is_in_the_api_reference():
+    import types
+
+    api = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    public = [
+        f"{mod}.{name}"
+        for mod in ("io", "pp", "tl", "pl", "datasets")
+        for name, obj in vars(getattr(scx, mod)).items()
+        if not name.startswith("_") and not isinstance(obj, types.ModuleType) and name != "annotations"
+    ]
+    assert "tl.predict" in public and "pp.DEFAULT_EXCLUDE_LABELS" in public
+    assert [n for n in public if n not in api] == []
+    assert "CellTypeModel" in api
