@@ -261,6 +261,40 @@ def test_refiltering_restores_ids_mapped_by_add_ontology_ids(model):
     assert (q.obs["cell_type_ontology_term_id"].astype(str).to_numpy() == full).all()
 
 
+def test_refiltering_after_mapping_filtered_labels_restores_ids_and_names(model):
+    """add_ontology_ids on already filtered labels: a lower threshold brings back the id and the name of each cell."""
+    q = _data(n=400, seed=8)
+    scx.tl.predict(q, model)
+    names = {f"type {i}": n for i, n in enumerate(["T cell", "B cell", "macrophage", "fibroblast"])}
+    q.obs["cell_type_predicted"] = pd.Categorical(q.obs["cell_type_predicted"].astype(str).map(names))
+    scx.tl.filter_low_confidence(q, threshold=0.95)
+    low = q.obs["cell_type_confidence"].to_numpy() < 0.95
+    scx.tl.add_ontology_ids(q, "cell_type")  # Unassigned cells: "unknown" id and name
+    assert low.any() and (q.obs["cell_type_ontology_label"].astype(str).to_numpy()[low] == "unknown").all()
+    scx.tl.filter_low_confidence(q, threshold=0.0)
+    expected = scx.tl.map_labels(list(names.values())).table.set_index("input_label")
+    predicted = q.obs["cell_type_predicted"].astype(str)
+    assert (q.obs["cell_type_ontology_term_id"].astype(str) == predicted.map(expected["ontology_term_id"])).all()
+    assert (q.obs["cell_type_ontology_label"].astype(str) == predicted.map(expected["ontology_label"])).all()
+    scx.tl.filter_low_confidence(q, threshold=0.95)  # names stay unfiltered, ids do not
+    assert (q.obs["cell_type_ontology_label"].astype(str) == predicted.map(expected["ontology_label"])).all()
+    assert (q.obs["cell_type_ontology_term_id"].astype(str).to_numpy()[low] == "unknown").all()
+
+
+def test_predicting_again_drops_the_ontology_columns_of_the_earlier_labels(model):
+    q = _data(n=300, seed=4)
+    scx.tl.predict(q, model)
+    scx.tl.filter_low_confidence(q, threshold=0.0)
+    q.obs["cell_type"] = pd.Categorical(q.obs["cell_type"].astype(str).str.replace("type ", "T cell "))
+    scx.tl.add_ontology_ids(q, "cell_type")
+    assert "cell_type_ontology" in q.uns and "cell_type_ontology_term_id" in q.obs
+    scx.tl.predict(q, model)  # new labels: the ids and names of the old ones must not stay
+    assert "cell_type_ontology_term_id" not in q.obs and "cell_type_ontology_label" not in q.obs
+    assert "cell_type_ontology" not in q.uns
+    scx.tl.filter_low_confidence(q, threshold=0.5)
+    assert "cell_type_ontology_term_id" not in q.obs
+
+
 def test_train_says_when_every_label_was_excluded():
     ref = _data(n=200, seed=1)
     ref.obs["label"] = "Unknown"

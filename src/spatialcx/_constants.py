@@ -12,6 +12,8 @@ CONFIDENCE_RAW_SUFFIX = "_confidence_raw"
 ONTOLOGY_ID_SUFFIX = "_ontology_term_id"
 ONTOLOGY_LABEL_SUFFIX = "_ontology_label"
 DECISION_SUFFIX = "_decision_scores"
+#: Suffix of the ``uns`` entry where ``scx.tl.add_ontology_ids`` keeps its summary (``cell_type_ontology``).
+ONTOLOGY_SUFFIX = "_ontology"
 
 #: Label written for cells whose confidence is below the threshold.
 UNASSIGNED = "Unassigned"

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._constants import CONFIDENCE_SUFFIX, ONTOLOGY_ID_SUFFIX
+from .._constants import CONFIDENCE_SUFFIX, ONTOLOGY_ID_SUFFIX, ONTOLOGY_SUFFIX
 from .._settings import logger
-from ..tl._ontology import ONTOLOGY_SUFFIX, stored_mapping
+from ..tl._ontology import stored_mapping
 from . import _utils
 from ._markers import check_label_column, resolve_threshold
 

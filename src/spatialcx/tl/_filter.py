@@ -64,45 +64,61 @@ def _write_labels(adata: AnnData, key: str, labels: np.ndarray, unassigned_label
     adata.obs[key] = pd.Categorical(labels, categories=cats)
 
 
-def _ontology_ids(
-    adata: AnnData, key: str, labels: np.ndarray, unassigned: np.ndarray, *, from_predictions: bool
-) -> np.ndarray | None:
-    """The CL ids that go with the filtered ``labels``: ``unknown`` for unassigned cells (CELLxGENE), or ``None``.
+def _ontology_columns(
+    adata: AnnData, key: str, labels: np.ndarray, base: np.ndarray, unassigned: np.ndarray, *, from_predictions: bool
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The CL ids that go with the filtered ``labels``, and the CL names that go with the unfiltered ``base`` labels.
 
-    Only when ``obs[{key}_ontology_term_id]`` exists. The other cells get the id of their label, so that filtering
-    again with another threshold restores them: with ``from_predictions``, from the per-class ids that
-    :func:`~spatialcx.tl.annotate` records (``uns[key]["ontology_term_ids"]``, aligned with the classes); otherwise
-    from the mapping :func:`~spatialcx.tl.add_ontology_ids` records (``uns[f"{key}_ontology"]``) and from the
-    label/id pairs in the table; a label found in neither keeps the id it has.
+    Only when ``obs[{key}_ontology_term_id]`` exists (else ``None``). Unassigned cells get the id ``unknown``
+    (CELLxGENE). The other cells get the id of their label, so that filtering again with another threshold restores
+    them: with ``from_predictions``, from the per-class ids that :func:`~spatialcx.tl.annotate` records
+    (``uns[key]["ontology_term_ids"]``, aligned with the classes); otherwise from the mapping
+    :func:`~spatialcx.tl.add_ontology_ids` records (``uns[f"{key}_ontology"]``) and from the label/id pairs in the
+    table; a label found in neither keeps the id it has. ``{key}_ontology_label`` names every cell's unfiltered label
+    (the names ``None`` when the table has no such column, or when ``annotate``'s unfiltered names are kept).
     """
     keys = output_keys(key)
     if keys["ontology_id"] not in adata.obs:
         return None
     current = _labels(adata.obs[keys["ontology_id"]])
     current[pd.isna(current)] = UNKNOWN_ONTOLOGY_ID
+    has_names = keys["ontology_label"] in adata.obs
     class_ids = _class_lists(adata, key, "ontology_term_ids") if from_predictions else {}
     if class_ids and keys["predicted"] in adata.obs:
         predicted = _labels(adata.obs[keys["predicted"]])
         ids = np.array([class_ids.get(v, UNKNOWN_ONTOLOGY_ID) for v in predicted], dtype=object)
-    else:
-        by_label = _recorded_ids(adata, key)
-        if key in adata.obs:  # label/id pairs of the cells that have both now
-            old = _labels(adata.obs[key])
-            pairs = pd.DataFrame({"label": old, "id": current}).dropna()
-            pairs = pairs[pairs["id"] != UNKNOWN_ONTOLOGY_ID].drop_duplicates("label")
-            for label, term in zip(pairs["label"], pairs["id"], strict=True):
-                by_label.setdefault(label, term)
-        ids = current.copy()
-        if by_label:
-            mapped = pd.Series(labels, dtype=object).map(by_label).to_numpy(dtype=object)
-            found = ~pd.isna(mapped)
-            ids[found] = mapped[found]
+        ids[unassigned] = UNKNOWN_ONTOLOGY_ID
+        return ids, None  # annotate's names are already unfiltered
+    terms = _recorded_terms(adata, key)
+    if key in adata.obs:  # label/id(/name) triples of the cells that have an id now
+        old_names = _labels(adata.obs[keys["ontology_label"]]) if has_names else np.full(len(current), None)
+        pairs = pd.DataFrame({"label": _labels(adata.obs[key]), "id": current, "name": old_names})
+        pairs = pairs.dropna(subset=["label", "id"])
+        pairs = pairs[pairs["id"] != UNKNOWN_ONTOLOGY_ID].drop_duplicates("label")
+        for label, term, name in zip(pairs["label"], pairs["id"], pairs["name"], strict=True):
+            terms.setdefault(label, (term, name))
+    ids = current.copy()
+    names = _labels(adata.obs[keys["ontology_label"]]) if has_names else None
+    if terms:
+        ids = _lookup(labels, {k: v[0] for k, v in terms.items()}, ids)
+        if names is not None:
+            known = {k: v[1] for k, v in terms.items() if v[1] is not None}
+            names = _lookup(base, known, names)
     ids[unassigned] = UNKNOWN_ONTOLOGY_ID
-    return ids
+    return ids, names
 
 
-def _recorded_ids(adata: AnnData, key: str) -> dict[str, str]:
-    """``{label: CL id}`` from the mapping kept in ``uns`` (:func:`spatialcx.tl._ontology.stored_mapping`)."""
+def _lookup(labels: np.ndarray, table: dict[str, str], default: np.ndarray) -> np.ndarray:
+    """``table[label]`` for the labels found in ``table``, ``default`` elsewhere."""
+    mapped = pd.Series(labels, dtype=object).map(table).to_numpy(dtype=object)
+    found = ~pd.isna(mapped)
+    out = default.copy()
+    out[found] = mapped[found]
+    return out
+
+
+def _recorded_terms(adata: AnnData, key: str) -> dict[str, tuple[str, str | None]]:
+    """``{label: (CL id, CL name)}`` from the mapping kept in ``uns`` (:func:`spatialcx.tl._ontology.stored_mapping`)."""
     from spatialcx.tl._ontology import stored_mapping
 
     found = stored_mapping(adata, key)
@@ -110,9 +126,14 @@ def _recorded_ids(adata: AnnData, key: str) -> dict[str, str]:
     if not isinstance(table, Mapping) or "input_label" not in table or "ontology_term_id" not in table:
         return {}
     labels, ids = list(table["input_label"]), list(table["ontology_term_id"])
-    if len(labels) != len(ids):
+    names = list(table["ontology_label"]) if "ontology_label" in table else [None] * len(ids)
+    if not len(labels) == len(ids) == len(names):
         return {}
-    return {str(a): str(b) for a, b in zip(labels, ids, strict=True) if str(b) != UNKNOWN_ONTOLOGY_ID}
+    return {
+        str(a): (str(b), None if c is None else str(c))
+        for a, b, c in zip(labels, ids, names, strict=True)
+        if str(b) != UNKNOWN_ONTOLOGY_ID
+    }
 
 
 def _check_confidence(adata: AnnData, confidence_key: str) -> np.ndarray:
@@ -132,6 +153,15 @@ def _check_confidence(adata: AnnData, confidence_key: str) -> np.ndarray:
             "in percent must be divided by 100 first."
         )
     return conf
+
+
+def _write_terms(adata: AnnData, key: str, terms: tuple[np.ndarray, np.ndarray | None] | None) -> None:
+    if terms is None:
+        return
+    keys = output_keys(key)
+    adata.obs[keys["ontology_id"]] = pd.Categorical(terms[0])
+    if terms[1] is not None:
+        adata.obs[keys["ontology_label"]] = pd.Categorical(terms[1])
 
 
 def filter_low_confidence(
@@ -176,7 +206,9 @@ def filter_low_confidence(
     as the CELLxGENE schema asks of cells without a cell type; the others get the id of their label (from the per-class
     ids ``annotate`` records, or the mapping ``add_ontology_ids`` records), so filtering again with a lower threshold
     restores them.
-    ``{key}_ontology_label`` is left unfiltered. Missing labels stay missing.
+    ``{key}_ontology_label`` stays unfiltered: it names every cell's label before filtering (for a mapping made by
+    ``add_ontology_ids`` on filtered labels, the names of the cells it restores come back too). Missing labels stay
+    missing.
 
     Raises
     ------
@@ -200,11 +232,12 @@ def filter_low_confidence(
     low = ~(conf >= threshold)  # NaN confidence counts as low
     labels = np.where(low, unassigned_label, base)
     from_predictions = source_key is None or source_key == key + PREDICTED_SUFFIX
-    ids = _ontology_ids(adata, key, labels, labels == unassigned_label, from_predictions=from_predictions)
+    terms = _ontology_columns(
+        adata, key, labels, base, labels == unassigned_label, from_predictions=from_predictions
+    )
     # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
-    if ids is not None:
-        adata.obs[output_keys(key)["ontology_id"]] = pd.Categorical(ids)
+    _write_terms(adata, key, terms)
     params = dict(adata.uns.get(key, {})) if isinstance(adata.uns.get(key), dict) else {}
     params.update(
         {
@@ -257,15 +290,14 @@ def filter_low_count_types(
     adata = ref.adata
     if key not in adata.obs:
         raise KeyError(f"{key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
-    labels = _labels(adata.obs[key])
-    counts = pd.Series(labels).value_counts()  # missing labels are not a type
+    base = _labels(adata.obs[key])
+    counts = pd.Series(base).value_counts()  # missing labels are not a type
     rare = [str(t) for t, c in counts.items() if c < min_cells and t != unassigned_label]
-    labels = np.where(pd.Series(labels).isin(rare).to_numpy(), unassigned_label, labels)
-    ids = _ontology_ids(adata, key, labels, labels == unassigned_label, from_predictions=False)
+    labels = np.where(pd.Series(base).isin(rare).to_numpy(), unassigned_label, base)
+    terms = _ontology_columns(adata, key, labels, base, labels == unassigned_label, from_predictions=False)
     # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
-    if ids is not None:
-        adata.obs[output_keys(key)["ontology_id"]] = pd.Categorical(ids)
+    _write_terms(adata, key, terms)
     params = dict(adata.uns.get(key, {})) if isinstance(adata.uns.get(key), dict) else {}
     params.update({"min_cells_per_type": int(min_cells), "removed_types": sorted(rare)})
     adata.uns[key] = params

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from spatialcx._constants import ONTOLOGY_ID_SUFFIX, UNKNOWN_ONTOLOGY_ID
+from spatialcx._constants import ONTOLOGY_ID_SUFFIX, ONTOLOGY_SUFFIX, UNKNOWN_ONTOLOGY_ID
 from spatialcx._settings import logger
 
 if TYPE_CHECKING:
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 DEFAULT_MIN_SCORE = 0.5
 TABLE_COLUMNS = ("input_label", "ontology_term_id", "ontology_label", "tier", "score", "matched", "note")
 TIER_NAMES = {-1: "unmapped", 0: "pattern", 1: "exact", 2: "token", 3: "similarity"}
-
-
-#: Suffix of the ``uns`` entry where :func:`add_ontology_ids` keeps its summary (``cell_type_ontology``).
-ONTOLOGY_SUFFIX = "_ontology"
 
 
 @dataclass

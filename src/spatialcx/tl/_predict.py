@@ -11,7 +11,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, TARGET_SUM, label_list, output_keys
+from spatialcx._constants import (
+    DEFAULT_EXCLUDE_LABELS,
+    KEY_ADDED,
+    ONTOLOGY_SUFFIX,
+    TARGET_SUM,
+    label_list,
+    output_keys,
+)
 from spatialcx._matrix import check_unique_genes, default_chunk_size, iter_row_blocks, normalize_block
 from spatialcx._settings import logger
 from spatialcx._utils import as_str_array
@@ -406,6 +413,12 @@ def write_predictions(
     elif keys["decision_scores"] in adata.obsm:
         del adata.obsm[keys["decision_scores"]]
     adata.uns[key_added] = dict(out.params)
+    # Cell Ontology columns of an earlier run describe the labels just replaced: a stale id or name is worse than none
+    stale = [k for k in (keys["ontology_id"], keys["ontology_label"]) if k in adata.obs]
+    if stale:
+        logger.info("Removing obs columns %s of an earlier run (they named the labels now replaced).", stale)
+        adata.obs = adata.obs.drop(columns=stale)
+    adata.uns.pop(key_added + ONTOLOGY_SUFFIX, None)
 
 
 def _jsonable_dict(d: dict[str, Any]) -> dict[str, Any]:
