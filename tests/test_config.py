@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pytest
+import yaml
 
 import spatialcx as scx
 from spatialcx.tl import _annotate
@@ -37,6 +40,27 @@ def test_yaml_round_trip_and_relative_paths(tmp_path):
     assert out.read_text() == text
     assert AnnotationConfig.from_yaml(out) == cfg
     assert AnnotationConfig.from_yaml(text) == cfg  # YAML text works too
+
+
+def test_a_config_written_elsewhere_finds_the_same_files(tmp_path, monkeypatch):
+    """Paths read relative to one YAML file are written relative to the next one, wherever the working folder is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "annotate.yaml").write_text(YAML)
+    cfg = AnnotationConfig.from_yaml("conf/annotate.yaml")
+    assert cfg.references[0] == str(Path("conf/refs/lung.h5ad"))
+    cfg.to_yaml("conf/used.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    cfg.to_yaml(tmp_path / "elsewhere" / "used.yaml")
+    written = yaml.safe_load((tmp_path / "elsewhere" / "used.yaml").read_text())
+    assert written["references"] == ["../conf/refs/lung.h5ad", "gs://bucket/airway.zarr"]
+    assert written["model_out"] == "../conf/models/lung.npz" and written["target_proportions"] == "../conf/props.csv"
+    assert AnnotationConfig.from_yaml("conf/used.yaml") == cfg
+    assert AnnotationConfig.from_yaml("elsewhere/used.yaml") == cfg
+    monkeypatch.chdir(tmp_path / "elsewhere")  # read from another working folder: same files
+    again = AnnotationConfig.from_yaml("used.yaml")
+    assert Path(again.references[0]).resolve() == (tmp_path / "conf/refs/lung.h5ad").resolve()
+    assert Path(again.model_out).resolve() == (tmp_path / "conf/models/lung.npz").resolve()
 
 
 def test_target_proportions_mapping_in_yaml():

@@ -498,6 +498,20 @@ def test_threshold_none_uses_recorded_one():
     assert fig._suptitle.get_text().endswith("below 0.6")
 
 
+def test_defaults_follow_the_key_and_the_recorded_threshold():
+    """key="ct" reads ct_confidence and the threshold filter_low_confidence recorded, without being told."""
+    adata = points_adata()
+    adata.obs["ct_confidence"] = adata.obs.pop("cell_type_confidence")
+    adata.obs["ct"] = adata.obs.pop("cell_type")
+    scx.tl.filter_low_confidence(adata, key="ct", source_key="ct", threshold=0.5)
+    fig = scx.pl.confidence(adata, key="ct")
+    conf = adata.obs["ct_confidence"].to_numpy()
+    (outlined,) = _cell_collections(fig.axes[0], "low")
+    assert _n_items(outlined) == (conf < 0.5).sum() > 0
+    assert fig._suptitle.get_text().endswith("below 0.5")
+    assert fig.axes[1].get_ylabel() == "ct_confidence"
+
+
 def _with_share_below(sdata, share: float):
     """Set the confidence so that the first ``share`` of the cells are below THRESHOLD."""
     table = sdata.tables["table"]

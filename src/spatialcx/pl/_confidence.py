@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._constants import PREDICTED_SUFFIX, UNASSIGNED
+from .._constants import CONFIDENCE_SUFFIX, PREDICTED_SUFFIX, UNASSIGNED
 from .._settings import logger
 from . import _utils
 from ._markers import resolve_threshold
@@ -265,8 +265,8 @@ def confidence(
     data: AnnData | SpatialData,
     *,
     key: str = "cell_type",
-    confidence_key: str = "cell_type_confidence",
-    threshold: float | None = 0.8,
+    confidence_key: str | None = None,
+    threshold: float | None = None,
     table_key: str = "table",
     image_key: str | None = None,
     shapes_key: str | None = None,
@@ -298,7 +298,7 @@ def confidence(
         :func:`spatialcx.tl.filter_low_confidence`) and ``f"{key}_predicted"`` exists, the strips group cells by the
         raw prediction, so that filtered cells stay with their type.
     confidence_key
-        obs column with the confidence of each cell, in ``[0, 1]``.
+        obs column with the confidence of each cell, in ``[0, 1]``; defaults to ``{key}_confidence``.
     threshold
         Confidence below which a cell is flagged, in ``[0, 1]``; ``None`` uses the one recorded by
         :func:`spatialcx.tl.filter_low_confidence` in ``uns[key]["confidence_threshold"]`` (else 0.8).
@@ -355,6 +355,7 @@ def confidence(
     _check_args(max_points_per_type, point_size)
     adata, sdata = _utils.split_data(data, table_key)
     threshold = resolve_threshold(adata, key, threshold, fn="confidence")
+    confidence_key = confidence_key or f"{key}{CONFIDENCE_SUFFIX}"
     if adata.n_obs == 0:
         raise ValueError(f"The table {table_key!r} has no cells; there is nothing to plot.")
     labels, conf, label_key = _check_columns(adata.obs, key, confidence_key)

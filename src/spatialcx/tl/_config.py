@@ -149,11 +149,13 @@ class AnnotationConfig:
             base = Path(base_dir)
             refs = values["references"]
             refs = [refs] if isinstance(refs, str) else list(refs)
-            values["references"] = [str(base / r) if _is_local_relative(str(r)) else str(r) for r in refs]
+            values["references"] = [
+                os.path.normpath(base / r) if _is_local_relative(str(r)) else str(r) for r in refs
+            ]
             for name in (*_PATH_FIELDS, "target_proportions"):
                 value = values.get(name)
                 if isinstance(value, str) and _is_local_relative(value):
-                    values[name] = str(base / value)
+                    values[name] = os.path.normpath(base / value)
         return cls(**values)
 
     @classmethod
@@ -194,10 +196,16 @@ class AnnotationConfig:
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         """Return the config as YAML text, and write it to ``path`` (atomically) when given.
 
+        Relative local paths (references, ``target_proportions``, ``model_out``, ``plots_dir``) are relative to the
+        working folder in the config; in the file they are written relative to the file's folder, as
+        :meth:`from_yaml` reads them, so the file finds the same paths from anywhere. URIs and absolute paths are
+        written as they are.
+
         Parameters
         ----------
         path
-            File to write (replaced atomically: never a partial file); ``None`` only returns the text.
+            File to write (replaced atomically: never a partial file); ``None`` only returns the text (paths as in
+            the config).
 
         Returns
         -------
@@ -205,7 +213,23 @@ class AnnotationConfig:
         """
         import yaml
 
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+        values = self.to_dict()
+        if path is not None:
+            folder = os.path.abspath(Path(path).expanduser().parent)
+
+            def rebase(value: Any) -> Any:
+                if not isinstance(value, str) or not _is_local_relative(value):
+                    return value
+                try:
+                    return Path(os.path.relpath(os.path.abspath(Path(value).expanduser()), folder)).as_posix()
+                except ValueError:  # another drive: no relative path
+                    return os.path.abspath(value)
+
+            refs = values["references"]
+            values["references"] = rebase(refs) if isinstance(refs, str) else [rebase(r) for r in refs]
+            for name in (*_PATH_FIELDS, "target_proportions"):
+                values[name] = rebase(values[name])
+        text = yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
         if path is not None:
             from spatialcx._utils import write_atomically
 
