@@ -135,6 +135,13 @@ def test_predict_on_backed_h5ad_and_layers(model, tmp_path):
     np.testing.assert_allclose(
         backed.obsm["cell_type_decision_scores"], ref.obsm["cell_type_decision_scores"], rtol=1e-6
     )
+    # copy=True on a backed table: an in-memory copy, the backed one untouched
+    fresh = ad.read_h5ad(tmp_path / "q.h5ad", backed="r")
+    out = scx.tl.predict(fresh, model, copy=True)
+    assert not out.isbacked and fresh.isbacked and "cell_type" not in fresh.obs
+    assert (out.obs["cell_type"].astype(str) == ref.obs["cell_type"].astype(str)).all()
+    filtered = scx.tl.filter_low_confidence(out, threshold=float(np.median(out.obs["cell_type_confidence"])), copy=True)
+    assert (filtered.obs["cell_type"] == "Unassigned").any() and "Unassigned" not in out.obs["cell_type"].astype(str)
 
 
 def test_predict_errors_leave_table_unchanged(model):

@@ -239,7 +239,9 @@ def resolve_table(
     _check_data(data)
     if isinstance(data, AnnData):
         if copy:
-            return TableRef(adata=data.copy(), sdata=None, table_key=table_key, copy=True)
+            # a backed AnnData copies only to a file; the copy returned is an in-memory one
+            adata = data.to_memory() if data.isbacked else data.copy()
+            return TableRef(adata=adata, sdata=None, table_key=table_key, copy=True)
         if data.is_view:
             # as scanpy does: turn the view into an actual AnnData so that changes land in the object itself
             data._init_as_actual(data.copy())
