@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -35,6 +37,17 @@ def test_train_uses_panel_genes_and_records_provenance(model):
     d = model.description
     assert d["label_key"] == "label" and d["n_shared_genes"] == 70
     assert sum(d["cells_per_type"]["n_cells"]) == 1200
+
+
+def test_train_needs_a_quarter_of_the_panel_as_annotate_does(caplog):
+    ref = _data(n=300, seed=1)
+    panel = [f"G{i}" for i in range(20)] + [f"Other{i}" for i in range(60)]  # 20 of 80: a quarter
+    with pytest.raises(ValueError, match=r"Only 20 of 81 panel genes.*at least 21 are needed"):
+        scx.tl.train(ref, "label", genes=[*panel, "Extra"])  # 20 of 81: less than a quarter
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        m = scx.tl.train(ref, "label", genes=panel)  # exactly a quarter: trained, with a warning
+    assert m.n_features == 20
+    assert "20 of 80 panel genes found in the reference" in caplog.text and "Other0" in caplog.text
 
 
 def test_train_matches_genes_case_insensitively_and_leaves_out_non_type_labels(caplog):

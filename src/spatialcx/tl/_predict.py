@@ -139,7 +139,9 @@ def train(
     batch_size, epochs, balance_cell_type
         Mini-batch SGD settings (``balance_cell_type`` samples cells inversely to their type's frequency).
     min_genes
-        Fewer shared genes than this is an error.
+        Fewer shared genes than this is an error; so is less than a quarter of the panel, the rule of
+        :func:`~spatialcx.pp.combine_references` and :func:`~spatialcx.tl.annotate`. Missing panel genes are
+        logged as a warning.
     random_state
         Seed of everything random.
     n_jobs
@@ -161,17 +163,22 @@ def train(
         shared = list(ref_genes)
         read_as = shared
     else:
-        from spatialcx.pp._harmonize import match_genes
+        from spatialcx.pp._harmonize import check_overlap, match_genes
 
         wanted = list(pd.Index(panel).unique())
         found = match_genes(wanted, ref_genes)  # exact first, then case-insensitively where unambiguous
         shared = found.genes  # the panel's spelling: the model scores the spatial table by these names
         read_as = [str(ref_genes[c]) for c in found.columns]
-        logger.info(
-            "%d of %d panel genes found in the reference (%d case-insensitively)",
+        (logger.warning if found.missing else logger.info)(
+            "%d of %d panel genes found in the reference (%d case-insensitively)%s",
             len(shared),
             len(wanted),
             found.n_case_insensitive,
+            f"; missing e.g. {found.missing[:5]} (they are left out of the model)." if found.missing else ".",
+        )
+        # the rule of combine_references / annotate: at least a quarter of the panel
+        check_overlap(
+            len(wanted), {"reference": len(shared)}, len(shared), missing_example=found.missing, min_genes=min_genes
         )
         if len(shared) < min_genes:
             raise ValueError(
