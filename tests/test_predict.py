@@ -129,6 +129,48 @@ def test_chunked_equals_unchunked_and_dask(model):
     np.testing.assert_allclose(d.obsm["cell_type_decision_scores"], a.obsm["cell_type_decision_scores"], rtol=1e-6)
 
 
+def test_cells_without_counts_get_confidence_zero(model, caplog):
+    """No counts in the model's genes: CellTypist's label, confidence 0, and no weight in the dataset statistics."""
+    import dask.array as da
+
+    q = _data(n=500, seed=6)
+    x = q.X.toarray()
+    empty = np.zeros(q.n_obs, dtype=bool)
+    empty[[3, 77, 250]] = True
+    x[empty] = 0
+    x[5, :70] = 0  # counts only in genes the model does not have
+    x[5, 75] = 3
+    empty[5] = True
+    q.X = sparse.csr_matrix(x)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.predict(q, model, chunk_size=64)
+    conf = q.obs["cell_type_confidence"].to_numpy()
+    assert (conf[empty] == 0).all() and (conf[~empty] > 0).all()
+    assert q.uns["cell_type"]["confidence_params"]["n_cells_without_counts"] == 4
+    assert "4 of 500 cells have no counts in the model's genes" in caplog.text
+    # the others' confidence is what they get without the empty cells in the dataset
+    rest = q[~empty].copy()
+    scx.tl.predict(rest, model)
+    np.testing.assert_allclose(conf[~empty], rest.obs["cell_type_confidence"].to_numpy(), rtol=1e-6)
+    # CellTypist's label and probability are kept; the raw probability is not 0
+    assert (q.obs["cell_type_confidence_raw"].to_numpy()[empty] > 0).all()
+    scx.tl.filter_low_confidence(q, threshold=0.01)
+    assert (q.obs["cell_type"][empty] == "Unassigned").all()
+    d = q.copy()  # the dask path finds the same cells
+    d.X = da.from_array(x, chunks=(128, -1))
+    scx.tl.predict(d, model)
+    np.testing.assert_array_equal(d.obs["cell_type_confidence"].to_numpy()[empty], 0)
+    np.testing.assert_allclose(d.obs["cell_type_confidence"].to_numpy(), conf, rtol=1e-6)
+    none = _data(n=100, seed=7)
+    x = none.X.toarray()
+    x[:, :70] = 0
+    x[:, 75] = 2  # every cell has counts, none in the model's genes
+    none.X = sparse.csr_matrix(x)
+    with pytest.raises(ValueError, match="None of the 100 cells has counts in the model's"):
+        scx.tl.predict(none, model)
+    assert "cell_type" not in none.obs
+
+
 def test_predict_on_backed_h5ad_and_layers(model, tmp_path):
     q = _data(n=300, seed=4)
     ref = q.copy()

@@ -287,7 +287,9 @@ def predict(
         How decision scores become ``{key_added}_confidence``; see :func:`~spatialcx.tl.transform_confidence`
         (``"calibrated"``, the default, uses the model's reference calibration when it has one).
         ``{key_added}_confidence_raw`` always holds CellTypist's probability. The method and the parameters it used
-        are recorded in ``uns[key_added]["confidence_method"]`` and ``["confidence_params"]``.
+        are recorded in ``uns[key_added]["confidence_method"]`` and ``["confidence_params"]``. Cells without
+        counts in the model's genes keep CellTypist's label but get confidence 0, whatever the method, and are left
+        out of the dataset-level statistics (their number: ``["confidence_params"]["n_cells_without_counts"]``).
     chunk_size
         Cells scored at a time (memory is O(chunk_size)); defaults to ``scx.settings.chunk_size``. Dask-backed
         tables are scored block-parallel on the active dask scheduler.
@@ -372,11 +374,30 @@ def compute_predictions(
             model.n_features - len(present),
             model.n_features,
         )
-    scores, _ = score_matrix(
+    scores, _, expressed = score_matrix(
         src.matrix, src.var_names, model, kind=src.kind, normalize_over=normalize_over, chunk_size=chunk_size
     )
     best = scores.argmax(axis=1)
-    conf, conf_params = confidence_with_params(scores, confidence, calibration=model)
+    # A cell without counts in the model's genes has no evidence: its scores are the model's constant terms. It keeps
+    # CellTypist's label, but gets confidence 0 and stays out of the dataset-level statistics of the confidence.
+    empty = expressed == 0
+    n_empty = int(empty.sum())
+    if n_empty == 0:
+        conf, conf_params = confidence_with_params(scores, confidence, calibration=model)
+    elif n_empty == len(empty):
+        raise ValueError(
+            f"None of the {len(empty):,} cells has counts in the model's {len(present)} genes found in the table "
+            f"(expression read from {src.where}); there is nothing to predict from."
+        )
+    else:
+        logger.warning(
+            "%d of %d cells have no counts in the model's genes: their confidence is 0 (they become Unassigned).",
+            n_empty,
+            len(empty),
+        )
+        conf = np.zeros(len(empty), dtype=np.float64)
+        conf[~empty], conf_params = confidence_with_params(scores[~empty], confidence, calibration=model)
+    conf_params["n_cells_without_counts"] = n_empty
     if model.calibration is not None:
         conf_params["calibration_source"] = str(model.calibration.get("source", ""))
         conf_params["calibration_n_cells"] = int(model.calibration.get("n_cells", 0))
