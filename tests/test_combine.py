@@ -73,11 +73,14 @@ def test_combine_structure_values_and_provenance(tmp_path):
     assert list(a.obs.columns) == ["label"] and a.X.shape == (50, 6)
 
 
-def test_default_exclude_labels_exact_and_case_sensitive():
+def test_default_exclude_labels_exact_and_case_sensitive(caplog):
     labels = dict.fromkeys(DEFAULT_EXCLUDE_LABELS, 12)
     labels.update({"T cell": 12, "UNASSIGNED": 12, "unknown cells": 12, "Doublet cells": 12})
     ref = make_ref(labels, MOUSE_SYMBOLS)
-    out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
+    n_excluded = 12 * len(DEFAULT_EXCLUDE_LABELS)
+    assert f"reference 'ref0': {n_excluded} cells labelled" in caplog.text and "'Doublet'" in caplog.text
     assert set(out.obs["original_label"].cat.categories) == {"T cell", "UNASSIGNED", "unknown cells", "Doublet cells"}
     excluded = out.uns["spatialcx_references"]["ref0"]["excluded_labels"]
     assert set(excluded["labels"]) == set(DEFAULT_EXCLUDE_LABELS) and set(excluded["n_cells"]) == {12}

@@ -213,6 +213,14 @@ def combine_references(
             is_excluded = labels.astype(object).isin(list(excluded_set)).to_numpy() & has_label
             valid = has_label & ~is_excluded
             excluded_counts.append(labels[is_excluded].astype(str).value_counts())
+            if is_excluded.any():  # as scx.tl.train says it
+                logger.warning(
+                    "reference %r: %d cells labelled %s are left out (not cell types: exclude_labels; pass "
+                    "exclude_labels=() to keep them).",
+                    h.name,
+                    int(is_excluded.sum()),
+                    sorted(excluded_counts[-1].index),
+                )
             n_labelled.append(int(valid.sum()))
             if not valid.any():
                 raise ValueError(
