@@ -56,6 +56,27 @@ def test_annotate_h5ad_to_out_then_in_place(demo_files, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.h5ad", "slide.h5ad"]  # no temporary file left
 
 
+def test_annotate_key_added_and_read_only_files(demo_files, tmp_path, capsys):
+    """A read-only .h5ad is not replaced in place (checked before the work); a writable one keeps its mode."""
+    import os
+    import stat
+
+    src = tmp_path / "slide.h5ad"
+    src.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    os.chmod(src, 0o444)
+    ref = f"{demo_files / 'ref.h5ad'}::cell_type"
+    assert cli_main(["annotate", str(src), "-r", ref]) == 2
+    err = capsys.readouterr().err
+    assert "is read-only; it is not replaced" in err and "--out" in err
+    assert stat.S_IMODE(src.stat().st_mode) == 0o444 and "cell_type" not in ad.read_h5ad(src).obs
+    os.chmod(src, 0o640)
+    assert cli_main(["annotate", str(src), "-r", ref, "--key-added", "ct"]) == 0
+    assert "annotated 700 cells" in capsys.readouterr().out
+    assert stat.S_IMODE(src.stat().st_mode) == 0o640  # replaced atomically, mode kept
+    out = ad.read_h5ad(src)
+    assert {"ct", "ct_confidence", "ct_ontology_term_id"} <= set(out.obs) and "cell_type" not in out.obs
+
+
 def test_failed_h5ad_write_leaves_the_file(demo_files, tmp_path, monkeypatch):
     from spatialcx import cli
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -64,8 +65,22 @@ def check_writable_file(path: str | os.PathLike, name: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a folder; pass a file path (e.g. {str(path / 'model.npz')!r}).")
+    check_replaceable(path)
     check_writable_dir(path.parent, name)
     return path
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise a PermissionError when ``path`` is an existing file marked read-only (no write permission bit set).
+
+    A file the user made read-only is not replaced, even where the folder would allow it (or for root).
+    """
+    path = Path(path)
+    if path.is_file() and (not os.stat(path).st_mode & 0o222 or not os.access(path, os.W_OK)):
+        raise PermissionError(
+            f"{str(path)!r} is read-only; it is not replaced. Write elsewhere, or make it writable "
+            f"(chmod u+w) to replace it."
+        )
 
 
 def import_squidpy() -> Any:
@@ -101,15 +116,20 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any], *, s
     """Make the file ``path`` with ``write(tmp)`` on a temporary file beside it, then rename that over ``path``.
 
     Readers see the old file or the whole new one, never a partial one; on any error (or interrupt) the temporary file
-    is removed and ``path`` is left as it was. The folder is created if needed, and the file gets the permissions a
-    plain ``open(path, "w")`` would give. ``suffix`` is the temporary file's (some writers want ``.h5ad`` or ``.png``).
+    is removed and ``path`` is left as it was. The folder is created if needed. A file replaced keeps its permissions
+    (a read-only one is not replaced: PermissionError); a new one gets those a plain ``open(path, "w")`` would give.
+    ``suffix`` is the temporary file's (some writers want ``.h5ad`` or ``.png``).
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
-        set_default_permissions(tmp)
+        if path.is_file():
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        else:
+            set_default_permissions(tmp)
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

@@ -56,6 +56,12 @@ def _open_data(path_str: str, *, table_key: str, out: str | None) -> tuple[Any, 
                 ".h5ad file or a SpatialData store."
             ) from e
         target = Path(out) if out is not None else path
+        from spatialcx._utils import check_replaceable
+
+        try:
+            check_replaceable(target)  # before the work, not after it
+        except PermissionError as e:
+            raise CommandError(f"{e} Pass --out to write the result to another file.") from e
 
         def save() -> str:
             _write_h5ad_atomic(adata, target)
@@ -70,7 +76,9 @@ def _open_data(path_str: str, *, table_key: str, out: str | None) -> tuple[Any, 
     import spatialdata as sd
 
     try:
-        sdata = sd.read_zarr(path)
+        with warnings.catch_warnings():  # a store in an older format is read, and written back in it
+            warnings.filterwarnings("ignore", message=".*not stored in the most current format", category=UserWarning)
+            sdata = sd.read_zarr(path)
     except Exception as e:
         raise CommandError(
             f"{path_str} could not be read as a SpatialData zarr store ({type(e).__name__}: {e}). Pass a SpatialData "
@@ -174,6 +182,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         max_cells_per_type=args.max_cells_per_type,
         balance=args.balance,
         exclude_labels=exclude,
+        key_added=args.key_added,
         model_out=args.model_out,
         plots_dir=args.plots_dir,
         plots=args.plots_dir is not None,
@@ -181,7 +190,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     )
     written = save()
     table = _table(data, args.table_key)
-    counts = table.obs["cell_type"].value_counts()
+    counts = table.obs[args.key_added].value_counts()
     print(f"annotated {table.n_obs:,} cells in {time.perf_counter() - t0:.1f} s; written into {written}")
     print(counts.to_string())
     return 0
@@ -283,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ann.add_argument("-l", "--label-key", default=None, help="label column for references given without ::KEY")
     ann.add_argument("--table-key", default="table")
+    ann.add_argument("--key-added", default="cell_type", help="prefix of the obs/obsm/uns keys written")
     ann.add_argument("--tissue", default="unknown")
     ann.add_argument("--threshold", type=float, default=0.8, help="confidence threshold")
     ann.add_argument(
