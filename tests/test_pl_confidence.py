@@ -363,6 +363,8 @@ def test_strip_subsampled_to_cap_and_seeded():
     fig = scx.pl.confidence(adata, max_points_per_type=100, random_state=3)
     pts = _strip_points(fig.axes[1])
     assert len(pts) == 100 + 40
+    assert "at most 100 random cells drawn per type" in fig.axes[1].get_title()
+    assert fig.axes[1].get_legend() is None  # a legend inside the axes would hide cells
     again = _strip_points(scx.pl.confidence(adata, max_points_per_type=100, random_state=3).axes[1])
     other = _strip_points(scx.pl.confidence(adata, max_points_per_type=100, random_state=4).axes[1])
     np.testing.assert_array_equal(pts, again)
@@ -390,6 +392,11 @@ def test_unassigned_uses_raw_prediction():
     ticks = {t.get_text().rsplit(" (", 1)[0] for t in ax.get_xticklabels()}
     assert ticks == {"B cell", "T cell", "macrophage"}
     assert ax.get_xlabel().startswith("cell_type_predicted")
+    # the model's classes are shown by the names they have in cell_type (as annotate records them)
+    adata.obs["cell_type_predicted"] = pd.Categorical(predicted.astype(str).str.replace(" ", "_"))
+    adata.uns["cell_type"] = {"classes": ["B_cell", "T_cell", "macrophage"], "names": ["B cell", "T cell", "macrophage"]}
+    ticks = {t.get_text().rsplit(" (", 1)[0] for t in scx.pl.confidence(adata).axes[1].get_xticklabels()}
+    assert ticks == {"B cell", "T cell", "macrophage"}
 
 
 # --------------------------------------------------------------------------------------------------------------------

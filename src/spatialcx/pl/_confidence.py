@@ -14,7 +14,7 @@ from anndata import AnnData
 from .._constants import CONFIDENCE_SUFFIX, PREDICTED_SUFFIX, UNASSIGNED
 from .._settings import logger
 from . import _utils
-from ._markers import resolve_threshold
+from ._markers import predicted_labels, resolve_threshold
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -34,8 +34,9 @@ MIN_OUTLINE_SCALE = 0.3
 _WRITERS = "`scx.tl.predict` or `scx.tl.annotate`"
 
 
-def _check_columns(obs: pd.DataFrame, key: str, confidence_key: str) -> tuple[pd.Series, np.ndarray, str]:
+def _check_columns(adata: AnnData, key: str, confidence_key: str) -> tuple[pd.Series, np.ndarray, str]:
     """Validate and return (labels, confidence, label column used)."""
+    obs = adata.obs
     for name, what in ((key, "cell-type labels"), (confidence_key, "confidence")):
         if name not in obs.columns:
             raise KeyError(
@@ -49,12 +50,12 @@ def _check_columns(obs: pd.DataFrame, key: str, confidence_key: str) -> tuple[pd
             f"(e.g. {raw.iloc[:3].tolist()}). Pass the confidence column written by {_WRITERS}, not a label column."
         )
     conf = raw.to_numpy(dtype=float, na_value=np.nan)
-    label_key = key
     predicted = f"{key}{PREDICTED_SUFFIX}"
     if (obs[key].astype(object) == UNASSIGNED).any() and predicted in obs.columns:
         logger.info("obs[%r] has %r cells; grouping by the raw prediction obs[%r].", key, UNASSIGNED, predicted)
-        label_key = predicted
-    return obs[label_key], conf, label_key
+        labels, label_key = predicted_labels(adata, key)  # by the names the types have in obs[key]
+        return labels, conf, label_key
+    return obs[key], conf, key
 
 
 def _check_args(max_points_per_type: int, point_size: float | None) -> None:
@@ -108,7 +109,7 @@ def _strip_panel(
     n_types = len(summary)
     size = 6.0 if n_types <= 20 else 3.0
     points = ax.scatter(x, y, c=y, cmap=cmap, norm=norm, s=size, alpha=0.7, linewidths=0, rasterized=True)
-    points.set_label("cells (subsampled)" if (summary["n"] > max_points_per_type).any() else "cells")
+    points.set_label("cells")  # artists keep their labels (no legend is drawn)
     positions = np.arange(n_types)
     ax.hlines(summary["median"], positions - 0.4, positions + 0.4, colors="black", linewidths=1.5, label="median")
     ax.axhline(threshold, color=LOW_COLOR, linestyle="--", linewidth=1.2, label=f"threshold {threshold:g}")
@@ -152,8 +153,12 @@ def _strip_panel(
         fontsize=fontsize,
         color=LOW_COLOR,
     )
-    ax.legend(loc="lower left", fontsize="small", framealpha=0.8, markerscale=2)
-    ax.set_title("Confidence per cell type\n(red: share of cells below the threshold)", fontsize="medium", pad=28)
+    # the key is in the title: a legend inside the axes hides cells whatever corner it takes
+    capped = (summary["n"] > max_points_per_type).any()
+    key_line = "black: median; red: share of cells below the threshold"
+    if capped:
+        key_line += f";\nat most {max_points_per_type:,} random cells drawn per type"
+    ax.set_title(f"Confidence per cell type\n({key_line})", fontsize="medium", pad=28)
 
 
 @dataclass
@@ -358,7 +363,7 @@ def confidence(
     confidence_key = confidence_key or f"{key}{CONFIDENCE_SUFFIX}"
     if adata.n_obs == 0:
         raise ValueError(f"The table {table_key!r} has no cells; there is nothing to plot.")
-    labels, conf, label_key = _check_columns(adata.obs, key, confidence_key)
+    labels, conf, label_key = _check_columns(adata, key, confidence_key)
     finite = np.isfinite(conf)
     if not finite.any():
         raise ValueError(
@@ -393,9 +398,10 @@ def confidence(
     if figsize is None:
         figsize = (map_width + strip_width, 6.5)
     fig = plt.figure(figsize=figsize, layout="constrained")
-    fig.get_layout_engine().set(wspace=0.06)  # room between the colourbar label and the strips' y label
     try:
-        ax_map, ax_strip = fig.subplots(1, 2, width_ratios=[map_width, strip_width])
+        # one subfigure per panel: the strips' (rotated) type names do not shrink the map, whose aspect is fixed
+        sub_map, sub_strip = fig.subfigures(1, 2, width_ratios=[map_width, strip_width], wspace=0.03)
+        ax_map, ax_strip = sub_map.subplots(), sub_strip.subplots()
         _map_panel(
             ax_map,
             map_data,
@@ -421,7 +427,7 @@ def confidence(
         )
         from matplotlib.cm import ScalarMappable
 
-        cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_map, shrink=0.8, pad=0.02, aspect=30)
+        cbar = sub_map.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_map, shrink=0.8, pad=0.02, aspect=30)
         cbar.set_label(confidence_key)
         cbar.ax.axhline(threshold, color=LOW_COLOR, linewidth=2)
         n_low = int((conf[finite] < threshold).sum())
