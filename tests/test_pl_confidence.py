@@ -394,7 +394,10 @@ def test_unassigned_uses_raw_prediction():
     assert ax.get_xlabel().startswith("cell_type_predicted")
     # the model's classes are shown by the names they have in cell_type (as annotate records them)
     adata.obs["cell_type_predicted"] = pd.Categorical(predicted.astype(str).str.replace(" ", "_"))
-    adata.uns["cell_type"] = {"classes": ["B_cell", "T_cell", "macrophage"], "names": ["B cell", "T cell", "macrophage"]}
+    adata.uns["cell_type"] = {
+        "classes": ["B_cell", "T_cell", "macrophage"],
+        "names": ["B cell", "T cell", "macrophage"],
+    }
     ticks = {t.get_text().rsplit(" (", 1)[0] for t in scx.pl.confidence(adata).axes[1].get_xticklabels()}
     assert ticks == {"B cell", "T cell", "macrophage"}
 

@@ -149,9 +149,7 @@ class AnnotationConfig:
             base = Path(base_dir)
             refs = values["references"]
             refs = [refs] if isinstance(refs, str) else list(refs)
-            values["references"] = [
-                os.path.normpath(base / r) if _is_local_relative(str(r)) else str(r) for r in refs
-            ]
+            values["references"] = [os.path.normpath(base / r) if _is_local_relative(str(r)) else str(r) for r in refs]
             for name in (*_PATH_FIELDS, "target_proportions"):
                 value = values.get(name)
                 if isinstance(value, str) and _is_local_relative(value):

@@ -232,9 +232,7 @@ def filter_low_confidence(
     low = ~(conf >= threshold)  # NaN confidence counts as low
     labels = np.where(low, unassigned_label, base)
     from_predictions = source_key is None or source_key == key + PREDICTED_SUFFIX
-    terms = _ontology_columns(
-        adata, key, labels, base, labels == unassigned_label, from_predictions=from_predictions
-    )
+    terms = _ontology_columns(adata, key, labels, base, labels == unassigned_label, from_predictions=from_predictions)
     # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
     _write_terms(adata, key, terms)
