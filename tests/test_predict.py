@@ -395,6 +395,18 @@ def test_filters_keep_missing_labels_missing_and_check_the_confidence(model):
         pd.testing.assert_series_equal(r.obs["cell_type"], before)  # nothing written
 
 
+def test_train_on_a_lazy_reference_equals_in_memory(tmp_path):
+    """A lazily read reference (obs columns are xarray there) trains the same model as in memory."""
+    ref = _data(n=400, seed=11)
+    ref.write_zarr(tmp_path / "ref.zarr")
+    genes = [f"G{i}" for i in range(70)]
+    expected = scx.tl.train(ref, "label", genes=genes).model_hash
+    lazy = ad.experimental.read_lazy(tmp_path / "ref.zarr")
+    assert scx.tl.train(lazy, "label", genes=genes).model_hash == expected
+    handle = scx.io.read_reference(tmp_path / "ref.zarr", label_key="label")
+    assert scx.tl.train(handle, "label", genes=genes).model_hash == expected
+
+
 def test_predict_lazy_zarr_table_on_dask_distributed(model, tmp_path):
     """A lazily read zarr table (dask array of sparse chunks) scored on a dask.distributed cluster (worker processes)."""
     from distributed import Client, LocalCluster

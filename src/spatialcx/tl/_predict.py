@@ -51,7 +51,10 @@ def _labels(adata: AnnData, label_key: str) -> pd.Series:
             f"Label key {label_key!r} is not a column of the reference's obs. "
             f"Available columns: {list(adata.obs.columns)}."
         )
-    return adata.obs[label_key]
+    col = adata.obs[label_key]
+    if not isinstance(col, pd.Series):  # an obs column of a lazily read AnnData (xarray): labels are read now
+        col = col.to_pandas()
+    return col
 
 
 def _resolve_genes(genes: Sequence[str] | AnnData | SpatialData | None) -> list[str] | None:
