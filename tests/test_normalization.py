@@ -517,6 +517,25 @@ def test_expression_source_kinds(counts):
     assert list(src.var_names) == list(a.var_names)
 
 
+def test_scanpy_layout_log1p_in_raw_and_scaled_subset_in_x(counts):
+    """sc.pp.log1p, adata.raw = adata, a gene subset, sc.pp.scale: the log1p data in raw.X are used, as CellTypist does."""
+    a = adata_of(log1p_norm(counts, 1e4))
+    a.raw = a
+    a = a[:, :60].copy()
+    sc.pp.scale(a)
+    status = scx.pp.normalization_status(a)
+    assert status.x_state == "negative" and status.raw_source is None and status.is_usable
+    src = find_expression_source(a)
+    assert (src.kind, src.where) == ("log1p", "raw.X") and src.matrix is a.raw.X and len(src.var_names) == 120
+    out = scx.pp.ensure_normalized(a, copy=True)
+    np.testing.assert_allclose(np.asarray(out.X), log1p_norm(counts, 1e4)[:, :60], rtol=1e-6)
+    assert a.X.min() < 0  # copy=True left the scaled X alone
+    a.raw = ad.AnnData(log1p_norm(counts, 1e6), var=a.raw.var)  # log1p of CPM in raw: not usable as it is
+    assert not scx.pp.normalization_status(a).is_usable
+    with pytest.raises(ValueError, match="No usable expression matrix"):
+        find_expression_source(a)
+
+
 def test_uns_round_trip(tmp_path, counts):
     a = adata_of(sparse.csr_matrix(counts))
     scx.pp.ensure_normalized(a)

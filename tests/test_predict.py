@@ -199,6 +199,24 @@ def test_predict_on_backed_h5ad_and_layers(model, tmp_path):
     assert (filtered.obs["cell_type"] == "Unassigned").any() and "Unassigned" not in out.obs["cell_type"].astype(str)
 
 
+def test_predict_reads_log1p_from_raw_when_x_is_scaled(model):
+    """scanpy's layout (log1p frozen in raw, X a scaled gene subset) predicts as the counts do."""
+    q = _data(n=300, seed=4)
+    ref = q.copy()
+    scx.tl.predict(ref, model)
+    sc.pp.normalize_total(q, target_sum=1e4)
+    sc.pp.log1p(q)
+    q.raw = q
+    q = q[:, :40].copy()
+    sc.pp.scale(q)
+    scx.tl.predict(q, model)
+    assert q.uns["cell_type"]["expression_source"] == "raw.X"
+    np.testing.assert_allclose(
+        q.obsm["cell_type_decision_scores"], ref.obsm["cell_type_decision_scores"], rtol=1e-5, atol=1e-5
+    )
+    assert (q.obs["cell_type"].astype(str) == ref.obs["cell_type"].astype(str)).all()
+
+
 def test_predict_errors_leave_table_unchanged(model):
     q = _data(n=100, seed=5)
     q.var_names = [f"other{i}" for i in range(q.n_vars)]

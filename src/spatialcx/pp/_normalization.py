@@ -431,7 +431,9 @@ def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, di
         raw_source=raw_source,
         x_state=x_state,
         x_target_sum=x_target_sum,
-        is_usable=raw_source is not None or x_state == "log1p_10k",
+        is_usable=raw_source is not None
+        or x_state == "log1p_10k"
+        or checked.get("raw.X", {}).get("state") == "log1p_10k",
         has_log1p_uns="log1p" in adata.uns,
         stats={
             "n_obs": int(n_obs),
@@ -442,6 +444,17 @@ def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, di
         },
     )
     return status, {where: (matrix, names) for where, matrix, names in candidates}
+
+
+def _raw_log1p_at(status: NormalizationStatus, target_sum: float = TARGET_SUM) -> bool:
+    """Whether ``raw.X`` holds log1p data normalized to about ``target_sum`` (scanpy's layout: X scaled or subset)."""
+    raw = status.stats.get("checked", {}).get("raw.X", {})
+    median = raw.get("expm1_row_sum_median")
+    return (
+        str(raw.get("state", "")).startswith("log1p")
+        and median is not None
+        and (0.8 * target_sum <= median <= 1.2 * target_sum)
+    )
 
 
 def normalization_status(
@@ -533,7 +546,10 @@ def _force_warning(status: NormalizationStatus, what: str) -> None:
 
 
 def find_expression_source(adata: AnnData, *, unsafe_force: bool = False, random_state: int = 0) -> ExpressionSource:
-    """The matrix to compute log1p(10k) expression from: the raw counts, or ``X`` when it is verified log1p(10k).
+    """The matrix to compute log1p(10k) expression from.
+
+    In this order: the raw counts (see :func:`normalization_status`); ``X`` when it is verified log1p(10k); ``raw.X``
+    when it is verified log1p(10k) (scanpy's layout, with ``X`` scaled or a gene subset; CellTypist reads it too).
 
     Parameters
     ----------
@@ -566,6 +582,9 @@ def find_expression_source(adata: AnnData, *, unsafe_force: bool = False, random
         return ExpressionSource(matrix, pd.Index(names), "counts", status.raw_source, status)
     if status.x_state == "log1p_10k":
         return ExpressionSource(adata.X, pd.Index(adata.var_names), "log1p", "X", status)
+    if _raw_log1p_at(status):  # scanpy's layout: log1p in raw, X scaled or a gene subset (CellTypist reads raw too)
+        matrix, names = matrices["raw.X"]
+        return ExpressionSource(matrix, pd.Index(names), "log1p", "raw.X", status)
     if not unsafe_force or adata.X is None:
         raise ValueError(_unusable_message(status))
     _force_warning(status, "using X as log1p(10k) expression")
@@ -605,6 +624,8 @@ def ensure_normalized(
       are in ``raw.X``, cells are normalized over all of ``raw``'s genes and ``X``'s genes are kept.
     - no raw counts, ``X`` already log1p data whose median ``expm1`` row sum is within 20 % of ``target_sum``
       (``"log1p_10k"`` for the default): ``X`` is left as it is.
+    - no raw counts, ``X`` not such data but ``raw.X`` is (scanpy's layout: log1p data frozen in ``raw``, then ``X``
+      scaled or subset to highly variable genes): ``X`` becomes ``raw.X`` for ``X``'s genes.
     - otherwise: a ValueError saying what was found and how to fix it, or, with ``unsafe_force=True``, ``X`` is
       left as it is with a prominent warning.
 
@@ -693,6 +714,23 @@ def ensure_normalized(
         keep_counts = status.raw_source == "X"
     elif x_at_target:
         logger.info(f"X is already log1p data normalized to ~{status.x_target_sum:,.0f} per cell; left as is")
+    elif _raw_log1p_at(status, target_sum):
+        logged, names = matrices["raw.X"]
+        pos = pd.Index(names).get_indexer(adata.var_names)
+        if (pos < 0).any():
+            raise ValueError(
+                f"raw.X holds log1p data normalized to ~{target_sum:g} per cell, but {(pos < 0).sum()} of X's genes "
+                f"are not in raw.var_names (e.g. {list(adata.var_names[pos < 0][:10])}), so X cannot be taken from "
+                "it. Put counts for X's genes in adata.layers['counts'] instead."
+            )
+        if adata.isbacked:
+            raise ValueError(
+                f"The table is backed by {adata.filename} (read with backed mode), so X cannot be replaced. "
+                "Load it into memory first (adata = adata.to_memory()) or pass copy=True."
+            )
+        logger.info(f"X ({status.x_state}) is replaced by the log1p({target_sum:g}) data of raw.X for X's genes")
+        whole = pos.size == len(names) and (pos == np.arange(pos.size)).all()
+        new_x = logged.copy() if whole else logged[:, pos]
     elif unsafe_force:
         _force_warning(status, "leaving X as it is")
     else:
