@@ -174,6 +174,22 @@ def test_read_reference_is_lazy_and_caps_large_types_first(tmp_path):
     assert list(again.obs_names) == list(mem.obs_names)  # seeded
 
 
+def test_read_reference_max_cells_skips_non_type_labels(tmp_path):
+    """Cells labelled Unknown (not a type) do not take up the max_cells budget; exclude_labels=() draws them."""
+    ref = make_reference(sizes=(250, 100, 40, 10))
+    labels = ref.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[labels == "type2"] = "Unknown"
+    ref.obs["cell_type"] = labels
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    mem = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=160).to_memory()
+    counts = mem.obs["cell_type"].value_counts()
+    assert mem.n_obs == 160 and "Unknown" not in counts and counts["type3"] == 10
+    assert "Unknown" in mem.uns["spatialcx_reference"]["exclude_labels"]
+    kept = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=160, exclude_labels=())
+    assert kept.to_memory().obs["cell_type"].value_counts()["Unknown"] == 40
+    assert scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type").n_obs == 400  # no max_cells: all
+
+
 def test_read_reference_ensembl_ids_to_panel_symbols(tmp_path):
     ref = make_reference(n_genes=5)
     ref.var_names = list(HUMAN)
@@ -203,7 +219,8 @@ def test_read_reference_real_hypothalamus(shared_data):
     mem = lazy.to_memory()
     assert list(mem.var_names) == ["GAD1", "Slc17a6"]
     counts = mem.obs["cell_type_author"].value_counts()
-    assert mem.n_obs == 280 and counts.max() - counts.min() <= 1  # 14 types, 20 each
+    assert mem.n_obs == 280 and counts.max() - counts.min() <= 1  # 13 types (not Ambiguous), 21-22 each
+    assert "Ambiguous" not in counts
     full = ad.read_h5ad(path)
     sub = full[mem.obs_names, ["Gad1", "Slc17a6"]]
     np.testing.assert_array_equal(mem.X.toarray(), sub.X.toarray())

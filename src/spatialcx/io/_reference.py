@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._constants import DEFAULT_EXCLUDE_LABELS, label_list
 from .._settings import logger
 from ._uri import fingerprint, resolve_uri
 
@@ -530,6 +531,7 @@ def read_reference(
     cache_dir: str | os.PathLike | None = None,
     random_state: int = 0,
     storage_options: dict[str, Any] | None = None,
+    exclude_labels: Sequence[str] | None = DEFAULT_EXCLUDE_LABELS,
 ) -> AnnData:
     """Open a labelled reference lazily, keeping only the cells and genes asked for.
 
@@ -547,14 +549,18 @@ def read_reference(
         renamed to symbols when the reference is Ensembl-indexed.
     max_cells
         Keep at most this many labelled cells (at least 1), chosen from the labels alone: the largest types are
-        capped first so that rare types stay whole; cells are drawn at random within a type. ``None`` keeps every
-        labelled cell.
+        capped first so that rare types stay whole; cells are drawn at random within a type; labels in
+        ``exclude_labels`` are not drawn. ``None`` keeps every cell.
     cache_dir
         Cache folder for remote URIs.
     random_state
         Seed of the cell draw.
     storage_options
         Passed to the fsspec filesystem of a remote URI.
+    exclude_labels
+        Labels that are not cell types (default :data:`spatialcx.pp.DEFAULT_EXCLUDE_LABELS`; ``None`` is the
+        default too): with ``max_cells``, their cells are not drawn, so they do not take up the budget (training
+        leaves them out anyway). Without ``max_cells`` every cell is kept.
 
     Returns
     -------
@@ -613,9 +619,12 @@ def read_reference(
         cols, new_names = match.columns, pd.Index(match.genes)
     else:
         cols, new_names = np.arange(len(var_names)), symbols.symbols
-    rows = (
-        slice(None) if max_cells is None else choose_cells(labels, max_cells, rng=np.random.default_rng(random_state))
-    )
+    excluded = label_list(exclude_labels)
+    if max_cells is None:
+        rows = slice(None)
+    else:
+        not_excluded = ~labels.isin(excluded).to_numpy()
+        rows = choose_cells(labels, max_cells, rng=np.random.default_rng(random_state), valid=not_excluded)
 
     lazy = read_lazy(str(path))
     if max_cells is not None or genes is not None:
@@ -631,5 +640,6 @@ def read_reference(
         "n_genes_requested": -1 if genes is None else len(genes),
         "n_genes_found": int(len(cols)),
         "random_state": int(random_state),
+        "exclude_labels": list(excluded) if max_cells is not None else [],
     }
     return lazy
