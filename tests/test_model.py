@@ -295,3 +295,191 @@ def test_load_missing_file_and_pickle_content(tmp_path):
     (tmp_path / "ct.pkl").rename(tmp_path / "ct.npz")  # a CellTypist pickle under a .npz name: never unpickled
     with pytest.raises(ValueError, match="from_celltypist"):
         scx.CellTypeModel.load(tmp_path / "ct.npz")
+
+
+# ---------------------------------------------------------------- model_hash stability
+
+
+def test_model_hash_is_pinned():
+    """Saved models verify their hash on load: the hash of an existing model must never change."""
+    assert _small_model().model_hash == "249ab194bd7abb20258df48fbbcfa2f50d86f0cded96124a69feb6aacecaa69b"
+    calibrated = scx.CellTypeModel(
+        features=["G1", "Gène ☃", "G3"],
+        classes=["a", "b µ"],
+        coef=[[1.0, -1.0, 0.5], [-1.0, 1.0, -0.5]],
+        intercept=[0.1, -0.1],
+        scaler_mean=[0.5, 0.2, 0.1],
+        scaler_scale=[1.0, 2.0, 0.5],
+        calibration={"negative_median": [-1.5, -2.25], "softmax_temperature": 0.5},
+    )
+    assert calibrated.model_hash == "161e1bb732f7071b182826a1b10e5406cc0c8057c220c833c5491f078982876a"
+
+
+def test_model_hash_of_names_with_lone_surrogates():
+    """Names decoded with "surrogateescape" (undecodable bytes) hash, distinctly from their decoded look-alikes."""
+    import dataclasses
+
+    model = _small_model()
+    bad_gene = dataclasses.replace(model, features=["bad\udce9", "G2", "G3"])
+    bad_class = dataclasses.replace(model, classes=["a", "b\udce9"])
+    good = dataclasses.replace(model, features=["bad\xe9", "G2", "G3"])
+    hashes = {m.model_hash for m in (model, bad_gene, bad_class, good)}
+    assert len(hashes) == 4 and all(len(h) == 64 for h in hashes)
+    back = scx.CellTypeModel.from_celltypist(bad_gene.to_celltypist())
+    assert back.model_hash == bad_gene.model_hash and back.features[0] == "bad\udce9"
+
+
+# ---------------------------------------------------------------- to_celltypist / from_celltypist round trip
+
+
+def _panel_model():
+    """A model trained by scx.tl.train on 40 panel genes (normalize_over="genes", with a calibration)."""
+    return scx.tl.train(_counts(n=800, g=60), "label", genes=[f"G{i}" for i in range(40)])
+
+
+@pytest.mark.parametrize("through", ["object", "file"])
+def test_celltypist_roundtrip_restores_spatialcx_model(tmp_path, caplog, through):
+    import json
+
+    from celltypist.models import Model
+
+    model = _panel_model()
+    assert model.normalize_over == "genes" and model.calibration is not None
+    ct = model.to_celltypist()
+    record = ct.description["spatialcx"]
+    json.dumps(record, allow_nan=False)  # plain JSON values
+    assert record["model_hash"] == model.model_hash
+    if through == "file":
+        ct.write(str(tmp_path / "ct.pkl"))
+        ct = Model.load(str(tmp_path / "ct.pkl"))
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        back = scx.CellTypeModel.from_celltypist(ct)
+    assert "no longer match" not in caplog.text
+    assert back.model_hash == model.model_hash
+    assert back.calibration == model.calibration
+    assert back.description == model.description
+    assert (back.normalize_over, back.clip, back.target_sum) == (model.normalize_over, model.clip, model.target_sum)
+    # a query with genes the model lacks: normalization over the model's genes differs from over all genes
+    query = _counts(n=300, g=60, seed=1)
+    ours = scx.tl.predict(query, model, copy=True)
+    theirs = scx.tl.predict(query, back, copy=True)
+    np.testing.assert_array_equal(theirs.obsm["cell_type_decision_scores"], ours.obsm["cell_type_decision_scores"])
+    np.testing.assert_array_equal(theirs.obs["cell_type_confidence"], ours.obs["cell_type_confidence"])
+    assert (theirs.obs["cell_type_predicted"] == ours.obs["cell_type_predicted"]).all()
+    # without the record (the former import), the scores differ
+    del ct.description["spatialcx"]
+    plain = scx.tl.predict(query, scx.CellTypeModel.from_celltypist(ct), copy=True)
+    assert not np.allclose(plain.obsm["cell_type_decision_scores"], ours.obsm["cell_type_decision_scores"])
+
+
+def test_celltypist_roundtrip_keeps_clip_and_target_sum():
+    import dataclasses
+
+    ref = _lognorm(_counts(n=400))
+    model = fit_model(ref.X, ref.obs["label"], ref.var_names, clip=3.0)
+    model = dataclasses.replace(model, normalize_over="all", target_sum=1e6)
+    back = scx.CellTypeModel.from_celltypist(model.to_celltypist())
+    assert (back.clip, back.normalize_over, back.target_sum) == (3.0, "all", 1e6)
+    assert back.model_hash == model.model_hash
+    np.testing.assert_array_equal(
+        back.decision_function(ref.X * 3, ref.var_names), model.decision_function(ref.X * 3, ref.var_names)
+    )
+
+
+def test_edited_celltypist_export_is_imported_as_plain_celltypist(caplog):
+    model = _panel_model()
+    ct = model.to_celltypist()
+    ct.subset(keep_cell_types=list(model.classes[:3]))  # celltypist's own edit: the weights no longer match
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        back = scx.CellTypeModel.from_celltypist(ct)
+    assert "no longer match the model it was exported from" in caplog.text
+    assert (back.normalize_over, back.clip, back.calibration) == ("all", 10.0, None)
+    assert back.description["imported_from"] == "celltypist" and "spatialcx" not in back.description
+    assert list(back.classes) == list(model.classes[:3])
+    # a record that is not the one to_celltypist writes
+    caplog.clear()
+    ct = model.to_celltypist()
+    ct.description["spatialcx"] = {"model_hash": ct.description["spatialcx"]["model_hash"], "clip": "x"}
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        back = scx.CellTypeModel.from_celltypist(ct)
+    assert "no longer match the model it was exported from" in caplog.text and "KeyError" in caplog.text
+    assert back.normalize_over == "all" and back.calibration is None
+    caplog.clear()
+    ct.description["spatialcx"] = "junk"
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        back = scx.CellTypeModel.from_celltypist(ct)
+    assert "is not the record written by CellTypeModel.to_celltypist" in caplog.text
+    assert back.normalize_over == "all" and "spatialcx" not in back.description
+
+
+def test_genuine_celltypist_model_imports_as_before(tmp_path, caplog):
+    import celltypist
+    from celltypist.models import Model
+
+    ref = _lognorm(_counts(n=400, g=40))
+    ct_model = celltypist.train(ref, labels="label", use_SGD=True, check_expression=False)
+    ct_model.write(str(tmp_path / "ct.pkl"))
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        for m in (ct_model, Model.load(str(tmp_path / "ct.pkl"))):
+            model = scx.CellTypeModel.from_celltypist(m)
+            assert (model.normalize_over, model.clip, model.target_sum, model.calibration) == ("all", 10.0, 1e4, None)
+            assert model.description["imported_from"] == "celltypist"
+            assert set(ct_model.description) <= set(model.description)
+    assert caplog.text == ""
+
+
+# ---------------------------------------------------------------- to_celltypist warnings
+
+
+def test_to_celltypist_warns_when_celltypist_scores_differently(caplog):
+    import dataclasses
+
+    def warnings_of(model):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spatialcx"):
+            ct = model.to_celltypist()
+        assert "spatialcx" in ct.description  # exported anyway
+        return caplog.text
+
+    model = dataclasses.replace(_small_model(), normalize_over="all")
+    assert warnings_of(model) == ""
+    text = warnings_of(dataclasses.replace(model, clip=5.0))
+    assert "clips scaled values at 5.0, CellTypist at 10" in text and "normalize_over" not in text
+    text = warnings_of(dataclasses.replace(model, normalize_over="genes"))
+    assert "normalize_over='genes'" in text and "subset the query's raw counts to the model's genes" in text
+    assert "clips" not in text
+    assert "expects queries normalized to 1e+06 counts" in warnings_of(dataclasses.replace(model, target_sum=1e6))
+
+
+def test_celltypist_scores_exported_models_as_the_warnings_say():
+    """clip != 10: CellTypist scores differently; normalize_over="genes": equal on a query normalized as advised."""
+    ref = _lognorm(_counts(n=600))
+    clipped = fit_model(ref.X, ref.obs["label"], ref.var_names, clip=1.0)
+    query = _lognorm(_counts(n=200, seed=1))
+    theirs, _ = _celltypist_scores(query, clipped.to_celltypist())
+    assert not np.allclose(clipped.decision_function(query.X, query.var_names), theirs)
+
+    model = _panel_model()
+    raw = _counts(n=200, g=60, seed=1)
+    ours = scx.tl.predict(raw, model, copy=True).obsm["cell_type_decision_scores"]
+    advised = _lognorm(raw[:, raw.var_names.isin(model.features)])  # counts over the model's genes, to 10,000
+    theirs, _ = _celltypist_scores(advised, model.to_celltypist())
+    assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(theirs).max()
+
+
+def test_integer_clip_and_target_sum_save_and_load(tmp_path):
+    """clip=10 (an int) is kept as 10.0, so the saved hash is the one load computes."""
+    rng = np.random.default_rng(0)
+    m = scx.CellTypeModel(
+        features=["a", "b", "c"],
+        classes=["x", "y"],
+        coef=rng.normal(size=(2, 3)),
+        intercept=[0.1, -0.1],
+        scaler_mean=[0, 0, 0],
+        scaler_scale=[1, 1, 1],
+        clip=10,
+        target_sum=10_000,
+    )
+    assert isinstance(m.clip, float) and isinstance(m.target_sum, float)
+    back = scx.CellTypeModel.load(m.save(tmp_path / "int_clip"))
+    assert back.model_hash == m.model_hash and back.clip == 10.0

@@ -35,6 +35,13 @@ _FORMAT_NAME = "spatialcx.CellTypeModel"
 
 NormalizeOver = Literal["genes", "all"]
 
+#: Key of a CellTypist model's ``description`` under which :meth:`CellTypeModel.to_celltypist` keeps what a CellTypist
+#: model cannot hold (normalization, clip, target sum, calibration, description, hash), for
+#: :meth:`CellTypeModel.from_celltypist` to restore.
+CELLTYPIST_DESCRIPTION_KEY = "spatialcx"
+#: The clip CellTypist applies to scaled values, hard-coded in ``celltypist.classifier.Classifier.celltype``.
+CELLTYPIST_CLIP = 10.0
+
 
 @dataclass(frozen=True)
 class ScoringWeights:
@@ -108,14 +115,15 @@ class CellTypeModel:
     normalize_over
         How query counts are normalized before scoring: ``"genes"`` (library size over the model's genes: models
         trained by spatialcx on a panel) or ``"all"`` (over every gene of the table: CellTypist's convention, used for
-        imported models).
+        imported CellTypist models).
     target_sum
         Counts per cell after normalization (10,000).
     description
         Free metadata (training parameters, reference provenance, dates); JSON-serialisable.
     calibration
         Confidence calibration fitted on reference cells by :func:`~spatialcx.tl.train` (see
-        :func:`~spatialcx.tl.transform_confidence`); ``None`` for imported CellTypist models. JSON-serialisable.
+        :func:`~spatialcx.tl.transform_confidence`); ``None`` for imported CellTypist models (other than those
+        exported by :meth:`to_celltypist`, which keep theirs). JSON-serialisable.
     """
 
     features: np.ndarray
@@ -137,6 +145,9 @@ class CellTypeModel:
         self.intercept = np.asarray(self.intercept, dtype=np.float64).ravel()
         self.scaler_mean = np.asarray(self.scaler_mean, dtype=np.float64).ravel()
         self.scaler_scale = np.asarray(self.scaler_scale, dtype=np.float64).ravel()
+        # floats, as save/load keep them (an int clip hashed as "10" and loaded as 10.0 failed its hash check)
+        self.clip = float(self.clip)
+        self.target_sum = float(self.target_sum)
         n_k, n_g = len(self.classes), len(self.features)
         if n_k < 2:
             raise ValueError(f"A cell-type model needs at least 2 classes, got {n_k}.")
@@ -177,9 +188,11 @@ class CellTypeModel:
         h = hashlib.sha256()
         for arr in (self.coef, self.intercept, self.scaler_mean, self.scaler_scale):
             h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
-        h.update("\x1f".join(self.features).encode())
+        # "surrogatepass" encodes a name holding a lone surrogate (undecodable bytes read with "surrogateescape") and is
+        # byte-identical to the strict UTF-8 of every other name, so existing hashes are unchanged
+        h.update("\x1f".join(self.features).encode("utf-8", "surrogatepass"))
         h.update(b"\x1e")
-        h.update("\x1f".join(self.classes).encode())
+        h.update("\x1f".join(self.classes).encode("utf-8", "surrogatepass"))
         h.update(f"{self.clip}|{self.normalize_over}|{self.target_sum}".encode())
         if self.calibration is not None:  # absent for models without one, so their hash is unchanged
             h.update(b"\x1dcalibration")
@@ -427,7 +440,13 @@ class CellTypeModel:
 
         Returns
         -------
-        A model that scores exactly as the CellTypist one, normalizing queries over all genes (``"all"``).
+        A model that scores exactly as the CellTypist one, normalizing queries over all genes (``"all"``), with
+        CellTypist's clip (10) and no calibration. A model written by :meth:`to_celltypist` is restored as it was
+        exported (its normalization, clip, target sum, calibration and description, hence the same
+        :attr:`~spatialcx.CellTypeModel.model_hash` and predictions), from ``description["spatialcx"]``, when its
+        weights, scaler, genes and classes still match the hash recorded there. When they do not (the model was
+        edited, e.g. by ``Model.subset`` or ``Model.convert``), a warning is logged and it is imported as any
+        CellTypist model.
 
         Raises
         ------
@@ -477,22 +496,52 @@ class CellTypeModel:
         with_mean = bool(getattr(scaler, "with_mean", True))
         mean = np.asarray(scaler.mean_, dtype=np.float64) if with_mean else np.zeros(len(features))
         scale = np.asarray(scaler.scale_, dtype=np.float64) if scaler.scale_ is not None else np.ones(len(features))
-        description = {k: _jsonable(v) for k, v in dict(getattr(model_or_path, "description", {}) or {}).items()}
+        arrays = {
+            "features": features,
+            "classes": classes,
+            "coef": coef,
+            "intercept": intercept,
+            "scaler_mean": mean,
+            "scaler_scale": scale,
+        }
+        raw_description = dict(getattr(model_or_path, "description", {}) or {})
+        exported = raw_description.pop(CELLTYPIST_DESCRIPTION_KEY, None)
+        if exported is not None:
+            restored = _restore_exported(cls, exported, arrays)
+            if restored is not None:
+                return restored
+        description = {k: _jsonable(v) for k, v in raw_description.items()}
         description["imported_from"] = "celltypist"
         description["with_mean"] = with_mean
-        return cls(
-            features=features,
-            classes=classes,
-            coef=coef,
-            intercept=intercept,
-            scaler_mean=mean,
-            scaler_scale=scale,
-            normalize_over="all",
-            description=description,
-        )
+        return cls(**arrays, normalize_over="all", description=description)
 
     def to_celltypist(self) -> CelltypistModel:
-        """Export as a :class:`celltypist.models.Model` that ``celltypist.annotate`` accepts."""
+        """Export as a :class:`celltypist.models.Model` that ``celltypist.annotate`` accepts.
+
+        What a CellTypist model cannot hold (``normalize_over``, ``clip``, ``target_sum``, ``calibration``, the
+        ``description`` and the :attr:`~spatialcx.CellTypeModel.model_hash`) is kept, as plain JSON values, in the
+        CellTypist model's ``description["spatialcx"]``, which ``Model.write`` and ``Model.load`` preserve:
+        :meth:`from_celltypist` restores the model from it, equal to this one (same hash, calibration and
+        predictions).
+
+        CellTypist itself scores the exported model as spatialcx does only when
+
+        - ``clip`` is 10: CellTypist clips scaled values at 10 whatever the model, so a model trained with another
+          ``clip`` gets other scores, and possibly other labels, from ``celltypist.annotate``;
+        - the query it is given is normalized as this model expects: CellTypist normalizes nothing, it scores the
+          log1p values of ``.X`` (and expects them normalized to 10,000 counts over all of the table's genes). For a
+          model with ``normalize_over="genes"`` (trained by :func:`spatialcx.tl.train`), subset the query's raw counts
+          to the model's genes (``adata[:, adata.var_names.isin(model.features)]``), normalize them to ``target_sum``
+          (``sc.pp.normalize_total(q, target_sum=model.target_sum)``, then ``sc.pp.log1p(q)``) and annotate that.
+
+        A warning is logged when either does not hold (or ``target_sum`` is not 10,000); the export is made anyway.
+
+        Returns
+        -------
+        The CellTypist model: a :class:`~sklearn.linear_model.LogisticRegression` with the weights and the genes
+        (``classifier.features``), a :class:`~sklearn.preprocessing.StandardScaler` and the ``description`` dict.
+        """
+        self._warn_celltypist_differences()
         from celltypist.models import Model
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
@@ -518,8 +567,42 @@ class CellTypeModel:
             "source": str(d.get("source", "spatialcx")),
             "version": str(d.get("version", "")),
             "number_celltypes": self.n_classes,
+            CELLTYPIST_DESCRIPTION_KEY: {
+                "format": _FORMAT_NAME,
+                "normalize_over": self.normalize_over,
+                "clip": _jsonable(self.clip),
+                "target_sum": _jsonable(self.target_sum),
+                "calibration": _plain_json(self.calibration),
+                "description": _plain_json(self.description),
+                "model_hash": self.model_hash,
+            },
         }
         return Model(clf, scaler, description)
+
+    def _warn_celltypist_differences(self) -> None:
+        """Log what ``celltypist.annotate`` would do differently from spatialcx with the exported model."""
+        if self.clip != CELLTYPIST_CLIP:
+            logger.warning(
+                "This model clips scaled values at %s, CellTypist at 10 (hard-coded): celltypist.annotate will score "
+                "the exported model differently from spatialcx, and may give other labels. scx.tl.predict scores it "
+                "as trained (also after CellTypeModel.from_celltypist).",
+                self.clip,
+            )
+        if self.normalize_over == "genes":
+            logger.warning(
+                "This model normalizes queries over its own genes (normalize_over='genes'); CellTypist normalizes "
+                "nothing and scores the log1p values it is given. For celltypist.annotate, subset the query's raw "
+                "counts to the model's genes, normalize them to %s counts per cell and log1p them (CellTypist "
+                "expects normalization over all of the table's genes, which gives other scores for this model).",
+                f"{self.target_sum:g}",
+            )
+        elif self.target_sum != TARGET_SUM:
+            logger.warning(
+                "This model expects queries normalized to %s counts per cell; CellTypist expects 10,000: normalize "
+                "the query to %s counts per cell for celltypist.annotate.",
+                f"{self.target_sum:g}",
+                f"{self.target_sum:g}",
+            )
 
 
 _ARRAY_KEYS = ("features", "classes", "coef", "intercept", "scaler_mean", "scaler_scale")
@@ -530,6 +613,55 @@ def _invalid_model_file(path: Path, detail: str) -> ValueError:
         f"{path} is not a valid spatialcx model file (truncated or corrupted?): {detail}. Re-save the model with "
         "model.save(path), or train it again."
     )
+
+
+def _restore_exported(cls: type[CellTypeModel], exported: Any, arrays: dict[str, np.ndarray]) -> CellTypeModel | None:
+    """Rebuild the model that :meth:`CellTypeModel.to_celltypist` exported.
+
+    From the CellTypist model's arrays (the array fields of :class:`CellTypeModel` by name) and its
+    ``description["spatialcx"]`` (``exported``); ``None``, with a logged warning, when that record is malformed or they
+    no longer match the hash recorded there.
+    """
+    fallback = (
+        "It is imported as a plain CellTypist model (normalize_over='all', clip 10, no calibration), as CellTypist "
+        "scores it."
+    )
+    if not isinstance(exported, dict) or "model_hash" not in exported:
+        logger.warning(
+            "The CellTypist model's description[%r] is not the record written by CellTypeModel.to_celltypist. %s",
+            CELLTYPIST_DESCRIPTION_KEY,
+            fallback,
+        )
+        return None
+    try:
+        model = cls(
+            **arrays,
+            clip=exported["clip"],
+            normalize_over=exported["normalize_over"],
+            target_sum=exported["target_sum"],
+            description=dict(exported.get("description") or {}),
+            calibration=exported.get("calibration"),
+        )
+        detail = None if model.model_hash == exported["model_hash"] else "its hash differs from the one recorded"
+    except (KeyError, TypeError, ValueError) as e:  # e.g. a calibration for classes that Model.subset removed
+        detail = f"the recorded settings do not fit it ({type(e).__name__}: {e})"
+    if detail is not None:
+        logger.warning(
+            "The CellTypist model was exported by spatialcx (description[%r]), but its weights, scaler, genes or "
+            "classes no longer match the model it was exported from (edited, e.g. by Model.subset or "
+            "Model.convert?): %s. %s",
+            CELLTYPIST_DESCRIPTION_KEY,
+            detail,
+            fallback,
+        )
+        return None
+    logger.info("restored the spatialcx model exported to CellTypist (model_hash %s)", model.model_hash[:12])
+    return model
+
+
+def _plain_json(v: Any) -> Any:
+    """``v`` as plain JSON values (dicts, lists, str, numbers, bools, None), as :meth:`CellTypeModel.save` writes it."""
+    return None if v is None else json.loads(json.dumps(v, default=_json_default))
 
 
 def _jsonable(v: Any) -> Any:
