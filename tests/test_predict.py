@@ -73,9 +73,15 @@ def test_train_matches_genes_case_insensitively_and_leaves_out_non_type_labels(c
 def test_predict_refuses_duplicated_genes_empty_tables_and_fractional_chunks(model):
     q = _data(n=100, seed=2)
     q.var_names = ["G0", *q.var_names[1:-1], "G0"]
-    with pytest.raises(ValueError, match="duplicated gene names"):
+    with pytest.raises(ValueError, match=r"1 of the model's genes occur more than once in the table \(e.g. \['G0'\]"):
         scx.tl.predict(q, model)
     assert "cell_type" not in q.obs
+    # a repeated name that is not a model gene is no reason to refuse (CellTypist does not either)
+    ok = _data(n=100, seed=2)
+    expected = scx.tl.predict(ok, model, copy=True)
+    ok.var_names = [*ok.var_names[:-2], "dupX", "dupX"]  # G78, G79: not model genes (G0-G69)
+    scx.tl.predict(ok, model)
+    np.testing.assert_array_equal(ok.obsm["cell_type_decision_scores"], expected.obsm["cell_type_decision_scores"])
     with pytest.raises(ValueError, match="0 cells"):
         scx.tl.predict(_data(n=100, seed=2)[:0].copy(), model)
     with pytest.raises(ValueError, match="whole number"):

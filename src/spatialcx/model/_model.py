@@ -265,7 +265,8 @@ class CellTypeModel:
     def match_genes(self, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Locate the model's genes among the column names of a query.
 
-        Names are compared exactly (case-sensitive); model genes missing from ``genes`` are left out.
+        Names are compared exactly (case-sensitive); model genes missing from ``genes`` are left out. Duplicated
+        names in ``genes`` are an error only when they are model genes (which column would be meant?).
 
         Parameters
         ----------
@@ -277,8 +278,27 @@ class CellTypeModel:
         ``(present, cols)``, two integer arrays of equal length: ``present`` are positions into ``features`` of
         the model genes found in ``genes`` (in the model's order) and ``cols`` their positions in ``genes``. Pass
         ``present`` to :meth:`scoring_weights` and score ``x[:, cols]``.
+
+        Raises
+        ------
+        ValueError
+            When a model gene occurs more than once in ``genes``.
         """
-        pos = pd.Index(as_str_array(genes)).get_indexer(self.features)
+        index = pd.Index(as_str_array(genes))
+        if index.is_unique:
+            pos = index.get_indexer(self.features)
+        else:
+            repeated = index.duplicated(keep=False)
+            ambiguous = pd.Index(self.features).intersection(index[repeated].unique())
+            if len(ambiguous):
+                raise ValueError(
+                    f"{len(ambiguous)} of the model's genes occur more than once in the table (e.g. "
+                    f"{list(ambiguous[:5])}), so which column to score is ambiguous. Make the names unique first, "
+                    "e.g. with `adata.var_names_make_unique()`, or drop the repeated columns."
+                )
+            single = np.flatnonzero(~repeated)  # the model's genes are all among the names that occur once
+            pos = index[single].get_indexer(self.features)
+            pos = np.where(pos >= 0, single[np.maximum(pos, 0)], -1)
         present = np.flatnonzero(pos >= 0)
         return present, pos[present]
 

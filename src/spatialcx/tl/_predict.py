@@ -19,7 +19,7 @@ from spatialcx._constants import (
     label_list,
     output_keys,
 )
-from spatialcx._matrix import check_unique_genes, default_chunk_size, iter_row_blocks, normalize_block
+from spatialcx._matrix import default_chunk_size, iter_row_blocks, normalize_block
 from spatialcx._settings import logger
 from spatialcx._utils import as_str_array
 from spatialcx.model._model import CellTypeModel
@@ -362,7 +362,7 @@ def compute_predictions(
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction must be in [0, 1], got {min_gene_fraction}.")
     src = find_expression_source(adata, unsafe_force=unsafe_force)
-    present, _ = model.match_genes(check_unique_genes(as_str_array(src.var_names)))
+    present, _ = model.match_genes(as_str_array(src.var_names))  # repeated model genes are an error
     frac = len(present) / model.n_features
     if len(present) == 0 or frac < min_gene_fraction:
         raise ValueError(
