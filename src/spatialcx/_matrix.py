@@ -60,6 +60,8 @@ def read_rows(x: Any, start: int, stop: int) -> np.ndarray | sparse.csr_matrix:
     if is_dask(x):
         block = x[start:stop].compute()
         return read_rows(block, 0, block.shape[0])
+    if _is_backed_csc(x):
+        return _BackedCSCRows(x, read_ahead=False).rows(start, stop)
     # anndata backed sparse datasets, h5py / zarr arrays, anndata's lazy arrays
     block = x[start:stop]
     if hasattr(block, "compute"):
@@ -75,9 +77,185 @@ def iter_row_blocks(x: Any, chunk_size: int) -> Iterator[tuple[int, int, np.ndar
     if sparse.issparse(x) and not isinstance(x, sparse.csr_matrix | sparse.csr_array):
         # row slicing of CSC/COO is slow; convert once (the matrix is already in memory)
         x = sparse.csr_matrix(x)
+    reader = _BackedCSCRows(x, read_ahead=True) if _is_backed_csc(x) else None
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        yield start, stop, read_rows(x, start, stop)
+        yield start, stop, reader.rows(start, stop) if reader is not None else read_rows(x, start, stop)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rows of a CSC matrix on disk
+# --------------------------------------------------------------------------------------------------------------------
+#: Most stored values of a CSC matrix on disk read in one piece (bounds memory while reading).
+_CSC_BLOCK = 1 << 20
+#: About how many stored values of a CSC matrix on disk are read ahead when blocks of rows are read in order (at
+#: least 256 per column, so that the cost of a read stays small against the values it brings).
+_CSC_AHEAD = 1 << 19
+#: Neighbouring pieces of columns closer than this many stored values are read in one piece instead of two.
+_CSC_GAP = 4096
+
+
+def _is_backed_csc(x: Any) -> bool:
+    """Whether ``x`` is a CSC matrix stored as ``data`` / ``indices`` / ``indptr`` arrays (anndata backed)."""
+    return not sparse.issparse(x) and getattr(x, "format", None) == "csc" and hasattr(x, "group")
+
+
+class _BackedCSCRows:
+    """Blocks of rows of a CSC matrix on disk, in memory O(block + window + :data:`_CSC_BLOCK`).
+
+    anndata reads the whole matrix to slice rows of a backed CSC matrix. Here ``indptr`` is read once, and when the
+    rows within each column are sorted (checked once, reading ``indices`` a piece at a time), each column keeps a
+    cursor: a window of rows is read as the next stored values of each column (neighbouring columns in one piece),
+    and the blocks of rows asked for in order are cut from it, so all blocks together read the matrix about once.
+    With ``read_ahead`` a window is a whole number of blocks holding about :data:`_CSC_AHEAD` stored values, or 256
+    per column if more (fewer reads); without, it is the block asked for. Otherwise (rows not sorted within a
+    column, or a block that does not start where the previous one stopped) the columns are read a batch at a time
+    and the rows wanted are kept: one pass over the matrix per block, in bounded memory all the same.
+    """
+
+    def __init__(self, x: Any, *, read_ahead: bool):
+        group = x.group
+        self.data = group["data"]
+        self.indices = group["indices"]
+        self.indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+        self.shape = (int(x.shape[0]), int(x.shape[1]))
+        self.read_ahead = read_ahead
+        self._sorted: bool | None = None
+        self._pos = self.indptr[:-1].copy()  # per column: its first stored value of a row >= self._next
+        self._window: sparse.csr_matrix | None = None  # rows self._w0:self._next
+        self._w0 = self._next = 0
+        self._at = 0  # where the last block asked for stopped
+
+    def rows(self, start: int, stop: int) -> sparse.csr_matrix:
+        """Rows ``start:stop`` as CSR, with the stored dtype."""
+        if stop <= start:
+            return sparse.csr_matrix((0, self.shape[1]), dtype=self.data.dtype)
+        if start == self._at:
+            if self._sorted is None:
+                self._sorted = self._rows_sorted()
+            if self._sorted:
+                pieces = []
+                while start < stop:
+                    if start >= self._next:  # the window is used up: read the next one
+                        size = stop - start
+                        if self.read_ahead:
+                            ahead = max(_CSC_AHEAD, 256 * self.shape[1]) * self.shape[0]
+                            size *= max(1, ahead // max(int(self.indptr[-1]), 1) // size)
+                        self._window = None
+                        self._window = self._next_rows(start, min(start + size, self.shape[0]))
+                        self._w0 = start
+                    end = min(stop, self._next)
+                    pieces.append(self._window[start - self._w0 : end - self._w0])  # a copy: frees the window
+                    start = end
+                self._at = stop
+                return pieces[0] if len(pieces) == 1 else sparse.vstack(pieces, format="csr")
+        return self._scan(start, stop)
+
+    def _csr(self, start: int, stop: int, counts: np.ndarray, rows: np.ndarray, data: np.ndarray) -> sparse.csr_matrix:
+        """CSR of rows ``start:stop`` from their stored values in column order (``counts`` per column)."""
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        rows = (rows - start).astype(np.int32 if stop - start < 2**31 else np.int64)
+        return sparse.csc_matrix((data, rows, indptr), shape=(stop - start, self.shape[1])).tocsr()
+
+    def _rows_sorted(self) -> bool:
+        """Whether the row indices increase within every column (``indices`` read a piece at a time)."""
+        nnz, last = int(self.indptr[-1]), None
+        for a in range(0, nnz, _CSC_BLOCK):
+            r = np.asarray(self.indices[a : min(a + _CSC_BLOCK, nnz)])
+            down = np.flatnonzero(r[1:] < r[:-1]) + (a + 1)
+            if last is not None and r[0] < last:
+                down = np.concatenate([[a], down])
+            if down.size and not np.isin(down, self.indptr).all():  # a decrease that does not start a column
+                return False
+            last = r[-1]
+        return True
+
+    def _next_rows(self, start: int, stop: int) -> sparse.csr_matrix:
+        """Rows ``start:stop``, ``start`` being where the cursors are; moves them to ``stop``."""
+        n_rows = self.shape[0]
+        pos, ends = self._pos, self.indptr[1:]
+        left = ends - pos
+        if stop >= n_rows:
+            want = left.copy()
+        else:  # guess each column's count a bit above its share, then read more for the columns it fell short for
+            want = np.minimum(left, np.ceil(left * (1.25 * (stop - start) / (n_rows - start))).astype(np.int64) + 32)
+        counts = np.zeros(self.shape[1], dtype=np.int64)
+        cols = np.flatnonzero(left > 0)
+        lo = pos[cols]
+        row_parts, rounds = [], []
+        while cols.size:
+            hi = np.minimum(ends[cols], lo + want[cols])  # hi > lo
+            vals = _read_spans(self.indices, lo, hi)
+            below = vals < stop  # sorted within a column: its rows < stop come first
+            got = np.add.reduceat(below, np.cumsum(hi - lo) - (hi - lo), dtype=np.int64)
+            row_parts.append(vals[below])
+            rounds.append((cols, got))
+            counts[cols] += got
+            more = (got == hi - lo) & (hi < ends[cols])
+            cols, lo = cols[more], hi[more]
+            want[cols] *= 2
+        rows = np.concatenate(row_parts) if row_parts else np.zeros(0, dtype=np.int64)
+        if len(rounds) > 1:  # later rounds read more rows of columns seen before: put them in column order
+            rows = rows[np.argsort(np.concatenate([np.repeat(c, g) for c, g in rounds]), kind="stable")]
+        has = np.flatnonzero(counts)
+        data = _read_spans(self.data, pos[has], pos[has] + counts[has])
+        self._pos = pos + counts
+        self._next = stop
+        return self._csr(start, stop, counts, rows, data)
+
+    def _scan(self, start: int, stop: int) -> sparse.csr_matrix:
+        """Rows ``start:stop``, reading the columns a batch of at most :data:`_CSC_BLOCK` stored values at a time."""
+        indptr, n_cols = self.indptr, self.shape[1]
+        counts = np.zeros(n_cols, dtype=np.int64)
+        row_parts, data_parts = [], []
+        c0 = 0
+        while c0 < n_cols:
+            c1 = int(np.searchsorted(indptr, indptr[c0] + _CSC_BLOCK, side="right")) - 1
+            c1 = min(max(c1, c0 + 1), n_cols)
+            a, b = int(indptr[c0]), int(indptr[c1])
+            if b > a:
+                r = np.asarray(self.indices[a:b])
+                keep = np.flatnonzero((r >= start) & (r < stop))
+                if keep.size:
+                    lo, hi = int(keep[0]), int(keep[-1]) + 1
+                    row_parts.append(r[keep])
+                    data_parts.append(np.asarray(self.data[a + lo : a + hi])[keep - lo])
+                    counts += np.bincount(np.searchsorted(indptr, a + keep, side="right") - 1, minlength=n_cols)
+            c0 = c1
+        rows = np.concatenate(row_parts) if row_parts else np.zeros(0, dtype=np.int64)
+        data = np.concatenate(data_parts) if data_parts else np.zeros(0, dtype=self.data.dtype)
+        return self._csr(start, stop, counts, rows, data)
+
+
+def _read_spans(array: Any, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``concatenate([array[l:h] for l, h in zip(lo, hi)])`` for increasing, non-overlapping spans of a 1-D array.
+
+    Spans closer than :data:`_CSC_GAP` values are read in one piece of at most :data:`_CSC_BLOCK` values (or one span),
+    as long as the piece holds no more values between its spans than in them.
+    """
+    pieces = []
+    n, i = len(lo), 0
+    while i < n:
+        a, b = int(lo[i]), int(hi[i])
+        inside = b - a
+        j = i + 1
+        while j < n and lo[j] - b <= _CSC_GAP and hi[j] - a <= _CSC_BLOCK:
+            gaps = int(lo[j]) - a - inside  # values between spans read so far, and before span j
+            if gaps > inside + int(hi[j] - lo[j]):
+                break
+            inside += int(hi[j] - lo[j])
+            b = int(hi[j])
+            j += 1
+        if b > a:
+            piece = np.asarray(array[a:b])
+            if j - i > 1 and int((hi[i:j] - lo[i:j]).sum()) < b - a:  # values between the spans were read too: drop
+                lengths = np.empty(2 * (j - i) - 1, dtype=np.int64)
+                lengths[0::2] = hi[i:j] - lo[i:j]
+                lengths[1::2] = lo[i + 1 : j] - hi[i : j - 1]
+                piece = piece[np.repeat(np.arange(lengths.size) % 2 == 0, lengths)]
+            pieces.append(piece)
+        i = j
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=array.dtype)
 
 
 def normalize_block(

@@ -76,7 +76,7 @@ SAMPLE_ROW_BUDGET = 20_000
 #: Fewest chunks the sample of a chunked matrix is drawn from.
 MIN_SAMPLE_CHUNKS = 8
 #: Most non-zeros read at once from a file-backed CSC matrix (read by blocks of columns).
-CSC_BLOCK_NNZ = 10_000_000
+CSC_BLOCK_NNZ = 2_000_000
 #: Most non-zero values used for the value tests.
 N_SAMPLE_VALUES = 10_000
 #: A value is an integer when ``|v - round(v)| < INTEGER_TOL``.

@@ -1,0 +1,149 @@
+"""Chunked row access (``spatialcx._matrix``), in particular to CSC matrices backed on disk."""
+
+from __future__ import annotations
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+from scipy import sparse
+
+from spatialcx import _matrix
+from spatialcx._matrix import iter_row_blocks, read_rows
+
+
+def _counts(n_obs: int = 300, n_vars: int = 40, seed: int = 0, dtype=np.float32) -> sparse.csr_matrix:
+    """Integer counts with empty rows and columns, a column dense in the first rows only and one in the last."""
+    rng = np.random.default_rng(seed)
+    x = sparse.random(n_obs, n_vars, density=0.2, format="lil", random_state=seed, dtype=np.float64)
+    x[:, [3, 17]] = 0  # empty columns
+    x[[0, 5, 6, 7, n_obs - 1], :] = 0  # empty rows, the first and the last among them
+    x[1:120, 10] = 4.0  # a column far denser in the first rows than its share (more than one guess)
+    x[n_obs - 30 : n_obs - 1, 11] = 2.0  # ... and one only in the last rows
+    x = sparse.csr_matrix(x)
+    x.data = rng.integers(1, 30, x.nnz).astype(dtype)
+    return x
+
+
+def _backed(tmp_path, x: sparse.spmatrix, name: str = "x.h5ad"):
+    ad.AnnData(X=x).write_h5ad(tmp_path / name)
+    return ad.read_h5ad(tmp_path / name, backed="r")
+
+
+def _assert_same(block, expected: sparse.csr_matrix) -> None:
+    assert isinstance(block, sparse.csr_matrix)
+    assert block.shape == expected.shape
+    assert block.dtype == expected.dtype
+    assert (block != expected).nnz == 0
+    np.testing.assert_array_equal(block.toarray(), expected.toarray())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 60, 299, 300, 1000])
+@pytest.mark.parametrize("small_windows", [False, True])
+def test_backed_csc_row_blocks_equal_in_memory_rows(tmp_path, monkeypatch, chunk, small_windows):
+    x = _counts()
+    backed = _backed(tmp_path, x.tocsc())
+    assert backed.X.format == "csc"
+    if small_windows:  # one block per window, pieces of columns never read together: the cursors' paths
+        monkeypatch.setattr(_matrix, "_CSC_AHEAD", 1)
+        monkeypatch.setattr(_matrix, "_CSC_GAP", 0)
+    starts = []
+    for start, stop, block in iter_row_blocks(backed.X, chunk):
+        starts.append(start)
+        _assert_same(block, x[start:stop])
+    assert starts == list(range(0, x.shape[0], chunk))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_backed_csc_keeps_the_stored_dtype(tmp_path, dtype):
+    x = _counts(dtype=dtype)
+    backed = _backed(tmp_path, x.tocsc())
+    blocks = [block for _, _, block in iter_row_blocks(backed.X, 64)]
+    assert {b.dtype for b in blocks} == {np.dtype(dtype)}
+    _assert_same(sparse.vstack(blocks, format="csr"), x)
+
+
+def test_backed_csc_read_rows_any_range(tmp_path):
+    x = _counts()
+    backed = _backed(tmp_path, x.tocsc())
+    for start, stop in [(0, 300), (0, 37), (37, 120), (299, 300), (10, 10)]:
+        _assert_same(read_rows(backed.X, start, stop), x[start:stop])
+
+
+def test_backed_csc_blocks_of_varying_sizes_across_windows(tmp_path, monkeypatch):
+    x = _counts()
+    backed = _backed(tmp_path, x.tocsc())
+    monkeypatch.setattr(_matrix, "_CSC_AHEAD", 1200)  # windows of a few blocks: later blocks straddle two windows
+    reader = _matrix._BackedCSCRows(backed.X, read_ahead=True)
+    bounds = [0, 10, 35, 36, 90, 91, 250, 300]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        _assert_same(reader.rows(start, stop), x[start:stop])
+    _assert_same(reader.rows(20, 40), x[20:40])  # out of order: read by a pass over the columns
+
+
+def test_backed_csc_unsorted_rows_within_columns(tmp_path):
+    x = _counts()
+    csc = x.tocsc()
+    for c in range(csc.shape[1]):  # reverse the rows within each column (still a valid CSC matrix)
+        a, b = csc.indptr[c], csc.indptr[c + 1]
+        csc.indices[a:b] = csc.indices[a:b][::-1].copy()
+        csc.data[a:b] = csc.data[a:b][::-1].copy()
+    csc.has_sorted_indices = False
+    backed = _backed(tmp_path, csc)
+    assert (np.diff(backed.X.group["indices"][:50]) < 0).any()
+    for start, stop, block in iter_row_blocks(backed.X, 45):
+        _assert_same(block, x[start:stop])
+
+
+def test_backed_csc_empty(tmp_path):
+    backed = _backed(tmp_path, sparse.csc_matrix((20, 5), dtype=np.float32))
+    blocks = list(iter_row_blocks(backed.X, 6))
+    assert [(s, e) for s, e, _ in blocks] == [(0, 6), (6, 12), (12, 18), (18, 20)]
+    assert all(isinstance(b, sparse.csr_matrix) and b.nnz == 0 and b.shape == (e - s, 5) for s, e, b in blocks)
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """Number of stored values read from each ``data`` / ``indices`` dataset of an HDF5 file."""
+    read: dict[str, int] = {"data": 0, "indices": 0}
+    original = h5py.Dataset.__getitem__
+
+    def counting(self, args, *rest, **kwargs):
+        out = original(self, args, *rest, **kwargs)
+        key = self.name.rsplit("/", 1)[-1]
+        if key in read:
+            read[key] += int(np.size(out))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    return read
+
+
+@pytest.mark.parametrize("small_windows", [False, True])
+def test_backed_csc_blocks_read_the_matrix_about_once(tmp_path, monkeypatch, count_reads, small_windows):
+    # 20 blocks of rows: reading the whole matrix per block (what anndata does) would read 20 times its values
+    x = sparse.random(4000, 20, density=0.5, format="csr", random_state=1, dtype=np.float32)
+    backed = _backed(tmp_path, x.tocsc())
+    if small_windows:  # the window is the block
+        monkeypatch.setattr(_matrix, "_CSC_AHEAD", 1)
+        monkeypatch.setattr(_matrix, "_CSC_GAP", 0)
+    count_reads.update(data=0, indices=0)
+    n_blocks = 0
+    for start, stop, block in iter_row_blocks(backed.X, 200):
+        _assert_same(block, x[start:stop])
+        n_blocks += 1
+    assert n_blocks == 20
+    assert count_reads["data"] == x.nnz  # every stored value exactly once
+    assert count_reads["indices"] <= 3 * x.nnz  # once to check they are sorted, then about once more
+
+
+def test_in_memory_and_backed_csr_and_dense_blocks(tmp_path):
+    x = _counts()
+    dense = x.toarray()
+    backed_csr = _backed(tmp_path, x, "csr.h5ad")
+    backed_dense = _backed(tmp_path, dense, "dense.h5ad")
+    for source in (x, x.tocsc(), backed_csr.X):
+        for start, stop, block in iter_row_blocks(source, 64):
+            _assert_same(block, x[start:stop])
+    for start, stop, block in iter_row_blocks(backed_dense.X, 64):
+        np.testing.assert_array_equal(block, dense[start:stop])
