@@ -147,6 +147,22 @@ def test_predefined_dataset_with_max_cells(tmp_path, fake_census):
     assert "spatialcx_reference" not in adata.uns
 
 
+def test_subsampling_a_downloaded_file_keeps_every_label(tmp_path):
+    """What is a cell type is decided at training: acquiring keeps 'Unknown' cells, as the Census path does."""
+    from spatialcx.io._acquire import _subsample_file
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["Unknown", "type 0", "type 1", "type 2"], 100)
+    ref = ad.AnnData(
+        sp.csr_matrix(rng.poisson(1, (400, 5)).astype(np.float32)), obs=pd.DataFrame({"cell_type": labels})
+    )
+    ref.obs_names = [f"c{i}" for i in range(400)]
+    ref.write_h5ad(tmp_path / "in.h5ad")
+    assert _subsample_file(tmp_path / "in.h5ad", "cell_type", 200, 0, tmp_path / "out.h5ad") == 200
+    counts = ad.read_h5ad(tmp_path / "out.h5ad").obs["cell_type"].value_counts()
+    assert counts["Unknown"] == 50 and len(counts) == 4
+
+
 def test_census_query_downloads_only_the_chosen_cells(tmp_path, fake_census):
     out = scx.io.acquire_reference(
         "cellxgene://?tissue=lung&disease=normal,COVID-19&organism=Homo sapiens", tmp_path / "q/", max_cells=50

@@ -174,7 +174,8 @@ def _subsample_file(path: Path, label_key: str | None, max_cells: int, random_st
         finally:
             adata.file.close()
         return len(rows)
-    lazy = read_reference(path, label_key=label_key, max_cells=max_cells, random_state=random_state)
+    # every label is kept, as on the Census path: what is a cell type is decided at training (exclude_labels)
+    lazy = read_reference(path, label_key=label_key, max_cells=max_cells, random_state=random_state, exclude_labels=())
     try:
         mem = lazy.to_memory()
     finally:
