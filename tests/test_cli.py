@@ -69,6 +69,8 @@ def test_annotate_key_added_and_read_only_files(demo_files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is read-only; it is not replaced" in err and "--out" in err
     assert stat.S_IMODE(src.stat().st_mode) == 0o444 and "cell_type" not in ad.read_h5ad(src).obs
+    assert cli_main(["annotate", str(src), "-r", ref, "--out", str(tmp_path)]) == 2  # --out is a folder
+    assert "is a folder" in capsys.readouterr().err
     os.chmod(src, 0o640)
     assert cli_main(["annotate", str(src), "-r", ref, "--key-added", "ct"]) == 0
     assert "annotated 700 cells" in capsys.readouterr().out

@@ -56,11 +56,11 @@ def _open_data(path_str: str, *, table_key: str, out: str | None) -> tuple[Any, 
                 ".h5ad file or a SpatialData store."
             ) from e
         target = Path(out) if out is not None else path
-        from spatialcx._utils import check_replaceable
+        from spatialcx._utils import check_writable_file
 
-        try:
-            check_replaceable(target)  # before the work, not after it
-        except PermissionError as e:
+        try:  # before the work, not after it: a read-only file, a folder, an unwritable folder
+            check_writable_file(target, "--out" if out is not None else "the input")
+        except (PermissionError, ValueError) as e:
             raise CommandError(f"{e} Pass --out to write the result to another file.") from e
 
         def save() -> str:
