@@ -153,6 +153,18 @@ def test_cells_without_counts_get_confidence_zero(model, caplog):
     conf = q.obs["cell_type_confidence"].to_numpy()
     assert (conf[empty] == 0).all() and (conf[~empty] > 0).all()
     assert q.uns["cell_type"]["confidence_params"]["n_cells_without_counts"] == 4
+    n_genes = q.obs["cell_type_n_genes"].to_numpy()
+    assert (n_genes[empty] == 0).all() and (n_genes[~empty] > 0).all()
+    assert n_genes[10] == np.count_nonzero(x[10, [int(g[1:]) for g in model.features]])
+    # recomputing the method from the stored scores gives what predict stored
+    stored = scx.tl.evaluate_confidence(q, "label")
+    again = scx.tl.evaluate_confidence(q, "label", methods=["calibrated"], calibration=model)
+    pd.testing.assert_frame_equal(stored, again, rtol=1e-5)
+    np.testing.assert_allclose(
+        scx.tl.transform_confidence(q.obsm["cell_type_decision_scores"], calibration=model, without_counts=empty),
+        conf,
+        rtol=1e-5,
+    )
     assert "4 of 500 cells have no counts in the model's genes" in caplog.text
     # the others' confidence is what they get without the empty cells in the dataset
     rest = q[~empty].copy()
@@ -367,7 +379,7 @@ def test_refiltering_after_mapping_filtered_labels_restores_ids_and_names(model)
     assert (q.obs["cell_type_ontology_term_id"].astype(str).to_numpy()[low] == "unknown").all()
 
 
-def test_predicting_again_drops_the_ontology_columns_of_the_earlier_labels(model):
+def test_predicting_again_drops_the_ontology_columns_of_the_earlier_labels(model, caplog):
     q = _data(n=300, seed=4)
     scx.tl.predict(q, model)
     scx.tl.filter_low_confidence(q, threshold=0.0)
@@ -379,6 +391,13 @@ def test_predicting_again_drops_the_ontology_columns_of_the_earlier_labels(model
     assert "cell_type_ontology" not in q.uns
     scx.tl.filter_low_confidence(q, threshold=0.5)
     assert "cell_type_ontology_term_id" not in q.obs
+    # ids mapped for another column under the default names: removed too, with a warning that says how to keep them
+    q.obs["author"] = pd.Categorical(["T cell"] * q.n_obs)
+    scx.tl.add_ontology_ids(q, "author")
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.predict(q, model)
+    assert "cell_type_ontology_term_id" not in q.obs
+    assert "add_ontology_ids wrote them for obs['author']" in caplog.text and "author_ontology_term_id" in caplog.text
 
 
 def test_train_says_when_every_label_was_excluded():

@@ -12,6 +12,7 @@ CONFIDENCE_RAW_SUFFIX = "_confidence_raw"
 ONTOLOGY_ID_SUFFIX = "_ontology_term_id"
 ONTOLOGY_LABEL_SUFFIX = "_ontology_label"
 DECISION_SUFFIX = "_decision_scores"
+N_GENES_SUFFIX = "_n_genes"
 #: Suffix of the ``uns`` entry where ``scx.tl.add_ontology_ids`` keeps its summary (``cell_type_ontology``).
 ONTOLOGY_SUFFIX = "_ontology"
 
@@ -74,4 +75,5 @@ def output_keys(key_added: str = KEY_ADDED) -> dict[str, str]:
         "ontology_id": key_added + ONTOLOGY_ID_SUFFIX,
         "ontology_label": key_added + ONTOLOGY_LABEL_SUFFIX,
         "decision_scores": key_added + DECISION_SUFFIX,
+        "n_genes": key_added + N_GENES_SUFFIX,
     }

@@ -164,7 +164,8 @@ def annotate(
     Returns
     -------
     The annotated copy when ``copy=True``, else None. Writes ``obs`` columns ``{key}``, ``{key}_predicted``,
-    ``{key}_confidence``, ``{key}_confidence_raw``, ``{key}_ontology_term_id``, ``{key}_ontology_label``, the decision
+    ``{key}_confidence``, ``{key}_confidence_raw``, ``{key}_n_genes``, ``{key}_ontology_term_id``,
+    ``{key}_ontology_label``, the decision
     scores in ``obsm["{key}_decision_scores"]`` and the parameters, model hash, versions and reference provenance in
     ``uns[key]``.
     """

@@ -240,8 +240,26 @@ def confidence_with_params(
     method: ConfidenceMethod = DEFAULT_CONFIDENCE,
     *,
     calibration: Mapping[str, Any] | CellTypeModel | None = None,
+    without_counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`transform_confidence` plus the (serialisable) parameters it used, for ``uns``."""
+    if without_counts is not None:
+        empty = np.asarray(without_counts, dtype=bool)
+        s = _check(decision_scores)
+        if empty.shape != (s.shape[0],):
+            raise ValueError(f"without_counts has shape {empty.shape}; expected one value per cell ({s.shape[0]},).")
+        n_empty = int(empty.sum())
+        if n_empty == len(empty):
+            raise ValueError(
+                f"None of the {len(empty):,} cells has counts in the model's genes: no confidence to give."
+            )
+        if n_empty:
+            conf = np.zeros(len(empty), dtype=np.float64)
+            conf[~empty], params = confidence_with_params(s[~empty], method, calibration=calibration)
+        else:
+            conf, params = confidence_with_params(s, method, calibration=calibration)
+        params["n_cells_without_counts"] = n_empty
+        return conf, params
     s = _check(decision_scores)
     if method not in CONFIDENCE_METHODS:
         raise ValueError(f"Unknown confidence method {method!r}; choose one of {CONFIDENCE_METHODS}.")
@@ -292,6 +310,7 @@ def transform_confidence(
     method: ConfidenceMethod = DEFAULT_CONFIDENCE,
     *,
     calibration: Mapping[str, Any] | CellTypeModel | None = None,
+    without_counts: np.ndarray | None = None,
 ) -> np.ndarray:
     """Confidence of the predicted class of each cell, from the decision scores of one query dataset.
 
@@ -328,9 +347,13 @@ def transform_confidence(
     calibration
         The model (:class:`~spatialcx.CellTypeModel`) or its ``calibration`` dict, fitted on reference cells by
         :func:`~spatialcx.tl.train`; used by ``"calibrated"`` and required by ``"softmax"``.
+    without_counts
+        Boolean mask of the cells without counts in the model's genes (their scores are the model's constant terms
+        alone, e.g. ``obs["cell_type_n_genes"] == 0`` after :func:`~spatialcx.tl.predict`): their confidence is 0,
+        whatever the method, and they are left out of the dataset-level statistics, as ``predict`` does.
 
     Returns
     -------
     float64 array of shape ``(n_cells,)`` with values in [0, 1].
     """
-    return confidence_with_params(decision_scores, method, calibration=calibration)[0]
+    return confidence_with_params(decision_scores, method, calibration=calibration, without_counts=without_counts)[0]

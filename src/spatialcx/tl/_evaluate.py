@@ -112,6 +112,7 @@ def compare_confidence_methods(
     calibration: Mapping[str, Any] | CellTypeModel | None = None,
     threshold: float = 0.8,
     exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
+    without_counts: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """:func:`~spatialcx.tl.confidence_metrics` of every confidence method on the same decision scores.
 
@@ -130,6 +131,8 @@ def compare_confidence_methods(
         The model or its calibration dict.
     threshold, exclude_labels
         As in :func:`~spatialcx.tl.confidence_metrics`.
+    without_counts
+        Cells without counts in the model's genes (see :func:`~spatialcx.tl.transform_confidence`).
 
     Returns
     -------
@@ -148,7 +151,7 @@ def compare_confidence_methods(
     for method in methods:
         if method == "softmax" and not has_calibration:
             continue
-        conf = transform_confidence(scores, method, calibration=calibration)
+        conf = transform_confidence(scores, method, calibration=calibration, without_counts=without_counts)
         rows[method] = confidence_metrics(
             truth, predicted, conf, known_classes=classes, threshold=threshold, exclude_labels=exclude_labels
         )
@@ -176,7 +179,8 @@ def evaluate_confidence(
         Column of ``obs`` with the true labels (e.g. the authors' annotation).
     key
         The ``key_added`` of the prediction: ``{key}_predicted`` (unfiltered calls), ``{key}_confidence`` and
-        ``uns[key]["classes"]`` are read; with ``methods``, ``obsm["{key}_decision_scores"]`` too.
+        ``uns[key]["classes"]`` are read; with ``methods``, ``obsm["{key}_decision_scores"]`` too (and
+        ``obs["{key}_n_genes"]``, so that cells without counts get confidence 0 as ``predict`` gave them).
     threshold
         Confidence threshold of the kept/removed shares.
     methods
@@ -213,6 +217,7 @@ def evaluate_confidence(
                 f"obsm[{keys['decision_scores']!r}] is missing: recomputing confidence methods needs the decision "
                 "scores; predict with `store_decision_scores=True`."
             )
+        n_genes = adata.obs[keys["n_genes"]].to_numpy() if keys["n_genes"] in adata.obs else None
         return compare_confidence_methods(
             np.asarray(adata.obsm[keys["decision_scores"]]),
             classes,
@@ -221,6 +226,7 @@ def evaluate_confidence(
             calibration=calibration,
             threshold=threshold,
             exclude_labels=exclude_labels,
+            without_counts=None if n_genes is None else n_genes == 0,  # as predict gave them confidence 0
         )
     for col in (keys["predicted"], keys["confidence"]):
         if col not in adata.obs:

@@ -284,8 +284,8 @@ def predict(
         The table of a SpatialData.
     key_added
         Prefix of the output keys (``cell_type`` -> ``cell_type``, ``cell_type_predicted``,
-        ``cell_type_confidence``, ``cell_type_confidence_raw``, ``obsm["cell_type_decision_scores"]``,
-        ``uns["cell_type"]``).
+        ``cell_type_confidence``, ``cell_type_confidence_raw``, ``cell_type_n_genes`` (the model's genes with counts
+        in the cell), ``obsm["cell_type_decision_scores"]``, ``uns["cell_type"]``).
     confidence
         How decision scores become ``{key_added}_confidence``; see :func:`~spatialcx.tl.transform_confidence`
         (``"calibrated"``, the default, uses the model's reference calibration when it has one).
@@ -343,6 +343,7 @@ class Predictions:
     confidence_raw: np.ndarray
     scores: np.ndarray
     params: dict[str, Any]
+    n_genes: np.ndarray  # the model's genes with counts, per cell
 
 
 def compute_predictions(
@@ -385,22 +386,19 @@ def compute_predictions(
     # CellTypist's label, but gets confidence 0 and stays out of the dataset-level statistics of the confidence.
     empty = expressed == 0
     n_empty = int(empty.sum())
-    if n_empty == 0:
-        conf, conf_params = confidence_with_params(scores, confidence, calibration=model)
-    elif n_empty == len(empty):
+    if n_empty == len(empty):
         raise ValueError(
             f"None of the {len(empty):,} cells has counts in the model's {len(present)} genes found in the table "
             f"(expression read from {src.where}); there is nothing to predict from."
         )
-    else:
+    if n_empty:
         logger.warning(
-            "%d of %d cells have no counts in the model's genes: their confidence is 0 (they become Unassigned).",
+            "%d of %d cells have no counts in the model's genes: their confidence is 0 (Unassigned at any threshold "
+            "above 0).",
             n_empty,
             len(empty),
         )
-        conf = np.zeros(len(empty), dtype=np.float64)
-        conf[~empty], conf_params = confidence_with_params(scores[~empty], confidence, calibration=model)
-    conf_params["n_cells_without_counts"] = n_empty
+    conf, conf_params = confidence_with_params(scores, confidence, calibration=model, without_counts=empty)
     if model.calibration is not None:
         conf_params["calibration_source"] = str(model.calibration.get("source", ""))
         conf_params["calibration_n_cells"] = int(model.calibration.get("n_cells", 0))
@@ -424,6 +422,7 @@ def compute_predictions(
         confidence_raw=transform_confidence(scores, "raw"),
         scores=scores,
         params=params,
+        n_genes=expressed,
     )
 
 
@@ -437,6 +436,7 @@ def write_predictions(
     adata.obs[keys["label"]] = out.labels.copy()
     adata.obs[keys["confidence"]] = pd.Series(out.confidence.astype(np.float32), index=index)
     adata.obs[keys["confidence_raw"]] = pd.Series(out.confidence_raw.astype(np.float32), index=index)
+    adata.obs[keys["n_genes"]] = pd.Series(out.n_genes.astype(np.int32), index=index)
     if store_decision_scores:
         # an array, not a DataFrame: class names may hold characters that are not valid zarr keys;
         # the column order is uns[key_added]["classes"]
@@ -444,12 +444,26 @@ def write_predictions(
     elif keys["decision_scores"] in adata.obsm:
         del adata.obsm[keys["decision_scores"]]
     adata.uns[key_added] = dict(out.params)
-    # Cell Ontology columns of an earlier run describe the labels just replaced: a stale id or name is worse than none
+    # Cell Ontology columns of an earlier run name the labels just replaced: a stale id or name is worse than none
     stale = [k for k in (keys["ontology_id"], keys["ontology_label"]) if k in adata.obs]
+    summary = adata.uns.pop(key_added + ONTOLOGY_SUFFIX, None)
     if stale:
-        logger.info("Removing obs columns %s of an earlier run (they named the labels now replaced).", stale)
+        source = summary.get("params", {}).get("source_key") if isinstance(summary, dict) else None
+        if source is not None and source not in (keys["label"], keys["predicted"]):
+            logger.warning(
+                "Removed obs columns %s: add_ontology_ids wrote them for obs[%r], and they would now sit beside the "
+                "new %r labels as if they were theirs. To keep CL ids of %r, map them with "
+                "scx.tl.add_ontology_ids(data, %r, target_key=%r).",
+                stale,
+                source,
+                key_added,
+                source,
+                source,
+                f"{source}_ontology_term_id",
+            )
+        else:
+            logger.info("Removed obs columns %s of an earlier run (they named the labels now replaced).", stale)
         adata.obs = adata.obs.drop(columns=stale)
-    adata.uns.pop(key_added + ONTOLOGY_SUFFIX, None)
 
 
 def _jsonable_dict(d: dict[str, Any]) -> dict[str, Any]:
