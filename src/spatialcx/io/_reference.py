@@ -558,7 +558,7 @@ def read_reference(
     storage_options
         Passed to the fsspec filesystem of a remote URI.
     exclude_labels
-        Labels that are not cell types (default :data:`spatialcx.pp.DEFAULT_EXCLUDE_LABELS`; ``None`` is the
+        Labels that are not cell types (default ``scx.pp.DEFAULT_EXCLUDE_LABELS``; ``None`` is the
         default too): with ``max_cells``, their cells are not drawn, so they do not take up the budget (training
         leaves them out anyway). Without ``max_cells`` every cell is kept.
 
