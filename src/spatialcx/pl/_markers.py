@@ -108,19 +108,18 @@ def predicted_labels(adata: AnnData, key: str) -> tuple[pd.Series, str]:
     predicted = f"{key}{PREDICTED_SUFFIX}"
     if predicted not in adata.obs.columns:
         return adata.obs[key], key
+    from ..tl._filter import _class_lists
+
     labels = adata.obs[predicted]
-    params = adata.uns.get(key)
-    if isinstance(params, Mapping):
-        classes, names = list(params.get("classes", [])), list(params.get("names", []))
-        if classes and len(classes) == len(names):
-            mapping = {str(c): str(n) for c, n in zip(classes, names, strict=True)}
-            cat = as_categorical(labels)
-            renamed = [mapping.get(str(c), str(c)) for c in cat.categories]
-            if renamed != [str(c) for c in cat.categories]:
-                unique = list(dict.fromkeys(renamed))
-                where = np.array([unique.index(n) for n in renamed] + [-1], dtype=np.int64)
-                codes = where[np.asarray(cat.codes, dtype=np.int64)]  # code -1 (missing) picks the last entry, -1
-                labels = pd.Series(pd.Categorical.from_codes(codes, categories=unique), index=labels.index)
+    mapping = _class_lists(adata, key, "names")  # the one reader of uns[key]["classes"] / ["names"]
+    if mapping:
+        cat = as_categorical(labels)
+        renamed = [mapping.get(str(c), str(c)) for c in cat.categories]
+        if renamed != [str(c) for c in cat.categories]:
+            unique = list(dict.fromkeys(renamed))
+            where = np.array([unique.index(n) for n in renamed] + [-1], dtype=np.int64)
+            codes = where[np.asarray(cat.codes, dtype=np.int64)]  # code -1 (missing) picks the last entry, -1
+            labels = pd.Series(pd.Categorical.from_codes(codes, categories=unique), index=labels.index)
     return labels, predicted
 
 
