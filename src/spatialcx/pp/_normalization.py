@@ -606,6 +606,26 @@ def _log1p_normalized(counts: Any, target_sum: float) -> Any:
     return out.X
 
 
+def _columns_of_x_in_raw(adata: AnnData, raw_names: pd.Index, what: str) -> np.ndarray | None:
+    """Positions of X's genes in ``raw.var_names`` (``None``: all of raw, in order); a ValueError when some lack."""
+    pos = pd.Index(raw_names).get_indexer(adata.var_names)
+    if (pos < 0).any():
+        raise ValueError(
+            f"raw.X holds {what}, but {(pos < 0).sum()} of X's genes are not in raw.var_names (e.g. "
+            f"{list(adata.var_names[pos < 0][:10])}), so X cannot be computed from it. Put counts for X's genes in "
+            "adata.layers['counts'] instead."
+        )
+    return None if pos.size == len(raw_names) and (pos == np.arange(pos.size)).all() else pos
+
+
+def _check_x_replaceable(adata: AnnData) -> None:
+    if adata.isbacked:
+        raise ValueError(
+            f"The table is backed by {adata.filename} (read with backed mode), so X cannot be replaced. "
+            "Load it into memory first (adata = adata.to_memory()) or pass copy=True."
+        )
+
+
 def ensure_normalized(
     data: AnnData | SpatialData,
     *,
@@ -691,22 +711,8 @@ def ensure_normalized(
                 "overwritten. Rename or delete layers['counts'] (e.g. adata.layers['old'] = "
                 "adata.layers.pop('counts')) and call again."
             )
-        cols = None
-        if status.raw_source == "raw.X":
-            pos = pd.Index(names).get_indexer(adata.var_names)
-            if (pos < 0).any():
-                missing = list(adata.var_names[pos < 0][:10])
-                raise ValueError(
-                    f"The raw counts are in raw.X, but {(pos < 0).sum()} of X's genes are not in raw.var_names "
-                    f"(e.g. {missing}), so X cannot be recomputed from them. Put counts for X's genes in "
-                    "adata.layers['counts'] instead."
-                )
-            cols = None if pos.size == len(names) and (pos == np.arange(pos.size)).all() else pos
-        if adata.isbacked:
-            raise ValueError(
-                f"The table is backed by {adata.filename} (read with backed mode), so X cannot be replaced. "
-                "Load it into memory first (adata = adata.to_memory()) or pass copy=True."
-            )
+        cols = _columns_of_x_in_raw(adata, names, "the raw counts") if status.raw_source == "raw.X" else None
+        _check_x_replaceable(adata)
         logger.info(f"normalizing the raw counts in {status.raw_source} to log1p({target_sum:g}) in X")
         new_x = _log1p_normalized(counts, target_sum)
         if cols is not None:
@@ -716,21 +722,10 @@ def ensure_normalized(
         logger.info(f"X is already log1p data normalized to ~{status.x_target_sum:,.0f} per cell; left as is")
     elif _raw_log1p_at(status, target_sum):
         logged, names = matrices["raw.X"]
-        pos = pd.Index(names).get_indexer(adata.var_names)
-        if (pos < 0).any():
-            raise ValueError(
-                f"raw.X holds log1p data normalized to ~{target_sum:g} per cell, but {(pos < 0).sum()} of X's genes "
-                f"are not in raw.var_names (e.g. {list(adata.var_names[pos < 0][:10])}), so X cannot be taken from "
-                "it. Put counts for X's genes in adata.layers['counts'] instead."
-            )
-        if adata.isbacked:
-            raise ValueError(
-                f"The table is backed by {adata.filename} (read with backed mode), so X cannot be replaced. "
-                "Load it into memory first (adata = adata.to_memory()) or pass copy=True."
-            )
+        cols = _columns_of_x_in_raw(adata, names, f"log1p data normalized to ~{target_sum:g} per cell")
+        _check_x_replaceable(adata)
         logger.info(f"X ({status.x_state}) is replaced by the log1p({target_sum:g}) data of raw.X for X's genes")
-        whole = pos.size == len(names) and (pos == np.arange(pos.size)).all()
-        new_x = logged.copy() if whole else logged[:, pos]
+        new_x = logged.copy() if cols is None else logged[:, cols]
     elif unsafe_force:
         _force_warning(status, "leaving X as it is")
     else:
