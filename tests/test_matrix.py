@@ -95,6 +95,30 @@ def test_backed_csc_unsorted_rows_within_columns(tmp_path):
         _assert_same(block, x[start:stop])
 
 
+@pytest.mark.parametrize("unsorted", [False, True])
+def test_backed_csc_select_any_rows(tmp_path, monkeypatch, unsorted):
+    x = _counts()
+    csc = x.tocsc()
+    if unsorted:
+        for c in range(csc.shape[1]):
+            a, b = csc.indptr[c], csc.indptr[c + 1]
+            csc.indices[a:b] = csc.indices[a:b][::-1].copy()
+            csc.data[a:b] = csc.data[a:b][::-1].copy()
+        csc.has_sorted_indices = False
+    backed = _backed(tmp_path, csc)
+    monkeypatch.setattr(_matrix, "_CSC_BLOCK", 97)  # many batches of columns
+    reader = _matrix._BackedCSCRows(backed.X, read_ahead=False)
+    rng = np.random.default_rng(0)
+    for rows in [np.sort(rng.choice(300, 40, replace=False)), np.arange(5, 60), np.array([0, 299]), np.array([7])]:
+        _assert_same(reader.select(rows), x[rows])
+    empty = reader.select(np.array([], dtype=np.int64))
+    assert empty.shape == (0, x.shape[1]) and empty.nnz == 0
+    with pytest.raises(ValueError, match="sorted, unique"):
+        reader.select(np.array([5, 3]))
+    with pytest.raises(ValueError, match="within the matrix"):
+        reader.select(np.array([0, 300]))
+
+
 def test_backed_csc_empty(tmp_path):
     backed = _backed(tmp_path, sparse.csc_matrix((20, 5), dtype=np.float32))
     blocks = list(iter_row_blocks(backed.X, 6))

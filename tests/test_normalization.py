@@ -12,6 +12,7 @@ import scanpy as sc
 from scipy import sparse
 
 import spatialcx as scx
+from spatialcx import _matrix
 from spatialcx.pp import _normalization as norm
 from spatialcx.pp._normalization import (
     RAW_SEARCH_ORDER,
@@ -322,7 +323,7 @@ def test_backed_csc_is_read_by_column_blocks(tmp_path, counts, monkeypatch):
     c = make_counts(3000, 40, seed=5)
     adata_of(sparse.csc_matrix(log1p_norm(c, 1e4))).write_h5ad(tmp_path / "csc.h5ad")
     backed = ad.read_h5ad(tmp_path / "csc.h5ad", backed="r")
-    monkeypatch.setattr(norm, "CSC_BLOCK_NNZ", 5000)  # many column blocks
+    monkeypatch.setattr(_matrix, "_CSC_BLOCK", 5000)  # many column blocks
     monkeypatch.setattr(BaseCompressedSparseDataset, "to_memory", lambda self: pytest.fail("read whole"))
     try:
         status = scx.pp.normalization_status(backed)

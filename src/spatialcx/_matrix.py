@@ -151,11 +151,13 @@ class _BackedCSCRows:
                 return pieces[0] if len(pieces) == 1 else sparse.vstack(pieces, format="csr")
         return self._scan(start, stop)
 
-    def _csr(self, start: int, stop: int, counts: np.ndarray, rows: np.ndarray, data: np.ndarray) -> sparse.csr_matrix:
-        """CSR of rows ``start:stop`` from their stored values in column order (``counts`` per column)."""
+    def _csr(self, n_rows: int, counts: np.ndarray, rows: np.ndarray, data: np.ndarray) -> sparse.csr_matrix:
+        """CSR of ``n_rows`` rows from their stored values in column order (``counts`` per column, ``rows`` numbered
+        from 0).
+        """
         indptr = np.concatenate([[0], np.cumsum(counts)])
-        rows = (rows - start).astype(np.int32 if stop - start < 2**31 else np.int64)
-        return sparse.csc_matrix((data, rows, indptr), shape=(stop - start, self.shape[1])).tocsr()
+        rows = rows.astype(np.int32 if n_rows < 2**31 else np.int64)
+        return sparse.csc_matrix((data, rows, indptr), shape=(n_rows, self.shape[1])).tocsr()
 
     def _rows_sorted(self) -> bool:
         """Whether the row indices increase within every column (``indices`` read a piece at a time)."""
@@ -201,30 +203,46 @@ class _BackedCSCRows:
         data = _read_spans(self.data, pos[has], pos[has] + counts[has])
         self._pos = pos + counts
         self._next = stop
-        return self._csr(start, stop, counts, rows, data)
+        return self._csr(stop - start, counts, rows - start, data)
 
     def _scan(self, start: int, stop: int) -> sparse.csr_matrix:
         """Rows ``start:stop``, reading the columns a batch of at most :data:`_CSC_BLOCK` stored values at a time."""
+        return self.select(np.arange(start, stop))
+
+    def select(self, rows: np.ndarray) -> sparse.csr_matrix:
+        """The sorted, unique ``rows`` (in that order), reading the columns a batch of at most :data:`_CSC_BLOCK`
+        stored values at a time: one pass over the matrix, in memory O(batch + rows selected).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= self.shape[0]):
+            raise ValueError("rows must be sorted, unique and within the matrix")
         indptr, n_cols = self.indptr, self.shape[1]
         counts = np.zeros(n_cols, dtype=np.int64)
         row_parts, data_parts = [], []
+        contiguous = rows.size == 0 or int(rows[-1]) - int(rows[0]) + 1 == rows.size
         c0 = 0
-        while c0 < n_cols:
+        while c0 < n_cols and rows.size:
             c1 = int(np.searchsorted(indptr, indptr[c0] + _CSC_BLOCK, side="right")) - 1
             c1 = min(max(c1, c0 + 1), n_cols)
             a, b = int(indptr[c0]), int(indptr[c1])
             if b > a:
-                r = np.asarray(self.indices[a:b])
-                keep = np.flatnonzero((r >= start) & (r < stop))
+                r = np.asarray(self.indices[a:b], dtype=np.int64)
+                if contiguous:  # a range of rows: position = row - first row
+                    new = r - rows[0]
+                    keep = np.flatnonzero((new >= 0) & (new < rows.size))
+                else:
+                    at = np.minimum(np.searchsorted(rows, r), rows.size - 1)
+                    keep = np.flatnonzero(rows[at] == r)
+                    new = at
                 if keep.size:
                     lo, hi = int(keep[0]), int(keep[-1]) + 1
-                    row_parts.append(r[keep])
+                    row_parts.append(new[keep])
                     data_parts.append(np.asarray(self.data[a + lo : a + hi])[keep - lo])
                     counts += np.bincount(np.searchsorted(indptr, a + keep, side="right") - 1, minlength=n_cols)
             c0 = c1
-        rows = np.concatenate(row_parts) if row_parts else np.zeros(0, dtype=np.int64)
+        new_rows = np.concatenate(row_parts) if row_parts else np.zeros(0, dtype=np.int64)
         data = np.concatenate(data_parts) if data_parts else np.zeros(0, dtype=self.data.dtype)
-        return self._csr(start, stop, counts, rows, data)
+        return self._csr(rows.size, counts, new_rows, data)
 
 
 def _read_spans(array: Any, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

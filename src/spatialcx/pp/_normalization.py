@@ -55,6 +55,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from spatialcx._constants import RAW_COUNT_LAYERS, TARGET_SUM
+from spatialcx._matrix import _BackedCSCRows, _is_backed_csc
 from spatialcx._settings import logger
 
 if TYPE_CHECKING:
@@ -75,8 +76,6 @@ MAX_SAMPLE_ELEMENTS = 20_000_000
 SAMPLE_ROW_BUDGET = 20_000
 #: Fewest chunks the sample of a chunked matrix is drawn from.
 MIN_SAMPLE_CHUNKS = 8
-#: Most non-zeros read at once from a file-backed CSC matrix (read by blocks of columns).
-CSC_BLOCK_NNZ = 2_000_000
 #: Most non-zero values used for the value tests.
 N_SAMPLE_VALUES = 10_000
 #: A value is an integer when ``|v - round(v)| < INTEGER_TOL``.
@@ -232,8 +231,10 @@ def _read_sampled_rows(x: Any, rows: np.ndarray) -> sparse.csr_matrix:
     """Read the (sorted, unique) ``rows`` of ``x`` into a float64 CSR matrix without explicit zeros."""
     if len(rows) == 0:
         return sparse.csr_matrix((0, x.shape[1]), dtype=np.float64)
-    if not sparse.issparse(x) and getattr(x, "format", None) == "csc" and hasattr(x, "group"):
-        return _read_rows_backed_csc(x, rows)
+    if _is_backed_csc(x):  # anndata would read the whole matrix to select rows
+        out = sparse.csr_matrix(_BackedCSCRows(x, read_ahead=False).select(rows), dtype=np.float64)
+        out.eliminate_zeros()
+        return out
     if sparse.issparse(x) and x.format not in ("csr", "csc"):
         x = sparse.csr_matrix(x)  # COO/DIA/... cannot be indexed; the matrix is in memory already
     if len(rows) == x.shape[0] and (sparse.issparse(x) or isinstance(x, np.ndarray)):
@@ -246,21 +247,6 @@ def _read_sampled_rows(x: Any, rows: np.ndarray) -> sparse.csr_matrix:
         out = sparse.csr_matrix(part, dtype=np.float64, copy=True)
     else:
         out = sparse.csr_matrix(np.asarray(part, dtype=np.float64))
-    out.eliminate_zeros()
-    return out
-
-
-def _read_rows_backed_csc(x: Any, rows: np.ndarray) -> sparse.csr_matrix:
-    """Rows of a file-backed CSC matrix, read a block of columns at a time (anndata would load it whole)."""
-    indptr = np.asarray(x.group["indptr"][...])
-    blocks, start, n_vars = [], 0, x.shape[1]
-    while start < n_vars:
-        # columns whose non-zeros fit in one block (at least one column)
-        stop = int(np.searchsorted(indptr, indptr[start] + CSC_BLOCK_NNZ, side="right")) - 1
-        stop = min(max(stop, start + 1), n_vars)
-        blocks.append(sparse.csc_matrix(x[:, start:stop])[rows])
-        start = stop
-    out = sparse.csr_matrix(sparse.hstack(blocks, format="csr"), dtype=np.float64)
     out.eliminate_zeros()
     return out
 
