@@ -441,6 +441,28 @@ def test_ensure_normalized_leaves_verified_log1p_10k(counts):
     assert "counts" not in a.layers
 
 
+@pytest.mark.parametrize("where", ["X", "raw.X"])
+def test_log1p_of_unnormalized_counts_near_10k_is_not_taken_for_normalized(where):
+    # counts of about 10,000 per cell, logged but never normalized: the row sums are near 10k, the cells differ
+    c = make_counts(400, 200, mean=45.0, seed=3)
+    assert 8e3 < np.median(c.sum(axis=1)) < 1.2e4
+    logged = np.log1p(c)
+    if where == "X":
+        a = adata_of(logged)
+    else:  # scanpy's layout: log1p in raw, a scaled gene subset in X
+        a = adata_of(logged)
+        a.raw = a
+        a = a[:, :150].copy()
+        a.X = (a.X - a.X.mean(axis=0)) / a.X.std(axis=0)
+    status = scx.pp.normalization_status(a)
+    assert status.stats["checked"][where]["state"] == "log1p_other"
+    assert not status.is_usable
+    before = np.array(a.X, copy=True)
+    with pytest.raises(ValueError, match="log1p"):
+        scx.pp.ensure_normalized(a)
+    np.testing.assert_array_equal(a.X, before)
+
+
 def test_ensure_normalized_copy(counts):
     a = adata_of(counts.copy())
     out = scx.pp.ensure_normalized(a, copy=True)

@@ -417,9 +417,7 @@ def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, di
         raw_source=raw_source,
         x_state=x_state,
         x_target_sum=x_target_sum,
-        is_usable=raw_source is not None
-        or x_state == "log1p_10k"
-        or checked.get("raw.X", {}).get("state") == "log1p_10k",
+        is_usable=raw_source is not None or _log1p_normalized_to(x) or _log1p_normalized_to(checked.get("raw.X", {})),
         has_log1p_uns="log1p" in adata.uns,
         stats={
             "n_obs": int(n_obs),
@@ -432,15 +430,24 @@ def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, di
     return status, {where: (matrix, names) for where, matrix, names in candidates}
 
 
+def _log1p_normalized_to(result: dict[str, Any], target_sum: float = TARGET_SUM) -> bool:
+    """Whether a classified matrix (``_classify``'s result) is log1p of counts normalized to about ``target_sum``.
+
+    The one rule for X and for ``raw.X``: a log scale, ``expm1`` values not themselves integers (counts never
+    normalized), and a median ``expm1`` row sum within 20 % of ``target_sum`` (at the default, ``"log1p_10k"``).
+    """
+    median = result.get("expm1_row_sum_median")
+    return (
+        str(result.get("state", "")).startswith("log1p")
+        and median is not None
+        and not result.get("expm1_integer_fraction", 0.0) > INTEGER_FRACTION
+        and 0.8 * target_sum <= median <= 1.2 * target_sum
+    )
+
+
 def _raw_log1p_at(status: NormalizationStatus, target_sum: float = TARGET_SUM) -> bool:
     """Whether ``raw.X`` holds log1p data normalized to about ``target_sum`` (scanpy's layout: X scaled or subset)."""
-    raw = status.stats.get("checked", {}).get("raw.X", {})
-    median = raw.get("expm1_row_sum_median")
-    return (
-        str(raw.get("state", "")).startswith("log1p")
-        and median is not None
-        and (0.8 * target_sum <= median <= 1.2 * target_sum)
-    )
+    return _log1p_normalized_to(status.stats.get("checked", {}).get("raw.X", {}), target_sum)
 
 
 def normalization_status(
@@ -566,7 +573,7 @@ def find_expression_source(adata: AnnData, *, unsafe_force: bool = False, random
     if status.raw_source is not None:
         matrix, names = matrices[status.raw_source]
         return ExpressionSource(matrix, pd.Index(names), "counts", status.raw_source, status)
-    if status.x_state == "log1p_10k":
+    if _log1p_normalized_to(status.stats["checked"]["X"]):
         return ExpressionSource(adata.X, pd.Index(adata.var_names), "log1p", "X", status)
     if _raw_log1p_at(status):  # scanpy's layout: log1p in raw, X scaled or a gene subset (CellTypist reads raw too)
         matrix, names = matrices["raw.X"]
@@ -679,11 +686,7 @@ def ensure_normalized(
         adata = ref.adata
 
     status, matrices = _inspect(adata, random_state)
-    x_at_target = (
-        status.x_state.startswith("log1p")
-        and status.x_target_sum is not None
-        and 0.8 * target_sum <= status.x_target_sum <= 1.2 * target_sum
-    )
+    x_at_target = _log1p_normalized_to(status.stats["checked"]["X"], target_sum)
 
     new_x = None
     keep_counts = False
