@@ -56,6 +56,24 @@ def test_annotate_h5ad_to_out_then_in_place(demo_files, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.h5ad", "slide.h5ad"]  # no temporary file left
 
 
+def test_annotate_keep_label(demo_files, tmp_path, capsys):
+    ref = f"{demo_files / 'ref.h5ad'}::cell_type"
+    out_path = tmp_path / "o.h5ad"
+    rc = cli_main(
+        ["annotate", str(demo_files / "slide.h5ad"), "-r", ref, "--keep-label", "Ambiguous", "--out", str(out_path)]
+    )
+    assert rc == 0
+    out = ad.read_h5ad(out_path)
+    assert "Ambiguous" in out.uns["cell_type"]["classes"]
+    assert "Ambiguous" not in out.uns["cell_type"]["exclude_labels"] and "NA" in out.uns["cell_type"]["exclude_labels"]
+
+    rc = cli_main(
+        ["annotate", str(demo_files / "slide.h5ad"), "-r", ref, "--keep-label", "Tcell", "--out", str(out_path)]
+    )
+    assert rc == 2
+    assert "--keep-label 'Tcell' is not in the default exclusion list" in capsys.readouterr().err
+
+
 def test_annotate_key_added_and_read_only_files(demo_files, tmp_path, capsys):
     """A read-only .h5ad is not replaced in place (checked before the work); a writable one keeps its mode."""
     import os

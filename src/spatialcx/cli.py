@@ -168,8 +168,15 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
             raise CommandError(f"no label key for reference {path!r}: use PATH::LABEL_KEY or --label-key.")
         refs.append(path)
         keys.append(key)
+    keep = set(args.keep_label or [])
+    unknown = sorted(keep - set(DEFAULT_EXCLUDE_LABELS))
+    if unknown:
+        raise CommandError(
+            f"--keep-label {unknown[0]!r} is not in the default exclusion list (only those labels are left out "
+            f"unless --exclude-label names more): {list(DEFAULT_EXCLUDE_LABELS)}."
+        )
     data, save = _open_data(args.store, table_key=args.table_key, out=args.out)
-    exclude = [*DEFAULT_EXCLUDE_LABELS, *(args.exclude_label or [])]
+    exclude = [label for label in (*DEFAULT_EXCLUDE_LABELS, *(args.exclude_label or [])) if label not in keep]
     t0 = time.perf_counter()
     scx.tl.annotate(
         data,
@@ -309,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL",
         help="a reference label that is not a cell type, left out of training (repeatable; added to the defaults "
         "NA, Unknown, Doublet, Ambiguous, ...)",
+    )
+    ann.add_argument(
+        "--keep-label",
+        action="append",
+        metavar="LABEL",
+        help="a label of the default exclusion list to train on all the same, e.g. --keep-label Unknown (repeatable)",
     )
     ann.add_argument("--model-out", default=None, help="save the trained model (.npz)")
     ann.add_argument("--plots-dir", default=None, help="write QC plots here")

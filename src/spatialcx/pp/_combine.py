@@ -216,7 +216,7 @@ def combine_references(
             if is_excluded.any():  # as scx.tl.train says it
                 logger.warning(
                     "reference %r: %d cells labelled %s are left out (not cell types: exclude_labels; pass "
-                    "exclude_labels=() to keep them).",
+                    "exclude_labels=() to keep them, or --keep-label LABEL with the CLI).",
                     h.name,
                     int(is_excluded.sum()),
                     sorted(excluded_counts[-1].index),
