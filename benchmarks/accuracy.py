@@ -39,13 +39,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-import tracemalloc
 import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+from _bench import measure
 from scipy import sparse
 
 import spatialcx as scx
@@ -304,17 +304,11 @@ def scale_benchmark(n_cells: int = 1_000_000, n_classes: int = 50) -> pd.DataFra
     rows = []
     scx.tl.transform_confidence(scores[:5_000], "calibrated", calibration=calibration)  # imports, not timed
     for method in CONFIDENCE_METHODS:
-        times = []
-        for _ in range(2):  # timed without tracing (tracemalloc slows numpy's allocations), best of 2
-            t0 = time.perf_counter()
-            conf = scx.tl.transform_confidence(scores, method, calibration=calibration)
-            times.append(time.perf_counter() - t0)
+        conf, times, peak = measure(
+            lambda m=method: scx.tl.transform_confidence(scores, m, calibration=calibration), repeats=2
+        )  # best of 2 untraced calls (tracemalloc slows numpy's allocations), then one traced
         assert conf.shape == (n_cells,)
-        tracemalloc.start()
-        scx.tl.transform_confidence(scores, method, calibration=calibration)
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        rows.append({"method": method, "time (s)": round(min(times), 2), "peak extra memory (MB)": round(peak / 2**20)})
+        rows.append({"method": method, "time (s)": round(min(times), 2), "peak extra memory (MB)": round(peak)})
     return pd.DataFrame(rows)
 
 

@@ -12,14 +12,12 @@ peak of ``tracemalloc`` in a second run.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import tempfile
-import time
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+import _bench
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -27,17 +25,9 @@ from scipy import sparse
 
 
 def measure(fn: Callable[[], object]) -> tuple[float, float, object]:
-    """(seconds of an untraced run, peak MB of a traced run, the result of the untraced run)."""
-    gc.collect()
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    gc.collect()
-    tracemalloc.start()
-    fn()
-    peak = tracemalloc.get_traced_memory()[1] / 1e6
-    tracemalloc.stop()
-    return seconds, peak, out
+    """(seconds of an untraced run, peak MB (10^6 bytes) of a traced run, the result)."""
+    out, times, peak_mib = _bench.measure(fn)
+    return times[0], peak_mib * 2**20 / 1e6, out
 
 
 def main() -> None:

@@ -12,60 +12,25 @@ scores are compared as well.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import time
-import tracemalloc
 import warnings
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+from _bench import marker_counts, measure
 from scipy import sparse
 
 
 def make_query(n: int, g: int, nnz: int, k: int, seed: int = 0) -> tuple[ad.AnnData, np.ndarray]:
     """Sparse log1p(10k) data with ~``nnz`` non-zeros per cell and ``k`` classes with their own marker genes."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, k, n)
-    markers = rng.permutation(g)[: k * 50].reshape(k, 50)
-    n_mark = nnz // 4
-    cols = np.concatenate(
-        [
-            markers[labels][np.arange(n)[:, None], rng.integers(0, 50, (n, n_mark))],
-            rng.integers(0, g, (n, nnz - n_mark)),
-        ],
-        axis=1,
-    )
-    rows = np.repeat(np.arange(n), nnz)
-    vals = rng.poisson(1.5, n * nnz).astype(np.float32) + 1
-    x = sparse.csr_matrix((vals, (rows, cols.ravel())), shape=(n, g))
-    x.sum_duplicates()
+    x, labels = marker_counts(n, g, nnz, k, rng=np.random.default_rng(seed), n_markers=50, marker_share=4, mean=1.5)
     lib = np.asarray(x.sum(axis=1)).ravel()
     x = sparse.csr_matrix(sparse.diags(1e4 / lib) @ x).astype(np.float32)
     x.data = np.log1p(x.data)
     adata = ad.AnnData(x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]))
     adata.var_names = [f"G{i}" for i in range(g)]
     return adata, np.array([f"type_{i}" for i in labels])
-
-
-def measure(fn, make_input, repeats=1):
-    """Wall times of ``repeats`` runs (the first call in the process, then repeated calls), then the traced peak
-    memory of one more run."""
-    times = []
-    for _ in range(repeats):
-        data = make_input()
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn(data)
-        times.append(time.perf_counter() - t0)
-    data = make_input()
-    gc.collect()
-    tracemalloc.start()
-    fn(data)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return out, times, peak / 2**20
 
 
 def main() -> None:
@@ -101,9 +66,9 @@ def main() -> None:
         results["scx"] = q
         return q
 
-    _, t_scx, m_scx = measure(run_scx, query.copy, args.repeats)
+    _, t_scx, m_scx = measure(run_scx, query.copy, repeats=args.repeats)
     q_scx = results["scx"]
-    res, t_ct, m_ct = measure(lambda q: celltypist.annotate(q, model=ct_model), query.copy, args.repeats)
+    res, t_ct, m_ct = measure(lambda q: celltypist.annotate(q, model=ct_model), query.copy, repeats=args.repeats)
 
     ours = q_scx.obsm["cell_type_decision_scores"].astype(np.float64)
     theirs = res.decision_matrix.to_numpy()

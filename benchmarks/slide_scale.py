@@ -28,39 +28,29 @@ import logging
 import shutil
 import tempfile
 import time
-import tracemalloc
 import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-from scipy import sparse
+from _bench import marker_counts, measure
 
 
 def make_counts(n: int, g: int, nnz: int, k: int, seed: int) -> ad.AnnData:
     """Integer counts with about ``nnz`` non-zeros per cell; each type draws a tenth of its counts from 25 markers."""
-    rng = np.random.default_rng(seed)
-    markers = np.random.default_rng(12345).permutation(g)[: k * 25].reshape(k, 25)  # the same for every seed
-    labels = rng.integers(0, k, n)
-    parts = []
-    for start in range(0, n, 100_000):  # in blocks, to keep the generator's own memory small
-        lab = labels[start : start + 100_000]
-        m = lab.size
-        n_mark = nnz // 10
-        cols = np.concatenate(
-            [
-                markers[lab][np.arange(m)[:, None], rng.integers(0, 25, (m, n_mark))],
-                rng.integers(0, g, (m, nnz - n_mark)),
-            ],
-            axis=1,
-        )
-        rows = np.repeat(np.arange(m), nnz)
-        vals = rng.poisson(0.6, m * nnz).astype(np.float32) + 1
-        block = sparse.csr_matrix((vals, (rows, cols.ravel())), shape=(m, g))
-        block.sum_duplicates()
-        parts.append(block)
-    x = sparse.vstack(parts, format="csr")
+    x, labels = marker_counts(
+        n,
+        g,
+        nnz,
+        k,
+        rng=np.random.default_rng(seed),
+        marker_rng=np.random.default_rng(12345),  # the same markers for every seed
+        n_markers=25,
+        marker_share=10,
+        mean=0.6,
+        block=100_000,
+    )
     obs = pd.DataFrame({"label": pd.Categorical([f"type_{i}" for i in labels])}, index=[f"c{i}" for i in range(n)])
     obs["cell_id"] = np.arange(n)
     obs["region"] = pd.Categorical(["cells"] * n)
@@ -70,18 +60,9 @@ def make_counts(n: int, g: int, nnz: int, k: int, seed: int) -> ad.AnnData:
 
 
 def timed_and_traced(fn):
-    """(result of the timed run, seconds, traced peak in MB of a second run)."""
-    gc.collect()
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    del out
-    gc.collect()
-    tracemalloc.start()  # only allocations from here on count: what is already loaded is not traced
-    out = fn()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return out, seconds, peak / 2**20
+    """(result, seconds of a run, traced peak in MiB of a second run)."""
+    out, times, peak = measure(fn)
+    return out, times[0], peak
 
 
 def main() -> None:
