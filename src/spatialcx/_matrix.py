@@ -152,9 +152,7 @@ class _BackedCSCRows:
         return self._scan(start, stop)
 
     def _csr(self, n_rows: int, counts: np.ndarray, rows: np.ndarray, data: np.ndarray) -> sparse.csr_matrix:
-        """CSR of ``n_rows`` rows from their stored values in column order (``counts`` per column, ``rows`` numbered
-        from 0).
-        """
+        """CSR of ``n_rows`` rows from their stored values in column order (``counts`` per column, rows from 0)."""
         indptr = np.concatenate([[0], np.cumsum(counts)])
         rows = rows.astype(np.int32 if n_rows < 2**31 else np.int64)
         return sparse.csc_matrix((data, rows, indptr), shape=(n_rows, self.shape[1])).tocsr()
@@ -210,8 +208,9 @@ class _BackedCSCRows:
         return self.select(np.arange(start, stop))
 
     def select(self, rows: np.ndarray) -> sparse.csr_matrix:
-        """The sorted, unique ``rows`` (in that order), reading the columns a batch of at most :data:`_CSC_BLOCK`
-        stored values at a time: one pass over the matrix, in memory O(batch + rows selected).
+        """The sorted, unique ``rows`` (in that order), in one pass over the matrix.
+
+        The columns are read a batch of at most :data:`_CSC_BLOCK` stored values at a time: memory O(batch + rows).
         """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= self.shape[0]):
