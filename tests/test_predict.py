@@ -50,6 +50,17 @@ def test_train_needs_a_quarter_of_the_panel_as_annotate_does(caplog):
     assert "20 of 80 panel genes found in the reference" in caplog.text and "Other0" in caplog.text
 
 
+def test_train_gene_floor_is_annotates_for_small_panels():
+    ref = _data(n=300, seed=1)
+    small = [f"G{i}" for i in range(6)] + [f"Other{i}" for i in range(6)]  # 6 of 12: half a small panel is enough
+    assert scx.tl.train(ref, "label", genes=small).n_features == 6
+    with pytest.raises(ValueError, match=r"Only 5 of 12 panel genes.*at least 6 are needed"):
+        scx.tl.train(ref, "label", genes=[*small[:5], *small[6:], "Other6"])
+    wide = [f"G{i}" for i in range(9)] + [f"Other{i}" for i in range(21)]  # 9 of 30: a quarter, but under 10
+    with pytest.raises(ValueError, match=r"Only 9 of 30 panel genes.*at least 10 are needed"):
+        scx.tl.train(ref, "label", genes=wide)
+
+
 def test_train_matches_genes_case_insensitively_and_leaves_out_non_type_labels(caplog):
     ref = _data(seed=0, depth=5)
     ref.var_names = [f"GENE{i}" for i in range(ref.n_vars)]  # human-style symbols

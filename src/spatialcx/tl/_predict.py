@@ -142,9 +142,9 @@ def train(
     batch_size, epochs, balance_cell_type
         Mini-batch SGD settings (``balance_cell_type`` samples cells inversely to their type's frequency).
     min_genes
-        Fewer shared genes than this is an error; so is less than a quarter of the panel, the rule of
-        :func:`~spatialcx.pp.combine_references` and :func:`~spatialcx.tl.annotate`. Missing panel genes are
-        logged as a warning.
+        Panel genes the reference must share: at least this many (half of a panel of fewer than ``2 * min_genes``
+        genes) and at least a quarter of the panel, the rule of :func:`~spatialcx.pp.combine_references` and
+        :func:`~spatialcx.tl.annotate`; fewer is an error. Missing panel genes are logged as a warning.
     random_state
         Seed of everything random.
     n_jobs
@@ -179,17 +179,10 @@ def train(
             found.n_case_insensitive,
             f"; missing e.g. {found.missing[:5]} (they are left out of the model)." if found.missing else ".",
         )
-        # the rule of combine_references / annotate: at least a quarter of the panel
+        # the rule of combine_references / annotate: a quarter of the panel, and min_genes (half of a small panel)
         check_overlap(
             len(wanted), {"reference": len(shared)}, len(shared), missing_example=found.missing, min_genes=min_genes
         )
-        if len(shared) < min_genes:
-            raise ValueError(
-                f"Only {len(shared)} of the panel's {len(wanted)} genes are in the reference "
-                f"(need at least {min_genes}). Panel genes look like {panel[:5]}, reference genes like "
-                f"{list(ref_genes[:5])}: check that both use gene symbols of the same species "
-                "(Ensembl ids must be mapped to symbols first)."
-            )
     keep = labels.notna().to_numpy()
     if not keep.all():
         logger.info("%d reference cells without a label are ignored", int((~keep).sum()))
