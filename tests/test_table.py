@@ -281,6 +281,33 @@ def test_broken_link_is_refused(v3_store):
     assert _snapshot(v3_store) == before
 
 
+@pytest.mark.parametrize("store", ["v3_store", "v2_store"])
+def test_a_changed_link_is_written_with_obs_and_uns_together(store, request):
+    from spatialdata.models import ShapesModel
+
+    path = request.getfixturevalue(store)
+    sdata = sd.read_zarr(path)
+    n = sdata.tables["table"].n_obs
+    rng = np.random.default_rng(1)
+    sdata.shapes["cells2"] = ShapesModel.parse(rng.uniform(0, 100, (n, 2)), geometry=0, radius=np.ones(n))
+    sdata.write_element("cells2")
+    before = _snapshot(path)
+    table = sdata.tables["table"]
+    table.obs["region"] = pd.Categorical(["cells2"] * n)
+    sdata.set_table_annotates_spatialelement("table", region="cells2", region_key="region", instance_key="cell_id")
+    for elements in [("obs",), ("uns",), ("obs", "obsm")]:
+        with pytest.raises(ValueError, match="link of table 'table' to its spatial elements changed"):
+            write_table(sdata, elements=elements)
+    assert _snapshot(path) == before
+    write_table(sdata, elements=("obs", "uns"))
+    again = sd.read_zarr(path)  # readable, linked to the new shapes
+    assert again.tables["table"].uns["spatialdata_attrs"]["region"] == "cells2"
+    assert set(again.tables["table"].obs["region"]) == {"cells2"}
+    table.obs["note"] = "x"  # the link is unchanged now: obs alone is fine
+    write_table(sdata, elements=("obs",))
+    assert "note" in sd.read_zarr(path).tables["table"].obs
+
+
 def test_table_that_no_longer_matches_the_store_is_refused(v3_store):
     sdata = sd.read_zarr(v3_store)
     before = _snapshot(v3_store)

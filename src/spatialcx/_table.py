@@ -555,6 +555,44 @@ def _check_matches_disk(live: Path, adata: AnnData, table_key: str, elements: tu
             "removed in memory; writing uns would break the link between the table and its shapes. Restore it with "
             "`sdata.set_table_annotates_spatialelement(...)` (or TableModel.parse) before writing. Nothing was written."
         )
+    # The link lives in uns (mirrored in the group's attributes) and names obs columns: when it changed in memory,
+    # obs and uns must be written together, or the store would hold the new obs with the old link (or the reverse),
+    # a table spatialdata refuses to read.
+    on_disk = _link_on_disk(group)
+    in_memory = _normal_link(adata.uns.get(_ATTRS_KEY)) if _ATTRS_KEY in adata.uns else None
+    missing = [name for name in ("obs", "uns") if name not in elements]
+    if on_disk != in_memory and ("obs" in elements or "uns" in elements) and missing:
+        raise ValueError(
+            f"The link of table {table_key!r} to its spatial elements changed in memory (in the store: {on_disk}; in "
+            f"memory: {in_memory}). The link is in uns and names obs columns, so writing "
+            f"{' and '.join(n for n in ('obs', 'uns') if n in elements)} without {' and '.join(missing)} would leave "
+            f"a table that spatialdata cannot read. Write both: `scx.io.write_table(sdata, {table_key!r}, "
+            f"elements={tuple(sorted({*elements, 'obs', 'uns'}))})`. Nothing was written."
+        )
+
+
+def _normal_link(attrs: Any) -> dict[str, Any] | None:
+    """``region`` (sorted list of str), ``region_key``, ``instance_key`` of a link; None when there is none."""
+    if not isinstance(attrs, Mapping) or all(attrs.get(k) is None for k in _LINK_KEYS):
+        return None
+    region = _json_value(attrs.get("region"))
+    regions = sorted(str(r) for r in ([region] if isinstance(region, str) or region is None else list(region)))
+    return {
+        "region": regions,
+        "region_key": _json_value(attrs.get("region_key")),
+        "instance_key": _json_value(attrs.get("instance_key")),
+    }
+
+
+def _link_on_disk(group: zarr.Group) -> dict[str, Any] | None:
+    """The table's link as stored: ``uns['spatialdata_attrs']`` (what spatialdata reads), else the group attributes."""
+    if "uns" in group and _ATTRS_KEY in group["uns"]:
+        try:
+            from anndata.io import read_elem
+        except ImportError:  # anndata < 0.11
+            from anndata.experimental import read_elem
+        return _normal_link(read_elem(group["uns"][_ATTRS_KEY]))
+    return _normal_link(dict(group.attrs))
 
 
 # --------------------------------------------------------------------------------------------------------------------
