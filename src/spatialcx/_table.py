@@ -317,6 +317,10 @@ def write_table(
     store has it, and the store's zarr format (v2 or v3) is kept. A table that is not yet in the store is written
     whole.
 
+    Writes into one store run one at a time (an advisory lock), but each writes the table as it is in memory: when
+    two processes change the same table, the later write replaces the earlier one's changes (reload the store first).
+    A reader that opens the store during the swap may fail or see a mix of the two versions.
+
     Parameters
     ----------
     sdata
@@ -336,7 +340,8 @@ def write_table(
     ValueError
         If ``sdata`` is not backed by a zarr store, the store is not local, ``elements`` names something that cannot
         be written, the table no longer matches the one in the store (cells or genes), its link to the spatial
-        elements (``uns["spatialdata_attrs"]``) is broken, or ``.uns`` holds a value that cannot be serialised.
+        elements (``uns["spatialdata_attrs"]``) is broken or changed without writing both ``obs`` and ``uns``, or
+        ``.uns`` holds a value that cannot be serialised.
         Nothing in the store is changed in these cases.
 
     Examples
