@@ -203,6 +203,32 @@ def test_read_reference_ensembl_ids_to_panel_symbols(tmp_path):
         scx.io.read_reference(tmp_path / "ens.h5ad", label_key="cell_type", genes=["Foo", "Bar"])
 
 
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_read_reference_genes_only_in_raw(tmp_path, fmt, caplog):
+    """X subset to some genes (log1p), raw holds the counts of all: genes only in raw are kept for training."""
+    counts = make_reference(n_genes=40)
+    ref = counts.copy()
+    ref.raw = counts
+    ref.X = log1p_10k(counts.X)
+    ref = ref[:, :20].copy()
+    path = tmp_path / f"r.{fmt}"
+    ref.write_h5ad(path) if fmt == "h5ad" else ref.write_zarr(path)
+    panel = ["Gene1", "Gene30", "Gene3", "Gene35"]
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        lazy = scx.io.read_reference(path, label_key="cell_type", genes=panel, max_cells=200)
+    assert list(lazy.var_names) == ["Gene1", "Gene3"]
+    assert "2 of the genes asked for are in raw but not in X" in caplog.text
+    assert lazy.uns["spatialcx_reference"]["n_genes_only_in_raw"] == 2
+    mem = lazy.to_memory()
+    assert mem.raw.shape == (200, 40)
+    model = scx.tl.train(lazy, "cell_type", genes=panel)  # the raw counts of all four
+    assert list(model.features) == panel
+    only_raw = scx.io.read_reference(path, label_key="cell_type", genes=["Gene30", "Gene35"])
+    assert only_raw.n_vars == 0 and only_raw.raw.n_vars == 40
+    with pytest.raises(ValueError, match="None of the 2 genes"):
+        scx.io.read_reference(path, label_key="cell_type", genes=["Foo", "Bar"])
+
+
 def test_read_reference_zarr_and_feature_name(tmp_path):
     ref = make_reference(n_genes=5)
     ref.var_names = [f"ENSG0000000000{i}" for i in range(5)]

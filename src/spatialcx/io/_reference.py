@@ -263,6 +263,13 @@ def _open_store(path: Path) -> tuple[Any, Callable[[], None]]:
     return f, f.close
 
 
+def _read_feature_names(df_group: Any) -> pd.Series | None:
+    """``var["feature_name"]`` of a var group (CELLxGENE's symbols beside Ensembl ids), or None."""
+    if "feature_name" not in _df_columns(df_group):
+        return None
+    return _read_column(df_group, "feature_name").astype(object)
+
+
 def _read_index(df_group: Any) -> pd.Index:
     from anndata.io import read_elem
 
@@ -543,8 +550,10 @@ def read_reference(
     label_key
         obs column with the cell-type labels.
     genes
-        Keep only these genes (e.g. the spatial panel), in this order, named as given: a list (or other sequence) of
-        names, not a single string. Ensembl-indexed references are mapped to symbols (``var["feature_name"]`` or the
+        Keep only these genes (e.g. the spatial panel) in X, in this order, named as given: a list (or other
+        sequence) of names, not a single string. ``raw``, when present, keeps all its genes: genes that X lacks (X
+        subset to highly variable genes) are still read from its counts by :func:`~spatialcx.tl.train` and
+        :func:`~spatialcx.pp.combine_references` (a warning says how many). Ensembl-indexed references are mapped to symbols (``var["feature_name"]`` or the
         packaged human / mouse tables) and matched case-insensitively where unambiguous. ``None`` keeps every gene,
         renamed to symbols when the reference is Ensembl-indexed.
     max_cells
@@ -574,7 +583,7 @@ def read_reference(
     TypeError
         When ``genes`` is a single string, or ``max_cells`` is not a number.
     ValueError
-        When ``max_cells`` is below 1, or none of ``genes`` is in the reference.
+        When ``max_cells`` is below 1, or none of ``genes`` is in the reference (X or raw).
     KeyError
         When ``label_key`` is not an obs column.
     """
@@ -600,22 +609,36 @@ def read_reference(
             raise KeyError(f"label_key {label_key!r} is not an obs column of {os.fspath(uri)!r}; available: {columns}.")
         labels = _read_column(obs, label_key).astype(object)
         var_names = _read_index(store["var"])
-        feature = (
-            _read_column(store["var"], "feature_name").astype(object)
-            if "feature_name" in _df_columns(store["var"])
-            else None
-        )
+        feature = _read_feature_names(store["var"])
+        raw_var = store["raw"]["var"] if "raw" in store and "var" in store["raw"] else None
+        raw_names = _read_index(raw_var) if raw_var is not None and genes is not None else None
+        raw_feature = _read_feature_names(raw_var) if raw_names is not None else None
     finally:
         close()
     symbols = to_symbols(var_names, feature_names=feature)
+    n_only_raw = 0
     if genes is not None:
         match = match_genes(list(genes), symbols.symbols, ids=var_names)
-        if match.n_found == 0:
+        if raw_names is not None and match.missing:  # X may be a gene subset (e.g. highly variable genes) of raw
+            raw_symbols = to_symbols(raw_names, feature_names=raw_feature).symbols
+            n_only_raw = match_genes(list(match.missing), raw_symbols, ids=raw_names).n_found
+        if match.n_found == 0 and n_only_raw == 0:
             raise ValueError(
                 f"None of the {len(genes)} genes asked for is in {os.fspath(uri)!r} (e.g. {list(genes)[:5]}; the "
                 f"reference has e.g. {list(symbols.symbols[:5])}). Check the species and gene naming."
             )
         logger.info("%s: %d of %d genes found.", os.fspath(uri), match.n_found, len(genes))
+        if n_only_raw:
+            logger.warning(
+                "%s: %d of the genes asked for are in raw but not in X (X holds %d genes, raw %d). X keeps the %d "
+                "found in it; raw keeps every gene, and scx.tl.train / scx.pp.combine_references read the raw counts "
+                "of all of them.",
+                os.fspath(uri),
+                n_only_raw,
+                len(var_names),
+                len(raw_names),
+                match.n_found,
+            )
         cols, new_names = match.columns, pd.Index(match.genes)
     else:
         cols, new_names = np.arange(len(var_names)), symbols.symbols
@@ -639,6 +662,7 @@ def read_reference(
         "gene_names": symbols.method,
         "n_genes_requested": -1 if genes is None else len(genes),
         "n_genes_found": int(len(cols)),
+        "n_genes_only_in_raw": int(n_only_raw),
         "random_state": int(random_state),
         "exclude_labels": list(excluded) if max_cells is not None else [],
     }

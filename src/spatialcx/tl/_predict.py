@@ -70,16 +70,22 @@ def _resolve_genes(genes: Sequence[str] | AnnData | SpatialData | None) -> list[
 
 
 def training_matrix(
-    reference: AnnData, genes: Sequence[str], *, target_sum: float = TARGET_SUM, chunk_size: int | None = None
+    reference: AnnData,
+    genes: Sequence[str],
+    *,
+    target_sum: float = TARGET_SUM,
+    chunk_size: int | None = None,
+    source: Any = None,
 ) -> sparse.csr_matrix:
     """Log1p-normalized expression of ``reference`` over ``genes`` (library size over those genes), as CSR float32.
 
-    Read chunk by chunk from the raw counts found by the normalization detection (or verified log1p(10k) ``X``).
+    Read chunk by chunk from the raw counts found by the normalization detection (or verified log1p(10k) ``X``), or
+    from ``source`` (the :class:`~spatialcx.pp._normalization.ExpressionSource` already found).
     """
     from spatialcx._matrix import gene_indices
     from spatialcx.pp._normalization import find_expression_source
 
-    src = find_expression_source(reference)
+    src = find_expression_source(reference) if source is None else source
     cols = gene_indices(src.var_names, genes, what="reference")
     chunk = default_chunk_size(len(cols), chunk_size)
     blocks = [
@@ -161,14 +167,18 @@ def train(
     labels = _labels(reference, label_key)
     excluded = label_list(exclude_labels)
     panel = _resolve_genes(genes)
-    ref_genes = pd.Index(as_str_array(reference.var_names))
-    if panel is None:
-        shared = list(ref_genes)
+    from spatialcx.pp._normalization import find_expression_source
+
+    source = find_expression_source(reference)
+    if panel is None:  # X's genes, as CellTypist trains
+        shared = list(as_str_array(reference.var_names))
         read_as = shared
     else:
         from spatialcx.pp._harmonize import check_overlap, match_genes
 
         wanted = list(pd.Index(panel).unique())
+        # the genes of the counts read (raw.X may hold more genes than an X subset to highly variable genes)
+        ref_genes = pd.Index(as_str_array(source.var_names))
         found = match_genes(wanted, ref_genes)  # exact first, then case-insensitively where unambiguous
         shared = found.genes  # the panel's spelling: the model scores the spatial table by these names
         read_as = [str(ref_genes[c]) for c in found.columns]
@@ -196,7 +206,7 @@ def train(
             names,
         )
         keep &= ~left_out
-    x = training_matrix(reference, read_as, chunk_size=chunk_size)
+    x = training_matrix(reference, read_as, chunk_size=chunk_size, source=source)
     y = labels.astype(str).to_numpy()
     if not keep.all():
         x, y = x[keep], y[keep]
