@@ -6,6 +6,7 @@ import shutil
 import sys
 import types
 from contextlib import contextmanager
+from pathlib import Path
 
 import anndata as ad
 import fsspec
@@ -145,6 +146,17 @@ def test_predefined_dataset_with_max_cells(tmp_path, fake_census):
     assert adata.n_obs == 100 and counts["pericyte"] == 12  # rare types whole, largest capped first
     assert adata.uns["spatialcx_acquisition"]["n_cells_kept"] == 100
     assert "spatialcx_reference" not in adata.uns
+    whole = ad.read_h5ad(scx.io.acquire_reference("cellxgene://lung_covid", tmp_path / "whole.h5ad"))
+    assert list(adata.var_names) == list(whole.var_names)  # the file's own index (Ensembl ids), as downloaded
+    assert list(adata.var["feature_name"]) == list(whole.var["feature_name"])
+
+
+def test_existing_output_under_home_is_reused(tmp_path, fake_census, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    first = scx.io.acquire_reference("cellxgene://lung_covid", "~/refs/covid.h5ad")
+    again = scx.io.acquire_reference("cellxgene://lung_covid", "~/refs/covid.h5ad")
+    assert Path(first).expanduser() == tmp_path / "refs" / "covid.h5ad" and Path(again).expanduser().is_file()
+    assert len(fake_census["download"]) == 1  # the second call found the file
 
 
 def test_subsampling_a_downloaded_file_keeps_every_label(tmp_path):

@@ -121,7 +121,7 @@ def _output_target(output: str | os.PathLike, default_name: str) -> str:
 def _exists(target: str, storage_options: dict[str, Any] | None) -> bool:
     if not is_remote(target):
         _, rest = split_protocol(target)
-        return Path(rest).exists()
+        return Path(rest).expanduser().exists()
     fs, path = get_filesystem(target, storage_options)
     return fs.exists(path)
 
@@ -163,7 +163,7 @@ def _subsample_file(path: Path, label_key: str | None, max_cells: int, random_st
     """Write at most ``max_cells`` cells of ``path`` to ``out`` (types capped largest first); return the count."""
     import anndata as ad
 
-    from ._reference import read_reference
+    from ._reference import _read_index, read_reference
 
     if label_key is None:
         adata = ad.read_h5ad(path, backed="r")
@@ -182,6 +182,12 @@ def _subsample_file(path: Path, label_key: str | None, max_cells: int, random_st
         if getattr(lazy, "file", None) is not None and hasattr(lazy.file, "close"):
             lazy.file.close()
     mem.uns.pop("spatialcx_reference", None)
+    # read_reference names genes by symbol; the subsample keeps the file's own var index (e.g. Ensembl ids), as the
+    # whole download and raw do
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        mem.var_names = _read_index(f["var"])
     mem.write_h5ad(out)
     return mem.n_obs
 
