@@ -65,6 +65,45 @@ def test_local_paths_are_returned_unchanged(tmp_path):
         scx.io.resolve_uri(f"file://{tmp_path}/missing.h5ad")
 
 
+def test_file_uris_percent_encoded_and_localhost(tmp_path):
+    folder = tmp_path / "dir with space"
+    folder.mkdir()
+    f = folder / "my ref é.h5ad"
+    f.write_bytes(b"x")
+    assert scx.io.resolve_uri(f.as_uri()) == f  # file:///.../dir%20with%20space/my%20ref%20%C3%A9.h5ad
+    assert scx.io.resolve_uri(f"file://{f}") == f  # not encoded
+    assert scx.io.resolve_uri(f"file://localhost{f.as_uri()[len('file://') :]}") == f
+    literal = tmp_path / "100%20done.h5ad"  # a name with a literal escape sequence, as written
+    literal.write_bytes(b"y")
+    assert scx.io.resolve_uri(f"file://{literal}") == literal
+
+
+def test_http_folder_is_refused_clearly(tmp_path, monkeypatch):
+    """Over http(s) a folder cannot be listed: a clear error, nothing left in the cache."""
+    site = tmp_path / "site"
+    _small_adata().write_zarr(site / "ref.zarr")
+    _small_adata().write_h5ad(site / "ref.h5ad")
+
+    class LocalHTTP(DirFileSystem):
+        protocol = ("http", "https")
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(path=str(site), fs=LocalFileSystem())
+
+        @classmethod
+        def _strip_protocol(cls, path):  # http://host/a/b -> a/b, under the site folder
+            path = str(path)
+            return path.split("://", 1)[1].partition("/")[2] if "://" in path else path
+
+    LocalHTTP.clear_instance_cache()
+    monkeypatch.setitem(FSSPEC_REGISTRY._registry, "http", LocalHTTP)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="folder .* served over http://"):
+        scx.io.resolve_uri("http://example.org/ref.zarr", cache_dir=cache)
+    assert not (cache / "references").exists() or not any((cache / "references").iterdir())
+    assert ad.read_h5ad(scx.io.resolve_uri("http://example.org/ref.h5ad", cache_dir=cache)).n_obs == 20
+
+
 def test_remote_file_is_cached_and_reused(tmp_path, memfs):
     fs, root = memfs
     local = tmp_path / "src.h5ad"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -79,6 +80,24 @@ def get_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     return fs, path
 
 
+def _local_path(uri: str) -> Path:
+    """The path of a ``file://`` (or ``local://``) URI.
+
+    Percent-escapes are decoded (``Path.as_uri()`` writes them) when the host is empty or ``localhost``; a path with a
+    literal ``%`` that exists as written is kept as written.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    import fsspec.implementations.local as local
+
+    _, rest = split_protocol(uri)
+    as_written = Path(local.make_path_posix(rest)).expanduser()
+    parts = urlsplit("file://" + rest)
+    if parts.netloc not in ("", "localhost") or as_written.exists():  # file://relative/path: fsspec's reading
+        return as_written
+    return Path(unquote(parts.path)).expanduser()
+
+
 def _cache_path(uri: str, cache_dir: Path) -> Path:
     """Cache location of ``uri``: a folder named by the URI's hash holding a file with the URI's base name."""
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -119,6 +138,9 @@ def _atomic_download(fs, rpath: str, dest: Path, *, is_dir: bool) -> None:
             os.replace(tmp, dest)
     finally:
         _remove(tmp)
+        if not dest.exists():  # a failed first download leaves no empty cache folder
+            with contextlib.suppress(OSError):
+                dest.parent.rmdir()
 
 
 def resolve_uri(
@@ -137,7 +159,8 @@ def resolve_uri(
         ``gcsfs``), ``s3://`` (needs the ``s3`` extra, ``s3fs``). Files (``.h5ad``) and folders (AnnData ``.zarr``
         stores) are supported. Credentials come from the environment as the filesystem library reads them
         (``GOOGLE_APPLICATION_CREDENTIALS``, ``AWS_ACCESS_KEY_ID`` / ``AWS_PROFILE``, ...) or from
-        ``storage_options``.
+        ``storage_options``. A ``file://`` URI may be percent-encoded (as ``Path.as_uri()`` writes it). Folders
+        are not supported over ``http(s)://``, which cannot list them: give an ``.h5ad`` URL there.
     cache_dir
         Where downloads are kept. Defaults to ``$SPATIALCX_CACHE_DIR`` when that environment variable is set, else
         the user's cache folder for spatialcx (``platformdirs.user_cache_dir("spatialcx")``, e.g.
@@ -160,15 +183,13 @@ def resolve_uri(
         When a local path or remote object does not exist.
     ImportError
         When the protocol needs an optional extra that is not installed.
+    ValueError
+        When the URI names a folder over ``http(s)://``.
     """
     text = os.fspath(uri)
     protocol, rest = split_protocol(text)
     if protocol is None or protocol in _LOCAL_PROTOCOLS:
-        if protocol is not None:
-            import fsspec.implementations.local as local
-
-            rest = local.make_path_posix(rest)
-        path = Path(rest).expanduser()
+        path = _local_path(text) if protocol is not None else Path(rest).expanduser()
         if not path.exists():
             raise FileNotFoundError(
                 f"Reference {text!r} does not exist (looked for {str(path)!r}). Check the path, or give a remote URI "
@@ -187,6 +208,12 @@ def resolve_uri(
             f"Remote reference {text!r} does not exist (or is not readable with these credentials)."
         )
     is_dir = fs.isdir(rpath)
+    if is_dir and protocol in ("http", "https"):
+        raise ValueError(
+            f"{text!r} is a folder (a zarr store) served over {protocol}://, which cannot list the files in a folder "
+            "reliably, so it cannot be downloaded whole. Give the URL of an .h5ad file, a gs:// or s3:// URI of the "
+            "store, or download the store and pass its local path."
+        )
     logger.info("Downloading %s to %s", text, dest)
     _atomic_download(fs, rpath, dest, is_dir=is_dir)
     return dest
