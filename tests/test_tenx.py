@@ -161,6 +161,8 @@ def test_add_errors_write_nothing(tmp_path):
         scx.io.add_10x_cell_types(adata, tmp_path / "cell_types.csv", id_key="nope")
     with pytest.raises(ValueError, match="read_10x_cell_types"):
         scx.io.add_10x_cell_types(adata, pd.DataFrame({"a": [1]}))
+    with pytest.raises(ValueError, match="key_added='a/b' cannot be stored"):  # '/' would nest groups in h5ad/zarr
+        scx.io.add_10x_cell_types(adata, tmp_path / "cell_types.csv", key_added="a/b")
     assert adata.obs.shape[1] == 0 and "10x" not in adata.uns
 
 

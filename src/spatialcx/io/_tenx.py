@@ -192,8 +192,9 @@ def add_10x_cell_types(
     ValueError
         No cell of the file matches the table.
     """
-    from .._table import resolve_table
+    from .._table import check_key, resolve_table
 
+    check_key(key_added)
     df = path if isinstance(path, pd.DataFrame) else read_10x_cell_types(path)
     if isinstance(path, pd.DataFrame) and (df.index.name != "barcode" or not any(lvl in df.columns for lvl in LEVELS)):
         raise ValueError(
