@@ -153,6 +153,21 @@ def test_model_validation_errors():
         fit_model(sparse.csr_matrix(np.ones((5, 3))), ["a"] * 5, ["g1", "g2", "g3"])
 
 
+def test_saving_through_a_symlink_replaces_its_target(tmp_path):
+    """A model saved to a symbolic link (e.g. models/current.npz) updates the file it points to; the link stays."""
+    ref = _lognorm(_counts(n=200))
+    model = fit_model(ref.X, ref.obs["label"], ref.var_names)
+    (tmp_path / "store").mkdir()
+    real = tmp_path / "store" / "v1.npz"
+    real.write_bytes(b"old")
+    link = tmp_path / "current.npz"
+    link.symlink_to(real)
+    assert model.save(link) == link
+    assert link.is_symlink() and link.resolve() == real
+    assert scx.CellTypeModel.load(real).model_hash == model.model_hash
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["v1.npz"]  # no temporary file left
+
+
 def test_saved_files_get_default_permissions(tmp_path):
     """Atomic writes go through mkstemp (mode 0600); the final files must be readable as any new file is."""
     import os

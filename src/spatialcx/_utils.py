@@ -118,20 +118,24 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any], *, s
     Readers see the old file or the whole new one, never a partial one; on any error (or interrupt) the temporary file
     is removed and ``path`` is left as it was. The folder is created if needed. A file replaced keeps its permissions
     (a read-only one is not replaced: PermissionError); a new one gets those a plain ``open(path, "w")`` would give.
-    ``suffix`` is the temporary file's (some writers want ``.h5ad`` or ``.png``).
+    ``suffix`` is the temporary file's (some writers want ``.h5ad`` or ``.png``). A symbolic link is kept: the file it
+    points to is replaced. The new file's data is flushed to disk before the rename.
     """
     path = Path(path)
-    check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.close(fd)
     try:
-        if path.is_file():
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        if target.is_file():
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
         else:
             set_default_permissions(tmp)
         write(Path(tmp))
-        os.replace(tmp, path)
+        with open(tmp, "rb") as fh:  # the data on disk before the name points to it
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
