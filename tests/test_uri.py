@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import uuid
 from pathlib import Path
 
@@ -213,3 +214,17 @@ def test_fingerprints(tmp_path, monkeypatch):
     _small_adata().write_zarr(store)
     tree = fingerprint(store)
     assert tree.startswith("sha256-tree:") and fingerprint(store) == tree
+
+
+def test_fingerprint_of_an_unchanged_file_is_read_once(tmp_path, monkeypatch):
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"a" * 1000)
+    first = fingerprint(f)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    assert fingerprint(f) == first and not opened  # cached: same path, size, mtime, inode
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # touched: hashed again
+    assert fingerprint(f) == first and opened
+    f.write_bytes(b"b" * 1000)
+    assert fingerprint(f) == "sha256:" + hashlib.sha256(b"b" * 1000).hexdigest()

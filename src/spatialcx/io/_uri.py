@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -229,6 +230,10 @@ def fingerprint(path: str | os.PathLike) -> str:
     metadata files (``.zattrs``, ``.zarray``, ``.zgroup``, ``zarr.json``, ...).
     """
     path = Path(path)
+    if path.is_file():  # the same file, unchanged since it was last hashed in this process: no second read
+        st = path.stat()
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        return _file_fingerprint(*key, FULL_HASH_MAX_BYTES, _SAMPLE_BYTES)
     h = hashlib.sha256()
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -238,14 +243,20 @@ def fingerprint(path: str | os.PathLike) -> str:
             if f.name.startswith(".z") or f.name == "zarr.json":
                 h.update(f.read_bytes())
         return "sha256-tree:" + h.hexdigest()
-    size = path.stat().st_size
+    raise FileNotFoundError(f"{str(path)!r} does not exist.")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_fingerprint(path: str, size: int, mtime_ns: int, inode: int, full_max: int, sample: int) -> str:
+    """:func:`fingerprint` of a file, cached by path, size, modification time and inode (and the two sizes)."""
+    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        if size <= FULL_HASH_MAX_BYTES:
+        if size <= full_max:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
             return "sha256:" + h.hexdigest()
         h.update(str(size).encode())
-        for offset in (0, size // 2, max(size - _SAMPLE_BYTES, 0)):
+        for offset in (0, size // 2, max(size - sample, 0)):
             fh.seek(offset)
-            h.update(fh.read(_SAMPLE_BYTES))
+            h.update(fh.read(sample))
     return "sha256-sampled:" + h.hexdigest()
