@@ -212,7 +212,7 @@ def _unchanged(adata, before_cols):
     ("kwargs", "exc", "match"),
     [
         ({"features": ["MK0", "NOPE"]}, KeyError, "NOPE"),
-        ({"features": ["mk0"]}, KeyError, "did you mean"),
+        ({"features": ["MK00"]}, KeyError, "did you mean"),
         ({"features": []}, ValueError, "empty"),
         ({"features": ["MK0", "MK0"]}, ValueError, "more than once"),
         ({"features": MARKERS, "method": "otsu"}, ValueError, "method"),
@@ -351,3 +351,137 @@ def test_plot_is_saved_and_drawn(tmp_path):
     plt.close("all")
     with pytest.raises(KeyError, match="classify_by_threshold"):
         scx.pl.threshold(adata, "never")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ks: no split below noise
+
+
+def one_population(seed, n=3000):
+    """75 % of cells at 0, the others one Gaussian population of expressing cells (no minority)."""
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random(n) < 0.75, 0.0, rng.normal(5, 1.3, n).clip(0.5))
+    return ad.AnnData(obs=pd.DataFrame({"f": x}, index=[str(i) for i in range(n)])), x
+
+
+def test_ks_does_not_split_one_population_of_expressing_cells():
+    # seed 1 used to be split at 5.87 (27 % of the expressing cells high) on a statistic of 0.044, below noise
+    adata, x = one_population(1)
+    scx.tl.classify_by_threshold(adata, "f", method="ks")
+    fit = adata.uns["threshold"]["fit"]
+    assert fit["side"] == "above_floor"
+    assert adata.uns["threshold"]["threshold"] == 0.0
+    np.testing.assert_array_equal(adata.obs["threshold_cluster"].to_numpy(), (x > 0).astype(int))
+    n = int((x > 0).sum())
+    assert fit["critical_value"] == pytest.approx(1.949 / np.sqrt(n), rel=0.02)  # kstwo at alpha 0.001
+    assert fit["statistic_high"] < fit["critical_value"] and fit["statistic_low"] < fit["critical_value"]
+
+
+def test_ks_one_population_over_seeds_every_expressing_cell_high():
+    # before: 18 high_minority, 16 above_floor, 6 low_minority of 40; median share of expressing cells high 0.65
+    from spatialcx.tl._threshold import _split_ks
+
+    sides = []
+    for seed in range(40):
+        _, x = one_population(seed)
+        threshold, _, info = _split_ks(x.astype(np.float32).astype(np.float64), random_state=0)
+        sides.append(info["side"])
+        if info["side"] == "above_floor":
+            assert threshold == 0.0
+    assert sides.count("above_floor") == 40
+
+
+def test_ks_low_minority_needs_its_own_mode():
+    from spatialcx.tl._threshold import _has_low_mode
+
+    rng = np.random.default_rng(0)
+    bimodal = np.sort(np.r_[rng.normal(1, 0.3, 600), rng.normal(4, 0.6, 2400)])
+    assert _has_low_mode(bimodal, 1.8, float(np.median(bimodal)), random_state=0)
+    one = np.sort(rng.normal(5, 1.3, 3000))
+    assert not _has_low_mode(one, 4.0, 5.0, random_state=0)  # a dip of a few % of a single mode is not a mode
+    assert not _has_low_mode(one, 3.0, 5.0, random_state=0)
+
+
+def test_ks_continuous_feature_without_minority_calls_cells_above_the_lowest_high(caplog):
+    import logging
+
+    rng = np.random.default_rng(5)
+    adata = ad.AnnData(obs=pd.DataFrame({"g": rng.normal(0, 1, 4000)}, index=[str(i) for i in range(4000)]))
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.classify_by_threshold(adata, "g", method="ks")
+    assert adata.uns["threshold"]["fit"]["side"] == "above_floor"
+    assert adata.uns["threshold"]["n_high"] == 3999
+    assert "no minority departs from the bulk" in caplog.text
+
+
+def test_ks_real_xenium_erythroid_threshold_unchanged(shared_data):
+    import scanpy as sc
+
+    folder = shared_data("xenium_bonemarrow")
+    adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
+    scx.tl.classify_by_threshold(adata, ["GYPA", "AHSP", "ALAS2"], method="ks", key_added="ery")
+    assert adata.uns["ery"]["threshold"] == pytest.approx(1.94, abs=0.005)
+    assert adata.uns["ery"]["n_high"] == 5083
+    assert adata.uns["ery"]["fit"]["side"] == "high_minority"
+
+
+def test_ks_real_starmap_flt1_is_not_split_inside_its_distribution(shared_data):
+    adata = ad.read_h5ad(shared_data("starmap_mpfc", "starmap_mpfc.h5ad"))
+    scx.tl.classify_by_threshold(adata, "flt1", method="ks")  # was low_minority at 3.32, 650 of 763 high
+    x = log1p_10k(adata, ["flt1"])[:, 0]
+    assert adata.uns["threshold"]["fit"]["side"] == "above_floor"
+    assert adata.uns["threshold"]["n_high"] == int((x > 0).sum()) == 763
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# names and lazy tables
+
+
+def test_gene_names_match_ignoring_case_when_unambiguous():
+    adata, _ = make_counts(n=2000)
+    scx.tl.classify_by_threshold(adata, ["mk0", "Mk1", "MK2"], key_added="ci")  # was a KeyError
+    scx.tl.classify_by_threshold(adata, MARKERS, key_added="exact")
+    np.testing.assert_array_equal(adata.obs["ci_score"], adata.obs["exact_score"])
+    assert adata.uns["ci"]["features"] == MARKERS
+    assert adata.uns["ci"]["features_requested"] == ["mk0", "Mk1", "MK2"]
+    assert "features_requested" not in adata.uns["exact"]
+    scx.pl.threshold(adata, "ci")  # the plot reads the recorded names
+
+
+def test_gene_names_ambiguous_or_unknown_are_refused():
+    adata, _ = make_counts(n=500)
+    adata.var_names = ["MK0", "mk0", *adata.var_names[2:]]  # two genes differing only by case
+    with pytest.raises(KeyError, match=r"'Mk0' matches \['MK0', 'mk0'\] ignoring case"):
+        scx.tl.classify_by_threshold(adata, "Mk0")
+    with pytest.raises(KeyError, match="did you mean"):
+        scx.tl.classify_by_threshold(adata, "MK22")
+    with pytest.raises(ValueError, match="more than once"):
+        scx.tl.classify_by_threshold(adata, ["MK2", "mk2"])
+    assert "threshold" not in adata.uns
+
+
+@pytest.fixture
+def lazy_starmap(shared_data, tmp_path):
+    import shutil
+
+    import h5py
+    from anndata.experimental import read_lazy
+
+    path = tmp_path / "star.h5ad"
+    shutil.copy(shared_data("starmap_mpfc", "starmap_mpfc.h5ad"), path)
+    with h5py.File(path, "r") as f:
+        yield read_lazy(f)
+
+
+def test_lazy_table_obs_columns(lazy_starmap):
+    lazy = lazy_starmap
+    scx.tl.classify_by_threshold(lazy, ["gad1", "gad2"])
+    assert type(lazy.obs["threshold_score"]).__name__ == "DataArray"  # what failed: xarray obs columns
+    n_high = lazy.uns["threshold"]["n_high"]
+    # an obs column of a lazy table as a feature (was a TypeError: DataArray.to_numpy() got ... 'dtype')
+    scx.tl.classify_by_threshold(lazy, "threshold_score", key_added="t2")
+    assert lazy.uns["t2"]["feature_kinds"] == ["obs"]
+    assert lazy.uns["t2"]["threshold"] == pytest.approx(lazy.uns["threshold"]["threshold"], abs=1e-6)
+    assert lazy.uns["t2"]["n_high"] == n_high
+    fig = scx.pl.threshold(lazy, "threshold")
+    assert f"{n_high} / {lazy.n_obs} high" in fig.axes[0].get_title()

@@ -29,9 +29,16 @@ MIN_CELLS = 10
 MAX_FIT_CELLS = 50_000
 #: Smallest share of cells at the lowest score for ``ks`` to treat the data as zero-inflated.
 ZERO_INFLATION_MIN_FRACTION = 0.05
-#: ``ks`` splits off a low minority only when it forms its own mode: the density at the split must be below this
-#: fraction of the density peak beneath it.
-LOW_MODE_DENSITY_RATIO = 0.95
+#: Significance level of ``ks``: a departure from the bulk is a minority only when its KS statistic exceeds the
+#: ``1 - KS_ALPHA`` quantile of the two-sided one-sample Kolmogorov-Smirnov statistic for that many cells
+#: (:data:`scipy.stats.kstwo`; about ``1.95 / sqrt(n)``). On a single Gaussian population the larger of the two
+#: one-sided statistics of ``ks`` (bulk parameters estimated from the same cells) follows that distribution closely
+#: (simulated: 95th / 99th percentiles 1.3-1.4 / 1.5-1.8 over sqrt(n), for 200 to 50,000 cells), so about one single
+#: population in a thousand is split by chance.
+KS_ALPHA = 0.001
+#: ``ks`` splits off a low minority only when it forms its own mode: between the minority's density peak and the
+#: bulk's, the density must fall below this fraction of the minority's peak (a dip of at least 15 %).
+MODE_DIP_RATIO = 0.85
 _KDE_MAX_CELLS = 5_000
 _KDE_GRID = 128
 _SIGMA_QUANTILES = (0.15865525393145707, 0.8413447460685429)  # Phi(-1), Phi(1)
@@ -155,7 +162,8 @@ def classify_by_threshold(
             "Classify a larger table (e.g. all sections together)."
         )
 
-    kinds = _feature_kinds(adata, features)
+    requested = features
+    features, kinds = _resolve_features(adata, requested)
     values = _feature_values(adata, features, kinds)
     _check_features(values, features, kinds, metagene)
 
@@ -189,6 +197,7 @@ def classify_by_threshold(
 
     params: dict[str, Any] = {
         "features": list(features),
+        "features_requested": list(requested) if requested != features else None,
         "feature_kinds": [kinds[f] for f in features],
         "metagene": metagene if len(features) > 1 else "none (single feature)",
         "method": method,
@@ -246,6 +255,20 @@ def classify_by_threshold(
 # features
 
 
+def obs_column(adata: AnnData, key: str) -> pd.Series:
+    """``adata.obs[key]`` as a pandas Series, also for a table read lazily (:func:`anndata.experimental.read_lazy`).
+
+    A lazy table's obs columns are xarray ``DataArray`` objects, which lack pandas' ``to_numpy(dtype=...)``,
+    ``dropna()``, ``isna()``...; they are read into memory once here (one column, one value per cell).
+    """
+    col = adata.obs[key]
+    if not isinstance(col, pd.Series):
+        col = col.to_pandas()
+        if not isinstance(col, pd.Series):  # e.g. a 0-d or 2-d array: not an obs column we can use
+            raise TypeError(f"obs[{key!r}] is a {type(col).__name__}, not a column with one value per cell.")
+    return col
+
+
 def _as_feature_list(features: str | Sequence[str]) -> list[str]:
     if isinstance(features, str):
         features = [features]
@@ -261,36 +284,71 @@ def _as_feature_list(features: str | Sequence[str]) -> list[str]:
     return features
 
 
-def _feature_kinds(adata: AnnData, features: list[str]) -> dict[str, str]:
+def _resolve_features(adata: AnnData, features: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The table's names of ``features`` and the kind of each (``"gene"`` or ``"obs"``), keyed by those names.
+
+    A name is used as it is when it is a gene or an obs column. Otherwise it is matched to a gene
+    case-insensitively (``Gad1`` finds ``GAD1``, as in :func:`spatialcx.pp._harmonize.match_genes`), unless the
+    table has several genes that differ from it only by case.
+    """
+    from ..pp._harmonize import match_genes
+
+    var_names = pd.Index(adata.var_names.astype(str))
+    obs_columns = {str(c) for c in adata.obs.columns}
+    names: list[str] = []
     kinds: dict[str, str] = {}
     missing = []
     for f in features:
-        in_var, in_obs = f in adata.var_names, f in adata.obs.columns
+        in_var, in_obs = f in var_names, f in obs_columns
         if in_var and in_obs:
             raise ValueError(
                 f"{f!r} is both a gene and an obs column, so it is unclear which one to use. Rename the obs column "
                 f"(e.g. adata.obs.rename(columns={{{f!r}: {f + '_obs'!r}}})) and pass the name you mean."
             )
-        if in_var:
-            kinds[f] = "gene"
-        elif in_obs:
-            kinds[f] = "obs"
-        else:
+        if in_var or in_obs:
+            names.append(f)
+            kinds[f] = "gene" if in_var else "obs"
+            continue
+        match = match_genes([f], var_names, case_insensitive=True)
+        if not match.genes:
             missing.append(f)
+            continue
+        gene = str(var_names[int(match.columns[0])])
+        if gene in obs_columns:
+            raise ValueError(
+                f"{f!r} matches the gene {gene!r} (ignoring case), which is also an obs column; pass {gene!r} after "
+                f"renaming the obs column (e.g. adata.obs.rename(columns={{{gene!r}: {gene + '_obs'!r}}}))."
+            )
+        logger.info("classify_by_threshold: feature %r is the gene %r of the table (matched ignoring case).", f, gene)
+        names.append(gene)
+        kinds[gene] = "gene"
     if missing:
         hints = []
-        pool = list(map(str, adata.var_names)) + list(map(str, adata.obs.columns))
-        lower = {p.lower(): p for p in pool}
+        pool = list(map(str, var_names)) + sorted(obs_columns)
+        folded: dict[str, list[str]] = {}
+        for p in pool:
+            folded.setdefault(p.casefold(), []).append(p)
         for f in missing:
-            close = [lower[f.lower()]] if f.lower() in lower else difflib.get_close_matches(f, pool, n=3)
+            same = folded.get(f.casefold(), [])
+            if len(same) > 1:
+                hints.append(f"{f!r} matches {same} ignoring case: pass the exact name of the one you mean.")
+                continue
+            close = difflib.get_close_matches(f, pool, n=3)
             if close:
                 hints.append(f"{f!r} -> did you mean {close}?")
         raise KeyError(
-            f"Feature(s) {missing} are neither genes of the table ({adata.n_vars} genes) nor obs columns. "
+            f"Feature(s) {missing} are neither genes of the table ({adata.n_vars} genes, matched exactly or ignoring "
+            "case when unambiguous) nor obs columns. "
             + (" ".join(hints) + " " if hints else "")
             + "Check the spelling or use scx.pp.panel_genes(data) to list the panel."
         )
-    return kinds
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        same = {n: [f for f, m in zip(features, names) if m == n] for n in dup}
+        raise ValueError(
+            f"features name the same gene or column more than once ({same}, matched ignoring case); pass each once."
+        )
+    return names, kinds
 
 
 def _feature_values(adata: AnnData, features: list[str], kinds: dict[str, str]) -> np.ndarray:
@@ -305,7 +363,7 @@ def _feature_values(adata: AnnData, features: list[str], kinds: dict[str, str]) 
     for f in features:
         if kinds[f] != "obs":
             continue
-        col = adata.obs[f]
+        col = obs_column(adata, f)
         if isinstance(col.dtype, pd.CategoricalDtype) or not (
             pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
         ):
@@ -451,7 +509,7 @@ def _split_gmm(
 
 def _split_ks(score: np.ndarray, *, random_state: int) -> tuple[float, np.ndarray, dict[str, Any]]:
     """KS-inspired split of a minority population, robust to an excess of cells at the lowest score."""
-    from scipy.stats import norm
+    from scipy.stats import kstwo, norm
 
     floor = float(score.min())
     at_floor = score <= floor
@@ -480,45 +538,77 @@ def _split_ks(score: np.ndarray, *, random_state: int) -> tuple[float, np.ndarra
     # ... and of cells below t over a Gaussian fitted to the right half (a low minority)
     d_low = np.r_[0.0, ecdf[:-1]] - norm.cdf(v, med, sd_right)
     i_high, i_low = int(np.argmax(d_high)), int(np.argmax(d_low))
+    stat_high, stat_low = float(d_high[i_high]), float(d_low[i_low])
+    critical = float(kstwo.isf(KS_ALPHA, n))
     info.update(
         {
             "bulk_median": med,
             "bulk_sd_left": float(sd_left),
             "bulk_sd_right": float(sd_right),
-            "statistic_high": float(d_high[i_high]),
-            "statistic_low": float(d_low[i_low]),
+            "statistic_high": stat_high,
+            "statistic_low": stat_low,
+            "critical_value": critical,
+            "alpha": KS_ALPHA,
         }
     )
-    if d_high[i_high] >= d_low[i_low]:
+    high_ok, low_ok = stat_high > critical, stat_low > critical
+    low_mode = False
+    if low_ok and stat_low > stat_high:
+        t_low = float(v[max(i_low - 1, 0)])
+        low_mode = _has_low_mode(v, t_low, med, random_state=random_state)
+    if high_ok and stat_high >= stat_low:
+        threshold, side, scale = float(v[i_high]), "high_minority", sd_left
+    elif low_mode:
+        threshold, side, scale = t_low, "low_minority", sd_right
+    elif high_ok and not zero_inflated:
         threshold, side, scale = float(v[i_high]), "high_minority", sd_left
     else:
-        t_low = float(v[max(i_low - 1, 0)])
-        if _has_low_mode(v, t_low, random_state=random_state):
-            threshold, side, scale = t_low, "low_minority", sd_right
-        elif zero_inflated:
-            threshold, side, scale = floor, "above_floor", sd_right
-        else:
-            threshold, side, scale = float(v[i_high]), "high_minority", sd_left
+        # no minority above noise (or a low one without its own mode): one population, every cell above the floor
+        threshold, side, scale = floor, "above_floor", sd_right
+        (logger.info if zero_inflated else logger.warning)(
+            "classify_by_threshold (ks): no minority departs from the bulk of the %d cells%s beyond noise (KS "
+            "statistics %.3g above, %.3g below, critical value %.3g at alpha %g%s); every cell above the lowest "
+            "score (%.4g) is high.",
+            n,
+            " above the lowest score" if zero_inflated else "",
+            stat_high,
+            stat_low,
+            critical,
+            KS_ALPHA,
+            "; the low departure forms no mode of its own" if low_ok else "",
+            floor,
+        )
     info["side"] = side
     return threshold, _soft(score, threshold, scale, at_floor if zero_inflated else None), info
 
 
-def _has_low_mode(v: np.ndarray, t: float, *, random_state: int) -> bool:
-    """Whether the sorted values ``v`` have a density peak below ``t`` that is clearly higher than the density at t."""
+def _has_low_mode(v: np.ndarray, t: float, center: float, *, random_state: int) -> bool:
+    """Whether the sorted values ``v`` at or below ``t`` form a density mode of their own, apart from the bulk.
+
+    On a kernel density estimate, the peak at or below ``t`` must be separated from the bulk's peak (the highest
+    density at or above the bulk's ``center``) by a dip below :data:`MODE_DIP_RATIO` times its own height. A
+    shoulder on the bulk (the density still rising up to ``t``) has no dip.
+    """
     from scipy.stats import gaussian_kde
 
     below = v[v <= t]
-    if below.size < MIN_CELLS:
+    if below.size < MIN_CELLS or below.size == v.size or center <= t:
         return False
     rng = np.random.default_rng(random_state)
     sub = v if v.size <= _KDE_MAX_CELLS else rng.choice(v, size=_KDE_MAX_CELLS, replace=False)
     if np.ptp(sub) <= 0:
         return False
     kde = gaussian_kde(sub)
-    kde.set_bandwidth(kde.factor * 0.5)  # Silverman's rule over-smooths two close modes
-    grid = np.linspace(v[0], t, _KDE_GRID)
-    peak = float(kde(grid).max())
-    return bool(kde(np.array([t]))[0] < LOW_MODE_DENSITY_RATIO * peak)
+    kde.set_bandwidth(kde.factor * 0.5)  # Scott's rule over-smooths two close modes (e.g. ambient and expressing)
+    grid = np.linspace(v[0], v[-1], 2 * _KDE_GRID)
+    density = kde(grid)
+    low, bulk = grid <= t, grid >= center
+    if not low.any() or not bulk.any():
+        return False
+    i_low = int(np.flatnonzero(low)[np.argmax(density[low])])
+    i_bulk = int(np.flatnonzero(bulk)[np.argmax(density[bulk])])
+    dip = float(density[i_low : i_bulk + 1].min())
+    return bool(dip < MODE_DIP_RATIO * density[i_low])
 
 
 def _soft(score: np.ndarray, threshold: float, scale: float, at_floor: np.ndarray | None) -> np.ndarray:
