@@ -319,3 +319,34 @@ def test_real_xenium_erythroid_domains(shared_data):
         xy = adata.obsm["spatial"][(adata.obs["ery_domain"] == name).to_numpy()]
         d, _ = cKDTree(xy).query(xy, k=2)
         assert (d[:, 1] <= u["merge_distance"] + 1e-9).all()
+
+
+def test_no_domain_warns_why_and_what_to_try(caplog):
+    adata = grid_table()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=1000)  # was an INFO line only
+    assert adata.obs["domain"].isna().all() and adata.uns["domain"]["n_domains"] == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "no domain found" in warning
+    # 256 + 176 + 9 + 4 selected cells in 4 linked groups, the largest of 256 cells
+    assert "The 445 selected cells form 4 group(s)" in warning and "the largest of 256 cell(s)" in warning
+    assert "min_cells=1000" in warning and "min_cells=256" in warning and "max_distance=30" in warning
+
+
+def test_lazy_table_selection_and_library(shared_data, tmp_path):
+    import shutil
+
+    import h5py
+    from anndata.experimental import read_lazy
+
+    path = tmp_path / "star.h5ad"
+    shutil.copy(shared_data("starmap_mpfc", "starmap_mpfc.h5ad"), path)
+    with h5py.File(path, "r") as f:
+        lazy = read_lazy(f)
+        scx.tl.classify_by_threshold(lazy, ["gad1", "gad2"])
+        # a 0/1 column (was: TypeError DataArray.dropna() missing 'dim'), a categorical value, a library column
+        scx.tl.spatial_domains(lazy, "threshold_cluster", max_distance=400, min_cells=5, library_key="section")
+        assert lazy.uns["domain"]["n_selected"] == lazy.uns["threshold"]["n_high"]
+        assert lazy.uns["domain"]["n_domains"] > 0
+        scx.tl.spatial_domains(lazy, "cell_type_author", value="Astro", key_added="astro", min_cells=3)
+        assert lazy.uns["astro"]["n_selected"] == 240

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..tl._threshold import obs_column
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.figure import Figure
@@ -125,8 +127,8 @@ def _classification(adata: AnnData, key: str) -> tuple[dict, np.ndarray, np.ndar
             f"scx.tl.classify_by_threshold(data, features, key_added={key!r}) first."
         )
     params = dict(adata.uns[key])
-    score = adata.obs[f"{key}_score"].to_numpy(dtype=np.float64)
-    cluster = adata.obs[f"{key}_cluster"].to_numpy().astype(int)
+    score = obs_column(adata, f"{key}_score").to_numpy(dtype=np.float64)
+    cluster = obs_column(adata, f"{key}_cluster").to_numpy().astype(int)
     return params, score, cluster
 
 
@@ -141,5 +143,5 @@ def _feature_values(adata: AnnData, features: list[str], kinds: list[str]) -> np
             out[:, features.index(g)] = expr[:, j]
     for f, k in zip(features, kinds):
         if k != "gene":
-            out[:, features.index(f)] = adata.obs[f].to_numpy(dtype=np.float64)
+            out[:, features.index(f)] = obs_column(adata, f).to_numpy(dtype=np.float64)
     return out

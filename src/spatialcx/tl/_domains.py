@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._settings import logger
+from ._threshold import obs_column
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -184,6 +185,7 @@ def spatial_domains(
     merge_dist = 2.0 * distance if merge_distance is None else float(merge_distance)
 
     comp = _components(coords[sel_idx], None if libraries is None else libraries[sel_idx], distance)
+    component_sizes = np.bincount(comp)
     comp, n_merged, n_dropped_domains = _handle_small(
         comp,
         coords[sel_idx],
@@ -200,13 +202,27 @@ def spatial_domains(
         gdf = _domain_polygons(coords[sel_idx], labels_sel, names, sizes, radius=distance / 2.0)
     # no domain: no polygons, and polygons of an earlier run under the same key would describe domains that are gone
     stale = add_shapes and not names and shapes_key in ref.sdata.shapes
-    if add_shapes and not names:
+    if not names:
+        largest = int(component_sizes.max())
         logger.warning(
-            "spatial_domains(%r): no domain of at least %d linked cells, so no shapes element %r%s.",
+            "spatial_domains(%r): no domain found. The %d selected cells form %d group(s) of cells linked within "
+            "max_distance=%.4g (%s; the median nearest-neighbour distance between all cells is %.4g), the largest of "
+            "%d cell(s), and every group has fewer than min_cells=%d cells, so all were dropped%s. Try a smaller "
+            "min_cells (e.g. min_cells=%d) or a larger max_distance (e.g. max_distance=%.3g); check that the selection "
+            "is the cells you mean.",
             key_added,
+            n_sel,
+            component_sizes.size,
+            distance,
+            source,
+            nn_median,
+            largest,
             int(min_cells),
-            shapes_key,
-            " (the one of an earlier run is removed)" if stale else "",
+            f"; no shapes element {shapes_key!r}" + (" (the one of an earlier run is removed)" if stale else "")
+            if add_shapes
+            else "",
+            max(1, largest),
+            2 * distance,
         )
 
     # assign (everything computed and validated above)
@@ -298,7 +314,7 @@ def _selection_mask(adata: AnnData, selection: Any, value: Any) -> tuple[np.ndar
             raise KeyError(
                 f"obs has no column {selection!r} to select cells with. Columns: {list(adata.obs.columns)[:20]}."
             )
-        col = adata.obs[selection]
+        col = obs_column(adata, selection)
         if value is not None:
             values = list(value) if isinstance(value, list | tuple | set | np.ndarray) else [value]
             mask = col.isin(values).to_numpy(dtype=bool)
@@ -382,7 +398,7 @@ def _linked_shape_centroids(adata: AnnData, sdata: SpatialData) -> tuple[np.ndar
     if region not in sdata.shapes or instance_key not in adata.obs:
         return None
     gdf = sdata.shapes[region]
-    ids = adata.obs[instance_key].to_numpy()
+    ids = obs_column(adata, instance_key).to_numpy()
     pos = instance_positions(gdf.index, ids)
     if (pos < 0).any():
         raise ValueError(
@@ -400,7 +416,7 @@ def _libraries(adata: AnnData, library_key: str | None) -> np.ndarray | None:
         return None
     if library_key not in adata.obs.columns:
         raise KeyError(f"obs has no column {library_key!r} (library_key).")
-    col = adata.obs[library_key]
+    col = obs_column(adata, library_key)
     if col.isna().any():
         raise ValueError(f"obs[{library_key!r}] has missing values; every cell needs a section / sample.")
     return pd.Categorical(col).codes.astype(np.int64)
