@@ -85,3 +85,85 @@ def test_scatter_subsample_named_and_legend_counts(classified):
     n_high = int((classified.obs["t_cluster"] == 1).sum())
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == [f"low ({classified.n_obs - n_high:,})", f"high ({n_high:,})"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# marker_dotplot: combined labels; deg_heatmap: adjusted p-value filter
+
+
+def typed_counts(seed=0, n_per=150):
+    """Counts of three types, each with two marker genes (canonical symbols), plus background genes."""
+    rng = np.random.default_rng(seed)
+    types = ["B cell", "T cell", "macrophage"]
+    genes = ["MS4A1", "CD79A", "CD3E", "CD3D", "CD68", "CD163"] + [f"BG{i}" for i in range(24)]
+    labels = np.repeat(types, n_per)
+    x = rng.poisson(2.0, (labels.size, len(genes))).astype(np.float32)
+    for k, t in enumerate(types):
+        x[labels == t, 2 * k : 2 * k + 2] += rng.poisson(15.0, ((labels == t).sum(), 2))
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(labels.size)])
+    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=genes))
+
+
+def _shaded_columns(fig, row):
+    from matplotlib.patches import Rectangle
+
+    ax = fig.axes[0]
+    cols = []
+    for p in ax.patches:
+        if isinstance(p, Rectangle) and abs(p.get_y() - (row - 0.5)) < 1e-9:
+            cols += list(range(int(round(p.get_x() + 0.5)), int(round(p.get_x() + 0.5 + p.get_width()))))
+    return sorted(cols)
+
+
+def test_marker_dotplot_splits_combined_labels():
+    adata = typed_counts()
+    domain = adata.obs["cell_type"].astype(str).replace({"B cell": "B cell/T cell", "T cell": "B cell/T cell"})
+    adata.obs["domain"] = pd.Categorical(domain)
+    fig = scx.pl.marker_dotplot(adata, groupby="domain")
+    ax = fig.axes[0]
+    genes = [t.get_text() for t in ax.get_xticklabels()]
+    # before: "no canonical markers on the panel: B cell/T cell"; now the markers of B cells and of T cells
+    assert {"MS4A1", "CD79A", "CD3E", "CD3D"} <= set(genes) and {"CD68", "CD163"} <= set(genes)
+    rows = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
+    combined = rows.index("B cell/T cell")
+    assert [genes[j] for j in _shaded_columns(fig, combined)] == [
+        g for g in genes if g in {"MS4A1", "CD79A", "CD3E", "CD3D"}
+    ]
+    notes = [t.get_text() for a in fig.axes for t in a.texts] + [a.get_title(loc="left") for a in fig.axes]
+    assert not any("no canonical markers" in n for n in notes)
+
+
+def test_marker_dotplot_combined_label_with_given_markers_shades_each_part():
+    adata = typed_counts()
+    adata.obs["domain"] = pd.Categorical(adata.obs["cell_type"].astype(str).replace({"T cell": "B cell/T cell"}))
+    markers = {"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"], "macrophage": ["CD68"]}
+    fig = scx.pl.marker_dotplot(adata, groupby="domain", markers=markers)
+    ax = fig.axes[0]
+    genes = [t.get_text() for t in ax.get_xticklabels()]
+    rows = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
+    shaded = [genes[j] for j in _shaded_columns(fig, rows.index("B cell/T cell"))]
+    assert shaded == ["MS4A1", "CD79A", "CD3E", "CD3D"]
+
+
+def test_deg_heatmap_shows_only_genes_below_the_adjusted_p_value():
+    import scanpy as sc
+
+    adata = typed_counts()
+    fig = scx.pl.deg_heatmap(adata, n_genes=5)
+    genes = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    # before: 5 genes per type (15), background genes included; each type has two real markers
+    assert sorted(genes) == sorted(["MS4A1", "CD79A", "CD3E", "CD3D", "CD68", "CD163"])
+    assert fig.axes[0].images[0].get_array().shape == (3, 6)
+    # what the filter keeps is exactly what scanpy calls significant and up-regulated
+    tmp = adata.copy()
+    sc.pp.normalize_total(tmp, target_sum=1e4)
+    sc.pp.log1p(tmp)
+    sc.tl.rank_genes_groups(tmp, "cell_type", method="wilcoxon")
+    df = sc.get.rank_genes_groups_df(tmp, None)
+    sig = df[(df.pvals_adj < 0.05) & (df.logfoldchanges > 0) & (df.scores > 0)]
+    assert set(sig.names) == set(genes)
+    # pval_cutoff=None: the old behaviour, n_genes best-ranked per type
+    fig = scx.pl.deg_heatmap(adata, n_genes=5, pval_cutoff=None)
+    assert fig.axes[0].images[0].get_array().shape[1] > 6
+    with pytest.raises(ValueError, match="pval_cutoff"):
+        scx.pl.deg_heatmap(adata, pval_cutoff=0)

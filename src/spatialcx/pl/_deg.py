@@ -10,6 +10,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
+from ..tl._threshold import obs_column
 from . import _utils
 from ._markers import check_label_column, check_positive_int, draw_group_header, group_codes, unassigned_label
 
@@ -48,15 +49,19 @@ def _normalized_rows(adata: AnnData, rows: np.ndarray) -> tuple[AnnData, str]:
     return tmp, src.where
 
 
-def top_genes(result: dict, groups: list[str], n_genes: int) -> tuple[list[str], list[str]]:
+def top_genes(
+    result: dict, groups: list[str], n_genes: int, *, pval_cutoff: float | None = 0.05
+) -> tuple[list[str], list[str]]:
     """Top up-regulated genes of each group from a ``rank_genes_groups`` result, each gene once.
 
-    A group takes its best-ranked genes with a positive score (and positive log fold change, when computed) that an
-    earlier group has not taken.
+    A group takes its best-ranked genes with a positive score, a positive log fold change (when computed) and an
+    adjusted p-value below ``pval_cutoff`` (when computed; ``None`` does not filter) that an earlier group has not
+    taken: at most ``n_genes``, fewer when fewer pass.
     """
     names = pd.DataFrame(result["names"])
     scores = pd.DataFrame(result["scores"])
     lfc = pd.DataFrame(result["logfoldchanges"]) if "logfoldchanges" in result else None
+    padj = pd.DataFrame(result["pvals_adj"]) if pval_cutoff is not None and "pvals_adj" in result else None
     genes: list[str] = []
     owners: list[str] = []
     taken: set[str] = set()
@@ -64,6 +69,8 @@ def top_genes(result: dict, groups: list[str], n_genes: int) -> tuple[list[str],
         ok = scores[g].to_numpy(dtype=float) > 0
         if lfc is not None:
             ok &= lfc[g].to_numpy(dtype=float) > 0
+        if padj is not None:
+            ok &= padj[g].to_numpy(dtype=float) < pval_cutoff  # NaN (untested) fails
         chosen = [str(n) for n in names[g].to_numpy()[ok] if str(n) not in taken][:n_genes]
         taken.update(chosen)
         genes += chosen
@@ -76,6 +83,7 @@ def deg_heatmap(
     *,
     key: str = "cell_type",
     n_genes: int = 5,
+    pval_cutoff: float | None = 0.05,
     method: str = "wilcoxon",
     min_cells: int = 10,
     max_cells_per_group: int = 2000,
@@ -91,7 +99,9 @@ def deg_heatmap(
     The cells of each type in obs[``key``] (``"Unassigned"`` left out; types with at least ``min_cells`` cells) are
     subsampled to at most ``max_cells_per_group`` (seeded), normalized to log1p(10k) from the raw counts, and tested
     one type against the rest with :func:`scanpy.tl.rank_genes_groups` on a temporary AnnData (nothing is written
-    into the table). Each type contributes its ``n_genes`` best up-regulated genes (each gene shown once). The
+    into the table). Each type contributes its best up-regulated genes (positive score and log fold change,
+    Benjamini-Hochberg adjusted p-value below ``pval_cutoff``; each gene shown once): ``n_genes`` at most, fewer
+    when fewer pass, so that background genes are not drawn as if they were markers. The
     heatmap shows each type's mean expression over the subsample, z-scored per gene across types; the blocks where
     a type meets its own genes are outlined.
 
@@ -102,7 +112,11 @@ def deg_heatmap(
     key
         obs column with the cell-type labels.
     n_genes
-        Genes per type.
+        Most genes per type.
+    pval_cutoff
+        Largest Benjamini-Hochberg adjusted p-value (``pvals_adj`` of :func:`scanpy.tl.rank_genes_groups`) of a
+        gene shown, in (0, 1]; ``None`` shows the best-ranked up-regulated genes whatever their p-value. ``"logreg"``
+        computes no p-values, so the cutoff does not apply to it.
     method
         Test of :func:`scanpy.tl.rank_genes_groups`: ``"wilcoxon"``, ``"t-test"``, ``"t-test_overestim_var"`` or
         ``"logreg"``.
@@ -145,11 +159,18 @@ def deg_heatmap(
     n_genes = check_positive_int(n_genes, "n_genes", fn=fn)
     min_cells = check_positive_int(min_cells, "min_cells", fn=fn)
     max_cells_per_group = check_positive_int(max_cells_per_group, "max_cells_per_group", fn=fn, minimum=2)
+    if pval_cutoff is not None and (
+        isinstance(pval_cutoff, bool) or not (isinstance(pval_cutoff, int | float) and 0 < pval_cutoff <= 1)
+    ):
+        raise ValueError(
+            f"{fn}: pval_cutoff must be in (0, 1] (e.g. 0.05), or None to show genes whatever their p-value; got "
+            f"{pval_cutoff!r}."
+        )
     if method not in METHODS:
         raise ValueError(f"{fn}: method must be one of {METHODS} (scanpy.tl.rank_genes_groups), got {method!r}.")
 
     groups, codes, sizes, too_small = group_codes(
-        adata.obs[key], min_cells=min_cells, exclude=(unassigned_label(adata, key),)
+        obs_column(adata, key), min_cells=min_cells, exclude=(unassigned_label(adata, key),)
     )
     if len(groups) < 2:
         raise ValueError(
@@ -165,9 +186,19 @@ def deg_heatmap(
     logger.info("%s: %s on %d cells of %d types (log1p(10k) of %s)", fn, method, len(rows), len(groups), where)
     kwargs = {"random_state": random_state} if method == "logreg" else {}
     sc.tl.rank_genes_groups(tmp, "group", method=method, use_raw=False, key_added="rank", **kwargs)
-    genes, owners = top_genes(tmp.uns["rank"], groups, n_genes)
+    genes, owners = top_genes(tmp.uns["rank"], groups, n_genes, pval_cutoff=pval_cutoff)
+    filtered = pval_cutoff is not None and "pvals_adj" in tmp.uns["rank"]
     if not genes:
-        raise ValueError(f"{fn}: no gene is up-regulated in any type ({method}); the types are not separable.")
+        raise ValueError(
+            f"{fn}: no gene is up-regulated in any type ({method}"
+            + (f", adjusted p-value < {pval_cutoff:g}" if filtered else "")
+            + "); the types are not separable"
+            + (", or raise pval_cutoff / pass pval_cutoff=None." if filtered else ".")
+        )
+    counts = {g: owners.count(g) for g in groups}
+    short = {g: c for g, c in counts.items() if c < n_genes}
+    if short:
+        logger.info("%s: fewer than %d significant up-regulated genes for %s", fn, n_genes, short)
 
     cols = tmp.var_names.get_indexer(genes)
     x = tmp.X[:, cols]
@@ -214,8 +245,9 @@ def deg_heatmap(
         if title is None:
             capped = " (subsampled)" if (sizes > max_cells_per_group).any() else ""
             title = (
-                f"Top {n_genes} DE genes per type in obs[{key!r}]: {method}, one type vs rest, "
-                f"≤ {max_cells_per_group:,} cells per type{capped}"
+                f"Top {n_genes} DE genes per type in obs[{key!r}]"
+                + (f" (adj. p < {pval_cutoff:g}; fewer where fewer pass)" if filtered else "")
+                + f": {method}, one type vs rest, ≤ {max_cells_per_group:,} cells per type{capped}"
             )
         fig.suptitle(title, fontsize=10)
         if too_small:

@@ -24,6 +24,7 @@ from scipy import sparse
 from .._constants import CONFIDENCE_SUFFIX, ONTOLOGY_ID_SUFFIX, PREDICTED_SUFFIX, UNASSIGNED, UNKNOWN_ONTOLOGY_ID
 from .._settings import logger
 from .._utils import progress
+from ..tl._threshold import obs_column
 from . import _utils
 
 if TYPE_CHECKING:
@@ -107,10 +108,10 @@ def predicted_labels(adata: AnnData, key: str) -> tuple[pd.Series, str]:
     """
     predicted = f"{key}{PREDICTED_SUFFIX}"
     if predicted not in adata.obs.columns:
-        return adata.obs[key], key
+        return obs_column(adata, key), key
     from ..tl._filter import _class_lists
 
-    labels = adata.obs[predicted]
+    labels = obs_column(adata, predicted)
     mapping = _class_lists(adata, key, "names")  # the one reader of uns[key]["classes"] / ["names"]
     if mapping:
         cat = as_categorical(labels)
@@ -182,6 +183,17 @@ def _on_panel(genes: Sequence[str], lookup: Mapping[str, str]) -> list[str]:
     return list(dict.fromkeys(g for g in found if g is not None))
 
 
+#: Separator of the combined labels of :func:`spatialcx.tl.annotate_domains` (e.g. ``"B cell/T cell"``).
+COMBINED_LABEL_SEP = "/"
+
+
+def label_parts(label: str, sep: str = COMBINED_LABEL_SEP) -> list[str]:
+    """The types of a combined label (``"B cell/T cell"`` -> ``["B cell", "T cell"]``); ``[label]`` otherwise."""
+    parts = [p.strip() for p in str(label).split(sep)]
+    parts = [p for p in parts if p]
+    return parts if len(parts) > 1 else [str(label)]
+
+
 def _canonical_tables() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Canonical markers keyed by CL id and by lower-cased CL name; human and mouse symbols together."""
     from spatialcx.tl import load_canonical_markers
@@ -201,7 +213,7 @@ def _group_term_ids(adata: AnnData, key: str, codes: np.ndarray, n_groups: int) 
     out: list[str | None] = [None] * n_groups
     if column not in adata.obs.columns or n_groups == 0:
         return out
-    ids = as_categorical(adata.obs[column])
+    ids = as_categorical(obs_column(adata, column))
     terms = [str(c) for c in ids.categories]
     id_codes = np.asarray(ids.codes, dtype=np.int64)
     ok = (codes >= 0) & (id_codes >= 0)
@@ -249,7 +261,9 @@ def resolve_markers(
     """Match marker genes to the panel for each of ``groups`` (canonical) or for each type of ``markers`` (user).
 
     Canonical markers of a group are those of its cells' most common CL id (``{key}_ontology_term_id``), else of the
-    CL name equal to the group's label (case-insensitive). Genes are matched to ``var_names`` case-insensitively and
+    CL name equal to the group's label (case-insensitive), else, for a combined label of
+    :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``), those of each of its parts (each part's first
+    ``max_genes_per_type``, in the order of the parts). Genes are matched to ``var_names`` case-insensitively and
     kept in the table's order of markers; at most ``max_genes_per_type`` per type for canonical markers.
     """
     lookup = _panel_lookup(var_names)
@@ -270,10 +284,13 @@ def resolve_markers(
     for group, term in zip(groups, term_ids, strict=True):
         known = by_id.get(term) if term is not None else None
         if known is None:
-            known = by_name.get(str(group).lower(), [])
-        panel = _on_panel(known, lookup)
-        if max_genes_per_type is not None:
-            panel = panel[:max_genes_per_type]
+            known = by_name.get(str(group).lower())
+        parts = label_parts(group)
+        if known is None and len(parts) > 1:  # a combined label: the markers of each part
+            per_part = [_on_panel(by_name.get(p.lower(), []), lookup)[:max_genes_per_type] for p in parts]
+            panel = list(dict.fromkeys(g for genes in per_part for g in genes))
+        else:
+            panel = _on_panel(known or [], lookup)[:max_genes_per_type]
         if panel:
             found[group] = panel
         else:
@@ -293,6 +310,17 @@ def _columns(marker_sets: MarkerSets) -> tuple[list[str], list[str]]:
                 genes.append(g)
                 owners.append(t)
     return genes, owners
+
+
+def _runs(columns: Sequence[int]) -> list[tuple[int, int]]:
+    """``(start, width)`` of each run of consecutive column positions (``columns`` sorted)."""
+    runs: list[tuple[int, int]] = []
+    for j in columns:
+        if runs and runs[-1][0] + runs[-1][1] == j:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((j, 1))
+    return runs
 
 
 def _no_markers_text(marker_sets: MarkerSets) -> list[str]:
@@ -532,7 +560,8 @@ def marker_dotplot(
     groupby
         obs column whose groups are the rows; default ``key``. ``"Unassigned"`` cells are left out. With the
         canonical markers, each group's markers are those of its cells' most common CL id in
-        ``{key}_ontology_term_id``, else of the CL name equal to the group's label.
+        ``{key}_ontology_term_id``, else of the CL name equal to the group's label, else, for a combined label of
+        :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``), of each of its parts.
     max_genes_per_type
         Most canonical markers shown per type (the first ones on the panel, in the order of the marker table).
     min_cells
@@ -583,7 +612,7 @@ def marker_dotplot(
     max_genes_per_type = check_positive_int(max_genes_per_type, "max_genes_per_type", fn=fn)
 
     groups, codes, sizes, too_small = group_codes(
-        adata.obs[column], min_cells=min_cells, exclude=(unassigned_label(adata, key),)
+        obs_column(adata, column), min_cells=min_cells, exclude=(unassigned_label(adata, key),)
     )
     if not groups:
         raise ValueError(
@@ -632,13 +661,14 @@ def marker_dotplot(
         cax = fig.add_subplot(side[0])
         sax = fig.add_subplot(side[1])
 
-        # shade each type's own markers
-        col_of = {t: [j for j, o in enumerate(owners) if o == t] for t in dict.fromkeys(owners)}
+        # shade each type's own markers (for a combined label "A/B", the markers of A and of B)
         for i, g in enumerate(groups):
-            cols = col_of.get(g)
-            if cols:
+            own = set(marker_sets.genes.get(g, []))
+            for part in label_parts(g) if not own else []:
+                own.update(marker_sets.genes.get(part, []))
+            for start, width in _runs([j for j, gene in enumerate(genes) if gene in own]):
                 ax.add_patch(
-                    Rectangle((min(cols) - 0.5, i - 0.5), len(cols), 1, facecolor="#e8eef7", edgecolor="none", zorder=0)
+                    Rectangle((start - 0.5, i - 0.5), width, 1, facecolor="#e8eef7", edgecolor="none", zorder=0)
                 )
         xx, yy = np.meshgrid(np.arange(n_cols), np.arange(n_rows))
         norm = Normalize(0, 1)
@@ -811,7 +841,7 @@ def validation_2d(
     check_label_column(adata, key, fn=fn)
     confidence_key = f"{key}{CONFIDENCE_SUFFIX}" if confidence_key is None else confidence_key
     check_label_column(adata, confidence_key, fn=fn, what="confidence")
-    raw_conf = adata.obs[confidence_key]
+    raw_conf = obs_column(adata, confidence_key)
     if not (pd.api.types.is_numeric_dtype(raw_conf) and not pd.api.types.is_bool_dtype(raw_conf)):
         raise TypeError(f"{fn}: obs[{confidence_key!r}] must hold numbers in [0, 1], found dtype {raw_conf.dtype}.")
     threshold = resolve_threshold(adata, key, threshold, fn=fn)
@@ -825,7 +855,7 @@ def validation_2d(
     labels, label_key = predicted_labels(adata, key)
     # The predicted classes are shown by their final names (Cell Ontology names, see predicted_labels): say so.
     shown_by_names = label_key != key and set(map(str, as_categorical(labels).categories)) != set(
-        map(str, as_categorical(adata.obs[label_key]).categories)
+        map(str, as_categorical(obs_column(adata, label_key)).categories)
     )
     renamed = ", shown by Cell Ontology name" if shown_by_names else ""
     conf = raw_conf.to_numpy(dtype=float, na_value=np.nan)
