@@ -12,7 +12,7 @@ import pytest
 from scipy import sparse
 
 import spatialcx as scx
-from spatialcx.tl._signatures import _elbow_label
+from spatialcx.tl._signatures import _elbow_label, _rank_average, _rank_sum_tests
 
 MARKERS = {
     "T cells": ["CD3D", "CD3E", "CD2"],
@@ -66,13 +66,26 @@ def test_scores_find_each_cell_type():
     assert list(adata.uns["signature"]["genes"]) == [",".join(v) for v in MARKERS.values()]
 
 
-def test_score_is_the_mean_z_score_of_log1p_10k():
+def reference_scores(adata, sets, *, standardize=True):
+    """The dense computation (the implementation before chunking): z-scores of log1p(10k), sum / sqrt(n) or mean."""
+    x = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
+    expr = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
+    mean, sd = expr.mean(axis=0), expr.std(axis=0)
+    z = np.divide(expr - mean, sd, out=np.zeros_like(expr), where=sd > 0)
+    cols = [adata.var_names.get_indexer(genes) for genes in sets]
+    return np.column_stack([z[:, c].sum(axis=1) / (np.sqrt(len(c)) if standardize else len(c)) for c in cols])
+
+
+def test_score_is_the_standardized_sum_of_z_scores_of_log1p_10k():
     adata = make_tissue(n_per_region=60)
     scx.tl.score_signatures(adata, {"T cells": MARKERS["T cells"]})
+    scx.tl.score_signatures(adata, {"T cells": MARKERS["T cells"]}, standardize=False, key_added="mean")
     x = adata.X.toarray()
     expr = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)[:, adata.var_names.get_indexer(MARKERS["T cells"])]
     z = (expr - expr.mean(axis=0)) / expr.std(axis=0)
-    np.testing.assert_allclose(adata.obsm["signature"][:, 0], z.mean(axis=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(adata.obsm["signature"][:, 0], z.sum(axis=1) / np.sqrt(3), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adata.obsm["mean"][:, 0], z.mean(axis=1), rtol=1e-5, atol=1e-5)
+    assert adata.uns["signature"]["standardize"] and not adata.uns["mean"]["standardize"]
 
 
 def test_missing_genes_are_dropped_with_a_warning(caplog):
@@ -241,3 +254,361 @@ def test_spatialdata_copy():
     assert "signature" in out.tables["table"].obsm and "signature" not in sdata.tables["table"].obsm
     out = scx.tl.annotate_domains(out, "region", copy=True)
     assert "region_annotation" in out.tables["table"].obs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Group columns with missing values
+
+
+@pytest.mark.parametrize("dtype", ["Int64", "string", "object", "category"])
+def test_annotate_domains_nullable_group_columns_skip_missing_cells(dtype):
+    adata = make_tissue(n_per_region=80)
+    scx.tl.score_signatures(adata, MARKERS)
+    region = adata.obs["region"].astype(str).to_numpy()
+    codes = {"T": 1, "B": 2, "Mac": 3, "Neu": 4}
+    missing = region == "Myeloid"  # the mixed region has no group
+    if dtype == "Int64":
+        values = pd.array(np.where(missing, pd.NA, [codes.get(r, 0) for r in region]), dtype="Int64")
+    elif dtype == "string":
+        values = pd.array(np.where(missing, pd.NA, [str(codes.get(r, 0)) for r in region]), dtype="string")
+    else:
+        values = pd.Series(np.where(missing, None, [str(codes.get(r, 0)) for r in region]), dtype=dtype).array
+    adata.obs["g"] = values
+    scx.tl.annotate_domains(adata, "g", key_added="ann")
+    u = adata.uns["ann"]
+    labels = dict(zip(u["groups"], u["labels"]))
+    assert labels == {"1": "T cells", "2": "B cells", "3": "Macrophages", "4": "Neutrophils"}
+    assert adata.obs["ann"][missing].isna().all()  # cells without a group are skipped
+    expected = pd.Series(region).map({"T": "T cells", "B": "B cells", "Mac": "Macrophages", "Neu": "Neutrophils"})
+    assert (adata.obs["ann"][~missing].astype(str).to_numpy() == expected[~missing].to_numpy()).all()
+    stats = pd.DataFrame({k: np.asarray(v) for k, v in u["stats"].items()})
+    t_row = stats[(stats.group == "1") & (stats.signature == "T cells")].iloc[0]
+    assert t_row.auc > 0.95 and t_row.pvalue_adj < 1e-10  # tested against every other cell, missing ones included
+    n_in = int((region == "T").sum())
+    scores = adata.obsm["signature"][:, 0].astype(np.float64)
+    assert t_row.mean_in == pytest.approx(scores[region == "T"].mean())
+    assert t_row.mean_out == pytest.approx(scores[region != "T"].mean())
+    assert n_in == 80
+
+
+@pytest.mark.parametrize("values", [[np.nan] * 4, pd.array([pd.NA] * 4, dtype="Int64"), pd.Categorical([None] * 4)])
+def test_annotate_domains_all_missing_group_column_says_so(values):
+    adata = make_tissue(n_per_region=30)
+    scx.tl.score_signatures(adata, MARKERS)
+    adata.obs["empty"] = pd.Series(values).reindex(range(adata.n_obs)).array  # e.g. spatial_domains found nothing
+    with pytest.raises(ValueError, match=r"no group at all: every one of its 150 values is missing") as err:
+        scx.tl.annotate_domains(adata, "empty")
+    assert "0 non-empty" not in str(err.value) and "spatial_domains" in str(err.value)
+    assert "empty_annotation" not in adata.obs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Coordinates of smooth=True
+
+
+def linked_sdata(adata):
+    """SpatialData whose table has no obsm, linked to circles at the cells' positions (rows shuffled)."""
+    import geopandas as gpd
+    from shapely.geometry import Point
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+
+    xy = adata.obsm["spatial"]
+    order = np.random.default_rng(1).permutation(adata.n_obs)  # matched by instance id, not by position
+    circles = gpd.GeoDataFrame(
+        {"radius": np.full(adata.n_obs, 5.0)},
+        geometry=[Point(*xy[i]) for i in order],
+        index=pd.Index(order + 100, name="cell_id"),
+    )
+    table = adata.copy()
+    del table.obsm["spatial"]
+    table.obs["region"] = pd.Categorical(["cells"] * table.n_obs)
+    table.obs["cell_id"] = np.arange(table.n_obs) + 100
+    table = TableModel.parse(table, region="cells", region_key="region", instance_key="cell_id")
+    return SpatialData(shapes={"cells": ShapesModel.parse(circles)}, tables={"table": table})
+
+
+def test_smooth_uses_the_centroids_of_the_linked_shapes():
+    adata = make_tissue(n_per_region=60)
+    scx.tl.score_signatures(adata, MARKERS, smooth=True, n_neighbors=6)
+    sdata = linked_sdata(adata)
+    assert "spatial" not in sdata.tables["table"].obsm
+    scx.tl.score_signatures(sdata, MARKERS, smooth=True, n_neighbors=6)
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(table.obsm["signature"], adata.obsm["signature"], rtol=1e-6, atol=1e-6)
+    assert table.uns["signature"]["coordinates"] == "centroids of shapes 'cells'"
+    assert adata.uns["signature"]["coordinates"] == "obsm['spatial']"
+    with pytest.raises(KeyError, match=r"obsm has no 'spatial' coordinates.*adata.obsm\['spatial'\]"):
+        scx.tl.score_signatures(table, MARKERS, smooth=True, key_added="nocoords")  # an AnnData: no shapes to use
+    assert "nocoords" not in table.obsm
+
+
+def test_smooth_on_the_real_merfish_store(shared_data, tmp_path):
+    import shutil
+
+    import spatialdata as sd
+
+    src = shared_data("merfish_visp_spatialdata", "merfish.zarr")
+    store = tmp_path / "merfish.zarr"
+    shutil.copytree(src, store)
+    sdata = sd.read_zarr(store)
+    table = sdata.tables["table"]
+    assert "spatial" not in table.obsm
+    genes = list(table.var_names[:12])
+    markers = {"a": genes[:4], "b": genes[4:8], "c": genes[8:12]}
+    scx.tl.score_signatures(sdata, markers, smooth=True, n_neighbors=8, key_added="sm", write=False)
+    scx.tl.score_signatures(sdata, markers, key_added="raw", write=False)
+    table = sdata.tables["table"]
+    assert table.uns["sm"]["coordinates"] == "centroids of shapes 'cells'"
+    smooth, raw = table.obsm["sm"], table.obsm["raw"].astype(np.float64)
+    assert smooth.shape == (2389, 3) and np.isfinite(smooth).all()
+    # each cell's smoothed score is the mean over itself and its 8 nearest shape centroids
+    from scipy.spatial import cKDTree
+
+    from spatialcx.tl._domains import _coordinates
+
+    xy, _ = _coordinates(table, "spatial", sdata)
+    _, nn = cKDTree(xy).query(xy, k=9)
+    np.testing.assert_allclose(smooth, raw[nn].mean(axis=1), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rank-sum tests: one ranking per signature, the same p-values as scipy
+
+
+def test_rank_average_matches_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    x = np.round(rng.normal(size=2_000), 1)  # many ties
+    ranks, tie_term = _rank_average(x)
+    np.testing.assert_array_equal(ranks, rankdata(x, method="average"))
+    _, t = np.unique(x, return_counts=True)
+    assert tie_term == float(np.sum(t.astype(float) ** 3 - t))
+    assert _rank_average(np.arange(5.0))[1] == 0.0
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+def test_rank_sum_tests_equal_scipy_mannwhitneyu(alternative):
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(4)
+    n = 3_000
+    codes = rng.integers(-1, 6, n)  # -1: no group (counts as "the rest")
+    codes[:3] = [0, 1, 2]
+    scores = np.round(rng.normal(size=(n, 3)) + 0.3 * (codes[:, None] == np.arange(3)), 1)  # ties, some signal
+    scores[:, 2] = np.where(rng.random(n) < 0.7, 0.0, scores[:, 2])  # a zero-inflated column: a huge tie
+    out = _rank_sum_tests(scores, codes, 6, alternative=alternative)
+    for g in range(6):
+        x, y = scores[codes == g], scores[codes != g]
+        res = mannwhitneyu(x, y, axis=0, alternative=alternative, method="asymptotic", use_continuity=True)
+        np.testing.assert_allclose(out["statistic"][g], res.statistic, rtol=1e-12)
+        np.testing.assert_allclose(out["pvalue"][g], res.pvalue, rtol=1e-9, atol=1e-300)
+        np.testing.assert_allclose(out["auc"][g], res.statistic / (len(x) * len(y)), rtol=1e-12)
+        np.testing.assert_allclose(out["mean_in"][g], x.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(out["mean_out"][g], y.mean(axis=0), rtol=1e-12)
+    if alternative != "less":
+        assert (out["pvalue"][:3] < 1e-3).sum() >= 2  # the signal (groups 0-2 score higher) is found
+
+
+def test_annotate_domains_stats_equal_the_per_group_scipy_tests():
+    from scipy.stats import false_discovery_control, mannwhitneyu
+
+    adata = make_tissue(n_per_region=120)
+    scx.tl.score_signatures(adata, MARKERS)
+    adata.obsm["signature"] = np.round(adata.obsm["signature"], 1)  # ties
+    scx.tl.annotate_domains(adata, "region")
+    stats = adata.uns["region_annotation"]["stats"]
+    scores = adata.obsm["signature"].astype(np.float64)
+    region = adata.obs["region"].to_numpy()
+    stat, pvals = [], []
+    for g in adata.uns["region_annotation"]["groups"]:
+        res = mannwhitneyu(scores[region == g], scores[region != g], axis=0, method="asymptotic")
+        stat.append(res.statistic)
+        pvals.append(res.pvalue)
+    np.testing.assert_allclose(stats["statistic"], np.concatenate(stat), rtol=1e-12)
+    np.testing.assert_allclose(stats["pvalue"], np.concatenate(pvals), rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(
+        stats["pvalue_adj"], false_discovery_control(np.concatenate(pvals)), rtol=1e-9, atol=1e-300
+    )
+
+
+def test_annotate_domains_many_groups_is_fast():
+    import time
+
+    rng = np.random.default_rng(5)
+    n, n_groups = 200_000, 200
+    g = rng.integers(0, n_groups, n)
+    scores = rng.normal(size=(n, 4)).astype(np.float32)
+    scores[np.arange(n), g % 4] += 1.0
+    adata = ad.AnnData(obs=pd.DataFrame({"g": pd.Categorical(g)}, index=pd.RangeIndex(n).astype(str)))
+    adata.obsm["signature"] = scores
+    adata.uns["signature"] = {"names": ["a", "b", "c", "d"]}
+    t = time.perf_counter()
+    scx.tl.annotate_domains(adata, "g")
+    assert time.perf_counter() - t < 20  # one scipy test per group took ~0.4 s per group here, > 60 s in all
+    labels = adata.uns["g_annotation"]["labels"]
+    assert labels == [["a", "b", "c", "d"][i % 4] for i in range(n_groups)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chunked scores: the same values from any backing, memory O(chunk)
+
+
+def test_chunked_scores_equal_the_dense_computation():
+    adata = make_tissue(n_per_region=70)
+    sets = list(MARKERS.values())
+    reference = reference_scores(adata, sets)
+    scx.tl.score_signatures(adata, MARKERS)
+    np.testing.assert_allclose(adata.obsm["signature"], reference, rtol=1e-5, atol=1e-5)
+    for chunk_size in (1, 37, 10_000):
+        scx.tl.score_signatures(adata, MARKERS, chunk_size=chunk_size, key_added="c")
+        np.testing.assert_allclose(adata.obsm["c"], reference, rtol=1e-5, atol=1e-5)
+    # dense and CSC counts, counts in a layer, a gene that does not vary
+    for x in (adata.X.toarray(), sparse.csc_matrix(adata.X)):
+        other = ad.AnnData(x, obs=adata.obs, var=adata.var)
+        scx.tl.score_signatures(other, MARKERS, chunk_size=50)
+        np.testing.assert_allclose(other.obsm["signature"], reference, rtol=1e-5, atol=1e-5)
+    layered = ad.AnnData(np.log1p(adata.X.toarray()), obs=adata.obs, var=adata.var, layers={"counts": adata.X})
+    scx.tl.score_signatures(layered, MARKERS, chunk_size=64)
+    np.testing.assert_allclose(layered.obsm["signature"], reference, rtol=1e-5, atol=1e-5)
+    x = adata.X.toarray()
+    x[:, adata.var_names.get_loc("G0")] = 0
+    flat = ad.AnnData(sparse.csr_matrix(x), obs=adata.obs, var=adata.var)
+    scx.tl.score_signatures(flat, {"T": ["CD3D", "G0"]}, chunk_size=33, standardize=False)
+    np.testing.assert_allclose(
+        flat.obsm["signature"][:, 0],
+        reference_scores(flat, [["CD3D", "G0"]], standardize=False)[:, 0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_scores_from_dask_and_backed_tables(tmp_path):
+    import dask.array as da
+
+    adata = make_tissue(n_per_region=60)
+    reference = reference_scores(adata, list(MARKERS.values()))
+    lazy = ad.AnnData(da.from_array(adata.X.toarray(), chunks=(70, -1)), obs=adata.obs, var=adata.var)
+    scx.tl.score_signatures(lazy, MARKERS, chunk_size=100)
+    np.testing.assert_allclose(lazy.obsm["signature"], reference, rtol=1e-5, atol=1e-5)
+    lazy_sparse = ad.AnnData(
+        da.from_array(adata.X, chunks=(90, -1)).map_blocks(sparse.csr_matrix), obs=adata.obs, var=adata.var
+    )
+    scx.tl.score_signatures(lazy_sparse, MARKERS)
+    np.testing.assert_allclose(lazy_sparse.obsm["signature"], reference, rtol=1e-5, atol=1e-5)
+    for fmt in ("csr", "csc"):
+        path = tmp_path / f"t_{fmt}.h5ad"
+        ad.AnnData(
+            sparse.csr_matrix(adata.X) if fmt == "csr" else sparse.csc_matrix(adata.X), obs=adata.obs, var=adata.var
+        ).write_h5ad(path)
+        backed = ad.read_h5ad(path, backed="r")
+        scx.tl.score_signatures(backed, MARKERS, chunk_size=45)
+        np.testing.assert_allclose(backed.obsm["signature"], reference, rtol=1e-5, atol=1e-5)
+        backed.file.close()
+
+
+def test_score_memory_is_o_chunk_not_cells_x_genes():
+    import tracemalloc
+
+    rng = np.random.default_rng(6)
+    n, n_genes = 60_000, 200
+    x = sparse.random(n, n_genes, density=0.05, format="csr", random_state=rng, dtype=np.float32)
+    x.data[:] = rng.integers(1, 10, x.nnz)
+    genes = [f"g{i}" for i in range(n_genes)]
+    adata = ad.AnnData(x, var=pd.DataFrame(index=genes))
+    markers = {f"s{k}": genes[4 * k : 4 * k + 4] for k in range(50)}  # all 200 genes
+    tracemalloc.start()
+    scx.tl.score_signatures(adata, markers, chunk_size=2_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    dense = n * n_genes * 8  # one dense float64 copy of the cells x marker genes: 96 MB
+    assert peak < dense / 4, f"peak {peak / 2**20:.0f} MiB"
+    assert adata.obsm["signature"].shape == (n, 50)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Warnings
+
+
+def test_missing_gene_and_dropped_set_warnings_are_short(caplog):
+    adata = make_tissue(n_per_region=40)
+    markers = scx.tl.load_canonical_markers()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.score_signatures(adata, markers)
+    u = adata.uns["signature"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and all(len(m) < 500 for m in messages), [len(m) for m in messages]
+    missing = next(m for m in messages if "not in the panel and left out" in m)
+    n_sets = sum(bool(m) for m in u["missing"])
+    assert f"marker genes of the {n_sets} signatures scored are not in the panel and left out (e.g. T cell: " in missing
+    assert "uns['signature']['missing']" in missing and "; ..." in missing
+    dropped = next(m for m in messages if "not scored" in m)
+    assert f"{len(u['dropped'])} marker sets of {len(markers)} have no gene in the panel and are not scored" in dropped
+    assert "uns['signature']['dropped']" in dropped and "(s)" not in dropped and "fewer than 1" not in dropped
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.score_signatures(adata, {"T": ["CD3D", "CD3E"], "X": ["CD3D", "NOPE"]}, min_genes=2, key_added="k")
+    text = caplog.text
+    assert "1 marker set of 2 has fewer than 2 genes in the panel and is not scored (e.g. 'X')" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.score_signatures(adata, {"A": ["CD3D", "NOPE"], "B": ["CD3D"], "C": ["CD68"]}, key_added="twins")
+    assert "1 group of marker sets has the same genes in the panel" in caplog.text and "'A' = 'B'" in caplog.text
+    np.testing.assert_array_equal(adata.obsm["twins"][:, 0], adata.obsm["twins"][:, 1])
+    assert list(adata.uns["k"]["dropped"]) == ["X"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Standardized scores: sets of different sizes are comparable
+
+
+def test_standardized_scores_do_not_favour_small_sets():
+    rng = np.random.default_rng(7)
+    n = 4_000
+    genes = [f"g{i}" for i in range(300)]  # many genes: the library size hardly couples them
+    x = rng.poisson(rng.gamma(2.0, 1.0, (n, 300)) * 2.0).astype(np.float32)  # independent genes: no signal
+    adata = ad.AnnData(sparse.csr_matrix(x), var=pd.DataFrame(index=genes))
+    markers = {"one": ["g0"], "four": genes[1:5], "nine": genes[5:14]}
+    scx.tl.score_signatures(adata, markers, key_added="std")
+    scx.tl.score_signatures(adata, markers, standardize=False, key_added="mean")
+    sd_std, sd_mean = adata.obsm["std"].std(axis=0), adata.obsm["mean"].std(axis=0)
+    np.testing.assert_allclose(sd_std, 1.0, atol=0.05)  # every signature has SD 1 under independence
+    np.testing.assert_allclose(sd_mean, [1.0, 0.5, 1 / 3], atol=0.03)  # the mean: 1 / sqrt(n)
+    share_std = np.bincount(adata.obsm["std"].argmax(axis=1), minlength=3) / n
+    share_mean = np.bincount(adata.obsm["mean"].argmax(axis=1), minlength=3) / n
+    assert share_mean[0] > 0.45 and share_mean[2] < 0.25  # the mean: the one-gene set wins most, on noise alone
+    np.testing.assert_allclose(share_std, 1 / 3, atol=0.05)  # standardized: each set about as often
+
+
+def test_standardized_scores_on_real_starmap(shared_data):
+    """Canonical markers (all tissues) on STARmap mouse cortex: per-cell tops closer to the author labels."""
+    adata = ad.read_h5ad(shared_data("starmap_mpfc", "starmap_mpfc.h5ad"))
+    markers = scx.tl.load_canonical_markers(species="mouse")
+    scx.tl.score_signatures(adata, markers, key_added="std")
+    scx.tl.score_signatures(adata, markers, standardize=False, key_added="mean")
+    sizes = np.array([len(g.split(",")) for g in adata.uns["std"]["genes"]])
+    names = np.asarray(adata.uns["std"]["names"])
+    gaba = {"GABAergic neuron", "pvalb GABAergic interneuron", "sst GABAergic interneuron"}
+    gaba |= {"VIP GABAergic interneuron", "lamp5 GABAergic interneuron"}
+    expected = {"Astro": {"astrocyte"}, "Oligo": {"oligodendrocyte"}, "SST": {"sst GABAergic interneuron"}}
+    expected |= {"VIP": {"VIP GABAergic interneuron"}, "Lhx6": gaba, "NPY": gaba, "Reln": gaba}
+    expected |= {k: {"glutamatergic neuron"} for k in ("eL2/3", "eL5-2", "eL5-3", "eL6-1", "eL6-2", "L5-1")}
+    label = adata.obs["cell_type_author"].astype(str).to_numpy()
+    sel = np.isin(label, list(expected))
+    result = {}
+    for key in ("std", "mean"):
+        top = adata.obsm[key].argmax(axis=1)
+        hit = np.array([names[t] in expected[lab] for t, lab in zip(top[sel], label[sel])])
+        result[key] = ((sizes[top] == 1).mean(), hit.mean(), hit[np.isin(label[sel], ["Lhx6", "NPY", "Reln"])].mean())
+    assert (sizes == 1).sum() == 18 and len(sizes) == 25
+    one_std, acc_std, inter_std = result["std"]
+    one_mean, acc_mean, inter_mean = result["mean"]
+    assert one_mean > 0.85 and one_std < 0.80  # 18 of the 25 sets have one panel gene: a fair share is 72 %
+    assert acc_std > acc_mean + 0.02  # 16.9 % -> 19.6 % of 2,987 labelled cells
+    assert inter_std > inter_mean + 0.3  # interneurons (3-gene GABAergic sets) 38 % -> 77 %
+    # the group-versus-rest statistics do not depend on the scaling: the same domain names
+    scx.tl.annotate_domains(adata, "cell_type_author", signature_key="std", key_added="a_std")
+    scx.tl.annotate_domains(adata, "cell_type_author", signature_key="mean", key_added="a_mean")
+    assert list(adata.uns["a_std"]["labels"]) == list(adata.uns["a_mean"]["labels"])
+    np.testing.assert_allclose(adata.uns["a_std"]["stats"]["auc"], adata.uns["a_mean"]["stats"]["auc"], atol=1e-6)
