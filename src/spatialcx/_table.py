@@ -61,6 +61,7 @@ from ._settings import logger
 
 if TYPE_CHECKING:
     import numpy as np
+    import pandas as pd
     import zarr
     from spatialdata import SpatialData
 
@@ -253,6 +254,22 @@ def resolve_table(
     if write and data.path is not None:  # changes will be written into the store: keep what to restore if that fails
         before = (adata.obs.copy(), dict(adata.obsm), _copy_uns(adata.uns))
     return TableRef(adata=adata, sdata=data, table_key=table_key, before=before)
+
+
+def obs_column(adata: AnnData, key: str) -> pd.Series:
+    """``adata.obs[key]`` as a pandas Series, also for a table read lazily (:func:`anndata.experimental.read_lazy`).
+
+    A lazy table's obs columns are xarray ``DataArray`` objects, which lack pandas' ``to_numpy(dtype=...)``,
+    ``dropna()``, ``isna()``...; they are read into memory once here (one column, one value per cell).
+    """
+    import pandas as pd
+
+    col = adata.obs[key]
+    if not isinstance(col, pd.Series):
+        col = col.to_pandas()
+        if not isinstance(col, pd.Series):  # e.g. a 0-d or 2-d array: not an obs column we can use
+            raise TypeError(f"obs[{key!r}] is a {type(col).__name__}, not a column with one value per cell.")
+    return col
 
 
 def check_key(value: Any, name: str = "key_added") -> str:

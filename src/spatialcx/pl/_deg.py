@@ -10,7 +10,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
-from ..tl._threshold import obs_column
+from .._table import obs_column
 from . import _utils
 from ._markers import check_label_column, check_positive_int, draw_group_header, group_codes, unassigned_label
 

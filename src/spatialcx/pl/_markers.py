@@ -23,8 +23,8 @@ from scipy import sparse
 
 from .._constants import CONFIDENCE_SUFFIX, ONTOLOGY_ID_SUFFIX, PREDICTED_SUFFIX, UNASSIGNED, UNKNOWN_ONTOLOGY_ID
 from .._settings import logger
+from .._table import obs_column
 from .._utils import progress
-from ..tl._threshold import obs_column
 from . import _utils
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..tl._threshold import obs_column
+from .._table import obs_column
 
 if TYPE_CHECKING:
     from anndata import AnnData

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._settings import logger
-from ._threshold import obs_column
+from .._table import obs_column
 
 if TYPE_CHECKING:
     import geopandas as gpd

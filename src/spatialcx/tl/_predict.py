@@ -51,10 +51,9 @@ def _labels(adata: AnnData, label_key: str) -> pd.Series:
             f"Label key {label_key!r} is not a column of the reference's obs. "
             f"Available columns: {list(adata.obs.columns)}."
         )
-    col = adata.obs[label_key]
-    if not isinstance(col, pd.Series):  # an obs column of a lazily read AnnData (xarray): labels are read now
-        col = col.to_pandas()
-    return col
+    from spatialcx._table import obs_column
+
+    return obs_column(adata, label_key)  # a lazily read AnnData's column (xarray) is read now
 
 
 def _resolve_genes(genes: Sequence[str] | AnnData | SpatialData | None) -> list[str] | None:

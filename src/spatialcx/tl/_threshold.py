@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._settings import logger
+from .._table import obs_column
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -253,20 +254,6 @@ def classify_by_threshold(
 
 # --------------------------------------------------------------------------------------------------------------------
 # features
-
-
-def obs_column(adata: AnnData, key: str) -> pd.Series:
-    """``adata.obs[key]`` as a pandas Series, also for a table read lazily (:func:`anndata.experimental.read_lazy`).
-
-    A lazy table's obs columns are xarray ``DataArray`` objects, which lack pandas' ``to_numpy(dtype=...)``,
-    ``dropna()``, ``isna()``...; they are read into memory once here (one column, one value per cell).
-    """
-    col = adata.obs[key]
-    if not isinstance(col, pd.Series):
-        col = col.to_pandas()
-        if not isinstance(col, pd.Series):  # e.g. a 0-d or 2-d array: not an obs column we can use
-            raise TypeError(f"obs[{key!r}] is a {type(col).__name__}, not a column with one value per cell.")
-    return col
 
 
 def _as_feature_list(features: str | Sequence[str]) -> list[str]:
