@@ -407,7 +407,7 @@ def _linked_shape_centroids(adata: AnnData, sdata: SpatialData) -> tuple[np.ndar
         )
     cent = shapely.centroid(gdf.geometry.to_numpy()[pos])  # points (circles) are their own centroid
     coords = np.column_stack([shapely.get_x(cent), shapely.get_y(cent)]).astype(np.float64)
-    logger.info("spatial_domains: no obsm coordinates; using the centroids of the shapes element %r.", region)
+    logger.info("No coordinates in obsm; using the centroids of the shapes element %r.", region)
     return coords, f"centroids of shapes {region!r}"
 
 
