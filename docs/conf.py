@@ -53,3 +53,6 @@ intersphinx_mapping = {
     "squidpy": ("https://squidpy.readthedocs.io/en/stable/", None),
     "celltypist": ("https://celltypist.readthedocs.io/en/latest/", None),
 }
+# The Cell Ontology index is internal (the `index` argument of tl.add_ontology_ids / tl.map_labels documents what it
+# accepts); its class has no page of its own.
+nitpick_ignore = [("py:class", "spatialcx.ontology._index.OntologyIndex")]
