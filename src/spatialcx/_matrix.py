@@ -219,20 +219,24 @@ class _BackedCSCRows:
         counts = np.zeros(n_cols, dtype=np.int64)
         row_parts, data_parts = [], []
         contiguous = rows.size == 0 or int(rows[-1]) - int(rows[0]) + 1 == rows.size
+        first = int(rows[0]) if rows.size else 0
+        position = None
+        if not contiguous:  # position of each row of the matrix among those selected, -1 when not selected
+            position = np.full(self.shape[0], -1, dtype=np.int32 if rows.size < 2**31 else np.int64)
+            position[rows] = np.arange(rows.size)
         c0 = 0
         while c0 < n_cols and rows.size:
             c1 = int(np.searchsorted(indptr, indptr[c0] + _CSC_BLOCK, side="right")) - 1
             c1 = min(max(c1, c0 + 1), n_cols)
             a, b = int(indptr[c0]), int(indptr[c1])
             if b > a:
-                r = np.asarray(self.indices[a:b], dtype=np.int64)
-                if contiguous:  # a range of rows: position = row - first row
-                    new = r - rows[0]
+                r = np.asarray(self.indices[a:b])
+                if position is None:  # a range of rows: position = row - first row
+                    new = r - first
                     keep = np.flatnonzero((new >= 0) & (new < rows.size))
                 else:
-                    at = np.minimum(np.searchsorted(rows, r), rows.size - 1)
-                    keep = np.flatnonzero(rows[at] == r)
-                    new = at
+                    new = position[r]
+                    keep = np.flatnonzero(new >= 0)
                 if keep.size:
                     lo, hi = int(keep[0]), int(keep[-1]) + 1
                     row_parts.append(new[keep])
