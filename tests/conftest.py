@@ -32,3 +32,19 @@ def _isolated_cache(tmp_path_factory):
 def shared_data():
     """Factory fixture: ``shared_data("starmap_mpfc", "starmap_mpfc.h5ad")``."""
     return shared_path
+
+
+@pytest.fixture
+def merfish_store(tmp_path) -> Path:
+    """A writable copy of the real MERFISH SpatialData store (older zarr v2 layout), in ``tmp_path``."""
+    import os
+    import shutil
+
+    src = shared_path("merfish_visp_spatialdata", "merfish.zarr")
+    dst = tmp_path / "merfish.zarr"
+    shutil.copytree(src, dst)
+    for dirpath, _, filenames in os.walk(dst):  # writable whatever the permissions of the shared copy
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    return dst

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -91,15 +89,13 @@ def test_annotate_copy_leaves_input_and_errors_leave_store(demo_small, tmp_path)
     assert "cell_type" not in sd.read_zarr(store).tables["table"].obs
 
 
-def test_annotate_real_merfish_store(shared_data, tmp_path):
+def test_annotate_real_merfish_store(merfish_store):
     """Annotate the real MERFISH store from a reference built from it; write back; reopen."""
     import scanpy as sc
     import spatialdata as sd
     from sklearn.cluster import KMeans
 
-    src = shared_data("merfish_visp_spatialdata", "merfish.zarr")
-    store = tmp_path / "merfish.zarr"
-    shutil.copytree(src, store)
+    store = merfish_store
     sdata = sd.read_zarr(store)
     table = sdata.tables["table"]
     x_before = table.X.copy()

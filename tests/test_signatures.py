@@ -343,15 +343,10 @@ def test_smooth_uses_the_centroids_of_the_linked_shapes():
     assert "nocoords" not in table.obsm
 
 
-def test_smooth_on_the_real_merfish_store(shared_data, tmp_path):
-    import shutil
-
+def test_smooth_on_the_real_merfish_store(merfish_store):
     import spatialdata as sd
 
-    src = shared_data("merfish_visp_spatialdata", "merfish.zarr")
-    store = tmp_path / "merfish.zarr"
-    shutil.copytree(src, store)
-    sdata = sd.read_zarr(store)
+    sdata = sd.read_zarr(merfish_store)
     table = sdata.tables["table"]
     assert "spatial" not in table.obsm
     genes = list(table.var_names[:12])

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -65,19 +64,6 @@ def v2_store(tmp_path) -> Path:
     path = tmp_path / "synthetic_v2.zarr"
     _synthetic_sdata().write(path, sdata_formats=[SpatialDataContainerFormatV01()])
     return path
-
-
-@pytest.fixture
-def merfish_store(shared_data, tmp_path) -> Path:
-    """A writable copy of the real MERFISH SpatialData store (zarr v2 layout)."""
-    src = shared_data("merfish_visp_spatialdata", "merfish.zarr")
-    dst = tmp_path / "merfish.zarr"
-    shutil.copytree(src, dst)
-    for dirpath, _, filenames in os.walk(dst):
-        os.chmod(dirpath, 0o755)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o644)
-    return dst
 
 
 def _snapshot(path: Path) -> dict[str, tuple[int, int, int]]:
