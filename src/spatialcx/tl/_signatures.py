@@ -334,8 +334,8 @@ def _signature_scores(
 
     A signature's score is :math:`\sum_j w_j (x_j - m_j) / s_j` over its genes ``j``, with the gene means ``m_j`` and
     standard deviations ``s_j`` (ddof 0) across cells and :math:`w_j = 1/\sqrt{n}` (``standardize``) or :math:`1/n`.
-    That is linear in the expression: the first pass over the rows accumulates ``m`` and ``s`` (Chan et al.'s
-    pairwise update, on the stored values only), the second computes ``X_block @ W - c`` for each block, with
+    That is linear in the expression: the first pass over the rows accumulates ``m`` and ``s``
+    (:func:`sklearn.utils.sparsefuncs.incr_mean_variance_axis`), the second computes ``X_block @ W - c`` for each block, with
     ``W[j, k] = w_k / s_j`` and ``c_k = sum_j W[j, k] m_j``. A gene that does not vary contributes nothing (z = 0).
     Returns the scores and the number of genes read.
     """
@@ -352,23 +352,14 @@ def _signature_scores(
         for start, stop, block in iter_row_blocks(src.matrix, chunk):
             yield start, stop, normalize_block(block, cols, kind=src.kind, over="all", target_sum=1e4)
 
-    # pass 1: per-gene mean and sum of squared deviations, merged block by block
-    mean, m2, n = np.zeros(n_genes), np.zeros(n_genes), 0
+    # pass 1: per-gene mean and variance, merged block by block (scikit-learn's incremental sparse update)
+    from sklearn.utils.sparsefuncs import incr_mean_variance_axis
+
+    mean, var, seen = np.zeros(n_genes), np.zeros(n_genes), np.zeros(n_genes)
     for start, stop, x in blocks():
-        nb = stop - start
-        if nb == 0:
-            continue
-        x.sum_duplicates()
-        mb = np.asarray(x.sum(axis=0)).ravel() / nb
-        dev = x.data - mb[x.indices]
-        nnz = np.bincount(x.indices, minlength=n_genes)
-        m2b = np.bincount(x.indices, weights=dev * dev, minlength=n_genes) + (nb - nnz) * mb**2
-        delta = mb - mean
-        total = n + nb
-        mean = mean + delta * (nb / total)
-        m2 = m2 + m2b + delta**2 * (n * nb / total)
-        n = total
-    sd = np.sqrt(m2 / max(n, 1))
+        if stop > start:
+            mean, var, seen = incr_mean_variance_axis(x, axis=0, last_mean=mean, last_var=var, last_n=seen)
+    sd = np.sqrt(var)
     constant = sd <= _CONSTANT_RTOL * np.maximum(np.abs(mean), 1.0)
     if constant.any():
         logger.warning(
