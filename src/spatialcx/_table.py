@@ -542,13 +542,18 @@ def _zarr_format(group_dir: Path) -> int:
     )
 
 
-def _read_index(group: zarr.Group) -> Any:
-    """Read the index array of a data frame group (obs or var) without reading its columns."""
+def _read_elem(node: Any) -> Any:
+    """Read one element with anndata's reader (looked up at call time)."""
     try:
         from anndata.io import read_elem
     except ImportError:  # anndata < 0.11
         from anndata.experimental import read_elem
-    return read_elem(group[group.attrs["_index"]])
+    return read_elem(node)
+
+
+def _read_index(group: zarr.Group) -> Any:
+    """Read the index array of a data frame group (obs or var) without reading its columns."""
+    return _read_elem(group[group.attrs["_index"]])
 
 
 def _check_matches_disk(live: Path, adata: AnnData, table_key: str, elements: tuple[str, ...]) -> None:
@@ -609,11 +614,7 @@ def _normal_link(attrs: Any) -> dict[str, Any] | None:
 def _link_on_disk(group: zarr.Group) -> dict[str, Any] | None:
     """The table's link as stored: ``uns['spatialdata_attrs']`` (what spatialdata reads), else the group attributes."""
     if "uns" in group and _ATTRS_KEY in group["uns"]:
-        try:
-            from anndata.io import read_elem
-        except ImportError:  # anndata < 0.11
-            from anndata.experimental import read_elem
-        return _normal_link(read_elem(group["uns"][_ATTRS_KEY]))
+        return _normal_link(_read_elem(group["uns"][_ATTRS_KEY]))
     return _normal_link(dict(group.attrs))
 
 
