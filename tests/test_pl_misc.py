@@ -145,6 +145,24 @@ def test_marker_dotplot_combined_label_with_given_markers_shades_each_part():
     assert shaded == ["MS4A1", "CD79A", "CD3E", "CD3D"]
 
 
+def test_marker_dotplot_splits_combined_labels_at_the_separator_annotate_domains_used():
+    adata = typed_counts()
+    adata.obs["cluster"] = pd.Categorical(adata.obs["cell_type"].astype(str).replace({"B cell": "BT", "T cell": "BT"}))
+    sets = {"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"], "macrophage": ["CD68", "CD163"]}
+    scx.tl.score_signatures(adata, sets)
+    scx.tl.annotate_domains(adata, "cluster", sep=" + ", key_added="domain", closeness=0.9)
+    assert set(adata.obs["domain"]) == {"B cell + T cell", "macrophage"}
+    fig = scx.pl.marker_dotplot(adata, groupby="domain")
+    ax = fig.axes[0]
+    genes = [t.get_text() for t in ax.get_xticklabels()]
+    rows = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
+    # before: the label was split at "/" only, so "B cell + T cell" had no canonical markers
+    shaded = [genes[j] for j in _shaded_columns(fig, rows.index("B cell + T cell"))]
+    assert set(shaded) == {"MS4A1", "CD79A", "CD3E", "CD3D"}
+    notes = [t.get_text() for a in fig.axes for t in a.texts] + [a.get_title(loc="left") for a in fig.axes]
+    assert not any("no canonical markers" in n for n in notes)
+
+
 def test_deg_heatmap_shows_only_genes_below_the_adjusted_p_value():
     import scanpy as sc
 

@@ -194,6 +194,16 @@ def label_parts(label: str, sep: str = COMBINED_LABEL_SEP) -> list[str]:
     return parts if len(parts) > 1 else [str(label)]
 
 
+def combined_label_sep(adata: AnnData, column: str) -> str:
+    """The separator of ``obs[column]``'s combined labels (``"/"`` unless recorded otherwise).
+
+    :func:`spatialcx.tl.annotate_domains` records its ``sep`` in ``uns[column]``.
+    """
+    params = adata.uns.get(column)
+    sep = params.get("sep") if isinstance(params, Mapping) and "labels" in params else None
+    return sep if isinstance(sep, str) and sep else COMBINED_LABEL_SEP
+
+
 def _canonical_tables() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Canonical markers keyed by CL id and by lower-cased CL name; human and mouse symbols together."""
     from spatialcx.tl import load_canonical_markers
@@ -257,13 +267,14 @@ def resolve_markers(
     markers: Mapping[str, Sequence[str]] | None,
     max_genes_per_type: int | None,
     fn: str,
+    sep: str = COMBINED_LABEL_SEP,
 ) -> MarkerSets:
     """Match marker genes to the panel for each of ``groups`` (canonical) or for each type of ``markers`` (user).
 
     Canonical markers of a group are those of its cells' most common CL id (``{key}_ontology_term_id``), else of the
     CL name equal to the group's label (case-insensitive), else, for a combined label of
-    :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``), those of each of its parts (each part's first
-    ``max_genes_per_type``, in the order of the parts). Genes are matched to ``var_names`` case-insensitively and
+    :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``, parts split at ``sep``), those of each of its parts
+    (each part's first ``max_genes_per_type``, in the order of the parts). Genes are matched to ``var_names`` case-insensitively and
     kept in the table's order of markers; at most ``max_genes_per_type`` per type for canonical markers.
     """
     lookup = _panel_lookup(var_names)
@@ -285,7 +296,7 @@ def resolve_markers(
         known = by_id.get(term) if term is not None else None
         if known is None:
             known = by_name.get(str(group).lower())
-        parts = label_parts(group)
+        parts = label_parts(group, sep)
         if known is None and len(parts) > 1:  # a combined label: the markers of each part
             per_part = [_on_panel(by_name.get(p.lower(), []), lookup)[:max_genes_per_type] for p in parts]
             panel = list(dict.fromkeys(g for genes in per_part for g in genes))
@@ -620,8 +631,9 @@ def marker_dotplot(
             f"groups found: {too_small or 'none'}. Lower min_cells or check the labels."
         )
     panel = expression_source_genes(adata)
+    sep = combined_label_sep(adata, column)
     marker_sets = resolve_markers(
-        adata, panel, groups, codes, key=key, markers=markers, max_genes_per_type=max_genes_per_type, fn=fn
+        adata, panel, groups, codes, key=key, markers=markers, max_genes_per_type=max_genes_per_type, fn=fn, sep=sep
     )
     genes, owners = _columns(marker_sets)
     if not genes:
@@ -664,7 +676,7 @@ def marker_dotplot(
         # shade each type's own markers (for a combined label "A/B", the markers of A and of B)
         for i, g in enumerate(groups):
             own = set(marker_sets.genes.get(g, []))
-            for part in label_parts(g) if not own else []:
+            for part in label_parts(g, sep) if not own else []:
                 own.update(marker_sets.genes.get(part, []))
             for start, width in _runs([j for j, gene in enumerate(genes) if gene in own]):
                 ax.add_patch(
