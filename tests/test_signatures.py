@@ -610,3 +610,66 @@ def test_standardized_scores_on_real_starmap(shared_data):
     scx.tl.annotate_domains(adata, "cell_type_author", signature_key="mean", key_added="a_mean")
     assert list(adata.uns["a_std"]["labels"]) == list(adata.uns["a_mean"]["labels"])
     np.testing.assert_allclose(adata.uns["a_std"]["stats"]["auc"], adata.uns["a_mean"]["stats"]["auc"], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Canonical markers of one tissue
+
+
+def test_canonical_markers_of_a_tissue_keep_its_types_and_those_found_anywhere():
+    every = scx.tl.load_canonical_markers()
+    brain = scx.tl.load_canonical_markers(tissue="brain")
+    assert brain == scx.tl.load_canonical_markers(tissue=" Nervous-System ")  # group name, any case and punctuation
+    assert list(brain) == [k for k in every if k in brain]  # the table's order
+    for kept in ("astrocyte", "sst GABAergic interneuron", "microglial cell", "T cell", "endothelial cell", "pericyte"):
+        assert kept in brain
+    for dropped in ("pancreatic D cell", "hepatocyte", "Schwann cell", "retinal rod cell", "alveolar macrophage"):
+        assert dropped in every and dropped not in brain
+    both = scx.tl.load_canonical_markers(tissue=["colon", "lymph node"], key="id")
+    assert "CL:0000584" in both and "CL:0000127" not in both  # enterocyte kept, astrocyte not
+    assert set(scx.tl.load_canonical_markers(tissue="spleen")) < set(every)  # only the types found anywhere
+    mouse = scx.tl.load_canonical_markers(species="mouse", tissue="hippocampus")
+    assert mouse["sst GABAergic interneuron"] == ["Sst", "Gad1", "Gad2"]
+    with pytest.raises(ValueError, match=r"Unknown tissue 'brian'.*Known tissues: bone marrow, breast"):
+        scx.tl.load_canonical_markers(tissue="brian")
+    with pytest.raises(TypeError, match="tissue must be a tissue name or a list"):
+        scx.tl.load_canonical_markers(tissue=[1])
+
+
+def test_canonical_markers_by_tissue_from_a_file_checks_its_tissue_lists(tmp_path):
+    import json
+
+    record = {"ontology_term_id": "CL:0000127", "name": "astrocyte", "markers": ["GFAP"], "tissues": ["brain"]}
+    path = tmp_path / "markers.json"
+    path.write_text(json.dumps({"cell_types": [record]}))
+    assert scx.tl.load_canonical_markers(path=path) == {"astrocyte": ["GFAP"]}  # no tissue: not checked
+    with pytest.raises(ValueError, match="has no 'tissue_groups' object"):
+        scx.tl.load_canonical_markers(path=path, tissue="brain")
+    path.write_text(json.dumps({"tissue_groups": {"nervous system": ["brain"]}, "cell_types": [record]}))
+    with pytest.raises(ValueError, match=r"'astrocyte' lists the tissues \['brain'\]; each must be one of"):
+        scx.tl.load_canonical_markers(path=path, tissue="brain")
+    record["tissues"] = ["nervous system"]
+    path.write_text(json.dumps({"tissue_groups": {"nervous system": ["brain"], "lung": []}, "cell_types": [record]}))
+    assert scx.tl.load_canonical_markers(path=path, tissue="brain") == {"astrocyte": ["GFAP"]}
+    assert scx.tl.load_canonical_markers(path=path, tissue="lung") == {}
+
+
+def test_brain_markers_name_starmap_domains_without_other_organs(shared_data):
+    """On mouse cortex, the markers of every organ name SST cells 'pancreatic D cell' as well; the brain's do not."""
+    adata = ad.read_h5ad(shared_data("starmap_mpfc", "starmap_mpfc.h5ad"))
+    labels = {}
+    for tissue in (None, "brain"):
+        markers = scx.tl.load_canonical_markers(species="mouse", tissue=tissue)
+        scx.tl.score_signatures(adata, markers, key_added="sig")
+        scx.tl.annotate_domains(adata, "cell_type_author", signature_key="sig", key_added="domain")
+        labels[tissue] = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
+    assert labels[None]["SST"] == "sst GABAergic interneuron/pancreatic D cell"
+    assert labels["brain"]["SST"] == "sst GABAergic interneuron"
+    assert "colonocyte" in labels[None]["Smc"] and labels["brain"]["Smc"] == "capillary endothelial cell"
+    assert "mammary gland" in labels[None]["Endo"]
+    every = scx.tl.load_canonical_markers(species="mouse")
+    brain = set(scx.tl.load_canonical_markers(species="mouse", tissue="brain"))
+    other_organs = set(every) - brain
+    assert not any(part in other_organs for label in labels["brain"].values() for part in label.split("/"))
+    for group in ("Astro", "Oligo", "VIP", "L5-1", "eL5-2"):
+        assert labels["brain"][group] == labels[None][group]  # the brain's own types are named as before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -38,10 +39,48 @@ def _read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
     return data, where
 
 
+def _normal_tissue(text: str) -> str:
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", str(text).lower()).split())
+
+
+def _tissue_groups(
+    tissue: str | Sequence[str], data: dict[str, Any], where: str
+) -> tuple[set[str], dict[str, list[str]]]:
+    """The tissue groups that ``tissue`` (names or aliases, case and punctuation ignored) stands for."""
+    groups = data.get("tissue_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(
+            f"Marker file {where!r} has no 'tissue_groups' object, so markers cannot be selected by tissue; "
+            "pass tissue=None or add {'group': [aliases]} and 'tissues' lists to the file."
+        )
+    alias = {}
+    for group, names in groups.items():
+        for name in [group, *(names or [])]:
+            alias[_normal_tissue(name)] = str(group)
+    wanted = [tissue] if isinstance(tissue, str) else list(tissue)
+    if not wanted or not all(isinstance(t, str) for t in wanted):
+        raise TypeError(f"tissue must be a tissue name or a list of names, got {tissue!r}.")
+    found, unknown = set(), []
+    for t in wanted:
+        group = alias.get(_normal_tissue(t))
+        if group is None:
+            unknown.append(t)
+        else:
+            found.add(group)
+    if unknown:
+        raise ValueError(
+            f"Unknown tissue {', '.join(map(repr, unknown))} for the canonical markers. Known tissues: "
+            f"{', '.join(sorted(groups))} (and their aliases, e.g. 'brain', 'colon', 'bone marrow'); pass "
+            "tissue=None to keep every cell type."
+        )
+    return found, groups
+
+
 def load_canonical_markers(
     *,
     species: Literal["human", "mouse"] = "human",
     key: Literal["name", "id"] = "name",
+    tissue: str | Sequence[str] | None = None,
     path: str | os.PathLike[str] | None = None,
 ) -> dict[str, list[str]]:
     """Return canonical marker genes of common cell types, keyed by Cell Ontology name or id.
@@ -49,6 +88,8 @@ def load_canonical_markers(
     The packaged table (``spatialcx/data/canonical_markers.json``) lists textbook markers of more than 100 cell types
     (immune, stromal, vascular, epithelial, neural, ...), each under its CL id and CL name. Use it to check an
     annotation, e.g. with :func:`spatialcx.tl.score_signatures` or a dot plot, restricted to the genes of the panel.
+    Pass ``tissue`` to leave out the types of other organs (on a brain section, ``SST`` should not name a domain
+    "pancreatic D cell"): types found in any tissue (immune, vascular, stromal) are always kept.
 
     Parameters
     ----------
@@ -57,6 +98,13 @@ def load_canonical_markers(
         the mouse genes explicitly).
     key
         Key the result by CL ``"name"`` (e.g. ``"T cell"``) or CL ``"id"`` (``"CL:0000084"``).
+    tissue
+        Keep only the cell types found in this tissue (or these tissues): the types the table lists for it, and those
+        found in any tissue. One of the table's tissue groups (``"nervous system"``, ``"eye"``, ``"lung"``,
+        ``"intestine"``, ``"stomach"``, ``"liver"``, ``"pancreas"``, ``"kidney"``, ``"heart"``, ``"skeletal muscle"``,
+        ``"lymphoid organ"``, ``"bone marrow"``, ``"skin"``, ``"breast"``, ``"testis"``) or one of their aliases
+        (``"brain"``, ``"hippocampus"``, ``"colon"``, ``"lymph node"``, ...; case and punctuation are ignored).
+        ``None`` keeps every type.
     path
         Read another file with the same layout instead of the packaged one.
 
@@ -69,7 +117,12 @@ def load_canonical_markers(
     FileNotFoundError
         The file is missing.
     ValueError
-        The file is empty, not JSON, or lists no cell type with markers.
+        The file is empty, not JSON, or lists no cell type with markers; ``tissue`` is not a known tissue.
+
+    Examples
+    --------
+    >>> markers = scx.tl.load_canonical_markers(species="mouse", tissue="brain")  # doctest: +SKIP
+    >>> scx.tl.score_signatures(sdata, markers)  # doctest: +SKIP
     """
     if species not in ("human", "mouse"):
         raise ValueError(f"species must be 'human' or 'mouse', got {species!r}.")
@@ -82,6 +135,7 @@ def load_canonical_markers(
             f"Marker file {where!r} lists no cell types: it needs a non-empty 'cell_types' list of "
             "{'ontology_term_id', 'name', 'markers'} records."
         )
+    keep_groups, groups = _tissue_groups(tissue, data, where) if tissue is not None else (None, {})
     out: dict[str, list[str]] = {}
     for i, entry in enumerate(entries):
         try:
@@ -92,6 +146,15 @@ def load_canonical_markers(
             ) from None
         if not _CL_ID_RE.fullmatch(term_id):
             raise ValueError(f"Marker file {where!r}: {name!r} has the id {term_id!r}, which is not a CL id.")
+        if keep_groups is not None:
+            found_in = entry.get("tissues") or []
+            if isinstance(found_in, str) or not all(t in groups for t in found_in):
+                raise ValueError(
+                    f"Marker file {where!r}: {name!r} lists the tissues {found_in!r}; each must be one of its "
+                    f"'tissue_groups' ({', '.join(groups)})."
+                )
+            if found_in and not keep_groups.intersection(found_in):
+                continue
         if species == "mouse":
             genes = list(entry.get("mouse") or [g[:1].upper() + g[1:].lower() for g in genes])
         genes = [str(g) for g in genes if str(g)]
