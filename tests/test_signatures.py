@@ -673,3 +673,25 @@ def test_brain_markers_name_starmap_domains_without_other_organs(shared_data):
     assert not any(part in other_organs for label in labels["brain"].values() for part in label.split("/"))
     for group in ("Astro", "Oligo", "VIP", "L5-1", "eL5-2"):
         assert labels["brain"][group] == labels[None][group]  # the brain's own types are named as before
+
+
+def test_bone_marrow_markers_name_xenium_erythroid_clusters(shared_data):
+    """On the Xenium bone marrow, SLC4A1 (band 3) made erythroid clusters 'kidney collecting duct intercalated cell'."""
+    import scanpy as sc
+
+    folder = shared_data("xenium_bonemarrow")
+    adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
+    clusters = pd.read_parquet(folder / "cell_clusters_graphclust.parquet")["cluster"]
+    adata.obs["cluster"] = pd.Categorical(clusters.reindex(adata.obs_names).astype("string"))
+    # the three clusters with the most ALAS2 (erythroid) counts per cell
+    alas2 = pd.Series(np.asarray(adata[:, "ALAS2"].X.todense()).ravel(), index=adata.obs_names)
+    erythroid = list(alas2.groupby(adata.obs["cluster"], observed=True).mean().nlargest(3).index)
+    labels = {}
+    for tissue in (None, "bone marrow"):
+        scx.tl.score_signatures(adata, scx.tl.load_canonical_markers(tissue=tissue), key_added="sig")
+        scx.tl.annotate_domains(adata, "cluster", signature_key="sig", key_added="domain")
+        labels[tissue] = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
+    assert any("kidney collecting duct" in labels[None][c] for c in erythroid)
+    assert all("erythroblast" in labels["bone marrow"][c].split("/") for c in erythroid)
+    kept = set(scx.tl.load_canonical_markers(tissue="bone marrow")) | {"Unassigned"}
+    assert all(set(label.split("/")) <= kept for label in labels["bone marrow"].values())
