@@ -1,12 +1,14 @@
 """References at scale: ``combine_references`` + ``subsample_balanced`` on a 400,000 x 30,000 h5ad.
 
     python benchmarks/reference_scale.py [--cells 400000] [--genes 30000] [--panel 300] [--max-cells-per-ref 100000]
+        [--input path|backed|lazy]
 
 Builds (once, cached under ``benchmarks/.cache/``) a synthetic h5ad with raw integer counts in a CSR ``X`` and 20
 labelled cell types of very different sizes, written chunk by chunk so the generator stays in bounded memory. Then,
-in a fresh process, runs ``scx.pp.combine_references`` to a panel of ``--panel`` genes and
-``scx.pp.subsample_balanced`` on the result, and prints the wall time and the peak resident memory of that process
-(``VmHWM``: everything the process held, Python and native, at its peak, imports included).
+in a fresh process, runs ``scx.pp.combine_references`` to a panel of ``--panel`` genes (the reference given as its
+path, as an AnnData opened with ``backed="r"``, or as the lazy AnnData of ``scx.io.read_reference`` with all genes,
+``--input``) and ``scx.pp.subsample_balanced`` on the result, and prints the wall time and the peak resident memory
+of that process (``VmHWM``: everything the process held, Python and native, at its peak, imports included).
 """
 
 from __future__ import annotations
@@ -131,13 +133,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(path: Path, n_genes: int, n_panel: int, max_cells_per_ref: int | None) -> dict:
+def run(path: Path, n_genes: int, n_panel: int, max_cells_per_ref: int | None, given_as: str = "path") -> dict:
     """The measured part (run in a fresh process)."""
+    import anndata as ad
+
     import spatialcx as scx
 
     genes = panel_of(n_genes, n_panel)
     t0 = time.perf_counter()
-    combined = scx.pp.combine_references([path], "cell_type", genes=genes, max_cells_per_ref=max_cells_per_ref)
+    if given_as == "backed":
+        reference = ad.read_h5ad(path, backed="r")
+    elif given_as == "lazy":
+        reference = scx.io.read_reference(path, label_key="cell_type", max_cells=max_cells_per_ref)
+    else:
+        reference = path
+    combined = scx.pp.combine_references([reference], "cell_type", genes=genes, max_cells_per_ref=max_cells_per_ref)
     t1 = time.perf_counter()
     balanced = scx.pp.subsample_balanced(combined, "original_label", max_cells_per_type=5000)
     t2 = time.perf_counter()
@@ -159,12 +169,13 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=30_000)
     p.add_argument("--panel", type=int, default=300)
     p.add_argument("--max-cells-per-ref", type=int, default=100_000, help="0 for no cap")
+    p.add_argument("--input", choices=["path", "backed", "lazy"], default="path", help="how the reference is given")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     path = CACHE / f"reference_{args.cells}x{args.genes}.h5ad"
     cap = args.max_cells_per_ref or None
     if args.child:
-        print(json.dumps(run(path, args.genes, args.panel, cap)))
+        print(json.dumps(run(path, args.genes, args.panel, cap, args.input)))
         return
     CACHE.mkdir(parents=True, exist_ok=True)
     if not path.exists():
@@ -181,6 +192,8 @@ def main() -> None:
         str(args.panel),
         "--max-cells-per-ref",
         str(args.max_cells_per_ref),
+        "--input",
+        args.input,
     ]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -188,7 +201,7 @@ def main() -> None:
     res = json.loads(out.stdout.strip().splitlines()[-1])
     print(
         f"reference: {path.name} ({path.stat().st_size / 2**30:.2f} GiB), panel {args.panel} genes, "
-        f"max_cells_per_ref={cap}, CPUs available: {len(os.sched_getaffinity(0))}"
+        f"given as {args.input}, max_cells_per_ref={cap}, CPUs available: {len(os.sched_getaffinity(0))}"
     )
     print(
         f"combine_references: {res['combine_s']} s -> {res['combined'][0]:,} cells x {res['combined'][1]} genes "

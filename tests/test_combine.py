@@ -266,3 +266,120 @@ def test_real_starmap_na_labels_are_excluded(shared_data):
     excluded = out.uns["spatialcx_references"]["starmap_mpfc"]["excluded_labels"]
     assert dict(zip(excluded["labels"], excluded["n_cells"])) == {"NA": n_na}
     assert list(out.var_names) == list(full.var_names)  # genes=None: all genes of the single reference
+
+
+def test_labels_are_stripped_and_empty_labels_dropped(caplog):
+    a = make_ref({"T cell": 20, "B cell": 20}, MOUSE_SYMBOLS)
+    b = make_ref({"T cell ": 20, " B cell": 20, "": 15, " ": 12, " Unknown": 10}, MOUSE_SYMBOLS, seed=1, prefix="d")
+    b.obs["label"] = b.obs["label"].astype(object)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        out = scx.pp.combine_references([a, b], "label", genes=MOUSE_SYMBOLS)
+    got = out.obs.groupby(["reference_source", "original_label"], observed=True).size().to_dict()
+    assert got == {("ref0", "B cell"): 20, ("ref0", "T cell"): 20, ("ref1", "B cell"): 20, ("ref1", "T cell"): 20}
+    assert "27 cells with an empty label are left out" in caplog.text and "'T cell ' -> 'T cell'" in caplog.text
+    prov = out.uns["spatialcx_references"]["ref1"]
+    assert dict(zip(prov["excluded_labels"]["labels"], prov["excluded_labels"]["n_cells"])) == {"Unknown": 10}
+    assert prov["n_cells_labelled"] == 40
+    assert list(b.obs["label"].iloc[:1]) == ["T cell "]  # the input is untouched
+
+
+def test_labels_differing_only_in_case_are_kept_apart_with_a_warning(caplog):
+    a = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    b = make_ref({"T Cell": 15}, MOUSE_SYMBOLS, prefix="d")
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        out = scx.pp.combine_references([a, b], "label", genes=MOUSE_SYMBOLS)
+    assert out.obs["original_label"].value_counts().to_dict() == {"T cell": 20, "T Cell": 15}
+    assert "differ only in case" in caplog.text and "'T Cell' (15 cells) / 'T cell' (20 cells)" in caplog.text
+
+
+def test_nullable_string_labels_with_na():
+    ref = make_ref({"T cell": 20, "B cell": 20}, MOUSE_SYMBOLS)
+    ref.obs["label"] = ref.obs["label"].astype("string")
+    ref.obs.iloc[:3, 0] = pd.NA
+    out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
+    assert out.obs["original_label"].value_counts().to_dict() == {"B cell": 20, "T cell": 17}
+
+
+def test_genes_as_a_table_and_a_single_string():
+    ref = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    panel = ad.AnnData(
+        np.zeros((2, 4), dtype=np.float32), var=pd.DataFrame(index=["Sst", "NegControlProbe_1", "Gad1", "BLANK_2"])
+    )
+    out = scx.pp.combine_references(ref, "label", genes=panel)
+    assert list(out.var_names) == ["Sst", "Gad1"]  # the panel's genes, control probes left out
+    with pytest.raises(TypeError, match=r"not a single string; pass genes=\['Gad1'\]"):
+        scx.pp.combine_references(ref, "label", genes="Gad1")
+
+
+def test_bad_arguments_name_what_was_found():
+    ref = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    with pytest.raises(ValueError, match="output_key and source_key are both 'x'"):
+        scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, output_key="x", source_key="x")
+    with pytest.raises(TypeError, match="Reference 1 is a ndarray"):
+        scx.pp.combine_references([ref, np.zeros((3, 3))], "label", genes=MOUSE_SYMBOLS)
+    with pytest.raises(TypeError, match="label_keys is None"):
+        scx.pp.combine_references(ref, None, genes=MOUSE_SYMBOLS)
+    sd = pytest.importorskip("spatialdata")
+    with pytest.raises(TypeError, match=r"Reference 0 is a SpatialData.*sdata.tables\['table'\]"):
+        scx.pp.combine_references(sd.SpatialData(tables={"table": ref}), "label", genes=MOUSE_SYMBOLS)
+
+
+def test_errors_from_one_reference_name_it():
+    good = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    unlabelled = make_ref({"T cell": 20}, MOUSE_SYMBOLS, prefix="d")
+    del unlabelled.obs["label"]
+    with pytest.raises(KeyError, match=r"Reference 1 \(label key 'label'\): label_key 'label' is not an obs column"):
+        scx.pp.combine_references([good, unlabelled], "label", genes=MOUSE_SYMBOLS)
+    scaled = make_ref({"T cell": 20}, MOUSE_SYMBOLS, prefix="e")
+    scaled.X = sp.csr_matrix(scaled.X.toarray() - 1.5)
+    with pytest.raises(ValueError, match=r"Reference 'atlas' \(label key 'label'\): No usable expression"):
+        scx.pp.combine_references({"good": good, "atlas": scaled}, "label", genes=MOUSE_SYMBOLS)
+
+
+def test_backed_reference_is_named_after_its_file(tmp_path):
+    make_ref({"T cell": 20}, MOUSE_SYMBOLS).write_h5ad(tmp_path / "lung_atlas.h5ad")
+    backed = ad.read_h5ad(tmp_path / "lung_atlas.h5ad", backed="r")
+    out = scx.pp.combine_references([backed, make_ref({"T cell": 20}, MOUSE_SYMBOLS, prefix="d")], "label")
+    assert list(out.obs["reference_source"].cat.categories) == ["lung_atlas", "ref1"]
+    assert backed.isbacked and backed.file.is_open  # still usable
+
+
+def test_three_references_counts_by_hand(tmp_path):
+    a = make_ref({"T cell": 300, "B cell": 40, "NK cell": 8}, MOUSE_SYMBOLS, seed=1, prefix="a")
+    b = make_ref({"T cell": 100, "Monocyte": 500, "NK cell": 5}, HUMAN_SYMBOLS, seed=2, prefix="b")
+    b.obs = b.obs.rename(columns={"label": "cell_type"})
+    c = make_ref({"T cell": 20, "Unknown": 30}, MOUSE_SYMBOLS, seed=3, prefix="c")
+    c.write_zarr(tmp_path / "c.zarr")
+    refs = {"A": a, "B": b, "C": tmp_path / "c.zarr"}
+    keys = {"A": "label", "B": "cell_type", "C": "label"}
+    out = scx.pp.combine_references(refs, keys, genes=MOUSE_SYMBOLS, max_cells_per_ref=200, random_state=3)
+    got = out.obs.groupby(["reference_source", "original_label"], observed=True).size().to_dict()
+    # A: 348 cells > 200, cap c with min(300, c) + 40 + 8 = 200 -> c = 152
+    # B: 605 > 200, min(100, c) + min(500, c) + 5 = 200 -> c = 97.5: 97 + 98 (the tie goes to the first, "Monocyte")
+    # C: the 30 "Unknown" are excluded; NK: 8 + 5 = 13 >= min_cells_per_type=10, kept
+    assert got == {
+        ("A", "B cell"): 40,
+        ("A", "NK cell"): 8,
+        ("A", "T cell"): 152,
+        ("B", "Monocyte"): 98,
+        ("B", "NK cell"): 5,
+        ("B", "T cell"): 97,
+        ("C", "T cell"): 20,
+    }
+    balanced = scx.pp.subsample_balanced(
+        out, "original_label", max_cells_per_type=100, min_cells_per_source=10, random_state=3
+    )
+    got = pd.crosstab(balanced.obs["original_label"], balanced.obs["reference_source"])
+    # T cell: 152 + 97 + 20, 100 drawn: C's share (7.4) is lifted to its floor of 10, A and B share the other 90
+    # as 152 : 97 (54.9 + 35.1) -> 55 + 35 + 10
+    assert got.loc["T cell"].tolist() == [55, 35, 10]
+    assert got.loc["Monocyte"].tolist() == [0, 98, 0] and got.loc["B cell"].tolist() == [40, 0, 0]
+    assert got.loc["NK cell"].tolist() == [8, 5, 0]
+    again = scx.pp.subsample_balanced(
+        scx.pp.combine_references(refs, keys, genes=MOUSE_SYMBOLS, max_cells_per_ref=200, random_state=3),
+        "original_label",
+        max_cells_per_type=100,
+        min_cells_per_source=10,
+        random_state=3,
+    )
+    assert list(again.obs_names) == list(balanced.obs_names)

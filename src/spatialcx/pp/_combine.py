@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,12 +31,31 @@ def _as_lists(references: Any, label_keys: Any) -> tuple[list[str | None], list[
         names: list[str | None] = [str(k) for k in references]
         refs = list(references.values())
     else:
-        if isinstance(references, AnnData | str | os.PathLike):
+        if isinstance(references, AnnData | str | os.PathLike) or hasattr(references, "tables"):  # SpatialData: one
             references = [references]
-        refs = list(references)
+        try:
+            refs = list(references)
+        except TypeError:
+            refs = [references]  # not iterable: reported below
         names = [None] * len(refs)
     if not refs:
         raise ValueError("No reference given: pass one or more AnnData objects, .h5ad/.zarr paths or URIs.")
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, AnnData | str | os.PathLike):
+            hint = (
+                " Pass its table instead, e.g. sdata.tables['table']."
+                if hasattr(ref, "tables")
+                else " Load it as an AnnData first, or pass the path of its .h5ad file or .zarr folder."
+            )
+            raise TypeError(
+                f"Reference {i} is a {type(ref).__name__}; references must be AnnData objects (in memory, backed or "
+                f"lazy), .h5ad / .zarr paths or URIs.{hint}"
+            )
+    if label_keys is None:
+        raise TypeError(
+            "label_keys is None: give the obs column holding the cell-type labels, one string for all references or "
+            "one per reference."
+        )
     if isinstance(label_keys, str):
         keys = [label_keys] * len(refs)
     elif isinstance(label_keys, Mapping):
@@ -71,6 +91,47 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+def _clean_labels(labels: pd.Series, name: str) -> pd.Series:
+    """Labels as strings without surrounding whitespace; empty labels (``""``, ``" "``) are missing (``None``).
+
+    ``"T cell "`` and ``"T cell"`` are one type, and ``" Unknown"`` is excluded as ``"Unknown"`` is. Works on the
+    distinct values only, so it stays cheap for millions of cells.
+    """
+    codes, uniques = pd.factorize(labels.astype(object), use_na_sentinel=True)
+    raw = [str(u) for u in uniques]
+    stripped = np.array([u.strip() or None for u in raw], dtype=object)
+    changed = [(r, c) for r, c in zip(raw, stripped) if r != c]
+    if changed:
+        n = np.bincount(codes[codes >= 0], minlength=len(raw))
+        n_empty = sum(int(n[i]) for i, c in enumerate(stripped) if c is None)
+        renamed = [(r, c) for r, c in changed if c is not None]
+        parts = [f"{n_empty} cells with an empty label are left out"] if n_empty else []
+        if renamed:
+            more = f" (and {len(renamed) - 5} more)" if len(renamed) > 5 else ""
+            parts.append(
+                "labels with surrounding whitespace are stripped: "
+                + ", ".join(f"{r!r} -> {c!r}" for r, c in renamed[:5])
+                + more
+            )
+        logger.warning("reference %r: %s.", name, "; ".join(parts))
+    out = np.full(len(codes), None, dtype=object)
+    has = codes >= 0
+    out[has] = stripped[codes[has]]
+    return pd.Series(out, index=labels.index, name=labels.name, dtype=object)
+
+
+def _warn_case_variants(counts: pd.Series) -> None:
+    """Warn about labels that differ only in case (``"T cell"`` and ``"T Cell"``): they stay different types."""
+    folded = pd.Series(counts.index.astype(str), index=counts.index).str.casefold()
+    clashes = [sorted(g) for _, g in folded.groupby(folded, sort=True).groups.items() if len(g) > 1]
+    if clashes:
+        logger.warning(
+            "Labels that differ only in case are kept as different cell types: %s. If they are the same type, give "
+            "them one spelling before combining (or balance and train on an ontology column).",
+            "; ".join(" / ".join(f"{t!r} ({int(counts[t])} cells)" for t in g) for g in clashes),
+        )
+
+
 def _counts_list(series: pd.Series) -> dict[str, list]:
     series = series[series > 0]
     return {"cell_types": [str(t) for t in series.index], "n_cells": [int(v) for v in series.to_numpy()]}
@@ -98,8 +159,9 @@ def combine_references(
 
     Steps, per reference:
 
-    1. Labels: cells without a label, and cells whose label is in ``exclude_labels`` (exact, case-sensitive match)
-       are dropped.
+    1. Labels: surrounding whitespace is stripped (``"T cell "`` is ``"T cell"``); cells without a label (missing
+       or empty), and cells whose label is in ``exclude_labels`` (exact, case-sensitive match) are dropped. Labels
+       that differ only in case stay different types, with a warning.
     2. Genes: var names are mapped to symbols (Ensembl ids through ``var["feature_name"]`` or the packaged human /
        mouse tables; duplicated symbols: the first in var order wins) and matched to ``genes`` exactly, then
        case-insensitively where unambiguous (mouse ``Gad1`` = human ``GAD1``). The shared genes are the panel genes
@@ -123,7 +185,9 @@ def combine_references(
     label_keys
         The label column of each reference; one string for all, a sequence, or a mapping by source name.
     genes
-        The panel. ``None`` uses the genes shared by all references (in the first reference's order).
+        The panel: a list of gene names, or the spatial table / SpatialData itself (its
+        :func:`~spatialcx.pp.panel_genes`). ``None`` uses the genes shared by all references (in the first
+        reference's order).
     output_key
         obs column of the output holding the labels.
     source_key
@@ -157,21 +221,37 @@ def combine_references(
         raise ValueError(f"min_cells_per_type must be >= 0, got {min_cells_per_type}.")
     if max_cells_per_ref is not None and max_cells_per_ref < 1:
         raise ValueError(f"max_cells_per_ref must be >= 1 or None, got {max_cells_per_ref}.")
+    from .._table import check_key
+
+    check_key(output_key, "output_key")
+    check_key(source_key, "source_key")
+    if output_key == source_key:
+        raise ValueError(
+            f"output_key and source_key are both {output_key!r}; the labels and the source names need two obs "
+            f"columns (defaults: {ORIGINAL_LABEL_KEY!r} and {SOURCE_KEY!r})."
+        )
     excluded_set = set(label_list(exclude_labels))  # None (a YAML config's `null`): the default
     names, refs, keys = _as_lists(references, label_keys)
-    panel = None if genes is None else list(dict.fromkeys(str(g) for g in genes))
-    if panel is not None and not panel:
-        raise ValueError("genes is empty: give the panel genes, or None to use the genes shared by the references.")
+    panel = _panel_list(genes)
 
     handles: list[ReferenceHandle] = []
     try:
         for i, (name, ref, key) in enumerate(zip(names, refs, keys)):
-            handles.append(open_reference(ref, key, name=name, cache_dir=cache_dir))
+            if name is None and isinstance(ref, AnnData) and ref.isbacked and ref.filename is not None:
+                name = Path(ref.filename).name.removesuffix(".h5ad") or None  # a backed file: its stem, as for paths
+            try:
+                handles.append(open_reference(ref, key, name=name, cache_dir=cache_dir))
+            except (KeyError, ValueError) as e:
+                what = repr(name) if name else (str(i) if isinstance(ref, AnnData) else repr(os.fspath(ref)))
+                msg = e.args[0] if e.args else str(e)
+                cls = KeyError if isinstance(e, KeyError) else ValueError
+                raise cls(f"Reference {what} (label key {key!r}): {msg}") from e
             if name is None and isinstance(ref, AnnData) and handles[-1].name == "ref":
                 handles[-1].name = f"ref{i}"
         source_names = _unique_names([h.name for h in handles])
         for h, n in zip(handles, source_names):
             h.name = n
+            h.labels = _clean_labels(h.labels, n)
 
         # genes --------------------------------------------------------------------------------------------------
         symbols = [h.symbols() for h in handles]
@@ -232,6 +312,7 @@ def combine_references(
         all_labels = pd.Series(
             np.concatenate([h.labels.to_numpy()[c].astype(str) for h, c in zip(handles, chosen)])
         ).value_counts()
+        _warn_case_variants(all_labels)
         small = sorted(all_labels.index[all_labels < min_cells_per_type])
         if small and filter_min_cells:
             logger.warning(
@@ -352,6 +433,25 @@ def combine_references(
     }
     logger.info("Combined %d references: %d cells x %d genes.", len(handles), out.n_obs, out.n_vars)
     return out
+
+
+def _panel_list(genes: Any) -> list[str] | None:
+    """The panel as a list of unique names (first occurrence kept); a table or SpatialData gives its panel genes."""
+    if genes is None:
+        return None
+    if isinstance(genes, str):
+        raise TypeError(
+            f"genes must be a list of gene names (or a table / SpatialData), not a single string; pass "
+            f"genes=[{genes!r}]."
+        )
+    if hasattr(genes, "var_names") or hasattr(genes, "tables"):
+        from ._genes import panel_genes
+
+        genes = panel_genes(genes)
+    panel = list(dict.fromkeys(str(g) for g in genes))
+    if not panel:
+        raise ValueError("genes is empty: give the panel genes, or None to use the genes shared by the references.")
+    return panel
 
 
 def _log1p_normalize(counts: sp.csr_matrix) -> sp.csr_matrix:
