@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import anndata as ad
 import numpy as np
@@ -270,3 +271,48 @@ def test_without_source_column_all_cells_are_one_source():
     del adata.obs["reference_source"]
     out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=50)
     assert out.n_obs == 50
+
+
+def test_named_proportions_never_add_up_to_more_than_the_output_size():
+    counts = pd.DataFrame({"A": [100, 100, 100]}, index=["x", "y", "z"])
+    # N = 3 x 11 = 33; 33/6 = 5.5 twice: rounding each half up would give 6 + 6 + 22 = 34 > 33
+    props = {"x": 1 / 6, "y": 1 / 6, "z": 2 / 3}
+    alloc = cap_and_fill(counts, max_cells_per_type=11, target_proportions=props, min_cells_per_type=0)
+    assert alloc["A"].tolist() == [6, 5, 22]
+
+
+def test_unmet_target_proportions_warn_with_the_shares_obtained(caplog):
+    counts = pd.DataFrame({"A": [10_000, 100]}, index=["T", "B"])
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        alloc = cap_and_fill(counts, max_cells_per_type=5_000, target_proportions={"T": 0.5}, min_cells_per_type=0)
+    # N = 5,100: T gets 2,550 as documented, B cannot take up the other 2,550 (it has 100)
+    assert alloc["A"].tolist() == [2_550, 100]
+    assert "cannot be met" in caplog.text and "'T' 0.962 (asked 0.5, 2550 of 2650 cells)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        cap_and_fill(counts, max_cells_per_type=100, target_proportions={"T": 0.5}, min_cells_per_type=0)
+    assert "cannot be met" not in caplog.text  # N = 200: 100 + 100, met exactly
+
+
+@pytest.mark.parametrize("mode", ["backed", "lazy"])
+def test_subsample_balanced_reads_only_the_drawn_cells_of_a_backed_or_lazy_reference(tmp_path, mode):
+    from anndata.experimental import read_lazy
+
+    adata = _reference({("mac", "A"): 300, ("mac", "B"): 50, ("T", "A"): 40})
+    adata.X = sp.csr_matrix(np.arange(adata.n_obs * 3, dtype=np.float32).reshape(-1, 3))
+    adata.write_h5ad(tmp_path / "combined.h5ad")
+    ondisk = (
+        ad.read_h5ad(tmp_path / "combined.h5ad", backed="r")
+        if mode == "backed"
+        else read_lazy(tmp_path / "combined.h5ad")
+    )
+    kwargs = {"max_cells_per_type": 100, "min_cells_per_source": 10, "random_state": 5}
+    out = scx.pp.subsample_balanced(ondisk, "original_label", **kwargs)
+    expected = scx.pp.subsample_balanced(adata, "original_label", **kwargs)
+    assert not out.isbacked and sp.issparse(out.X)
+    assert list(out.obs_names) == list(expected.obs_names)
+    np.testing.assert_array_equal(out.X.toarray(), expected.X.toarray())
+    # mac: 300 + 50 cells, 100 drawn in proportion (85.7 + 14.3); T: all 40
+    got = pd.crosstab(out.obs["original_label"], out.obs["reference_source"])
+    assert got.loc["mac"].tolist() == [86, 14] and got.loc["T"].tolist() == [40, 0]
+    assert out.uns["spatialcx_balance"]["n_cells"] == 140

@@ -167,7 +167,9 @@ def type_targets(
         named = [t for t in avail.index if t in target_proportions]
         others = [t for t in avail.index if t not in target_proportions]
         p = np.array([float(target_proportions[t]) for t in named])
-        wanted = np.floor(p * n_total + 0.5).astype(np.int64)
+        # largest remainders: the named types together get round(sum(p) * N), never more than N
+        n_named = min(int(np.floor(p.sum() * n_total + 0.5)), n_total)
+        wanted = _round_to_total(p * n_total, n_named, np.full(len(p), n_total, dtype=np.int64))
         targets = pd.Series(0, index=avail.index, dtype=np.int64)
         targets[named] = np.minimum(wanted, avail[named].to_numpy())
         short = [(t, int(w), int(a)) for t, w, a in zip(named, wanted, avail[named]) if w > a]
@@ -187,8 +189,45 @@ def type_targets(
         int(min_cells_per_type) if max_cells_per_type is None else min(int(min_cells_per_type), int(max_cells_per_type))
     )
     floor = np.minimum(avail, least)  # the cap wins over the floor: min_cells_per_type=50 never lifts a cap of 20
-    targets = targets.where(zero | (targets >= floor), floor)
-    return targets.astype(np.int64)
+    targets = targets.where(zero | (targets >= floor), floor).astype(np.int64)
+    if target_proportions:
+        _warn_unmet_proportions(targets, target_proportions, cap)
+    return targets
+
+
+def _warn_unmet_proportions(targets: pd.Series, proportions: Mapping[str, float], cap: pd.Series) -> None:
+    """Warn when the shares of the named types in the output differ from the proportions asked for.
+
+    This happens when a named type has fewer cells than its share, when the other types cannot take up the rest
+    (they are never drawn above ``max_cells_per_type`` or what they have), or when ``min_cells_per_type`` lifts a
+    type above its share. Differences within rounding (half a cell) are not reported.
+    """
+    total = int(targets.sum())
+    if total == 0:
+        return
+    off = []
+    for t, p in proportions.items():
+        if t not in targets.index:
+            continue
+        got = int(targets[t])
+        if abs(got - p * total) > 0.5 + 1e-9 and abs(got / total - p) > 1e-3:
+            off.append(f"{t!r} {got / total:.3g} (asked {p:.3g}, {got} of {total} cells)")
+    if not off:
+        return
+    others = [t for t in targets.index if t not in proportions]
+    logger.warning(
+        "target_proportions cannot be met with the cells available; shares in the output: %s. Named types get "
+        "round(p x N) of N = %d cells (the output size max_cells_per_type alone gives); %s. Lower the proportions, "
+        "raise max_cells_per_type, or name every type.",
+        "; ".join(off),
+        int(cap.sum()),
+        (
+            f"the other types ({len(others)}) are never drawn above max_cells_per_type or what they have "
+            f"({int(cap[others].sum())} cells) and get {int(targets[others].sum())}"
+            if others
+            else "every type is named"
+        ),
+    )
 
 
 def cap_and_fill(
@@ -390,7 +429,8 @@ def subsample_balanced(
         Cap per type or group (``None``: no cap).
     min_cells_per_type
         Every type keeps at least ``min(available, min_cells_per_type)`` cells (never more than
-        ``max_cells_per_type``); matters when target proportions give a type only a few cells. Types are never dropped here (see ``combine_references``).
+        ``max_cells_per_type``); matters when target proportions give a type only a few cells. Types are never
+        dropped here (see ``combine_references``).
     source_key
         obs column naming each cell's source; when absent, all cells are one source.
     source_balance
@@ -405,25 +445,32 @@ def subsample_balanced(
         Wanted share of each type (or group) in the output: a dict, a JSON file or a CSV file with header
         ``cell_type,proportion``. Resolved against the output size the cap alone gives; named types override the
         cap; the others share the rest. Names must exist; proportions sum to at most 1 (to exactly 1 when all
-        types are named, and all types must be named when they sum to 1).
+        types are named, and all types must be named when they sum to 1). When the cells available cannot give
+        the shares asked for (a named type has too few cells, or the other types cannot take up the rest), a
+        warning gives the shares obtained.
     random_state
         Seed of the draw.
 
     Returns
     -------
-    A new AnnData (a subset copy; ``adata`` is unchanged) holding the drawn cells in their original order.
+    A new AnnData (a subset copy; ``adata`` is unchanged) holding the drawn cells in their original order. A backed
+    (``backed="r"``) or lazy (:func:`anndata.experimental.read_lazy`) ``adata`` gives an in-memory AnnData: only the
+    drawn cells are read.
     ``uns["spatialcx_balance"]`` records the parameters and the allocation table (``groups`` x ``sources``:
     ``available`` and ``drawn``); each entry of ``uns["spatialcx_references"]`` (a dict keyed by source name, as
     written by :func:`~spatialcx.pp.combine_references`) gets ``cells_used``: ``cell_types`` and ``n_cells``, the
     cells drawn per ``label_key`` value.
     """
-    obs = adata.obs
+    from .._table import obs_column
+
+    columns = list(adata.obs.columns)
     for key, what in ((label_key, "label_key"), (group_by, "group_by")):
-        if key is not None and key not in obs.columns:
-            raise KeyError(f"{what} {key!r} is not an obs column; available: {list(obs.columns)}.")
+        if key is not None and key not in columns:
+            raise KeyError(f"{what} {key!r} is not an obs column; available: {columns}.")
     if source_balance not in ("proportional", "equal"):
         raise ValueError(f"source_balance must be 'proportional' or 'equal', got {source_balance!r}.")
-    labels = obs[label_key]
+    obs_names = pd.Index(np.asarray(adata.obs_names))
+    labels = obs_column(adata, label_key).set_axis(obs_names)
     if labels.isna().any():
         raise ValueError(
             f"{int(labels.isna().sum())} cells have no label in obs[{label_key!r}]. Drop them or give them a label "
@@ -433,13 +480,13 @@ def subsample_balanced(
     if group_by is None:
         groups = labels
     else:
-        raw = obs[group_by]
+        raw = obs_column(adata, group_by).set_axis(obs_names)
         groups = raw.astype(object).where(raw.notna(), labels).astype(str)
-    if source_key in obs.columns:
-        sources = obs[source_key].astype(str)
+    if source_key in columns:
+        sources = obs_column(adata, source_key).set_axis(obs_names).astype(str)
     else:
         logger.info("obs[%r] not found: all cells are treated as one source.", source_key)
-        sources = pd.Series("all", index=obs.index)
+        sources = pd.Series("all", index=obs_names)
 
     g_codes, g_names = pd.factorize(groups, sort=True)
     s_codes, s_names = pd.factorize(sources, sort=True)
@@ -473,7 +520,10 @@ def subsample_balanced(
             keep.append(members if k >= len(members) else rng.choice(members, size=k, replace=False))
     idx = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
-    out = adata[idx].copy()
+    if adata.isbacked or not isinstance(adata.obs, pd.DataFrame):  # backed or lazy: read only the drawn cells
+        out = adata[idx].to_memory()
+    else:
+        out = adata[idx].copy()
     for col in {label_key, group_by, source_key} - {None}:
         if col in out.obs.columns and isinstance(out.obs[col].dtype, pd.CategoricalDtype):
             out.obs[col] = out.obs[col].cat.remove_unused_categories()
