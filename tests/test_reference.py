@@ -145,6 +145,27 @@ def test_open_reference_accepts_anndata_objects(tmp_path, mode):
             assert h.checksum.startswith("sha256-names:")
 
 
+def test_dask_expression_is_read_only_in_the_genes_asked_for():
+    """A lazy reference's dask matrix: only the chunks of the panel's genes are computed, not whole rows."""
+    import dask.array as da
+
+    computed = []
+
+    def chunk(block_info=None):
+        (r0, r1), (c0, c1) = block_info[None]["array-location"]
+        computed.append(c0)
+        rng = np.random.default_rng(r0 * 7 + c0)
+        return sp.csr_matrix(rng.poisson(0.3, (r1 - r0, c1 - c0)).astype(np.float32))
+
+    meta = sp.csr_matrix((0, 0), dtype=np.float32)
+    x = da.map_blocks(chunk, chunks=((500,) * 4, (1000,) * 5), dtype=np.float32, meta=meta)
+    rows, cols = np.arange(0, 2000, 3), np.array([10, 2, 3, 1500])
+    block = _reference._InMemory(x).read(rows, cols)
+    # before: every row block was computed over all 5,000 genes (20 chunks), then the genes were picked
+    assert sorted(set(computed)) == [0, 1000] and len(computed) == 8
+    np.testing.assert_array_equal(block.toarray(), x[rows][:, cols].compute().toarray())
+
+
 def test_open_reference_errors(tmp_path):
     make_reference().write_h5ad(tmp_path / "r.h5ad")
     with pytest.raises(KeyError, match=r"'celltype'.*available: \['cell_type'\]"):

@@ -148,9 +148,9 @@ class _InMemory:
         pieces = []
         for start in range(0, len(rows), step):
             block = m[rows[start : start + step]]
-            if hasattr(block, "compute"):
-                block = block.compute()
             block = block[:, cols]
+            if hasattr(block, "compute"):  # dask: the columns are selected before computing, not whole rows
+                block = block.compute()
             pieces.append(sp.csr_matrix(block, dtype=np.float32))
         return sp.vstack(pieces, format="csr") if pieces else sp.csr_matrix((0, len(cols)), dtype=np.float32)
 
