@@ -144,6 +144,14 @@ def _contradicts(words: Iterable[str], name: frozenset[str]) -> bool:
     return False
 
 
+def _expand(token: str, abbreviations: dict[str, str]) -> str:
+    """Expand an abbreviation, also in the plural the normaliser keeps (``Oligos``, ``Monos``, ``Astros``)."""
+    full = abbreviations.get(token)
+    if full is None and len(token) > 2 and token.endswith("s"):
+        full = abbreviations.get(token[:-1])
+    return token if full is None else full
+
+
 def _unknown(note: str, score: float = 0.0) -> Match:
     return Match(None, TIER_NONE, float(score), "", note)
 
@@ -165,6 +173,7 @@ class LabelMatcher:
         self.normalize = patterns.normalizer
         normalize = self.normalize
         self._optional = patterns.optional_term_tokens
+        self._cell_words: dict[str, bool] = {}
         self._any_rewrite = re.compile("|".join(f"(?:{rx.pattern})" for rx, _, _ in patterns.rewrites) or "(?!)")
         blocked = {(tid, normalize(syn)) for tid, syn in patterns.blocked_synonyms}
         taxon = {tid for tid in index.term_ids if _TAXON_RE.search(index.name(tid))}
@@ -278,7 +287,7 @@ class LabelMatcher:
         """Expand abbreviations, apply the rewrites, sign bare CD markers and add implied words."""
         p = self.patterns
         abbreviations = p.abbreviations
-        s = " ".join(abbreviations.get(t, t) for t in norm.split())
+        s = " ".join(_expand(t, abbreviations) for t in norm.split())
         if self._any_rewrite.search(s):
             for rx, repl, _ in p.rewrites:
                 s = rx.sub(repl, s)
@@ -410,7 +419,7 @@ class LabelMatcher:
                 if not entries:
                     continue
                 left = tokens - key
-                if left & self.heads:
+                if left & self.heads or any(self._names_a_cell(t) for t in left):
                     continue
                 entry = self._pick(entries, key)
                 if entry is None or _contradicts(left, entry.full | self.label_words.get(entry.term_id, frozenset())):
@@ -433,6 +442,19 @@ class LabelMatcher:
             return _unknown(f"ambiguous: {entry.term_id} or {sorted(rivals)[0]}", score)
         dropped = ", ".join(sorted(left))
         return self._resolved(entry, TIER_TOKEN, score, f"fell back to parent term (dropped: {dropped})")
+
+    def _names_a_cell(self, token: str) -> bool:
+        """Whether a word, alone, names a cell type once abbreviations and rewrites apply.
+
+        ``pvalb`` -> pvalb GABAergic interneuron: such a word left over by a fall-back names another cell type, like a
+        one-word CL name does, so the fall-back is not taken ("Pvalb Th Sst" is not a helper T cell).
+        """
+        known = self._cell_words.get(token)
+        if known is None:
+            c = self.canonical(token)
+            known = c != token and (c in self.exact_alias or c in self.exact_index or c in self.exact_user)
+            self._cell_words[token] = known
+        return known
 
     def _similarity(self, tokens: frozenset[str]) -> Match | None:
         # candidates: names whose key noun is in the label, and the one term (if any) whose names hold all the

@@ -5,7 +5,8 @@ rules only need to be consistent, not linguistically perfect. The rules, in orde
 
 1. Unicode: NFKC, Greek letters spelled out (``γδ`` -> ``gamma delta``), accents dropped (``naïve`` -> ``naive``).
 2. Marker signs are glued to their marker: ``CD4+``, ``CD4-positive``, ``CD4 positive`` -> ``cd4+``; ``CD16-``,
-   ``CD16-negative`` -> ``cd16-``; ``CD56bright``, ``CD56-bright``, ``CD56hi`` -> ``cd56hi``; ``CD56dim``, ``CD11c-low``
+   ``CD16-negative`` -> ``cd16-``, also when the next marker follows without a space (``CD4-CD8-`` ->
+   ``cd4- cd8-``); ``CD56bright``, ``CD56-bright``, ``CD56hi`` -> ``cd56hi``; ``CD56dim``, ``CD11c-low``
    -> ``cd56lo``. A bare word followed by ``positive``/``negative`` is a marker only when it looks like one (it has a
    digit or starts with two capitals), so ``double negative`` stays two words.
 3. Lower case; apostrophes dropped; every other punctuation mark (``_ - / , ; : ( ) [ ] . &``) becomes a space.
@@ -23,7 +24,7 @@ import unicodedata
 from collections.abc import Iterable
 
 #: Bump when the normalisation rules change: cached indexes hold normalised names.
-NORMALIZER_VERSION = 1
+NORMALIZER_VERSION = 2
 
 _GREEK = {
     "α": "alpha",
@@ -48,6 +49,8 @@ _NOT_MARKER_WORDS = r"(?:double|triple|single|quadruple|Double|Triple|Single|DOU
 _HYPHEN_SIGN_RE = re.compile(r"(?<![A-Za-z])(?!" + _NOT_MARKER_WORDS + r"-)(\w+)-(positive|negative|pos|neg)\b", re.I)
 _SPACE_SIGN_RE = re.compile(r"\b(" + _MARKER + r")\s+(positive|negative|pos|neg)\b")
 _PLUS_SPLIT_RE = re.compile(r"\+\+?(?=\w)")
+# a CD marker followed by a minus glued to the next CD marker: "CD4-CD8-", "CD14-CD16+", "Lin-CD34+"
+_GLUED_MINUS_RE = re.compile(r"\b([Cc][Dd]\d+[A-Za-z]?|[Ll]in|LIN)-(?=[Cc][Dd]\d)")
 _TRAILING_MINUS_RE = re.compile(r"(?<=[A-Za-z0-9])-(?=$|[\s_/,;:)\]&+])")
 _SEP_RE = re.compile(r"[^\w+\-]+")
 _HYPHEN_RE = re.compile(r"(?<![\w+])-|-(?=[\w-])")
@@ -115,6 +118,7 @@ class Normalizer:
         if "+" in s:
             s = _PLUS_SPLIT_RE.sub("+ ", s).replace("++", "+")
         if "-" in s:
+            s = _GLUED_MINUS_RE.sub(r"\1- ", s)
             s = _TRAILING_MINUS_RE.sub("- ", s)
         s = _SEP_RE.sub(" ", _APOSTROPHE_RE.sub("", s.lower()))
         if "-" in s:
