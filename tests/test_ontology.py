@@ -288,11 +288,61 @@ def test_tiers_scores_and_notes():
         ("Doublets", "unknown"),
         ("low quality", "unknown"),
         ("", "unknown"),
+        # abbreviations of brain atlases, also in the plural
+        ("Micro", "CL:0000129"),
+        ("Micro/Macro", "CL:0000235"),  # microglia and macrophages: their common term
+        ("Micro-PVM", "CL:0000878"),
+        ("PVM", "CL:0000881"),
+        ("Oligos", "CL:0000128"),
+        ("Astros", "CL:0000127"),
+        ("Monos", "CL:0000576"),
+        ("MSNs", "CL:1001474"),
+        ("D1 MSN", "CL:4023026"),  # not the indirect-pathway (D2) neuron
+        ("D2 MSN", "CL:4023029"),
+        # CD16+ monocytes are non-classical whatever the word order (CL's "CD16+ monocyte" is a CD14+ monocyte)
+        ("CD16+ Monocytes", "CL:0002396"),
+        ("Mono CD16", "CL:0002396"),
+        ("CD14-CD16+ Mono", "CL:0002396"),
+        ("CD14+CD16+ monocytes", "CL:0002397"),
+        ("Langerhans", "CL:0000453"),
     ],
 )
 def test_patterns_and_boundaries(label, expected):
     m = matcher_for(resolve_index(None)).match(label)
     assert (m.term_id or "unknown") == expected, m
+
+
+def test_negative_markers_glued_to_the_next_marker_stay_negative():
+    normalize = load_patterns().normalizer
+    assert normalize("CD4-CD8- T") == "cd4- cd8- t"
+    assert normalize("CD14-CD16+ Mono") == "cd14- cd16+ mono"
+    assert normalize("Lin-CD34+") == "lin- cd34+"
+    assert normalize("HLA-DR+ cells") == "hla dr+ cell"  # a hyphen inside a marker name is not a sign
+    got = ids(["CD4-CD8- T", "CD3-CD56+ NK", "CD4+CD8+ T"])
+    assert got["CD4-CD8- T"] == "CL:0002489"  # double negative, never "CD4-positive, alpha-beta T cell"
+    assert got["CD3-CD56+ NK"] == "CL:0000623"
+    assert got["CD4+CD8+ T"] != "CL:0000624"
+
+
+def test_ambiguous_abbreviations_stay_unknown():
+    # LC is Langerhans, luminal or locus coeruleus cells: blocked as a synonym, and so also with "cell" added
+    assert ids(["LC", "LC cells", "PC", "Langerhans cells"]) == {
+        "LC": "unknown",
+        "LC cells": "unknown",
+        "PC": "unknown",
+        "Langerhans cells": "CL:0000453",
+    }
+
+
+def test_fall_back_ignores_a_term_when_left_over_words_name_another_cell_type():
+    # "Th" (tyrosine hydroxylase) reads as "T helper", but Pvalb and Sst name interneurons: not a helper T cell
+    t = scx.tl.map_labels(["Pvalb Th Sst", "Sst Th", "Th", "Alveolar Mph CCL3+ activated"]).table.set_index(
+        "input_label"
+    )
+    assert t.loc["Pvalb Th Sst", "ontology_term_id"] == "unknown"
+    assert t.loc["Sst Th", "ontology_term_id"] == "unknown"
+    assert t.loc["Th", "ontology_term_id"] == "CL:0000912"
+    assert t.loc["Alveolar Mph CCL3+ activated", "ontology_term_id"] == "CL:4033041"  # states still fall back
 
 
 def test_fine_terms_fall_through_to_their_parent():
@@ -349,6 +399,10 @@ def test_min_score_and_input_checks():
     assert ids(pd.Categorical(["T cells", "B cells", "T cells"])) == {"T cells": "CL:0000084", "B cells": "CL:0000236"}
     with pytest.raises(TypeError, match="wrap a single label"):
         scx.tl.map_labels("T cells")
+    with pytest.raises(ValueError, match="one-dimensional"):
+        scx.tl.map_labels(np.array([["T cells", "B cells"]]))
+    with pytest.raises(TypeError, match="DataFrame"):
+        scx.tl.map_labels(pd.DataFrame({"T cells": [1]}))
     with pytest.raises(ValueError, match=r"min_score must be in \[0, 1\]"):
         scx.tl.map_labels(["T cells"], min_score=1.5)
 
@@ -507,7 +561,52 @@ def test_add_ontology_ids_errors():
         scx.tl.add_ontology_ids(adata, "author", target_key="author")
     with pytest.raises(ValueError, match="min_score"):
         scx.tl.add_ontology_ids(adata, "author", min_score=-1)
+    with pytest.raises(TypeError, match="target_key must be a non-empty string, got None"):
+        scx.tl.add_ontology_ids(adata, "author", target_key=None)
+    with pytest.raises(TypeError, match="label_key must be a non-empty string"):
+        scx.tl.add_ontology_ids(adata, "author", label_key=3)
     assert "cell_type_ontology_term_id" not in adata.obs  # nothing half-written
+
+
+def test_add_ontology_ids_works_per_distinct_value(monkeypatch):
+    """Many cells, few labels: the index is asked once per distinct label / old id, never once per cell."""
+    from spatialcx.ontology import OntologyIndex
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["CD4+ T cells", "Macrophages", "Cluster 3", "cDC2", "Oligos"], dtype=object)
+    n = 20_000
+    adata = _adata(labels[rng.integers(0, len(labels), n)])
+    adata.obs["author"] = adata.obs["author"].cat.add_categories(["never used"])
+    old = np.array(["CL:0000084", "unknown", "CL:0000236", "not-an-id"], dtype=object)[rng.integers(0, 4, n)]
+    adata.obs["cell_type_ontology_term_id"] = pd.Categorical(old)
+    adata.obs["cell_type_ontology_label"] = pd.Categorical(np.where(old == "CL:0000084", "my T", None))
+    calls = {"contains": 0, "name": 0}
+    contains, name = OntologyIndex.__contains__, OntologyIndex.name
+
+    def counting_contains(self, term_id):
+        calls["contains"] += 1
+        return contains(self, term_id)
+
+    def counting_name(self, term_id):
+        calls["name"] += 1
+        return name(self, term_id)
+
+    monkeypatch.setattr(OntologyIndex, "__contains__", counting_contains)
+    monkeypatch.setattr(OntologyIndex, "name", counting_name)
+    mapping = scx.tl.add_ontology_ids(adata, "author", skip_if_exists=True)
+    assert calls["contains"] < 50 and calls["name"] < 50
+    assert "never used" not in mapping.table["input_label"].tolist()
+    obs = adata.obs
+    got = obs["cell_type_ontology_term_id"].astype(str).to_numpy()
+    names = obs["cell_type_ontology_label"].astype(str).to_numpy()
+    expected = pd.Series(obs["author"].astype(str)).map(mapping.to_dict()).to_numpy()
+    kept = np.isin(old, ["CL:0000084", "CL:0000236"])
+    assert (got[kept] == old[kept]).all() and (got[~kept] == expected[~kept]).all()
+    assert (names[old == "CL:0000084"] == "my T").all() and (names[old == "CL:0000236"] == "B cell").all()
+    assert set(names[~kept]) <= {"CD4-positive, alpha-beta T cell", "macrophage", "unknown", "oligodendrocyte",
+                                 "CD1c-positive myeloid dendritic cell"}  # fmt: skip
+    assert isinstance(obs["cell_type_ontology_term_id"].dtype, pd.CategoricalDtype)
+    assert mapping.table["input_label"].tolist() == list(dict.fromkeys(obs["author"].astype(str)))  # first seen
 
 
 def test_add_ontology_ids_spatialdata_store(tmp_path):
@@ -629,6 +728,13 @@ def test_ontology_mapping_plot(tmp_path):
     fig = scx.pl.ontology_mapping(m.table, sort="input", max_labels=3, show_ids=False)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == 3 and {"Cluster 3", "lung"} <= set(labels)  # unknowns are always shown
+    plt.close(fig)
+    long = "A very long author label for the cells of cluster 12 in the atlas of the study"
+    fig = scx.pl.ontology_mapping(scx.tl.map_labels(["CD56bright NK", long]))
+    shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert long not in shown and any(x.endswith("\u2026") and long.startswith(x[:-1]) for x in shown)
+    fig.canvas.draw()
+    assert fig.axes[0].get_position().width * fig.get_figwidth() > 3  # the bars keep 3+ inches beside the text
     plt.close(fig)
     with pytest.raises(TypeError, match="OntologyMapping"):
         scx.pl.ontology_mapping(["CD4 T"])

@@ -42,6 +42,14 @@ def _as_table(mapping: Any) -> tuple[pd.DataFrame, float | None]:
     return table, getattr(mapping, "min_score", None)
 
 
+#: Input labels longer than this are shortened (with an ellipsis) on the axis.
+MAX_LABEL_CHARS = 40
+
+
+def _shorten(label: str) -> str:
+    return label if len(label) <= MAX_LABEL_CHARS else label[: MAX_LABEL_CHARS - 1].rstrip() + "\u2026"
+
+
 def ontology_mapping(
     mapping: OntologyMapping | pd.DataFrame,
     *,
@@ -58,7 +66,8 @@ def ontology_mapping(
     Each row's bar is the match score (0-1), coloured by tier (exact name or synonym, pattern table or user index,
     same words / fall-back to a parent term, word overlap); labels that map to ``unknown`` are drawn grey and
     hatched, with their CL column in red. CL terms that several input labels share are marked with ``*``. A dashed
-    line shows ``min_score``.
+    line shows ``min_score``. Input labels longer than 40 characters are shortened with an ellipsis; the figure is as
+    wide as its text needs.
 
     Parameters
     ----------
@@ -112,9 +121,19 @@ def ontology_mapping(
     shared = t.loc[~t["_unknown"], "ontology_term_id"].duplicated(keep=False)
     shared_ids = set(t.loc[~t["_unknown"]][shared.to_numpy()]["ontology_term_id"]) if len(shared) else set()
     n = len(t)
+    inputs = [_shorten(x) for x in t["input_label"]]
+    names = []
+    for tid, name, unk in zip(t["ontology_term_id"], t["ontology_label"], t["_unknown"], strict=True):
+        if unk:
+            names.append("unknown")
+            continue
+        text = f"{name} ({tid})" if show_ids else str(name)
+        names.append(text + (" *" if tid in shared_ids else ""))
     own_figure = ax is None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(10.0, 1.3 + 0.26 * n), layout="constrained")
+        # wide enough for both columns of text plus a bar area of about 4 inches
+        chars = max(map(len, inputs)) + max(map(len, names))
+        fig, ax = plt.subplots(figsize=(min(max(8.0, 4.5 + 0.065 * chars), 24.0), 1.3 + 0.26 * n), layout="constrained")
     else:
         fig = ax.figure
     y = np.arange(n)[::-1]
@@ -126,7 +145,7 @@ def ontology_mapping(
         if unk:
             bar.set_hatch("///")
             bar.set_edgecolor("#757575")
-    ax.set_yticks(y, t["input_label"].tolist(), fontsize=8)
+    ax.set_yticks(y, inputs, fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.6, n - 0.4)
     ax.set_xlabel("match score")
@@ -135,13 +154,6 @@ def ontology_mapping(
 
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
-    names = []
-    for tid, name, unk in zip(t["ontology_term_id"], t["ontology_label"], t["_unknown"], strict=True):
-        if unk:
-            names.append("unknown")
-            continue
-        text = f"{name} ({tid})" if show_ids else str(name)
-        names.append(text + (" *" if tid in shared_ids else ""))
     right.set_yticks(y, names, fontsize=8)
     for tick, unk in zip(right.get_yticklabels(), t["_unknown"], strict=True):
         if unk:

@@ -149,6 +149,15 @@ def _distinct_labels(labels: Iterable[Any]) -> list[str]:
             f"labels must be a list of labels, got the string {labels!r}: wrap a single label in a list, e.g. "
             f"map_labels([{labels!r}])."
         )
+    if isinstance(labels, np.ndarray) and labels.ndim != 1:
+        raise ValueError(
+            f"labels must be one-dimensional (one label per entry), got an array of shape {labels.shape}: pass a "
+            "column, e.g. labels[:, 0], or labels.ravel()."
+        )
+    if isinstance(labels, pd.DataFrame):
+        raise TypeError(
+            "labels must be a list, array, Series or Categorical of labels, got a DataFrame: pass a column."
+        )
     if isinstance(labels, pd.Categorical | pd.Series | pd.Index | np.ndarray):
         values = pd.Series(np.asarray(labels, dtype=object))
     else:
@@ -328,10 +337,10 @@ def add_ontology_ids(
     from spatialcx._table import resolve_table
     from spatialcx.ontology import resolve_index
 
-    label_key = _label_key(target_key, label_key)
     for name, key in (("source_key", source_key), ("target_key", target_key), ("label_key", label_key)):
-        if not isinstance(key, str) or not key:
+        if (not isinstance(key, str) or not key) and not (name == "label_key" and key is None):
             raise TypeError(f"{name} must be a non-empty string, got {key!r}.")
+    label_key = _label_key(target_key, label_key)
     if len({source_key, target_key, label_key}) < 3:
         raise ValueError(
             f"source_key ({source_key!r}), target_key ({target_key!r}) and label_key ({label_key!r}) must be three "
@@ -345,42 +354,50 @@ def add_ontology_ids(
             f"obs has no column {source_key!r} with labels to map; available columns: {list(adata.obs.columns)}."
         )
     idx = resolve_index(index)
-    values = adata.obs[source_key]
-    codes, uniques = pd.factorize(values.astype(object), sort=False)
-    labels = [str(u) for u in uniques]
+    codes, labels = _factorize(adata.obs[source_key])
 
     keep = np.zeros(adata.n_obs, dtype=bool)
-    old_ids = old_names = None
+    old_id_codes = old_ids = None
     if skip_if_exists and target_key in adata.obs.columns:
-        old_ids = adata.obs[target_key].astype(object).to_numpy()
-        keep = np.array([isinstance(v, str) and v in idx for v in old_ids], dtype=bool)
-        if label_key in adata.obs.columns:
-            old_names = adata.obs[label_key].astype(object).to_numpy()
+        # per distinct value, not per cell: which old ids are current CL terms
+        old_id_codes, old_ids = _factorize(adata.obs[target_key])
+        valid = np.array([v in idx for v in old_ids] + [False], dtype=bool)
+        keep = valid[old_id_codes]
     elif target_key in adata.obs.columns:
         logger.info("Overwriting obs[%r] (pass skip_if_exists=True to keep the CL ids already there).", target_key)
 
-    needed = sorted(set(codes[~keep & (codes >= 0)].tolist()))
+    needed = np.sort(pd.unique(codes[~keep & (codes >= 0)]))
     mapping = map_labels([labels[c] for c in needed], index=idx, min_score=threshold)
     ids_by_label = mapping.to_dict()
     names_by_label = mapping.names()
 
     unknown = UNKNOWN_ONTOLOGY_ID
-    code_ids = np.array([ids_by_label.get(label, unknown) for label in labels] + [unknown], dtype=object)
-    code_names = np.array([names_by_label.get(label, unknown) for label in labels] + [unknown], dtype=object)
-    ids = code_ids[codes]  # code -1 (missing label) picks the trailing "unknown"
-    names = code_names[codes]
+    # one (id, name) pair per distinct label, the trailing pair for cells without a label (code -1)
+    pair_ids = [ids_by_label.get(label, unknown) for label in labels] + [unknown]
+    pair_names = [names_by_label.get(label, unknown) for label in labels] + [unknown]
+    pair_of_cell = np.where(codes >= 0, codes, len(labels))
     if keep.any():
-        ids[keep] = old_ids[keep]  # type: ignore[index]
-        kept_names = np.array([idx.name(t) for t in old_ids[keep]], dtype=object)  # type: ignore[index]
-        if old_names is not None:
-            given = old_names[keep]
-            valid = np.array([isinstance(v, str) and v != "" for v in given], dtype=bool)
-            kept_names[valid] = given[valid]
-        names[keep] = kept_names
+        # cells that keep their id: one more pair per distinct (old id, old name)
+        if label_key in adata.obs.columns:
+            name_codes, old_names = _factorize(adata.obs[label_key])
+        else:
+            name_codes, old_names = np.full(adata.n_obs, -1), []
+        combo = old_id_codes[keep].astype(np.int64) * (len(old_names) + 1) + np.where(  # type: ignore[index]
+            name_codes[keep] >= 0, name_codes[keep], len(old_names)
+        )
+        inverse, combos = pd.factorize(combo)
+        for c in combos.tolist():
+            term, name_code = divmod(c, len(old_names) + 1)
+            given = old_names[name_code] if name_code < len(old_names) else ""
+            pair_ids.append(old_ids[term])  # type: ignore[index]
+            pair_names.append(given if given else idx.name(old_ids[term]))  # type: ignore[index]
+        pair_of_cell[keep] = len(labels) + 1 + inverse
+    ids = _categorical(pair_ids, pair_of_cell)
+    names = _categorical(pair_names, pair_of_cell)
 
     # all computed: write
-    adata.obs[target_key] = pd.Categorical(ids)
-    adata.obs[label_key] = pd.Categorical(names)
+    adata.obs[target_key] = ids
+    adata.obs[label_key] = names
     base = target_key[: -len(ONTOLOGY_ID_SUFFIX)] if target_key.endswith(ONTOLOGY_ID_SUFFIX) else target_key
     summary = mapping.summary()
     summary["params"] = {
@@ -397,6 +414,26 @@ def add_ontology_ids(
     if copy:
         mapping.data = out
     return mapping
+
+
+def _factorize(values: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """``(codes, distinct values as str)`` of an obs column in order of appearance, code -1 for missing values."""
+    if isinstance(values.dtype, pd.CategoricalDtype):  # from the category codes: no per-cell strings
+        categories = values.cat.categories
+        codes = values.cat.codes.to_numpy().astype(np.int64)
+        used = pd.unique(codes)  # in order of appearance (hashing, no sort of the cells)
+        used = used[used >= 0]
+        remap = np.full(len(categories) + 1, -1, dtype=np.int64)  # the last slot takes code -1
+        remap[used] = np.arange(len(used))
+        return remap[codes], [str(categories[i]) for i in used]
+    codes, uniques = pd.factorize(values.astype(object), sort=False)
+    return codes, [str(u) for u in uniques]
+
+
+def _categorical(values: list[str], which: np.ndarray) -> pd.Categorical:
+    """``values[which]`` as a categorical, built from one code per distinct value rather than per cell."""
+    categories, codes = np.unique(np.asarray(values, dtype=object), return_inverse=True)
+    return pd.Categorical.from_codes(codes.ravel()[which], categories=pd.Index(categories.tolist(), dtype=object))
 
 
 def stored_mapping(adata: AnnData, key: str) -> tuple[str, Mapping[str, Any], float | None] | None:
