@@ -211,6 +211,22 @@ def test_read_reference_max_cells_skips_non_type_labels(tmp_path):
     assert scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type").n_obs == 400  # no max_cells: all
 
 
+def test_read_reference_max_cells_strips_labels_as_combine_does(tmp_path):
+    """' Unknown' is not a type either, and an empty label is no label: neither takes up the budget."""
+    ref = make_reference(sizes=(250, 100, 40, 10))
+    labels = ref.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[labels == "type2"] = " Unknown"
+    labels[np.flatnonzero(labels == "type1")[:30]] = "  "
+    labels[np.flatnonzero(labels == "type3")[:4]] = "type3 "
+    ref.obs["cell_type"] = labels
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    mem = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=160).to_memory()
+    counts = mem.obs["cell_type"].str.strip().value_counts()
+    # before: 40 ' Unknown' and 30 blank cells were drawn like a type
+    assert mem.n_obs == 160 and set(counts.index) == {"type0", "type1", "type3"}
+    assert counts["type3"] == 10 and counts["type1"] == 70 and counts["type0"] == 80
+
+
 def test_read_reference_ensembl_ids_to_panel_symbols(tmp_path):
     ref = make_reference(n_genes=5)
     ref.var_names = list(HUMAN)

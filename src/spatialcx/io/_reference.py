@@ -646,8 +646,11 @@ def read_reference(
     if max_cells is None:
         rows = slice(None)
     else:
-        not_excluded = ~labels.isin(excluded).to_numpy()
-        rows = choose_cells(labels, max_cells, rng=np.random.default_rng(random_state), valid=not_excluded)
+        from ..pp._combine import _clean_labels
+
+        clean = _clean_labels(labels, _stem(path))  # " Unknown" is "Unknown"; empty labels are no labels
+        not_excluded = ~clean.isin(excluded).to_numpy()
+        rows = choose_cells(clean, max_cells, rng=np.random.default_rng(random_state), valid=not_excluded)
 
     lazy = read_lazy(str(path))
     if max_cells is not None or genes is not None:
