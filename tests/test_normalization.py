@@ -507,6 +507,8 @@ def test_error_says_what_and_how(counts, transform, state, hint):
     assert "absent: layers['raw_counts'], layers['raw'], raw.X" in msg
     assert hint in msg
     assert "adata.layers['counts']" in msg and "unsafe_force=True" in msg
+    # only the functions that take unsafe_force are told to pass it (combine_references, train, ... do not)
+    assert "for scx.tl.predict and scx.pp.ensure_normalized only, pass unsafe_force=True" in msg
     np.testing.assert_array_equal(a.X, x)
     with pytest.raises(ValueError, match=f"X is {state!r}"):
         find_expression_source(a)

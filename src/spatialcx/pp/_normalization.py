@@ -523,7 +523,8 @@ def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET
         f"{hints.get(status.x_state, '')}"
         "How to fix: put the raw integer counts in adata.layers['counts'] (same cells and genes as X), "
         "or set X to sc.pp.log1p(sc.pp.normalize_total(counts, target_sum=1e4)); "
-        "or pass unsafe_force=True to use X as it is (results may be wrong)."
+        "or, for scx.tl.predict and scx.pp.ensure_normalized only, pass unsafe_force=True to use X as it is (results "
+        "may be wrong)."
     )
 
 
