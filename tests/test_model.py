@@ -273,6 +273,13 @@ def _corrupt(kind: str, path, tmp_path):
             arrays = {k: npz[k] for k in npz.files}
         arrays["meta"] = np.array(json.dumps([1, 2]))
         np.savez(out, **arrays)
+    elif kind == "no_hash":  # the hash taken out: the weights could no longer be verified
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(str(arrays["meta"]))
+        del meta["model_hash"]
+        arrays["meta"] = np.array(json.dumps(meta))
+        np.savez(out, **arrays)
     elif kind == "missing_array":
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files if k != "coef"}
@@ -291,7 +298,8 @@ def _corrupt(kind: str, path, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kind", ["truncated", "empty", "flipped_byte", "npy", "meta_list", "missing_array", "garbage", "huge_header"]
+    "kind",
+    ["truncated", "empty", "flipped_byte", "npy", "meta_list", "no_hash", "missing_array", "garbage", "huge_header"],
 )
 def test_load_corrupted_file_raises_one_clear_error(tmp_path, kind):
     good = _small_model().save(tmp_path / "good.npz")

@@ -439,7 +439,10 @@ class CellTypeModel:
         except (KeyError, TypeError, ValueError) as e:
             detail = f"missing metadata {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
             raise _invalid_model_file(path, detail) from e
-        if meta.get("model_hash") and meta["model_hash"] != model.model_hash:
+        stored_hash = meta.get("model_hash")
+        if not isinstance(stored_hash, str) or not stored_hash:  # every file save() writes has one
+            raise _invalid_model_file(path, f"its model_hash is {stored_hash!r}, so its weights cannot be verified")
+        if stored_hash != model.model_hash:
             raise ValueError(f"{path} is corrupted: its weights do not match the hash stored with them.")
         return model
 
