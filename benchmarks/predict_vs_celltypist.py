@@ -12,6 +12,7 @@ scores are compared as well.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import warnings
 
@@ -53,6 +54,8 @@ def main() -> None:
     query, labels = make_query(args.cells, args.genes, args.nnz, args.classes)
     nt = args.train_cells
     model = fit_model(query.X[:nt], labels[:nt], query.var_names, method="sgd", random_state=0)
+    # CellTypist's convention (library size over all genes): the export then scores as celltypist.annotate expects
+    model = dataclasses.replace(model, normalize_over="all")
     ct_model = model.to_celltypist()
     print(
         f"query: {query.n_obs:,} cells x {query.n_vars:,} genes, {query.X.nnz / query.n_obs:.0f} non-zeros per cell, "

@@ -171,3 +171,88 @@ def test_in_memory_and_backed_csr_and_dense_blocks(tmp_path):
             _assert_same(block, x[start:stop])
     for start, stop, block in iter_row_blocks(backed_dense.X, 64):
         np.testing.assert_array_equal(block, dense[start:stop])
+
+
+# ---------------------------------------------------------------- normalize_block
+
+
+def _with_duplicated_entries(x: sparse.csr_matrix) -> sparse.csr_matrix:
+    """``x`` with each value of 2 or more stored as two entries of the same cell and gene (not canonical)."""
+    x = sparse.csr_matrix(x)
+    x.sort_indices()
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    split = x.data >= 2
+    half = np.floor(x.data[split] / 2)
+    data = np.concatenate([np.where(split, x.data - np.where(split, np.floor(x.data / 2), 0), x.data), half])
+    r = np.concatenate([rows, rows[split]])
+    c = np.concatenate([x.indices, x.indices[split]])
+    order = np.argsort(r, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=x.shape[0]))])
+    out = sparse.csr_matrix((data[order], c[order], indptr), shape=x.shape)
+    assert not out.has_canonical_format and abs(out - x).max() == 0
+    return out
+
+
+@pytest.mark.parametrize("over", ["genes", "all"])
+@pytest.mark.parametrize("kind", ["counts", "log1p"])
+def test_normalize_block_sums_duplicated_entries(kind, over):
+    """A CSR block holding a cell's gene as several entries is normalized as their sum (log1p is not additive)."""
+    x = _counts()
+    cols = np.arange(0, 40, 3)
+    expected = _matrix.normalize_block(x, cols, kind=kind, over=over)
+    dup = _with_duplicated_entries(x)
+    data_before = dup.data.copy()
+    got = _matrix.normalize_block(dup, cols, kind=kind, over=over)
+    np.testing.assert_allclose(got.toarray(), expected.toarray(), rtol=1e-12)
+    np.testing.assert_array_equal(dup.data, data_before)  # the caller's matrix is left as it was
+
+
+@pytest.mark.parametrize("over", ["genes", "all"])
+@pytest.mark.parametrize("kind", ["counts", "log1p"])
+def test_normalize_block_of_a_dense_block_equals_the_sparse_one(kind, over):
+    x = _counts()
+    cols = np.array([5, 1, 30, 10, 11])
+    expected = _matrix.normalize_block(x, cols, kind=kind, over=over).toarray()
+    for dense in (x.toarray(), x.toarray().astype(np.int32), x.toarray().astype(np.float16)):
+        got = _matrix.normalize_block(dense, cols, kind=kind, over=over)
+        assert isinstance(got, sparse.csr_matrix)
+        np.testing.assert_allclose(got.toarray(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("over", ["genes", "all"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -2.0])
+def test_normalize_block_names_the_cell_with_an_invalid_count(bad, over, dense):
+    x = _counts().astype(np.float64).tolil()
+    x[42, 9] = bad
+    x = sparse.csr_matrix(x)
+    block = x.toarray() if dense else x
+    cols = np.array([9, 12, 20])
+    with pytest.raises(ValueError, match=r"layers\['counts'\] holds values that are not finite and non-negative") as e:
+        _matrix.normalize_block(block, cols, kind="counts", over=over, row_offset=1000, where="layers['counts']")
+    assert (
+        f"{bad} in row 1,042" in str(e.value) and "column 9 " in str(e.value) and "rows 1,000 to 1,299" in str(e.value)
+    )
+    # a bad value in a gene not used (library size over the genes used) is not read
+    _matrix.normalize_block(block, np.array([12, 20]), kind="counts", over="genes")
+
+
+def test_normalize_block_of_log1p_values_allows_negatives_but_not_nan():
+    x = sparse.csr_matrix(np.array([[0.0, -0.5, 1.0], [2.0, 0.0, np.nan]]))
+    np.testing.assert_array_equal(
+        _matrix.normalize_block(x[:1], np.arange(3), kind="log1p", over="all").toarray(), [[0.0, -0.5, 1.0]]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"The expression matrix holds values that are not finite: e.g. nan in row 1 \(the cell's 0-based position",
+    ):
+        _matrix.normalize_block(x, np.arange(3), kind="log1p", over="all")
+
+
+def test_gene_indices_refuses_only_repeated_names_that_are_asked_for():
+    names = ["A", "B", "dup", "C", "dup"]
+    np.testing.assert_array_equal(_matrix.gene_indices(names, ["C", "A"]), [3, 0])
+    with pytest.raises(ValueError, match=r"duplicated gene names \(1, e.g. \['dup'\]\)"):
+        _matrix.gene_indices(names, ["A", "dup"])
+    with pytest.raises(KeyError, match="not in the table"):
+        _matrix.gene_indices(["dup", "dup"], ["A"])

@@ -478,3 +478,93 @@ def test_predict_lazy_zarr_table_on_dask_distributed(model, tmp_path):
         out = scx.tl.predict(lazy, model, chunk_size=200, copy=True)
     np.testing.assert_allclose(out.obsm["cell_type_decision_scores"], eager.obsm["cell_type_decision_scores"])
     assert (out.obs["cell_type_predicted"].to_numpy() == eager.obs["cell_type_predicted"].to_numpy()).all()
+
+
+def _sampled_rows(adata):
+    """The rows that the normalization detection samples (a bad value elsewhere is only met while scoring)."""
+    from spatialcx.pp._normalization import _sample_row_indices
+
+    return set(_sample_row_indices(adata.n_obs, adata.n_vars, 0).tolist())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -3.0])
+@pytest.mark.parametrize("backing", ["csr", "dense", "dask"])
+def test_predict_names_an_invalid_count_met_while_scoring(model, bad, backing):
+    """A NaN, infinite or negative count in a row the detection did not sample: a clear error, nothing written."""
+    import dask.array as da
+
+    q = _data(n=3000, seed=12)
+    row = next(r for r in range(2000, 3000) if r not in _sampled_rows(q))
+    x = q.X.tolil()
+    x[row, 3] = bad
+    x = sparse.csr_matrix(x)
+    q.X = x.toarray() if backing == "dense" else x
+    if backing == "dask":
+        q.X = da.from_array(x.toarray(), chunks=(500, -1))
+    with pytest.raises(ValueError, match=r"The table's X holds values that are not finite and non-negative") as e:
+        scx.tl.predict(q, model, chunk_size=700)
+    assert f"{bad} in row {row:,} (the cell's 0-based position), column 3 " in str(e.value)
+    assert "cell_type" not in q.obs and "cell_type" not in q.uns
+    with pytest.raises(ValueError, match=r"The reference's X holds values that are not finite"):
+        scx.tl.train(q, "label", genes=[f"G{i}" for i in range(70)], chunk_size=700)
+
+
+def test_predict_sums_duplicated_entries_of_a_sparse_table(model):
+    """A CSR table storing a cell's gene as several entries (not canonical) scores as their sum, as scanpy sums."""
+    q = _data(n=400, seed=13)
+    expected = scx.tl.predict(q, model, copy=True)
+    x = sparse.csr_matrix(q.X)
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    split = x.data >= 2  # each such count stored as two entries: floor(v / 2) and the rest
+    data = np.concatenate([x.data - np.where(split, np.floor(x.data / 2), 0), np.floor(x.data[split] / 2)])
+    r, c = np.concatenate([rows, rows[split]]), np.concatenate([x.indices, x.indices[split]])
+    order = np.argsort(r, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=x.shape[0]))])
+    q.X = sparse.csr_matrix((data[order], c[order], indptr), shape=x.shape)
+    assert not q.X.has_canonical_format and abs(q.X - x).max() == 0
+    scx.tl.predict(q, model)
+    np.testing.assert_allclose(
+        q.obsm["cell_type_decision_scores"], expected.obsm["cell_type_decision_scores"], rtol=1e-6, atol=1e-6
+    )
+    assert (q.obs["cell_type"] == expected.obs["cell_type"]).all()
+
+
+def test_predict_refuses_an_unknown_normalize_over(model):
+    q = _data(n=100, seed=14)
+    with pytest.raises(ValueError, match=r"normalize_over must be 'genes'.*got 'total'"):
+        scx.tl.predict(q, model, normalize_over="total")
+    assert "cell_type" not in q.obs
+
+
+def test_predict_on_a_wide_dense_table_reads_blocks_bounded_by_its_width(model):
+    """A dense block holds every gene of the table, so a wide dense table is read a few rows at a time."""
+    q = _data(n=300, seed=15)
+    pad = np.zeros((300, 40_000), dtype=np.float32)
+    wide = ad.AnnData(np.hstack([q.X.toarray(), pad]), obs=q.obs[[]])
+    wide.var_names = [*q.var_names, *(f"pad{i}" for i in range(40_000))]
+    scx.tl.predict(wide, model)
+    # 1,000 rows (the least) of 40,080 genes, not the default 50,000 rows (16 GB of float64)
+    assert wide.uns["cell_type"]["chunk_size"] == 1000
+    scx.tl.predict(q, model)
+    np.testing.assert_array_equal(wide.obsm["cell_type_decision_scores"], q.obsm["cell_type_decision_scores"])
+
+
+def test_train_ignores_repeated_reference_genes_outside_the_panel():
+    ref = _data(n=300, seed=16)
+    panel = [f"G{i}" for i in range(60)]
+    expected = scx.tl.train(ref, "label", genes=panel).model_hash
+    ref.var_names = [*ref.var_names[:-2], "Repeated", "Repeated"]  # G78, G79: not in the panel
+    assert scx.tl.train(ref, "label", genes=panel).model_hash == expected
+    with pytest.raises(ValueError, match=r"The reference has duplicated gene names \(1, e.g. \['Repeated'\]\)"):
+        scx.tl.train(ref, "label", genes=[*panel, "Repeated"])
+
+
+def test_no_shared_genes_error_says_where_the_model_genes_are(model):
+    q = _data(n=100, seed=17)
+    q.var["symbol"] = q.var_names.astype(str)
+    q.var_names = [f"ENSMUSG{i:011d}" for i in range(q.n_vars)]
+    with pytest.raises(ValueError, match=r"var\['symbol'\] holds 70 of them: name the genes by it"):
+        scx.tl.predict(q, model)
+    q.var = q.var.drop(columns="symbol")
+    with pytest.raises(ValueError, match="The table's genes are Ensembl ids and the model's are gene symbols"):
+        scx.tl.predict(q, model)

@@ -286,6 +286,8 @@ def normalize_block(
     kind: Literal["counts", "log1p"],
     over: NormalizeOver = "genes",
     target_sum: float = TARGET_SUM,
+    row_offset: int = 0,
+    where: str = "The expression matrix",
 ) -> sparse.csr_matrix:
     """Log1p-normalize one block of rows and keep the columns ``cols``.
 
@@ -293,6 +295,8 @@ def normalize_block(
     ----------
     block
         Rows of the expression source: raw counts (``kind="counts"``) or log1p(10k) values (``kind="log1p"``).
+        Sparse blocks may hold duplicated entries (they are summed, as scipy and scanpy do); dense blocks are never
+        converted whole, only their columns ``cols``.
     cols
         Column indices to keep, in the order wanted.
     kind
@@ -303,29 +307,98 @@ def normalize_block(
         (CellTypist's convention).
     target_sum
         Counts per cell after normalization.
+    row_offset, where
+        Position of the block's first row in the table and what the table is (``"layers['counts']"``), for the
+        error message.
 
     Returns
     -------
     CSR float64 matrix ``log1p(x / library_size * target_sum)`` of shape ``(n_rows, len(cols))``.
+
+    Raises
+    ------
+    ValueError
+        When a value used is NaN or infinite, or a count is negative: the message names the first such cell.
     """
-    given = block.data if sparse.issparse(block) else block
-    block = sparse.csr_matrix(block, dtype=np.float64)  # no copy when it already is float64 CSR
+    cols = np.asarray(cols, dtype=np.intp)
+    check = _ValueCheck(kind, row_offset, where)
+    lib = None
+    if sparse.issparse(block):
+        given = block.data
+        block = sparse.csr_matrix(block, dtype=np.float64)  # no copy when it already is float64 CSR
+        if not block.has_canonical_format:  # log1p and the clip are not additive: duplicated entries are summed first
+            block = _own(block, given)
+            block.sum_duplicates()
+        if kind == "counts" and over == "all":
+            check.sparse(block)
+            lib = np.asarray(block.sum(axis=1)).ravel()
+        block = _own(_take_columns(block, cols), given)
+    else:
+        dense = np.asarray(block)
+        if kind == "counts" and over == "all":
+            lib = dense.sum(axis=1, dtype=np.float64)
+            check.dense(dense, lib)
+        if not (len(cols) == dense.shape[1] and np.array_equal(cols, np.arange(dense.shape[1]))):
+            dense = dense[:, cols]  # only the columns used are made sparse, never the whole block
+        block = sparse.csr_matrix(dense, dtype=np.float64)
+    check.sparse(block, cols)
     if kind == "log1p" and over == "all":
-        return _own(_take_columns(block, cols), given)
-    if kind == "log1p" or over == "genes":
-        block = _own(_take_columns(block, cols), given)
-        if kind == "log1p":
-            np.expm1(block.data, out=block.data)
+        return block
+    if kind == "log1p":
+        np.expm1(block.data, out=block.data)
+    if lib is None:  # library size over the columns kept
         lib = np.asarray(block.sum(axis=1)).ravel()
-    else:  # counts, library size over all columns
-        lib = np.asarray(block.sum(axis=1)).ravel()
-        block = _own(_take_columns(block, cols), given)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(lib > 0, target_sum / lib, 0.0)
     block.data *= np.repeat(scale, np.diff(block.indptr))
     np.log1p(block.data, out=block.data)
     block.eliminate_zeros()
     return block
+
+
+class _ValueCheck:
+    """Checks that the values normalized are finite (and, for counts, non-negative); else a ValueError naming a cell."""
+
+    def __init__(self, kind: str, row_offset: int, where: str):
+        self.counts = kind == "counts"
+        self.row_offset = int(row_offset)
+        self.where = where
+
+    def _bad(self, values: np.ndarray) -> np.ndarray:
+        ok = np.isfinite(values)
+        if self.counts:
+            ok &= values >= 0
+        return ~ok
+
+    def sparse(self, block: sparse.csr_matrix, cols: np.ndarray | None = None) -> None:
+        data = block.data
+        if np.isfinite(data).all() and (not self.counts or not data.size or data.min() >= 0):
+            return
+        bad = np.flatnonzero(self._bad(data))
+        first = int(bad[0])
+        row = int(np.searchsorted(block.indptr, first, side="right") - 1)
+        col = int(block.indices[first])
+        self._raise(len(bad), data[first], row, int(cols[col]) if cols is not None else col, block.shape[0])
+
+    def dense(self, dense: np.ndarray, lib: np.ndarray) -> None:
+        if np.isfinite(lib).all() and (not self.counts or not dense.size or dense.min() >= 0):
+            return
+        bad = self._bad(dense)
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        self._raise(int(bad.sum()), dense[row, col], row, col, dense.shape[0])
+
+    def _raise(self, n_bad: int, value: Any, row: int, col: int, n_rows: int) -> None:
+        what = "raw counts" if self.counts else "log1p-normalized values"
+        need = "finite and non-negative" if self.counts else "finite"
+        value = value.item() if isinstance(value, np.generic) else value
+        first, last = self.row_offset, self.row_offset + n_rows - 1
+        raise ValueError(
+            f"{self.where} holds values that are not {need}: e.g. {value} in row {self.row_offset + row:,} (the "
+            f"cell's 0-based position), column {col:,} ({n_bad:,} such values in rows {first:,} to {last:,}). They "
+            f"are read as {what}, which must be {need}: such a cell cannot be normalized or scored. Correct those "
+            "values (e.g. NaN to 0 with `np.nan_to_num`) or drop the cells that hold them, or put clean raw counts in "
+            "`adata.layers['counts']`."
+        )
 
 
 def _take_columns(block: sparse.csr_matrix, cols: np.ndarray) -> sparse.csr_matrix:
@@ -353,9 +426,21 @@ def check_unique_genes(var_names: pd.Index | Sequence[str], *, what: str = "tabl
 
 
 def gene_indices(var_names: pd.Index | Sequence[str], genes: Sequence[str], *, what: str = "table") -> np.ndarray:
-    """Positions of ``genes`` in ``var_names``; a KeyError names the missing genes."""
-    index = check_unique_genes(var_names, what=what)
-    pos = index.get_indexer(list(genes))
+    """Positions of ``genes`` in ``var_names``; a KeyError names the missing genes.
+
+    Names repeated in ``var_names`` are an error (naming them) only when ``genes`` asks for one of them: which
+    column would be meant? Repeated names of other genes are not read, so they do not matter.
+    """
+    index = pd.Index(var_names)
+    genes = list(genes)
+    if not index.is_unique:
+        repeated = index[index.duplicated(keep=False)]
+        check_unique_genes(repeated[repeated.isin(genes)], what=what)
+        single = np.flatnonzero(~index.duplicated(keep=False))
+        pos = index[single].get_indexer(genes)
+        pos = np.where(pos >= 0, single[np.maximum(pos, 0)], -1) if single.size else np.full(len(genes), -1)
+    else:
+        pos = index.get_indexer(genes)
     if (pos < 0).any():
         missing = [g for g, p in zip(genes, pos) if p < 0]
         raise KeyError(

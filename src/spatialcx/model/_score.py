@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
+from scipy import sparse
 
 from spatialcx._matrix import default_chunk_size, is_dask, iter_row_blocks, normalize_block
 from spatialcx._settings import settings
@@ -16,30 +17,72 @@ from spatialcx.model._model import CellTypeModel, ScoringWeights
 
 
 def _score_block(
-    block: Any, cols: np.ndarray, kind: str, over: str, target_sum: float, sw: ScoringWeights
+    block: Any,
+    cols: np.ndarray,
+    kind: str,
+    over: str,
+    target_sum: float,
+    sw: ScoringWeights,
+    start: int = 0,
+    where: str = "The expression matrix",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of one block of rows, and how many of the model's genes each row expresses."""
-    x = normalize_block(block, cols, kind=kind, over=over, target_sum=target_sum)
+    """Scores of one block of rows (the first being row ``start``), and how many of the model's genes each expresses."""
+    x = normalize_block(block, cols, kind=kind, over=over, target_sum=target_sum, row_offset=start, where=where)
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
     expressed = np.bincount(rows[x.data != 0], minlength=x.shape[0])  # stored zeros do not count
     return sw.score(x), expressed.astype(np.int64)
 
 
 def _score_dask(
-    matrix: Any, cols: np.ndarray, kind: str, over: str, target_sum: float, sw: ScoringWeights, chunk: int
+    matrix: Any,
+    cols: np.ndarray,
+    kind: str,
+    over: str,
+    target_sum: float,
+    sw: ScoringWeights,
+    chunk: int,
+    where: str = "The expression matrix",
 ) -> tuple[np.ndarray, np.ndarray]:
     import dask.array as da
 
     x = matrix.rechunk({0: min(chunk, matrix.shape[0]), 1: -1})
     n_classes = sw.weights.shape[1]
 
-    def _block(b: Any) -> np.ndarray:  # the count of expressed genes travels as one more column (exact in float64)
-        scores, expressed = _score_block(b, cols, kind, over, target_sum, sw)
+    def _block(b: Any, block_info: dict | None = None) -> np.ndarray:
+        start = block_info[0]["array-location"][0][0] if block_info else 0
+        scores, expressed = _score_block(b, cols, kind, over, target_sum, sw, start, where)
+        # the count of expressed genes travels as one more column (exact in float64)
         return np.column_stack([scores, expressed.astype(np.float64)])
 
     out = da.map_blocks(_block, x, dtype=np.float64, chunks=(x.chunks[0], (n_classes + 1,)), meta=np.empty((0, 0)))
     out = np.asarray(out.compute())
     return np.ascontiguousarray(out[:, :n_classes]), out[:, n_classes].astype(np.int64)
+
+
+def is_sparse_matrix(matrix: Any) -> bool:
+    """Whether ``matrix`` is sparse: scipy sparse, anndata's backed CSR / CSC, or a dask array of sparse chunks."""
+    if sparse.issparse(matrix) or getattr(matrix, "format", None) in ("csr", "csc"):
+        return True
+    return is_dask(matrix) and sparse.issparse(getattr(matrix, "_meta", None))
+
+
+def scoring_chunk_size(matrix: Any, n_model_genes: int, chunk_size: int | None = None) -> int:
+    """Rows scored at a time: ``chunk_size``, else the default, smaller for wide dense tables.
+
+    A block of a dense table holds every column (``matrix.shape[1]``), so the default is bounded by its width; a
+    sparse block holds only its non-zeros, bounded by the ``n_model_genes`` columns kept.
+    """
+    width = n_model_genes if is_sparse_matrix(matrix) else max(int(matrix.shape[1]), n_model_genes)
+    return default_chunk_size(width, chunk_size)
+
+
+def check_normalize_over(normalize_over: Any) -> None:
+    """A ValueError unless ``normalize_over`` is ``None``, ``"genes"`` or ``"all"``."""
+    if normalize_over is not None and normalize_over not in ("genes", "all"):
+        raise ValueError(
+            f"normalize_over must be 'genes' (library size over the model's genes), 'all' (over every gene of the "
+            f"table, CellTypist's convention) or None (the model's own, here), got {normalize_over!r}."
+        )
 
 
 def score_matrix(
@@ -50,6 +93,7 @@ def score_matrix(
     kind: Literal["counts", "log1p"],
     normalize_over: Literal["genes", "all"] | None = None,
     chunk_size: int | None = None,
+    where: str = "The expression matrix",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decision scores of every row of ``matrix`` (cells x ``var_names``).
 
@@ -57,27 +101,29 @@ def score_matrix(
     scored on its sparse non-zeros; dask arrays are scored block-parallel with whatever scheduler is active,
     ``dask.distributed`` included.
 
+    ``where`` names the matrix in error messages (``"layers['counts']"``).
+
     Returns
     -------
     ``(scores, present, expressed)``: float64 ``(n_cells, n_classes)``, the indices of the model's genes found, and
     for each cell the number of the model's genes it expresses (0: a cell without counts in those genes, whose scores
     are the model's intercepts and scaler terms alone).
     """
+    check_normalize_over(normalize_over)
+    # "genes" means: library size over the model's genes that the table has
     over = normalize_over or model.normalize_over
     present, cols = model.match_genes(as_str_array(var_names))
-    # "genes" means: library size over the model's genes that the table has
-    over_block = "genes" if over == "genes" else "all"
     sw = model.scoring_weights(present)
-    chunk = default_chunk_size(len(cols), chunk_size)
+    chunk = scoring_chunk_size(matrix, len(cols), chunk_size)
     if is_dask(matrix):
-        scores, expressed = _score_dask(matrix, cols, kind, over_block, model.target_sum, sw, chunk)
+        scores, expressed = _score_dask(matrix, cols, kind, over, model.target_sum, sw, chunk, where)
         return scores, present, expressed
     n = matrix.shape[0]
     scores = np.empty((n, model.n_classes), dtype=np.float64)
     expressed = np.empty(n, dtype=np.int64)
 
-    def _one(block: Any) -> tuple[np.ndarray, np.ndarray]:
-        return _score_block(block, cols, kind, over_block, model.target_sum, sw)
+    def _one(block: Any, start: int) -> tuple[np.ndarray, np.ndarray]:
+        return _score_block(block, cols, kind, over, model.target_sum, sw, start, where)
 
     def _put(start: int, stop: int, result: tuple[np.ndarray, np.ndarray]) -> None:
         scores[start:stop], expressed[start:stop] = result
@@ -87,14 +133,14 @@ def score_matrix(
     workers = max(1, min(settings.n_jobs or os.cpu_count() or 1, n_chunks))
     if workers == 1:
         for start, stop, block in blocks:
-            _put(start, stop, _one(block))
+            _put(start, stop, _one(block, start))
         return scores, present, expressed
     # blocks are read in order by this thread (file-backed arrays are not thread-safe) and scored by a pool; numpy
     # and scipy release the GIL in the heavy loops. At most `workers` blocks are in flight: memory stays O(chunk).
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for start, stop, block in blocks:
-            pending.append((start, stop, pool.submit(_one, block)))
+            pending.append((start, stop, pool.submit(_one, block, start)))
             while len(pending) > workers:
                 s0, s1, fut = pending.popleft()
                 _put(s0, s1, fut.result())

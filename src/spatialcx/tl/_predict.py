@@ -19,11 +19,11 @@ from spatialcx._constants import (
     label_list,
     output_keys,
 )
-from spatialcx._matrix import default_chunk_size, iter_row_blocks, normalize_block
+from spatialcx._matrix import iter_row_blocks, normalize_block
 from spatialcx._settings import logger
 from spatialcx._utils import as_str_array
 from spatialcx.model._model import CellTypeModel
-from spatialcx.model._score import score_matrix
+from spatialcx.model._score import check_normalize_over, score_matrix, scoring_chunk_size
 from spatialcx.model._train import Method, fit_model
 from spatialcx.tl._confidence import DEFAULT_CONFIDENCE, ConfidenceMethod, confidence_with_params, transform_confidence
 
@@ -86,10 +86,13 @@ def training_matrix(
 
     src = find_expression_source(reference) if source is None else source
     cols = gene_indices(src.var_names, genes, what="reference")
-    chunk = default_chunk_size(len(cols), chunk_size)
+    chunk = scoring_chunk_size(src.matrix, len(cols), chunk_size)  # a dense block holds every gene: fewer rows
+    where = f"The reference's {src.where}"
     blocks = [
-        normalize_block(b, cols, kind=src.kind, over="genes", target_sum=target_sum).astype(np.float32)
-        for _, _, b in iter_row_blocks(src.matrix, chunk)
+        normalize_block(
+            b, cols, kind=src.kind, over="genes", target_sum=target_sum, row_offset=start, where=where
+        ).astype(np.float32)
+        for start, _, b in iter_row_blocks(src.matrix, chunk)
     ]
     return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, len(cols)), dtype=np.float32)
 
@@ -362,6 +365,7 @@ def compute_predictions(
     from spatialcx.pp._normalization import find_expression_source
 
     model = _as_model(model)
+    check_normalize_over(normalize_over)
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction must be in [0, 1], got {min_gene_fraction}.")
     src = find_expression_source(adata, unsafe_force=unsafe_force)
@@ -371,8 +375,9 @@ def compute_predictions(
         raise ValueError(
             f"Only {len(present)} of the model's {model.n_features} genes ({frac:.1%}) are in the table "
             f"(minimum {min_gene_fraction:.0%}). Model genes look like {model.features[:5].tolist()}, table genes "
-            f"like {list(src.var_names[:5])}. Train a model on this panel with `scx.tl.train(reference, label_key, "
-            "genes=data)`, or lower `min_gene_fraction` if you accept missing genes sitting at their training mean."
+            f"like {list(src.var_names[:5])}.{_gene_names_hint(adata, src.where, model, len(present))} Train a model "
+            "on this panel with `scx.tl.train(reference, label_key, genes=data)`, or lower `min_gene_fraction` if you "
+            "accept missing genes sitting at their training mean."
         )
     if len(present) < model.n_features:
         logger.warning(
@@ -381,7 +386,13 @@ def compute_predictions(
             model.n_features,
         )
     scores, _, expressed = score_matrix(
-        src.matrix, src.var_names, model, kind=src.kind, normalize_over=normalize_over, chunk_size=chunk_size
+        src.matrix,
+        src.var_names,
+        model,
+        kind=src.kind,
+        normalize_over=normalize_over,
+        chunk_size=chunk_size,
+        where=f"The table's {src.where}",
     )
     best = scores.argmax(axis=1)
     # A cell without counts in the model's genes has no evidence: its scores are the model's constant terms. It keeps
@@ -413,7 +424,7 @@ def compute_predictions(
         "confidence_params": conf_params,
         "normalize_over": normalize_over or model.normalize_over,
         "expression_source": src.where,
-        "chunk_size": int(default_chunk_size(len(present), chunk_size)),
+        "chunk_size": int(scoring_chunk_size(src.matrix, len(present), chunk_size)),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": package_versions(),
         "model_description": _jsonable_dict(model.description),
@@ -426,6 +437,42 @@ def compute_predictions(
         params=params,
         n_genes=expressed,
     )
+
+
+def _gene_names_hint(adata: AnnData, where: str, model: CellTypeModel, n_found: int) -> str:
+    """Where the model's genes are when the table names its genes otherwise (Ensembl ids vs symbols), for an error."""
+    try:  # a hint only: whatever fails here (an unusual var) must not hide the error it completes
+        return _find_gene_names(adata, where, model, n_found)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _find_gene_names(adata: AnnData, where: str, model: CellTypeModel, n_found: int) -> str:
+    from spatialcx.pp._harmonize import looks_like_ensembl
+
+    var = adata.raw.var if where == "raw.X" and adata.raw is not None else adata.var
+    features = pd.Index(model.features)
+    best, best_n = None, n_found
+    for name in var.columns:
+        column = var[name]
+        if not (pd.api.types.is_object_dtype(column) or isinstance(column.dtype, pd.CategoricalDtype | pd.StringDtype)):
+            continue
+        n = int(features.isin(column.astype(str)).sum())
+        if n > best_n:
+            best, best_n = name, n
+    if best is not None:
+        which = "var" if var is adata.var else "raw.var"
+        return (
+            f" {which}[{best!r}] holds {best_n} of them: name the genes by it, e.g. "
+            f"`adata.var_names = adata.{which}[{best!r}].astype(str)` (then `adata.var_names_make_unique()`)."
+        )
+    table_ids, model_ids = looks_like_ensembl(list(var.index[:1000])), looks_like_ensembl(list(features[:1000]))
+    if table_ids != model_ids:
+        return (
+            f" The table's genes are {'Ensembl ids' if table_ids else 'gene symbols'} and the model's are "
+            f"{'Ensembl ids' if model_ids else 'gene symbols'}: name both the same way."
+        )
+    return ""
 
 
 def write_predictions(
