@@ -130,6 +130,17 @@ def test_save_load_roundtrip_and_no_pickle(tmp_path):
         scx.CellTypeModel.load(tmp_path / "model.pkl")
 
 
+def test_load_finds_the_file_save_wrote_under_the_name_given(tmp_path):
+    ref = _lognorm(_counts())
+    model = fit_model(ref.X, ref.obs["label"], ref.var_names)
+    assert model.save(tmp_path / "panel_model") == tmp_path / "panel_model.npz"
+    # before: FileNotFoundError for the name given to save()
+    assert scx.CellTypeModel.load(tmp_path / "panel_model").model_hash == model.model_hash
+    assert scx.CellTypeModel.load(str(tmp_path / "panel_model.npz")).model_hash == model.model_hash
+    with pytest.raises(FileNotFoundError, match="other_model"):
+        scx.CellTypeModel.load(tmp_path / "other_model")
+
+
 def test_from_celltypist_path_requires_trust(tmp_path):
     ref = _lognorm(_counts())
     model = fit_model(ref.X, ref.obs["label"], ref.var_names)

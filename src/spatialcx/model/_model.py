@@ -361,8 +361,9 @@ class CellTypeModel:
         Parameters
         ----------
         path
-            The ``.npz`` file written by :meth:`~spatialcx.CellTypeModel.save`. CellTypist ``.pkl`` models are not read here; import them
-            with :meth:`from_celltypist`.
+            The ``.npz`` file written by :meth:`~spatialcx.CellTypeModel.save`, or the name given to ``save`` (``"model"``
+            finds ``model.npz`` when there is no file ``model``). CellTypist ``.pkl`` models are not read here; import
+            them with :meth:`from_celltypist`.
 
         Returns
         -------
@@ -383,6 +384,8 @@ class CellTypeModel:
         )
         if path.suffix == ".pkl":
             raise ValueError(pickle_hint)
+        if not path.exists() and path.suffix != ".npz" and path.with_name(path.name + ".npz").is_file():
+            path = path.with_name(path.name + ".npz")  # save("model") wrote model.npz
         if not path.exists():
             raise FileNotFoundError(f"Model file {str(path)!r} does not exist; pass the path returned by model.save().")
         if not path.is_file():
