@@ -205,3 +205,69 @@ def test_verbosity_before_and_after_the_command_adds_up():
 
     args = build_parser().parse_args(["-v", "classify", "x.h5ad", "CD19", "-v"])
     assert args.verbose + args.verbose_after == 2
+
+
+def test_out_never_replaces_a_reference_nor_an_existing_file(demo_files, tmp_path, capsys):
+    """--out is refused when it names a reference (even with --overwrite) or an existing file (unless --overwrite)."""
+    ref = tmp_path / "ref.h5ad"
+    ref.write_bytes((demo_files / "ref.h5ad").read_bytes())
+    h5ad = tmp_path / "slide.h5ad"
+    h5ad.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    ref_before, h5ad_before = _digest(ref), _digest(h5ad)
+    for spec in (str(ref), f"file://{ref}"):  # the reference as a path or a file:// URI
+        assert cli_main(["annotate", str(h5ad), "-r", f"{spec}::cell_type", "--out", str(ref), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "would replace the reference" in err and "Traceback" not in err
+    assert _digest(ref) == ref_before and _digest(h5ad) == h5ad_before
+
+    existing = tmp_path / "existing.h5ad"
+    existing.write_bytes(b"keep me")
+    assert cli_main(["annotate", str(h5ad), "-r", f"{ref}::cell_type", "--out", str(existing)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert cli_main(["classify", str(h5ad), "CD19", "--out", str(existing)]) == 2
+    assert existing.read_bytes() == b"keep me"
+    assert cli_main(["classify", str(h5ad), "CD19", "--out", str(existing), "--overwrite"]) == 0
+    assert "threshold_cluster" in ad.read_h5ad(existing).obs
+    assert _digest(h5ad) == h5ad_before
+    # --out naming the input itself is an in-place rewrite, as without --out
+    assert cli_main(["classify", str(h5ad), "CD19", "--out", str(h5ad)]) == 0
+    assert "threshold_cluster" in ad.read_h5ad(h5ad).obs
+
+
+def test_table_key_is_refused_for_h5ad(demo_files, tmp_path, capsys):
+    h5ad = tmp_path / "slide.h5ad"
+    h5ad.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    before = _digest(h5ad)
+    assert cli_main(["classify", str(h5ad), "CD19", "--table-key", "other"]) == 2
+    err = capsys.readouterr().err
+    assert "--table-key other applies to SpatialData stores only" in err and err.count("\n") == 2
+    assert _digest(h5ad) == before
+
+
+def test_demo_checks_its_arguments_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--threshold", "1.5", "--out", str(out)]) == 2
+    assert "--threshold must be a confidence in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert cli_main(["demo", "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not a folder" in err and "Errno" not in err
+    assert a_file.read_text() == "x"
+
+
+def test_every_option_is_documented():
+    """``spatialcx <command> --help`` explains every option (and shows the defaults that matter)."""
+    import argparse
+
+    from spatialcx.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        assert command.description, name
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest}"
+    help_text = sub.choices["annotate"].format_help()
+    assert "(default: table)" in help_text and "(default: 0.8)" in help_text and "--overwrite" in help_text

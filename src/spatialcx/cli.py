@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import time
@@ -14,6 +15,8 @@ from typing import Any
 
 #: Domains listed by ``classify --domains`` (the largest); the others are summed up in one line.
 MAX_DOMAINS_LISTED = 20
+#: The table a command works on unless ``--table-key`` names another.
+DEFAULT_TABLE_KEY = "table"
 
 
 class CommandError(Exception):
@@ -36,16 +39,63 @@ def _write_h5ad_atomic(adata: Any, path: Path) -> None:
     write_atomically(path, adata.write_h5ad, suffix=".h5ad")
 
 
-def _open_data(path_str: str, *, table_key: str, out: str | None) -> tuple[Any, Callable[[], str]]:
+def _local_path(spec: str) -> Path | None:
+    """The local file a path or ``file://`` URI names (``None`` for a remote URI), read as ``resolve_uri`` does."""
+    if spec.startswith(("file://", "local://")):
+        from spatialcx.io._uri import _local_path as uri_path
+
+        return uri_path(spec)
+    if "://" in spec:
+        return None
+    return Path(spec).expanduser()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_out(out: str, *, data: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> None:
+    """``--out`` must not replace an input (a reference, say), nor an existing file unless ``--overwrite``."""
+    target = Path(out).expanduser()
+    for spec in inputs:
+        local = _local_path(spec)
+        if local is not None and (_same_file(target, local) or target.resolve() == local.resolve()):
+            raise CommandError(
+                f"--out {out} is the reference {spec}; writing there would replace the reference. Choose another "
+                "--out file."
+            )
+    if target.is_file() and not _same_file(target, data) and not overwrite:  # (a folder is reported later)
+        raise CommandError(f"--out {out} exists; pass --overwrite to replace it, or choose another file.")
+
+
+def _open_data(
+    path_str: str,
+    *,
+    table_key: str,
+    out: str | None,
+    inputs: Sequence[str] = (),
+    overwrite: bool = False,
+) -> tuple[Any, Callable[[], str]]:
     """Open a SpatialData zarr store or an ``.h5ad`` file; return it and a function that saves the result.
 
     A SpatialData store is annotated in place (the functions persist their keys crash-safely); an ``.h5ad`` file is
-    rewritten atomically, in place or to ``out``.
+    rewritten atomically, in place or to ``out``. ``out`` never replaces one of ``inputs`` (e.g. the references),
+    nor an existing file unless ``overwrite``.
     """
     path = Path(path_str)
     if not path.exists():
         raise CommandError(f"{path_str}: no such file or directory (expected a SpatialData .zarr store or an .h5ad).")
     if _is_h5ad(path):
+        if table_key != DEFAULT_TABLE_KEY:
+            raise CommandError(
+                f"--table-key {table_key} applies to SpatialData stores only; {path_str} is an .h5ad file, which "
+                "holds one table. Leave --table-key out."
+            )
+        if out is not None:
+            _check_out(out, data=path, inputs=inputs, overwrite=overwrite)
         import anndata as ad
 
         try:
@@ -108,11 +158,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import spatialdata as sd
 
     import spatialcx as scx
+    from spatialcx._utils import check_writable_dir
 
+    if not 0 <= args.threshold <= 1:
+        raise CommandError(f"--threshold must be a confidence in [0, 1], got {args.threshold:g}.")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_writable_dir(out, "--out")
+    except ValueError as e:
+        raise CommandError(str(e)) from e
     t0 = time.perf_counter()
     sdata, reference = scx.datasets.demo(n_cells=args.n_cells, random_state=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
     store = out / "demo.zarr"
     if store.exists():
         shutil.rmtree(store)
@@ -175,7 +232,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
             f"--keep-label {unknown[0]!r} is not in the default exclusion list (only those labels are left out "
             f"unless --exclude-label names more): {list(DEFAULT_EXCLUDE_LABELS)}."
         )
-    data, save = _open_data(args.store, table_key=args.table_key, out=args.out)
+    data, save = _open_data(args.store, table_key=args.table_key, out=args.out, inputs=refs, overwrite=args.overwrite)
     exclude = [label for label in (*DEFAULT_EXCLUDE_LABELS, *(args.exclude_label or [])) if label not in keep]
     t0 = time.perf_counter()
     scx.tl.annotate(
@@ -206,7 +263,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
 def _cmd_classify(args: argparse.Namespace) -> int:
     import spatialcx as scx
 
-    data, save = _open_data(args.data, table_key=args.table_key, out=args.out)
+    data, save = _open_data(args.data, table_key=args.table_key, out=args.out, overwrite=args.overwrite)
     key = args.key_added
     scx.tl.classify_by_threshold(
         data,
@@ -274,20 +331,42 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    demo_help = "annotate the built-in synthetic demo and report accuracy and time"
     demo = sub.add_parser(
-        "demo", parents=[common], help="annotate the built-in synthetic demo and report accuracy and time"
+        "demo",
+        parents=[common],
+        help=demo_help,
+        description=f"{demo_help[0].upper()}{demo_help[1:]}: a synthetic colon slide (SpatialData) and a labelled "
+        "reference are made by code, the slide is annotated end to end, and the store, the model and the QC plots "
+        "are written into --out.",
     )
-    demo.add_argument("--out", default="spatialcx_demo", help="output folder (zarr store, model, plots)")
-    demo.add_argument("--n-cells", type=int, default=4000, help="cells in the demo slide")
-    demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.add_argument("--threshold", type=float, default=0.8, help="confidence threshold")
-    demo.add_argument("--min-accuracy", type=float, default=0.0, help="exit with 1 below this accuracy")
+    demo.add_argument(
+        "--out", default="spatialcx_demo", help="output folder: demo.zarr, model.npz, plots/ (default: %(default)s)"
+    )
+    demo.add_argument("--n-cells", type=int, default=4000, help="cells in the demo slide (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument(
+        "--threshold", type=float, default=0.8, help="confidence threshold, in [0, 1] (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--min-accuracy", type=float, default=0.0, help="exit with 1 below this accuracy (default: %(default)s)"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     data_help = "SpatialData zarr store (annotated in place, crash-safely) or .h5ad file (rewritten atomically)"
-    out_help = "for .h5ad input: write the result here instead of replacing the input"
+    out_help = (
+        "for .h5ad input: write the result here instead of replacing the input (an existing file only with --overwrite)"
+    )
+    overwrite_help = "let --out replace an existing file"
+    table_help = "table of a SpatialData store (default: %(default)s)"
+    seed_help = "random seed (default: %(default)s)"
+    ann_help = "annotate a SpatialData zarr store or an .h5ad from labelled references"
     ann = sub.add_parser(
-        "annotate", parents=[common], help="annotate a SpatialData zarr store or an .h5ad from labelled references"
+        "annotate",
+        parents=[common],
+        help=ann_help,
+        description=f"{ann_help[0].upper()}{ann_help[1:]}: train a panel-exact model on the references, predict, "
+        "map the labels to the Cell Ontology and write the cell_type columns into the table.",
     )
     ann.add_argument("store", metavar="data", help=data_help)
     ann.add_argument(
@@ -298,18 +377,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference .h5ad/.zarr path or URI, as PATH[::LABEL_KEY]",
     )
     ann.add_argument("-l", "--label-key", default=None, help="label column for references given without ::KEY")
-    ann.add_argument("--table-key", default="table")
-    ann.add_argument("--key-added", default="cell_type", help="prefix of the obs/obsm/uns keys written")
-    ann.add_argument("--tissue", default="unknown")
-    ann.add_argument("--threshold", type=float, default=0.8, help="confidence threshold")
+    ann.add_argument("--table-key", default=DEFAULT_TABLE_KEY, help=table_help)
+    ann.add_argument(
+        "--key-added", default="cell_type", help="prefix of the obs/obsm/uns keys written (default: %(default)s)"
+    )
+    ann.add_argument("--tissue", default="unknown", help="tissue of the sample, recorded with the results")
+    ann.add_argument(
+        "--threshold",
+        type=float,
+        default=0.8,
+        help="confidence below which a cell is Unassigned, in [0, 1] (default: %(default)s)",
+    )
     ann.add_argument(
         "--confidence",
         default="calibrated",
         choices=[m for m in CONFIDENCE_METHODS if m != "cell_zscore"],  # the per-cell z-score is a baseline only
-        help="confidence method (see the docs)",
+        help="confidence method (see the docs; default: %(default)s)",
     )
-    ann.add_argument("--max-cells-per-type", type=int, default=5000)
-    ann.add_argument("--balance", choices=["proportional", "equal"], default="proportional")
+    ann.add_argument(
+        "--max-cells-per-type",
+        type=int,
+        default=5000,
+        help="most training cells per cell type (default: %(default)s)",
+    )
+    ann.add_argument(
+        "--balance",
+        choices=["proportional", "equal"],
+        default="proportional",
+        help="how a type's quota is split between references (default: %(default)s)",
+    )
     ann.add_argument(
         "--exclude-label",
         action="append",
@@ -325,31 +421,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ann.add_argument("--model-out", default=None, help="save the trained model (.npz)")
     ann.add_argument("--plots-dir", default=None, help="write QC plots here")
-    ann.add_argument("--seed", type=int, default=0)
+    ann.add_argument("--seed", type=int, default=0, help=seed_help)
     ann.add_argument("--out", default=None, help=out_help)
+    ann.add_argument("--overwrite", action="store_true", help=overwrite_help)
     ann.set_defaults(func=_cmd_annotate)
 
+    cls_help = "classify cells as high or low for markers, optionally grouping the high cells into domains"
     cls = sub.add_parser(
         "classify",
         parents=[common],
-        help="classify cells as high or low for markers, optionally grouping the high cells into domains",
+        help=cls_help,
+        description=f"{cls_help[0].upper()}{cls_help[1:]} (scx.tl.classify_by_threshold, scx.tl.spatial_domains).",
     )
     cls.add_argument("data", help=data_help)
     cls.add_argument("features", nargs="+", help="marker genes (var_names) and/or numeric obs columns")
-    cls.add_argument("--method", choices=METHODS, default="gmm", help="how the score is split (see the docs)")
+    cls.add_argument(
+        "--method", choices=METHODS, default="gmm", help="how the score is split (see the docs; default: %(default)s)"
+    )
     cls.add_argument(
         "--metagene",
         choices=METAGENES,
         default="shifted_geometric_mean",
-        help="how several markers become one score",
+        help="how several markers become one score (default: %(default)s)",
     )
-    cls.add_argument("--probability-cutoff", type=float, default=0.3, help="P(high) above which a cell is high (gmm)")
-    cls.add_argument("--key-added", default="threshold", help="prefix of the obs/uns keys written")
-    cls.add_argument("--table-key", default="table")
+    cls.add_argument(
+        "--probability-cutoff",
+        type=float,
+        default=0.3,
+        help="P(high) above which a cell is high (gmm; default: %(default)s)",
+    )
+    cls.add_argument(
+        "--key-added", default="threshold", help="prefix of the obs/uns keys written (default: %(default)s)"
+    )
+    cls.add_argument("--table-key", default=DEFAULT_TABLE_KEY, help=table_help)
     cls.add_argument("--plots-dir", default=None, help="write the diagnostic figure here")
-    cls.add_argument("--seed", type=int, default=0)
+    cls.add_argument("--seed", type=int, default=0, help=seed_help)
     cls.add_argument("--domains", action="store_true", help="group the high cells into contiguous spatial domains")
-    cls.add_argument("--domain-key", default="domain", help="obs column (and shapes prefix) of the domains")
+    cls.add_argument(
+        "--domain-key", default="domain", help="obs column (and shapes prefix) of the domains (default: %(default)s)"
+    )
     cls.add_argument(
         "--platform",
         choices=list(PLATFORM_MAX_DISTANCE),
@@ -357,8 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="platform default for the linking distance of the domains",
     )
     cls.add_argument("--max-distance", type=float, default=None, help="linking distance of the domains")
-    cls.add_argument("--min-cells", type=int, default=10, help="smallest domain (smaller ones are merged)")
+    cls.add_argument(
+        "--min-cells", type=int, default=10, help="smallest domain (smaller ones are merged; default: %(default)s)"
+    )
     cls.add_argument("--out", default=None, help=out_help)
+    cls.add_argument("--overwrite", action="store_true", help=overwrite_help)
     cls.set_defaults(func=_cmd_classify)
     return parser
 
