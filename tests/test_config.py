@@ -91,9 +91,70 @@ def test_bad_configs(text, error, match):
         AnnotationConfig.from_yaml(text)
 
 
-def test_missing_config_file(tmp_path):
+def test_missing_config_file(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         AnnotationConfig.from_yaml(tmp_path / "nope.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"Config file 'annotate_config' does not exist"):
+        AnnotationConfig.from_yaml("annotate_config")  # a file name without suffix, not YAML text
+
+
+HEAD = "references: [a.h5ad]\nlabel_keys: x\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "error", "match"),
+    [
+        ("confidence_threshold: high", ValueError, r"confidence_threshold must be a number in \[0, 1\], got 'high'"),
+        ("confidence_threshold: true", ValueError, r"confidence_threshold must be a number.*True \(bool\)"),
+        ("confidence: best", ValueError, r"confidence must be one of \[.*'calibrated'"),
+        ("random_state: seven", TypeError, "random_state must be an integer seed, got 'seven'"),
+        ("random_state: 1.5", TypeError, "random_state must be an integer seed"),
+        ("plots: 'no'", TypeError, "plots must be true or false, got 'no'"),
+        ("add_ontology: 0", TypeError, "add_ontology must be true or false, got 0"),
+        ("tissue: 5", TypeError, "tissue must be a string, got 5"),
+        ("table_key: [a, b]", TypeError, "table_key must be a string"),
+        ("model_out: 5", TypeError, "model_out must be a path"),
+        ("max_cells_per_ref: 1e5", ValueError, "max_cells_per_ref must be a positive integer"),
+        ("target_proportions: {T cell: -0.2}", ValueError, "non-negative numbers"),
+        ("target_proportions: {T cell: many}", ValueError, "non-negative numbers"),
+        ("exclude_labels: [NA, null]", TypeError, r"exclude_labels must hold labels.*\[None\]"),
+    ],
+)
+def test_mistyped_values_are_reported_by_key(line, error, match):
+    """A value of the wrong type names its key and what it should be, instead of failing later (or never)."""
+    with pytest.raises(error, match=match):
+        AnnotationConfig.from_yaml(HEAD + line + "\n")
+
+
+@pytest.mark.parametrize("refs", ["5", "{a.h5ad: 1}", "[a.h5ad, 3]"])
+def test_mistyped_references_are_reported(tmp_path, refs):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"references: {refs}\nlabel_keys: x\n")
+    with pytest.raises(TypeError, match="references must be a path or URI, or a list of them"):
+        AnnotationConfig.from_yaml(path)
+    with pytest.raises(TypeError, match="label_keys must be a label column name"):
+        AnnotationConfig.from_yaml("references: [a.h5ad]\nlabel_keys: [1]\n")
+
+
+def test_no_cap_and_round_trip_of_every_field(tmp_path):
+    cfg = AnnotationConfig(
+        references=["a.h5ad"],
+        label_keys="x",
+        max_cells_per_type=None,
+        max_cells_per_ref=None,
+        confidence_threshold=1,
+        confidence="zscore",
+        plots=False,
+        random_state=3,
+        exclude_labels=["NA", 0],
+    )
+    assert cfg.confidence_threshold == 1.0 and isinstance(cfg.confidence_threshold, float)
+    assert cfg.exclude_labels == ["NA", "0"]  # numeric cluster labels are labels
+    assert AnnotationConfig.from_yaml(cfg.to_yaml()) == cfg
+    again = AnnotationConfig.from_yaml(cfg.to_yaml(tmp_path / "c.yaml"))
+    assert Path(again.references[0]).resolve() == Path("a.h5ad").resolve()
+    assert again.max_cells_per_type is None and again.max_cells_per_ref is None and again.plots is False
 
 
 def test_annotate_from_config_passes_every_field(monkeypatch, tmp_path):

@@ -6,14 +6,28 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
 _PATH_FIELDS = ("model_out", "plots_dir")
+
+
+def _shown(value: Any) -> str:
+    """A value and its type, for an error message: ``'high' (str)``."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_strings(name: str, values: Any, what: str) -> None:
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must be {what}, got {_shown(bad[0])} in {list(values)!r}.")
 
 
 def _is_local_relative(value: str) -> bool:
@@ -59,8 +73,8 @@ class AnnotationConfig:
     table_key: str = "table"
     tissue: str = "unknown"
     balance: str = "proportional"
-    max_cells_per_type: int = 5000
-    max_cells_per_ref: int = 100_000
+    max_cells_per_type: int | None = 5000
+    max_cells_per_ref: int | None = 100_000
     target_proportions: dict[str, float] | str | None = None
     exclude_labels: list[str] | None = None
     confidence_threshold: float = 0.8
@@ -72,36 +86,67 @@ class AnnotationConfig:
     random_state: int = 0
 
     def __post_init__(self) -> None:
+        from spatialcx.tl._confidence import CONFIDENCE_METHODS
+
         if isinstance(self.references, str | os.PathLike):
             self.references = [self.references]
-        self.references = [os.fspath(r) for r in (self.references or [])]
+        if not isinstance(self.references, list | tuple) or not all(
+            isinstance(r, str | os.PathLike) for r in self.references
+        ):
+            raise TypeError(
+                f"references must be a path or URI, or a list of them (in YAML: references: [atlas.h5ad]), got "
+                f"{_shown(self.references)}."
+            )
+        self.references = [os.fspath(r) for r in self.references]
         if not self.references:
             raise ValueError("AnnotationConfig needs at least one reference (a path or URI) in 'references'.")
         if isinstance(self.label_keys, list | tuple):
-            self.label_keys = [str(k) for k in self.label_keys]
+            _check_strings("label_keys", self.label_keys, "a label column name (a string) or a list of them")
+            self.label_keys = list(self.label_keys)
             if len(self.label_keys) != len(self.references):
                 raise ValueError(
                     f"{len(self.references)} references but {len(self.label_keys)} label_keys: give one per reference "
                     "or a single string for all."
                 )
         elif not isinstance(self.label_keys, str):
-            raise TypeError(f"label_keys must be a string or a list of strings, got {type(self.label_keys).__name__}.")
+            raise TypeError(f"label_keys must be a string or a list of strings, got {_shown(self.label_keys)}.")
+        for name in ("table_key", "tissue", "balance", "confidence"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {_shown(getattr(self, name))}.")
         if self.balance not in ("proportional", "equal"):
             raise ValueError(f"balance must be 'proportional' or 'equal', got {self.balance!r}.")
-        if not 0 <= float(self.confidence_threshold) <= 1:
-            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}.")
+        if self.confidence not in CONFIDENCE_METHODS:
+            raise ValueError(f"confidence must be one of {list(CONFIDENCE_METHODS)}, got {self.confidence!r}.")
+        threshold = self.confidence_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= float(threshold) <= 1:
+            raise ValueError(f"confidence_threshold must be a number in [0, 1], got {_shown(threshold)}.")
+        self.confidence_threshold = float(threshold)
         for name in ("max_cells_per_type", "max_cells_per_ref"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (or null: no cap), got {_shown(value)}.")
+        for name in ("add_ontology", "plots"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {_shown(getattr(self, name))}.")
+        if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
+            raise TypeError(f"random_state must be an integer seed, got {_shown(self.random_state)}.")
         if isinstance(self.target_proportions, os.PathLike):
             self.target_proportions = os.fspath(self.target_proportions)
         if self.target_proportions is not None and not isinstance(self.target_proportions, str | Mapping):
             raise TypeError(
                 "target_proportions must be a mapping {cell type: proportion} or the path of a .json / .csv file, "
-                f"got {type(self.target_proportions).__name__}."
+                f"got {_shown(self.target_proportions)}."
             )
         if isinstance(self.target_proportions, Mapping):
+            bad = {
+                k: v
+                for k, v in self.target_proportions.items()
+                if isinstance(v, bool) or not isinstance(v, Real) or not np.isfinite(v) or v < 0
+            }
+            if bad:
+                raise ValueError(
+                    f"target_proportions must map cell types to non-negative numbers; got {bad} (e.g. {{T cell: 0.2}})."
+                )
             self.target_proportions = {str(k): float(v) for k, v in self.target_proportions.items()}
         if isinstance(self.exclude_labels, str):
             self.exclude_labels = [self.exclude_labels]
@@ -109,11 +154,19 @@ class AnnotationConfig:
             if not isinstance(self.exclude_labels, list | tuple):
                 raise TypeError(
                     f"exclude_labels must be a list of labels (or null for the default), got "
-                    f"{type(self.exclude_labels).__name__}."
+                    f"{_shown(self.exclude_labels)}."
+                )
+            bad = [x for x in self.exclude_labels if x is None or isinstance(x, bool) or not isinstance(x, str | Real)]
+            if bad:
+                raise TypeError(
+                    f"exclude_labels must hold labels (strings), got {bad}; in YAML, quote labels such as 'null', "
+                    "'No' or 'Off' that would otherwise be read as null or false."
                 )
             self.exclude_labels = [str(x) for x in self.exclude_labels]
         for name in _PATH_FIELDS:
             value = getattr(self, name)
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise TypeError(f"{name} must be a path (or null), got {_shown(value)}.")
             if value is not None:
                 setattr(self, name, os.fspath(value))
 
@@ -148,8 +201,11 @@ class AnnotationConfig:
         if base_dir is not None:
             base = Path(base_dir)
             refs = values["references"]
-            refs = [refs] if isinstance(refs, str) else list(refs)
-            values["references"] = [os.path.normpath(base / r) if _is_local_relative(str(r)) else str(r) for r in refs]
+            if isinstance(refs, str | list | tuple):  # anything else is reported by the constructor
+                refs = [refs] if isinstance(refs, str) else list(refs)
+                values["references"] = [
+                    os.path.normpath(base / r) if isinstance(r, str) and _is_local_relative(r) else r for r in refs
+                ]
             for name in (*_PATH_FIELDS, "target_proportions"):
                 value = values.get(name)
                 if isinstance(value, str) and _is_local_relative(value):
@@ -185,6 +241,10 @@ class AnnotationConfig:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"The annotation config is not valid YAML: {e}") from e
+        if is_text and isinstance(values, str) and "\n" not in str(source).strip():
+            raise FileNotFoundError(
+                f"Config file {str(source)!r} does not exist (and it is not YAML text with key: value lines)."
+            )
         if not isinstance(values, Mapping):
             raise ValueError(
                 f"The annotation config must be a YAML mapping (key: value lines), got {type(values).__name__}."
