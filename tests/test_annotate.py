@@ -229,3 +229,85 @@ def test_bad_output_paths_fail_before_anything_is_written(demo_small, tmp_path):
     with pytest.raises(ValueError, match="key_added"):
         scx.tl.predict(sdata, scx.tl.train(reference, "cell_type", genes=table), key_added="a/b")
     assert list(table.obs.columns) == columns
+
+
+def test_bad_caps_and_balance_fail_before_the_references_are_read(tmp_path):
+    adata = ad.AnnData(np.ones((3, 2), dtype=np.float32))
+    missing = tmp_path / "not_read.h5ad"  # reading it would fail with another error
+    for kwargs, match in (
+        ({"max_cells_per_type": 0}, "max_cells_per_type must be a positive integer"),
+        ({"max_cells_per_ref": 2.5}, "max_cells_per_ref must be a positive integer"),
+        ({"balance": "fair"}, "balance must be 'proportional' or 'equal'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            scx.tl.annotate(adata, missing, label_keys="cell_type", **kwargs)
+
+
+def test_annotate_without_caps_and_without_coordinates(tmp_path):
+    """``max_cells_per_type=None`` (no cap) is recorded as absent; an AnnData without coordinates still gets the
+    confidence plot (per type), and the input stays as it was with ``copy=True``."""
+    sdata, reference = scx.datasets.demo(n_cells=300, n_reference_cells=700, n_genes=150, n_reference_genes=300)
+    table = sdata.tables["table"].copy()
+    del table.obsm["spatial"]
+    before = table.copy()
+    out = scx.tl.annotate(
+        table,
+        reference,
+        label_keys="cell_type",
+        max_cells_per_type=None,
+        max_cells_per_ref=None,
+        add_ontology=False,
+        plots_dir=tmp_path / "qc",
+        copy=True,
+    )
+    assert "max_cells_per_type" not in out.uns["cell_type"] and "max_cells_per_ref" not in out.uns["cell_type"]
+    assert out.uns["cell_type"]["balance"] == "proportional"
+    assert (tmp_path / "qc" / "confidence.png").stat().st_size > 10_000
+    assert list(table.obs.columns) == list(before.obs.columns) and set(table.uns) == set(before.uns)
+    assert set(table.obsm) == set(before.obsm)
+    out.write_h5ad(tmp_path / "out.h5ad")  # uns stays serialisable
+    assert ad.read_h5ad(tmp_path / "out.h5ad").uns["cell_type"]["random_state"] == 0
+
+
+def _predicted_table() -> ad.AnnData:
+    """Predictions as annotate writes them: 30 A, 8 B and 3 C cells, with per-class CL ids."""
+    labels = np.array(["A"] * 30 + ["B"] * 8 + ["C"] * 3)
+    conf = np.tile([0.95, 0.9, 0.5], len(labels) // 3 + 1)[: len(labels)]
+    obs = pd.DataFrame(
+        {"cell_type_predicted": pd.Categorical(labels), "cell_type_confidence": conf},
+        index=[f"c{i}" for i in range(len(labels))],
+    )
+    adata = ad.AnnData(np.zeros((len(labels), 1), dtype=np.float32), obs=obs)
+    adata.obs["cell_type_ontology_term_id"] = pd.Categorical(
+        pd.Series(labels).map({"A": "CL:1", "B": "CL:2", "C": "CL:3"}).to_numpy()
+    )
+    adata.uns["cell_type"] = {"classes": ["A", "B", "C"], "ontology_term_ids": ["CL:1", "CL:2", "CL:3"]}
+    return adata
+
+
+def test_filters_are_idempotent_and_their_records_match_the_labels():
+    adata = _predicted_table()
+    scx.tl.filter_low_confidence(adata, threshold=0.8)
+    confident = adata.obs["cell_type"].astype(str).copy()
+    assert (confident == "Unassigned").sum() == 13  # every third cell (confidence 0.5)
+
+    scx.tl.filter_low_count_types(adata, min_cells=5)  # B has 6 confident cells, C 2
+    assert adata.uns["cell_type"]["removed_types"] == ["C"] and adata.uns["cell_type"]["min_cells_per_type"] == 5
+    scx.tl.filter_low_count_types(adata, min_cells=10)  # B (6) goes too; C stays removed and recorded
+    labels = adata.obs["cell_type"].astype(str).copy()
+    assert set(labels) == {"A", "Unassigned"}
+    assert adata.uns["cell_type"]["removed_types"] == ["B", "C"] and adata.uns["cell_type"]["min_cells_per_type"] == 10
+    scx.tl.filter_low_count_types(adata, min_cells=10)  # again: same labels, same record
+    assert (adata.obs["cell_type"].astype(str) == labels).all()
+    assert adata.uns["cell_type"]["removed_types"] == ["B", "C"] and adata.uns["cell_type"]["min_cells_per_type"] == 10
+    ids = adata.obs["cell_type_ontology_term_id"].astype(str)
+    assert set(ids[labels == "Unassigned"]) == {"unknown"} and set(ids[labels == "A"]) == {"CL:1"}
+
+    # filtering by confidence starts again from the predictions: the rare types come back, and their record goes
+    scx.tl.filter_low_confidence(adata, threshold=0.8)
+    assert (adata.obs["cell_type"].astype(str) == confident).all()
+    assert "removed_types" not in adata.uns["cell_type"] and "min_cells_per_type" not in adata.uns["cell_type"]
+    assert adata.uns["cell_type"]["confidence_threshold"] == 0.8 and adata.uns["cell_type"]["n_unassigned"] == 13
+    scx.tl.filter_low_confidence(adata, threshold=0.8)
+    assert (adata.obs["cell_type"].astype(str) == confident).all()
+    assert set(adata.obs["cell_type_ontology_term_id"].astype(str)[confident == "B"]) == {"CL:2"}

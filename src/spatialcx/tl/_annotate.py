@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -81,8 +82,8 @@ def annotate(
     table_key: str = "table",
     tissue: str = "unknown",
     balance: Literal["proportional", "equal"] = "proportional",
-    max_cells_per_type: int = 5000,
-    max_cells_per_ref: int = 100_000,
+    max_cells_per_type: int | None = 5000,
+    max_cells_per_ref: int | None = 100_000,
     target_proportions: Mapping[str, float] | str | os.PathLike | None = None,
     exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
     confidence_threshold: float = 0.8,
@@ -122,9 +123,9 @@ def annotate(
     balance
         How a cell type's quota is split between references: ``"proportional"`` to what each has, or ``"equal"``.
     max_cells_per_type
-        Cap of training cells per cell type (after combining references).
+        Cap of training cells per cell type (after combining references); ``None``: no cap.
     max_cells_per_ref
-        Cap of cells read from each reference.
+        Cap of cells read from each reference; ``None``: no cap.
     target_proportions
         Optional wanted share of each type in the training set (dict, JSON or CSV path).
     exclude_labels
@@ -181,6 +182,11 @@ def annotate(
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
     if confidence not in CONFIDENCE_METHODS:
         raise ValueError(f"Unknown confidence method {confidence!r}; choose one of {CONFIDENCE_METHODS}.")
+    if balance not in ("proportional", "equal"):
+        raise ValueError(f"balance must be 'proportional' or 'equal', got {balance!r}.")
+    for name, cap in (("max_cells_per_type", max_cells_per_type), ("max_cells_per_ref", max_cells_per_ref)):
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, Integral) or cap < 1):
+            raise ValueError(f"{name} must be a positive integer (or None: no cap), got {cap!r}.")
     check_key(key_added, "key_added")
     # output paths are checked before anything is read, trained or written
     if model_out is not None:
@@ -251,12 +257,13 @@ def annotate(
             "tissue": tissue,
             "references": _provenance(balanced),
             "balance": balance,
-            "max_cells_per_type": int(max_cells_per_type),
-            "max_cells_per_ref": int(max_cells_per_ref),
             "exclude_labels": label_list(exclude_labels),
             "random_state": int(random_state),
         }
     )
+    for name, cap in (("max_cells_per_type", max_cells_per_type), ("max_cells_per_ref", max_cells_per_ref)):
+        if cap is not None:  # None (no cap) is not storable in uns: left out
+            params[name] = int(cap)
     if mapping is not None:
         params["ontology_mapping"] = _mapping_lists(mapping)
     filter_low_confidence(adata, key=key_added, threshold=confidence_threshold, unassigned_label=UNASSIGNED)
