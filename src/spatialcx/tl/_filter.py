@@ -9,10 +9,14 @@ import numpy as np
 import pandas as pd
 
 from spatialcx._constants import KEY_ADDED, PREDICTED_SUFFIX, UNASSIGNED, UNKNOWN_ONTOLOGY_ID, output_keys
+from spatialcx._settings import logger
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
+
+#: Keys of ``uns[key]`` that record :func:`filter_low_count_types`: the smallest type kept, and the types removed.
+COUNT_FILTER_KEYS = ("min_cells_per_type", "removed_types")
 
 
 def _labels(values: pd.Series) -> np.ndarray:
@@ -201,7 +205,8 @@ def filter_low_confidence(
 
     Returns
     -------
-    The copy when ``copy=True``, else None. ``uns[key]["confidence_threshold"]`` records the threshold. When the table
+    The copy when ``copy=True``, else None. ``uns[key]["confidence_threshold"]`` records the threshold; a record of
+    :func:`filter_low_count_types` is dropped, as the types it removed are restored. When the table
     has ``{key}_ontology_term_id`` (as :func:`~spatialcx.tl.annotate` writes it), filtered cells get ``unknown`` there,
     as the CELLxGENE schema asks of cells without a cell type; the others get the id of their label (from the per-class
     ids ``annotate`` records, or the mapping ``add_ontology_ids`` records), so filtering again with a lower threshold
@@ -237,6 +242,15 @@ def filter_low_confidence(
     _write_labels(adata, key, labels, unassigned_label)
     _write_terms(adata, key, terms)
     params = dict(adata.uns.get(key, {})) if isinstance(adata.uns.get(key), dict) else {}
+    # the labels start again from the unfiltered ones: a removal by filter_low_count_types is undone, so its record goes
+    undone = [str(t) for t in params.pop(COUNT_FILTER_KEYS[1], [])]
+    params.pop(COUNT_FILTER_KEYS[0], None)
+    if undone:
+        logger.info(
+            "filter_low_confidence: the rare types removed by filter_low_count_types (%s) are restored; run it again "
+            "to remove rare types.",
+            ", ".join(undone),
+        )
     params.update(
         {
             "confidence_threshold": float(threshold),
@@ -276,9 +290,11 @@ def filter_low_count_types(
 
     Returns
     -------
-    The copy when ``copy=True``, else None. ``uns[key]["removed_types"]`` lists the removed types. Cells of removed
-    types get ``unknown`` in ``{key}_ontology_term_id`` when the table has that column; missing labels stay missing
-    and do not count as a type.
+    The copy when ``copy=True``, else None. ``uns[key]["removed_types"]`` lists the removed types, those of earlier
+    calls included (filtering again is idempotent), and ``uns[key]["min_cells_per_type"]`` the largest ``min_cells``
+    still in effect. Cells of removed types get ``unknown`` in ``{key}_ontology_term_id`` when the table has that
+    column; missing labels stay missing and do not count as a type. :func:`filter_low_confidence` starts again from
+    the unfiltered labels: it restores the removed types and drops this record.
     """
     from spatialcx._table import resolve_table
 
@@ -293,10 +309,13 @@ def filter_low_count_types(
     rare = [str(t) for t, c in counts.items() if c < min_cells and t != unassigned_label]
     labels = np.where(pd.Series(base).isin(rare).to_numpy(), unassigned_label, base)
     terms = _ontology_columns(adata, key, labels, base, labels == unassigned_label, from_predictions=False)
+    params = dict(adata.uns.get(key, {})) if isinstance(adata.uns.get(key), dict) else {}
+    # types an earlier call removed stay removed (they have no cell left): the record keeps them, and the larger minimum
+    earlier = [str(t) for t in params.get(COUNT_FILTER_KEYS[1], []) if str(t) not in counts.index]
+    effective = max(int(min_cells), int(params.get(COUNT_FILTER_KEYS[0], 0))) if earlier else int(min_cells)
     # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
     _write_terms(adata, key, terms)
-    params = dict(adata.uns.get(key, {})) if isinstance(adata.uns.get(key), dict) else {}
-    params.update({"min_cells_per_type": int(min_cells), "removed_types": sorted(rare)})
+    params.update({COUNT_FILTER_KEYS[0]: effective, COUNT_FILTER_KEYS[1]: sorted({*rare, *earlier})})
     adata.uns[key] = params
     return ref.finish(write=write, elements=("obs", "uns"))
