@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import warnings
 
 import matplotlib.pyplot as plt
@@ -363,7 +364,7 @@ def test_strip_subsampled_to_cap_and_seeded():
     fig = scx.pl.confidence(adata, max_points_per_type=100, random_state=3)
     pts = _strip_points(fig.axes[1])
     assert len(pts) == 100 + 40
-    assert "at most 100 random cells drawn per type" in fig.axes[1].get_title()
+    assert "at most 100 random cells drawn per type" in fig.axes[1].get_title().replace("\n", " ")
     assert fig.axes[1].get_legend() is None  # a legend inside the axes would hide cells
     again = _strip_points(scx.pl.confidence(adata, max_points_per_type=100, random_state=3).axes[1])
     other = _strip_points(scx.pl.confidence(adata, max_points_per_type=100, random_state=4).axes[1])
@@ -445,15 +446,61 @@ def test_error_non_numeric_confidence():
         scx.pl.confidence(adata)
 
 
-def test_error_no_coordinates():
+def test_no_coordinates_draws_the_strips_only(caplog):
+    """Without shapes or centroids, the map is left out (with a warning saying how to add coordinates)."""
+    import logging
+
     adata = points_adata()
     del adata.obsm["spatial"]
-    with pytest.raises(ValueError, match=r"No coordinates to draw the cells.*obsm\['spatial'\]"):
-        scx.pl.confidence(adata)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        fig = scx.pl.confidence(adata, threshold=0.7)
+    assert re.search(r"No coordinates to draw the cells.*obsm\['spatial'\].*per cell type only", caplog.text)
+    (ax,) = fig.axes
+    assert [t.get_text().rsplit(" (", 1)[0] for t in ax.get_xticklabels()] == ["B cell", "T cell", "macrophage"]
+    assert len(_strip_points(ax)) == adata.n_obs
+    assert "of 300 cells" in fig._suptitle.get_text()
     sdata = polygons_sdata()
     del sdata.shapes["cell_boundaries"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        assert len(scx.pl.confidence(sdata).axes) == 1
+    assert re.search(r"No coordinates.*annotates \['cell_boundaries'\]", caplog.text)
+    sdata.images["he"] = _image()
     with pytest.raises(ValueError, match=r"No coordinates.*annotates \['cell_boundaries'\]"):
-        scx.pl.confidence(sdata)
+        scx.pl.confidence(sdata, image_key="he")  # an image asked for: no map without cells is an error
+
+
+def _inside(fig, artist) -> bool:
+    fig.canvas.draw()
+    box, frame = artist.get_window_extent(), fig.bbox
+    return box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1 and box.y0 >= frame.y0 - 1 and box.y1 <= frame.y1 + 1
+
+
+@pytest.mark.parametrize("n_types", [2, 3, 40])
+def test_titles_fit_in_the_figure(n_types):
+    """The strip panel's key and the figure's title are wrapped to the width they have: nothing is clipped."""
+    adata = points_adata(400)
+    adata.obs["cell_type"] = pd.Categorical([f"type {i % n_types}" for i in range(adata.n_obs)])
+    fig = scx.pl.confidence(adata, max_points_per_type=5)
+    ax_strip = fig.axes[1]
+    assert "at most 5 random cells drawn per type" in ax_strip.get_title().replace("\n", " ")
+    assert _inside(fig, ax_strip.title) and _inside(fig, fig._suptitle)
+    del adata.obsm["spatial"]
+    fig = scx.pl.confidence(adata, max_points_per_type=5)
+    assert _inside(fig, fig.axes[0].title) and _inside(fig, fig._suptitle)
+
+
+def test_long_type_names_are_wrapped():
+    from spatialcx.pl._confidence import MAX_LABEL_LINE
+
+    adata = points_adata(60)
+    long_name = "L2/3 intratelencephalic projecting glutamatergic neuron"
+    adata.obs["cell_type"] = pd.Categorical(np.where(np.arange(60) % 2, long_name, "astrocyte"))
+    fig = scx.pl.confidence(adata)
+    texts = [t.get_text() for t in fig.axes[1].get_xticklabels()]
+    assert any(" ".join(t.split("\n")) == f"{long_name} (30)" for t in texts)  # wrapped at spaces, nothing lost
+    assert max(len(line) for t in texts for line in t.split("\n")) <= MAX_LABEL_LINE
+    assert "astrocyte (30)" in texts  # short names stay on one line
 
 
 def test_error_unknown_elements():

@@ -559,3 +559,14 @@ def test_validation_2d_title_says_when_classes_are_shown_by_cl_names(table):
     sizes = predicted.astype(str).value_counts().drop("enterocyte")  # no canonical enterocyte marker on the panel
     largest = sorted(sizes.index, key=lambda t: (-sizes[t], t))[:2]
     assert [ax.get_title().rsplit(" (", 1)[0] for ax in fig.axes] == largest  # panels by CL name
+
+
+def test_annotation_report_on_a_table_without_coordinates(table, tmp_path, caplog):
+    """The confidence plot is still drawn (the strips per type) when the cells have no coordinates."""
+    del table.obsm["spatial"]
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        report = scx.pl.annotation_report(table, plots_dir=tmp_path)
+    entry = report["confidence"]
+    assert entry["error"] is None and entry["paths"] == [tmp_path / "confidence.png"]
+    assert len(entry["figure"].axes) == 1 and entry["figure"].axes[0].get_ylabel() == "cell_type_confidence"
+    assert "per cell type only" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 from numbers import Real
 from typing import TYPE_CHECKING
@@ -30,6 +31,12 @@ MISSING_COLOR = "#bdbdbd"
 OUTLINE_WIDTH = 0.8
 #: Thinnest outline, as a share of ``OUTLINE_WIDTH``, reached when nearly all cells are below the threshold.
 MIN_OUTLINE_SCALE = 0.3
+#: Longest line of a type's name under the strips; longer names are wrapped at spaces.
+MAX_LABEL_LINE = 40
+#: Width of a character of the strip panel's title, in ems (a generous average, so that wrapped lines fit).
+_CHAR_WIDTH_EM = 0.6
+#: Room the strip panel's y axis (label and tick labels) takes left of the plot, in inches.
+_Y_AXIS_INCHES = 0.9
 
 _WRITERS = "`scx.tl.predict` or `scx.tl.annotate`"
 
@@ -80,12 +87,17 @@ def _type_summary(labels: pd.Series, conf: np.ndarray, threshold: float) -> pd.D
     return summary.sort_values(["median", "type"], ascending=[False, True])
 
 
+def _wrap(text: str, width: int) -> str:
+    return textwrap.fill(text, width=width, break_long_words=False, break_on_hyphens=False)
+
+
 def _strip_panel(
     ax: Axes,
     labels: pd.Series,
     conf: np.ndarray,
     summary: pd.DataFrame,
     *,
+    width_in: float,
     threshold: float,
     cmap: Colormap,
     norm: Normalize,
@@ -116,7 +128,7 @@ def _strip_panel(
 
     ax.set_xticks(positions)
     ax.set_xticklabels(
-        [f"{lab} ({n:,})" for lab, n in zip(summary.index, summary["n"])],
+        [_wrap(f"{lab} ({n:,})", MAX_LABEL_LINE) for lab, n in zip(summary.index, summary["n"])],
         rotation=90 if n_types > 4 else 0,
         fontsize="small" if n_types <= 30 else "x-small",
     )
@@ -153,12 +165,19 @@ def _strip_panel(
         fontsize=fontsize,
         color=LOW_COLOR,
     )
-    # the key is in the title: a legend inside the axes hides cells whatever corner it takes
-    capped = (summary["n"] > max_points_per_type).any()
-    key_line = "black: median; red: share of cells below the threshold"
-    if capped:
-        key_line += f";\nat most {max_points_per_type:,} random cells drawn per type"
-    ax.set_title(f"Confidence per cell type\n({key_line})", fontsize="medium", pad=28)
+    # the key is in the title: a legend inside the axes hides cells whatever corner it takes; its lines are wrapped to
+    # the panel's width, so that none is clipped
+    from matplotlib.font_manager import FontProperties
+
+    key = ["(black: median; red: share of cells below the threshold"]
+    if (summary["n"] > max_points_per_type).any():
+        key[0] += ";"
+        key.append(f"at most {max_points_per_type:,} random cells drawn per type")
+    key[-1] += ")"
+    em = FontProperties(size="medium").get_size_in_points()
+    chars = max(20, int((width_in - _Y_AXIS_INCHES) * 72 / (_CHAR_WIDTH_EM * em)))
+    key_text = "\n".join(_wrap(item, chars) for item in key)  # each item on its own lines
+    ax.set_title(f"Confidence per cell type\n{key_text}", fontsize="medium", pad=28)
 
 
 @dataclass
@@ -336,7 +355,9 @@ def confidence(
 
     Returns
     -------
-    The figure, with the map and the strip plot as its first two axes (the third is the colourbar).
+    The figure, with the map and the strip plot as its first two axes (the third is the colourbar). When the cells
+    have no coordinates (no shapes and no ``obsm[spatial_key]``) and no ``image_key`` is given, the map is left out
+    with a logged warning: the strip plot is then the figure's only axes.
 
     Raises
     ------
@@ -346,8 +367,8 @@ def confidence(
     TypeError
         ``confidence_key`` is not numeric, or ``data`` is neither an AnnData nor a SpatialData object.
     ValueError
-        No coordinates for the cells (no shapes and no ``obsm[spatial_key]``), an empty table, ``threshold`` not in
-        ``[0, 1]``, or another bad argument.
+        No coordinates for the cells while ``image_key`` is given, an empty table, ``threshold`` not in ``[0, 1]``,
+        or another bad argument.
 
     Examples
     --------
@@ -381,24 +402,45 @@ def confidence(
             "cells."
         )
 
-    map_data = _prepare_map(
-        adata,
-        sdata,
-        image_key=image_key,
-        shapes_key=shapes_key,
-        coordinate_system=coordinate_system,
-        spatial_key=spatial_key,
-    )
+    try:
+        map_data = _prepare_map(
+            adata,
+            sdata,
+            image_key=image_key,
+            shapes_key=shapes_key,
+            coordinate_system=coordinate_system,
+            spatial_key=spatial_key,
+        )
+    except _utils.NoCoordinatesError as e:
+        if image_key is not None:  # an image was asked for: the map cannot be left out
+            raise
+        logger.warning("%s Drawing the confidence per cell type only.", e)
+        map_data = None
 
     # Widths: the map keeps the tissue's aspect ratio (plus the colourbar), the strips grow with the types.
-    xmin, xmax, ymin, ymax = map_data.bounds
-    aspect = float(np.clip((xmax - xmin) / max(ymax - ymin, 1e-12), 0.6, 2.0))
-    map_width = 5.0 * aspect + 1.6
     strip_width = max(4.0, 0.28 * len(summary) + 1.5)
-    if figsize is None:
-        figsize = (map_width + strip_width, 6.5)
+    map_width = 0.0
+    if map_data is not None:
+        xmin, xmax, ymin, ymax = map_data.bounds
+        aspect = float(np.clip((xmax - xmin) / max(ymax - ymin, 1e-12), 0.6, 2.0))
+        map_width = 5.0 * aspect + 1.6
+    if figsize is None:  # (the strips alone: wide enough for the figure's title)
+        figsize = (map_width + strip_width, 6.5) if map_data is not None else (max(strip_width + 0.5, 6.5), 6.5)
     fig = plt.figure(figsize=figsize, layout="constrained")
     try:
+        strip_kwargs = {
+            "threshold": threshold,
+            "cmap": cmap,
+            "norm": norm,
+            "max_points_per_type": max_points_per_type,
+            "label_key": label_key,
+            "confidence_key": confidence_key,
+            "random_state": random_state,
+        }
+        if map_data is None:
+            _strip_panel(fig.subplots(), labels, conf, summary, width_in=float(figsize[0]), **strip_kwargs)
+            _finish(fig, conf, finite, threshold, confidence_key, title, save)
+            return fig
         # one subfigure per panel: the strips' (rotated) type names do not shrink the map, whose aspect is fixed
         sub_map, sub_strip = fig.subfigures(1, 2, width_ratios=[map_width, strip_width], wspace=0.03)
         ax_map, ax_strip = sub_map.subplots(), sub_strip.subplots()
@@ -412,34 +454,40 @@ def confidence(
             axis_labels=(f"x ({coordinate_system})", f"y ({coordinate_system})") if sdata is not None else ("x", "y"),
             point_size=point_size,
         )
-        _strip_panel(
-            ax_strip,
-            labels,
-            conf,
-            summary,
-            threshold=threshold,
-            cmap=cmap,
-            norm=norm,
-            max_points_per_type=max_points_per_type,
-            label_key=label_key,
-            confidence_key=confidence_key,
-            random_state=random_state,
-        )
+        strip_share = strip_width / (map_width + strip_width)
+        _strip_panel(ax_strip, labels, conf, summary, width_in=float(figsize[0]) * strip_share, **strip_kwargs)
         from matplotlib.cm import ScalarMappable
 
         cbar = sub_map.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_map, shrink=0.8, pad=0.02, aspect=30)
         cbar.set_label(confidence_key)
         cbar.ax.axhline(threshold, color=LOW_COLOR, linewidth=2)
-        n_low = int((conf[finite] < threshold).sum())
-        if title is None:
-            title = (
-                f"{confidence_key}: {n_low:,} of {int(finite.sum()):,} cells ({n_low / finite.sum():.1%}) "
-                f"below {threshold:g}"
-            )
-        fig.suptitle(title)
-        if save is not None:
-            _utils.save_figure(fig, save)
+        _finish(fig, conf, finite, threshold, confidence_key, title, save)
     except BaseException:
         plt.close(fig)
         raise
     return fig
+
+
+def _finish(
+    fig: Figure,
+    conf: np.ndarray,
+    finite: np.ndarray,
+    threshold: float,
+    confidence_key: str,
+    title: str | None,
+    save: str | os.PathLike[str] | None,
+) -> None:
+    """Add the figure's title and save it."""
+    from matplotlib.font_manager import FontProperties
+
+    n_low = int((conf[finite] < threshold).sum())
+    if title is None:
+        title = (
+            f"{confidence_key}: {n_low:,} of {int(finite.sum()):,} cells ({n_low / finite.sum():.1%}) "
+            f"below {threshold:g}"
+        )
+        em = FontProperties(size="large").get_size_in_points()
+        title = _wrap(title, max(20, int(fig.get_figwidth() * 72 / (_CHAR_WIDTH_EM * em))))
+    fig.suptitle(title, fontsize="large")
+    if save is not None:
+        _utils.save_figure(fig, save)

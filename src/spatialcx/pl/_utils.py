@@ -44,6 +44,10 @@ MAX_EDGE_FRACTION = 0.2
 Bounds = tuple[float, float, float, float]  # xmin, xmax, ymin, ymax
 
 
+class NoCoordinatesError(ValueError):
+    """The table has no shapes to draw its cells from and no centroids in ``obsm``."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Finding the table and its elements
 # --------------------------------------------------------------------------------------------------------------------
@@ -320,8 +324,10 @@ def cell_geometries(
     ------
     KeyError
         ``shapes_key`` is not a shapes element.
+    NoCoordinatesError
+        No coordinates at all (a ``ValueError``).
     ValueError
-        No coordinates at all, or the table cannot be matched to the shapes.
+        The table cannot be matched to the shapes.
     """
     from spatialdata.models import get_table_keys
 
@@ -398,7 +404,7 @@ def cell_geometries(
         if sdata is not None
         else "the data is an AnnData"
     )
-    raise ValueError(
+    raise NoCoordinatesError(
         f"No coordinates to draw the cells: {where}, and obsm has no {spatial_key!r} key "
         f"(obsm keys: {_available(adata.obsm.keys())}). Add cell centroids as obsm[{spatial_key!r}] "
         "(n_cells x 2), or link the table to its shapes with spatialdata.models.TableModel.parse."
