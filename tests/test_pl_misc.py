@@ -163,6 +163,29 @@ def test_marker_dotplot_splits_combined_labels_at_the_separator_annotate_domains
     assert not any("no canonical markers" in n for n in notes)
 
 
+def test_marker_dotplot_uses_related_types_when_a_type_has_no_marker_on_the_panel():
+    """A broad type gets its subtypes' markers (enterocyte on a colon panel: colonocyte's), a fine type without an
+    entry its closest ancestor's (CD14-positive monocyte: monocyte's)."""
+    rng = np.random.default_rng(0)
+    types = ["enterocyte", "CD14-positive monocyte", "B cell"]
+    genes = ["CA1", "SLC26A3", "CD14", "FCN1", "MS4A1", "CD79A"] + [f"BG{i}" for i in range(10)]
+    labels = np.repeat(types, 100)
+    x = rng.poisson(1.0, (labels.size, len(genes))).astype(np.float32)
+    for k, t in enumerate(types):
+        x[labels == t, 2 * k : 2 * k + 2] += rng.poisson(12.0, ((labels == t).sum(), 2))
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(labels.size)])
+    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=genes))
+    fig = scx.pl.marker_dotplot(adata)
+    ax = fig.axes[0]
+    shown = [t.get_text() for t in ax.get_xticklabels()]
+    rows = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
+    # before: "no canonical markers on the panel: CD14-positive monocyte, enterocyte"
+    assert [shown[j] for j in _shaded_columns(fig, rows.index("enterocyte"))] == ["CA1", "SLC26A3"]
+    assert [shown[j] for j in _shaded_columns(fig, rows.index("CD14-positive monocyte"))] == ["CD14", "FCN1"]
+    notes = [t.get_text() for a in fig.axes for t in a.texts] + [a.get_title(loc="left") for a in fig.axes]
+    assert not any("no canonical markers" in n for n in notes)
+
+
 def test_deg_heatmap_shows_only_genes_below_the_adjusted_p_value():
     import scanpy as sc
 

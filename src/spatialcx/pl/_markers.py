@@ -9,6 +9,7 @@ keeps per-type sums only, the validation plot one score per cell.
 
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -274,8 +275,11 @@ def resolve_markers(
     Canonical markers of a group are those of its cells' most common CL id (``{key}_ontology_term_id``), else of the
     CL name equal to the group's label (case-insensitive), else, for a combined label of
     :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``, parts split at ``sep``), those of each of its parts
-    (each part's first ``max_genes_per_type``, in the order of the parts). Genes are matched to ``var_names`` case-insensitively and
-    kept in the table's order of markers; at most ``max_genes_per_type`` per type for canonical markers.
+    (each part's first ``max_genes_per_type``, in the order of the parts). A type none of whose own markers is on the
+    panel, or that has no entry in the table, takes those of its subtypes in the Cell Ontology ("enterocyte" on a
+    colon panel: colonocyte), else of its closest ancestor in the table ("CD14-positive monocyte": monocyte). Genes
+    are matched to ``var_names`` case-insensitively and kept in the table's order of markers; at most
+    ``max_genes_per_type`` per type for canonical markers.
     """
     lookup = _panel_lookup(var_names)
     if markers is not None:
@@ -292,6 +296,7 @@ def resolve_markers(
     term_ids = _group_term_ids(adata, key, codes, len(groups))
     found: dict[str, list[str]] = {}
     missing: list[str] = []
+    related: dict[str, str] = {}
     for group, term in zip(groups, term_ids, strict=True):
         known = by_id.get(term) if term is not None else None
         if known is None:
@@ -302,11 +307,60 @@ def resolve_markers(
             panel = list(dict.fromkeys(g for genes in per_part for g in genes))
         else:
             panel = _on_panel(known or [], lookup)[:max_genes_per_type]
+            term = term if term is not None else _id_of_name(str(group))
+            if not panel and term is not None:  # none on the panel: a more specific, else the closest broader type
+                panel, source = _related_markers(term, by_id, lookup, max_genes_per_type)
+                if panel:
+                    related[group] = source
         if panel:
             found[group] = panel
         else:
             missing.append(group)
+    if related:
+        logger.info(
+            "%s: markers of related types (none of the type's own is on the panel): %s",
+            fn,
+            "; ".join(f"{g} <- {s}" for g, s in related.items()),
+        )
     return MarkerSets(found, missing, "canonical")
+
+
+@functools.lru_cache(maxsize=1)
+def _ontology() -> tuple[Any, frozenset[str], dict[str, str]]:
+    """The packaged Cell Ontology index, its ids, and ``{lower-cased name: id}``."""
+    from spatialcx.ontology import resolve_index
+
+    index = resolve_index(None)
+    return index, frozenset(index.term_ids), {index.name(t).lower(): t for t in reversed(index.term_ids)}
+
+
+def _id_of_name(name: str) -> str | None:
+    """The CL id whose name is ``name`` (case-insensitive), from the packaged ontology; ``None`` otherwise."""
+    return _ontology()[2].get(name.lower())
+
+
+def _related_markers(
+    term: str, by_id: Mapping[str, list[str]], lookup: Mapping[str, str], max_genes: int | None
+) -> tuple[list[str], str]:
+    """Panel markers of the canonical types below ``term`` in the Cell Ontology, else of the closest one above it.
+
+    A broad label ("enterocyte" on a colon panel) is checked with the markers of its subtypes in the table
+    (colonocyte); a fine label without an entry ("CD14-positive monocyte") with those of its closest ancestor in the
+    table (monocyte). Returns the genes and the CL names they come from.
+    """
+    index, ids, _ = _ontology()
+    if term not in ids:
+        return [], ""
+    below = [t for t in by_id if t != term and t in ids and index.is_ancestor(term, t)]
+    genes = list(dict.fromkeys(g for t in below for g in _on_panel(by_id[t], lookup)))
+    if genes:
+        sources = [index.name(t) for t in below if _on_panel(by_id[t], lookup)]
+        return genes[:max_genes], ", ".join(sources)
+    above = [t for t in index.ancestors(term) if t in by_id and _on_panel(by_id[t], lookup)]
+    if not above:
+        return [], ""
+    closest = max(above, key=lambda t: len(index.ancestors(t)))  # the most specific ancestor with panel markers
+    return _on_panel(by_id[closest], lookup)[:max_genes], index.name(closest)
 
 
 def _columns(marker_sets: MarkerSets) -> tuple[list[str], list[str]]:
@@ -572,7 +626,9 @@ def marker_dotplot(
         obs column whose groups are the rows; default ``key``. ``"Unassigned"`` cells are left out. With the
         canonical markers, each group's markers are those of its cells' most common CL id in
         ``{key}_ontology_term_id``, else of the CL name equal to the group's label, else, for a combined label of
-        :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``), of each of its parts.
+        :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``), of each of its parts. A type without markers of
+        its own on the panel shows those of its subtypes in the Cell Ontology, else of its closest ancestor in the
+        marker table (logged).
     max_genes_per_type
         Most canonical markers shown per type (the first ones on the panel, in the order of the marker table).
     min_cells
