@@ -102,14 +102,18 @@ def test_marker_dotplot_structure_on_demo(annotated):
     sizes = adata.obs["cell_type"].value_counts()
     assert [t.get_text() for t in ax.get_yticklabels()] == [f"{c} ({sizes[c]:,})" for c in expected_rows]
 
-    with_markers = [c for c in expected_rows if canonical_on_panel(adata, c)]
     without = [c for c in expected_rows if not canonical_on_panel(adata, c)]
-    assert without == ["enterocyte"]  # its canonical markers (FABP2, APOA1, ...) are not on the demo panel
-    assert "no canonical markers on the panel: enterocyte" in all_text(fig)
-    assert header_labels(fig) == with_markers
+    assert without == ["enterocyte"]  # its canonical markers (FABP2, APOA1, ...) are not on the demo colon panel
+    # ... so it shows those of its Cell Ontology subtype in the table, colonocyte (CL:1000347)
+    panel = set(adata.var_names)
+    colonocyte = [g for g in scx.tl.load_canonical_markers(key="id")["CL:1000347"] if g in panel]
+    assert colonocyte == ["CA1", "SLC26A3", "CEACAM7", "AQP8"]
+    assert "no canonical markers" not in all_text(fig)
+    assert header_labels(fig) == expected_rows
 
     genes = [t.get_text() for t in ax.get_xticklabels()]
-    expected_genes = list(dict.fromkeys(g for c in with_markers for g in canonical_on_panel(adata, c)[:5]))
+    shown = {c: (colonocyte if c == "enterocyte" else canonical_on_panel(adata, c))[:5] for c in expected_rows}
+    expected_genes = list(dict.fromkeys(g for c in expected_rows for g in shown[c]))
     assert genes == expected_genes
     assert genes[:2] == ["MS4A1", "CD79A"]
     assert len(dots(fig).get_offsets()) == len(expected_rows) * len(genes)
@@ -206,12 +210,18 @@ def test_marker_dotplot_mouse_panel_lowercase(shared_data):
     adata.obs["cell_type"] = pd.Categorical(labels[labels.notna()], categories=order)
     fig = scx.pl.marker_dotplot(adata)
     genes = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert genes == ["aqp4", "mog", "vip", "gad1", "gad2", "sst", "slc17a7"]
+    # endothelial cell: none of its own markers (Pecam1, Cdh5, ...) is on the panel; its subtype capillary
+    # endothelial cell's Car4 is
+    assert genes == ["aqp4", "mog", "vip", "gad1", "gad2", "sst", "car4", "slc17a7"]
     assert header_labels(fig) == ["astrocyte", "oligodendrocyte", "VIP GABAergic interneuron"] + [
         "sst GABAergic interneuron",
+        "endothelial cell",
         "glutamatergic neuron",
     ]
-    assert "no canonical markers on the panel: endothelial cell" in all_text(fig)
+    text = " ".join(all_text(fig).split())
+    assert "no canonical markers" not in text
+    # the substitution is said on the figure (here Car4 is no better in endothelial cells than in other types)
+    assert "markers of a related type (none of its own on the panel): endothelial cell: capillary endothelial" in text
     frac, colour = dot_at(fig, "aqp4", "astrocyte")
     astro = (adata.obs["cell_type"] == "astrocyte").to_numpy()
     assert frac == pytest.approx(np.mean(counts(adata, "aqp4")[astro] > 0))
@@ -349,11 +359,14 @@ def test_validation_2d_on_demo(annotated):
     predicted = adata.obs["cell_type_predicted"].astype(str)
     sizes = predicted.value_counts()
     sizes = sizes[sizes >= 10]
-    with_markers = [t for t in sizes.index if t != "enterocyte"]  # no canonical enterocyte marker on the panel
+    with_markers = list(sizes.index)  # enterocyte: the markers of its subtype colonocyte (CA1, SLC26A3, ...)
     assert len(fig.axes) == len(with_markers)
     titles = [ax.get_title() for ax in fig.axes]
     assert [t.rsplit(" (", 1)[0] for t in titles] == sorted(with_markers, key=lambda t: (-sizes[t], t))
-    assert "no canonical markers on the panel: enterocyte" in fig._suptitle.get_text()
+    assert "no canonical markers" not in fig._suptitle.get_text()
+    enterocyte = fig.axes[[t.rsplit(" (", 1)[0] for t in titles].index("enterocyte")]
+    assert enterocyte.get_xlabel() == "mean log1p of CA1, SLC26A3, CEACAM7, AQP8"
+    assert "enterocyte: colonocyte" in " ".join(fig._suptitle.get_text().split())
 
     threshold = adata.uns["cell_type"]["confidence_threshold"]
     conf = adata.obs["cell_type_confidence"].to_numpy(dtype=float)
@@ -556,7 +569,7 @@ def test_validation_2d_title_says_when_classes_are_shown_by_cl_names(table):
     fig = scx.pl.validation_2d(table, max_types=2)
     title = " ".join(fig._suptitle.get_text().split())
     assert "per predicted type (obs['cell_type_predicted'], shown by Cell Ontology name)" in title
-    sizes = predicted.astype(str).value_counts().drop("enterocyte")  # no canonical enterocyte marker on the panel
+    sizes = predicted.astype(str).value_counts()
     largest = sorted(sizes.index, key=lambda t: (-sizes[t], t))[:2]
     assert [ax.get_title().rsplit(" (", 1)[0] for ax in fig.axes] == largest  # panels by CL name
 

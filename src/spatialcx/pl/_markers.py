@@ -163,11 +163,14 @@ class MarkerSets:
         Types for which no marker gene is on the panel (or none is known).
     source
         ``"canonical"`` or ``"user"``.
+    related
+        ``{type: CL names}`` of the types whose markers stand in for a type none of whose own is on the panel.
     """
 
     genes: dict[str, list[str]]
     missing: list[str] = field(default_factory=list)
     source: str = "canonical"
+    related: dict[str, str] = field(default_factory=dict)
 
 
 def _panel_lookup(var_names: Sequence[str]) -> dict[str, str]:
@@ -322,7 +325,7 @@ def resolve_markers(
             fn,
             "; ".join(f"{g} <- {s}" for g, s in related.items()),
         )
-    return MarkerSets(found, missing, "canonical")
+    return MarkerSets(found, missing, "canonical", related)
 
 
 @functools.lru_cache(maxsize=1)
@@ -389,11 +392,18 @@ def _runs(columns: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _no_markers_text(marker_sets: MarkerSets) -> list[str]:
-    """A note naming the types without markers (empty list when there are none)."""
-    if not marker_sets.missing:
-        return []
-    what = "no canonical markers on the panel" if marker_sets.source == "canonical" else "no given markers on the panel"
-    return [f"{what}: " + ", ".join(marker_sets.missing)]
+    """Notes naming the types without markers, and those shown with a related type's (empty when there are none)."""
+    notes = []
+    if marker_sets.related:
+        notes.append(
+            "markers of a related type (none of its own on the panel): "
+            + "; ".join(f"{t}: {names}" for t, names in marker_sets.related.items())
+        )
+    if marker_sets.missing:
+        canonical = marker_sets.source == "canonical"
+        what = "no canonical markers on the panel" if canonical else "no given markers on the panel"
+        notes.append(f"{what}: " + ", ".join(marker_sets.missing))
+    return notes
 
 
 def wrap_notes(notes: Sequence[str], width_in: float, fontsize: float) -> str:
