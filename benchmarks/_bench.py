@@ -62,26 +62,29 @@ def measure(
 ) -> tuple[Any, list[float], float]:
     """``(result, seconds of each of the ``repeats`` runs, peak MiB of one more run)``; the result is the last run's.
 
-    ``fn`` is called with a fresh ``make_input()`` each time, or without arguments. Time and memory come from separate
-    runs: ``tracemalloc`` (the peak of Python-tracked allocations, numpy's and scipy's included: the extra memory the
-    call needs on top of what is already loaded) slows allocation-heavy code.
+    ``fn`` is called with a fresh ``make_input()`` each time, or without arguments; the input is made before the clock
+    starts and before tracing, so neither counts it. Time and memory come from separate runs: ``tracemalloc`` (the peak
+    of Python-tracked allocations, numpy's and scipy's included: the extra memory the call needs on top of what is
+    already loaded) slows allocation-heavy code.
     """
 
-    def call() -> Any:
-        return fn() if make_input is None else fn(make_input())
+    def args() -> tuple[Any, ...]:
+        return () if make_input is None else (make_input(),)
 
     times, out = [], None
     for _ in range(repeats):
         out = None  # the previous result is freed before the next run
+        given = args()
         gc.collect()
         t0 = time.perf_counter()
-        out = call()
+        out = fn(*given)
         times.append(time.perf_counter() - t0)
-    out = None
+    out = given = None
+    given = args()
     gc.collect()
     tracemalloc.start()
     try:
-        out = call()
+        out = fn(*given)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

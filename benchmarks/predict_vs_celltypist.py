@@ -1,8 +1,9 @@
 """Time and peak memory of ``scx.tl.predict`` vs ``celltypist.annotate`` on the same model and input, one process.
 
-    python benchmarks/predict_vs_celltypist.py [--cells 100000] [--genes 2000] [--nnz 200] [--classes 20]
+    python benchmarks/predict_vs_celltypist.py [--cells 100000] [--genes 2000] [--nnz 200] [--classes 20] [--dense]
 
-Both tools score the same log1p(10k)-normalized sparse matrix with the same model (trained once, not timed).
+Both tools score the same log1p(10k)-normalized sparse matrix (``--dense``: the same values in a dense float32
+array, as some tools write tables) with the same model (trained once, not timed).
 Each call runs twice on a fresh copy of the input: once timed (best of ``--repeats``), once under ``tracemalloc`` for
 the peak of Python-tracked allocations (numpy and scipy report theirs), i.e. the extra memory each tool needs on top
 of the input; tracing slows allocation-heavy code, so time and memory are not measured in the same run. Decision
@@ -42,6 +43,9 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--train-cells", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dense", action="store_true", help="score a dense float32 table instead of a sparse one")
+    p.add_argument("--model-genes", type=int, default=0, help="train on the first N genes only (0: all)")
+    p.add_argument("--chunk-size", type=int, default=10_000, help="rows per block for spatialcx (0: its default)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("celltypist").setLevel(logging.ERROR)
@@ -53,19 +57,25 @@ def main() -> None:
 
     query, labels = make_query(args.cells, args.genes, args.nnz, args.classes)
     nt = args.train_cells
-    model = fit_model(query.X[:nt], labels[:nt], query.var_names, method="sgd", random_state=0)
+    g = args.model_genes or args.genes
+    model = fit_model(query.X[:nt, :g], labels[:nt], query.var_names[:g], method="sgd", random_state=0)
     # CellTypist's convention (library size over all genes): the export then scores as celltypist.annotate expects
     model = dataclasses.replace(model, normalize_over="all")
     ct_model = model.to_celltypist()
+    if args.dense:
+        query.X = query.X.toarray()
+    nnz = np.count_nonzero(query.X) if args.dense else query.X.nnz
+    nbytes = query.X.nbytes if args.dense else query.X.data.nbytes * 2
     print(
-        f"query: {query.n_obs:,} cells x {query.n_vars:,} genes, {query.X.nnz / query.n_obs:.0f} non-zeros per cell, "
-        f"{model.n_classes} classes; input matrix {query.X.data.nbytes / 2**20 * 2:.0f} MB"
+        f"query: {query.n_obs:,} cells x {query.n_vars:,} genes ({'dense' if args.dense else 'sparse'}), "
+        f"{nnz / query.n_obs:.0f} non-zeros per cell, {model.n_classes} classes, model on {model.n_features:,} genes; "
+        f"input matrix {nbytes / 2**20:.0f} MB"
     )
 
     results = {}
 
     def run_scx(q):
-        scx.tl.predict(q, model, normalize_over="all", chunk_size=10_000)
+        scx.tl.predict(q, model, normalize_over="all", chunk_size=args.chunk_size or None)
         results["scx"] = q
         return q
 
