@@ -152,7 +152,8 @@ def test_no_cap_and_round_trip_of_every_field(tmp_path):
     assert cfg.confidence_threshold == 1.0 and isinstance(cfg.confidence_threshold, float)
     assert cfg.exclude_labels == ["NA", "0"]  # numeric cluster labels are labels
     assert AnnotationConfig.from_yaml(cfg.to_yaml()) == cfg
-    again = AnnotationConfig.from_yaml(cfg.to_yaml(tmp_path / "c.yaml"))
+    cfg.to_yaml(tmp_path / "c.yaml")  # the file holds the path relative to its folder
+    again = AnnotationConfig.from_yaml(tmp_path / "c.yaml")
     assert Path(again.references[0]).resolve() == Path("a.h5ad").resolve()
     assert again.max_cells_per_type is None and again.max_cells_per_ref is None and again.plots is False
 
