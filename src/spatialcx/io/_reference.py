@@ -500,6 +500,35 @@ def _stem(path: Path) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Public: read_reference
 # --------------------------------------------------------------------------------------------------------------------
+def clean_labels(labels: pd.Series, name: str) -> pd.Series:
+    """Labels as strings without surrounding whitespace; empty labels (``""``, ``" "``) are missing (``None``).
+
+    ``"T cell "`` and ``"T cell"`` are one type, and ``" Unknown"`` is excluded as ``"Unknown"`` is. Works on the
+    distinct values only, so it stays cheap for millions of cells.
+    """
+    codes, uniques = pd.factorize(labels.astype(object), use_na_sentinel=True)
+    raw = [str(u) for u in uniques]
+    stripped = np.array([u.strip() or None for u in raw], dtype=object)
+    changed = [(r, c) for r, c in zip(raw, stripped) if r != c]
+    if changed:
+        n = np.bincount(codes[codes >= 0], minlength=len(raw))
+        n_empty = sum(int(n[i]) for i, c in enumerate(stripped) if c is None)
+        renamed = [(r, c) for r, c in changed if c is not None]
+        parts = [f"{n_empty} cells with an empty label are left out"] if n_empty else []
+        if renamed:
+            more = f" (and {len(renamed) - 5} more)" if len(renamed) > 5 else ""
+            parts.append(
+                "labels with surrounding whitespace are stripped: "
+                + ", ".join(f"{r!r} -> {c!r}" for r, c in renamed[:5])
+                + more
+            )
+        logger.warning("reference %r: %s.", name, "; ".join(parts))
+    out = np.full(len(codes), None, dtype=object)
+    has = codes >= 0
+    out[has] = stripped[codes[has]]
+    return pd.Series(out, index=labels.index, name=labels.name, dtype=object)
+
+
 def choose_cells(
     labels: pd.Series, max_cells: int | None, *, rng: np.random.Generator, valid: np.ndarray | None = None
 ) -> np.ndarray:
@@ -646,9 +675,7 @@ def read_reference(
     if max_cells is None:
         rows = slice(None)
     else:
-        from ..pp._combine import _clean_labels
-
-        clean = _clean_labels(labels, _stem(path))  # " Unknown" is "Unknown"; empty labels are no labels
+        clean = clean_labels(labels, _stem(path))  # " Unknown" is "Unknown"; empty labels are no labels
         not_excluded = ~clean.isin(excluded).to_numpy()
         rows = choose_cells(clean, max_cells, rng=np.random.default_rng(random_state), valid=not_excluded)
 

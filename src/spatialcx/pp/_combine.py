@@ -91,35 +91,6 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _clean_labels(labels: pd.Series, name: str) -> pd.Series:
-    """Labels as strings without surrounding whitespace; empty labels (``""``, ``" "``) are missing (``None``).
-
-    ``"T cell "`` and ``"T cell"`` are one type, and ``" Unknown"`` is excluded as ``"Unknown"`` is. Works on the
-    distinct values only, so it stays cheap for millions of cells.
-    """
-    codes, uniques = pd.factorize(labels.astype(object), use_na_sentinel=True)
-    raw = [str(u) for u in uniques]
-    stripped = np.array([u.strip() or None for u in raw], dtype=object)
-    changed = [(r, c) for r, c in zip(raw, stripped) if r != c]
-    if changed:
-        n = np.bincount(codes[codes >= 0], minlength=len(raw))
-        n_empty = sum(int(n[i]) for i, c in enumerate(stripped) if c is None)
-        renamed = [(r, c) for r, c in changed if c is not None]
-        parts = [f"{n_empty} cells with an empty label are left out"] if n_empty else []
-        if renamed:
-            more = f" (and {len(renamed) - 5} more)" if len(renamed) > 5 else ""
-            parts.append(
-                "labels with surrounding whitespace are stripped: "
-                + ", ".join(f"{r!r} -> {c!r}" for r, c in renamed[:5])
-                + more
-            )
-        logger.warning("reference %r: %s.", name, "; ".join(parts))
-    out = np.full(len(codes), None, dtype=object)
-    has = codes >= 0
-    out[has] = stripped[codes[has]]
-    return pd.Series(out, index=labels.index, name=labels.name, dtype=object)
-
-
 def _warn_case_variants(counts: pd.Series) -> None:
     """Warn about labels that differ only in case (``"T cell"`` and ``"T Cell"``): they stay different types."""
     folded = pd.Series(counts.index.astype(str), index=counts.index).str.casefold()
@@ -215,7 +186,7 @@ def combine_references(
     ``n_genes_case_insensitive``, ``excluded_labels``, ``cells_kept`` per type); ``uns["spatialcx_combine"]`` the
     parameters and the types removed.
     """
-    from ..io._reference import choose_cells, open_reference
+    from ..io._reference import choose_cells, clean_labels, open_reference
 
     if min_cells_per_type < 0:
         raise ValueError(f"min_cells_per_type must be >= 0, got {min_cells_per_type}.")
@@ -251,7 +222,7 @@ def combine_references(
         source_names = _unique_names([h.name for h in handles])
         for h, n in zip(handles, source_names):
             h.name = n
-            h.labels = _clean_labels(h.labels, n)
+            h.labels = clean_labels(h.labels, n)
 
         # genes --------------------------------------------------------------------------------------------------
         symbols = [h.symbols() for h in handles]
