@@ -329,17 +329,17 @@ def resolve_markers(
 
 
 @functools.lru_cache(maxsize=1)
-def _ontology() -> tuple[Any, frozenset[str], dict[str, str]]:
-    """The packaged Cell Ontology index, its ids, and ``{lower-cased name: id}``."""
+def _ontology() -> tuple[Any, dict[str, str]]:
+    """The packaged Cell Ontology index and ``{lower-cased name: id}`` of its current terms."""
     from spatialcx.ontology import resolve_index
 
     index = resolve_index(None)
-    return index, frozenset(index.term_ids), {index.name(t).lower(): t for t in reversed(index.term_ids)}
+    return index, {index.name(t).lower(): t for t in reversed(index.term_ids)}
 
 
 def _id_of_name(name: str) -> str | None:
     """The CL id whose name is ``name`` (case-insensitive), from the packaged ontology; ``None`` otherwise."""
-    return _ontology()[2].get(name.lower())
+    return _ontology()[1].get(name.lower())
 
 
 def _related_markers(
@@ -351,14 +351,14 @@ def _related_markers(
     (colonocyte); a fine label without an entry ("CD14-positive monocyte") with those of its closest ancestor in the
     table (monocyte). Returns the genes and the CL names they come from.
     """
-    index, ids, _ = _ontology()
-    if term not in ids:
+    index = _ontology()[0]
+    if term not in index:
         return [], ""
-    below = [t for t in by_id if t != term and t in ids and index.is_ancestor(term, t)]
-    genes = list(dict.fromkeys(g for t in below for g in _on_panel(by_id[t], lookup)))
-    if genes:
-        sources = [index.name(t) for t in below if _on_panel(by_id[t], lookup)]
-        return genes[:max_genes], ", ".join(sources)
+    below = {t: _on_panel(by_id[t], lookup) for t in by_id if t != term and t in index and index.is_ancestor(term, t)}
+    below = {t: genes for t, genes in below.items() if genes}
+    if below:
+        genes = list(dict.fromkeys(g for panel in below.values() for g in panel))
+        return genes[:max_genes], ", ".join(index.name(t) for t in below)
     above = [t for t in index.ancestors(term) if t in by_id and _on_panel(by_id[t], lookup)]
     if not above:
         return [], ""
