@@ -510,7 +510,7 @@ def test_predict_names_an_invalid_count_met_while_scoring(model, bad, backing):
 
 
 def test_predict_sums_duplicated_entries_of_a_sparse_table(model):
-    """A CSR table storing a cell's gene as several entries (not canonical) scores as their sum, as scanpy sums."""
+    """A CSR table storing a cell's gene as several entries (not canonical) scores as the matrix it holds (their sum)."""
     q = _data(n=400, seed=13)
     expected = scx.tl.predict(q, model, copy=True)
     x = sparse.csr_matrix(q.X)
