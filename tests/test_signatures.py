@@ -634,6 +634,13 @@ def test_canonical_markers_of_a_tissue_keep_its_types_and_those_found_anywhere()
         scx.tl.load_canonical_markers(tissue="brian")
     with pytest.raises(TypeError, match="tissue must be a tissue name or a list"):
         scx.tl.load_canonical_markers(tissue=[1])
+    # the docstring lists the packaged tissue groups
+    import json
+    from importlib import resources
+
+    groups = json.loads((resources.files("spatialcx") / "data" / "canonical_markers.json").read_text())["tissue_groups"]
+    doc = " ".join(scx.tl.load_canonical_markers.__doc__.split())
+    assert [g for g in groups if f'``"{g}"``' not in doc] == []
 
 
 def test_canonical_markers_by_tissue_from_a_file_checks_its_tissue_lists(tmp_path):
