@@ -345,6 +345,24 @@ def test_fall_back_ignores_a_term_when_left_over_words_name_another_cell_type():
     assert t.loc["Alveolar Mph CCL3+ activated", "ontology_term_id"] == "CL:4033041"  # states still fall back
 
 
+def test_marker_genes_in_cluster_names_cost_little():
+    """Allen-style cluster names ("Class Gene"): the gene is a marker, not a word that may change the cell type."""
+    labels = ["Astro Aqp4", "Oligo Opalin", "Endo Cldn5", "Microglia Tmem119", "Macrophage Lyve1", "Astro frobnicated"]
+    t = scx.tl.map_labels(labels).table.set_index("input_label")
+    expected = ["CL:0000127", "CL:0000128", "CL:0000115", "CL:0000129", "CL:0000235"]
+    assert t.loc[labels[:5], "ontology_term_id"].tolist() == expected
+    assert (t.loc[labels[:5], "score"] > 0.7).all()
+    # a word that is neither a gene nor in the ontology still weighs double: below min_score, unknown
+    assert t.loc["Astro frobnicated", "ontology_term_id"] == "unknown"
+
+
+def test_brain_and_marrow_abbreviations():
+    t = scx.tl.map_labels(["DG granule cells", "CMP", "DG"]).table.set_index("input_label")
+    assert t.loc["DG granule cells", "ontology_term_id"] == "CL:2000089"  # dentate gyrus granule cell
+    assert t.loc["CMP", "ontology_term_id"] == "CL:0000049"  # common myeloid progenitor
+    assert t.loc["DG", "ontology_term_id"] == "unknown"  # a region, not a cell type
+
+
 def test_fine_terms_fall_through_to_their_parent():
     m = scx.tl.map_labels(
         ["conventional dendritic cell", "intestinal tuft cell", "brush cell", "intestinal brush cell"]

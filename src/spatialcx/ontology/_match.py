@@ -19,8 +19,9 @@ A label goes through these steps in order and stops at the first that finds a te
    order (0.85); else the label falls back to the most specific CL term whose words are all in the label, provided
    the left-over words name no other cell type (``Alveolar Mph CCL3+ activated`` -> CCL3-positive alveolar
    macrophage). Score ``0.85 * sqrt(coverage)``, where coverage weighs the matched words against all words: states,
-   markers and cluster numbers weigh 0.25, adjectives and places 0.5, words the ontology does not know and words that
-   change what a cell is (``like``, ``derived``, ``associated``) 2, other words 1. A label marker whose sign
+   markers, gene symbols the ontology does not use (``Astro Aqp4``) and cluster numbers weigh 0.25, adjectives and
+   places 0.5, other words the ontology does not know and words that change what a cell is (``like``, ``derived``,
+   ``associated``) 2, other words 1. A label marker whose sign
    contradicts the term (``cd16+`` against "CD16-negative") rules the term out;
 8. tier 3, similarity: idf-weighted word overlap with the CL names whose key noun is in the label, or with the one
    term whose names hold all the label's words (``Lamp5 Lhx6`` -> Lamp5 Lhx6 neuron); score ``0.7 * overlap``.
@@ -40,7 +41,7 @@ from itertools import combinations
 
 from ._index import OntologyIndex
 from ._patterns import Patterns
-from ._text import is_marker_token
+from ._text import gene_symbols, is_marker_token
 
 TIER_PATTERN = 0
 TIER_EXACT = 1
@@ -265,6 +266,8 @@ class LabelMatcher:
         if token in _LOCATION or (len(token) >= 5 and token.endswith(_ADJ_SUFFIXES)):
             return 0.5
         if token not in self.idf:
+            if token in gene_symbols():
+                return 0.25  # a marker gene in a cluster name: "Astro Aqp4", "Endo Cldn5"
             return 2.0  # a word the ontology does not know may change what the cell is
         return 1.0
 
