@@ -363,6 +363,20 @@ def test_brain_and_marrow_abbreviations():
     assert t.loc["DG", "ontology_term_id"] == "unknown"  # a region, not a cell type
 
 
+@pytest.mark.parametrize("values", [["0", "1", "2", "0"], [1, 2, 3, 1], [1.0, 2.0, np.nan, 1.0]])
+def test_cluster_numbers_as_labels_are_named_in_a_warning(values, caplog):
+    adata = AnnData(np.zeros((4, 1)))
+    adata.obs["leiden"] = pd.Categorical(values) if isinstance(values[0], str) else values
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        scx.tl.add_ontology_ids(adata, "leiden")
+    assert set(adata.obs["cell_type_ontology_term_id"].dropna()) == {"unknown"}
+    assert "labels are numbers" in caplog.text and "annotate_domains" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        scx.tl.map_labels(["0", "T cells"])  # one real name among numbers: no warning
+    assert "labels are numbers" not in caplog.text
+
+
 def test_fine_terms_fall_through_to_their_parent():
     m = scx.tl.map_labels(
         ["conventional dendritic cell", "intestinal tuft cell", "brush cell", "intestinal brush cell"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,9 @@ class OntologyMapping:
         return p
 
 
+_NUMBER_RE = re.compile(r"[+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?")
+
+
 def _distinct_labels(labels: Iterable[Any]) -> list[str]:
     if isinstance(labels, str | bytes):
         raise TypeError(
@@ -245,6 +249,14 @@ def map_labels(
             rows.append((label, UNKNOWN_ONTOLOGY_ID, UNKNOWN_ONTOLOGY_ID, -1, round(score, 3), "", note))
         else:
             rows.append((label, term, idx.name(term), int(tier), round(score, 3), m.matched, note))
+    numeric = [label for label in distinct if _NUMBER_RE.fullmatch(label.strip())]
+    if numeric and len(numeric) == len(distinct):
+        logger.warning(
+            "The labels are numbers (%s), not cell-type names: they all map to %r. Cluster ids need names first, "
+            "e.g. from scx.tl.annotate_domains (marker genes) or obs[key].cat.rename_categories({...}).",
+            ", ".join(repr(x) for x in numeric[:5]) + (", ..." if len(numeric) > 5 else ""),
+            UNKNOWN_ONTOLOGY_ID,
+        )
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     table["tier"] = table["tier"].astype(int)
     table["score"] = table["score"].astype(float)
