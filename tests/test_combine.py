@@ -130,6 +130,27 @@ def test_max_cells_per_ref_caps_large_types_first_and_is_seeded():
     assert list(other.obs_names) != list(out.obs_names)
 
 
+def test_types_too_small_to_keep_take_no_share_of_max_cells_per_ref():
+    """30 types of 3 cells are removed (min_cells_per_type=10): the 100-cell budget goes to the type that stays."""
+    ref = make_ref({"big": 500, **{f"rare{i}": 3 for i in range(30)}}, MOUSE_SYMBOLS)
+    out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=100, min_cells_per_type=10)
+    assert out.obs["original_label"].value_counts().to_dict() == {"big": 100}
+    removed = out.uns["spatialcx_combine"]["removed_types"]
+    assert len(removed) == 30 and "rare0" in removed
+    kept = scx.pp.combine_references(
+        ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=100, min_cells_per_type=10, filter_min_cells=False
+    )
+    assert kept.n_obs == 100 and kept.obs["original_label"].value_counts()["rare0"] == 3  # rare types kept whole
+
+
+def test_whole_number_labels_held_as_floats_read_as_integers():
+    ref = make_ref({"1": 20, "2": 20}, MOUSE_SYMBOLS)
+    ref.obs["label"] = ref.obs["label"].astype(float)
+    ref.obs.iloc[0, ref.obs.columns.get_loc("label")] = np.nan
+    out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, min_cells_per_type=1)
+    assert sorted(out.obs["original_label"].cat.categories) == ["1", "2"] and out.n_obs == 39
+
+
 def test_ensembl_indexed_references(tmp_path):
     with_feature = make_ref({"T cell": 20}, HUMAN_IDS, seed=3)
     with_feature.var["feature_name"] = HUMAN_SYMBOLS

@@ -503,11 +503,13 @@ def _stem(path: Path) -> str:
 def clean_labels(labels: pd.Series, name: str) -> pd.Series:
     """Labels as strings without surrounding whitespace; empty labels (``""``, ``" "``) are missing (``None``).
 
-    ``"T cell "`` and ``"T cell"`` are one type, and ``" Unknown"`` is excluded as ``"Unknown"`` is. Works on the
-    distinct values only, so it stays cheap for millions of cells.
+    ``"T cell "`` and ``"T cell"`` are one type, and ``" Unknown"`` is excluded as ``"Unknown"`` is; whole numbers
+    held as floats (``3.0``, a numeric column with missing values) become ``"3"``. Works on the distinct values only,
+    so it stays cheap for millions of cells.
     """
     codes, uniques = pd.factorize(labels.astype(object), use_na_sentinel=True)
-    raw = [str(u) for u in uniques]
+    # whole numbers stored as floats (a numeric column with missing values) read as "3", not "3.0"
+    raw = [str(int(u)) if isinstance(u, float) and u.is_integer() else str(u) for u in uniques]
     stripped = np.array([u.strip() or None for u in raw], dtype=object)
     changed = [(r, c) for r, c in zip(raw, stripped) if r != c]
     if changed:

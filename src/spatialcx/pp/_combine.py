@@ -258,11 +258,22 @@ def combine_references(
         chosen: list[np.ndarray] = []
         excluded_counts: list[pd.Series] = []
         n_labelled: list[int] = []
+        valids: list[np.ndarray] = []
         for h in handles:
             labels = h.labels
             has_label = labels.notna().to_numpy()
             is_excluded = labels.astype(object).isin(list(excluded_set)).to_numpy() & has_label
-            valid = has_label & ~is_excluded
+            valids.append(has_label & ~is_excluded)
+        # types too small across all references, before capping: they must not take a share of max_cells_per_ref
+        set_aside = pd.Series(dtype=np.int64)  # type -> its cells across references
+        if filter_min_cells and min_cells_per_type > 1:
+            totals = pd.concat([h.labels[v] for h, v in zip(handles, valids)]).astype(str).value_counts()
+            set_aside = totals[totals < min_cells_per_type]
+        too_small = set(set_aside.index)
+        for h, valid in zip(handles, valids):
+            labels = h.labels
+            has_label = labels.notna().to_numpy()
+            is_excluded = has_label & ~valid
             excluded_counts.append(labels[is_excluded].astype(str).value_counts())
             if is_excluded.any():  # as scx.tl.train says it
                 logger.warning(
@@ -278,11 +289,18 @@ def combine_references(
                     f"Reference {h.name!r} has no usable labels in obs[{h.label_key!r}] after removing missing labels "
                     f"and {sorted(excluded_set)[:6]}...: check label_keys, or pass exclude_labels=[]."
                 )
-            chosen.append(choose_cells(labels, max_cells_per_ref, rng=rng, valid=valid))
+            fits = valid & ~labels.astype(object).isin(list(too_small)).to_numpy() if too_small else valid
+            chosen.append(choose_cells(labels, max_cells_per_ref, rng=rng, valid=fits))
 
-        all_labels = pd.Series(
-            np.concatenate([h.labels.to_numpy()[c].astype(str) for h, c in zip(handles, chosen)])
-        ).value_counts()
+        # the chosen cells' types, and the small types set aside above with their full counts
+        all_labels = pd.concat(
+            [
+                pd.Series(
+                    np.concatenate([h.labels.to_numpy()[c].astype(str) for h, c in zip(handles, chosen)])
+                ).value_counts(),
+                set_aside,
+            ]
+        ).sort_values(ascending=False, kind="stable")
         _warn_case_variants(all_labels)
         small = sorted(all_labels.index[all_labels < min_cells_per_type])
         if small and filter_min_cells:
