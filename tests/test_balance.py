@@ -271,6 +271,17 @@ def test_without_source_column_all_cells_are_one_source():
     del adata.obs["reference_source"]
     out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=50)
     assert out.n_obs == 50
+    both = _reference({("mac", "A"): 100, ("mac", "B"): 100})
+    one = scx.pp.subsample_balanced(both, "original_label", max_cells_per_type=50, source_key=None)
+    assert one.n_obs == 50 and one.uns["spatialcx_balance"]["sources"] == ["all"]
+
+
+def test_cells_without_a_source_are_an_error_not_a_source_named_nan():
+    adata = _reference({("mac", "A"): 100, ("mac", "B"): 100})
+    adata.obs["reference_source"] = adata.obs["reference_source"].astype(object)
+    adata.obs.iloc[:7, adata.obs.columns.get_loc("reference_source")] = None
+    with pytest.raises(ValueError, match=r"7 cells have no source in obs\['reference_source'\]"):
+        scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=50)
 
 
 def test_named_proportions_never_add_up_to_more_than_the_output_size():

@@ -401,7 +401,7 @@ def subsample_balanced(
     *,
     max_cells_per_type: int | None = 5000,
     min_cells_per_type: int = 50,
-    source_key: str = SOURCE_KEY,
+    source_key: str | None = SOURCE_KEY,
     source_balance: SourceBalance = "proportional",
     min_cells_per_source: int = 50,
     group_by: str | None = None,
@@ -432,7 +432,8 @@ def subsample_balanced(
         ``max_cells_per_type``); matters when target proportions give a type only a few cells. Types are never
         dropped here (see ``combine_references``).
     source_key
-        obs column naming each cell's source; when absent, all cells are one source.
+        obs column naming each cell's source; when absent (or ``None``), all cells are one source. Every cell needs a
+        source: missing values raise an error rather than forming a source of their own.
     source_balance
         ``"proportional"`` or ``"equal"``.
     min_cells_per_source
@@ -483,7 +484,14 @@ def subsample_balanced(
         raw = obs_column(adata, group_by).set_axis(obs_names)
         groups = raw.astype(object).where(raw.notna(), labels).astype(str)
     if source_key in columns:
-        sources = obs_column(adata, source_key).set_axis(obs_names).astype(str)
+        raw_sources = obs_column(adata, source_key).set_axis(obs_names)
+        if raw_sources.isna().any():
+            raise ValueError(
+                f"{int(raw_sources.isna().sum())} cells have no source in obs[{source_key!r}]. Give them one (e.g. "
+                f"obs[{source_key!r}] = obs[{source_key!r}].cat.add_categories('other').fillna('other')), or pass "
+                "source_key=None to treat all cells as one source."
+            )
+        sources = raw_sources.astype(str)
     else:
         logger.info("obs[%r] not found: all cells are treated as one source.", source_key)
         sources = pd.Series("all", index=obs_names)
