@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -217,3 +219,280 @@ def test_read_unreadable_file_raises_value_error(tmp_path, kind):
         scx.io.read_10x_cell_types(path)
     assert str(path) in str(info.value)
     assert info.value.__cause__ is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The real file flavours (fixtures in tests/data/tenx/, written after what the pipelines are documented to write)
+#
+# - Space Ranger (>= 4.1, Visium HD) writes segmented_outs/cell_types/{10x_Cloud,Azimuth}/cell_types.csv
+#   (https://www.10xgenomics.com/support/software/space-ranger/latest/analysis/outputs/space-ranger-annotate-outputs);
+#   segmented cells are named cellid_<9 digits>-1.
+# - 10x Cloud: barcode, coarse_cell_type, fine_cell_type, then Cell Ranger's REPLACE_LOW_UMI_CELLS stage adds
+#   coarse_cell_type_unfiltered and umi_count and relabels cells under 100 UMIs "Low UMI Barcode"
+#   (github.com/10XGenomics/cellranger, mro/rna/stages/cas_cell_typing/replace_low_umi_cells/__init__.py).
+# - Pan-Human Azimuth: barcode, broad/coarse/fine_cell_type, full_hierarchical_labels, final_level_softmax_prob,
+#   coarse_cell_type_unfiltered, umi_count, with "Coarse/Fine Not Confidently Annotated" and "Unassigned" labels (as
+#   Cell Ranger 10.1 writes it, see the ezRun test fixture of its reader readCellRangerPanHuman).
+# - Xenium Explorer cell groups: cell_id, group, color; Xenium cell ids are "aaabckmo-1" (the first ids of the real
+#   xenium_bonemarrow output in ../shared/data).
+
+TENX = Path(__file__).parent / "data" / "tenx"
+SEG = TENX / "spaceranger_segmented_outs"
+CELL_IDS = [f"cellid_{i:09d}-1" for i in range(1, 7)]
+
+
+def test_read_real_10x_cloud_file():
+    df = scx.io.read_10x_cell_types(SEG / "cell_types" / "10x_Cloud")
+    # a 10x Cloud file with umi_count was taken for an Azimuth one
+    assert df.attrs["source"] == "10x_cloud"
+    assert list(df.index) == CELL_IDS
+    assert list(df.columns) == ["coarse_cell_type", "fine_cell_type", "coarse_cell_type_unfiltered", "umi_count"]
+    assert df.loc["cellid_000000004-1", "coarse_cell_type"] == "Low UMI Barcode"
+    assert df.loc["cellid_000000001-1", "fine_cell_type"] == "CD4-positive, alpha-beta T cell"
+
+    adata = table(CELL_IDS, extra=2)
+    scx.io.add_10x_cell_types(adata, SEG / "cell_types" / "10x_Cloud" / "cell_types.csv")
+    obs = adata.obs
+    assert adata.uns["10x"]["source"] == "10x_cloud"
+    # the model's coarse label of low-UMI cells is kept next to the filtered one
+    assert obs.loc["cellid_000000004-1", "10x_coarse"] == "Low UMI Barcode"
+    assert obs.loc["cellid_000000004-1", "10x_coarse_unfiltered"] == "fibroblast"
+    assert isinstance(obs["10x_coarse_unfiltered"].dtype, pd.CategoricalDtype)
+    assert obs["10x_umi_count"].dtype == np.float64 and obs.loc["cellid_000000003-1", "10x_umi_count"] == 1204
+    assert obs.loc["cellid_000000001-1", "10x_ontology_term_id"] == "CL:0000624"  # CD4-positive, alpha-beta T cell
+
+
+def test_read_real_azimuth_file_and_segmented_outs_layout():
+    with pytest.raises(FileNotFoundError, match=r"Several cell_types.csv.*10x_Cloud.*pass the one"):
+        scx.io.read_10x_cell_types(SEG)  # both models ran: the user must choose
+    df = scx.io.read_10x_cell_types(SEG / "cell_types" / "Azimuth" / "cell_types.csv")
+    assert df.attrs["source"] == "azimuth"
+    assert list(df.columns) == [
+        "broad_cell_type",
+        "coarse_cell_type",
+        "fine_cell_type",
+        "hierarchy",
+        "softmax_probability",
+        "coarse_cell_type_unfiltered",
+        "umi_count",
+    ]
+    adata = table(CELL_IDS, extra=0)
+    scx.io.add_10x_cell_types(adata, df, key_added="azimuth")
+    obs = adata.obs
+    assert obs["azimuth_probability"].tolist() == pytest.approx(df["softmax_probability"].tolist())
+    # labels that are no cell type get no CL id
+    for cell in ("cellid_000000003-1", "cellid_000000004-1", "cellid_000000005-1"):
+        assert obs.loc[cell, "azimuth_ontology_term_id"] == "unknown"
+    assert obs.loc["cellid_000000002-1", "azimuth_ontology_term_id"] == "CL:0000785"  # mature B cell
+
+
+def test_xenium_explorer_cell_groups_on_a_spatialdata_style_table():
+    ids = pd.read_csv(TENX / "xenium_explorer" / "cell_groups.csv")["cell_id"].tolist()
+    df = scx.io.read_10x_cell_types(TENX / "xenium_explorer" / "cell_groups.csv")
+    assert df.attrs["source"] == "xenium_explorer" and list(df.columns) == ["fine_cell_type", "color"]
+    # as spatialdata-io reads Xenium: obs_names 0..n-1, the instance key an integer label, the Xenium id in cell_id
+    adata = table([str(i) for i in range(len(ids) + 2)], extra=0)
+    adata.obs["cell_labels"] = np.arange(1, len(ids) + 3)
+    adata.obs["cell_id"] = ids + ["zzzzzzzz-1", "zzzzzzzy-1"]
+    adata.uns["spatialdata_attrs"] = {"region": "cell_circles", "region_key": "region", "instance_key": "cell_labels"}
+    scx.io.add_10x_cell_types(adata, df, add_ontology=False)
+    assert adata.uns["10x"]["id_source"] == "obs['cell_id']"
+    assert adata.obs["10x_fine"].astype(object).tolist()[:4] == ["Erythroid", "Myeloid", "Erythroid", "Lymphoid"]
+    assert adata.obs["10x_fine"].isna().tolist()[-2:] == [True, True]
+
+
+def test_real_xenium_cell_ids_with_bytes_ids(shared_data, tmp_path):
+    """The real Xenium output: cell ids read as bytes from cell_feature_matrix.h5 still match the text ids."""
+    import h5py
+
+    root = shared_data("xenium_bonemarrow")
+    with h5py.File(root / "cell_feature_matrix.h5", "r") as f:
+        barcodes = f["matrix/barcodes"][:]  # bytes, e.g. b"aaabckmo-1"
+    clusters = pd.read_parquet(root / "cell_clusters_graphclust.parquet")["cluster"]
+    labelled = "cluster " + clusters.dropna().astype(str)
+    assert labelled.size < clusters.size  # some cells have no cluster: they must stay unannotated
+    # a Xenium Explorer cell-groups export of the graph clusters
+    pd.DataFrame({"cell_id": labelled.index, "group": labelled.to_numpy()}).to_csv(tmp_path / "groups.csv", index=False)
+    obs = pd.DataFrame({"cell_id": barcodes.astype(object)}, index=[str(i) for i in range(barcodes.size)])
+    adata = ad.AnnData(obs=obs)
+    scx.io.add_10x_cell_types(adata, tmp_path / "groups.csv", add_ontology=False)
+    assert adata.uns["10x"]["id_source"] == "obs['cell_id']"
+    assert adata.uns["10x"]["n_matched"] == labelled.size == int(adata.obs["10x_fine"].notna().sum())
+    got = pd.Series(adata.obs["10x_fine"].to_numpy(), index=[b.decode() for b in barcodes])
+    assert (got[labelled.index].astype(str) == labelled).all()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Matching the file's ids to the table's cells
+
+
+def test_suffix_is_not_ignored_when_it_tells_samples_apart(tmp_path):
+    pd.DataFrame({"barcode": ["AAAC-1", "AAAG-1"], "fine_cell_type": ["T cell", "B cell"]}).to_csv(
+        tmp_path / "s1.csv", index=False
+    )
+    # a table of two samples: AAAC-2 is another cell than AAAC-1 and must not get its label
+    adata = table(["AAAC-1", "AAAC-2", "AAAG-1", "AAAG-2"], extra=0)
+    scx.io.add_10x_cell_types(adata, tmp_path / "s1.csv", add_ontology=False)
+    assert adata.obs["10x_fine"].astype(object).tolist()[:1] == ["T cell"]
+    assert adata.obs["10x_fine"].isna().tolist() == [False, True, False, True]
+    assert adata.uns["10x"]["id_source"] == "obs_names"
+    # ids without the suffix in the file cannot tell the samples apart: say so instead of labelling both
+    pd.DataFrame({"barcode": ["AAAC", "AAAG"], "fine_cell_type": ["T cell", "B cell"]}).to_csv(
+        tmp_path / "nosuffix.csv", index=False
+    )
+    with pytest.raises(ValueError, match=r"pair several table cells with one file cell.*AAAC-1.*AAAC-2"):
+        scx.io.add_10x_cell_types(adata, tmp_path / "nosuffix.csv", key_added="b", add_ontology=False)
+    assert "b_fine" not in adata.obs
+
+
+def test_integer_cell_ids_prefer_the_id_column_over_a_positional_index(tmp_path, caplog):
+    import logging
+
+    # Xenium before XOA 1.3 numbered cells 1, 2, ...; spatialdata-io names the rows 0, 1, ...: both match
+    pd.DataFrame({"cell_id": range(1, 10), "fine_cell_type": [f"type{i}" for i in range(1, 10)]}).to_csv(
+        tmp_path / "c.csv", index=False
+    )
+    adata = table([str(i) for i in range(10)], extra=0)
+    adata.obs["cell_id"] = np.arange(1, 11, dtype=np.float64)  # floats, as after a merge with missing values
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.io.add_10x_cell_types(adata, tmp_path / "c.csv", add_ontology=False)
+    assert adata.uns["10x"]["id_source"] == "obs['cell_id']"
+    assert adata.obs["10x_fine"].astype(object).tolist()[:3] == ["type1", "type2", "type3"]
+    assert "obs_names pairs 9 cells differently" in caplog.text
+
+
+def test_instance_key_of_a_spatialdata_table(tmp_path):
+    pd.DataFrame({"cell_id": [5, 7, 9], "fine_cell_type": ["T cell", "B cell", "macrophage"]}).to_csv(
+        tmp_path / "c.csv", index=False
+    )
+    adata = table([f"c{i}" for i in range(3)], extra=0)
+    adata.obs["label_id"] = pd.Categorical([9, 5, 7])
+    adata.uns["spatialdata_attrs"] = {"region": "cells", "region_key": "region", "instance_key": "label_id"}
+    scx.io.add_10x_cell_types(adata, tmp_path / "c.csv", add_ontology=False)
+    assert adata.uns["10x"]["id_source"] == "obs['label_id']"
+    assert adata.obs["10x_fine"].astype(object).tolist() == ["macrophage", "T cell", "B cell"]
+
+
+def test_no_match_error_lists_the_ids_tried(tmp_path):
+    write_azimuth(tmp_path / "cell_types.csv")
+    adata = table(["x", "y"], extra=0)
+    adata.obs["cell_id"] = ["u", "v"]
+    with pytest.raises(
+        ValueError, match=r"file ids such as \['cell000-1'.*obs\['cell_id'\] such as \['u', 'v'\].*id_key="
+    ):
+        scx.io.add_10x_cell_types(adata, tmp_path / "cell_types.csv")
+
+
+def test_partial_overlap_warns_with_the_share(tmp_path, caplog):
+    import logging
+
+    write_azimuth(tmp_path / "cell_types.csv")
+    adata = table(BARCODES[:3], extra=7)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.io.add_10x_cell_types(adata, tmp_path / "cell_types.csv", add_ontology=False)
+    assert (
+        "only 3 of 10 table cells (30%)" in caplog.text
+        and "9 of the file's 12 cells are not in the table" in caplog.text
+    )
+    assert adata.uns["10x"]["n_file_cells_not_in_table"] == 9
+
+
+def test_frame_with_duplicated_barcodes_is_refused(tmp_path):
+    write_azimuth(tmp_path / "cell_types.csv")
+    df = scx.io.read_10x_cell_types(tmp_path / "cell_types.csv")
+    adata = table()
+    with pytest.raises(ValueError, match="more than once"):
+        scx.io.add_10x_cell_types(adata, pd.concat([df, df]))
+    assert adata.obs.shape[1] == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# File formats
+
+
+@pytest.mark.parametrize("sep", ["\t", ";"])
+def test_tab_and_semicolon_separated(tmp_path, sep):
+    frame = pd.DataFrame({"barcode": BARCODES[:2], "fine_cell_type": ["CD4-positive, alpha-beta T cell", "B cell"]})
+    frame.to_csv(tmp_path / "cell_types.tsv", sep=sep, index=False)
+    df = scx.io.read_10x_cell_types(tmp_path / "cell_types.tsv")
+    assert list(df.index) == BARCODES[:2] and df["fine_cell_type"].tolist() == frame["fine_cell_type"].tolist()
+
+
+def test_gzip_content_without_gz_name_and_spaces_around_ids(tmp_path):
+    import gzip
+
+    text = "barcode,fine_cell_type\n cell000-1 ,B cell\ncell001-1,T cell\n"
+    (tmp_path / "cell_types.csv").write_bytes(gzip.compress(text.encode()))
+    df = scx.io.read_10x_cell_types(tmp_path / "cell_types.csv")
+    assert list(df.index) == ["cell000-1", "cell001-1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("barcode,coarse_cell_type,fine_cell_type\n", "has a header .* but no rows"),
+        ("barcode,fine_cell_type,sample_name\nA-1,T,s1\nA-1,B,s2\n", "sample_name column"),
+    ],
+)
+def test_read_more_errors(tmp_path, text, match):
+    (tmp_path / "cell_types.csv").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        scx.io.read_10x_cell_types(tmp_path / "cell_types.csv")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def test_rerun_replaces_its_own_columns_and_warns_about_others(tmp_path, caplog):
+    import logging
+
+    write_azimuth(tmp_path / "az.csv")
+    write_cloud(tmp_path / "cloud.csv")
+    adata = table()
+    scx.io.add_10x_cell_types(adata, tmp_path / "az.csv")
+    assert {"10x_broad", "10x_hierarchy", "10x_ontology_label"} <= set(adata.obs.columns)
+    scx.io.add_10x_cell_types(adata, tmp_path / "cloud.csv", add_ontology=False)
+    # columns of the first file that the second lacks would sit next to the new ones as if they came from it
+    assert not {"10x_broad", "10x_hierarchy", "10x_ontology_term_id", "10x_ontology_label"} & set(adata.obs.columns)
+    assert set(adata.uns["10x"]["columns"]) <= set(adata.obs.columns)
+    # a column of the user's own with an output name is replaced, with a warning
+    other = table()
+    other.obs["mine_fine"] = "kept?"
+    other.obs["mine_note"] = "untouched"
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.io.add_10x_cell_types(other, tmp_path / "cloud.csv", key_added="mine", add_ontology=False)
+    assert "replacing the obs column(s) ['mine_fine']" in caplog.text
+    assert (other.obs["mine_note"] == "untouched").all()
+
+
+def test_backed_store_gets_the_columns(merfish_store, tmp_path):
+    import spatialdata as sd
+
+    sdata = sd.read_zarr(merfish_store)
+    n = sdata.tables["table"].n_obs
+    ids = np.arange(0, n, 2)  # every other cell: the instance key (cell_id) of the table
+    pd.DataFrame(
+        {
+            "barcode": ids,
+            "coarse_cell_type": np.where(ids % 4 == 0, "neuron", "astrocyte"),
+            "fine_cell_type": np.where(ids % 4 == 0, "glutamatergic neuron", "astrocyte"),
+            "umi_count": ids + 100,
+        }
+    ).to_csv(tmp_path / "cell_types.csv", index=False)
+    with pytest.raises(ValueError, match="None of the"):
+        scx.io.add_10x_cell_types(sdata, _no_match_csv(tmp_path))
+    assert "10x_fine" not in sd.read_zarr(merfish_store).tables["table"].obs  # nothing written on error
+    scx.io.add_10x_cell_types(sdata, tmp_path / "cell_types.csv")
+    back = sd.read_zarr(merfish_store).tables["table"]
+    assert back.uns["10x"]["n_matched"] == ids.size and back.uns["10x"]["source"] == "10x_cloud"
+    assert isinstance(back.obs["10x_fine"].dtype, pd.CategoricalDtype)
+    assert back.obs["10x_umi_count"].dtype == np.float64
+    pd.testing.assert_frame_equal(back.obs, sdata.tables["table"].obs)
+    assert back.obs["10x_fine"].iloc[:4].astype(object).tolist()[::2] == ["glutamatergic neuron", "astrocyte"]
+
+
+def _no_match_csv(tmp_path):
+    path = tmp_path / "nomatch.csv"
+    pd.DataFrame({"barcode": ["zz-1"], "fine_cell_type": ["B cell"]}).to_csv(path, index=False)
+    return path

@@ -20,15 +20,28 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 #: Canonical column -> accepted spellings (compared lower-case, spaces and dashes as underscores).
+#:
+#: What the real files hold (see tests/test_tenx.py for the sources):
+#:
+#: - Cell Ranger / Space Ranger 10x Cloud ``cell_types/10x_Cloud/cell_types.csv``: ``barcode``, ``coarse_cell_type``,
+#:   ``fine_cell_type``, then (added by the pipeline's low-UMI step) ``coarse_cell_type_unfiltered`` and ``umi_count``;
+#:   cells under 100 UMIs get the coarse label ``Low UMI Barcode``. Some 10x Cloud exports add ``cell_count_in_model``.
+#: - Pan-Human Azimuth ``cell_types/Azimuth/cell_types.csv``: ``barcode``, ``broad_cell_type``, ``coarse_cell_type``,
+#:   ``fine_cell_type``, ``full_hierarchical_labels``, ``final_level_softmax_prob``, ``coarse_cell_type_unfiltered``,
+#:   ``umi_count``; panhumanpy itself writes ``azimuth_broad`` / ``azimuth_medium`` / ``azimuth_fine`` and
+#:   ``final_level_confidence``.
+#: - Xenium Explorer cell groups: ``cell_id``, ``group`` (and ``color``).
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "barcode": ("barcode", "barcodes", "cell_id", "cell_barcode", "cellid", "cell"),
     "broad_cell_type": ("broad_cell_type", "azimuth_broad", "broad"),
     "coarse_cell_type": ("coarse_cell_type", "azimuth_medium", "medium_cell_type", "coarse"),
-    "fine_cell_type": ("fine_cell_type", "azimuth_fine", "fine"),
+    "fine_cell_type": ("fine_cell_type", "azimuth_fine", "fine", "group"),
+    "coarse_cell_type_unfiltered": ("coarse_cell_type_unfiltered",),
     "hierarchy": ("azimuth_hierarchy", "hierarchy", "full_hierarchical_labels", "full_hierarchy"),
     "softmax_probability": (
         "softmax_probability",
         "final_level_softmax_prob",
+        "final_level_confidence",
         "softmax_prob",
         "azimuth_softmax_probability",
         "probability",
@@ -45,6 +58,7 @@ _OUT_NAMES = {
     "broad_cell_type": "broad",
     "coarse_cell_type": "coarse",
     "fine_cell_type": "fine",
+    "coarse_cell_type_unfiltered": "coarse_unfiltered",
     "hierarchy": "hierarchy",
     "softmax_probability": "probability",
     "umi_count": "umi_count",
@@ -53,37 +67,47 @@ _OUT_NAMES = {
 
 
 def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
-    """Read a 10x ``cell_types.csv`` (Space Ranger, Xenium, Cell Ranger cell type annotation).
+    """Read a 10x ``cell_types.csv`` (Cell Ranger / Space Ranger cell type annotation, Xenium Explorer cell groups).
 
-    Both flavours are recognised: Pan-Human Azimuth (broad, coarse and fine cell types, hierarchy, softmax
-    probability, UMI count) and 10x Cloud (coarse and fine cell types, ``cell_count_in_model``). Column names are
-    normalised to ``broad_cell_type``, ``coarse_cell_type``, ``fine_cell_type``, ``hierarchy``,
-    ``softmax_probability``, ``umi_count``, ``cell_count_in_model`` (and ``ontology_term_id`` when the file has CL
-    ids); other columns are kept as they are.
+    The flavours recognised: Pan-Human Azimuth (broad, coarse and fine cell types, hierarchy, softmax probability,
+    UMI count), 10x Cloud (coarse and fine cell types, unfiltered coarse type, UMI count, ``cell_count_in_model`` in
+    some versions) and Xenium Explorer cell groups (``cell_id``, ``group``). Column names are normalised to
+    ``broad_cell_type``, ``coarse_cell_type``, ``fine_cell_type`` (a Xenium Explorer ``group``),
+    ``coarse_cell_type_unfiltered``, ``hierarchy``, ``softmax_probability``, ``umi_count``, ``cell_count_in_model``
+    (and ``ontology_term_id`` when the file has CL ids); other columns are kept as they are.
 
     Parameters
     ----------
     path
-        The CSV (optionally gzipped), or a ``cell_types`` folder holding one ``cell_types.csv`` (directly or in an
-        ``Azimuth`` / ``10x_Cloud`` subfolder).
+        The CSV (optionally gzipped; comma-, tab- or semicolon-separated), or a folder holding one
+        ``cell_types.csv`` (directly or below, e.g. in an ``Azimuth`` / ``10x_Cloud`` subfolder).
 
     Returns
     -------
-    A frame indexed by barcode / cell id (``str``, index name ``"barcode"``) with label columns as strings and
-    numeric columns as numbers. ``df.attrs["source"]`` is ``"azimuth"``, ``"10x_cloud"`` or ``"unknown"`` and
-    ``df.attrs["file"]`` the file name.
+    A frame indexed by barcode / cell id (``str``, surrounding spaces removed, index name ``"barcode"``) with label
+    columns as strings and numeric columns as numbers. ``df.attrs["source"]`` is ``"azimuth"``, ``"10x_cloud"``,
+    ``"xenium_explorer"`` or ``"unknown"`` and ``df.attrs["file"]`` the file name.
 
     Raises
     ------
     FileNotFoundError
         No such file, or no / several ``cell_types.csv`` in the folder.
     ValueError
-        Not a readable CSV (binary content, text that is not UTF-8, a truncated or damaged ``.gz``), no barcode
-        column, no cell type column, duplicated barcodes, or non-numeric values in a numeric column.
+        Not a readable CSV (binary content, text that is not UTF-8, a truncated or damaged ``.gz``), a header without
+        rows, no barcode column, no cell type column, duplicated barcodes, or non-numeric values in a numeric column.
     """
     path = _find_csv(Path(path))
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+        compression, sep = _sniff(path)
+        raw = pd.read_csv(
+            path,
+            sep=sep,
+            compression=compression,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            encoding="utf-8",
+        )
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"{path.name} is empty; expected a header with a barcode and cell type columns.") from e
     except PermissionError:
@@ -97,7 +121,7 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
             why = "the file is truncated or damaged (an interrupted download or copy?)"
         raise ValueError(
             f"{str(path)!r} is not a readable 10x cell_types CSV: {why}; {type(e).__name__}: {e}. Pass the "
-            "cell_types.csv (UTF-8 text, optionally gzipped) written by Space Ranger / Xenium Ranger, copying or "
+            "cell_types.csv (UTF-8 text, optionally gzipped) written by Cell Ranger / Space Ranger, copying or "
             "downloading it again if it was cut short."
         ) from e
     rename = _canonical_columns(raw.columns)
@@ -105,20 +129,33 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
     if "barcode" not in df.columns:
         raise ValueError(
             f"{path.name} has no barcode / cell id column (columns: {list(raw.columns)}); expected one of "
-            f"{list(COLUMN_ALIASES['barcode'])}."
+            f"{list(COLUMN_ALIASES['barcode'])}. Rename the column that holds the barcodes / cell ids to 'barcode'."
         )
     if not any(level in df.columns for level in LEVELS):
         raise ValueError(
             f"{path.name} has no cell type column (columns: {list(raw.columns)}); expected at least one of "
-            f"{list(LEVELS)} (or the Azimuth names azimuth_broad / azimuth_medium / azimuth_fine)."
+            f"{list(LEVELS)} (or the Azimuth names azimuth_broad / azimuth_medium / azimuth_fine, or a Xenium "
+            "Explorer 'group')."
         )
+    if df.shape[0] == 0:
+        raise ValueError(
+            f"{path.name} has a header ({list(raw.columns)}) but no rows: no cell was annotated. Was the annotation "
+            "run cut short, or did it fail (see the pipeline's log / web summary)?"
+        )
+    df["barcode"] = df["barcode"].str.strip().replace("", np.nan)
     if df["barcode"].isna().any():
         raise ValueError(f"{path.name} has {int(df['barcode'].isna().sum())} row(s) without a barcode.")
     dup = df["barcode"][df["barcode"].duplicated()].unique()
     if dup.size:
+        hint = (
+            " It has a sample_name column (an aggregated all_cell_types.csv?): write one sample's rows to a CSV of "
+            "their own and pass that."
+            if "sample_name" in df.columns
+            else " Is it a concatenation of several samples? Split it per sample."
+        )
         raise ValueError(
             f"{path.name} lists {dup.size} barcode(s) more than once (e.g. {list(dup[:3])}); each cell must appear "
-            "once. Is it a concatenation of several samples?"
+            f"once.{hint}"
         )
     for col in _NUMERIC:
         if col in df.columns:
@@ -132,13 +169,7 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
     df = df.set_index("barcode")
     df.index = df.index.astype(str)
     df.index.name = "barcode"
-    if {"hierarchy", "softmax_probability", "broad_cell_type", "umi_count"} & set(df.columns):
-        source = "azimuth"
-    elif "cell_count_in_model" in df.columns:
-        source = "10x_cloud"
-    else:
-        source = "unknown"
-    df.attrs["source"] = source
+    df.attrs["source"] = _source(path, df.columns, raw.columns)
     df.attrs["file"] = path.name
     return df
 
@@ -167,8 +198,11 @@ def add_10x_cell_types(
     key_added
         Prefix of the new obs columns and ``uns`` key.
     id_key
-        obs column holding the ids of the CSV; by default the one of ``obs_names``, ``obs["cell_id"]`` and
-        ``obs["barcode"]`` that matches the most rows (a ``-1``-style suffix is ignored when that is needed to match).
+        obs column holding the ids of the CSV. By default the ids that pair the most cells among the table's instance
+        key (``uns["spatialdata_attrs"]["instance_key"]``), ``obs["cell_id"]``, ``obs["barcode"]`` and ``obs_names``,
+        in that order of preference on a tie (a warning names a rival that pairs cells differently). Ids are compared
+        as text (bytes decoded, ``1.0`` as ``1``); a ``-1``-style suffix is ignored when that is needed to match,
+        unless two table ids that differ only by it (``AAAC-1``, ``AAAC-2``: two samples) would share one file row.
     add_ontology
         Add CL ids of the finest level (:func:`spatialcx.tl.add_ontology_ids`), unless the file has them.
     copy
@@ -179,48 +213,62 @@ def add_10x_cell_types(
     Returns
     -------
     ``None``, or a copy of ``data`` when ``copy=True``. Writes obs columns ``{key_added}_broad``,
-    ``{key_added}_coarse``, ``{key_added}_fine`` (categorical), ``{key_added}_hierarchy``,
-    ``{key_added}_probability``, ``{key_added}_umi_count``, ``{key_added}_cell_count_in_model`` (those present in the
-    file; missing for cells not in it), ``{key_added}_ontology_term_id`` and ``{key_added}_ontology_label`` (CL id and
-    name of the finest level, ``"unknown"`` where no term fits; with ``add_ontology``, or the ids of the file), and
-    ``uns[key_added]`` (source, file name, level used for the CL ids, matching counts).
+    ``{key_added}_coarse``, ``{key_added}_fine``, ``{key_added}_coarse_unfiltered``, ``{key_added}_hierarchy``
+    (categorical), ``{key_added}_probability``, ``{key_added}_umi_count``, ``{key_added}_cell_count_in_model``
+    (float; those present in the file; missing for cells not in it), ``{key_added}_ontology_term_id`` and
+    ``{key_added}_ontology_label`` (CL id and name of the finest level, ``"unknown"`` where no term fits; with
+    ``add_ontology``, or the ids of the file), and ``uns[key_added]`` (source, file name, ids matched by, level used
+    for the CL ids, matching counts, columns written). Columns that an earlier call with the same ``key_added`` wrote
+    and this one does not are removed; replacing an obs column it did not write is logged as a warning. Fewer than
+    half of the table's cells in the file is logged as a warning.
 
     Raises
     ------
     KeyError
         ``id_key`` is not an obs column.
     ValueError
-        No cell of the file matches the table.
+        No cell of the file matches the table (the message shows the ids tried), or a frame passed as ``path`` is not
+        one :func:`read_10x_cell_types` returns.
     """
     from .._table import check_key, resolve_table
 
     check_key(key_added)
     df = path if isinstance(path, pd.DataFrame) else read_10x_cell_types(path)
-    if isinstance(path, pd.DataFrame) and (df.index.name != "barcode" or not any(lvl in df.columns for lvl in LEVELS)):
-        raise ValueError(
-            "A frame passed as path must be the output of read_10x_cell_types (indexed by barcode, with cell type "
-            "columns)."
-        )
+    if isinstance(path, pd.DataFrame):
+        if df.index.name != "barcode" or not any(lvl in df.columns for lvl in LEVELS):
+            raise ValueError(
+                "A frame passed as path must be the output of read_10x_cell_types (indexed by barcode, with cell type "
+                "columns)."
+            )
+        dup = df.index[df.index.duplicated()].unique()
+        if dup.size:
+            raise ValueError(
+                f"The frame passed as path lists {dup.size} barcode(s) more than once (e.g. {list(dup[:3])}); each "
+                "cell must appear once (keep one sample's rows)."
+            )
 
     ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
-    id_source, table_ids, file_ids = _match_ids(adata, df, id_key)
-    pos = pd.Index(file_ids).get_indexer(table_ids)
+    id_source, pos = _match_ids(adata, df, id_key)
     matched = pos >= 0
     n_matched = int(matched.sum())
-    if n_matched == 0:
-        raise ValueError(
-            f"None of the {df.shape[0]} cells of the file match the {adata.n_obs} cells of the table (table ids "
-            f"such as {list(map(str, table_ids[:3]))}, file ids such as {list(df.index[:3])}). Pass id_key= the obs "
-            "column holding the 10x barcodes / cell ids."
-        )
+    n_file_unmatched = int(df.shape[0] - np.unique(pos[matched]).size)
+    file_name = df.attrs.get("file", "the file")
     if n_matched < 0.5 * adata.n_obs:
         logger.warning(
-            "add_10x_cell_types: only %d of %d table cells are in %s.", n_matched, adata.n_obs, df.attrs.get("file")
+            "add_10x_cell_types: only %d of %d table cells (%.0f%%) are in %s (matched by %s); the others get missing "
+            "values. %d of the file's %d cells are not in the table. Is the file from another sample or section? "
+            "Pass id_key= to match by another obs column.",
+            n_matched,
+            adata.n_obs,
+            100 * n_matched / max(adata.n_obs, 1),
+            file_name,
+            id_source,
+            n_file_unmatched,
+            df.shape[0],
         )
-    n_file_unmatched = int(df.shape[0] - np.unique(pos[matched]).size)
-    if n_file_unmatched:
-        logger.info("add_10x_cell_types: %d cells of the file are not in the table.", n_file_unmatched)
+    elif n_file_unmatched:
+        logger.info("add_10x_cell_types: %d cells of %s are not in the table.", n_file_unmatched, file_name)
 
     new_cols: dict[str, Any] = {}
     take = np.where(matched, pos, 0)
@@ -250,9 +298,22 @@ def add_10x_cell_types(
         new_cols[f"{key_added}_ontology_label"] = names
         onto_source = "spatialcx.tl.add_ontology_ids"
 
+    previous = _previous_columns(adata, key_added)
+    foreign = [k for k in new_cols if k in adata.obs.columns and k not in previous]
+    if foreign:
+        logger.warning(
+            "add_10x_cell_types: replacing the obs column(s) %s, which an earlier add_10x_cell_types(key_added=%r) did "
+            "not write; pass another key_added to keep them.",
+            foreign,
+            key_added,
+        )
+    stale = [k for k in previous if k not in new_cols and k in adata.obs.columns]
+    if stale:  # written by an earlier call with this key_added from another file: they would not match the new ones
+        adata.obs.drop(columns=stale, inplace=True)
     for k, v in new_cols.items():
         adata.obs[k] = v
     params: dict[str, Any] = {
+        "function": "add_10x_cell_types",
         "source": df.attrs.get("source", "unknown"),
         "file": df.attrs.get("file", ""),
         "id_source": id_source,
@@ -261,6 +322,7 @@ def add_10x_cell_types(
         "n_file_cells": int(df.shape[0]),
         "n_table_cells": int(adata.n_obs),
         "n_matched": n_matched,
+        "n_file_cells_not_in_table": n_file_unmatched,
     }
     if onto_source is not None:
         params["ontology_level"] = onto_level if onto_source != "file" else "file"
@@ -291,6 +353,45 @@ def _find_csv(path: Path) -> Path:
     )
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _sniff(path: Path) -> tuple[str, str]:
+    """The compression (gzip by content, else from the name) and the delimiter (``,``, tab or ``;``) of ``path``."""
+    import gzip
+
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == _GZIP_MAGIC
+    compression = "gzip" if gzipped else "infer"
+    opener = gzip.open if gzipped else open
+    if not gzipped and path.suffix.lower() in (".gz", ".bz2", ".xz", ".zip", ".zst", ".tar"):
+        return compression, ","  # compressed otherwise (pandas decompresses it), or a .gz that is not gzip (damaged)
+    with opener(path, "rb") as f:
+        head = f.readline(65_536).decode("utf-8", errors="replace")
+    counts = {d: head.count(d) for d in (",", "\t", ";")}
+    sep = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+    return compression, sep
+
+
+_AZIMUTH_COLUMNS = {"broad_cell_type", "hierarchy", "softmax_probability"}
+
+
+def _source(path: Path, columns: pd.Index, raw_columns: pd.Index) -> str:
+    """Which pipeline wrote the file: the folder 10x names it after, else its columns."""
+    folders = {p.lower() for p in path.parts[-3:-1]}
+    if "azimuth" in folders:
+        return "azimuth"
+    if "10x_cloud" in folders:
+        return "10x_cloud"
+    if _AZIMUTH_COLUMNS & set(columns):
+        return "azimuth"
+    if {"cell_count_in_model", "coarse_cell_type_unfiltered", "umi_count"} & set(columns):
+        return "10x_cloud"
+    if "group" in {_norm(c) for c in raw_columns} and "fine_cell_type" in columns:
+        return "xenium_explorer"
+    return "unknown"
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
 
@@ -311,30 +412,106 @@ def _strip_suffix(ids: pd.Index) -> pd.Index:
     return pd.Index(ids.astype(str).str.replace(r"-\d+$", "", regex=True))
 
 
-def _match_ids(adata: AnnData, df: pd.DataFrame, id_key: str | None) -> tuple[str, pd.Index, pd.Index]:
-    """Pick the table ids that match the file best; returns (where they come from, table ids, file ids)."""
-    file_ids = pd.Index(df.index.astype(str))
+def _as_ids(values: Any) -> pd.Index:
+    """Ids as comparable strings: bytes decoded, whole floats without ``.0`` (1.0 -> "1"), outer spaces removed."""
+    s = pd.Series(np.asarray(values, dtype=object) if not isinstance(values, pd.Series) else values).reset_index(
+        drop=True
+    )
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        s = s.astype(s.cat.categories.dtype if s.notna().all() else object)
+    if s.dtype.kind == "f" and s.notna().all() and bool((s % 1 == 0).all()):
+        s = s.astype(np.int64)
+    elif s.dtype == object:
+        s = s.map(lambda v: v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v)
+    return pd.Index(s.astype(str).str.strip())
+
+
+def _id_candidates(adata: AnnData, id_key: str | None) -> dict[str, pd.Index]:
+    """Table ids to try, most specific first: the instance key of a SpatialData table, id columns, then obs_names."""
+    from .._table import obs_column
+
     if id_key is not None:
         if id_key not in adata.obs.columns:
             raise KeyError(f"obs has no column {id_key!r} (id_key). Columns: {list(adata.obs.columns)[:20]}.")
-        candidates = {f"obs[{id_key!r}]": pd.Index(adata.obs[id_key].astype(str))}
-    else:
-        candidates = {"obs_names": pd.Index(adata.obs_names.astype(str))}
-        for col in ("cell_id", "barcode", "barcodes", "cell_barcode"):
-            if col in adata.obs.columns:
-                candidates[f"obs[{col!r}]"] = pd.Index(adata.obs[col].astype(str))
-    best: tuple[int, str, pd.Index, pd.Index] | None = None
+        return {f"obs[{id_key!r}]": _as_ids(obs_column(adata, id_key))}
+    attrs = adata.uns.get("spatialdata_attrs")
+    instance_key = attrs.get("instance_key") if isinstance(attrs, dict) else None
+    columns = [instance_key] if isinstance(instance_key, str) else []
+    columns += ["cell_id", "barcode", "barcodes", "cell_barcode"]
+    out = {f"obs[{c!r}]": _as_ids(obs_column(adata, c)) for c in dict.fromkeys(columns) if c in adata.obs.columns}
+    out["obs_names"] = _as_ids(adata.obs_names)
+    return out
+
+
+def _conflict(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two pairings send a cell to two different file rows."""
+    both = (a >= 0) & (b >= 0)
+    return bool((a[both] != b[both]).any())
+
+
+def _match_ids(adata: AnnData, df: pd.DataFrame, id_key: str | None) -> tuple[str, np.ndarray]:
+    """Pair the table's cells with the file's rows; returns (which ids matched, the file row of each cell or -1).
+
+    Each candidate id source is tried as it is, then with a ``-1``-style suffix removed on both sides (unless that
+    makes two different table ids, e.g. ``AAAC-1`` and ``AAAC-2`` of two samples, share one file row). The one pairing
+    the most cells wins; on a tie the more specific source (an id column before ``obs_names``) wins, and a tie or a
+    near-tie with a different pairing is reported.
+    """
+    file_ids = _as_ids(df.index)
+    file_stripped = _strip_suffix(file_ids)
+    tried: list[tuple[int, str, np.ndarray]] = []
+    collisions: list[str] = []
+    candidates = _id_candidates(adata, id_key)
     for name, ids in candidates.items():
-        for strip in (False, True):
-            t, f = (_strip_suffix(ids), _strip_suffix(file_ids)) if strip else (ids, file_ids)
-            if strip and not f.is_unique:
-                continue
-            n = int(t.isin(f).sum())
-            label = name + (" (suffix ignored)" if strip else "")
-            if best is None or n > best[0]:
-                best = (n, label, t, f)
-    assert best is not None
-    return best[1], best[2], best[3]
+        pos = file_ids.get_indexer(ids)
+        tried.append((int((pos >= 0).sum()), name, pos))
+        if not file_stripped.is_unique:
+            continue
+        pos = file_stripped.get_indexer(_strip_suffix(ids))
+        hit = pos >= 0
+        pairs = pd.DataFrame({"id": np.asarray(ids)[hit], "pos": pos[hit]}).drop_duplicates()
+        shared = pairs[pairs["pos"].duplicated(keep=False)]
+        if not shared.empty:
+            row = shared["pos"].iloc[0]
+            same = sorted(shared.loc[shared["pos"] == row, "id"])[:3]
+            collisions.append(f"{name} (e.g. {same} would all get the row of {file_ids[row]!r})")
+            continue
+        tried.append((int(hit.sum()), f"{name} (suffix ignored)", pos))
+    best = max(tried, key=lambda t: t[0])  # max keeps the first of equals: the more specific source
+    n, name, pos = best
+    if n == 0:
+        examples = "; ".join(f"{k} such as {list(v[:3])}" for k, v in candidates.items())
+        note = (
+            f" Ignoring the '-1'-style suffix would pair several table cells with one file cell: {'; '.join(collisions)}"
+            " (cells of several samples? annotate one sample's cells at a time)."
+            if collisions
+            else ""
+        )
+        raise ValueError(
+            f"None of the {df.shape[0]} cells of the file match the {adata.n_obs} cells of the table (file ids such as "
+            f"{list(file_ids[:3])}; table ids tried: {examples}).{note} Pass id_key= the obs column holding the 10x "
+            "barcodes / cell ids."
+        )
+    rivals = [t for t in tried if t[0] >= 0.5 * n and _conflict(t[2], pos)]
+    if rivals:
+        logger.warning(
+            "add_10x_cell_types: matched the file by %s (%d cells), but %s pairs %d cells differently; pass id_key= "
+            "to choose the ids to match by.",
+            name,
+            n,
+            rivals[0][1],
+            rivals[0][0],
+        )
+    return name, pos
+
+
+def _previous_columns(adata: AnnData, key_added: str) -> list[str]:
+    """Obs columns that an earlier :func:`add_10x_cell_types` with this ``key_added`` wrote (per its ``uns`` entry)."""
+    prev = adata.uns.get(key_added)
+    if not isinstance(prev, dict) or "id_source" not in prev or "n_file_cells" not in prev:
+        return []
+    cols = prev.get("columns")
+    return [str(c) for c in cols] if cols is not None and not isinstance(cols, str) else []
 
 
 def _ontology_ids(labels: pd.Categorical, index: pd.Index) -> tuple[pd.Categorical, pd.Categorical]:
