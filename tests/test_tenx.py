@@ -260,6 +260,10 @@ def test_read_real_10x_cloud_file():
     assert isinstance(obs["10x_coarse_unfiltered"].dtype, pd.CategoricalDtype)
     assert obs["10x_umi_count"].dtype == np.float64 and obs.loc["cellid_000000003-1", "10x_umi_count"] == 1204
     assert obs.loc["cellid_000000001-1", "10x_ontology_term_id"] == "CL:0000624"  # CD4-positive, alpha-beta T cell
+    # a low-UMI cell keeps its fine label, but 10x filtered it out: no CL id
+    assert obs.loc["cellid_000000004-1", "10x_fine"] == "fibroblast"
+    assert obs.loc["cellid_000000004-1", "10x_ontology_term_id"] == "unknown"
+    assert obs.loc["cellid_000000004-1", "10x_ontology_label"] == "unknown"
 
 
 def test_read_real_azimuth_file_and_segmented_outs_layout():
@@ -280,10 +284,15 @@ def test_read_real_azimuth_file_and_segmented_outs_layout():
     scx.io.add_10x_cell_types(adata, df, key_added="azimuth")
     obs = adata.obs
     assert obs["azimuth_probability"].tolist() == pytest.approx(df["softmax_probability"].tolist())
-    # labels that are no cell type get no CL id
-    for cell in ("cellid_000000003-1", "cellid_000000004-1", "cellid_000000005-1"):
-        assert obs.loc[cell, "azimuth_ontology_term_id"] == "unknown"
-    assert obs.loc["cellid_000000002-1", "azimuth_ontology_term_id"] == "CL:0000785"  # mature B cell
+    onto = obs["azimuth_ontology_term_id"].astype(str)
+    assert onto["cellid_000000002-1"] == "CL:0000785"  # mature B cell
+    # fine level not confident: the id of the finest level that names a type (coarse, else broad), not "unknown"
+    assert onto["cellid_000000005-1"] == "CL:0000066"  # coarse "Epithelial cell"
+    assert onto["cellid_000000003-1"] == "CL:0000738"  # broad "Immune cell"
+    assert obs.loc["cellid_000000003-1", "azimuth_ontology_label"] == "leukocyte"
+    assert onto["cellid_000000004-1"] == "unknown"  # "Low UMI Barcode": filtered out by 10x
+    per_level = adata.uns["azimuth"]["ontology_cells_per_level"]
+    assert per_level == {"broad_cell_type": 1, "coarse_cell_type": 1, "fine_cell_type": 3, "unknown": 1}
 
 
 def test_xenium_explorer_cell_groups_on_a_spatialdata_style_table():

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from pandas.errors import ParserError
 
+from .._constants import UNKNOWN_ONTOLOGY_ID
 from .._settings import logger
 
 if TYPE_CHECKING:
@@ -204,7 +205,9 @@ def add_10x_cell_types(
         as text (bytes decoded, ``1.0`` as ``1``); a ``-1``-style suffix is ignored when that is needed to match,
         unless two table ids that differ only by it (``AAAC-1``, ``AAAC-2``: two samples) would share one file row.
     add_ontology
-        Add CL ids of the finest level (:func:`spatialcx.tl.add_ontology_ids`), unless the file has them.
+        Add CL ids (:func:`spatialcx.tl.map_labels`), unless the file has them: of each cell's finest label that a term
+        fits, so a cell with the fine label "Fine Not Confidently Annotated" and the coarse label "T cell" gets the T
+        cell id; cells 10x filtered out ("Low UMI Barcode") get ``"unknown"``.
     copy
         Return a copy instead of writing into ``data``.
     write
@@ -293,10 +296,10 @@ def add_10x_cell_types(
         new_cols[onto_key] = pd.Categorical(pd.Series(vals, dtype=object).where(lambda s: s.notna(), np.nan))
         onto_source = "file"
     elif add_ontology:
-        ids, names = _ontology_ids(new_cols[f"{key_added}_{_OUT_NAMES[onto_level]}"], adata.obs_names)
+        ids, names, per_level = _ontology_ids([new_cols[f"{key_added}_{_OUT_NAMES[lvl]}"] for lvl in levels], levels)
         new_cols[onto_key] = ids
         new_cols[f"{key_added}_ontology_label"] = names
-        onto_source = "spatialcx.tl.add_ontology_ids"
+        onto_source = "spatialcx.tl.map_labels"
 
     previous = _previous_columns(adata, key_added)
     foreign = [k for k in new_cols if k in adata.obs.columns and k not in previous]
@@ -327,6 +330,8 @@ def add_10x_cell_types(
     if onto_source is not None:
         params["ontology_level"] = onto_level if onto_source != "file" else "file"
         params["ontology_source"] = onto_source
+    if onto_source == "spatialcx.tl.map_labels":
+        params["ontology_cells_per_level"] = per_level
     adata.uns[key_added] = params
     logger.info("add_10x_cell_types: %d of %d table cells annotated from %s.", n_matched, adata.n_obs, params["file"])
     return ref.finish(write=write, elements=("obs", "uns"))
@@ -354,6 +359,8 @@ def _find_csv(path: Path) -> Path:
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
+#: Labels with which 10x marks a cell it filtered out (10x Cloud low-UMI cells keep their fine label).
+_FILTERED_RE = re.compile(r"(?i)\blow[ _]umi\b")
 
 
 def _sniff(path: Path) -> tuple[str, str]:
@@ -514,22 +521,39 @@ def _previous_columns(adata: AnnData, key_added: str) -> list[str]:
     return [str(c) for c in cols] if cols is not None and not isinstance(cols, str) else []
 
 
-def _ontology_ids(labels: pd.Categorical, index: pd.Index) -> tuple[pd.Categorical, pd.Categorical]:
-    """CL ids and names of ``labels`` (:func:`spatialcx.tl.add_ontology_ids`), on a scratch table (nothing half-written).
+def _ontology_ids(
+    columns: list[pd.Categorical], levels: list[str]
+) -> tuple[pd.Categorical, pd.Categorical, dict[str, int]]:
+    """CL ids and names of each cell's finest label that a term fits (:func:`spatialcx.tl.map_labels`).
 
-    Cells without a label get missing values; labels that no term fits get ``"unknown"`` (the CELLxGENE rule).
+    ``columns`` holds the labels of ``levels`` (coarse to fine). A cell whose fine label fits no term ("Fine Not
+    Confidently Annotated", "Unassigned") takes the id of its coarse label, then of its broad one; a cell that 10x
+    filtered out ("Low UMI Barcode" at any level) is ``"unknown"``, as is one that no level fits (the CELLxGENE rule).
+    Cells without a label get missing values. Also returns the number of cells that took their id from each level.
     """
-    from anndata import AnnData
+    from ..tl import map_labels
 
-    from ..tl import add_ontology_ids
-
-    labels = pd.Series(labels, index=pd.Index(index.astype(str)))
-    known = labels.notna().to_numpy()
-    scratch = AnnData(obs=pd.DataFrame({"label": pd.Categorical(labels[known].astype(str))}, index=labels.index[known]))
-    add_ontology_ids(scratch, "label", target_key="ontology_term_id", label_key="ontology_label")
-    out = []
-    for col in ("ontology_term_id", "ontology_label"):
-        vals = np.full(labels.size, np.nan, dtype=object)
-        vals[known] = scratch.obs[col].astype(str).to_numpy()
-        out.append(pd.Categorical(vals))
-    return out[0], out[1]
+    cats = [pd.Categorical(c) for c in columns]
+    distinct = pd.unique(np.concatenate([np.asarray(c.categories, dtype=object).astype(str) for c in cats]))
+    mapping = map_labels(list(distinct))
+    ids_of, names_of = mapping.to_dict(), mapping.names()
+    n = len(cats[0])
+    ids = np.full(n, UNKNOWN_ONTOLOGY_ID, dtype=object)
+    names = np.full(n, UNKNOWN_ONTOLOGY_ID, dtype=object)
+    source = np.full(n, -1)
+    filtered = np.zeros(n, dtype=bool)
+    for k, labels in enumerate(cats):  # coarse to fine: a finer level that fits overwrites; per category, not cell
+        text = np.asarray(labels.categories, dtype=object).astype(str)
+        codes = labels.codes
+        has = codes >= 0
+        filtered |= has & np.append(pd.Series(text).str.contains(_FILTERED_RE).to_numpy(), False)[codes]
+        term = np.array([ids_of.get(t, UNKNOWN_ONTOLOGY_ID) for t in text] + [UNKNOWN_ONTOLOGY_ID], dtype=object)
+        name = np.array([names_of.get(t, UNKNOWN_ONTOLOGY_ID) for t in text] + [UNKNOWN_ONTOLOGY_ID], dtype=object)
+        fits = has & (term[codes] != UNKNOWN_ONTOLOGY_ID)
+        ids[fits], names[fits], source[fits] = term[codes[fits]], name[codes[fits]], k
+    ids[filtered], names[filtered], source[filtered] = UNKNOWN_ONTOLOGY_ID, UNKNOWN_ONTOLOGY_ID, -1
+    labelled = np.any([c.codes >= 0 for c in cats], axis=0)
+    ids[~labelled], names[~labelled] = np.nan, np.nan
+    per_level = {lvl: int((source == k).sum()) for k, lvl in enumerate(levels)}
+    per_level["unknown"] = int((labelled & (source < 0)).sum())
+    return pd.Categorical(ids), pd.Categorical(names), per_level
