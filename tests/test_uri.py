@@ -228,3 +228,115 @@ def test_fingerprint_of_an_unchanged_file_is_read_once(tmp_path, monkeypatch):
     assert fingerprint(f) == first and opened
     f.write_bytes(b"b" * 1000)
     assert fingerprint(f) == "sha256:" + hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_a_download_finished_meanwhile_by_another_process_is_kept(tmp_path, memfs, monkeypatch):
+    """Two processes fetching the same URI: the second to finish keeps the first one's copy (it may be in use)."""
+    fs, root = memfs
+    fs.pipe(f"{root}/ref.h5ad", b"remote bytes")
+    uri = f"memory://{root}/ref.h5ad"
+    dest = _uri._cache_path(uri, tmp_path)
+    cls = type(fs)
+    real_get_file = cls.get_file
+
+    inodes = []
+
+    def racing(self, rpath, lpath, **kwargs):
+        dest.write_bytes(b"remote bytes")  # the other process renames its finished copy into place meanwhile
+        inodes.append(dest.stat().st_ino)
+        return real_get_file(self, rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(cls, "get_file", racing)
+    path = scx.io.resolve_uri(uri, cache_dir=tmp_path)
+    assert path == dest and path.read_bytes() == b"remote bytes"
+    assert [dest.stat().st_ino] == inodes and [p.name for p in dest.parent.iterdir()] == ["ref.h5ad"]
+    monkeypatch.setattr(cls, "get_file", real_get_file)
+    fs.pipe(f"{root}/ref.h5ad", b"new remote bytes")
+    assert scx.io.resolve_uri(uri, cache_dir=tmp_path, force=True).read_bytes() == b"new remote bytes"  # force replaces
+    assert [p.name for p in dest.parent.iterdir()] == ["ref.h5ad"]
+
+
+def test_h5ad_url_over_http_is_not_probed_as_a_folder(tmp_path, monkeypatch):
+    """fsspec's http isdir reads the response and looks for links in it: an .h5ad URL is a file, whatever it holds."""
+    site = tmp_path / "site"
+    site.mkdir()
+    _small_adata().write_h5ad(site / "ref.h5ad")
+
+    class LinkyHTTP(DirFileSystem):
+        protocol = ("http", "https")
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(path=str(site), fs=LocalFileSystem())
+
+        @classmethod
+        def _strip_protocol(cls, path):  # https://host/a/b?query -> a/b, under the site folder
+            path = str(path).split("?", 1)[0]
+            return path.split("://", 1)[1].partition("/")[2] if "://" in path else path
+
+        def isdir(self, path):  # what fsspec answers when it finds link-like bytes in a binary body
+            return True
+
+    LinkyHTTP.clear_instance_cache()
+    monkeypatch.setitem(FSSPEC_REGISTRY._registry, "https", LinkyHTTP)
+    path = scx.io.resolve_uri("https://example.org/ref.h5ad?download=1", cache_dir=tmp_path / "cache")
+    assert path.name == "ref.h5ad" and ad.read_h5ad(path).n_obs == 20
+
+
+def test_hdf5_url_without_h5ad_name_is_cached_as_h5ad(tmp_path, memfs):
+    """e.g. https://figshare.com/ndownloader/files/<id>: read_reference tells .h5ad from .zarr by the name."""
+    fs, root = memfs
+    local = tmp_path / "src.h5ad"
+    _small_adata().write_h5ad(local)
+    fs.put_file(str(local), f"{root}/files/12345")
+    fs.pipe(f"{root}/files/notes", b"plain text")
+    uri = f"memory://{root}/files/12345"
+    cache = tmp_path / "cache"
+    path = scx.io.resolve_uri(uri, cache_dir=cache)
+    assert path.name == "12345.h5ad" and path.read_bytes() == local.read_bytes()
+    fs.pipe(f"{root}/files/12345", b"changed")
+    assert scx.io.resolve_uri(uri, cache_dir=cache) == path  # the cached copy is found under its new name
+    lazy = scx.io.read_reference(uri, label_key="cell_type", cache_dir=cache)
+    assert lazy.n_obs == 20
+    other = scx.io.resolve_uri(f"memory://{root}/files/notes", cache_dir=cache)
+    assert other.name == "notes"  # not HDF5: the name is kept
+    forced = scx.io.resolve_uri(uri, cache_dir=cache, force=True)  # no longer HDF5: back to the plain name
+    assert forced.name == "12345" and forced.read_bytes() == b"changed" and not path.exists()
+
+
+def test_temporaries_left_by_a_killed_download_are_removed(tmp_path, memfs):
+    fs, root = memfs
+    fs.pipe(f"{root}/ref.h5ad", b"0123456789")
+    uri = f"memory://{root}/ref.h5ad"
+    dest = _uri._cache_path(uri, tmp_path)
+    dest.parent.mkdir(parents=True)
+    stale, live = dest.with_name(".ref.h5ad.part-dead"), dest.with_name(".ref.h5ad.part-live")
+    stale_dir = dest.with_name(".ref.h5ad.part-deaddir")
+    for p in (stale, live):
+        p.write_bytes(b"01234")
+    (stale_dir / "X").mkdir(parents=True)
+    (stale_dir / "X" / "0").write_bytes(b"0")
+    old = os.stat(stale).st_mtime - 2 * _uri.STALE_TEMPORARY_SECONDS
+    for p in (stale, stale_dir / "X" / "0", stale_dir / "X", stale_dir):
+        os.utime(p, (old, old))
+    assert scx.io.resolve_uri(uri, cache_dir=tmp_path).read_bytes() == b"0123456789"
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".ref.h5ad.part-live", "ref.h5ad"]  # in use elsewhere
+
+
+def test_empty_path_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="path is empty"):
+        scx.io.resolve_uri("")
+
+
+def test_filesystem_errors_are_not_reported_as_unknown_protocol(tmp_path, monkeypatch):
+    class Picky(LocalFileSystem):
+        protocol = ("picky",)
+
+        def __init__(self, *args, **kwargs):
+            raise ValueError("region must be one of eu, us")
+
+    monkeypatch.setitem(FSSPEC_REGISTRY._registry, "picky", Picky)
+    with pytest.raises(ValueError, match="region must be one of") as err:
+        scx.io.resolve_uri("picky://bucket/ref.h5ad", cache_dir=tmp_path)
+    assert "Unknown URI protocol" not in str(err.value)
+    with pytest.raises(ValueError, match=r"Unknown URI protocol 'cellxgene'.*acquire_reference"):
+        scx.io.resolve_uri("cellxgene://lung_covid", cache_dir=tmp_path)

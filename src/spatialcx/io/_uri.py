@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ _PROTOCOL_EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3"}
 FULL_HASH_MAX_BYTES = 1 << 30
 _SAMPLE_BYTES = 8 << 20
 _CACHE_ENV = "SPATIALCX_CACHE_DIR"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: Temporary downloads unchanged for this long (seconds) were left by a killed process and are removed.
+STALE_TEMPORARY_SECONDS = 24 * 3600
 
 
 def default_cache_dir() -> Path:
@@ -59,8 +63,25 @@ def is_remote(uri: str | os.PathLike) -> bool:
 def get_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     """Return ``(fsspec filesystem, path)`` for ``uri``, with an ImportError naming the extra when it is missing."""
     import fsspec
+    from fsspec.registry import known_implementations, registry
 
     protocol, _ = split_protocol(uri)
+    if (
+        protocol is not None
+        and "::" not in protocol
+        and protocol not in registry
+        and protocol not in known_implementations
+    ):
+        hint = (
+            f" {protocol}:// sources are downloaded with scx.io.acquire_reference(source, output) first; read the "
+            "file it returns."
+            if protocol in ("cellxgene", "synapse")
+            else ""
+        )
+        raise ValueError(
+            f"Unknown URI protocol {protocol!r} in {uri!r}: fsspec has no filesystem for it. Use a local path or a "
+            f"file://, http(s)://, gs:// or s3:// URI.{hint}"
+        )
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     except ImportError as e:
@@ -72,11 +93,6 @@ def get_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
         )
         raise ImportError(
             f"Reading {protocol}:// URIs needs an optional dependency that is missing ({e}). {hint}"
-        ) from e
-    except ValueError as e:
-        raise ValueError(
-            f"Unknown URI protocol {protocol!r} in {uri!r}: fsspec has no filesystem for it. Use a local path or a "
-            "file://, http(s)://, gs:// or s3:// URI."
         ) from e
     return fs, path
 
@@ -107,6 +123,29 @@ def _cache_path(uri: str, cache_dir: Path) -> Path:
     return cache_dir / "references" / digest / name
 
 
+def _h5ad_name(dest: Path) -> Path:
+    """``dest`` with ``.h5ad`` appended: the cached name of an HDF5 file whose URL does not end in ``.h5ad``."""
+    return dest.with_name(dest.name + ".h5ad")
+
+
+def _cached(dest: Path) -> Path | None:
+    """The finished cached copy for the cache path ``dest``, or ``None``."""
+    for path in (dest, _h5ad_name(dest)):
+        if path.exists():
+            return path
+    return None
+
+
+def _is_hdf5(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file (its signature at offset 0, 512, 1024 or 2048)."""
+    with open(path, "rb") as fh:
+        for offset in (0, 512, 1024, 2048):
+            fh.seek(offset)
+            if fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return True
+    return False
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -114,9 +153,36 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _atomic_download(fs, rpath: str, dest: Path, *, is_dir: bool) -> None:
-    """Download ``rpath`` to ``dest`` through a temporary sibling that is renamed into place only when complete."""
+def _last_change(path: Path) -> float:
+    """Newest modification time of ``path`` and, for a folder, of everything in it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove temporary downloads in ``folder`` left by a process that was killed (unchanged for a day)."""
+    now = time.time()
+    for path in [*folder.glob(".*.part-*"), *folder.glob(".*.old-*")]:
+        with contextlib.suppress(OSError):
+            if now - _last_change(path) > STALE_TEMPORARY_SECONDS:
+                logger.info("Removing %s, left by an interrupted download.", path)
+                _remove(path)
+
+
+def _atomic_download(fs, rpath: str, dest: Path, *, is_dir: bool, replace: bool = False) -> Path:
+    """Download ``rpath`` through a temporary sibling of ``dest`` that is renamed into place only when complete.
+
+    Returns the cached path: ``dest``, or ``dest`` + ``.h5ad`` for an HDF5 file whose name lacks the suffix (readers
+    tell .h5ad files from .zarr stores by it). When another process finished the same download meanwhile, its copy
+    is kept (and returned) unless ``replace``; a file is replaced in one atomic rename, so readers never miss it.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(dest.parent)
     tmp = dest.with_name(f".{dest.name}.part-{uuid.uuid4().hex}")
     try:
         if is_dir:
@@ -130,18 +196,39 @@ def _atomic_download(fs, rpath: str, dest: Path, *, is_dir: bool) -> None:
                     f"Incomplete download of {rpath!r}: got {got} bytes, the remote file has {expected}. "
                     "Nothing was cached; run again (the download restarts)."
                 )
-        if dest.exists():  # force=True, or another process finished first
+        final = dest
+        if not is_dir and not dest.name.lower().endswith(".h5ad") and _is_hdf5(tmp):
+            final = _h5ad_name(dest)
+        current = _cached(dest)
+        if current is not None and not replace:  # another process finished first: its copy may be in use
+            return current
+        if final.exists() and (is_dir or final.is_dir()):  # a folder cannot be renamed over: move the old aside
             old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
+            os.replace(final, old)
+            os.replace(tmp, final)
             _remove(old)
         else:
-            os.replace(tmp, dest)
+            os.replace(tmp, final)  # atomic, also over an existing file
+        for other in (dest, _h5ad_name(dest)):
+            if other != final:
+                _remove(other)
+        return final
     finally:
         _remove(tmp)
-        if not dest.exists():  # a failed first download leaves no empty cache folder
+        if _cached(dest) is None:  # a failed first download leaves no empty cache folder
             with contextlib.suppress(OSError):
                 dest.parent.rmdir()
+
+
+def _remote_is_dir(fs, rpath: str, protocol: str) -> bool:
+    """Whether the remote ``rpath`` is a folder.
+
+    Over http(s) an ``.h5ad`` (or ``.h5``) URL is a file: fsspec's ``isdir`` there fetches the whole response when the
+    server sends no content type, and takes it for a folder when link-like text turns up in the bytes.
+    """
+    if protocol in ("http", "https") and rpath.split("?", 1)[0].lower().endswith((".h5ad", ".h5")):
+        return False
+    return bool(fs.isdir(rpath))
 
 
 def resolve_uri(
@@ -156,12 +243,13 @@ def resolve_uri(
     Parameters
     ----------
     uri
-        A local path, ``file://`` URI, or any fsspec URI: ``http(s)://``, ``gs://`` (needs the ``gcs`` extra,
-        ``gcsfs``), ``s3://`` (needs the ``s3`` extra, ``s3fs``). Files (``.h5ad``) and folders (AnnData ``.zarr``
-        stores) are supported. Credentials come from the environment as the filesystem library reads them
-        (``GOOGLE_APPLICATION_CREDENTIALS``, ``AWS_ACCESS_KEY_ID`` / ``AWS_PROFILE``, ...) or from
-        ``storage_options``. A ``file://`` URI may be percent-encoded (as ``Path.as_uri()`` writes it). Folders
-        are not supported over ``http(s)://``, which cannot list them: give an ``.h5ad`` URL there.
+        A local path (``~`` is expanded; relative paths are taken from the working folder), ``file://`` URI, or any
+        fsspec URI: ``http(s)://``, ``gs://`` (needs the ``gcs`` extra, ``gcsfs``), ``s3://`` (needs the ``s3``
+        extra, ``s3fs``). Files (``.h5ad``) and folders (AnnData ``.zarr`` stores) are supported. Credentials come
+        from the environment as the filesystem library reads them (``GOOGLE_APPLICATION_CREDENTIALS``,
+        ``AWS_ACCESS_KEY_ID`` / ``AWS_PROFILE``, ...) or from ``storage_options``. A ``file://`` URI may be
+        percent-encoded (as ``Path.as_uri()`` writes it). Folders are not supported over ``http(s)://``, which cannot
+        list them: give an ``.h5ad`` URL there.
     cache_dir
         Where downloads are kept. Defaults to ``$SPATIALCX_CACHE_DIR`` when that environment variable is set, else
         the user's cache folder for spatialcx (``platformdirs.user_cache_dir("spatialcx")``, e.g.
@@ -174,9 +262,12 @@ def resolve_uri(
     Returns
     -------
     The local path. Local inputs are returned as they are (never copied); remote ones are cached under
-    ``cache_dir/references/<hash of the URI>/<file name>`` and re-used unless ``force=True``. Downloads go to a
-    temporary name and are renamed into place only when complete, so an interrupted download is never taken for a
-    cached copy.
+    ``cache_dir/references/<hash of the URI>/<file name>`` and re-used unless ``force=True``. The whole URI is hashed,
+    query string included, so URLs that differ only by their query are cached apart. An HDF5 file whose URL does
+    not end in ``.h5ad`` (e.g. ``https://figshare.com/ndownloader/files/<id>``) is cached as ``<name>.h5ad``.
+    Downloads go to a temporary name and are renamed into place only when complete, so an interrupted download is
+    never taken for a cached copy (temporary files left by a killed process are removed a day later); processes
+    downloading the same URI at once each get a complete copy.
 
     Raises
     ------
@@ -185,30 +276,36 @@ def resolve_uri(
     ImportError
         When the protocol needs an optional extra that is not installed.
     ValueError
-        When the URI names a folder over ``http(s)://``.
+        When ``uri`` is empty, its protocol is unknown, or it names a folder over ``http(s)://``.
     """
     text = os.fspath(uri)
+    if not text.strip():
+        raise ValueError(
+            "The reference path is empty. Give the path of an .h5ad file or AnnData .zarr folder, or a URI "
+            "(file://, https://, gs://, s3://)."
+        )
     protocol, rest = split_protocol(text)
     if protocol is None or protocol in _LOCAL_PROTOCOLS:
         path = _local_path(text) if protocol is not None else Path(rest).expanduser()
         if not path.exists():
             raise FileNotFoundError(
-                f"Reference {text!r} does not exist (looked for {str(path)!r}). Check the path, or give a remote URI "
-                "(gs://, s3://, https://)."
+                f"Reference {text!r} does not exist (looked for {str(path.absolute())!r}). Check the path, or give "
+                "a remote URI (gs://, s3://, https://)."
             )
         return path
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     dest = _cache_path(text, cache)
-    if dest.exists() and not force:
+    cached = _cached(dest)
+    if cached is not None and not force:
         logger.info("Using cached copy of %s", text)
-        return dest
+        return cached
     fs, rpath = get_filesystem(text, storage_options)
     if not fs.exists(rpath):
         raise FileNotFoundError(
             f"Remote reference {text!r} does not exist (or is not readable with these credentials)."
         )
-    is_dir = fs.isdir(rpath)
+    is_dir = _remote_is_dir(fs, rpath, protocol)
     if is_dir and protocol in ("http", "https"):
         raise ValueError(
             f"{text!r} is a folder (a zarr store) served over {protocol}://, which cannot list the files in a folder "
@@ -216,8 +313,7 @@ def resolve_uri(
             "store, or download the store and pass its local path."
         )
     logger.info("Downloading %s to %s", text, dest)
-    _atomic_download(fs, rpath, dest, is_dir=is_dir)
-    return dest
+    return _atomic_download(fs, rpath, dest, is_dir=is_dir, replace=force)
 
 
 def fingerprint(path: str | os.PathLike) -> str:
