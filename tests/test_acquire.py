@@ -133,8 +133,11 @@ def test_predefined_dataset_download_and_reuse(tmp_path, fake_census):
     assert info["dataset_id"] == "066943a2-fdac-4b29-b348-40cede398e4e" and info["census_version"] == "2025-01-30"
     assert [p.name for p in (tmp_path / "refs").iterdir()] == ["human_lung_cell_atlas.h5ad"]  # nothing half-written
 
-    scx.io.acquire_reference("cellxgene://human_lung_cell_atlas", tmp_path / "refs")
+    scx.io.acquire_reference("cellxgene://human_lung_cell_atlas", tmp_path / "refs", census_version="2025-01-30")
     assert len(fake_census["download"]) == 1  # re-used
+    with pytest.raises(FileExistsError, match="census_version: '2025-01-30' there, 'stable' asked for"):
+        scx.io.acquire_reference("cellxgene://human_lung_cell_atlas", tmp_path / "refs")
+    assert len(fake_census["download"]) == 1
     scx.io.acquire_reference("cellxgene://human_lung_cell_atlas", tmp_path / "refs", force=True)
     assert len(fake_census["download"]) == 2
 
@@ -215,8 +218,10 @@ def test_synapse_to_a_bucket(tmp_path, fake_synapse, fake_gcs, monkeypatch):
     # and read back through the same URI
     lazy = scx.io.read_reference(out, label_key="cell_type", cache_dir=tmp_path / "cache")
     assert lazy.n_obs == 30 and list(lazy.var_names) == SYMBOLS
-    scx.io.acquire_reference("synapse://syn12345", "gs://bucket/refs/")
+    scx.io.acquire_reference("synapse://syn12345", "gs://bucket/refs/", max_cells=30)
     assert len(fake_synapse["get"]) == 1  # already in the bucket
+    with pytest.raises(FileExistsError, match="max_cells: 30 there, -1 asked for"):
+        scx.io.acquire_reference("synapse://syn12345", "gs://bucket/refs/")  # the whole file is not what is there
 
 
 def test_synapse_without_token_uses_the_config(tmp_path, fake_synapse, monkeypatch):
@@ -261,3 +266,98 @@ def test_gs_output_without_gcsfs_names_the_extra(tmp_path, fake_census, monkeypa
     with pytest.raises(ImportError, match=r"spatialcx\[gcs\]"):
         scx.io.acquire_reference("cellxgene://lung_covid", "gs://bucket/covid.h5ad")
     fsspec.filesystem("file")  # the registry is still usable
+
+
+def test_an_existing_output_is_reused_only_when_it_holds_what_is_asked_for(tmp_path, fake_census):
+    first = scx.io.acquire_reference("cellxgene://?tissue=lung&disease=normal", tmp_path / "q/", max_cells=50)
+    again = scx.io.acquire_reference("cellxgene://?disease=normal&tissue=lung", tmp_path / "q/", max_cells=50)
+    assert again == first and len(fake_census["get_anndata"]) == 1  # the same query, written in another order
+    with pytest.raises(FileExistsError, match=r"holds another reference .*tissue in \['lung'\]"):
+        scx.io.acquire_reference("cellxgene://?tissue=liver&disease=normal", tmp_path / "q/", max_cells=50)
+    with pytest.raises(FileExistsError, match="random_state: 0 there, 1 asked for"):
+        scx.io.acquire_reference(
+            "cellxgene://?tissue=lung&disease=normal", tmp_path / "q/", max_cells=50, random_state=1
+        )
+    assert len(fake_census["get_anndata"]) == 1
+    assert ad.read_h5ad(first).uns["spatialcx_acquisition"]["value_filter"].count("lung") == 2  # left alone
+    mine = tmp_path / "mine.h5ad"
+    cxg_like({"T cell": 3}).write_h5ad(mine)
+    before = mine.read_bytes()
+    with pytest.raises(FileExistsError, match="not written by acquire_reference"):
+        scx.io.acquire_reference("cellxgene://lung_covid", mine)
+    assert mine.read_bytes() == before and not fake_census["download"]
+    scx.io.acquire_reference("cellxgene://lung_covid", mine, force=True)
+    assert ad.read_h5ad(mine).n_obs == 372
+
+
+def test_query_values_with_commas_quotes_and_repeated_keys(tmp_path, fake_census):
+    import ast
+
+    from spatialcx.io._acquire import _census_filter
+
+    source = (
+        "cellxgene://?cell_type=CD4-positive, alpha-beta T cell&cell_type=B cell&tissue=Peyer's patch"
+        "&disease=normal,COVID-19&organism=Mus musculus"
+    )
+    scx.io.acquire_reference(source, tmp_path / "q.h5ad")
+    ((_, organism, value_filter, _),) = fake_census["get_obs"]
+    assert organism == "Mus musculus"
+    assert value_filter == (
+        'is_primary_data == True and (tissue in ["Peyer\'s patch"] or tissue_general in ["Peyer\'s patch"]) and '
+        "disease in ['normal', 'COVID-19'] and cell_type in ['CD4-positive, alpha-beta T cell', 'B cell']"
+    )
+    # tiledbsoma parses value filters with Python's ast: every value comes back as it was given
+    constants = [n.value for n in ast.walk(ast.parse(value_filter)) if isinstance(n, ast.Constant)]
+    assert {"Peyer's patch", "normal", "COVID-19", "CD4-positive, alpha-beta T cell", "B cell"} <= set(constants)
+    tricky, _ = _census_filter([("cell_type", "a 'b' \"c\" \\ d")])
+    assert "a 'b' \"c\" \\ d" in [n.value for n in ast.walk(ast.parse(tricky)) if isinstance(n, ast.Constant)]
+    with pytest.raises(ValueError, match="one organism"):
+        _census_filter([("tissue", "lung"), ("organism", "Homo sapiens,Mus musculus")])
+
+
+def test_census_draw_does_not_depend_on_the_order_rows_come_back_in(tmp_path, fake_census, monkeypatch):
+    mod = sys.modules["cellxgene_census"]
+    real_get_obs = mod.get_obs
+    seeds = iter(range(10))
+
+    def shuffled(*args, **kwargs):  # SOMA reads need not return rows in the same order twice
+        obs = real_get_obs(*args, **kwargs)
+        return obs.sample(frac=1.0, random_state=next(seeds)).reset_index(drop=True)
+
+    monkeypatch.setattr(mod, "get_obs", shuffled)
+    for i in range(2):
+        scx.io.acquire_reference("cellxgene://?tissue=lung", tmp_path / f"q{i}.h5ad", max_cells=40)
+    first, second = (coords for _, coords, _ in fake_census["get_anndata"])
+    assert len(first) == 40 and first.tolist() == second.tolist()
+
+
+def test_unknown_dataset_id_is_a_clear_error(tmp_path, fake_census, monkeypatch):
+    def unknown(dataset_id, to_path, *, census_version="stable", progress_bar=True):
+        raise KeyError("Unknown dataset_id")  # what cellxgene_census raises
+
+    monkeypatch.setattr(sys.modules["cellxgene_census"], "download_source_h5ad", unknown)
+    uid = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(ValueError, match=f"has no dataset '{uid}'.*census_version"):
+        scx.io.acquire_reference(f"cellxgene://{uid}", tmp_path / "refs/")
+    assert not any((tmp_path / "refs").iterdir())  # nothing half-written
+
+
+def test_synapse_entity_that_is_not_a_file(tmp_path, fake_synapse, monkeypatch):
+    class Folder:
+        pass
+
+    monkeypatch.setattr(
+        sys.modules["synapseclient"].Synapse, "get", lambda self, entity, downloadLocation=None: Folder()
+    )
+    with pytest.raises(ValueError, match="syn99 is a Folder .*not a file"):
+        scx.io.acquire_reference("synapse://syn99", tmp_path / "refs")
+    assert not any((tmp_path / "refs").iterdir())
+
+
+def test_percent_encoded_file_uri_output(tmp_path, fake_census):
+    target = tmp_path / "my refs" / "covid.h5ad"
+    out = scx.io.acquire_reference("cellxgene://lung_covid", target.as_uri())
+    assert target.is_file() and not (tmp_path / "my%20refs").exists()
+    assert scx.io.read_reference(out, label_key="cell_type").n_obs == 372
+    scx.io.acquire_reference("cellxgene://lung_covid", target.as_uri())  # found: re-used
+    assert len(fake_census["download"]) == 1

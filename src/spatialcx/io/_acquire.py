@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -15,7 +16,7 @@ import pandas as pd
 
 from .._settings import logger
 from .._utils import import_optional, write_atomically
-from ._uri import get_filesystem, is_remote, split_protocol
+from ._uri import _local_path, get_filesystem, is_remote, split_protocol
 
 #: Predefined CELLxGENE datasets for ``acquire_reference("cellxgene://<key>", ...)``. ``dataset_id`` is the
 #: CELLxGENE dataset id (stable across versions) that ``cellxgene_census.download_source_h5ad`` takes; all have raw
@@ -60,7 +61,8 @@ CELLXGENE_DATASETS: dict[str, dict[str, Any]] = {
 }
 
 #: Query keys accepted in ``cellxgene://?key=value&...`` (CELLxGENE Census obs columns). ``tissue`` matches either
-#: ``tissue`` or ``tissue_general``; ``organism`` picks the Census organism. Several values: comma-separated.
+#: ``tissue`` or ``tissue_general``; ``organism`` picks the Census organism. Several values: repeat the key, or
+#: separate them by commas (a comma followed by a space is part of a name: ``CD4-positive, alpha-beta T cell``).
 CENSUS_QUERY_KEYS = (
     "tissue",
     "tissue_general",
@@ -118,12 +120,59 @@ def _output_target(output: str | os.PathLike, default_name: str) -> str:
     )
 
 
+def _local_target(target: str) -> Path:
+    """The local path of a plain path or ``file://`` URI target (percent-escapes decoded, as resolve_uri reads it)."""
+    return _local_path(target) if split_protocol(target)[0] is not None else Path(target).expanduser()
+
+
 def _exists(target: str, storage_options: dict[str, Any] | None) -> bool:
     if not is_remote(target):
-        _, rest = split_protocol(target)
-        return Path(rest).expanduser().exists()
+        return _local_target(target).exists()
     fs, path = get_filesystem(target, storage_options)
     return fs.exists(path)
+
+
+def _recorded(target: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``uns["spatialcx_acquisition"]`` of an existing output (read without loading it), or ``None``."""
+    import h5py
+    from anndata.io import read_elem
+
+    def read(f) -> dict[str, Any] | None:
+        uns = f.get("uns")
+        if uns is None or ACQUIRE_UNS_KEY not in uns:
+            return None
+        return dict(read_elem(uns[ACQUIRE_UNS_KEY]))
+
+    try:
+        if not is_remote(target):
+            with h5py.File(_local_target(target), "r") as f:
+                return read(f)
+        fs, path = get_filesystem(target, storage_options)
+        with fs.open(path, "rb") as fh, h5py.File(fh, "r") as f:
+            return read(f)
+    except OSError:  # not an HDF5 file (or a folder)
+        return None
+
+
+def _check_reusable(target: str, wanted: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
+    """Raise FileExistsError unless the existing ``target`` was acquired from what is asked for now."""
+    recorded = _recorded(target, storage_options)
+    if recorded is None:
+        raise FileExistsError(
+            f"{target!r} exists but was not written by acquire_reference (it has no uns[{ACQUIRE_UNS_KEY!r}]), so it "
+            "is neither re-used nor replaced. Pass force=True to replace it, or choose another output."
+        )
+    differ = {
+        key: (recorded.get(key), value)
+        for key, value in wanted.items()
+        if str(recorded.get(key, "<none>")) != str(value)
+    }
+    if differ:
+        what = "; ".join(f"{key}: {old!r} there, {new!r} asked for" for key, (old, new) in differ.items())
+        raise FileExistsError(
+            f"{target!r} exists and holds another reference (from {recorded.get('source')!r}; {what}). It is not "
+            "replaced: pass force=True to replace it, or choose another output."
+        )
 
 
 def _store(local: Path, target: str, storage_options: dict[str, Any] | None) -> None:
@@ -135,8 +184,7 @@ def _store(local: Path, target: str, storage_options: dict[str, Any] | None) -> 
             fs.makedirs(parent, exist_ok=True)
         fs.put_file(str(local), path)
         return
-    _, rest = split_protocol(target)
-    dest = Path(rest).expanduser()
+    dest = _local_target(target)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if local.parent == dest.parent or local.parent.parent == dest.parent:
         os.replace(local, dest)  # same folder tree, same filesystem: atomic
@@ -192,9 +240,31 @@ def _subsample_file(path: Path, label_key: str | None, max_cells: int, random_st
     return mem.n_obs
 
 
-def _census_filter(query: dict[str, str]) -> tuple[str, str]:
-    """SOMA value filter and organism from a ``cellxgene://?...`` query."""
-    organism = query.pop("organism", "Homo sapiens")
+def _split_values(raw: str) -> list[str]:
+    """Comma-separated values; a comma followed by a space is part of a name (``CD4-positive, alpha-beta T cell``)."""
+    return [v.strip() for v in re.split(r",(?!\s)", raw) if v.strip()]
+
+
+def _soma_literal(value: str) -> str:
+    """``value`` as a string literal of the SOMA ``value_filter`` syntax.
+
+    tiledbsoma parses filters with Python's ``ast``, so Python's literal syntax holds: ``'lung'``, ``"Peyer's patch"``.
+    """
+    return repr(str(value))
+
+
+def _census_filter(pairs: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """SOMA value filter and organism from the ``(key, value)`` pairs of a ``cellxgene://?...`` query."""
+    query: dict[str, list[str]] = {}
+    for key, raw in pairs:
+        values = _split_values(raw)
+        if not values:
+            raise ValueError(f"Bad value {raw!r} for {key!r} in the CELLxGENE query: it is empty.")
+        known = query.setdefault(key, [])
+        known.extend(v for v in values if v not in known)
+    organisms = query.pop("organism", ["Homo sapiens"])
+    if len(organisms) != 1:
+        raise ValueError(f"A CELLxGENE query takes one organism, got {organisms}.")
     unknown = sorted(set(query) - set(CENSUS_QUERY_KEYS))
     if unknown:
         raise ValueError(f"Unknown CELLxGENE query keys {unknown}; allowed: {list(CENSUS_QUERY_KEYS)} and 'organism'.")
@@ -203,30 +273,29 @@ def _census_filter(query: dict[str, str]) -> tuple[str, str]:
             "A cellxgene:// query needs at least one filter, e.g. cellxgene://?tissue=lung&disease=normal."
         )
     parts = ["is_primary_data == True"]
-    for key, raw in query.items():
-        values = [v.strip() for v in raw.split(",") if v.strip()]
-        if not values or any("'" in v for v in values):
-            raise ValueError(f"Bad value {raw!r} for {key!r} in the CELLxGENE query.")
-        quoted = "[" + ", ".join(f"'{v}'" for v in values) + "]"
+    for key in sorted(query, key=CENSUS_QUERY_KEYS.index):  # the same filter whatever the order in the URI
+        values = query[key]
+        quoted = "[" + ", ".join(_soma_literal(v) for v in values) + "]"
         if key == "tissue":
             parts.append(f"(tissue in {quoted} or tissue_general in {quoted})")
         else:
             parts.append(f"{key} in {quoted}")
-    return " and ".join(parts), organism
+    return " and ".join(parts), organisms[0]
 
 
 def _acquire_census_query(
-    query: dict[str, str], tmp: Path, *, max_cells: int | None, census_version: str, random_state: int
+    value_filter: str, organism: str, tmp: Path, *, max_cells: int | None, census_version: str, random_state: int
 ) -> dict[str, Any]:
     from ._reference import choose_cells
 
     census_mod = import_optional("cellxgene_census", "census")
-    value_filter, organism = _census_filter(dict(query))
     columns = list(CENSUS_OBS_COLUMNS)
     with census_mod.open_soma(census_version=census_version) as census:
         obs = census_mod.get_obs(census, organism, value_filter=value_filter, column_names=["soma_joinid", "cell_type"])
         if len(obs) == 0:
             raise ValueError(f"The CELLxGENE Census ({census_version}) has no {organism} cells for {value_filter!r}.")
+        # SOMA reads need not return rows in the same order twice: the seeded draw is made in soma_joinid order
+        obs = obs.sort_values("soma_joinid", kind="stable").reset_index(drop=True)
         rows = choose_cells(obs["cell_type"].astype(object), max_cells, rng=np.random.default_rng(random_state))
         coords = np.sort(obs["soma_joinid"].to_numpy()[rows]).astype(np.int64)
         logger.info("CELLxGENE Census: %d of %d matching cells.", len(coords), len(obs))
@@ -234,7 +303,19 @@ def _acquire_census_query(
     if "feature_id" in adata.var.columns:
         adata.var_names = adata.var["feature_id"].astype(str).to_numpy()
     adata.write_h5ad(tmp)
-    return {"value_filter": value_filter, "organism": organism, "n_cells_matching": int(len(obs))}
+    return {"n_cells_matching": int(len(obs))}
+
+
+def _download_dataset(dataset_id: str, to_path: Path, census_version: str) -> None:
+    census_mod = import_optional("cellxgene_census", "census")
+    try:
+        census_mod.download_source_h5ad(dataset_id, to_path=str(to_path), census_version=census_version)
+    except KeyError as e:  # cellxgene_census: KeyError("Unknown dataset_id")
+        raise ValueError(
+            f"The CELLxGENE Census {census_version!r} has no dataset {dataset_id!r} ({e}). Check the id on "
+            "https://cellxgene.cziscience.com/datasets, or pick another census_version (a dataset joins the Census "
+            "some time after it is published)."
+        ) from e
 
 
 def _acquire_synapse(syn_id: str, tmp_dir: Path) -> Path:
@@ -246,6 +327,11 @@ def _acquire_synapse(syn_id: str, tmp_dir: Path) -> Path:
     else:
         syn.login(silent=True)  # ~/.synapseConfig or cached credentials
     entity = syn.get(syn_id, downloadLocation=str(tmp_dir))
+    if getattr(entity, "path", None) is None:
+        raise ValueError(
+            f"Synapse entity {syn_id} is a {type(entity).__name__} (e.g. a folder or table), not a file; give the "
+            "synapse:// id of an .h5ad file."
+        )
     path = Path(entity.path)
     if not path.name.lower().endswith(".h5ad"):
         raise ValueError(
@@ -276,8 +362,10 @@ def acquire_reference(
           matching a CELLxGENE Census query (keys: ``tissue``, ``tissue_general``, ``disease``, ``cell_type``,
           ``assay``, ``sex``, ``development_stage``, ``self_reported_ethnicity``, ``suspension_type``, ``dataset_id``
           and ``organism``, default ``Homo sapiens``; ``tissue`` matches ``tissue`` or ``tissue_general``; several
-          values comma-separated), with raw counts and Census obs columns; var names are
-          Ensembl ids with ``var["feature_name"]`` symbols.
+          values: repeat the key or separate them by commas, where a comma followed by a space is part of a name, as
+          in ``cell_type=CD4-positive, alpha-beta T cell``; values may hold quotes, ``tissue=Peyer's patch``), with
+          raw counts and Census obs columns; var names are Ensembl ids with ``var["feature_name"]`` symbols. Cells are
+          drawn in ``soma_joinid`` order, so a query, ``census_version`` and ``random_state`` give the same cells.
         - ``synapse://syn<id>``: a Synapse file entity (``.h5ad``), through ``synapseclient``. Credentials: the
           ``SYNAPSE_AUTH_TOKEN`` environment variable, else ``~/.synapseConfig``.
 
@@ -287,7 +375,10 @@ def acquire_reference(
         ``cellxgene_query.h5ad`` inside), local or a ``gs://`` / ``s3://`` URI (credentials from the environment,
         as ``gcsfs`` / ``s3fs`` read them, or ``storage_options``).
     force
-        Acquire again even when ``output`` exists (otherwise an existing output is re-used).
+        Acquire again and replace ``output`` when it exists. Otherwise an existing output is re-used when its
+        ``uns["spatialcx_acquisition"]`` shows it was acquired from the same source with the same ``max_cells``,
+        ``census_version`` and (when subsampled) ``random_state`` and ``label_key``; any other existing file is left
+        alone and a FileExistsError says what it holds.
     max_cells
         Keep at most this many cells, chosen from the labels alone (largest types capped first, see
         :func:`spatialcx.io.read_reference`). For Census queries only the chosen cells are downloaded.
@@ -306,6 +397,16 @@ def acquire_reference(
     Where the reference was stored (a path or URI to give to :func:`read_reference` or
     :func:`spatialcx.tl.annotate`). The file is written to a temporary name and moved into place when complete;
     ``uns["spatialcx_acquisition"]`` records the source, census version and cell counts.
+
+    Raises
+    ------
+    FileExistsError
+        When ``output`` exists, holds something else than what is asked for, and ``force`` is False.
+    ImportError
+        When the ``census`` (``cellxgene://``) or ``synapse`` (``synapse://``) extra, or the fsspec filesystem of a
+        remote ``output`` (``gcs`` / ``s3`` extras), is not installed.
+    ValueError
+        For an unknown source, dataset, query key or output name.
     """
     protocol, rest = split_protocol(source)
     if protocol not in ("cellxgene", "synapse"):
@@ -320,7 +421,8 @@ def acquire_reference(
     query = None
     if protocol == "cellxgene":
         if rest.startswith("?"):
-            query = dict(parse_qsl(rest[1:], keep_blank_values=True))
+            query = True
+            info["value_filter"], info["organism"] = _census_filter(parse_qsl(rest[1:], keep_blank_values=True))
             name = "cellxgene_query.h5ad"
         else:
             key = rest.strip("/")
@@ -343,12 +445,20 @@ def acquire_reference(
         if not _SYNAPSE_ID.match(syn_id):
             raise ValueError(f"Bad Synapse id {syn_id!r}: expected synapse://syn<digits>.")
         name = f"{syn_id}.h5ad"
+        info["synapse_id"] = syn_id
     target = _output_target(output, name)
     if not force and _exists(target, storage_options):
-        logger.info("%s exists; re-using it (force=True acquires again).", target)
+        identity = ("value_filter", "organism", "dataset_id", "synapse_id", "census_version", "max_cells")
+        wanted = {key: info[key] for key in identity if key in info}
+        if max_cells is not None:
+            wanted["random_state"] = int(random_state)
+            if query is None:
+                wanted["label_key"] = label_key or ""
+        _check_reusable(target, wanted, storage_options)
+        logger.info("%s exists and holds %s; re-using it (force=True acquires again).", target, source)
         return target
 
-    local_parent = None if is_remote(target) else Path(split_protocol(target)[1]).expanduser().parent
+    local_parent = None if is_remote(target) else _local_target(target).parent
     if local_parent is not None:
         local_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".spatialcx-acquire-", dir=local_parent) as tmp_name:
@@ -357,19 +467,20 @@ def acquire_reference(
         if query is not None:
             info.update(
                 _acquire_census_query(
-                    query, final, max_cells=max_cells, census_version=census_version, random_state=random_state
+                    info["value_filter"],
+                    info["organism"],
+                    final,
+                    max_cells=max_cells,
+                    census_version=census_version,
+                    random_state=random_state,
                 )
             )
         else:
             if protocol == "cellxgene":
-                census_mod = import_optional("cellxgene_census", "census")
                 downloaded = tmp / "download" / "source.h5ad"
                 downloaded.parent.mkdir()
-                census_mod.download_source_h5ad(
-                    info["dataset_id"], to_path=str(downloaded), census_version=census_version
-                )
+                _download_dataset(info["dataset_id"], downloaded, census_version)
             else:
-                info["synapse_id"] = syn_id
                 downloaded = _acquire_synapse(syn_id, tmp / "download")
             if max_cells is not None:
                 info["n_cells_kept"] = _subsample_file(downloaded, label_key, max_cells, random_state, final)
