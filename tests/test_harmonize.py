@@ -112,3 +112,41 @@ def test_overlap_check():
     check_overlap(40, {"ref": 10}, 10)  # ... larger ones 10 genes and a quarter of the panel
     with pytest.raises(ValueError, match="at least 10"):
         check_overlap(40, {"ref": 9, "other": 30}, 9)
+
+
+def test_mixed_symbol_and_id_lists_keep_symbols_unique():
+    """An id never takes a symbol another var entry already carries, whichever comes first."""
+    for names in (["GAD1", "ENSG00000128683", "ENSG00000075624"], ["ENSG00000128683", "ENSG00000075624", "GAD1"]):
+        out = to_symbols(names)
+        assert out.symbols.is_unique
+        assert list(out.symbols) == [
+            {"GAD1": "GAD1", "ENSG00000128683": "ENSG00000128683"}.get(n, "ACTB") for n in names
+        ]
+        assert out.n_mapped == 1 and out.n_duplicates == 1
+    # through feature_name: the plain "ACTB" entry keeps its name, the id whose feature_name is ACTB keeps its id
+    out = to_symbols(["ENSG00000128683", "ENSG00000075624", "ACTB"], feature_names=["GAD1", "ACTB", "ACTB"])
+    assert list(out.symbols) == ["GAD1", "ENSG00000075624", "ACTB"] and out.n_duplicates == 1
+
+
+def test_ids_without_a_symbol_are_reported(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="spatialcx"):
+        out = to_symbols(["ENSG00000128683", "ENSG00000000000", "ENSG00000000001.3"])
+    assert out.n_unmapped == 2
+    assert "2 of 3 Ensembl ids have no gene symbol" in caplog.text and "ENSG00000000000" in caplog.text
+
+
+def test_gencode_par_y_ids():
+    names = ["ENSG00000182378.14", "ENSG00000182378.14_PAR_Y", "ENSG00000128683"]
+    assert is_ensembl_id(names).all()
+    out = to_symbols(names)
+    assert list(out.symbols) == ["PLCXD1", "ENSG00000182378.14_PAR_Y", "GAD1"] and out.n_duplicates == 1
+
+
+def test_exact_matches_win_whatever_the_panel_order():
+    m = match_genes(["gad1", "GAD1"], ["GAD1"])
+    assert m.genes == ["GAD1"] and m.columns.tolist() == [0] and m.missing == ["gad1"]
+    assert m.n_case_insensitive == 0
+    m = match_genes(["sst", "GAD1", "Gad1"], ["GAD1", "SST"])
+    assert m.genes == ["sst", "GAD1"] and m.columns.tolist() == [1, 0] and m.n_case_insensitive == 1

@@ -15,7 +15,9 @@ import pandas as pd
 
 from .._settings import logger
 
-_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
+#: An Ensembl gene id: prefix, 11 digits, optional version and GENCODE's ``_PAR_Y`` suffix (the Y copy of a
+#: pseudoautosomal gene, which shares its id and symbol with the X copy).
+_ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d{11})(\.\d+)?(_PAR_Y)?$")
 #: Ensembl gene id prefixes of the species with a packaged id -> symbol table.
 SPECIES_PREFIXES: dict[str, str] = {"ENSG": "homo_sapiens", "ENSMUSG": "mus_musculus"}
 #: A reference is taken as Ensembl-indexed when at least this share of its var names are Ensembl gene ids.
@@ -38,8 +40,15 @@ def looks_like_ensembl(names: Sequence[str] | pd.Index) -> bool:
 
 
 def strip_version(names: Sequence[str] | pd.Index) -> np.ndarray:
-    """Drop Ensembl version suffixes (``ENSG00000141510.16`` -> ``ENSG00000141510``); other names are unchanged."""
-    return np.array([n.split(".", 1)[0] if _ENSEMBL_RE.match(n) else n for n in map(str, names)], dtype=object)
+    """Drop Ensembl version suffixes (``ENSG00000141510.16`` -> ``ENSG00000141510``); other names are unchanged.
+
+    GENCODE's ``_PAR_Y`` suffix goes too (``ENSG00000182378.14_PAR_Y`` -> ``ENSG00000182378``).
+    """
+    out = []
+    for n in map(str, names):
+        m = _ENSEMBL_RE.match(n)
+        out.append(m.group(1) if m else n)
+    return np.array(out, dtype=object)
 
 
 def detect_species(ids: Sequence[str] | pd.Index) -> str | None:
@@ -102,8 +111,10 @@ def to_symbols(
 
     Names that are not mostly Ensembl ids are returned unchanged. Ensembl ids are mapped through ``feature_names``
     (CELLxGENE's ``var["feature_name"]``) when given, otherwise through the packaged table of ``species`` (detected
-    from the id prefix when ``None``). Duplicated symbols are resolved deterministically: the first entry in var
-    order keeps the symbol, later ones keep their Ensembl id.
+    from the id prefix when ``None``). Ids without a symbol keep their id (logged). The symbols stay unique, resolved
+    deterministically: an id never takes a name that another var entry already carries as its own (a list mixing
+    symbols and ids), and of ids mapping to the same symbol the first in var order keeps it; the others keep their
+    Ensembl id.
 
     Parameters
     ----------
@@ -143,20 +154,36 @@ def to_symbols(
 
     is_id = is_ensembl_id(names)
     symbols = names.copy()
-    seen: set[str] = set()
-    n_mapped = n_unmapped = n_dup = 0
-    for i, (name, sym) in enumerate(zip(names, mapped)):
-        if sym is None or sym == "" or sym == name:
-            n_unmapped += int(is_id[i])
-            continue
-        if sym in seen:
+    has_symbol = np.fromiter(
+        (sym is not None and sym != "" and sym != name for name, sym in zip(names, mapped)),
+        dtype=bool,
+        count=len(names),
+    )
+    taken: set[str] = set(names[~has_symbol])  # names kept as they are come first: a mapped id never takes one
+    n_mapped = n_dup = 0
+    n_unmapped = int((is_id & ~has_symbol).sum())
+    for i in np.flatnonzero(has_symbol):
+        sym = mapped[i]
+        if sym in taken:
             n_dup += 1
             continue
-        seen.add(sym)
+        taken.add(sym)
         symbols[i] = sym
         n_mapped += 1
+    if n_unmapped:
+        logger.info(
+            "%d of %d Ensembl ids have no gene symbol (%s); they keep their id, e.g. %s, and match no panel symbol.",
+            n_unmapped,
+            int(is_id.sum()),
+            "no var['feature_name']" if method == "feature_name" else f"not in the packaged {species} table",
+            list(names[is_id & ~has_symbol][:3]),
+        )
     if n_dup:
-        logger.info("%d Ensembl ids mapped to a symbol already taken; the first in var order keeps it.", n_dup)
+        logger.info(
+            "%d Ensembl ids map to a symbol already taken (by an earlier id, or by a var entry named so); they keep "
+            "their id.",
+            n_dup,
+        )
     return GeneSymbols(
         symbols=pd.Index(symbols), method=method, n_mapped=n_mapped, n_unmapped=n_unmapped, n_duplicates=n_dup
     )
@@ -202,7 +229,7 @@ def match_genes(
 ) -> GeneMatch:
     """Find panel genes among a reference's gene symbols.
 
-    Exact matches come first. Genes not found exactly are matched case-insensitively (human ``GAD1`` and mouse
+    Exact matches come first, whatever the panel order. Genes not found exactly are matched case-insensitively (human ``GAD1`` and mouse
     ``Gad1`` follow the same spelling up to case), but only where that is unambiguous: when the reference holds two
     genes that differ only by case, case-insensitive matching is not used for them. A panel of Ensembl ids is
     matched against the reference's ids (``ids``, versions ignored). Within the reference, the first entry of a
@@ -236,24 +263,29 @@ def match_genes(
             ambiguous.add(low)
         folded.setdefault(low, i)
 
-    genes: list[str] = []
-    columns: list[int] = []
-    missing: list[str] = []
-    n_ci = 0
+    # exact matches first, whatever the panel order: a case-insensitive match never takes a column that another
+    # panel gene matches exactly
+    col_of: dict[int, int] = {}
     used: set[int] = set()
-    for gene, key in zip(panel, wanted):
+    for j, key in enumerate(wanted):
         col = exact.get(key)
-        if col is None and case_insensitive:
+        if col is not None and col not in used:
+            col_of[j] = col
+            used.add(col)
+    n_ci = 0
+    if case_insensitive:
+        for j, key in enumerate(wanted):
             low = key.casefold()
-            if low not in ambiguous:
-                col = folded.get(low)
-                n_ci += col is not None
-        if col is None or col in used:
-            missing.append(gene)
-            continue
-        used.add(col)
-        genes.append(gene)
-        columns.append(col)
+            if j in col_of or exact.get(key) is not None or low in ambiguous:
+                continue
+            col = folded.get(low)
+            if col is not None and col not in used:
+                col_of[j] = col
+                used.add(col)
+                n_ci += 1
+    genes = [panel[j] for j in sorted(col_of)]
+    columns = [col_of[j] for j in sorted(col_of)]
+    missing = [g for j, g in enumerate(panel) if j not in col_of]
     return GeneMatch(genes=genes, columns=np.asarray(columns, dtype=np.int64), missing=missing, n_case_insensitive=n_ci)
 
 
