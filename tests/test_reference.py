@@ -195,6 +195,17 @@ def test_read_reference_is_lazy_and_caps_large_types_first(tmp_path):
     assert list(again.obs_names) == list(mem.obs_names)  # seeded
 
 
+@pytest.mark.parametrize("name", ["r.h5", "r.H5AD", "reference"])
+def test_read_reference_opens_an_hdf5_file_whatever_its_name(tmp_path, name):
+    ref = make_reference(sizes=(30, 20))
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    (tmp_path / "r.h5ad").rename(tmp_path / name)
+    lazy = scx.io.read_reference(tmp_path / name, label_key="cell_type", max_cells=40)
+    mem = lazy.to_memory()
+    assert mem.n_obs == 40 and set(mem.obs["cell_type"]) == {"type0", "type1"}
+    np.testing.assert_array_equal(sp.csr_matrix(mem.X).toarray(), sp.csr_matrix(ref[mem.obs_names].X).toarray())
+
+
 def test_read_reference_max_cells_skips_non_type_labels(tmp_path):
     """Cells labelled Unknown (not a type) do not take up the max_cells budget; exclude_labels=() draws them."""
     ref = make_reference(sizes=(250, 100, 40, 10))

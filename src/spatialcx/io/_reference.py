@@ -681,7 +681,12 @@ def read_reference(
         not_excluded = ~clean.isin(excluded).to_numpy()
         rows = choose_cells(clean, max_cells, rng=np.random.default_rng(random_state), valid=not_excluded)
 
-    lazy = read_lazy(str(path))
+    if path.is_dir():
+        lazy = read_lazy(str(path))
+    else:  # an HDF5 file, whatever its name: read_lazy picks the format from an .h5ad suffix
+        import h5py
+
+        lazy = read_lazy(h5py.File(path, "r"))
     if max_cells is not None or genes is not None:
         lazy = lazy[rows, cols]
     lazy.var_names = pd.Index(np.asarray(new_names).astype(str))
