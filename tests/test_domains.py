@@ -350,3 +350,177 @@ def test_lazy_table_selection_and_library(shared_data, tmp_path):
         assert lazy.uns["domain"]["n_domains"] > 0
         scx.tl.spatial_domains(lazy, "cell_type_author", value="Astro", key_added="astro", min_cells=3)
         assert lazy.uns["astro"]["n_selected"] == 240
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# review: what must never be overwritten, coordinate frames, parameter types, scaling, real stores
+
+
+@pytest.mark.parametrize(
+    ("shapes_key", "match"),
+    [
+        ("cells", "shapes element of the cells"),  # was: the 1600 cell circles silently replaced by 2 polygons
+        ("anatomical", "is not domain polygons"),
+        ("image", "image element 'image'"),  # was: KeyError from spatialdata after obs/uns were written
+    ],
+)
+def test_shapes_key_never_replaces_the_cells_or_other_elements(shapes_key, match):
+    import geopandas as gpd
+    from shapely.geometry import box
+    from spatialdata.models import Image2DModel, ShapesModel
+
+    sdata = grid_sdata()
+    sdata.shapes["anatomical"] = ShapesModel.parse(gpd.GeoDataFrame(geometry=[box(0, 0, 100, 100)]))
+    sdata.images["image"] = Image2DModel.parse(np.zeros((1, 8, 8), dtype=np.uint8), dims=("c", "y", "x"))
+    before = {k: v.copy() for k, v in sdata.shapes.items()}
+    for min_cells in (10, 10_000):  # with domains, and without (the path that removes an earlier run's polygons)
+        with pytest.raises(ValueError, match=match):
+            scx.tl.spatial_domains(
+                sdata, "selected", max_distance=15, min_cells=min_cells, add_shapes=True, shapes_key=shapes_key
+            )
+    assert set(sdata.shapes) == set(before) and "image" in sdata.images
+    for k, v in before.items():
+        assert sdata.shapes[k].geometry.geom_equals(v.geometry).all()
+    assert "domain" not in sdata.tables["table"].obs and "domain" not in sdata.tables["table"].uns
+    # polygons of an earlier run are replaced, also under another key_added
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15, add_shapes=True, shapes_key="dom")
+    scx.tl.spatial_domains(sdata, "selected", max_distance=55, add_shapes=True, shapes_key="dom", key_added="d2")
+    assert list(sdata.shapes["dom"]["n_cells"]) == [265, 176]
+
+
+@pytest.mark.parametrize("key_added", ["region", "cell_index"])
+def test_key_added_never_overwrites_the_tables_link_columns(key_added):
+    sdata = grid_sdata()
+    table = sdata.tables["table"]
+    region, instance = table.obs["region"].copy(), table.obs["cell_index"].copy()
+    with pytest.raises(ValueError, match=f"key_added={key_added!r} is the table's"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=15, key_added=key_added)
+    pd.testing.assert_series_equal(table.obs["region"], region)
+    pd.testing.assert_series_equal(table.obs["cell_index"], instance)
+
+
+def test_polygons_follow_coordinates_given_in_a_coordinate_system_of_the_cells():
+    import shapely
+    from spatialdata import transform
+    from spatialdata.transformations import Identity, get_transformation
+
+    sdata = grid_sdata()  # the cells' circles map to 'global' with a scale of 2
+    table = sdata.tables["table"]
+    table.obsm["spatial"] = table.obsm["spatial"] * 2  # centroids in 'global' coordinates, not the circles' own
+    scx.tl.spatial_domains(sdata, "selected", max_distance=30, min_cells=10, add_shapes=True)
+    # was: the polygons got the circles' scale of 2 on top, so in 'global' they lay twice as far out as the cells
+    assert get_transformation(sdata.shapes["domain_shapes"], "global") == Identity()
+    polygons = transform(sdata.shapes["domain_shapes"], to_coordinate_system="global")
+    cells = transform(sdata.shapes["cells"], to_coordinate_system="global")
+    for name, geom in zip(polygons.index, polygons.geometry):
+        inside = shapely.contains_xy(geom, cells.geometry.x.to_numpy(), cells.geometry.y.to_numpy())
+        np.testing.assert_array_equal(inside, (table.obs["domain"] == name).to_numpy())
+    # coordinates that match the cells in no coordinate system: an error, nothing written
+    sdata = grid_sdata()
+    sdata.tables["table"].obsm["spatial"] = sdata.tables["table"].obsm["spatial"] + 1000
+    with pytest.raises(ValueError, match="do not match the cells' shapes 'cells'"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=15, add_shapes=True)
+    assert "domain" not in sdata.tables["table"].obs and "domain_shapes" not in sdata.shapes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_distance": "15"}, "max_distance='15' must be a number"),  # was: numpy's ufunc 'isfinite' message
+        ({"merge_distance": [30]}, "merge_distance=\\[30\\] must be a number"),
+        ({"min_cells": 2.5}, "min_cells=2.5 must be a whole number"),  # was: silently 2
+        ({"prefix": 1}, "prefix=1 must be a string"),
+    ],
+)
+def test_parameter_types_are_checked(kwargs, match):
+    adata = grid_table()
+    with pytest.raises(TypeError, match=match):
+        scx.tl.spatial_domains(adata, "selected", **kwargs)
+    assert "domain" not in adata.obs
+
+
+def test_error_messages_name_the_cells_and_values_found():
+    adata = grid_table()
+    adata.obsm["spatial"][[5, 42], 0] = np.nan  # c42 is selected below, c5 is not
+    with pytest.raises(ValueError, match=r"1 selected cell\(s\) have missing .*obsm\['spatial'\]; e.g. \['c42'\]"):
+        scx.tl.spatial_domains(adata, np.isin(np.arange(adata.n_obs), [42, 43]) | adata.obs["selected"].to_numpy())
+    adata = grid_table()
+    with pytest.raises(ValueError, match=r"picks no cell.*holds 5 value\(s\), e.g. \['', 'A', 'B', 'C', 'D'\]"):
+        scx.tl.spatial_domains(adata, "block", value="a")
+
+
+def test_sections_sharing_coordinates_without_library_key_warn(caplog):
+    one, two = grid_table(), grid_table()
+    adata = ad.concat([one, two], index_unique="-", keys=["s1", "s2"], label="section")
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(adata, "selected", max_distance=15)
+    assert "Pass library_key='section'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(adata, "selected", max_distance=15, library_key="section")
+    assert "library_key" not in caplog.text
+
+
+def test_small_domains_are_matched_in_one_query_per_section(monkeypatch):
+    """Many small domains cost one nearest-neighbour query per section, not one per small domain (was O(n x small))."""
+    from scipy import spatial
+
+    from spatialcx.tl import _domains
+
+    rng = np.random.default_rng(0)
+    big = np.column_stack([np.repeat(np.arange(20.0), 20), np.tile(np.arange(20.0), 20)])  # 400 cells, spacing 1
+    singles = rng.uniform(-10, 30, size=(300, 2)) * [1, 1] + [0, 40]  # far above the block, mostly isolated
+    coords = np.vstack([big, big + [100, 0], singles])
+    libraries = np.r_[np.zeros(400), np.ones(400), rng.integers(0, 2, 300)].astype(np.int64)
+    comp = _domains._components(coords, libraries, 1.5)
+    calls = []
+    real = spatial.cKDTree
+
+    class Counting(real):
+        def query(self, *args, **kwargs):
+            calls.append(1)
+            return super().query(*args, **kwargs)
+
+    monkeypatch.setattr(spatial, "cKDTree", Counting)
+    new, n_merged, n_dropped = _domains._handle_small(
+        comp, coords, libraries, min_cells=5, how="merge", merge_distance=25
+    )
+    assert len(calls) <= 2
+    # the same result as matching each small domain on its own: its cell nearest to a large domain of its section
+    small = np.flatnonzero(np.bincount(comp) < 5)
+    assert n_merged + n_dropped == small.size and n_merged > 0 and n_dropped > 0
+    for c in small:
+        cells = np.flatnonzero(comp == c)
+        lib = libraries[cells[0]]
+        large = np.flatnonzero(~np.isin(comp, small) & (libraries == lib))
+        d = np.linalg.norm(coords[cells, None, :] - coords[None, large, :], axis=2)
+        i, j = np.unravel_index(np.argmin(d), d.shape)
+        expected = comp[large[j]] if d[i, j] <= 25 else -1
+        assert (new[cells] == expected).all()
+
+
+def test_real_merfish_store_gets_domain_polygons_over_the_cells(merfish_store):
+    import shapely
+    from spatialdata import read_zarr
+    from spatialdata.transformations import get_transformation
+
+    sdata = read_zarr(merfish_store)
+    scx.tl.classify_by_threshold(sdata, ["Cux2"], key_added="l23")
+    scx.tl.spatial_domains(sdata, "l23_cluster", platform="merscope", add_shapes=True)
+    with pytest.raises(ValueError, match="shapes element of the cells"):
+        scx.tl.spatial_domains(sdata, "l23_cluster", platform="merscope", add_shapes=True, shapes_key="cells")
+    with pytest.raises(ValueError, match="is not domain polygons"):
+        scx.tl.spatial_domains(sdata, "l23_cluster", platform="merscope", add_shapes=True, shapes_key="anatomical")
+    back = read_zarr(merfish_store)  # the store stays readable, with its cells and anatomy untouched
+    assert len(back.shapes["cells"]) == 2389 and len(back.shapes["anatomical"]) == 6
+    table = back.tables["table"]
+    u = table.uns["domain"]
+    assert u["coordinates"] == "centroids of shapes 'cells'" and u["n_domains"] >= 1
+    assert isinstance(table.obs["domain"].dtype, pd.CategoricalDtype)
+    polygons = back.shapes["domain_shapes"]
+    assert list(polygons.index) == list(u["domains"]) and list(polygons["n_cells"]) == list(u["n_cells"])
+    assert get_transformation(polygons, get_all=True) == get_transformation(back.shapes["cells"], get_all=True)
+    cells = back.shapes["cells"].loc[table.obs["cell_id"].to_numpy()]
+    for name, geom in zip(polygons.index, polygons.geometry):
+        inside = shapely.contains_xy(geom, cells.geometry.x.to_numpy(), cells.geometry.y.to_numpy())
+        assert inside[(table.obs["domain"] == name).to_numpy()].all()

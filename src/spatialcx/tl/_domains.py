@@ -88,7 +88,9 @@ def spatial_domains(
     merge_distance
         Farthest a small domain is merged; default ``2 * max_distance``.
     library_key
-        Categorical obs column of sections / samples: cells of different sections are never linked.
+        obs column of sections / samples: cells of different sections are never linked, and the default distance
+        is taken within sections. Without it, sections that share one coordinate frame are linked together (a
+        warning names a column such as ``"section"`` or ``"library_id"`` when the table has one).
     prefix
         Domain names are ``f"{prefix}_{n}"``.
     key_added
@@ -98,9 +100,13 @@ def spatial_domains(
         Add one polygon per domain to the SpatialData as a shapes element, with the transformations of the table's
         region element. The polygon is the union of disks of radius ``max_distance`` around the domain's cells,
         shrunk by ``max_distance / 2`` (a morphological closing): it holds every cell with a margin of
-        ``max_distance / 2`` and fills the gaps between linked cells. Needs SpatialData.
+        ``max_distance / 2`` and fills the gaps between linked cells. Needs SpatialData. When ``obsm[spatial_key]``
+        is not in the cells' shapes' own coordinates but in one of their coordinate systems (e.g. ``"global"``),
+        the polygons are placed in that system; coordinates matching the cells in none raise a ``ValueError``.
     shapes_key
-        Name of the shapes element; default ``f"{key_added}_shapes"``.
+        Name of the shapes element; default ``f"{key_added}_shapes"``. An existing element of that name is
+        replaced only if it holds domain polygons (of an earlier run); the cells' own shapes, other elements and
+        other shapes are never overwritten.
     copy
         Return a copy instead of writing into ``data``.
     write
@@ -117,14 +123,22 @@ def spatial_domains(
     KeyError
         Missing obs column or coordinates.
     ValueError
-        Bad parameters, a selection of the wrong length or type, no selected cell, or non-finite coordinates.
+        Bad parameters, a selection of the wrong length or type, no selected cell, non-finite coordinates of selected
+        cells, ``key_added`` naming the table's region or instance column, a ``shapes_key`` that would replace
+        anything but earlier domain polygons, or coordinates that match the cells' shapes in no coordinate system.
     TypeError
-        ``add_shapes=True`` with an AnnData.
+        ``add_shapes=True`` with an AnnData; a distance, ``min_cells`` or ``prefix`` of the wrong type.
     """
     from anndata import AnnData
 
     from .._table import check_key, resolve_table
 
+    max_distance = _check_number(max_distance, "max_distance")
+    merge_distance = _check_number(merge_distance, "merge_distance")
+    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer):
+        raise TypeError(f"min_cells={min_cells!r} must be a whole number of cells, e.g. min_cells=10.")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix={prefix!r} must be a string; domains are named f'{{prefix}}_1', f'{{prefix}}_2', ...")
     if platform is not None and platform not in PLATFORM_MAX_DISTANCE:
         raise ValueError(f"platform={platform!r} is not known; choose one of {sorted(PLATFORM_MAX_DISTANCE)} or None.")
     if max_distance is not None and not (np.isfinite(max_distance) and max_distance > 0):
@@ -145,22 +159,32 @@ def spatial_domains(
 
     ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
+    _check_not_a_link_column(adata, key_added)
+    if add_shapes:
+        _check_shapes_key(ref.sdata, shapes_key, key_added)
     mask, described = _selection_mask(adata, selection, value)
     coords, coords_source = _coordinates(adata, spatial_key, ref.sdata)
     libraries = _libraries(adata, library_key)
+    if library_key is None:
+        _warn_if_sections(adata)
 
     n_sel = int(mask.sum())
     if n_sel == 0:
+        present = ""
+        if isinstance(selection, str) and value is not None:
+            counts = obs_column(adata, selection).value_counts()
+            present = f" The column holds {counts.size} value(s), e.g. {counts.index[:12].tolist()}."
         raise ValueError(
-            f"The selection {described} picks no cell of the {adata.n_obs}, so there is nothing to group. Check the "
-            "column and value (e.g. classify first with scx.tl.classify_by_threshold)."
+            f"The selection {described} picks no cell of the {adata.n_obs}, so there is nothing to group.{present} "
+            "Check the column and value (e.g. classify first with scx.tl.classify_by_threshold)."
         )
     sel_idx = np.flatnonzero(mask)
     if not np.isfinite(coords[sel_idx]).all():
-        bad = int((~np.isfinite(coords[sel_idx]).all(axis=1)).sum())
+        bad = sel_idx[~np.isfinite(coords[sel_idx]).all(axis=1)]
         raise ValueError(
-            f"{bad} selected cell(s) have non-finite coordinates in obsm[{spatial_key!r}]; drop them from the "
-            "selection or fix the coordinates."
+            f"{bad.size} selected cell(s) have missing or infinite coordinates ({coords_source}; e.g. "
+            f"{adata.obs_names[bad[:3]].tolist()}), so they cannot be placed in a domain; drop them from the "
+            "selection (e.g. a mask `& np.isfinite(coords).all(axis=1)`) or fix the coordinates."
         )
 
     nn_median = _median_nn_distance(coords, libraries)
@@ -197,9 +221,10 @@ def spatial_domains(
     labels_sel, names, sizes = _name_domains(comp, prefix)
     n_cells_dropped = int((labels_sel < 0).sum())
 
-    gdf = None
+    shapes = None
     if add_shapes and names:
         gdf = _domain_polygons(coords[sel_idx], labels_sel, names, sizes, radius=distance / 2.0)
+        shapes = _parse_shapes(gdf, ref.sdata, adata, coords=coords, rows=sel_idx, source=coords_source, nn=nn_median)
     # no domain: no polygons, and polygons of an earlier run under the same key would describe domains that are gone
     stale = add_shapes and not names and shapes_key in ref.sdata.shapes
     if not names:
@@ -256,7 +281,7 @@ def spatial_domains(
         params["platform"] = platform
     if library_key is not None:
         params["library_key"] = library_key
-    if gdf is not None:
+    if shapes is not None:
         params["shapes_key"] = shapes_key
     adata.uns[key_added] = params
     logger.info(
@@ -270,7 +295,6 @@ def spatial_domains(
         n_dropped_domains,
     )
 
-    shapes = None if gdf is None else _parse_shapes(gdf, ref.sdata, adata)
     previous = ref.sdata.shapes.get(shapes_key) if (ref.sdata is not None and not copy) else None
     if shapes is not None and not copy:
         if previous is not None:
@@ -306,6 +330,16 @@ def spatial_domains(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_number(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(
+            f"{name}={value!r} must be a number, in the units of the coordinates (e.g. {name}=30.0 for microns)."
+        )
+    return float(value)
 
 
 def _selection_mask(adata: AnnData, selection: Any, value: Any) -> tuple[np.ndarray, str]:
@@ -380,10 +414,7 @@ def _linked_shape_centroids(adata: AnnData, sdata: SpatialData) -> tuple[np.ndar
     The domain polygons get that element's transformations (:func:`_parse_shapes`), so they overlay the cells.
     ``None`` when the table is not linked to a shapes element.
     """
-    import shapely
     from spatialdata.models import get_table_keys
-
-    from .._table import instance_positions
 
     if not adata.uns.get("spatialdata_attrs"):
         return None
@@ -397,8 +428,22 @@ def _linked_shape_centroids(adata: AnnData, sdata: SpatialData) -> tuple[np.ndar
     region = regions[0]
     if region not in sdata.shapes or instance_key not in adata.obs:
         return None
-    gdf = sdata.shapes[region]
+    coords = _shape_centroids(adata, sdata.shapes[region], instance_key, region)
+    logger.info("No coordinates in obsm; using the centroids of the shapes element %r.", region)
+    return coords, f"centroids of shapes {region!r}"
+
+
+def _shape_centroids(
+    adata: AnnData, gdf: gpd.GeoDataFrame, instance_key: str, region: str, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """``(n, 2)`` centroids, in the shapes' own coordinates, of the shapes of the table's cells (or of ``rows``)."""
+    import shapely
+
+    from .._table import instance_positions
+
     ids = obs_column(adata, instance_key).to_numpy()
+    if rows is not None:
+        ids = ids[rows]
     pos = instance_positions(gdf.index, ids)
     if (pos < 0).any():
         raise ValueError(
@@ -406,9 +451,7 @@ def _linked_shape_centroids(adata: AnnData, sdata: SpatialData) -> tuple[np.ndar
             f"shapes element {region!r} (e.g. {ids[pos < 0][:3].tolist()}); the table and its shapes do not match."
         )
     cent = shapely.centroid(gdf.geometry.to_numpy()[pos])  # points (circles) are their own centroid
-    coords = np.column_stack([shapely.get_x(cent), shapely.get_y(cent)]).astype(np.float64)
-    logger.info("No coordinates in obsm; using the centroids of the shapes element %r.", region)
-    return coords, f"centroids of shapes {region!r}"
+    return np.column_stack([shapely.get_x(cent), shapely.get_y(cent)]).astype(np.float64)
 
 
 def _libraries(adata: AnnData, library_key: str | None) -> np.ndarray | None:
@@ -420,6 +463,27 @@ def _libraries(adata: AnnData, library_key: str | None) -> np.ndarray | None:
     if col.isna().any():
         raise ValueError(f"obs[{library_key!r}] has missing values; every cell needs a section / sample.")
     return pd.Categorical(col).codes.astype(np.int64)
+
+
+#: obs columns that usually name sections / samples (squidpy's ``library_id`` first): without ``library_key``, cells of
+#: different sections sharing one coordinate frame are linked into one domain.
+SECTION_COLUMNS = ("library_id", "section", "sample", "sample_id", "slide", "slice")
+
+
+def _warn_if_sections(adata: AnnData) -> None:
+    for name in SECTION_COLUMNS:
+        if name in adata.obs.columns:
+            n = obs_column(adata, name).nunique()
+            if n > 1:
+                logger.warning(
+                    "spatial_domains: obs[%r] has %d values (sections or samples?) but library_key is None, so cells "
+                    "of different sections are linked if their coordinates are close (as when sections share one "
+                    "coordinate frame). Pass library_key=%r to keep each section's domains apart.",
+                    name,
+                    n,
+                    name,
+                )
+                return
 
 
 def _median_nn_distance(coords: np.ndarray, libraries: np.ndarray | None, max_cells: int = 50_000) -> float:
@@ -502,31 +566,30 @@ def _handle_small(
     if how == "drop" or not (~is_small).any():
         comp[is_small] = -1
         return comp, 0, int(small.size)
-    new = comp.copy()
-    n_merged = n_dropped = 0
+    # every small cell's nearest cell of a large domain of its library (within merge_distance), all at once
+    small_cells = np.flatnonzero(is_small)
     libs = np.zeros(comp.size, dtype=np.int64) if libraries is None else libraries
-    trees: dict[int, tuple[Any, np.ndarray]] = {}
-    for lib in np.unique(libs):
+    dist = np.full(small_cells.size, np.inf)
+    target = np.full(small_cells.size, -1, dtype=np.int64)
+    bound = np.nextafter(merge_distance, np.inf)  # cKDTree's bound is strict; merge_distance itself is in reach
+    for lib in np.unique(libs[small_cells]):
         large_cells = np.flatnonzero(~is_small & (libs == lib))
-        if large_cells.size:
-            trees[int(lib)] = (cKDTree(coords[large_cells, :2]), large_cells)
-    for c in small:
-        cells = np.flatnonzero(comp == c)
-        lib = int(libs[cells[0]])
-        if lib not in trees:
-            new[cells] = -1
-            n_dropped += 1
+        here = np.flatnonzero(libs[small_cells] == lib)
+        if not large_cells.size:
             continue
-        tree, large_cells = trees[lib]
-        d, j = tree.query(coords[cells, :2], k=1)
-        best = int(np.argmin(d))
-        if d[best] <= merge_distance:
-            new[cells] = comp[large_cells[j[best]]]
-            n_merged += 1
-        else:
-            new[cells] = -1
-            n_dropped += 1
-    return new, n_merged, n_dropped
+        d, j = cKDTree(coords[large_cells, :2]).query(coords[small_cells[here], :2], k=1, distance_upper_bound=bound)
+        hit = np.isfinite(d)
+        dist[here[hit]] = d[hit]
+        target[here[hit]] = comp[large_cells[j[hit]]]
+    # per small domain, its cell nearest to a large domain (ties: the first cell) decides where it goes
+    order = np.lexsort((small_cells, dist, comp[small_cells]))
+    groups, first = np.unique(comp[small_cells][order], return_index=True)
+    goes_to = np.full(sizes.size, -1, dtype=np.int64)
+    goes_to[groups] = target[order[first]]
+    new = comp.copy()
+    new[small_cells] = goes_to[comp[small_cells]]
+    n_merged = int((goes_to[groups] >= 0).sum())
+    return new, n_merged, int(groups.size - n_merged)
 
 
 def _name_domains(comp: np.ndarray, prefix: str) -> tuple[np.ndarray, list[str], list[int]]:
@@ -551,8 +614,10 @@ def _domain_polygons(
     import shapely
 
     geoms = []
+    order = np.argsort(labels, kind="stable")  # the cells of each domain, in one pass (no scan per domain)
+    bounds = np.searchsorted(labels[order], np.arange(len(names) + 1))
     for i in range(len(names)):
-        pts = shapely.points(coords[labels == i, :2])
+        pts = shapely.points(coords[order[bounds[i] : bounds[i + 1]], :2])
         # closing: disks of twice the radius, unioned, then shrunk by the radius. The result holds every disk of
         # ``radius`` around the domain's cells and fills the gaps between linked cells (no beads on a string).
         grown = shapely.union_all(shapely.buffer(pts, 2 * radius, quad_segs=4))
@@ -562,19 +627,170 @@ def _domain_polygons(
     )
 
 
-def _parse_shapes(gdf: gpd.GeoDataFrame, sdata: SpatialData, adata: AnnData) -> gpd.GeoDataFrame:
-    """Shapes element with the transformations of the table's region element (Identity to 'global' otherwise)."""
+def _parse_shapes(
+    gdf: gpd.GeoDataFrame,
+    sdata: SpatialData,
+    adata: AnnData,
+    *,
+    coords: np.ndarray,
+    rows: np.ndarray,
+    source: str,
+    nn: float,
+) -> gpd.GeoDataFrame:
+    """Shapes element of the domain polygons, placed where the cells are.
+
+    The polygons are in the units of ``coords``. When the table annotates one shapes element, the polygons get its
+    transformations if ``coords`` are in its own coordinates (the usual case: spatialdata-io and SOPA put the
+    centroids there); if ``coords`` match the cells in one of its coordinate systems instead, the polygons are placed
+    in that system (and mapped to the element's other systems through it). If they match none, this raises rather
+    than write polygons that do not overlay the cells. A table annotating a labels element gives its transformations;
+    no (or an ambiguous) link gives Identity to ``"global"``.
+    """
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import Identity, get_transformation
 
-    transformations = {"global": Identity()}
-    attrs = adata.uns.get("spatialdata_attrs", {})
-    region = attrs.get("region") if isinstance(attrs, dict) else None
-    if isinstance(region, list | tuple | np.ndarray) and len(region) == 1:
-        region = region[0]
-    if isinstance(region, str) and region in sdata.shapes:
-        transformations = get_transformation(sdata.shapes[region], get_all=True)
+    transformations: dict[str, Any] = {"global": Identity()}
+    regions = _table_regions(adata)
+    elements = [sdata.shapes.get(r, sdata.labels.get(r)) for r in regions]
+    elements = [e for e in elements if e is not None]
+    if len(regions) == 1 and elements:
+        transformations = get_transformation(elements[0], get_all=True)
+        if regions[0] in sdata.shapes and not source.startswith("centroids of shapes"):
+            transformations = _frame_of_coordinates(sdata, adata, regions[0], coords[rows], rows, source, nn)
+    elif len(regions) > 1 and elements:
+        found = [get_transformation(e, get_all=True) for e in elements]
+        if all(f == found[0] for f in found[1:]):
+            transformations = found[0]
+        else:
+            logger.warning(
+                "spatial_domains: the table annotates %d regions %s with different transformations; the domain "
+                "polygons are placed with Identity to 'global', which assumes the %s are global coordinates.",
+                len(regions),
+                regions,
+                source,
+            )
     return ShapesModel.parse(gdf, transformations=transformations)
+
+
+def _frame_of_coordinates(
+    sdata: SpatialData, adata: AnnData, region: str, coords: np.ndarray, rows: np.ndarray, source: str, nn: float
+) -> dict[str, Any]:
+    """Transformations for polygons drawn in the frame of ``coords`` (the coordinates of the cells ``rows``).
+
+    That frame is the shapes element ``region``'s own, or the coordinate system of it in which its centroids equal
+    ``coords`` (median offset at most half the median nearest-neighbour distance ``nn``).
+    """
+    from spatialdata.transformations import Identity, Sequence, get_transformation
+
+    element = sdata.shapes[region]
+    transformations = get_transformation(element, get_all=True)
+    _, _, instance_key = _link_keys(adata)
+    if instance_key is None or instance_key not in adata.obs:
+        return transformations
+    rng = np.random.default_rng(0)
+    sample = rows if rows.size <= 10_000 else np.sort(rng.choice(rows, 10_000, replace=False))
+    at = np.searchsorted(rows, sample)
+    xy = coords[at, :2]
+    cent = _shape_centroids(adata, element, instance_key, region, sample)
+    tol = 0.5 * nn if np.isfinite(nn) and nn > 0 else 0.0
+    tol = max(tol, 1e-6 * float(np.nanmax(np.abs(xy))) if xy.size else 0.0)
+
+    def offset(points: np.ndarray) -> float:
+        return float(np.nanmedian(np.linalg.norm(points - xy, axis=1)))
+
+    own = offset(cent)
+    if own <= tol:
+        return transformations
+    tried = {"the shapes' own coordinates": own}
+    for cs, t in transformations.items():
+        m = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+        moved = cent @ m[:2, :2].T + m[:2, 2]
+        tried[f"coordinate system {cs!r}"] = offset(moved)
+        if tried[f"coordinate system {cs!r}"] <= tol:
+            logger.info(
+                "spatial_domains: the %s are in coordinate system %r of %r; the polygons are too.", source, cs, region
+            )
+            back = t.inverse()
+            return {other: Identity() if other == cs else Sequence([back, u]) for other, u in transformations.items()}
+    found = ", ".join(f"{where}: {d:.4g}" for where, d in tried.items())
+    raise ValueError(
+        f"The {source} used for the domains do not match the cells' shapes {region!r} (median distance between a "
+        f"cell's coordinates and its shape's centroid, in {found}; at most {tol:.4g} expected), so the domain "
+        "polygons could not be placed over the cells. Put the centroids in the shapes' own coordinates into obsm "
+        "(or delete the obsm entry: the shapes' centroids are used then), or pass add_shapes=False."
+    )
+
+
+def _link_keys(adata: AnnData) -> tuple[list[str], str | None, str | None]:
+    """``(regions, region_key, instance_key)`` of the table's link to spatial elements; empty / None without one."""
+    attrs = adata.uns.get("spatialdata_attrs")
+    if not isinstance(attrs, dict) or not attrs:
+        return [], None, None
+    region = attrs.get("region")
+    if region is None:
+        regions: list[str] = []
+    elif isinstance(region, str):
+        regions = [region]
+    else:
+        regions = [str(r) for r in np.asarray(region).ravel()]
+    return regions, attrs.get("region_key"), attrs.get("instance_key")
+
+
+def _table_regions(adata: AnnData) -> list[str]:
+    return _link_keys(adata)[0]
+
+
+def _check_not_a_link_column(adata: AnnData, key_added: str) -> None:
+    _, region_key, instance_key = _link_keys(adata)
+    for name, key in (("region_key", region_key), ("instance_key", instance_key)):
+        if key is not None and key_added == key:
+            raise ValueError(
+                f"key_added={key_added!r} is the table's {name} (uns['spatialdata_attrs']): writing the domains there "
+                "would break the link between the table and its cells' shapes. Choose another key_added, e.g. "
+                "key_added='domain'."
+            )
+
+
+def _check_shapes_key(sdata: SpatialData | None, shapes_key: str, key_added: str) -> None:
+    """Refuse a ``shapes_key`` that names the cells' shapes, another element, or shapes not made by this function."""
+    if sdata is None:
+        return
+    for kind in ("images", "labels", "points", "tables"):
+        clash = [name for name in getattr(sdata, kind) if name.lower() == shapes_key.lower()]
+        if clash:
+            raise ValueError(
+                f"shapes_key={shapes_key!r}: the SpatialData already has a {kind[:-1]} element {clash[0]!r}, and "
+                f"element names must be unique across element types. Pass another shapes_key, e.g. "
+                f"shapes_key='{key_added}_shapes'."
+            )
+    for name in sdata.shapes:
+        if name != shapes_key and name.lower() == shapes_key.lower():
+            raise ValueError(
+                f"shapes_key={shapes_key!r} differs only in case from the shapes element {name!r}, which spatialdata "
+                "does not allow. Pass another shapes_key."
+            )
+    if shapes_key not in sdata.shapes:
+        return
+    annotating = [key for key, table in sdata.tables.items() if shapes_key in _table_regions(table)]
+    if annotating:
+        raise ValueError(
+            f"shapes_key={shapes_key!r} is the shapes element of the cells that the table(s) {annotating} annotate; "
+            "replacing it with domain polygons would lose the cells' shapes and break the link. Pass another "
+            f"shapes_key, e.g. shapes_key='{key_added}_shapes'."
+        )
+    recorded = any(
+        isinstance(value, dict) and value.get("shapes_key") == shapes_key
+        for table in sdata.tables.values()
+        for value in table.uns.values()
+    )
+    element = sdata.shapes[shapes_key]
+    looks_like_domains = list(element.columns.drop(element.geometry.name)) == ["n_cells"]
+    if not (recorded or looks_like_domains):
+        raise ValueError(
+            f"The SpatialData already holds a shapes element {shapes_key!r} (columns {list(element.columns)}) that "
+            "is not domain polygons of spatial_domains, so it is not replaced. Pass another shapes_key, or remove "
+            f"the element first (del sdata[{shapes_key!r}])."
+        )
 
 
 def _write_shapes(sdata: SpatialData, shapes_key: str) -> None:
