@@ -305,6 +305,10 @@ def test_sizes_follow_the_arguments():
         ({"n_cells": 400.5}, TypeError, r"n_cells.*integer"),
         ({"n_reference_cells": True}, TypeError, r"n_reference_cells.*integer"),
         ({"random_state": "zero"}, TypeError, r"random_state"),
+        # before: numpy's bare "expected non-negative integer"
+        ({"random_state": -1}, ValueError, r"random_state.*non-negative"),
+        # before: accepted, any truthy value rendered an image
+        ({"image": "no"}, TypeError, r"image.*True or False"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, error, match):
@@ -355,3 +359,51 @@ def test_spatialdata_and_reference_round_trip(small_demo, tmp_path):
     reference_back = ad.read_h5ad(tmp_path / "reference.h5ad")
     assert (reference.X != reference_back.X).nnz == 0
     pd.testing.assert_frame_equal(reference.obs, reference_back.obs)
+
+
+def _median_neighbour_distance(xy: np.ndarray) -> float:
+    distance, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(distance[:, 1]))
+
+
+def test_more_cells_make_a_larger_section_not_a_denser_one(default_demo):
+    """Before: the section stayed 1.2 mm x 0.8 mm whatever n_cells, so 12,000 cells sat three times as densely
+    (neighbours about 4 µm apart, most cell circles overlapping) and 1M cells 1.4 µm apart."""
+    from spatialdata.transformations import get_transformation
+
+    sdata, _ = scx.datasets.demo(n_cells=12_000, n_reference_cells=500, n_reference_genes=600, random_state=1)
+    xy = sdata["table"].obsm["spatial"]
+    default_xy = default_demo[0]["table"].obsm["spatial"]
+    assert _median_neighbour_distance(xy) == pytest.approx(_median_neighbour_distance(default_xy), rel=0.15)
+    area = np.prod(xy.max(axis=0) - xy.min(axis=0))
+    assert area > 2.5 * np.prod(default_xy.max(axis=0) - default_xy.min(axis=0))
+    # the larger section is the same tissue: every zone and type, in similar shares
+    obs = sdata["table"].obs
+    assert set(obs["true_zone"]) == set(ZONES)
+    shares = obs["true_cell_type"].value_counts(normalize=True)
+    default_shares = default_demo[0]["table"].obs["true_cell_type"].value_counts(normalize=True)
+    np.testing.assert_allclose(shares[default_shares.index], default_shares, atol=0.04)
+    # the image still covers every cell and shows their nuclei
+    image = sdata["image"]
+    pixel = get_transformation(image, to_coordinate_system="global").to_affine_matrix(("y", "x"), ("y", "x"))[0, 0]
+    assert image.sizes["x"] * pixel >= xy[:, 0].max() and image.sizes["y"] * pixel >= xy[:, 1].max()
+    dapi = image.sel(c="DAPI").values.astype(float)
+    rows, cols = (xy[:, 1] / pixel).astype(int), (xy[:, 0] / pixel).astype(int)
+    assert dapi[rows, cols].mean() > 3 * np.median(dapi)
+
+
+def test_large_image_is_multiscale_and_round_trips(monkeypatch, tmp_path):
+    from spatialdata import read_zarr
+    from xarray import DataTree
+
+    from spatialcx.datasets import _demo
+
+    monkeypatch.setattr(_demo, "_MAX_SINGLE_SCALE", 256)  # as a section of a million cells would be
+    sdata, _ = scx.datasets.demo(**{**SMALL, "n_cells": 200}, random_state=4)
+    image = sdata["image"]
+    assert isinstance(image, DataTree)
+    levels = [image[k]["image"] for k in sorted(image.children)]
+    assert levels[0].shape == (2, 667, 1000) and levels[-1].shape[2] <= 256
+    sdata.write(tmp_path / "demo.zarr")
+    back = read_zarr(tmp_path / "demo.zarr")
+    np.testing.assert_array_equal(back["image"]["scale0"]["image"].values, levels[0].values)

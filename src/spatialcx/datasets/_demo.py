@@ -2,12 +2,15 @@
 
 The tissue is a 1.2 mm x 0.8 mm section of human colon: surface epithelium and crypts (stem cells at the crypt base,
 goblet cells and enterocytes above), lamina propria between the crypts, the muscularis mucosae, a submucosa with blood
-vessels, and an isolated lymphoid follicle (B-cell core, T-cell rim) that pushes through the muscularis. Counts come
-from a gamma-Poisson (negative binomial) model of type-specific expression profiles built from real marker genes.
+vessels, and an isolated lymphoid follicle (B-cell core, T-cell rim) that pushes through the muscularis; more cells
+make more such strips, at the same cell density. Counts come from a gamma-Poisson (negative binomial) model of
+type-specific expression profiles built from real marker genes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -278,6 +281,9 @@ _MM_TOP, _MM_BOTTOM, _TISSUE_BOTTOM = 420.0, 465.0, 780.0
 _CRYPT_SPACING, _CRYPT_HALF_WIDTH, _CRYPT_LUMEN = 100.0, 30.0, 5.0
 _FOLLICLE = (850.0, 500.0, 170.0, 140.0)  # centre x, centre y, radius x, radius y
 _PIXEL_SIZE = 1.2  # micrometres per image pixel
+#: Cells per 1.2 mm x 0.8 mm tile (about 4,000 per mm², as in a real section); more cells, more tiles.
+_CELLS_PER_TILE = 4000
+_MAX_SINGLE_SCALE = 4096  # pixels on the longer side above which the image is multiscale
 
 #: Relative cell density of each zone (the follicle is packed, the submucosa loose).
 _ZONE_DENSITY = {
@@ -389,23 +395,30 @@ def demo(
     """Make a synthetic colon-mucosa spatial dataset and a labelled scRNA-seq reference.
 
     Nothing is downloaded: the data are simulated, fast (a couple of seconds for the defaults) and fully seeded.
-    The tissue (1.2 mm x 0.8 mm) has crypts with stem cells at their base and goblet cells and enterocytes above,
-    lamina propria rich in plasma cells between them, the muscularis mucosae, a submucosa with blood vessels, and an
-    isolated lymphoid follicle (B-cell core, T-cell rim). The 11 cell types carry exact Cell Ontology labels
-    and express real human marker genes (e.g. ``LGR5``, ``MUC2``, ``MS4A1``) over shared programmes,
-    housekeeping genes and a background, with counts drawn from a gamma-Poisson (negative binomial) model.
+    The tissue (1.2 mm x 0.8 mm for up to about 6,000 cells) has crypts with stem cells at their base and goblet
+    cells and enterocytes above, lamina propria rich in plasma cells between them, the muscularis mucosae, a
+    submucosa with blood vessels, and an isolated lymphoid follicle (B-cell core, T-cell rim). The 11 cell types
+    carry exact Cell Ontology labels and express real human marker genes (e.g. ``LGR5``, ``MUC2``, ``MS4A1``) over
+    shared programmes, housekeeping genes and a background, with counts drawn from a gamma-Poisson (negative
+    binomial) model.
+    More cells make a larger section, not a denser one: every 4,000 cells add a 1.2 mm x 0.8 mm strip of mucosa
+    (its own follicle and vessels), the strips laid side by side in rows, so that cells stay about 7 µm apart as in
+    real tissue (a million cells cover about 19 mm x 13 mm, a few minutes and a few GB of memory).
 
-    The reference is deeper (about 5-10x the spatial counts per cell) and spans more genes, though not the whole
-    panel (it lacks about 7 % of the panel's genes, none of them markers). It has a per-gene platform bias against
-    the panel, comes from two sources (``"atlas_A"``: immune-enriched and deep; ``"atlas_B"``: epithelium-enriched
-    and shallower) and holds two types the section lacks (``"mast cell"``, ``"enteroendocrine cell"``). The section's cells
-    carry what makes real annotation imperfect: segmentation bleed-through from neighbours, transit-amplifying cells
-    between stem and mature epithelium, and a donor difference from the reference.
+    The reference is deeper (about 5-10x the spatial counts per cell) and spans more genes, though not the whole panel:
+    it lacks about 7 % of the panel's genes (21 of the default 300; none of them a marker, programme or housekeeping
+    gene), as a real reference often does (genes filtered out or renamed before it was shared), so
+    :func:`spatialcx.tl.annotate` on the demo warns that those panel genes are missing from the reference and trains on
+    the shared ones: that warning is expected. It has a per-gene platform bias against the panel, comes from two sources
+    (``"atlas_A"``: immune-enriched and deep; ``"atlas_B"``: epithelium-enriched and shallower) and holds two types the
+    section lacks (``"mast cell"``, ``"enteroendocrine cell"``). The section's cells carry what makes real annotation
+    imperfect: segmentation bleed-through from neighbours, transit-amplifying cells between stem and mature epithelium,
+    and a donor difference from the reference.
 
     Parameters
     ----------
     n_cells
-        Number of cells in the tissue section.
+        Number of cells in the tissue section; the section grows with it (see above).
     n_genes
         Number of genes on the spatial panel (all markers, programme and housekeeping genes, then others). At least
         the number of those required genes.
@@ -414,11 +427,12 @@ def demo(
     n_reference_genes
         Number of genes in the reference.
     random_state
-        Seed (or generator) of everything random: layout, expression profiles, counts and image. The same seed
-        gives identical data; ``None`` draws fresh entropy.
+        Seed (a non-negative integer, or a generator) of everything random: layout, expression profiles, counts
+        and image. The same seed gives identical data; ``None`` draws fresh entropy.
     image
         Whether to render a two-channel (``"DAPI"``, ``"18S"``) uint8 image of the section (1000 x 667 px at 1.2 µm
-        per pixel, placed in microns by a scale transformation).
+        per pixel for the default section, placed in microns by a scale transformation; multiscale and chunked
+        when longer than 4096 px on a side).
 
     Returns
     -------
@@ -426,7 +440,8 @@ def demo(
 
     ``sdata`` is a :class:`~spatialdata.SpatialData` with
 
-    - ``images["image"]``: ``(c, y, x)`` uint8 image (when ``image=True``), ``Scale`` to the ``"global"`` microns;
+    - ``images["image"]``: ``(c, y, x)`` uint8 image (when ``image=True``), ``Scale`` to the ``"global"`` microns
+      (a multiscale ``DataTree`` for a large section);
     - ``shapes["cells"]``: circles (``radius`` in µm) indexed by the instance ids;
     - ``tables["table"]``: raw integer counts in ``X`` (CSR, float32); ``obs["region"]`` (``"cells"``),
       ``obs["instance_id"]``, the ground truth ``obs["true_cell_type"]`` and ``obs["true_zone"]``;
@@ -446,6 +461,8 @@ def demo(
     required = _required_genes()
     _check_positive_int(n_genes, "n_genes", minimum=len(required))
     _check_positive_int(n_reference_genes, "n_reference_genes", minimum=1)
+    if not isinstance(image, bool | np.bool_):
+        raise TypeError(f"`image` must be True or False, got {image!r} ({type(image).__name__}).")
 
     seeds = _seed_sequence(random_state).spawn(5)
     gene_rng, tissue_rng, spatial_rng, reference_rng, image_rng = (np.random.default_rng(s) for s in seeds)
@@ -456,7 +473,7 @@ def demo(
     gene_pos = pd.Index(universe)
 
     # --- tissue section ---
-    xy, zone, cell_types, crypt_depth, vessels = _layout(tissue_rng, n_cells)
+    xy, zone, cell_types, crypt_depth, section = _layout(tissue_rng, n_cells)
     radius = np.array([_RADIUS[t] for t in SPATIAL_CELL_TYPES])[cell_types] * tissue_rng.uniform(0.85, 1.15, n_cells)
     panel_idx = gene_pos.get_indexer(panel)
     platform_bias = np.exp(gene_rng.normal(0.0, 0.5, len(panel)))
@@ -470,7 +487,7 @@ def demo(
 
     # --- assemble (validation and simulation are done; nothing below can fail on the inputs) ---
     sdata = _assemble_spatialdata(
-        xy, zone, cell_types, radius, spatial_counts, panel, vessels, image_rng if image else None
+        xy, zone, cell_types, radius, spatial_counts, panel, section, image_rng if image else None
     )
     all_types = list(CELL_TYPES)
     ref_obs = pd.DataFrame(
@@ -514,6 +531,8 @@ def _seed_sequence(random_state: int | np.random.Generator | None) -> np.random.
         return np.random.SeedSequence(random_state.integers(0, 2**63))
     if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int | np.integer)):
         raise TypeError(f"`random_state` must be an int, a numpy Generator or None, got {random_state!r}.")
+    if random_state is not None and random_state < 0:
+        raise ValueError(f"`random_state` must be a non-negative integer seed (e.g. 0), got {random_state}.")
     return np.random.SeedSequence(random_state)
 
 
@@ -613,22 +632,31 @@ def _owner(gene: str) -> str:
 
 
 def _gamma_poisson(
-    rng: np.random.Generator, mean: np.ndarray, dispersion: np.ndarray, *, chunk_size: int = 500
+    rng: np.random.Generator,
+    mean_of: Callable[[int, int], np.ndarray],
+    n_rows: int,
+    dispersion: np.ndarray,
+    *,
+    chunk_size: int = 500,
 ) -> sp.csr_matrix:
-    """Negative binomial counts with the given means (cells x genes) and per-gene dispersion, as float32 CSR.
+    """Negative binomial counts with per-gene dispersion, as float32 CSR.
 
-    Drawn as Poisson(mean * Gamma(1 / dispersion, dispersion)), a few hundred cells at a time (cache-friendly).
+    ``mean_of(start, stop)`` gives the means (cells x genes) of rows ``start:stop``: only a few hundred cells' means
+    exist at a time, so memory stays O(chunk) however many cells. Drawn as Poisson(mean * Gamma(1 / dispersion,
+    dispersion)).
     """
     shape, scale = 1.0 / dispersion, dispersion
     blocks = []
-    for start in range(0, mean.shape[0], chunk_size):
-        block = mean[start : start + chunk_size]
+    for start in range(0, n_rows, chunk_size):
+        block = mean_of(start, min(start + chunk_size, n_rows))
         rate = rng.gamma(shape, scale, size=block.shape)
         rate *= block
         counts = rng.poisson(rate)
         rows, cols = np.nonzero(counts)
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=block.shape[0]))])
         blocks.append(sp.csr_matrix((counts[rows, cols].astype(np.float32), cols, indptr), shape=block.shape))
+    if not blocks:
+        return sp.csr_matrix((0, len(dispersion)), dtype=np.float32)
     return sp.vstack(blocks, format="csr")
 
 
@@ -673,12 +701,16 @@ def _spatial_counts(
     k = min(2, n - 1)
     _, nn = cKDTree(xy).query(xy, k=k + 1)
     spill = rng.beta(*_SPILLOVER, n)[:, None]
-    mixture = (1.0 - spill) * own + spill * own[nn[:, 1:]].mean(axis=1)
     size = (radius / 5.0) ** 2
     library = _SPATIAL_MEDIAN_COUNTS * size * np.exp(rng.normal(0.0, 0.4, n))
-    mean = (mixture @ profiles) * library[:, None]
     dispersion = np.exp(rng.normal(np.log(0.1), 0.4, profiles.shape[1]))
-    return _gamma_poisson(rng, mean, dispersion)
+
+    def mean_of(start: int, stop: int) -> np.ndarray:
+        s = spill[start:stop]
+        mixture = (1.0 - s) * own[start:stop] + s * own[nn[start:stop, 1:]].mean(axis=1)
+        return (mixture @ profiles) * library[start:stop, None]
+
+    return _gamma_poisson(rng, mean_of, n, dispersion)
 
 
 def _allocate(n: int, weights: np.ndarray) -> np.ndarray:
@@ -717,10 +749,14 @@ def _reference_counts(
     batch = np.exp(rng.normal(0.0, 0.15, (len(_SOURCES), 1, n_genes)))  # per-source, per-gene bias
     profiles = np.exp(log_profiles)[None, :, :] * batch  # sources x types x genes
     profiles /= profiles.sum(axis=2, keepdims=True)
-    mean = profiles[source_codes_, type_codes_]
-    mean *= library_[:, None]
     dispersion = np.exp(rng.normal(np.log(0.3), 0.4, n_genes))
-    counts = _gamma_poisson(rng, mean, dispersion)
+
+    def mean_of(start: int, stop: int) -> np.ndarray:
+        mean = profiles[source_codes_[start:stop], type_codes_[start:stop]]
+        mean *= library_[start:stop, None]
+        return mean
+
+    counts = _gamma_poisson(rng, mean_of, n_cells, dispersion)
     return counts, type_codes_, source_codes_
 
 
@@ -732,9 +768,48 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
-def _vessels(rng: np.random.Generator) -> np.ndarray:
+@dataclass(frozen=True)
+class _Section:
+    """The section: ``n_tiles`` tiles of ``_WIDTH`` x ``_HEIGHT`` µm in rows of ``n_cols``.
+
+    Each tile has its own follicle and vessels (tile-local coordinates). One tile holds about :data:`_CELLS_PER_TILE`
+    cells, so cell density stays that of a real section however many cells are asked for; larger sections are strips of
+    mucosa side by side in rows.
+    """
+
+    n_tiles: int
+    n_cols: int
+    follicles: tuple[tuple[float, float, float, float], ...]
+    vessels: tuple[np.ndarray, ...]
+
+    @property
+    def n_rows(self) -> int:
+        return -(-self.n_tiles // self.n_cols)
+
+    @property
+    def width(self) -> float:
+        return min(self.n_tiles, self.n_cols) * _WIDTH
+
+    @property
+    def height(self) -> float:
+        return self.n_rows * _HEIGHT
+
+
+def _section(rng: np.random.Generator, n_cells: int) -> _Section:
+    n_tiles = max(1, round(n_cells / _CELLS_PER_TILE))
+    n_cols = int(np.ceil(np.sqrt(n_tiles)))
+    follicles = [_FOLLICLE]
+    vessels = [_vessels(rng, _FOLLICLE)]
+    for _ in range(1, n_tiles):
+        follicle = (float(rng.uniform(300.0, _WIDTH - 300.0)), *_FOLLICLE[1:])
+        follicles.append(follicle)
+        vessels.append(_vessels(rng, follicle))
+    return _Section(n_tiles, n_cols, tuple(follicles), tuple(vessels))
+
+
+def _vessels(rng: np.random.Generator, follicle: tuple[float, float, float, float]) -> np.ndarray:
     """Blood vessels of the submucosa: rows of (x, y, lumen radius), away from the follicle and each other."""
-    cx, cy, rx, ry = _FOLLICLE
+    cx, cy, rx, ry = follicle
     out: list[tuple[float, float, float]] = []
     for _ in range(500):
         x, y = rng.uniform(50, _WIDTH - 50), rng.uniform(_MM_BOTTOM + 60, _TISSUE_BOTTOM - 50)
@@ -749,9 +824,64 @@ def _vessels(rng: np.random.Generator) -> np.ndarray:
     return np.array(out).reshape(-1, 3)
 
 
-def _zone_weights(x: np.ndarray, y: np.ndarray, vessels: np.ndarray) -> dict[str, np.ndarray]:
-    """Soft membership (0-1) of points in each compartment; borders are a few micrometres wide."""
-    surface = 40.0 + 8.0 * np.sin(2 * np.pi * x / 350.0)
+def _tile_of(x: np.ndarray, y: np.ndarray, section: _Section) -> np.ndarray:
+    col = np.clip(np.floor(x / _WIDTH), 0, section.n_cols - 1).astype(np.int64)
+    row = np.clip(np.floor(y / _HEIGHT), 0, section.n_rows - 1).astype(np.int64)
+    return row * section.n_cols + col
+
+
+def _per_tile(
+    x: np.ndarray,
+    y: np.ndarray,
+    section: _Section,
+    fn: Callable[[dict[str, np.ndarray]], np.ndarray],
+    tile: np.ndarray | None = None,
+) -> np.ndarray:
+    """``fn`` of the zone weights of points (µm), tile by tile (memory O(tile)); zeros where no tissue tile lies.
+
+    ``tile`` assigns the points to tiles (default: the tile they lie in), e.g. jittered points to their cell's tile.
+    """
+    if section.n_tiles == 1:
+        return fn(_zone_weights(x, y, section.vessels[0], section.follicles[0]))
+    tile = _tile_of(x, y, section) if tile is None else tile
+    order = np.argsort(tile, kind="stable")
+    bounds = np.searchsorted(tile[order], np.arange(section.n_tiles + 1))
+    out: np.ndarray | None = None
+    for t in range(section.n_tiles):
+        idx = order[bounds[t] : bounds[t + 1]]
+        if idx.size == 0:
+            continue
+        row, col = divmod(t, section.n_cols)
+        w = _zone_weights(
+            x[idx] - col * _WIDTH,
+            y[idx] - row * _HEIGHT,
+            section.vessels[t],
+            section.follicles[t],
+            x_offset=col * _WIDTH,
+        )
+        value = fn(w)
+        if out is None:
+            out = np.zeros((len(x), *value.shape[1:]), dtype=value.dtype)
+        out[idx] = value
+    if out is None:  # no point on any tile
+        value = fn(_zone_weights(np.zeros(0), np.zeros(0), section.vessels[0], section.follicles[0]))
+        out = np.zeros((len(x), *value.shape[1:]), dtype=value.dtype)
+    return out
+
+
+def _zone_weights(
+    x: np.ndarray,
+    y: np.ndarray,
+    vessels: np.ndarray,
+    follicle: tuple[float, float, float, float],
+    *,
+    x_offset: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """Soft membership (0-1) of points (tile-local µm) in each compartment; borders are a few micrometres wide.
+
+    ``x_offset`` is the tile's position along its row: the surface and the crypts continue across the tiles of a row.
+    """
+    surface = 40.0 + 8.0 * np.sin(2 * np.pi * (x + x_offset) / 350.0)
     crypt_base = surface + 360.0
     below_surface = _sigmoid((y - surface) / 3.0)
     mucosa = below_surface * _sigmoid((_MM_TOP - y) / 4.0)
@@ -766,7 +896,7 @@ def _zone_weights(x: np.ndarray, y: np.ndarray, vessels: np.ndarray) -> dict[str
     epithelium = mucosa * np.maximum(crypt_wall, surface_layer * (1.0 - crypt_lumen))
     lamina = mucosa * np.clip(1.0 - np.maximum(crypt_wall, surface_layer) - crypt_lumen, 0.0, 1.0)
 
-    cx, cy, rx, ry = _FOLLICLE
+    cx, cy, rx, ry = follicle
     rho = np.hypot((x - cx) / rx, (y - cy) / ry)
     follicle = _sigmoid((1.0 - rho) / 0.05) * below_surface
     core = _sigmoid((0.62 - rho) / 0.05) * below_surface
@@ -838,22 +968,20 @@ def _zone_of(w: dict[str, np.ndarray]) -> np.ndarray:
     return stacked.argmax(axis=0)
 
 
-def _layout(
-    rng: np.random.Generator, n_cells: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Cell centroids (µm), zone codes, type codes, crypt depth (0 surface, 1 base) and the vessels.
+def _layout(rng: np.random.Generator, n_cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, _Section]:
+    """Cell centroids (µm), zone codes, type codes, crypt depth (0 surface, 1 base) and the section.
 
     Positions are sampled from the zones' densities, types from their compositions.
     """
-    vessels = _vessels(rng)
+    section = _section(rng, n_cells)
     # candidates on a jittered grid, about five per cell; keep n_cells of them weighted by the local density
-    step = np.sqrt(_WIDTH * _HEIGHT * 0.8 / (5.0 * n_cells))
-    gx, gy = np.meshgrid(np.arange(step / 2, _WIDTH, step), np.arange(step / 2, _HEIGHT, step))
+    step = np.sqrt(_WIDTH * _HEIGHT * section.n_tiles * 0.8 / (5.0 * n_cells))
+    gx, gy = np.meshgrid(np.arange(step / 2, section.width, step), np.arange(step / 2, section.height, step))
     x = gx.ravel() + rng.uniform(-0.35, 0.35, gx.size) * step
     y = gy.ravel() + rng.uniform(-0.35, 0.35, gx.size) * step
-    w = _zone_weights(x, y, vessels)
-    density = _density(w)
-    keep = (density > 0.05) & (x >= 0) & (x < _WIDTH) & (y >= 0) & (y < _HEIGHT)
+    del gx, gy
+    density = _per_tile(x, y, section, _density)
+    keep = (density > 0.05) & (x >= 0) & (x < section.width) & (y >= 0) & (y < section.height)
     x, y, density = x[keep], y[keep], density[keep]
     if len(x) < n_cells:  # pragma: no cover - the grid is sized for about five candidates per cell
         raise RuntimeError(f"only {len(x)} candidate positions for {n_cells} cells")
@@ -865,29 +993,31 @@ def _layout(
 
     # types come from the zone memberships at a slightly jittered position: cells mix across borders
     jx, jy = x + rng.normal(0.0, 4.0, n_cells), y + rng.normal(0.0, 4.0, n_cells)
-    w = _zone_weights(jx, jy, vessels)
-    prob = _type_probabilities(w)
+    tile = _tile_of(x, y, section)
+    jittered = _per_tile(
+        jx, jy, section, lambda w: np.column_stack([_type_probabilities(w), w["_crypt_depth"]]), tile=tile
+    )
+    prob, crypt_depth = jittered[:, :-1], jittered[:, -1]
     prob /= prob.sum(axis=1, keepdims=True)
     u = rng.uniform(size=(n_cells, 1))
     cell_types = np.minimum((prob.cumsum(axis=1) < u).sum(axis=1), len(SPATIAL_CELL_TYPES) - 1)
-    zone = _zone_of(_zone_weights(x, y, vessels))
-    return np.column_stack([x, y]), zone, cell_types, w["_crypt_depth"], vessels
+    zone = _per_tile(x, y, section, _zone_of, tile=tile)
+    return np.column_stack([x, y]), zone, cell_types, crypt_depth, section
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # SpatialData
 
 
-def _render_image(rng: np.random.Generator, xy: np.ndarray, cell_types: np.ndarray, vessels: np.ndarray) -> np.ndarray:
-    """A ``(2, y, x)`` uint8 image: DAPI (nuclei) and 18S (cytoplasm) over tissue autofluorescence."""
+def _render_image(rng: np.random.Generator, xy: np.ndarray, cell_types: np.ndarray, section: _Section) -> np.ndarray:
+    """A ``(2, y, x)`` uint8 image: DAPI (nuclei) and 18S (cytoplasm) over tissue autofluorescence.
+
+    Rendered tile by tile (with a margin, so that blobs and blur cross the seams), in memory O(tile) besides the image.
+    """
     from scipy.ndimage import gaussian_filter
 
-    ny, nx = int(np.ceil(_HEIGHT / _PIXEL_SIZE)), int(np.ceil(_WIDTH / _PIXEL_SIZE))
-    # tissue background from the compartments, on a 4x coarser grid then upsampled
-    cy, cx = np.meshgrid(np.arange(0, ny, 4) + 2.0, np.arange(0, nx, 4) + 2.0, indexing="ij")
-    tissue = _density(_zone_weights(cx.ravel() * _PIXEL_SIZE, cy.ravel() * _PIXEL_SIZE, vessels)).reshape(cx.shape)
-    tissue = np.repeat(np.repeat(np.clip(tissue, 0.0, 1.5), 4, axis=0), 4, axis=1)[:ny, :nx]
-    tissue = gaussian_filter(tissue.astype(np.float32), 2.0)
+    ny, nx = int(np.ceil(section.height / _PIXEL_SIZE)), int(np.ceil(section.width / _PIXEL_SIZE))
+    out = np.empty((2, ny, nx), dtype=np.uint8)
 
     # nucleus radius (µm) and brightness: lymphocytes and plasma cells small and dense, macrophages pale
     nucleus = {"B cell": (2.8, 1.0), _T4: (2.8, 1.0), _T8: (2.8, 1.0), "plasma cell": (3.0, 0.9)}
@@ -895,26 +1025,46 @@ def _render_image(rng: np.random.Generator, xy: np.ndarray, cell_types: np.ndarr
     nucleus_radius, brightness = np.array([nucleus.get(t, (3.3, 0.75)) for t in SPATIAL_CELL_TYPES]).T
     cell_radius = np.array([_RADIUS[t] for t in SPATIAL_CELL_TYPES])
     cytoplasm_peak = np.array([120.0 if t in _EPITHELIAL else 70.0 for t in SPATIAL_CELL_TYPES])
-    row = np.clip((xy[:, 1] / _PIXEL_SIZE).astype(int), 0, ny - 1)
-    col = np.clip((xy[:, 0] / _PIXEL_SIZE).astype(int), 0, nx - 1)
-    pixel = row * nx + col
+    cell_row = np.clip((xy[:, 1] / _PIXEL_SIZE).astype(int), 0, ny - 1)
+    cell_col = np.clip((xy[:, 0] / _PIXEL_SIZE).astype(int), 0, nx - 1)
 
-    def blobs(radius_um: np.ndarray, peak: np.ndarray) -> np.ndarray:
-        """Gaussian blobs of the given per-type radius and peak at the cells, one filter per distinct radius."""
-        out = np.zeros((ny, nx), dtype=np.float32)
-        for r in np.unique(radius_um):
-            sel = radius_um[cell_types] == r
-            sigma = r / _PIXEL_SIZE / 1.2
-            mass = peak[cell_types[sel]] * 2 * np.pi * sigma**2
-            impulses = np.bincount(pixel[sel], weights=mass, minlength=ny * nx).reshape(ny, nx)
-            out += gaussian_filter(impulses.astype(np.float32), sigma, truncate=3.0)
-        return out
+    margin = 32  # pixels: more than the widest blob (3 sigma of a 7 µm cell) and the background blur
+    row_edges = np.unique(np.r_[np.round(np.arange(section.n_rows) * _HEIGHT / _PIXEL_SIZE).astype(int), ny])
+    col_edges = np.unique(np.r_[np.round(np.arange(section.n_cols) * _WIDTH / _PIXEL_SIZE).astype(int), nx])
+    for r0, r1 in zip(row_edges[:-1], row_edges[1:], strict=True):
+        for c0, c1 in zip(col_edges[:-1], col_edges[1:], strict=True):
+            # the rendered window: the tile and a margin, starting on the 4-pixel background grid
+            ya, yb = max(0, (r0 - margin) // 4 * 4), min(ny, r1 + margin)
+            xa, xb = max(0, (c0 - margin) // 4 * 4), min(nx, c1 + margin)
+            h, w = yb - ya, xb - xa
+            # tissue background from the compartments, on a 4x coarser grid then upsampled
+            cy, cx = np.meshgrid(np.arange(ya, yb, 4) + 2.0, np.arange(xa, xb, 4) + 2.0, indexing="ij")
+            tissue = _per_tile(cx.ravel() * _PIXEL_SIZE, cy.ravel() * _PIXEL_SIZE, section, _density)
+            tissue = np.repeat(np.repeat(np.clip(tissue.reshape(cx.shape), 0.0, 1.5), 4, axis=0), 4, axis=1)[:h, :w]
+            tissue = gaussian_filter(tissue.astype(np.float32), 2.0)
 
-    dapi = blobs(nucleus_radius, 230.0 * brightness)
-    cytoplasm = blobs(cell_radius, cytoplasm_peak)
-    dapi += 14.0 * tissue + rng.normal(4.0, 2.5, dapi.shape)
-    cytoplasm += 30.0 * tissue + rng.normal(4.0, 2.5, dapi.shape)
-    return np.clip(np.stack([dapi, cytoplasm]), 0, 255).astype(np.uint8)
+            inside = (cell_row >= ya) & (cell_row < yb) & (cell_col >= xa) & (cell_col < xb)
+            types = cell_types[inside]
+            pixel = (cell_row[inside] - ya) * w + (cell_col[inside] - xa)
+
+            def blobs(radius_um: np.ndarray, peak: np.ndarray, types=types, pixel=pixel, h=h, w=w) -> np.ndarray:
+                """Gaussian blobs of the given per-type radius and peak at the cells, one filter per radius."""
+                img = np.zeros((h, w), dtype=np.float32)
+                for r in np.unique(radius_um):
+                    sel = radius_um[types] == r
+                    sigma = r / _PIXEL_SIZE / 1.2
+                    mass = peak[types[sel]] * 2 * np.pi * sigma**2
+                    impulses = np.bincount(pixel[sel], weights=mass, minlength=h * w).reshape(h, w)
+                    img += gaussian_filter(impulses.astype(np.float32), sigma, truncate=3.0)
+                return img
+
+            dapi = blobs(nucleus_radius, 230.0 * brightness)
+            cytoplasm = blobs(cell_radius, cytoplasm_peak)
+            dapi += 14.0 * tissue + rng.normal(4.0, 2.5, dapi.shape)
+            cytoplasm += 30.0 * tissue + rng.normal(4.0, 2.5, dapi.shape)
+            window = np.clip(np.stack([dapi, cytoplasm]), 0, 255).astype(np.uint8)
+            out[:, r0:r1, c0:c1] = window[:, r0 - ya : r1 - ya, c0 - xa : c1 - xa]
+    return out
 
 
 def _assemble_spatialdata(
@@ -924,7 +1074,7 @@ def _assemble_spatialdata(
     radius: np.ndarray,
     counts: sp.csr_matrix,
     panel: list[str],
-    vessels: np.ndarray,
+    section: _Section,
     image_rng: np.random.Generator | None,
 ) -> SpatialData:
     from spatialdata import SpatialData
@@ -947,11 +1097,15 @@ def _assemble_spatialdata(
     table = TableModel.parse(table, region="cells", region_key="region", instance_key="instance_id")
     images = {}
     if image_rng is not None:
-        pixels = _render_image(image_rng, xy, cell_types, vessels)
+        pixels = _render_image(image_rng, xy, cell_types, section)
+        # a large section's image is multiscale and chunked, as a platform's morphology image is
+        n_levels = max(0, int(np.ceil(np.log2(max(pixels.shape[1:]) / _MAX_SINGLE_SCALE))))
+        large = {"scale_factors": [2] * n_levels, "chunks": (2, 2048, 2048)} if n_levels else {}
         images["image"] = Image2DModel.parse(
             pixels,
             dims=("c", "y", "x"),
             c_coords=["DAPI", "18S"],
             transformations={"global": Scale([_PIXEL_SIZE, _PIXEL_SIZE], axes=("y", "x"))},
+            **large,
         )
     return SpatialData(images=images, shapes={"cells": shapes}, tables={"table": table})
