@@ -208,3 +208,40 @@ def test_deg_heatmap_shows_only_genes_below_the_adjusted_p_value():
     assert fig.axes[0].images[0].get_array().shape[1] > 6
     with pytest.raises(ValueError, match="pval_cutoff"):
         scx.pl.deg_heatmap(adata, pval_cutoff=0)
+
+
+def test_deg_heatmap_leaves_out_a_one_cell_type_even_with_min_cells_1():
+    adata = typed_counts()
+    labels = adata.obs["cell_type"].cat.add_categories(["lonely cell"])
+    labels[0] = "lonely cell"
+    adata.obs["cell_type"] = labels
+    # before: scanpy's "Could not calculate statistics for groups lonely cell since they only contain one sample"
+    fig = scx.pl.deg_heatmap(adata, min_cells=1)
+    rows = [t.get_text().rsplit(" (", 1)[0] for t in fig.axes[0].get_yticklabels()]
+    assert rows == ["B cell", "T cell", "macrophage"]
+    notes = [" ".join(a.get_title(loc="left").split()) for a in fig.axes]
+    assert any("lonely cell (1)" in n and "fewer than 2 cells" in n for n in notes), notes
+
+
+def test_deg_heatmap_of_many_types_does_not_flood_pandas_warnings(tmp_path):
+    """30 types: scanpy's rank_genes_groups made pandas warn about frame fragmentation for each of them."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    n_types, n_genes = 30, 60
+    labels = rng.integers(0, n_types, 1500)
+    x = rng.poisson(rng.gamma(1.0, 1.0, (n_types, n_genes))[labels] * 3).astype(np.float32)
+    names = [f"a long cell type name, subtype {i}" for i in range(n_types)]
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([names[i] for i in labels])}, index=[f"c{i}" for i in range(len(labels))]
+    )
+    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    before = adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        fig = scx.pl.deg_heatmap(adata, pval_cutoff=None, save=tmp_path / "deg.png")
+    assert (tmp_path / "deg.png").stat().st_size > 0
+    assert fig.axes[0].images[0].get_array().shape[0] == n_types
+    # nothing written into the user's table
+    pd.testing.assert_frame_equal(adata.obs, before.obs)
+    assert not adata.uns and not adata.layers and (adata.X != before.X).sum() == 0

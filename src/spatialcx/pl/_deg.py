@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -121,7 +122,8 @@ def deg_heatmap(
         Test of :func:`scanpy.tl.rank_genes_groups`: ``"wilcoxon"``, ``"t-test"``, ``"t-test_overestim_var"`` or
         ``"logreg"``.
     min_cells
-        Types with fewer cells are left out (named in the title).
+        Types with fewer cells are left out (named in the title). A type of a single cell cannot be tested, so it is
+        left out (and named) even with ``min_cells=1``.
     max_cells_per_group
         Most cells per type used for the test and the means.
     random_state
@@ -169,6 +171,8 @@ def deg_heatmap(
     if method not in METHODS:
         raise ValueError(f"{fn}: method must be one of {METHODS} (scanpy.tl.rank_genes_groups), got {method!r}.")
 
+    # rank_genes_groups cannot test a group of one cell: such a type is left out and named, whatever min_cells says
+    min_cells = max(min_cells, 2)
     groups, codes, sizes, too_small = group_codes(
         obs_column(adata, key), min_cells=min_cells, exclude=(unassigned_label(adata, key),)
     )
@@ -185,7 +189,10 @@ def deg_heatmap(
     tmp.obs_names = adata.obs_names[rows].astype(str)
     logger.info("%s: %s on %d cells of %d types (log1p(10k) of %s)", fn, method, len(rows), len(groups), where)
     kwargs = {"random_state": random_state} if method == "logreg" else {}
-    sc.tl.rank_genes_groups(tmp, "group", method=method, use_raw=False, key_added="rank", **kwargs)
+    with warnings.catch_warnings():
+        # scanpy fills its result frame column by column: pandas warns about fragmentation once per group (dozens)
+        warnings.filterwarnings("ignore", category=pd.errors.PerformanceWarning)
+        sc.tl.rank_genes_groups(tmp, "group", method=method, use_raw=False, key_added="rank", **kwargs)
     genes, owners = top_genes(tmp.uns["rank"], groups, n_genes, pval_cutoff=pval_cutoff)
     filtered = pval_cutoff is not None and "pvals_adj" in tmp.uns["rank"]
     if not genes:
