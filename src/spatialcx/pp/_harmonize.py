@@ -229,11 +229,11 @@ def match_genes(
 ) -> GeneMatch:
     """Find panel genes among a reference's gene symbols.
 
-    Exact matches come first, whatever the panel order. Genes not found exactly are matched case-insensitively (human ``GAD1`` and mouse
-    ``Gad1`` follow the same spelling up to case), but only where that is unambiguous: when the reference holds two
-    genes that differ only by case, case-insensitive matching is not used for them. A panel of Ensembl ids is
-    matched against the reference's ids (``ids``, versions ignored). Within the reference, the first entry of a
-    repeated name is used.
+    Exact matches come first, whatever the panel order. Genes not found exactly are matched case-insensitively (human
+    ``GAD1`` and mouse ``Gad1`` follow the same spelling up to case), but only where that is unambiguous: when the
+    reference holds two genes that differ only by case, case-insensitive matching is not used for them. A panel of
+    Ensembl ids is matched against the reference's ids (``ids``, versions ignored). Within the reference, the first
+    entry of a repeated name is used.
 
     Parameters
     ----------
