@@ -342,12 +342,15 @@ def test_plot_is_saved_and_drawn(tmp_path):
     assert len(visible) == 1 + 3  # histogram + 3 gene pairs
     hist = visible[0]
     assert any(np.allclose(line.get_xdata(), adata.uns["t"]["threshold"]) for line in hist.get_lines())
-    assert {visible[1].get_xlabel(), visible[1].get_ylabel()} == {"MK0", "MK1"}
+    # genes with their unit (was the bare name)
+    unit = "log1p(counts per 10k)"
+    assert {visible[1].get_xlabel(), visible[1].get_ylabel()} == {f"MK0, {unit}", f"MK1, {unit}"}
     plt.close("all")
 
     scx.tl.classify_by_threshold(adata, "MK0", key_added="one")
     fig = scx.pl.threshold(adata, "one", save=tmp_path / "one.png")
     assert len([a for a in fig.axes if a.get_visible()]) == 1 and (tmp_path / "one.png").is_file()
+    assert fig.axes[0].get_xlabel() == f"MK0, {unit}"
     plt.close("all")
     with pytest.raises(KeyError, match="classify_by_threshold"):
         scx.pl.threshold(adata, "never")
@@ -485,3 +488,152 @@ def test_lazy_table_obs_columns(lazy_starmap):
     assert lazy.uns["t2"]["n_high"] == n_high
     fig = scx.pl.threshold(lazy, "threshold")
     assert f"{n_high} / {lazy.n_obs} high" in fig.axes[0].get_title()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# gmm: one population is not cut in two
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda r, n: r.normal(5.0, 1.0, n),  # was: 61 % of the cells high
+        lambda r, n: r.lognormal(1.0, 0.5, n),  # was: 29 % high
+        lambda r, n: r.standard_t(3, n),  # was: 96 % high (the two Gaussians shared one mean)
+        lambda r, n: r.gamma(2.0, 1.0, n),
+    ],
+    ids=["normal", "lognormal", "student_t", "gamma"],
+)
+def test_gmm_refuses_one_population(draw):
+    n = 5000
+    x = draw(np.random.default_rng(0), n)
+    adata = ad.AnnData(obs=pd.DataFrame({"f": x}, index=[str(i) for i in range(n)]))
+    with pytest.raises(ValueError, match=r"does not look like two populations.*single mode.*method='ks'"):
+        scx.tl.classify_by_threshold(adata, "f", method="gmm")
+    _unchanged(adata, ["f"])
+
+
+def test_gmm_two_populations_record_their_dip():
+    rng = np.random.default_rng(0)
+    truth = rng.random(5000) < 0.2
+    x = np.where(truth, rng.normal(5, 1, truth.size), rng.normal(0, 1, truth.size))
+    adata = ad.AnnData(obs=pd.DataFrame({"f": x}, index=[str(i) for i in range(x.size)]))
+    scx.tl.classify_by_threshold(adata, "f")
+    fit = adata.uns["threshold"]["fit"]
+    assert 0 < fit["mode_dip_ratio"] < 0.3 and fit["separation"] > 4
+    assert accuracy(adata, "threshold", truth) > 0.98
+    # a zero-inflated marker: a narrow component on the zeros and one on the expressing cells is two modes
+    adata, truth = make_counts(n=4000, markers=1, frac=0.2)
+    scx.tl.classify_by_threshold(adata, "MK0")
+    assert adata.uns["threshold"]["fit"]["mode_dip_ratio"] < 0.1
+
+
+def test_gmm_real_markers_are_not_refused(shared_data):
+    import scanpy as sc
+
+    adata = sc.read_10x_h5(shared_data("xenium_bonemarrow") / "cell_feature_matrix.h5", gex_only=True)
+    # zeros (79 %) and the rest: two modes, although Ashman's D of the two Gaussians is only 1.84
+    scx.tl.classify_by_threshold(adata, ["GYPA", "AHSP", "ALAS2"], key_added="ery")
+    fit = adata.uns["ery"]["fit"]
+    assert fit["separation"] < 2 and fit["mode_dip_ratio"] < 0.6
+    star = ad.read_h5ad(shared_data("starmap_mpfc", "starmap_mpfc.h5ad"))
+    scx.tl.classify_by_threshold(star, ["slc17a7", "tbr1", "cux2"], key_added="exc")  # the shallowest dip seen: 0.89
+    assert star.uns["exc"]["fit"]["mode_dip_ratio"] < 0.95
+    label = star.obs["cell_type_author"].astype(str)
+    exc, known = label.str.match(r"^e?L\d").to_numpy(), (label != "NA").to_numpy()
+    high = star.obs["exc_cluster"].to_numpy() == 1
+    # the labelled cells called high are enriched in the authors' excitatory neurons (0.80 against 0.67 of all)
+    assert (exc & high).sum() / (known & high).sum() > exc.sum() / known.sum() + 0.1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# argument types, expression source, plot after persisting
+
+
+def test_dict_of_classes_is_refused_with_the_loop_to_write():
+    adata, _ = make_counts(n=300)
+    with pytest.raises(TypeError, match=r"dict of 2 classes \(\['a', 'b'\]\).*once per class.*key_added=name"):
+        scx.tl.classify_by_threshold(adata, {"a": ["MK0"], "b": ["MK1", "MK2"]})  # was: KeyError "['a', 'b']"
+    _unchanged(adata, [])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"probability_cutoff": "0.5"}, r"probability_cutoff must be a number in \(0, 1\), got '0.5' \(str\)"),
+        ({"probability_cutoff": True}, r"probability_cutoff must be a number.*True \(bool\)"),
+        ({"random_state": None}, r"random_state must be an integer seed, got None"),
+        ({"random_state": np.random.default_rng(0)}, r"random_state must be an integer seed.*\(Generator\)"),
+    ],
+)
+def test_parameter_types_are_checked(kwargs, match):
+    # were: "unsupported operand type(s) for -: 'int' and 'str'" from the mixture, int(None), scikit-learn's message
+    adata, _ = make_counts(n=300)
+    with pytest.raises(TypeError, match=match):
+        scx.tl.classify_by_threshold(adata, MARKERS, **kwargs)
+    _unchanged(adata, [])
+
+
+def test_expression_source_is_recorded():
+    import scanpy as sc
+
+    adata, truth = make_counts(n=2000)
+    scx.tl.classify_by_threshold(adata, MARKERS)
+    expr = adata.uns["threshold"]["expression"]
+    assert expr["source"] == "X" and expr["source_kind"] == "raw counts"
+    score = adata.obs["threshold_score"].to_numpy()
+    # X normalized and log1p'd, counts in a layer: the counts are used, and the layer is named
+    layered = adata.copy()
+    layered.layers["counts"] = layered.X.copy()
+    sc.pp.normalize_total(layered, target_sum=1e4)
+    sc.pp.log1p(layered)
+    scx.tl.classify_by_threshold(layered, MARKERS)
+    assert layered.uns["threshold"]["expression"]["source"] == "layers['counts']"
+    np.testing.assert_allclose(layered.obs["threshold_score"].to_numpy(), score, rtol=1e-5, atol=1e-5)
+    # only log1p(10k) values: used as they are, and said so
+    del layered.layers["counts"]
+    scx.tl.classify_by_threshold(layered, MARKERS)
+    expr = layered.uns["threshold"]["expression"]
+    assert expr["source"] == "X" and expr["source_kind"].startswith("log1p(10k) values")
+    np.testing.assert_allclose(layered.obs["threshold_score"].to_numpy(), score, rtol=1e-4, atol=1e-4)
+    # obs features only: no expression read
+    adata.obs["s"] = score
+    scx.tl.classify_by_threshold(adata, "s", key_added="obs_only")
+    assert "expression" not in adata.uns["obs_only"]
+
+
+def test_a_failing_plot_leaves_memory_and_store_agreeing(tmp_path, monkeypatch):
+    from spatialdata import read_zarr
+
+    import spatialcx.pl._threshold as pl_threshold
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    adata, _ = make_counts(n=600)
+    _sdata(adata).write(tmp_path / "s.zarr")
+    sdata = read_zarr(tmp_path / "s.zarr")
+    monkeypatch.setattr(pl_threshold, "threshold", broken)
+    with pytest.raises(RuntimeError, match="no display"):
+        scx.tl.classify_by_threshold(sdata, MARKERS, plot=True)
+    # was: the keys in memory only; the store kept the old table
+    back = read_zarr(tmp_path / "s.zarr").tables["table"]
+    pd.testing.assert_series_equal(back.obs["threshold_cluster"], sdata.tables["table"].obs["threshold_cluster"])
+    assert back.uns["threshold"]["n_high"] == sdata.tables["table"].uns["threshold"]["n_high"]
+
+
+def test_spatialdata_other_table_key_and_write_false(tmp_path):
+    from spatialdata import read_zarr
+
+    adata, truth = make_counts(n=600)
+    sdata = _sdata(adata)
+    sdata.tables["cells_table"] = sdata.tables.pop("table")
+    sdata.write(tmp_path / "s.zarr")
+    sdata = read_zarr(tmp_path / "s.zarr")
+    with pytest.raises(KeyError, match=r"Available tables: \['cells_table'\]"):
+        scx.tl.classify_by_threshold(sdata, MARKERS)
+    scx.tl.classify_by_threshold(sdata, MARKERS, table_key="cells_table", write=False)
+    assert "threshold" not in read_zarr(tmp_path / "s.zarr").tables["cells_table"].uns
+    scx.tl.classify_by_threshold(sdata, MARKERS, table_key="cells_table")
+    back = read_zarr(tmp_path / "s.zarr").tables["cells_table"]
+    assert (back.obs["threshold_cluster"].to_numpy() == truth).mean() > 0.95

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 _LOW, _HIGH = "#9e9e9e", "#d62728"
+#: Unit of the genes' axes: how classify_by_threshold reads them.
+GENE_UNIT = "log1p(counts per 10k)"
 #: Most features drawn in the pairwise scatters (the first ones of the classification).
 MAX_PAIR_FEATURES = 4
 
@@ -55,9 +57,10 @@ def threshold(
 
     Returns
     -------
-    The matplotlib figure: panel 1 the score histogram (low and high cells stacked) with the threshold line, then
-    one scatter per pair of the first four features (genes as log1p(counts per 10k), obs columns as they are), its
-    cells drawn in a seeded random order so that neither class hides the other where they overlap.
+    The matplotlib figure: panel 1 the score histogram (low and high cells stacked, log-scaled counts) with the
+    threshold line, then one scatter per pair of the first four features (genes as log1p(counts per 10k), the unit
+    given on their axes; obs columns as they are), its cells drawn in a seeded random order so that neither class
+    hides the other where they overlap.
     """
     import matplotlib.pyplot as plt
 
@@ -82,9 +85,12 @@ def threshold(
     high = cluster == 1
     labels = [f"low ({int((~high).sum()):,})", f"high ({int(high.sum()):,})"]  # the scatters' legend too
     ax.hist([score[~high], score[high]], bins=edges, stacked=True, color=[_LOW, _HIGH], label=labels)
-    ax.axvline(thr, color="k", ls="--", lw=1)
+    ax.axvline(thr, color="k", ls="--", lw=1)  # its value is in the title
     ax.set_yscale("log")
-    ax.set_xlabel(f"{key} score" + (f" ({params.get('metagene')})" if len(features) > 1 else f" ({features[0]})"))
+    if len(features) > 1:
+        ax.set_xlabel(f"{key} score ({params.get('metagene')})")
+    else:
+        ax.set_xlabel(_axis_label(features[0], kinds[0]) if features else f"{key} score")
     ax.set_ylabel("cells")
     ax.set_title(f"{params.get('method', '')}: threshold {thr:.3g}, {int(high.sum())} / {high.size} high", fontsize=9)
     ax.legend(frameon=False, fontsize=8)
@@ -104,8 +110,8 @@ def threshold(
         subset = f"random {idx.size:,} of {adata.n_obs:,} cells" if idx.size < adata.n_obs else ""
         for ax, (i, j) in zip(axes[1:], pairs):
             ax.scatter(values[order, i], values[order, j], c=colors, s=3, lw=0, rasterized=True, gid="cells")
-            ax.set_xlabel(pair_feats[i])
-            ax.set_ylabel(pair_feats[j])
+            ax.set_xlabel(_axis_label(pair_feats[i], kinds[i]))
+            ax.set_ylabel(_axis_label(pair_feats[j], kinds[j]))
             if subset:
                 ax.set_title(subset, fontsize=9)
     for ax in axes[n_panels:]:
@@ -116,6 +122,11 @@ def threshold(
         save.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(save, dpi=dpi, bbox_inches="tight")
     return fig
+
+
+def _axis_label(feature: str, kind: str) -> str:
+    """A feature's axis label: genes with their unit, obs columns as they are."""
+    return f"{feature}, {GENE_UNIT}" if kind == "gene" else feature
 
 
 def _classification(adata: AnnData, key: str) -> tuple[dict, np.ndarray, np.ndarray]:

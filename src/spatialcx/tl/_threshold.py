@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -40,6 +41,12 @@ KS_ALPHA = 0.001
 #: ``ks`` splits off a low minority only when it forms its own mode: between the minority's density peak and the
 #: bulk's, the density must fall below this fraction of the minority's peak (a dip of at least 15 %).
 MODE_DIP_RATIO = 0.85
+#: ``gmm`` splits the score only when the fitted mixture has two modes: between the two means, its density must fall
+#: below this fraction of the lower of the two peaks. A mixture fitted to one population (Gaussian, log-normal, gamma,
+#: exponential, Student t, a population with a shoulder) has a single mode (simulated: no dip at all), while on real
+#: panels (each gene of STARmap mPFC and Xenium bone marrow, and marker sets of both) the deepest antimode is 0.89
+#: of the lower peak (Slc17a7 + Tbr1 + Cux2) and most are below 0.5. The tolerance only absorbs rounding.
+UNIMODAL_DIP_RATIO = 0.99
 _KDE_MAX_CELLS = 5_000
 _KDE_GRID = 128
 _SIGMA_QUANTILES = (0.15865525393145707, 0.8413447460685429)  # Phi(-1), Phi(1)
@@ -64,7 +71,9 @@ def classify_by_threshold(
     """Classify cells as high (1) or low (0) for a marker or a set of markers.
 
     Gene features are read as ``log1p(counts / library size * 1e4)`` computed from the raw counts (whatever ``X``
-    holds), obs columns are used as they are. Several features are combined into one score per cell (the metagene);
+    holds: the counts are found by :func:`spatialcx.pp.normalization_status`, and ``X`` is used as it is only when it
+    is verified log1p(10k) data and no counts are found; ``uns[key_added]["expression"]["source"]`` says which was
+    used); obs columns are used as they are. Several features are combined into one score per cell (the metagene);
     a single feature is used directly. The score is then split in two.
 
     Parameters
@@ -72,7 +81,8 @@ def classify_by_threshold(
     data
         AnnData, or SpatialData holding the table ``table_key``.
     features
-        Gene names (``var_names``) and/or numeric obs columns.
+        Gene names (``var_names``) and/or numeric obs columns, for one class (a dict of several classes is refused:
+        call the function once per class, with its own ``key_added``).
     metagene
         How several features become one score:
 
@@ -86,7 +96,9 @@ def classify_by_threshold(
 
         - ``"gmm"``: two-component Gaussian mixture; a cell is high when P(high | score) > ``probability_cutoff``.
           The mixture is fitted on at most ``max_fit_cells`` cells drawn with ``random_state`` and every cell is
-          then scored with the fitted parameters. Suited to two sizeable populations.
+          then scored with the fitted parameters. Suited to two sizeable populations. A score that the two fitted
+          Gaussians do not split into two modes (one population: its density has no dip between their means) is
+          refused with a ValueError rather than cut through its middle.
         - ``"ks"``: a Kolmogorov-Smirnov-inspired split for a minority population, robust to zero-inflation. Cells
           at the lowest score (zeros) are low; on the remaining cells a robust Gaussian is fitted to the bulk
           (median and one-sided spread) and the threshold is where the empirical CDF departs most from it. When
@@ -101,10 +113,10 @@ def classify_by_threshold(
     max_fit_cells
         Most cells the Gaussian mixture is fitted on.
     random_state
-        Seed for the subsample and the mixture initialisation.
+        Seed (an integer) for the subsample and the mixture initialisation.
     plot
-        Draw the diagnostic figure (:func:`spatialcx.pl.threshold`); it stays open (shown in notebooks) unless
-        ``plots_dir`` is given.
+        Draw the diagnostic figure (:func:`spatialcx.pl.threshold`) once the keys are written (and persisted); it
+        stays open (shown in notebooks) unless ``plots_dir`` is given.
     plots_dir
         Folder where the figure is saved as ``{key_added}_threshold.png`` and then closed (needs ``plot=True``).
     copy
@@ -131,8 +143,11 @@ def classify_by_threshold(
     ------
     KeyError
         A feature is neither a gene nor an obs column.
+    TypeError
+        ``features``, ``probability_cutoff`` or ``random_state`` of the wrong type (e.g. a dict of classes).
     ValueError
-        Bad parameters, too few cells, non-numeric or missing values, or a constant / all-zero feature.
+        Bad parameters, too few cells, non-numeric or missing values, a constant / all-zero feature, or (``gmm``) a
+        score that is not two populations.
     """
     from .._table import check_key, resolve_table
     from .._utils import check_writable_dir
@@ -141,10 +156,20 @@ def classify_by_threshold(
         raise ValueError(f"metagene={metagene!r} is not supported; choose one of {list(METAGENES)}.")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; choose one of {list(METHODS)}.")
+    if isinstance(probability_cutoff, bool) or not isinstance(probability_cutoff, numbers.Real):
+        raise TypeError(
+            f"probability_cutoff must be a number in (0, 1), got {probability_cutoff!r} "
+            f"({type(probability_cutoff).__name__}); pass e.g. probability_cutoff=0.3."
+        )
     if not 0.0 < float(probability_cutoff) < 1.0:
         raise ValueError(
             f"probability_cutoff={probability_cutoff!r} is outside (0, 1); it is the P(high) above which a cell is "
             "called high, e.g. 0.3 or 0.5."
+        )
+    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
+        raise TypeError(
+            f"random_state must be an integer seed, got {random_state!r} ({type(random_state).__name__}); the "
+            "classification is seeded so that it can be reproduced: pass e.g. random_state=0."
         )
     if int(max_fit_cells) < MIN_CELLS:
         raise ValueError(f"max_fit_cells={max_fit_cells} is below {MIN_CELLS}; use a larger value (default 50000).")
@@ -165,7 +190,7 @@ def classify_by_threshold(
 
     requested = features
     features, kinds = _resolve_features(adata, requested)
-    values = _feature_values(adata, features, kinds)
+    values, expression = _feature_values(adata, features, kinds)
     _check_features(values, features, kinds, metagene)
 
     score, metagene_info = _metagene(values, metagene if len(features) > 1 else None)
@@ -183,6 +208,7 @@ def classify_by_threshold(
         threshold, probability, fit_info = _split_gmm(
             score, probability_cutoff, max_fit_cells=int(max_fit_cells), random_state=random_state
         )
+        _check_separation(fit_info, score, threshold, features, metagene)
     else:
         threshold, probability, fit_info = _split_ks(score, random_state=random_state)
     cluster = (score > threshold).astype(np.int8)
@@ -209,9 +235,7 @@ def classify_by_threshold(
         "n_high": n_high,
         "fraction_high": float(n_high / cluster.size),
         "random_state": int(random_state),
-        "expression": {"target_sum": 1e4, "transform": "log1p", "library_size_over": "all genes"}
-        if "gene" in kinds.values()
-        else None,
+        "expression": expression,
         "metagene_params": metagene_info,
         "fit": fit_info,
     }
@@ -226,13 +250,16 @@ def classify_by_threshold(
         adata.obs[k] = v
     adata.uns[key_added] = params
     logger.info(
-        "classify_by_threshold(%r): %d of %d cells high (threshold %.4g, %s).",
+        "classify_by_threshold(%r): %d of %d cells high (threshold %.4g, %s%s).",
         key_added,
         n_high,
         cluster.size,
         threshold,
         method,
+        f"; genes from {expression['source']}" if expression else "",
     )
+    # persist first: a figure that fails to draw must not leave the table in memory and the store disagreeing
+    result = ref.finish(write=write, elements=("obs", "uns"))
 
     if plot:
         from ..pl._threshold import threshold as plot_threshold
@@ -249,7 +276,7 @@ def classify_by_threshold(
 
             plt.close(fig)
 
-    return ref.finish(write=write, elements=("obs", "uns"))
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -257,6 +284,13 @@ def classify_by_threshold(
 
 
 def _as_feature_list(features: str | Sequence[str]) -> list[str]:
+    if isinstance(features, Mapping):
+        raise TypeError(
+            f"features is a {type(features).__name__} of {len(features)} classes ({list(features)[:5]}); "
+            "classify_by_threshold splits cells into high and low for one set of features at a time. Call it once "
+            "per class, each with its own key_added, e.g. `for name, genes in features.items(): "
+            "scx.tl.classify_by_threshold(data, genes, key_added=name)`."
+        )
     if isinstance(features, str):
         features = [features]
     try:
@@ -338,15 +372,32 @@ def _resolve_features(adata: AnnData, features: list[str]) -> tuple[list[str], d
     return names, kinds
 
 
-def _feature_values(adata: AnnData, features: list[str], kinds: dict[str, str]) -> np.ndarray:
+def _feature_values(
+    adata: AnnData, features: list[str], kinds: dict[str, str]
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """Cells x features values, and where the genes' expression came from (``None`` without genes)."""
     genes = [f for f in features if kinds[f] == "gene"]
     out = np.empty((adata.n_obs, len(features)), dtype=np.float64)
+    expression = None
     if genes:
-        from .._matrix import normalized_expression
+        from .._matrix import default_chunk_size, gene_indices, iter_row_blocks, normalize_block
+        from ..pp._normalization import find_expression_source
 
-        expr = np.asarray(normalized_expression(adata, genes, target_sum=1e4, over="all"))
-        for j, g in enumerate(genes):
-            out[:, features.index(g)] = expr[:, j]
+        # as _matrix.normalized_expression, chunk by chunk, keeping where the values come from
+        src = find_expression_source(adata)
+        cols = gene_indices(src.var_names, genes)
+        pos = [features.index(g) for g in genes]
+        chunk = default_chunk_size(src.matrix.shape[1])
+        for start, stop, block in iter_row_blocks(src.matrix, chunk):
+            expr = normalize_block(block, cols, kind=src.kind, over="all", target_sum=1e4).toarray()
+            out[start:stop, pos] = expr.astype(np.float32)  # float32, as scx.pl.threshold draws them
+        expression = {
+            "source": src.where,
+            "source_kind": "raw counts" if src.kind == "counts" else "log1p(10k) values, used as they are",
+            "target_sum": 1e4,
+            "transform": "log1p",
+            "library_size_over": "all genes",
+        }
     for f in features:
         if kinds[f] != "obs":
             continue
@@ -366,7 +417,7 @@ def _feature_values(adata: AnnData, features: list[str], kinds: dict[str, str]) 
                 f"them (e.g. adata.obs[{f!r}].fillna(0)) or classify the subset of cells that have one."
             )
         out[:, features.index(f)] = vals
-    return out
+    return out, expression
 
 
 def _check_features(values: np.ndarray, features: list[str], kinds: dict[str, str], metagene: str) -> None:
@@ -446,9 +497,8 @@ def _split_gmm(
     means = gmm.means_.ravel()
     var = gmm.covariances_.ravel()
     w = gmm.weights_.ravel()
-    hi, lo = int(np.argmax(means)), int(np.argmin(means))
-    if hi == lo:
-        raise ValueError("The Gaussian mixture found one component only; the score does not look bimodal.")
+    hi = int(np.argmax(means))
+    lo = 1 - hi  # two equal means (one population): the separation below is 0 and the split is refused
     mu_h, mu_l, v_h, v_l, w_h, w_l = means[hi], means[lo], var[hi], var[lo], w[hi], w[lo]
 
     # log-odds L(s) = a s^2 + b s + c0; P(high | s) = sigmoid(L(s))
@@ -487,11 +537,52 @@ def _split_gmm(
         "sds": [float(np.sqrt(v_l)), float(np.sqrt(v_h))],
         "weights": [float(w_l), float(w_h)],
         "components": ["low", "high"],
+        "mode_dip_ratio": _mixture_dip_ratio(mu_l, mu_h, np.sqrt(v_l), np.sqrt(v_h), w_l, w_h),
+        "separation": float(np.sqrt(2.0) * (mu_h - mu_l) / np.sqrt(v_l + v_h)),  # Ashman's D
         "n_fit_cells": int(fit.size),
         "converged": bool(gmm.converged_),
         "n_iter": int(gmm.n_iter_),
     }
     return float(threshold), probability, info
+
+
+def _check_separation(
+    fit: dict[str, Any], score: np.ndarray, threshold: float, features: list[str], metagene: str
+) -> None:
+    """Refuse a mixture with a single mode (one population cut in two); the message says what to do."""
+    if fit["mode_dip_ratio"] < UNIMODAL_DIP_RATIO:
+        return
+    what = f"feature {features[0]!r}" if len(features) == 1 else f"{metagene} score of {features}"
+    (m_l, m_h), (s_l, s_h), (w_l, w_h) = fit["means"], fit["sds"], fit["weights"]
+    raise ValueError(
+        f"The {what} does not look like two populations: the two Gaussians fitted to it (means {m_l:.3g} and "
+        f"{m_h:.3g}, sds {s_l:.3g} and {s_h:.3g}, weights {w_l:.2f} and {w_h:.2f}) make a single mode, with no dip "
+        "between them, so they describe one population (skewed or heavy-tailed) rather than two. Splitting it "
+        f"would call {float((score > threshold).mean()):.0%} of the cells high. If a minority of cells departs from "
+        "the bulk, use method='ks' (it says so when none does); otherwise choose features that separate the cells "
+        "(markers specific to the population). Nothing was written."
+    )
+
+
+def _mixture_dip_ratio(mu_l: float, mu_h: float, sd_l: float, sd_h: float, w_l: float, w_h: float) -> float:
+    """Lowest density of the mixture between its two means over the lower of its peaks on either side (1: no dip).
+
+    Evaluated on a grid over ``[mu_l, mu_h]``, refined within ten sds of each mean (a component on the cells with
+    zero counts is very narrow).
+    """
+    from scipy.stats import norm
+
+    if not mu_h > mu_l:
+        return 1.0
+    grid = np.r_[
+        np.linspace(mu_l, mu_h, 2001), mu_l + sd_l * np.linspace(0, 10, 401), mu_h - sd_h * np.linspace(0, 10, 401)
+    ]
+    grid = np.unique(grid[(grid >= mu_l) & (grid <= mu_h)])
+    density = w_l * norm.pdf(grid, mu_l, sd_l) + w_h * norm.pdf(grid, mu_h, sd_h)
+    i = int(np.argmin(density))
+    if i == 0 or i == grid.size - 1:
+        return 1.0
+    return float(density[i] / min(density[:i].max(), density[i + 1 :].max()))
 
 
 def _split_ks(score: np.ndarray, *, random_state: int) -> tuple[float, np.ndarray, dict[str, Any]]:
