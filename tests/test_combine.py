@@ -340,7 +340,8 @@ def test_bad_arguments_name_what_was_found():
         scx.pp.combine_references([ref, np.zeros((3, 3))], "label", genes=MOUSE_SYMBOLS)
     with pytest.raises(TypeError, match="label_keys is None"):
         scx.pp.combine_references(ref, None, genes=MOUSE_SYMBOLS)
-    sd = pytest.importorskip("spatialdata")
+    import spatialdata as sd  # a dependency of spatialcx
+
     with pytest.raises(TypeError, match=r"Reference 0 is a SpatialData.*sdata.tables\['table'\]"):
         scx.pp.combine_references(sd.SpatialData(tables={"table": ref}), "label", genes=MOUSE_SYMBOLS)
 

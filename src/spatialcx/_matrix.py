@@ -457,6 +457,7 @@ def normalized_expression(
     target_sum: float = TARGET_SUM,
     over: NormalizeOver = "all",
     chunk_size: int | None = None,
+    source: Any = None,
 ) -> np.ndarray:
     """Log1p-normalized expression of a few genes, computed chunk by chunk from the raw counts.
 
@@ -475,6 +476,9 @@ def normalized_expression(
         Library size over all genes of the table (``"all"``, scanpy's ``normalize_total``) or over ``genes`` only.
     chunk_size
         Cells per block.
+    source
+        The expression source :func:`spatialcx.pp._normalization.find_expression_source` found for ``adata``, when
+        the caller needs it too (e.g. to record where the values came from); found here otherwise.
 
     Returns
     -------
@@ -482,7 +486,7 @@ def normalized_expression(
     """
     from .pp._normalization import find_expression_source
 
-    src = find_expression_source(adata)
+    src = find_expression_source(adata) if source is None else source
     cols = gene_indices(src.var_names, list(genes))
     chunk = default_chunk_size(src.matrix.shape[1], chunk_size)
     out = np.empty((src.matrix.shape[0], len(cols)), dtype=np.float32)

@@ -380,17 +380,13 @@ def _feature_values(
     out = np.empty((adata.n_obs, len(features)), dtype=np.float64)
     expression = None
     if genes:
-        from .._matrix import default_chunk_size, gene_indices, iter_row_blocks, normalize_block
+        from .._matrix import normalized_expression
         from ..pp._normalization import find_expression_source
 
-        # as _matrix.normalized_expression, chunk by chunk, keeping where the values come from
-        src = find_expression_source(adata)
-        cols = gene_indices(src.var_names, genes)
-        pos = [features.index(g) for g in genes]
-        chunk = default_chunk_size(src.matrix.shape[1])
-        for start, stop, block in iter_row_blocks(src.matrix, chunk):
-            expr = normalize_block(block, cols, kind=src.kind, over="all", target_sum=1e4).toarray()
-            out[start:stop, pos] = expr.astype(np.float32)  # float32, as scx.pl.threshold draws them
+        src = find_expression_source(adata)  # found once: the values, and the record of where they come from
+        out[:, [features.index(g) for g in genes]] = normalized_expression(
+            adata, genes, target_sum=1e4, over="all", source=src
+        )
         expression = {
             "source": src.where,
             "source_kind": "raw counts" if src.kind == "counts" else "log1p(10k) values, used as they are",
