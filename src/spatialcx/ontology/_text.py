@@ -146,7 +146,7 @@ def gene_symbols() -> frozenset[str]:
     """Human and mouse gene symbols of the packaged gene tables, lower case, as label words (plural reduced too).
 
     The matcher uses them to tell a marker gene in a cluster name (``Astro Aqp4``, ``Endo Cldn5``) from a word that
-    may change what the cell is. Read once per process (about 0.2 s).
+    may change what the cell is. Read once per process (0.1-0.4 s).
     """
     from spatialcx.pp._harmonize import load_gene_table
 
