@@ -524,3 +524,39 @@ def test_real_merfish_store_gets_domain_polygons_over_the_cells(merfish_store):
     for name, geom in zip(polygons.index, polygons.geometry):
         inside = shapely.contains_xy(geom, cells.geometry.x.to_numpy(), cells.geometry.y.to_numpy())
         assert inside[(table.obs["domain"] == name).to_numpy()].all()
+
+
+def test_a_run_without_shapes_removes_the_earlier_runs_polygons(tmp_path, caplog):
+    from spatialdata import read_zarr
+
+    sdata = grid_sdata()
+    sdata.write(tmp_path / "g.zarr")
+    sdata = read_zarr(tmp_path / "g.zarr")
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15, add_shapes=True)
+    scx.tl.spatial_domains(sdata, "selected", max_distance=55, add_shapes=True, key_added="other")
+    assert {"domain_shapes", "other_shapes"} <= set(read_zarr(tmp_path / "g.zarr").shapes)
+    # a copy leaves the original's polygons alone
+    out = scx.tl.spatial_domains(sdata, "selected", max_distance=55, copy=True)
+    assert "domain_shapes" not in out.shapes and "domain_shapes" in sdata.shapes
+    # in place: the 'domain' polygons no longer match the new domains, so they go; the 'other' run's polygons stay
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=55)
+    assert "removing the shapes element 'domain_shapes'" in caplog.text
+    assert "domain_shapes" not in sdata.shapes and "other_shapes" in sdata.shapes
+    back = read_zarr(tmp_path / "g.zarr")
+    assert "domain_shapes" not in back.shapes and {"other_shapes", "cells"} <= set(back.shapes)
+    assert "shapes_key" not in back.tables["table"].uns["domain"]
+    assert back.tables["table"].uns["domain"]["max_distance"] == 55
+    # a second run without shapes has nothing left to remove
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=15)
+    assert "removing" not in caplog.text
+
+
+def test_polygons_claimed_by_a_later_run_are_kept():
+    sdata = grid_sdata()
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15, add_shapes=True, shapes_key="dom")
+    scx.tl.spatial_domains(sdata, "selected", max_distance=55, add_shapes=True, shapes_key="dom", key_added="d2")
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15)  # 'dom' now holds d2's polygons
+    assert list(sdata.shapes["dom"]["n_cells"]) == [265, 176]

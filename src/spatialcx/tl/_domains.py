@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
+    from .._table import TableRef
+
 #: Largest distance (microns) between two selected cells of one domain, per platform: about two to three typical
 #: cell spacings, so that selected cells link up across a gap of one or two unselected cells. Segmented cells are
 #: larger on CosMx and on Visium HD (cells assembled from 2 micron bins), hence the larger distances there.
@@ -103,6 +105,8 @@ def spatial_domains(
         ``max_distance / 2`` and fills the gaps between linked cells. Needs SpatialData. When ``obsm[spatial_key]``
         is not in the cells' shapes' own coordinates but in one of their coordinate systems (e.g. ``"global"``),
         the polygons are placed in that system; coordinates matching the cells in none raise a ``ValueError``.
+        With ``add_shapes=False``, the polygons an earlier run under the same ``key_added`` added are removed (with a
+        warning), since they no longer match the domains.
     shapes_key
         Name of the shapes element; default ``f"{key_added}_shapes"``. An existing element of that name is
         replaced only if it holds domain polygons (of an earlier run); the cells' own shapes, other elements and
@@ -225,8 +229,9 @@ def spatial_domains(
     if add_shapes and names:
         gdf = _domain_polygons(coords[sel_idx], labels_sel, names, sizes, radius=distance / 2.0)
         shapes = _parse_shapes(gdf, ref.sdata, adata, coords=coords, rows=sel_idx, source=coords_source, nn=nn_median)
-    # no domain: no polygons, and polygons of an earlier run under the same key would describe domains that are gone
-    stale = add_shapes and not names and shapes_key in ref.sdata.shapes
+    # no domain, or no polygons asked for: polygons of an earlier run would describe domains that are gone
+    stale_key = _stale_shapes_key(ref, key_added, shapes_key if add_shapes else None, bool(names))
+    stale = stale_key is not None
     if not names:
         largest = int(component_sizes.max())
         logger.warning(
@@ -295,13 +300,21 @@ def spatial_domains(
         n_dropped_domains,
     )
 
-    previous = ref.sdata.shapes.get(shapes_key) if (ref.sdata is not None and not copy) else None
+    if stale and names:  # the no-domain warning above already says so
+        logger.warning(
+            "spatial_domains(%r): removing the shapes element %r of an earlier run, whose polygons no longer match the "
+            "domains; pass add_shapes=True to draw the new ones.",
+            key_added,
+            stale_key,
+        )
+    touched = stale_key if stale else shapes_key
+    previous = ref.sdata.shapes.get(touched) if (ref.sdata is not None and not copy) else None
     if shapes is not None and not copy:
         if previous is not None:
             logger.info("spatial_domains: replacing the shapes element %r.", shapes_key)
         ref.sdata.shapes[shapes_key] = shapes
     if stale and not copy:
-        del ref.sdata.shapes[shapes_key]
+        del ref.sdata.shapes[stale_key]
     try:
         out = ref.finish(write=write, elements=("obs", "uns"))
     except Exception as e:
@@ -310,9 +323,9 @@ def spatial_domains(
         put_back = not getattr(e, WRITTEN_ATTR, False)
         if put_back and not copy and (shapes is not None or stale):  # the table was put back: so are the shapes
             if previous is not None:
-                ref.sdata.shapes[shapes_key] = previous
+                ref.sdata.shapes[touched] = previous
             else:
-                ref.sdata.shapes.pop(shapes_key, None)
+                ref.sdata.shapes.pop(touched, None)
         raise
     if shapes is not None:
         if copy:
@@ -321,11 +334,11 @@ def spatial_domains(
             _write_shapes(ref.sdata, shapes_key)
     elif stale:
         if copy:
-            out.shapes.pop(shapes_key, None)
+            out.shapes.pop(stale_key, None)
         elif write and ref.sdata.is_backed():
             from spatialcx._table import remove_shapes_element
 
-            remove_shapes_element(ref.sdata, shapes_key)
+            remove_shapes_element(ref.sdata, stale_key)
     return out
 
 
@@ -791,6 +804,30 @@ def _check_shapes_key(sdata: SpatialData | None, shapes_key: str, key_added: str
             "is not domain polygons of spatial_domains, so it is not replaced. Pass another shapes_key, or remove "
             f"the element first (del sdata[{shapes_key!r}])."
         )
+
+
+def _stale_shapes_key(ref: TableRef, key_added: str, shapes_key: str | None, found: bool) -> str | None:
+    """The shapes element whose polygons this run makes stale, if any.
+
+    With ``add_shapes`` (``shapes_key`` given) that is ``shapes_key`` itself when no domain is found. Without it, it is
+    the element that the earlier run under ``key_added`` recorded, unless another run has since claimed it.
+    """
+    sdata = ref.sdata
+    if sdata is None:
+        return None
+    if shapes_key is not None:
+        return shapes_key if (not found and shapes_key in sdata.shapes) else None
+    earlier = ref.adata.uns.get(key_added)
+    key = earlier.get("shapes_key") if isinstance(earlier, dict) else None
+    if not isinstance(key, str) or key not in sdata.shapes:
+        return None
+    claimed = any(
+        isinstance(value, dict) and value.get("shapes_key") == key
+        for table_key, table in sdata.tables.items()
+        for name, value in table.uns.items()
+        if not (table_key == ref.table_key and name == key_added)
+    )
+    return None if claimed else key
 
 
 def _write_shapes(sdata: SpatialData, shapes_key: str) -> None:
