@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -637,3 +639,18 @@ def test_spatialdata_other_table_key_and_write_false(tmp_path):
     scx.tl.classify_by_threshold(sdata, MARKERS, table_key="cells_table")
     back = read_zarr(tmp_path / "s.zarr").tables["cells_table"]
     assert (back.obs["threshold_cluster"].to_numpy() == truth).mean() > 0.95
+
+
+def test_ks_says_it_ignores_probability_cutoff(caplog):
+    adata, _ = make_counts(n=2000, frac=0.2)
+    scx.tl.classify_by_threshold(adata, MARKERS, method="ks")
+    default = adata.obs["threshold_cluster"].to_numpy().copy()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.classify_by_threshold(adata, MARKERS, method="ks", probability_cutoff=0.9)
+    assert "probability_cutoff=0.9 is ignored by method='ks'" in caplog.text
+    np.testing.assert_array_equal(adata.obs["threshold_cluster"].to_numpy(), default)
+    assert "probability_cutoff" not in adata.uns["threshold"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.classify_by_threshold(adata, MARKERS, method="gmm", probability_cutoff=0.9)
+    assert "ignored" not in caplog.text

@@ -24,6 +24,8 @@ Method = Literal["gmm", "ks"]
 
 METAGENES: tuple[str, ...] = ("shifted_geometric_mean", "mean", "pc1")
 METHODS: tuple[str, ...] = ("gmm", "ks")
+#: P(high) above which ``gmm`` calls a cell high, unless ``probability_cutoff`` says otherwise.
+DEFAULT_PROBABILITY_CUTOFF = 0.3
 
 #: Fewest cells a threshold is fitted on.
 MIN_CELLS = 10
@@ -58,7 +60,7 @@ def classify_by_threshold(
     *,
     metagene: Metagene = "shifted_geometric_mean",
     method: Method = "gmm",
-    probability_cutoff: float = 0.3,
+    probability_cutoff: float = DEFAULT_PROBABILITY_CUTOFF,
     key_added: str = "threshold",
     table_key: str = "table",
     max_fit_cells: int = MAX_FIT_CELLS,
@@ -105,7 +107,8 @@ def classify_by_threshold(
           the departing minority lies below the bulk (dropout-heavy markers whose non-zero cells are mostly
           positive) it is split off only if it forms its own mode; otherwise every non-zero cell is high.
     probability_cutoff
-        P(high) above which a cell is high (``gmm`` only), in (0, 1).
+        P(high) above which a cell is high (``gmm`` only), in (0, 1). ``ks`` ignores it, with a warning when it is
+        not the default.
     key_added
         Prefix of the output keys.
     table_key
@@ -165,6 +168,13 @@ def classify_by_threshold(
         raise ValueError(
             f"probability_cutoff={probability_cutoff!r} is outside (0, 1); it is the P(high) above which a cell is "
             "called high, e.g. 0.3 or 0.5."
+        )
+    if method == "ks" and float(probability_cutoff) != DEFAULT_PROBABILITY_CUTOFF:
+        logger.warning(
+            "classify_by_threshold(%r): probability_cutoff=%s is ignored by method='ks', which splits where the "
+            "score departs from its bulk; use method='gmm' to set the cut by P(high).",
+            key_added,
+            probability_cutoff,
         )
     if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
         raise TypeError(
