@@ -335,6 +335,24 @@ def test_real_xenium_cell_ids_with_bytes_ids(shared_data, tmp_path):
 # Matching the file's ids to the table's cells
 
 
+def test_visium_hd_cell_ids_match_the_bare_numbers_of_the_segmentation(tmp_path):
+    # Space Ranger's segmented outputs name cells cellid_000000001-1; cell_segmentations.geojson, and a table built
+    # from its polygons (e.g. a SpatialData instance key), holds the bare number 1
+    hd_ids = [f"cellid_{i:09d}-1" for i in range(1, 13)]
+    write_cloud(tmp_path / "cell_types.csv", barcodes=hd_ids)
+    adata = table([str(i) for i in range(1, 13)], extra=0)
+    adata.obs["cell_id"] = np.arange(1, 13)
+    adata.uns["spatialdata_attrs"] = {"region": "cells", "region_key": "region", "instance_key": "cell_id"}
+    scx.io.add_10x_cell_types(adata, tmp_path / "cell_types.csv", key_added="hd", add_ontology=False)
+    assert adata.uns["hd"]["id_source"] == "obs['cell_id'] (suffix ignored)" and adata.uns["hd"]["n_matched"] == 12
+    expected = write_cloud(tmp_path / "x.csv")["coarse_cell_type"].tolist()
+    assert adata.obs["hd_coarse"].astype(str).tolist() == expected
+    # a number inside another id is not taken for a Visium HD one
+    other = table([f"cell_{i}" for i in range(1, 13)], extra=0)
+    with pytest.raises(ValueError, match="None of the 12 cells"):
+        scx.io.add_10x_cell_types(other, tmp_path / "cell_types.csv", key_added="hd", add_ontology=False)
+
+
 def test_suffix_is_not_ignored_when_it_tells_samples_apart(tmp_path):
     pd.DataFrame({"barcode": ["AAAC-1", "AAAG-1"], "fine_cell_type": ["T cell", "B cell"]}).to_csv(
         tmp_path / "s1.csv", index=False

@@ -204,6 +204,8 @@ def add_10x_cell_types(
         in that order of preference on a tie (a warning names a rival that pairs cells differently). Ids are compared
         as text (bytes decoded, ``1.0`` as ``1``); a ``-1``-style suffix is ignored when that is needed to match,
         unless two table ids that differ only by it (``AAAC-1``, ``AAAC-2``: two samples) would share one file row.
+        Visium HD cell ids ``cellid_000000042-1`` then also match the bare number ``42`` that tables built from Space
+        Ranger's ``cell_segmentations.geojson`` hold.
     add_ontology
         Add CL ids (:func:`spatialcx.tl.map_labels`), unless the file has them: of each cell's finest label that a term
         fits, so a cell with the fine label "Fine Not Confidently Annotated" and the coarse label "T cell" gets the T
@@ -416,7 +418,13 @@ def _canonical_columns(columns: pd.Index) -> dict[str, str]:
 
 
 def _strip_suffix(ids: pd.Index) -> pd.Index:
-    return pd.Index(ids.astype(str).str.replace(r"-\d+$", "", regex=True))
+    """Ids without a ``-1``-style suffix, and Visium HD's ``cellid_000000042-1`` as ``42``.
+
+    Space Ranger names segmented cells ``cellid_<zero-padded number>-1`` in its matrices and outputs, while the
+    polygons in ``cell_segmentations.geojson`` (and tables built from them) carry the bare number.
+    """
+    stripped = ids.astype(str).str.replace(r"-\d+$", "", regex=True)
+    return pd.Index(stripped.str.replace(r"^cellid_0*(?=\d+$)", "", regex=True))
 
 
 def _as_ids(values: Any) -> pd.Index:
