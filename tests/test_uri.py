@@ -340,3 +340,21 @@ def test_filesystem_errors_are_not_reported_as_unknown_protocol(tmp_path, monkey
     assert "Unknown URI protocol" not in str(err.value)
     with pytest.raises(ValueError, match=r"Unknown URI protocol 'cellxgene'.*acquire_reference"):
         scx.io.resolve_uri("cellxgene://lung_covid", cache_dir=tmp_path)
+
+
+def test_each_endpoint_gets_its_own_cache_entry(tmp_path, memfs):
+    # the same bucket path on two S3-compatible endpoints names two objects; credentials do not change which one
+    fs, root = memfs
+    fs.pipe(f"{root}/ref.h5ad", b"first endpoint")
+    uri, cache = f"memory://{root}/ref.h5ad", tmp_path / "cache"
+    first = scx.io.resolve_uri(uri, cache_dir=cache, storage_options={"endpoint_url": "https://a.example.org"})
+    fs.pipe(f"{root}/ref.h5ad", b"second endpoint")
+    second = scx.io.resolve_uri(
+        uri, cache_dir=cache, storage_options={"client_kwargs": {"endpoint_url": "https://b.example.org"}}
+    )
+    assert first != second
+    assert first.read_bytes() == b"first endpoint" and second.read_bytes() == b"second endpoint"
+    same = scx.io.resolve_uri(
+        uri, cache_dir=cache, storage_options={"endpoint_url": "https://a.example.org", "key": "k", "secret": "s"}
+    )
+    assert same == first and same.read_bytes() == b"first endpoint"

@@ -115,9 +115,23 @@ def _local_path(uri: str) -> Path:
     return Path(unquote(parts.path)).expanduser()
 
 
-def _cache_path(uri: str, cache_dir: Path) -> Path:
-    """Cache location of ``uri``: a folder named by the URI's hash holding a file with the URI's base name."""
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+def _endpoint(storage_options: dict[str, Any] | None) -> str | None:
+    """The endpoint that ``storage_options`` point the filesystem at (S3-compatible stores), if any."""
+    options = storage_options or {}
+    client = options.get("client_kwargs")
+    endpoint = options.get("endpoint_url") or (client.get("endpoint_url") if isinstance(client, dict) else None)
+    return str(endpoint) if endpoint else None
+
+
+def _cache_path(uri: str, cache_dir: Path, storage_options: dict[str, Any] | None = None) -> Path:
+    """Cache location of ``uri``: a folder named by the hash of the URI (and endpoint) holding its base name.
+
+    The same bucket path on two endpoints (``storage_options={"endpoint_url": ...}``) names two objects, so the
+    endpoint is hashed too; credentials are not, since they change who may read an object, not which object it is.
+    """
+    endpoint = _endpoint(storage_options)
+    key = uri if endpoint is None else f"{uri}\nendpoint={endpoint}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     _, rest = split_protocol(uri)
     name = rest.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "reference"
     return cache_dir / "references" / digest / name
@@ -257,7 +271,8 @@ def resolve_uri(
     force
         Download again even when the cache holds a copy.
     storage_options
-        Extra keyword arguments for the fsspec filesystem (e.g. ``{"anon": True}`` for public S3 buckets).
+        Extra keyword arguments for the fsspec filesystem (e.g. ``{"anon": True}`` for public S3 buckets). An
+        ``endpoint_url`` (top level or in ``client_kwargs``) gets a cache entry of its own; credentials do not.
 
     Returns
     -------
@@ -295,7 +310,7 @@ def resolve_uri(
         return path
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    dest = _cache_path(text, cache)
+    dest = _cache_path(text, cache, storage_options)
     cached = _cached(dest)
     if cached is not None and not force:
         logger.info("Using cached copy of %s", text)
