@@ -361,3 +361,13 @@ def test_percent_encoded_file_uri_output(tmp_path, fake_census):
     assert scx.io.read_reference(out, label_key="cell_type").n_obs == 372
     scx.io.acquire_reference("cellxgene://lung_covid", target.as_uri())  # found: re-used
     assert len(fake_census["download"]) == 1
+
+
+def test_dataset_id_in_upper_case_is_the_census_id(tmp_path, fake_census):
+    # census dataset ids are lower case; one pasted in upper case names the same dataset (and the same file)
+    upper = "066943A2-FDAC-4B29-B348-40CEDE398E4E"
+    out = scx.io.acquire_reference(f"cellxgene://{upper}", tmp_path / "refs")
+    assert fake_census["download"] == [(upper.lower(), "stable")]
+    assert out == f"{tmp_path}/refs/{upper.lower()}.h5ad"
+    assert scx.io.acquire_reference(f"cellxgene://{upper.lower()}", tmp_path / "refs") == out
+    assert len(fake_census["download"]) == 1  # re-used

@@ -429,7 +429,8 @@ def acquire_reference(
             if key in CELLXGENE_DATASETS:
                 dataset_id = CELLXGENE_DATASETS[key]["dataset_id"]
                 label_key = label_key or CELLXGENE_DATASETS[key]["label_key"]
-            elif _UUID.match(key):
+            elif _UUID.match(key.lower()):  # census dataset ids are lower case; a pasted id may not be
+                key = key.lower()
                 dataset_id, label_key = key, label_key or "cell_type"
             else:
                 raise ValueError(
