@@ -363,6 +363,13 @@ def test_brain_and_marrow_abbreviations():
     assert t.loc["DG", "ontology_term_id"] == "unknown"  # a region, not a cell type
 
 
+def test_marginal_zone_b_cells_map_to_b_cell():
+    # CL has marginal zone B cells of spleen and of lymph node only: a label naming neither is a B cell, not unknown
+    t = scx.tl.map_labels(["MZ B cells", "Marginal zone B cells"]).table.set_index("input_label")
+    assert t["ontology_term_id"].tolist() == ["CL:0000236", "CL:0000236"]
+    assert t.loc["MZ B cells", "score"] == t.loc["Marginal zone B cells", "score"] > 0.5
+
+
 @pytest.mark.parametrize("values", [["0", "1", "2", "0"], [1, 2, 3, 1], [1.0, 2.0, np.nan, 1.0]])
 def test_cluster_numbers_as_labels_are_named_in_a_warning(values, caplog):
     adata = AnnData(np.zeros((4, 1)))
