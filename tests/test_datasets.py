@@ -43,7 +43,7 @@ def _log_normalized(adata: ad.AnnData, genes: pd.Index) -> sp.csr_matrix:
     return x.log1p()
 
 
-# --- structure ---------------------------------------------------------------------------------------------------------
+# --- structure --------------------------------------------------------------------------------------------------------
 
 
 def test_default_shapes_and_elements(default_demo):
@@ -135,7 +135,7 @@ def test_image_false_has_no_image(small_demo):
     assert "cells" in sdata.shapes
 
 
-# --- biology -----------------------------------------------------------------------------------------------------------
+# --- biology ----------------------------------------------------------------------------------------------------------
 
 
 def test_cell_type_names_are_current_cell_ontology_labels():
@@ -225,7 +225,7 @@ def test_reference_has_a_platform_bias_against_the_panel(default_demo):
     assert 0.5 < correlation < 0.99  # the same biology, not the same numbers
 
 
-# --- space -------------------------------------------------------------------------------------------------------------
+# --- space ------------------------------------------------------------------------------------------------------------
 
 
 def test_cell_types_are_spatially_organised(default_demo):
@@ -251,7 +251,7 @@ def test_cell_types_are_spatially_organised(default_demo):
     assert 0.02 < 1 - zone.loc["enterocyte", "epithelium"] < 0.3
 
 
-# --- reproducibility and inputs ----------------------------------------------------------------------------------------
+# --- reproducibility and inputs ---------------------------------------------------------------------------------------
 
 
 def test_same_seed_gives_identical_data(small_demo):
@@ -316,7 +316,7 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
         scx.datasets.demo(**{**SMALL, "image": False, **kwargs})
 
 
-# --- fitness for the demo ----------------------------------------------------------------------------------------------
+# --- fitness for the demo ---------------------------------------------------------------------------------------------
 
 
 def test_reference_classifier_recovers_spatial_truth(default_demo):

@@ -59,7 +59,7 @@ TARGET_SUM = 1e4
 
 
 def label_list(labels: Sequence[str] | str | None) -> list[str]:
-    """``exclude_labels`` as a list of str: ``None`` is the default (:data:`DEFAULT_EXCLUDE_LABELS`), a str one label."""
+    """``exclude_labels`` as a list of str: ``None`` gives :data:`DEFAULT_EXCLUDE_LABELS`, a str is one label."""
     if labels is None:
         labels = DEFAULT_EXCLUDE_LABELS
     return [str(x) for x in ([labels] if isinstance(labels, str) else labels)]

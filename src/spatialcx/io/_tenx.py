@@ -497,7 +497,8 @@ def _match_ids(adata: AnnData, df: pd.DataFrame, id_key: str | None) -> tuple[st
     if n == 0:
         examples = "; ".join(f"{k} such as {list(v[:3])}" for k, v in candidates.items())
         note = (
-            f" Ignoring the '-1'-style suffix would pair several table cells with one file cell: {'; '.join(collisions)}"
+            " Ignoring the '-1'-style suffix would pair several table cells with one file cell: "
+            f"{'; '.join(collisions)}"
             " (cells of several samples? annotate one sample's cells at a time)."
             if collisions
             else ""

@@ -13,8 +13,9 @@ A label goes through these steps in order and stops at the first that finds a te
    the label maps to their closest common CL term (``lymphocyte``, ``mononuclear phagocyte``) unless that term is as
    general as "cell" (then ``unknown``);
 6. tier 0, patterns: the label equals a curated alias of the pattern table (0.95), or, once abbreviations are expanded
-   (``Mono`` -> monocyte, ``EC`` -> endothelial cell), rewrites applied (``L2/3 IT``), implied words added (``CD4 Naive``
-   -> CD4+ naive T) and ``cell`` added or a trailing cluster number dropped, it equals an alias or a CL name (0.9);
+   (``Mono`` -> monocyte, ``EC`` -> endothelial cell), rewrites applied (``L2/3 IT``), implied words added
+   (``CD4 Naive`` -> CD4+ naive T) and ``cell`` added or a trailing cluster number dropped, it equals an alias or a CL
+   name (0.9);
 7. tier 2, tokens: the label's words (a marker with its sign, ``cd4+``, is one word) equal a CL name's words in any
    order (0.85); else the label falls back to the most specific CL term whose words are all in the label, provided
    the left-over words name no other cell type (``Alveolar Mph CCL3+ activated`` -> CCL3-positive alveolar

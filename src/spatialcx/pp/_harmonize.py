@@ -52,7 +52,7 @@ def strip_version(names: Sequence[str] | pd.Index) -> np.ndarray:
 
 
 def detect_species(ids: Sequence[str] | pd.Index) -> str | None:
-    """Species of Ensembl ids from their prefix (``ENSG`` human, ``ENSMUSG`` mouse), by majority; ``None`` if unknown."""
+    """Species of Ensembl ids from their prefix (``ENSG`` human, ``ENSMUSG`` mouse), by majority, or ``None``."""
     prefixes = pd.Series([re.sub(r"G\d.*$", "G", str(i)) for i in ids if _ENSEMBL_RE.match(str(i))])
     if prefixes.empty:
         return None

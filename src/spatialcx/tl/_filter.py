@@ -122,7 +122,7 @@ def _lookup(labels: np.ndarray, table: dict[str, str], default: np.ndarray) -> n
 
 
 def _recorded_terms(adata: AnnData, key: str) -> dict[str, tuple[str, str | None]]:
-    """``{label: (CL id, CL name)}`` from the mapping kept in ``uns`` (:func:`spatialcx.tl._ontology.stored_mapping`)."""
+    """``{label: (CL id, CL name)}`` from the mapping kept in ``uns`` (``spatialcx.tl._ontology.stored_mapping``)."""
     from spatialcx.tl._ontology import stored_mapping
 
     found = stored_mapping(adata, key)
@@ -183,8 +183,9 @@ def filter_low_confidence(
     """Label cells whose confidence is below ``threshold`` as ``Unassigned``.
 
     The labels before filtering are taken from ``source_key`` when given; otherwise from ``{key}_predicted`` (shown
-    by their final names, e.g. Cell Ontology names, as recorded in ``uns[key]["names"]``, aligned with ``uns[key]["classes"]``, by
-    :func:`~spatialcx.tl.annotate`), so filtering again with another threshold starts from the unfiltered labels.
+    by their final names, e.g. Cell Ontology names, as recorded in ``uns[key]["names"]``, aligned with
+    ``uns[key]["classes"]``, by :func:`~spatialcx.tl.annotate`), so filtering again with another threshold starts from
+    the unfiltered labels.
 
     Parameters
     ----------

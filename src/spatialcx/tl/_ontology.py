@@ -1,4 +1,4 @@
-"""Cell Ontology ids for free-text cell-type labels: :func:`map_labels`, :func:`add_ontology_ids`, :class:`OntologyMapping`.
+"""Cell Ontology ids for free-text labels: :func:`map_labels`, :func:`add_ontology_ids`, :class:`OntologyMapping`.
 
 Matching is offline: the Cell Ontology comes from ``cellxgene-ontology-guide`` and is cached on first use (see
 ``spatialcx.ontology``); how labels are matched, tier by tier, is described in ``docs/ontology.md``.
