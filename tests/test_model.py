@@ -515,3 +515,124 @@ def test_integer_clip_and_target_sum_save_and_load(tmp_path):
     assert isinstance(m.clip, float) and isinstance(m.target_sum, float)
     back = scx.CellTypeModel.load(m.save(tmp_path / "int_clip"))
     assert back.model_hash == m.model_hash and back.clip == 10.0
+
+
+def _tiny_model(**kwargs):
+    rng = np.random.default_rng(0)
+    args = {
+        "features": ["a", "b", "c"],
+        "classes": ["x", "y"],
+        "coef": rng.normal(size=(2, 3)),
+        "intercept": [0.1, -0.1],
+        "scaler_mean": [0.5, 0.2, 0.1],
+        "scaler_scale": [1.0, 2.0, 0.5],
+    }
+    return scx.CellTypeModel(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("scaler_mean", [np.nan, 0.0, 0.0], "scaler_mean"),
+        ("scaler_mean", [np.inf, 0.0, 0.0], "scaler_mean"),
+        ("scaler_scale", [np.nan, 1.0, 1.0], "scaler_scale"),
+        ("scaler_scale", [np.inf, 1.0, 1.0], "scaler_scale"),
+        ("clip", np.nan, "clip"),
+        ("target_sum", 0, "target_sum"),
+        ("target_sum", -1e4, "target_sum"),
+        ("target_sum", np.nan, "target_sum"),
+        ("target_sum", np.inf, "target_sum"),
+    ],
+)
+def test_model_refuses_settings_that_cannot_score(field, value, match):
+    """A NaN scaler (NaN scales passed the 'positive' check) or target sum made every score NaN, found only later."""
+    with pytest.raises(ValueError, match=match):
+        _tiny_model(**{field: value})
+
+
+def test_model_description_is_a_dict():
+    """None is an empty description; anything else but a mapping is refused (predict crashed on it later)."""
+    assert _tiny_model(description=None).description == {}
+    from types import MappingProxyType
+
+    assert _tiny_model(description=MappingProxyType({"a": 1})).description == {"a": 1}
+    with pytest.raises(TypeError, match="description must be a dict"):
+        _tiny_model(description=["a list"])
+    with pytest.raises(TypeError, match="description must be a dict"):
+        _tiny_model(description="text")
+
+
+def _rewrite_meta(path, out, change):
+    import json
+
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"]))
+    change(meta)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(out, **arrays)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m.__setitem__("description", ["x"]), "description must be a dict"),
+        (lambda m: m.__setitem__("description", "x"), "description must be a dict"),
+        (lambda m: m.pop("format_version"), "format_version"),
+        (lambda m: m.__setitem__("format_version", True), "format_version"),
+        (lambda m: m.__setitem__("format_version", 0), "format_version"),
+        (lambda m: m.__setitem__("format_version", "2"), "format_version"),
+    ],
+)
+def test_load_refuses_tampered_metadata(tmp_path, change, match):
+    """Metadata outside the hash (description, format_version) is checked too: one clear error, not a later crash."""
+    path = _tiny_model().save(tmp_path / "m.npz")
+    bad = _rewrite_meta(path, tmp_path / "bad.npz", change)
+    with pytest.raises(ValueError, match=rf"not a valid spatialcx model file.*{match}"):
+        scx.CellTypeModel.load(bad)
+
+
+def test_load_keeps_a_missing_description_empty(tmp_path):
+    path = _tiny_model(description={"a": 1}).save(tmp_path / "m.npz")
+    back = scx.CellTypeModel.load(_rewrite_meta(path, tmp_path / "m2.npz", lambda m: m.pop("description")))
+    assert back.description == {}
+
+
+def test_minibatch_balance_cell_type_balances_what_is_trained_on(monkeypatch):
+    """balance_cell_type draws cells inversely to their type's frequency, so a rare type is seen as often as others.
+
+    It used to draw every cell once per epoch (without replacement), which only reordered the cells: each type was
+    seen exactly as often as without balancing.
+    """
+    from sklearn.linear_model import SGDClassifier
+
+    seen = []
+    partial_fit = SGDClassifier.partial_fit
+
+    def record(self, x, y, *args, **kwargs):
+        seen.append(np.asarray(y))
+        return partial_fit(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(SGDClassifier, "partial_fit", record)
+    ref = _lognorm(_counts(n=2000, k=2))
+    labels = ref.obs["label"].to_numpy().copy()
+    labels[labels == "type 1"] = "type 0"
+    labels[:40] = "rare"  # 2 % of the cells
+    fit_model(ref.X, labels, ref.var_names, method="minibatch", epochs=2, batch_size=200, calibrate=False)
+    plain = np.concatenate(seen)
+    seen.clear()
+    fit_model(
+        ref.X,
+        labels,
+        ref.var_names,
+        method="minibatch",
+        epochs=2,
+        batch_size=200,
+        balance_cell_type=True,
+        calibrate=False,
+    )
+    balanced = np.concatenate(seen)
+    assert len(plain) == len(balanced) == 2 * 2000  # as many cells per epoch either way
+    assert (plain == "rare").mean() == pytest.approx(0.02)
+    assert (balanced == "rare").mean() == pytest.approx(1 / 2, abs=0.05)  # two types, half the draws each

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -119,7 +119,7 @@ class CellTypeModel:
     target_sum
         Counts per cell after normalization (10,000).
     description
-        Free metadata (training parameters, reference provenance, dates); JSON-serialisable.
+        Free metadata (training parameters, reference provenance, dates): a dict of JSON values (``None``: empty).
     calibration
         Confidence calibration fitted on reference cells by :func:`~spatialcx.tl.train` (see
         :func:`~spatialcx.tl.transform_confidence`); ``None`` for imported CellTypist models (other than those
@@ -148,6 +148,14 @@ class CellTypeModel:
         # floats, as save/load keep them (an int clip hashed as "10" and loaded as 10.0 failed its hash check)
         self.clip = float(self.clip)
         self.target_sum = float(self.target_sum)
+        if self.description is None:
+            self.description = {}
+        elif isinstance(self.description, Mapping):
+            self.description = dict(self.description)
+        else:
+            raise TypeError(
+                f"description must be a dict of JSON values (free metadata), got {type(self.description).__name__}."
+            )
         n_k, n_g = len(self.classes), len(self.features)
         if n_k < 2:
             raise ValueError(f"A cell-type model needs at least 2 classes, got {n_k}.")
@@ -160,8 +168,17 @@ class CellTypeModel:
                 raise ValueError(f"{name} has shape {arr.shape}; expected ({expected},).")
         if not np.all(np.isfinite(self.coef)) or not np.all(np.isfinite(self.intercept)):
             raise ValueError("The model's weights contain NaN or infinite values.")
+        for name in ("scaler_mean", "scaler_scale"):
+            if not np.all(np.isfinite(getattr(self, name))):
+                raise ValueError(f"The model's {name} contains NaN or infinite values: every score would be NaN.")
         if (self.scaler_scale <= 0).any():
             raise ValueError("scaler_scale must be positive for every feature.")
+        if np.isnan(self.clip):
+            raise ValueError("clip must be a number (CellTypist: 10), got NaN.")
+        if not (np.isfinite(self.target_sum) and self.target_sum > 0):
+            raise ValueError(
+                f"target_sum must be a positive number of counts per cell (10,000), got {self.target_sum}."
+            )
         if pd.Index(self.features).has_duplicates:
             raise ValueError("The model's features contain duplicated gene names.")
         if self.normalize_over not in ("genes", "all"):
@@ -424,10 +441,9 @@ class CellTypeModel:
                 f"{path} is not a spatialcx model file (format={meta.get('format')!r}); pass a file written by "
                 "model.save()."
             )
-        try:
-            version = int(meta.get("format_version", 0))
-        except (TypeError, ValueError) as e:
-            raise _invalid_model_file(path, f"format_version is {meta.get('format_version')!r}") from e
+        version = meta.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:  # every file save() writes has one
+            raise _invalid_model_file(path, f"its format_version is {version!r}, expected a whole number from 1")
         if version > FORMAT_VERSION:
             raise ValueError(f"{path} was written by a newer spatialcx (format {version}); upgrade spatialcx.")
         try:
