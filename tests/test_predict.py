@@ -568,3 +568,34 @@ def test_no_shared_genes_error_says_where_the_model_genes_are(model):
     q.var = q.var.drop(columns="symbol")
     with pytest.raises(ValueError, match="The table's genes are Ensembl ids and the model's are gene symbols"):
         scx.tl.predict(q, model)
+
+
+def test_model_descriptions_put_in_uns_stay_storable(model, tmp_path):
+    """A model's free description (JSON) is recorded in uns: it must write to h5ad and zarr whatever it holds.
+
+    Lists of dicts and lists holding None do not write to h5ad, '/' in a key does not write to zarr, ragged lists and
+    integers beyond 64 bits to neither; such values are kept as their JSON text (and '/' in keys becomes '_').
+    """
+    import dataclasses
+
+    description = {
+        "datasets": [{"id": "a", "cells": 10}, {"id": "b", "cells": 20}],
+        "seeds": [1, None],
+        "train/test": 0.2,
+        "big": 2**70,
+        "ragged": [[1, 2], [3]],
+        "nested": {"ok": [1, 2], "skipped": None, "deeper": {"k/v": ["x", None]}},
+        "plain": ["a", "b"],
+    }
+    described = dataclasses.replace(model, description=description)
+    q = _data(n=200, seed=5)
+    scx.tl.predict(q, described)
+    stored = q.uns["cell_type"]["model_description"]
+    assert stored["datasets"] == '[{"id": "a", "cells": 10}, {"id": "b", "cells": 20}]'
+    assert stored["seeds"] == "[1, null]" and stored["ragged"] == "[[1, 2], [3]]" and stored["big"] == str(2**70)
+    assert stored["train_test"] == 0.2 and stored["plain"] == ["a", "b"]
+    assert stored["nested"] == {"ok": [1, 2], "deeper": {"k_v": '["x", null]'}}
+    q.write_h5ad(tmp_path / "q.h5ad")
+    q.write_zarr(tmp_path / "q.zarr")
+    for back in (ad.read_h5ad(tmp_path / "q.h5ad"), ad.read_zarr(tmp_path / "q.zarr")):
+        assert back.uns["cell_type"]["model_description"]["datasets"] == stored["datasets"]

@@ -73,7 +73,9 @@ def fit_model(
     As CellTypist: genes not expressed in any training cell are dropped, the data are standard-scaled and clipped at
     ``clip``, and a one-vs-rest L2 logistic regression is fitted (``"logreg"``, lbfgs), or a log-loss SGD classifier
     (``"sgd"``), or the SGD classifier by mini-batches that densify only ``batch_size`` cells at a time
-    (``"minibatch"``, for references too large to densify). ``"auto"`` picks ``"logreg"`` when the training matrix
+    (``"minibatch"``, for references too large to densify: ``epochs`` passes of ``n_cells`` cells each, every cell once
+    per pass, or with ``balance_cell_type`` cells drawn with replacement, inversely to their type's frequency, so that
+    each type is drawn about as often as any other). ``"auto"`` picks ``"logreg"`` when the training matrix
     has at most 200,000,000 entries (cells x expressed genes, e.g. 1,000,000 cells x 200 genes) and ``"minibatch"``
     above that.
 
@@ -129,7 +131,9 @@ def fit_model(
         else:
             p = None
         for _ in progress(range(epochs), total=epochs, desc="training epochs"):
-            order = rng.choice(n, size=n, replace=False, p=p)
+            # n cells per epoch: each cell once, or, balanced, drawn with replacement so that every type is drawn about
+            # equally often (without replacement, drawing all n cells would only reorder them)
+            order = rng.choice(n, size=n, replace=p is not None, p=p)
             for start in range(0, n, batch_size):
                 idx = np.sort(order[start : start + batch_size])
                 clf.partial_fit(_scaled_dense(x[idx], mean, scale, clip), labels[idx], classes=classes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -148,7 +149,9 @@ def train(
     max_iter
         Iterations (CellTypist's defaults by number of cells when None).
     batch_size, epochs, balance_cell_type
-        Mini-batch SGD settings (``balance_cell_type`` samples cells inversely to their type's frequency).
+        Mini-batch SGD settings: ``epochs`` passes over as many cells as the reference has, ``batch_size`` at a time;
+        with ``balance_cell_type`` the cells of each pass are drawn with replacement, inversely to their type's
+        frequency, so that every type is drawn about as often (rare types repeated).
     min_genes
         Panel genes the reference must share: at least this many (half of a panel of fewer than ``2 * min_genes``
         genes) and at least a quarter of the panel, the rule of :func:`~spatialcx.pp.combine_references` and
@@ -516,13 +519,32 @@ def write_predictions(
 
 
 def _jsonable_dict(d: dict[str, Any]) -> dict[str, Any]:
-    """Drop None values (not storable in ``uns``) and convert numpy scalars."""
+    """``d`` as values that ``uns`` can store in both h5ad and zarr (a model's description is free JSON).
+
+    None values are dropped, numpy scalars and arrays become Python values, ``/`` in keys (a group separator in zarr
+    and HDF5) becomes ``_``. Values anndata cannot write (lists of dicts or holding None, ragged lists, integers beyond
+    64 bits) are kept as their JSON text.
+    """
     from spatialcx.model._model import _jsonable
 
     out = {}
     for k, v in d.items():
         if v is None:
             continue
-        v = _jsonable(v)
-        out[str(k)] = _jsonable_dict(v) if isinstance(v, dict) else v
+        out[str(k).replace("/", "_")] = _uns_value(_jsonable(v))
     return out
+
+
+def _uns_value(v: Any) -> Any:
+    """A JSON value (from ``_jsonable``) as one that anndata writes to h5ad and zarr alike."""
+    if isinstance(v, dict):
+        return _jsonable_dict(v)
+    if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+        return str(v)
+    if isinstance(v, list):
+        try:  # what anndata writes: an array of numbers, bools or strings (possibly nested, rectangular)
+            storable = np.asarray(v).dtype.kind in "biufU"
+        except (ValueError, OverflowError):  # ragged
+            storable = False
+        return v if storable else json.dumps(v)
+    return v
