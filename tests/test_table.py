@@ -881,3 +881,21 @@ def test_failed_write_of_domains_puts_the_shapes_back_too(v3_store, monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         scx.tl.spatial_domains(sdata, "high", value=1, max_distance=50.0, min_cells=2, add_shapes=True)
     assert set(sdata.shapes) == before_shapes and "domain" not in table.obs
+
+
+def test_store_opened_by_a_relative_path_then_left_says_so(v3_store, tmp_path, monkeypatch):
+    """spatialdata keeps a relative store path as given: after a change of working directory it points nowhere, and the
+    error says that (it said the store may have been moved or deleted)."""
+    monkeypatch.chdir(v3_store.parent)
+    sdata = sd.read_zarr(v3_store.name)
+    assert not Path(sdata.path).is_absolute()
+    sdata.tables["table"].obs["x"] = 1.0
+    write_table(sdata, "table", elements=("obs",))  # from the folder it was opened in: works
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ValueError, match=r"relative path 'synthetic.zarr'.*working directory.*elsewhere.*sdata.path"):
+        write_table(sdata, "table", elements=("obs",))
+    sdata.path = v3_store  # the fix the message gives
+    write_table(sdata, "table", elements=("obs",))
+    assert "x" in sd.read_zarr(v3_store).tables["table"].obs

@@ -437,6 +437,12 @@ def _local_store_path(sdata: SpatialData) -> Path:
             "with `sdata.write(local_path)`, or copy the store to local disk, write there and upload the result."
         )
     store = Path(text.removeprefix("file://"))
+    if not store.is_dir() and not store.is_absolute():
+        raise ValueError(
+            f"The SpatialData object's zarr store is given by the relative path {text!r} (as it was opened), which "
+            f"points to no store from the current working directory, {os.getcwd()} (did the working directory change "
+            "since?). Set the store's absolute path, `sdata.path = '/absolute/path/to/store.zarr'`, then write again."
+        )
     if not store.is_dir():
         raise ValueError(
             f"The zarr store of the SpatialData object, {store}, does not exist or is not a directory (it may have been "
