@@ -599,3 +599,27 @@ def test_model_descriptions_put_in_uns_stay_storable(model, tmp_path):
     q.write_zarr(tmp_path / "q.zarr")
     for back in (ad.read_h5ad(tmp_path / "q.h5ad"), ad.read_zarr(tmp_path / "q.zarr")):
         assert back.uns["cell_type"]["model_description"]["datasets"] == stored["datasets"]
+
+
+def test_predict_warns_before_replacing_the_datas_own_cell_type_columns(model, caplog):
+    # a CELLxGENE-style table comes with its authors' cell_type and CL ids: replacing them is said, not silent
+    q = _data(n=200, seed=5)
+    q.obs["cell_type"] = pd.Categorical(["B cell"] * q.n_obs)
+    q.obs["cell_type_ontology_term_id"] = pd.Categorical(["CL:0000236"] * q.n_obs)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.predict(q, model)
+    assert "['cell_type', 'cell_type_ontology_term_id'] hold values that no spatialcx prediction wrote" in caplog.text
+    assert "key_added='cell_type_scx'" in caplog.text
+    assert set(q.obs["cell_type"].astype(str)) <= set(model.classes)
+    # predicting again replaces spatialcx's own columns: nothing to warn about
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.predict(q, model)
+    assert "no spatialcx prediction wrote" not in caplog.text
+    # another key_added leaves the data's columns alone, silently
+    fresh = _data(n=200, seed=5)
+    fresh.obs["cell_type"] = pd.Categorical(["B cell"] * fresh.n_obs)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.predict(fresh, model, key_added="cell_type_scx")
+    assert "no spatialcx prediction wrote" not in caplog.text and (fresh.obs["cell_type"] == "B cell").all()

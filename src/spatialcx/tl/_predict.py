@@ -483,6 +483,7 @@ def write_predictions(
 ) -> None:
     """Assign :class:`Predictions` to the output keys of ``adata`` (no computation, so nothing is half-written)."""
     keys = output_keys(key_added)
+    _warn_if_foreign(adata, key_added, keys)
     index = adata.obs_names
     adata.obs[keys["predicted"]] = out.labels.copy()
     adata.obs[keys["label"]] = out.labels.copy()
@@ -516,6 +517,25 @@ def write_predictions(
         else:
             logger.info("Removed obs columns %s of an earlier run (they named the labels now replaced).", stale)
         adata.obs = adata.obs.drop(columns=stale)
+
+
+def _warn_if_foreign(adata: AnnData, key_added: str, keys: dict[str, str]) -> None:
+    """Warn before replacing label / CL columns that no spatialcx prediction wrote (e.g. a CELLxGENE table's own)."""
+    earlier = adata.uns.get(key_added)
+    if isinstance(earlier, dict) and "model_hash" in earlier:
+        return  # an earlier prediction's columns: replacing them is what a new run does
+    mapped = isinstance(adata.uns.get(key_added + ONTOLOGY_SUFFIX), dict)  # add_ontology_ids wrote the CL columns
+    foreign = [keys["label"]] if keys["label"] in adata.obs else []
+    if not mapped:
+        foreign += [k for k in (keys["ontology_id"], keys["ontology_label"]) if k in adata.obs]
+    if foreign:
+        logger.warning(
+            "obs columns %s hold values that no spatialcx prediction wrote (the data's own annotation, e.g. "
+            "CELLxGENE's cell_type columns); the predictions replace them. To keep them, copy them to other columns "
+            "first, or pass key_added=%r to write the predictions under other names.",
+            foreign,
+            f"{key_added}_scx",
+        )
 
 
 def _jsonable_dict(d: dict[str, Any]) -> dict[str, Any]:
