@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -223,6 +225,25 @@ def test_annotate_domains_errors():
     with pytest.raises(ValueError, match="min_auc"):
         scx.tl.annotate_domains(adata, "region", min_auc=0.3)
     assert "region_annotation" not in adata.obs
+
+
+@pytest.mark.parametrize(
+    ("key_added", "lost"),
+    [("region", "the group column obs['region']"), ("signature", "the signature scores obsm / uns['signature']")],
+)
+def test_annotate_domains_refuses_a_key_added_that_overwrites_its_inputs(key_added, lost):
+    """key_added=groupby replaced the clusters by their names; key_added=signature_key replaced uns[signature] (the
+    signature names), so obsm[signature] could no longer be read."""
+    adata = make_tissue(n_per_region=30)
+    scx.tl.score_signatures(adata, MARKERS)
+    before = adata.obs["region"].copy(), dict(adata.uns["signature"])
+    with pytest.raises(ValueError, match=rf"key_added={key_added!r} would overwrite {re.escape(lost)}"):
+        scx.tl.annotate_domains(adata, "region", key_added=key_added)
+    pd.testing.assert_series_equal(adata.obs["region"], before[0])
+    assert list(adata.uns["signature"]) == list(before[1]) and list(adata.obs.columns) == ["truth", "region"]
+    adata.obs["region_cell"] = adata.obs["region"]  # the per-cell column of key_added="region" would replace it
+    with pytest.raises(ValueError, match=r"would overwrite the group column obs\['region_cell'\]"):
+        scx.tl.annotate_domains(adata, "region_cell", key_added="region")
 
 
 def test_round_trip_h5ad_and_zarr(tmp_path):
@@ -682,17 +703,30 @@ def test_brain_markers_name_starmap_domains_without_other_organs(shared_data):
         assert labels["brain"][group] == labels[None][group]  # the brain's own types are named as before
 
 
-def test_bone_marrow_markers_name_xenium_erythroid_clusters(shared_data):
-    """On the Xenium bone marrow, SLC4A1 (band 3) made erythroid clusters 'kidney collecting duct intercalated cell'."""
+@pytest.fixture(scope="module")
+def xenium_bone_marrow():
+    """The real Xenium bone marrow (84,518 cells x 477 genes) with its graph-based clusters in obs['cluster']."""
     import scanpy as sc
 
-    folder = shared_data("xenium_bonemarrow")
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "xenium_bonemarrow"  # as conftest.shared_path
+    if not folder.exists():
+        pytest.skip("shared dataset not available: xenium_bonemarrow")
     adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
     clusters = pd.read_parquet(folder / "cell_clusters_graphclust.parquet")["cluster"]
     adata.obs["cluster"] = pd.Categorical(clusters.reindex(adata.obs_names).astype("string"))
-    # the three clusters with the most ALAS2 (erythroid) counts per cell
-    alas2 = pd.Series(np.asarray(adata[:, "ALAS2"].X.todense()).ravel(), index=adata.obs_names)
-    erythroid = list(alas2.groupby(adata.obs["cluster"], observed=True).mean().nlargest(3).index)
+    return adata
+
+
+def top_clusters(adata, gene, n=3):
+    """The ``n`` clusters with the most counts of ``gene`` per cell."""
+    counts = pd.Series(np.asarray(adata[:, gene].X.todense()).ravel(), index=adata.obs_names)
+    return list(counts.groupby(adata.obs["cluster"], observed=True).mean().nlargest(n).index)
+
+
+def test_bone_marrow_markers_name_xenium_erythroid_clusters(xenium_bone_marrow):
+    """On the Xenium bone marrow, SLC4A1 (band 3) made erythroid clusters 'kidney collecting duct intercalated cell'."""
+    adata = xenium_bone_marrow.copy()
+    erythroid = top_clusters(adata, "ALAS2")
     labels = {}
     for tissue in (None, "bone marrow"):
         scx.tl.score_signatures(adata, scx.tl.load_canonical_markers(tissue=tissue), key_added="sig")
@@ -702,3 +736,72 @@ def test_bone_marrow_markers_name_xenium_erythroid_clusters(shared_data):
     assert all("erythroblast" in labels["bone marrow"][c].split("/") for c in erythroid)
     kept = set(scx.tl.load_canonical_markers(tissue="bone marrow")) | {"Unassigned"}
     assert all(set(label.split("/")) <= kept for label in labels["bone marrow"].values())
+
+
+def test_mouse_muscle_markers_are_the_adult_mouse_myosins():
+    """Title-casing the human markers gave mouse cardiomyocytes Myh7 (beta-MHC: fetal and slow fibres in the mouse;
+    adult mouse ventricles express Myh6) and mouse fast fibres only Myh2 (most mouse fast fibres are IIb, Myh4)."""
+    human = scx.tl.load_canonical_markers(tissue=["heart", "skeletal muscle"])
+    mouse = scx.tl.load_canonical_markers(species="mouse", tissue=["heart", "skeletal muscle"])
+    assert "MYH7" in human["cardiac muscle cell"]  # human adult ventricles: beta-MHC
+    assert "Myh6" in mouse["cardiac muscle cell"] and "Myh7" not in mouse["cardiac muscle cell"]
+    assert mouse["cardiac muscle cell"][:2] == ["Tnnt2", "Actc1"]
+    assert {"Myh4", "Acta1", "Ckm"} <= set(mouse["cell of skeletal muscle"])
+
+
+def test_bone_marrow_neutrophils_are_named_neutrophils_not_osteoclasts(xenium_bone_marrow):
+    """The marrow's most abundant cells were never named neutrophil: no neutrophil marker (CSF3R, FCGR3B, CXCR2,
+    S100A8/9) is on the Xenium panel, and MMP9, an osteoclast marker that neutrophils express more (gelatinase
+    granules), named the neutrophil clusters "osteoclast". FABP4 and LPL, adipocyte markers that marrow sinusoidal
+    endothelium expresses too, named the VWF-high endothelial cluster "adipocyte"."""
+    adata = xenium_bone_marrow.copy()
+    scx.tl.score_signatures(adata, scx.tl.load_canonical_markers(tissue="bone marrow"))
+    scx.tl.annotate_domains(adata, "cluster", key_added="domain")
+    labels = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
+    neutrophil = top_clusters(adata, "MMP8")  # neutrophil collagenase: the granulocyte clusters
+    assert all(labels[c] == "neutrophil" for c in neutrophil), {c: labels[c] for c in neutrophil}
+    assert not any("osteoclast" in label for label in labels.values())
+    vwf = top_clusters(adata, "VWF", n=2)
+    assert all("endothelial cell" in labels[c].split("/") for c in vwf), {c: labels[c] for c in vwf}
+    assert "adipocyte" not in "/".join(labels[c] for c in vwf)
+    markers = scx.tl.load_canonical_markers()
+    assert {"CEACAM8", "MMP8"} <= set(markers["neutrophil"]) and "MMP9" not in markers["osteoclast"]
+    assert not {"FABP4", "LPL"} & set(markers["adipocyte"])
+
+
+def test_a_set_of_genes_is_taken_in_alphabetical_order():
+    """A set's order is its strings' hashes, seeded per process: uns['genes'] (and the float rounding of the scores)
+    changed from one run to the next (PYTHONHASHSEED)."""
+    adata = make_tissue(n_per_region=20)
+    genes = ["MS4A1", "CD79A", "CD19", "CD3D", "CD3E", "CD2", "CD68", "CD163", "MRC1"]
+    scx.tl.score_signatures(adata, {"immune": set(genes), "B": frozenset(MARKERS["B cells"])})
+    assert list(adata.uns["signature"]["genes"]) == [",".join(sorted(genes)), "CD19,CD79A,MS4A1"]
+
+
+def test_marker_tables_from_csv_tsv_and_wide_frames_skip_missing_values(tmp_path):
+    """A CSV of markers was read as YAML and refused as "got str"; the NaN padding of a wide table (one column per
+    type) and NaN / None in a list became genes named "nan" / "None"."""
+    adata = make_tissue(n_per_region=20)
+    expected = {"T cells": ["CD3D", "CD3E"], "B cells": ["CD19"]}
+    long = pd.DataFrame({"cell_type": ["T cells", "T cells", "B cells"], "gene": ["CD3D", "CD3E", "CD19"]})
+    wide = pd.DataFrame({"T cells": ["CD3D", "CD3E"], "B cells": ["CD19", np.nan]})
+    long.to_csv(tmp_path / "long.csv", index=False)
+    wide.to_csv(tmp_path / "wide.tsv", sep="\t", index=False)
+    for markers in (
+        tmp_path / "long.csv",
+        str(tmp_path / "wide.tsv"),
+        wide,
+        {"T cells": ["CD3D", np.nan, None, " CD3E"], "B cells": ["CD19"]},
+    ):
+        scx.tl.score_signatures(adata, markers)
+        u = adata.uns["signature"]
+        assert dict(zip(u["names"], u["genes"], strict=True)) == {k: ",".join(v) for k, v in expected.items()}
+        assert list(u["missing"]) == ["", ""], markers
+    (tmp_path / "empty.yaml").write_text("T cells:\n")
+    with pytest.raises(ValueError, match="Marker set 'T cells' has no genes"):
+        scx.tl.score_signatures(adata, tmp_path / "empty.yaml")
+    with pytest.raises(ValueError, match="Two marker sets are both named '1'"):  # one silently replaced the other
+        scx.tl.score_signatures(adata, {1: ["CD3D"], "1": ["CD19"]})
+    (tmp_path / "list.yaml").write_text("- CD3D\n- CD3E\n")
+    with pytest.raises(TypeError, match=r"list.yaml' holds list, not a mapping of cell types to gene lists"):
+        scx.tl.score_signatures(adata, tmp_path / "list.yaml")

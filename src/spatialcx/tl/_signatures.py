@@ -64,8 +64,10 @@ def score_signatures(
         AnnData, or SpatialData holding the table ``table_key``.
     markers
         Marker sets keyed by cell type: a dict ``{name: [genes]}``, the path of a YAML or JSON file holding such a
-        mapping, or the canonical markers of :func:`spatialcx.tl.load_canonical_markers`. Values may also be dicts
-        with a ``"genes"`` (or ``"markers"``) list.
+        mapping, a table (a DataFrame, or the path of a CSV / TSV file) either long (a ``cell_type`` and a ``gene``
+        column) or wide (one column of genes per cell type), or the canonical markers of
+        :func:`spatialcx.tl.load_canonical_markers`. Values may also be dicts with a ``"genes"`` (or ``"markers"``)
+        list; a set of genes is taken in alphabetical order. Missing values (NaN, None) are skipped.
     table_key
         Table to use when ``data`` is SpatialData.
     key_added
@@ -238,6 +240,14 @@ def annotate_domains(
     if int(max_combined) < 1:
         raise ValueError(f"max_combined={max_combined} must be at least 1.")
     key_added = check_key(key_added or f"{groupby}_annotation", "key_added")
+    clash = {groupby: "the group column obs", signature_key: "the signature scores obsm / uns"}
+    for name in (key_added, f"{key_added}_cell"):
+        if name in clash:
+            raise ValueError(
+                f"key_added={key_added!r} would overwrite {clash[name]}[{name!r}] (annotate_domains writes "
+                f"obs[{key_added!r}], obs[{key_added + '_cell'!r}] and uns[{key_added!r}]); choose another key_added, "
+                f"e.g. the default {groupby + '_annotation'!r}."
+            )
 
     ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
@@ -563,24 +573,36 @@ def _load_markers(markers: MarkerSets) -> dict[str, list[str]]:
     if isinstance(markers, str | Path):
         path = Path(markers)
         if not path.is_file():
-            raise FileNotFoundError(f"Marker file {str(markers)!r} does not exist; pass a YAML / JSON file or a dict.")
-        text = path.read_text()
-        if path.suffix.lower() == ".json":
-            import json
-
-            markers = json.loads(text)
+            raise FileNotFoundError(
+                f"Marker file {str(markers)!r} does not exist; pass a YAML / JSON / CSV / TSV file or a dict."
+            )
+        suffix = path.suffix.lower()
+        if suffix in (".csv", ".tsv", ".txt"):
+            markers = _markers_from_frame(pd.read_csv(path, sep="," if suffix == ".csv" else "\t", dtype=str))
         else:
-            import yaml
+            text = path.read_text()
+            if suffix == ".json":
+                import json
 
-            markers = yaml.safe_load(text)
+                markers = json.loads(text)
+            else:
+                import yaml
+
+                markers = yaml.safe_load(text)
+            if not isinstance(markers, Mapping):
+                raise TypeError(
+                    f"Marker file {str(path)!r} holds {type(markers).__name__}, not a mapping of cell types to gene "
+                    "lists ({name: [genes]}). YAML / JSON files hold such a mapping; CSV / TSV files (.csv, .tsv, "
+                    ".txt) a table with a cell type and a gene column, or one column of genes per cell type."
+                )
     elif isinstance(markers, pd.DataFrame):
         markers = _markers_from_frame(markers)
     elif not isinstance(markers, Mapping) and hasattr(markers, "to_dict"):
         markers = markers.to_dict()
     if not isinstance(markers, Mapping):
         raise TypeError(
-            f"markers must map cell type names to gene lists (a dict, a YAML / JSON file, or the canonical markers), "
-            f"got {type(source).__name__}."
+            "markers must map cell type names to gene lists (a dict, a YAML / JSON / CSV / TSV file, a DataFrame, or "
+            f"the canonical markers), got {type(source).__name__}."
         )
     out: dict[str, list[str]] = {}
     for name, genes in markers.items():
@@ -592,29 +614,48 @@ def _load_markers(markers: MarkerSets) -> dict[str, list[str]]:
                     "its genes as a list."
                 )
             genes = genes[key]
+        if genes is None:  # "T cell:" with nothing after it in a YAML file
+            genes = []
         if isinstance(genes, str):
             genes = [g.strip() for g in genes.replace(";", ",").split(",")]
-        if not isinstance(genes, Sequence | np.ndarray | pd.Index | set):
+        if isinstance(genes, set | frozenset):  # no order of its own (and a hash-seeded one): alphabetical
+            genes = sorted(str(g) for g in genes)
+        if not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise ValueError(f"Marker set {name!r} is {type(genes).__name__}, not a list of genes.")
-        genes = [str(g) for g in genes if str(g).strip()]
+        genes = [str(g).strip() for g in genes if not _is_missing(g) and str(g).strip()]
         if not genes:
             raise ValueError(f"Marker set {name!r} has no genes; remove it or add its markers.")
+        if str(name) in out:  # 1 and "1": the second would replace the first
+            raise ValueError(f"Two marker sets are both named {str(name)!r} (as text); give them distinct names.")
         out[str(name)] = list(dict.fromkeys(genes))
     if not out:
         raise ValueError("markers is empty; pass at least one marker set {name: [genes]}.")
     return out
 
 
+def _is_missing(value: Any) -> bool:
+    """Whether a gene entry is a missing value (None, NaN, ``pd.NA``): the padding of a wide table's columns."""
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or an array: not a scalar missing value
+        return False
+
+
 def _markers_from_frame(df: pd.DataFrame) -> dict[str, list[str]]:
+    """``{cell type: [genes]}`` of a long table (a cell type and a gene column) or a wide one (a column per type)."""
     lower = {str(c).lower(): c for c in df.columns}
     name_col = next((lower[c] for c in ("cell_type", "celltype", "name", "label") if c in lower), None)
     gene_col = next((lower[c] for c in ("gene", "genes", "marker", "markers", "gene_symbol") if c in lower), None)
-    if name_col is None or gene_col is None:
+    if name_col is not None and gene_col is not None:
+        rows = df[df[name_col].notna() & df[gene_col].notna()]
+        return {str(k): v[gene_col].astype(str).tolist() for k, v in rows.groupby(name_col, sort=False, observed=True)}
+    if name_col is not None or gene_col is not None or df.empty:
         raise ValueError(
-            f"A marker table needs a cell type column and a gene column (e.g. 'cell_type', 'gene'); got "
-            f"{list(df.columns)}."
+            f"A marker table needs a cell type column and a gene column (e.g. 'cell_type', 'gene'), or one column of "
+            f"genes per cell type; got the columns {list(df.columns)}."
         )
-    return {str(k): v[gene_col].astype(str).tolist() for k, v in df.groupby(name_col, sort=False, observed=True)}
+    # wide: one column per cell type, padded with missing values to the longest
+    return {str(c): [g for g in df[c].tolist() if not _is_missing(g)] for c in df.columns}
 
 
 def _match_genes(
