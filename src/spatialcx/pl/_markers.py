@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,19 @@ def unassigned_label(adata: AnnData, key: str) -> str:
     return str(label) if label is not None else UNASSIGNED
 
 
+def _unassigned_labels(adata: AnnData, key: str, column: str) -> tuple[str, ...]:
+    """Labels of cells without a type in ``obs[column]``.
+
+    ``key``'s (:func:`unassigned_label`) and, for a column of :func:`spatialcx.tl.annotate_domains`, the
+    ``unassigned`` label it recorded in ``uns[column]``.
+    """
+    out = [unassigned_label(adata, key)]
+    params = adata.uns.get(column) if column != key else None
+    if isinstance(params, Mapping) and "labels" in params and isinstance(params.get("unassigned"), str):
+        out.append(params["unassigned"])
+    return tuple(dict.fromkeys(out))
+
+
 def predicted_labels(adata: AnnData, key: str) -> tuple[pd.Series, str]:
     """Labels before confidence filtering: ``{key}_predicted`` shown by its final names, else ``key``.
 
@@ -165,12 +179,20 @@ class MarkerSets:
         ``"canonical"`` or ``"user"``.
     related
         ``{type: CL names}`` of the types whose markers stand in for a type none of whose own is on the panel.
+    matched
+        ``{label: CL name}`` of the labels that are not CL names (``"Astro"``, ``"Endo"``) and were matched to a Cell
+        Ontology term (:func:`spatialcx.tl.map_labels`) to find their canonical markers.
+    known
+        Whether any type was found in the canonical table at all (by CL id, CL name or matched label); ``False``
+        means the labels name no cell type (e.g. cluster numbers), rather than that the panel lacks their markers.
     """
 
     genes: dict[str, list[str]]
     missing: list[str] = field(default_factory=list)
     source: str = "canonical"
     related: dict[str, str] = field(default_factory=dict)
+    matched: dict[str, str] = field(default_factory=dict)
+    known: bool = True
 
 
 def _panel_lookup(var_names: Sequence[str]) -> dict[str, str]:
@@ -252,10 +274,12 @@ def _check_markers_arg(markers: Any, fn: str) -> dict[str, list[str]]:
         raise ValueError(f"{fn}: markers is an empty dict; give at least one cell type with marker genes, or None.")
     out: dict[str, list[str]] = {}
     for name, genes in markers.items():
+        if isinstance(genes, set | frozenset):  # no order of its own (and a hash-seeded one): alphabetical
+            genes = sorted(str(g) for g in genes)
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
+            hint = f" Write markers={{{str(name)!r}: [{genes!r}]}} for a single gene." if isinstance(genes, str) else ""
             raise TypeError(
-                f"{fn}: markers[{name!r}] must be a list of gene names, got {type(genes).__name__} {genes!r}. "
-                f"Write markers={{{str(name)!r}: [{genes!r}]}} for a single gene."
+                f"{fn}: markers[{name!r}] must be a list of gene names, got {type(genes).__name__} {genes!r}.{hint}"
             )
         out[str(name)] = [str(g) for g in genes]
     return out
@@ -278,7 +302,9 @@ def resolve_markers(
     Canonical markers of a group are those of its cells' most common CL id (``{key}_ontology_term_id``), else of the
     CL name equal to the group's label (case-insensitive), else, for a combined label of
     :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``, parts split at ``sep``), those of each of its parts
-    (each part's first ``max_genes_per_type``, in the order of the parts). A type none of whose own markers is on the
+    (each part's first ``max_genes_per_type``, in the order of the parts), else of the CL term that
+    :func:`spatialcx.tl.map_labels` matches to the label or part (``"Astro"``, ``"Endo"``; cluster numbers are not
+    matched). A type none of whose own markers is on the
     panel, or that has no entry in the table, takes those of its subtypes in the Cell Ontology ("enterocyte" on a
     colon panel: colonocyte), else of its closest ancestor in the table ("CD14-positive monocyte": monocyte). Genes
     are matched to ``var_names`` case-insensitively and kept in the table's order of markers; at most
@@ -297,20 +323,46 @@ def resolve_markers(
 
     by_id, by_name = _canonical_tables()
     term_ids = _group_term_ids(adata, key, codes, len(groups))
+    # labels that are neither a CL id's group nor a CL name ("Astro", "Endo", a combined label's parts): matched to
+    # the Cell Ontology as scx.tl.add_ontology_ids would
+    unnamed = []
+    for group, term in zip(groups, term_ids, strict=True):
+        parts = label_parts(group, sep)
+        if term is None and str(group).lower() not in by_name:
+            unnamed += [p for p in parts if p.lower() not in by_name and _id_of_name(p) is None]
+    matched_ids = _match_labels(unnamed)
     found: dict[str, list[str]] = {}
     missing: list[str] = []
     related: dict[str, str] = {}
+    matched: dict[str, str] = {}
+    any_known = False
+
+    def markers_of(label: str) -> tuple[list[str] | None, str | None]:
+        """Canonical markers of a label by CL name, else by its matched CL id; and the label's CL id."""
+        term = _id_of_name(label)
+        if term is None and label in matched_ids:
+            term = matched_ids[label]
+            matched[label] = _ontology()[0].name(term)
+        return by_name.get(label.lower(), by_id.get(term) if term is not None else None), term
+
     for group, term in zip(groups, term_ids, strict=True):
         known = by_id.get(term) if term is not None else None
         if known is None:
             known = by_name.get(str(group).lower())
         parts = label_parts(group, sep)
         if known is None and len(parts) > 1:  # a combined label: the markers of each part
-            per_part = [_on_panel(by_name.get(p.lower(), []), lookup)[:max_genes_per_type] for p in parts]
+            per_part = []
+            for p in parts:
+                genes, part_term = markers_of(p)
+                any_known |= genes is not None or part_term is not None
+                per_part.append(_on_panel(genes or [], lookup)[:max_genes_per_type])
             panel = list(dict.fromkeys(g for genes in per_part for g in genes))
         else:
-            panel = _on_panel(known or [], lookup)[:max_genes_per_type]
+            if known is None and term is None:
+                known, term = markers_of(str(group))
             term = term if term is not None else _id_of_name(str(group))
+            any_known |= known is not None or term is not None
+            panel = _on_panel(known or [], lookup)[:max_genes_per_type]
             if not panel and term is not None:  # none on the panel: a more specific, else the closest broader type
                 panel, source = _related_markers(term, by_id, lookup, max_genes_per_type)
                 if panel:
@@ -319,13 +371,33 @@ def resolve_markers(
             found[group] = panel
         else:
             missing.append(group)
+    if matched:
+        logger.info(
+            "%s: labels matched to Cell Ontology terms for their canonical markers: %s",
+            fn,
+            "; ".join(f"{g} -> {n}" for g, n in matched.items()),
+        )
     if related:
         logger.info(
             "%s: markers of related types (none of the type's own is on the panel): %s",
             fn,
             "; ".join(f"{g} <- {s}" for g, s in related.items()),
         )
-    return MarkerSets(found, missing, "canonical", related)
+    return MarkerSets(found, missing, "canonical", related, matched, any_known)
+
+
+_NUMBER_LABEL = re.compile(r"\s*[-+]?\d+(\.\d+)?\s*")
+
+
+def _match_labels(labels: Sequence[str]) -> dict[str, str]:
+    """``{label: CL id}`` of the labels that :func:`spatialcx.tl.map_labels` matches (cluster numbers are skipped)."""
+    labels = list(dict.fromkeys(str(label) for label in labels if not _NUMBER_LABEL.fullmatch(str(label))))
+    if not labels:
+        return {}
+    from ..tl._ontology import map_labels
+
+    mapping = map_labels(labels).to_dict()
+    return {label: term for label, term in mapping.items() if term != UNKNOWN_ONTOLOGY_ID and term in _ontology()[0]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -398,6 +470,10 @@ def _no_markers_text(marker_sets: MarkerSets) -> list[str]:
         notes.append(
             "markers of a related type (none of its own on the panel): "
             + "; ".join(f"{t}: {names}" for t, names in marker_sets.related.items())
+        )
+    if marker_sets.matched:
+        notes.append(
+            "labels read as Cell Ontology terms: " + "; ".join(f"{t} = {n}" for t, n in marker_sets.matched.items())
         )
     if marker_sets.missing:
         canonical = marker_sets.source == "canonical"
@@ -571,15 +647,33 @@ def draw_group_header(ax: Axes, owners: Sequence[str], *, fontsize: float = 8) -
 BRACKET_PT = 6
 
 
+def fit_text(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped at spaces into lines no wider than ``width_in`` inches at ``fontsize`` (measured, not guessed).
+
+    Existing line breaks are kept; a single word wider than the width stays whole.
+    """
+    lines: list[str] = []
+    for para in str(text).split("\n"):
+        wide = text_inches([para], fontsize)
+        if wide <= width_in or " " not in para.strip():
+            lines.append(para)
+            continue
+        chars = max(10, int(len(para) * width_in / wide))
+        lines.extend(textwrap.wrap(para, width=chars, break_on_hyphens=False, break_long_words=False) or [""])
+    return "\n".join(lines)
+
+
 def text_inches(labels: Sequence[str], fontsize: float) -> float:
     """Width, in inches, of the longest of ``labels`` drawn at ``fontsize`` in the default font."""
     if not labels:
         return 0.0
     longest = sorted(map(str, labels), key=len)[-5:]
-    try:
-        from matplotlib.textpath import TextPath
+    try:  # the font's advance widths: as exact as the glyph outlines' extents and ~50 times faster to get
+        from matplotlib.font_manager import FontProperties
+        from matplotlib.textpath import TextToPath
 
-        return max(TextPath((0, 0), s, size=fontsize).get_extents().width for s in longest) / 72
+        prop, measure = FontProperties(size=fontsize), TextToPath()
+        return max(measure.get_text_width_height_descent(s, prop, ismath=False)[0] for s in longest) / 72
     except Exception:  # noqa: BLE001 - an estimate is good enough for a layout
         return max(map(len, longest)) * fontsize * 0.5 / 72
 
@@ -631,14 +725,16 @@ def marker_dotplot(
         (``{key}_ontology_term_id``) select the canonical markers.
     markers
         ``{cell type: [genes]}`` to show instead of the canonical markers (all of each list's panel genes are shown,
-        in the given order). Genes are matched to the panel case-insensitively.
+        in the given order; a set's in alphabetical order). Genes are matched to the panel case-insensitively.
     groupby
-        obs column whose groups are the rows; default ``key``. ``"Unassigned"`` cells are left out. With the
-        canonical markers, each group's markers are those of its cells' most common CL id in
-        ``{key}_ontology_term_id``, else of the CL name equal to the group's label, else, for a combined label of
-        :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``), of each of its parts. A type without markers of
-        its own on the panel shows those of its subtypes in the Cell Ontology, else of its closest ancestor in the
-        marker table (logged).
+        obs column whose groups are the rows; default ``key``. ``"Unassigned"`` cells (and those of the
+        ``unassigned`` label that :func:`spatialcx.tl.annotate_domains` recorded for ``groupby``) are left out and
+        counted in a note. With the canonical markers, each group's markers are those of its cells' most common CL id
+        in ``{key}_ontology_term_id``, else of the CL name equal to the group's label, else, for a combined label of
+        :func:`spatialcx.tl.annotate_domains` (``"B cell/T cell"``), of each of its parts, else of the Cell Ontology
+        term that :func:`spatialcx.tl.map_labels` finds for the label (``"Astro"``: astrocyte; named in a note). A
+        type without markers of its own on the panel shows those of its subtypes in the Cell Ontology, else of its
+        closest ancestor in the marker table (logged).
     max_genes_per_type
         Most canonical markers shown per type (the first ones on the panel, in the order of the marker table).
     min_cells
@@ -666,7 +762,8 @@ def marker_dotplot(
     KeyError
         ``key`` or ``groupby`` is not an obs column, or ``table_key`` is not a table.
     ValueError
-        No group has ``min_cells`` cells, or no marker gene of any type is on the panel.
+        No group has ``min_cells`` cells, no group names a cell type of the canonical table (e.g. cluster numbers),
+        or no marker gene of any type is on the panel.
     TypeError
         ``markers`` is not a dict of gene lists.
 
@@ -688,20 +785,30 @@ def marker_dotplot(
     min_cells = check_positive_int(min_cells, "min_cells", fn=fn)
     max_genes_per_type = check_positive_int(max_genes_per_type, "max_genes_per_type", fn=fn)
 
-    groups, codes, sizes, too_small = group_codes(
-        obs_column(adata, column), min_cells=min_cells, exclude=(unassigned_label(adata, key),)
-    )
+    exclude = _unassigned_labels(adata, key, column)
+    labels = obs_column(adata, column)
+    groups, codes, sizes, too_small = group_codes(labels, min_cells=min_cells, exclude=exclude)
     if not groups:
         raise ValueError(
-            f"{fn}: no group of obs[{column!r}] has at least min_cells={min_cells} cells (besides {UNASSIGNED!r}); "
-            f"groups found: {too_small or 'none'}. Lower min_cells or check the labels."
+            f"{fn}: no group of obs[{column!r}] has at least min_cells={min_cells} cells (besides "
+            f"{', '.join(map(repr, exclude))}); groups found: {too_small or 'none'}. Lower min_cells or check the labels."
         )
+    n_unassigned, n_unlabelled = int(labels.isin(exclude).sum()), int(labels.isna().sum())
     panel = expression_source_genes(adata)
     sep = combined_label_sep(adata, column)
     marker_sets = resolve_markers(
         adata, panel, groups, codes, key=key, markers=markers, max_genes_per_type=max_genes_per_type, fn=fn, sep=sep
     )
     genes, owners = _columns(marker_sets)
+    if not genes and not marker_sets.known:
+        shown = ", ".join(map(repr, groups[:8])) + (", ..." if len(groups) > 8 else "")
+        raise ValueError(
+            f"{fn}: none of the {len(groups)} groups of obs[{column!r}] ({shown}) names a cell type of the canonical "
+            f"marker table: they have no CL id in obs[{key + ONTOLOGY_ID_SUFFIX!r}], are not Cell Ontology names, "
+            "and the Cell Ontology matcher recognises none of them. Name the groups first (cluster numbers: "
+            "scx.tl.score_signatures + scx.tl.annotate_domains; free-text labels: scx.tl.add_ontology_ids), or pass "
+            "markers={type: [panel genes]}."
+        )
     if not genes:
         where = "the given types" if markers is not None else f"any of the {len(groups)} types"
         raise ValueError(
@@ -721,16 +828,25 @@ def marker_dotplot(
     gene_h = text_inches(genes, 9) + 0.2
     dots_w, dots_h = max(0.3 * n_cols, 1.5), max(0.3 * n_rows, 1.2)
     left_w, legend_w = _label_width(row_labels), 1.5
-    fig_w = left_w + dots_w + legend_w + 0.4
+    fig_w = max(left_w + dots_w + legend_w + 0.4, 6.0)
     notes = _no_markers_text(marker_sets)
     if too_small:
         notes.append(
             f"fewer than {min_cells} cells, not shown: " + ", ".join(f"{k} ({v})" for k, v in too_small.items())
         )
+    if n_unassigned:
+        notes.append(f"{n_unassigned:,} {' / '.join(map(repr, exclude))} cells not shown")
+    if n_unlabelled:
+        notes.append(f"{n_unlabelled:,} cells without a label (NaN) not shown")
     note = wrap_notes(notes, dots_w + legend_w, 8)
-    title_h = 0.45 + (0.16 * (note.count("\n") + 1) if note else 0.0)
+    if title is None:
+        title = f"Marker genes per type in obs[{column!r}]" + (
+            " (canonical markers on the panel)" if marker_sets.source == "canonical" else ""
+        )
+    title = fit_text(title, fig_w - 0.3, 11)  # wrapped to the figure's width: a long title is never cut off
+    title_h = 0.25 + 0.2 * (title.count("\n") + 1) + (0.16 * (note.count("\n") + 1) if note else 0.0)
     fig_h = title_h + header_h + dots_h + gene_h + 0.2
-    fig = plt.figure(figsize=(max(fig_w, 6.0), max(fig_h, 3.5)), layout="constrained")
+    fig = plt.figure(figsize=(fig_w, max(fig_h, 3.5)), layout="constrained")
     try:
         grid = fig.add_gridspec(2, 2, height_ratios=[header_h, dots_h], width_ratios=[dots_w, legend_w], hspace=0.0)
         ax = fig.add_subplot(grid[1, 0])
@@ -793,10 +909,6 @@ def marker_dotplot(
         sax.set_title("cells expressing", fontsize=8)
         sax.axis("off")
 
-        if title is None:
-            title = f"Marker genes per type in obs[{column!r}]" + (
-                " (canonical markers on the panel)" if marker_sets.source == "canonical" else ""
-            )
         fig.suptitle(title, fontsize=11)
         if note:
             header.set_title(note, fontsize=8, color="#c62828", loc="left", gid="notes")

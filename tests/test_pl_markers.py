@@ -1,0 +1,138 @@
+"""scx.pl.marker_dotplot: titles that fit, free-text labels, cluster numbers, the unassigned label of annotate_domains."""
+
+from __future__ import annotations
+
+import anndata as ad
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.patches import Rectangle
+
+import spatialcx as scx
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def counts(types: dict[str, list[str]], n_per: int = 60, seed: int = 0, n_background: int = 20) -> ad.AnnData:
+    """Counts of the types ``{label: its marker genes}``, each type high in its own markers, plus background genes."""
+    rng = np.random.default_rng(seed)
+    genes = list(dict.fromkeys(g for gs in types.values() for g in gs)) + [f"BG{i}" for i in range(n_background)]
+    labels = np.repeat(list(types), n_per)
+    x = rng.poisson(1.0, (labels.size, len(genes))).astype(np.float32)
+    for t, gs in types.items():
+        cols = [genes.index(g) for g in gs]
+        x[np.ix_(labels == t, cols)] += rng.poisson(12.0, ((labels == t).sum(), len(cols)))
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(labels.size)])
+    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=genes))
+
+
+def rows_and_genes(fig) -> tuple[list[str], list[str]]:
+    ax = fig.axes[0]
+    rows = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()]
+    return rows, [t.get_text() for t in ax.get_xticklabels()]
+
+
+def shaded(fig, row: int) -> list[str]:
+    """Genes whose cells are shaded (a type's own markers) in ``row``."""
+    ax = fig.axes[0]
+    genes = rows_and_genes(fig)[1]
+    cols = []
+    for p in ax.patches:
+        if isinstance(p, Rectangle) and abs(p.get_y() - (row - 0.5)) < 1e-9:
+            cols += list(range(int(round(p.get_x() + 0.5)), int(round(p.get_x() + 0.5 + p.get_width()))))
+    return [genes[j] for j in sorted(cols)]
+
+
+def notes(fig) -> str:
+    texts = [t.get_text() for a in fig.axes for t in a.texts] + [a.get_title(loc="left") for a in fig.axes]
+    return " ".join(" ".join(texts).split())
+
+
+def test_title_is_wrapped_to_fit_the_figure():
+    """A long label column made a one-line title wider than the figure, cut off on both sides."""
+    adata = counts({"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]})
+    adata.obs["leiden_res_1_annotation"] = adata.obs["cell_type"]
+    fig = scx.pl.marker_dotplot(adata, groupby="leiden_res_1_annotation")
+    fig.canvas.draw()
+    title = fig.get_suptitle()
+    assert "obs['leiden_res_1_annotation']" in title.replace("\n", " ")
+    box = fig._suptitle.get_window_extent()
+    width = fig.get_figwidth() * fig.dpi
+    assert box.x0 >= 0 and box.x1 <= width, (box.x0, box.x1, width)
+    # a given title is wrapped too, and its words are kept
+    long = "Canonical marker genes of every annotated spatial domain of the bone marrow section, scored per cluster"
+    fig = scx.pl.marker_dotplot(adata, title=long)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.get_figwidth() * fig.dpi
+    assert fig.get_suptitle().replace("\n", " ") == long
+
+
+def test_free_text_labels_are_read_as_cell_ontology_terms(caplog):
+    """Author labels ("Astro", "Oligo", "Macrophages") are no CL names: before, the plot said that no marker of any
+    type was on the panel, blaming the gene names."""
+    adata = counts({"Astro": ["GFAP", "AQP4"], "Oligo": ["MBP", "MOG"], "Macrophages": ["CD68", "CD163"]})
+    with caplog.at_level("INFO", logger="spatialcx"):
+        fig = scx.pl.marker_dotplot(adata)
+    rows, _ = rows_and_genes(fig)
+    assert shaded(fig, rows.index("Astro")) == ["GFAP", "AQP4"]
+    assert shaded(fig, rows.index("Oligo")) == ["MBP", "MOG"]
+    assert shaded(fig, rows.index("Macrophages")) == ["CD68", "CD163"]
+    text = notes(fig)
+    assert "Astro = astrocyte" in text and "Oligo = oligodendrocyte" in text and "no canonical markers" not in text
+    assert "Astro -> astrocyte" in caplog.text
+    # the parts of a combined label are read the same way
+    adata.obs["domain"] = pd.Categorical(adata.obs["cell_type"].astype(str).replace({"Oligo": "Astro/Oligo"}))
+    fig = scx.pl.marker_dotplot(adata, groupby="domain")
+    rows, _ = rows_and_genes(fig)
+    assert shaded(fig, rows.index("Astro/Oligo")) == ["GFAP", "AQP4", "MBP", "MOG"]
+
+
+def test_cluster_numbers_get_an_error_that_says_to_name_them():
+    """Cluster ids got "no marker gene of any of the 2 types is on the panel ... a panel named by Ensembl ids needs
+    symbols", which sends the user after the gene names when the labels are the problem."""
+    adata = counts({"0": ["MS4A1", "CD79A"], "1": ["CD3E", "CD3D"]})
+    with pytest.raises(
+        ValueError, match=r"none of the 2 groups of obs\['cell_type'\] \('0', '1'\) names a cell type"
+    ) as e:
+        scx.pl.marker_dotplot(adata)
+    assert "scx.tl.annotate_domains" in str(e.value) and "Ensembl" not in str(e.value)
+    # markers given by the user are still plotted whatever the labels
+    fig = scx.pl.marker_dotplot(adata, markers={"0": ["MS4A1"], "1": ["CD3E"]})
+    assert rows_and_genes(fig) == (["0", "1"], ["MS4A1", "CD3E"])
+
+
+def test_the_unassigned_label_of_annotate_domains_is_left_out_and_counted():
+    """annotate_domains(unassigned="no signature") labels: the dot plot showed them as a type without markers."""
+    adata = counts({"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"], "mixed": []}, n_background=10)
+    adata.obs["cluster"] = adata.obs["cell_type"]
+    scx.tl.score_signatures(adata, {"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]})
+    scx.tl.annotate_domains(adata, "cluster", unassigned="no signature", key_added="domain")
+    assert (adata.obs["domain"] == "no signature").sum() == 60
+    fig = scx.pl.marker_dotplot(adata, groupby="domain")
+    rows, _ = rows_and_genes(fig)
+    assert rows == ["B cell", "T cell"]
+    assert "60 'Unassigned' / 'no signature' cells not shown" in notes(fig)
+    assert "no canonical markers" not in notes(fig) and "without a label" not in notes(fig)
+    # cells without a group (NaN) are counted too; unused categories are not rows
+    adata.obs["domain"] = adata.obs["domain"].cat.add_categories(["unused"])
+    adata.obs.loc[adata.obs_names[:7], "domain"] = np.nan
+    fig = scx.pl.marker_dotplot(adata, groupby="domain")
+    assert rows_and_genes(fig)[0] == ["B cell", "T cell"]
+    assert "7 cells without a label (NaN) not shown" in notes(fig)
+
+
+def test_marker_sets_may_be_sets_shown_in_alphabetical_order():
+    """A set of genes was refused with the advice to wrap the set in a list ("markers={'T cell': [{'CD3D', ...}]}")."""
+    adata = counts({"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]})
+    fig = scx.pl.marker_dotplot(adata, markers={"T cell": {"CD3E", "CD3D"}, "B cell": frozenset({"MS4A1", "CD79A"})})
+    assert rows_and_genes(fig)[1] == ["CD3D", "CD3E", "CD79A", "MS4A1"]
+    with pytest.raises(TypeError, match=r"markers\['T cell'\] must be a list of gene names, got int 3\.$"):
+        scx.pl.marker_dotplot(adata, markers={"T cell": 3})
+    with pytest.raises(TypeError, match=r"Write markers=\{'T cell': \['CD3E'\]\} for a single gene"):
+        scx.pl.marker_dotplot(adata, markers={"T cell": "CD3E"})
