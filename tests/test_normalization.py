@@ -618,3 +618,55 @@ def test_real_ensure_normalized(shared_data, tmp_path):
     assert (status.raw_source, status.x_state) == ("layers['counts']", "log1p_10k")
     nonempty = np.asarray(original.sum(axis=1)).ravel() > 0
     np.testing.assert_allclose(np.asarray(np.expm1(a.X).sum(axis=1)).ravel()[nonempty], 1e4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "dask"])  # scipy.sparse has no float16
+def test_ensure_normalized_float16_counts_do_not_overflow(counts, fmt):
+    """float16 holds at most 65,504: cell totals above it, and CPM values, must not become inf (X all zero / NaN)."""
+    import dask.array as da
+
+    c = counts[:200].copy()
+    c[0] = 600  # a cell with 72,000 counts, common in scRNA-seq
+    half = c.astype(np.float16)
+    to = {"dense": lambda m: m, "dask": lambda m: da.from_array(m, chunks=(50, -1))}[fmt]
+    for target in (1e4, 1e6):
+        a = adata_of(to(half.copy()))
+        scx.pp.ensure_normalized(a, target_sum=target)
+        x = a.X.compute() if hasattr(a.X, "compute") else a.X
+        x = x.toarray() if sparse.issparse(x) else np.asarray(x)
+        assert x.dtype == np.float32
+        assert np.isfinite(x).all()
+        np.testing.assert_allclose(x, log1p_norm(c, target), rtol=1e-5, atol=1e-5)
+        assert a.layers["counts"].dtype == np.float16  # the counts are kept as they were
+
+
+def test_ensure_normalized_corrects_a_wrong_log_base_in_uns(counts, caplog):
+    """X verified natural log1p(10k) but uns['log1p'] says base 2: scanpy would undo the log with 2**x - 1."""
+    a = adata_of(log1p_norm(counts, 1e4))
+    a.uns["log1p"] = {"base": 2}
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.pp.ensure_normalized(a)
+    assert a.uns["log1p"] == {"base": None}
+    assert "base=2" in caplog.text
+    b = adata_of(counts.copy())
+    b.uns["log1p"] = {"base": 10}
+    scx.pp.ensure_normalized(b)  # from the counts
+    assert b.uns["log1p"] == {"base": None}
+
+
+def test_reader_uns_key_is_read_references_key():
+    from spatialcx.io._reference import READ_UNS_KEY
+
+    assert norm.READER_UNS_KEY == READ_UNS_KEY
+
+
+def test_error_for_a_gene_subset_or_another_log_base_says_so(counts):
+    """log1p(10k) subset to a few genes, or log2 data marked in uns['log1p']: the message names the likely cause."""
+    subset = adata_of(log1p_norm(counts, 1e4)[:, :20])
+    with pytest.raises(ValueError, match="gene subset"):
+        scx.pp.ensure_normalized(subset)
+    log2 = ad.AnnData(counts.copy())
+    sc.pp.normalize_total(log2, target_sum=1e4)
+    sc.pp.log1p(log2, base=2)
+    with pytest.raises(ValueError, match=r"uns\['log1p'\] says base=2"):
+        scx.pp.ensure_normalized(log2)

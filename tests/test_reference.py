@@ -314,3 +314,36 @@ def test_read_reference_rejects_a_single_gene_string(tmp_path):
     ref.write_h5ad(tmp_path / "r.h5ad")
     with pytest.raises(TypeError, match=r"genes must be a list of gene names, not a single string.*\['Gene1'\]"):
         scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", genes="Gene1")
+    with pytest.raises(ValueError, match="genes is empty"):  # was "None of the 0 genes ... (e.g. [])"
+        scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", genes=[])
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_read_reference_panel_subset_of_log1p_only_reference_stays_usable(tmp_path, fmt):
+    """X holds only log1p(10k) over all genes: the panel subset's row sums are no longer 10k, yet it is that data."""
+    counts = make_reference(n_genes=40)
+    ref = counts.copy()
+    ref.X = log1p_10k(counts.X)
+    path = tmp_path / f"r.{fmt}"
+    ref.write_h5ad(path) if fmt == "h5ad" else ref.write_zarr(path)
+    panel = ["Gene0", "Gene1", "Gene2", "Gene3", "Gene7"]
+    assert open_reference(path, "cell_type").kind == "log1p"  # the file itself is accepted
+    lazy = scx.io.read_reference(path, label_key="cell_type", genes=panel)
+    info = lazy.uns["spatialcx_reference"]
+    assert info["x_state"] == "log1p_10k" and info["x_log1p_target_sum"] == pytest.approx(1e4, rel=1e-3)
+    status = scx.pp.normalization_status(lazy)
+    assert status.x_state != "log1p_10k" and status.is_usable  # 5 of 40 genes: verified in the file, not here
+    handle = open_reference(lazy, "cell_type")
+    assert (handle.kind, handle.where) == ("log1p", "X")
+    from_lazy = scx.pp.combine_references([lazy], label_keys=["cell_type"], genes=panel, min_cells_per_type=1)
+    from_path = scx.pp.combine_references([path], label_keys=["cell_type"], genes=panel, min_cells_per_type=1)
+    np.testing.assert_allclose(from_lazy.X.toarray(), from_path.X.toarray(), rtol=1e-6)
+    # a log1p CPM reference stays unusable, and so does data that cannot be a panel of log1p(10k)
+    ref.X = log1p_10k(counts.X) * 2
+    ref.write_h5ad(tmp_path / "bad.h5ad")
+    bad = scx.io.read_reference(tmp_path / "bad.h5ad", label_key="cell_type", genes=panel)
+    assert not scx.pp.normalization_status(bad).is_usable
+    with pytest.raises(ValueError, match="No usable expression matrix"):
+        open_reference(bad, "cell_type")
+    lazy.X = lazy.X * 3  # X changed after reading: the record no longer applies
+    assert not scx.pp.normalization_status(lazy).is_usable

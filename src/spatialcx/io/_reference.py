@@ -606,24 +606,31 @@ def read_reference(
     -------
     A lazy AnnData (:func:`anndata.experimental.read_lazy`): obs and var are lazy frames and X / layers are dask
     arrays read from disk only when computed (``.to_memory()`` loads the selection). raw, when present, is left as
-    it is. ``uns["spatialcx_reference"]`` records the URI, checksum, label key, the number of cells in the file and
-    how gene names were mapped. For a file, keep the returned object alive while reading from it.
+    it is. ``uns["spatialcx_reference"]`` records the URI, checksum, label key, the number of cells in the file,
+    how gene names were mapped, and how the file's ``X`` is normalized over all its genes (``x_state``, see
+    :func:`spatialcx.pp.normalization_status`; ``x_log1p_target_sum``: its median ``expm1`` row sum when it is log1p
+    of normalized counts, else -1). With ``genes``, a reference holding only log1p(10k) data in ``X`` stays usable
+    for :func:`~spatialcx.tl.train` and :func:`~spatialcx.pp.combine_references` through that record, although the
+    row sums of a gene subset no longer show it. For a file, keep the returned object alive while reading from it.
 
     Raises
     ------
     TypeError
         When ``genes`` is a single string, or ``max_cells`` is not a number.
     ValueError
-        When ``max_cells`` is below 1, or none of ``genes`` is in the reference (X or raw).
+        When ``max_cells`` is below 1, ``genes`` is empty, or none of ``genes`` is in the reference (X or raw).
     KeyError
         When ``label_key`` is not an obs column.
     """
     from anndata.experimental import read_lazy
 
     from ..pp._harmonize import match_genes, to_symbols
+    from ..pp._normalization import file_log1p_target_sum
 
     if isinstance(genes, str):
         raise TypeError(f"genes must be a list of gene names, not a single string; pass genes=[{genes!r}].")
+    if genes is not None and len(genes) == 0:
+        raise ValueError("genes is empty: give the genes to keep (e.g. scx.pp.panel_genes(sdata)), or None for all.")
     if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, numbers.Real)):
         raise TypeError(f"max_cells must be a number of cells or None, got {type(max_cells).__name__} {max_cells!r}.")
     if max_cells is not None and max_cells < 1:
@@ -644,6 +651,7 @@ def read_reference(
         raw_var = store["raw"]["var"] if "raw" in store and "var" in store["raw"] else None
         raw_names = _read_index(raw_var) if raw_var is not None and genes is not None else None
         raw_feature = _read_feature_names(raw_var) if raw_names is not None else None
+        x_check = _file_x_state(store, random_state)
     finally:
         close()
     symbols = to_symbols(var_names, feature_names=feature)
@@ -702,5 +710,25 @@ def read_reference(
         "n_genes_only_in_raw": int(n_only_raw),
         "random_state": int(random_state),
         "exclude_labels": list(excluded) if max_cells is not None else [],
+        "x_state": str(x_check.get("state", "unknown")),
+        "x_log1p_target_sum": file_log1p_target_sum(x_check),
     }
     return lazy
+
+
+def _file_x_state(store: Any, random_state: int) -> dict[str, Any]:
+    """How the file's ``X`` is normalized, over all its genes, from a seeded sample of rows (nothing else is read).
+
+    Recorded by :func:`read_reference` because a gene subset of log1p(10k) data no longer shows it (its row sums are
+    smaller): :func:`spatialcx.pp.normalization_status` then accepts the subset as log1p(10k) data.
+    """
+    from ..pp._normalization import classify_matrix
+
+    if "X" not in store:
+        return {"state": "unknown", "reason": "the file has no X"}
+    try:
+        matrix, _ = _disk_matrix(store["X"])
+        return classify_matrix(matrix, random_state)
+    except (ValueError, KeyError, TypeError) as e:  # an odd X must not stop reading the labels and names
+        logger.debug("Could not classify X: %s", e)
+        return {"state": "unknown", "reason": str(e)}

@@ -41,11 +41,14 @@ Zeros (stored or not) are ignored; "values" are the non-zero entries of the samp
    otherwise. Data whose ``expm1`` values are themselves integers (more than 95 %) is ``log1p`` of counts that were
    never normalized, and is ``"log1p_other"`` whatever ``m`` is.
 
-A table is usable when raw counts are found, or when ``X`` is ``"log1p_10k"``.
+A table is usable when raw counts are found, when ``X`` is ``"log1p_10k"``, when ``raw.X`` is (scanpy's layout), or
+when ``X`` is a gene subset of a file's ``X`` that :func:`spatialcx.io.read_reference` verified ``"log1p_10k"`` over all
+its genes (recorded in ``uns["spatialcx_reference"]``; ``_x_log1p_in_file`` checks that the values still fit).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +96,10 @@ SCALED_INTEGER_TOL = 0.01
 #: Difference between the scaled-integer fractions of the two scales that decides between them.
 SCALE_VOTE_MARGIN = 0.2
 
+#: Key in ``.uns`` where :func:`spatialcx.io.read_reference` records where a reference came from and the state of its
+#: file's ``X`` over all genes (``x_state``, ``x_log1p_target_sum``).
+READER_UNS_KEY = "spatialcx_reference"
+
 #: What each state means, for messages.
 _STATE_TEXT = {
     "raw": "raw counts (integer values)",
@@ -120,7 +127,8 @@ class NormalizationStatus:
     x_target_sum
         Median ``expm1`` row sum of the sampled cells when ``X`` looks like log1p data, else ``None``.
     is_usable
-        Raw counts were found, or ``X`` is verified ``"log1p_10k"``.
+        Raw counts were found, or ``X`` (or ``raw.X``) is verified ``"log1p_10k"``, or ``X`` is a gene subset of log1p(10k)
+        data verified in its file by :func:`spatialcx.io.read_reference`.
     has_log1p_uns
         ``"log1p"`` is in ``adata.uns`` (scanpy's mark of log-transformed data).
     stats
@@ -413,21 +421,38 @@ def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, di
     x = checked["X"]
     x_state = x["state"]
     x_target_sum = x.get("expm1_row_sum_median") if x_state.startswith("log1p") else None
+    if not _log1p_normalized_to(x) and _x_log1p_in_file(adata, x):
+        x["verified_in_file"] = True
+        x["reason"] += "; a gene subset of a file's X verified log1p(10k) over all genes by read_reference"
     status = NormalizationStatus(
         raw_source=raw_source,
         x_state=x_state,
         x_target_sum=x_target_sum,
-        is_usable=raw_source is not None or _log1p_normalized_to(x) or _log1p_normalized_to(checked.get("raw.X", {})),
+        is_usable=raw_source is not None
+        or _log1p_normalized_to(x)
+        or bool(x.get("verified_in_file"))
+        or _log1p_normalized_to(checked.get("raw.X", {})),
         has_log1p_uns="log1p" in adata.uns,
         stats={
             "n_obs": int(n_obs),
             "n_vars": int(n_vars),
             "n_rows_sampled": len(rows),
             "random_state": int(random_state),
+            "log1p_base": _log1p_base(adata),
             "checked": checked,
         },
     )
     return status, {where: (matrix, names) for where, matrix, names in candidates}
+
+
+def _log1p_base(adata: AnnData) -> float | None:
+    """``uns["log1p"]["base"]`` when it is a number (scanpy's mark of ``log_base(1 + x)``), else ``None``."""
+    info = adata.uns.get("log1p") if hasattr(adata.uns, "get") else None
+    base = info.get("base") if isinstance(info, Mapping) else None
+    try:
+        return float(base) if base is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _log1p_normalized_to(result: dict[str, Any], target_sum: float = TARGET_SUM) -> bool:
@@ -442,6 +467,58 @@ def _log1p_normalized_to(result: dict[str, Any], target_sum: float = TARGET_SUM)
         and median is not None
         and not result.get("expm1_integer_fraction", 0.0) > INTEGER_FRACTION
         and 0.8 * target_sum <= median <= 1.2 * target_sum
+    )
+
+
+def classify_matrix(matrix: Any, random_state: int = 0) -> dict[str, Any]:
+    """Classify one matrix (in memory, dask, backed or an h5py / zarr array) from a seeded sample of its rows.
+
+    Returns ``_classify``'s result: ``state``, ``reason`` and the sampled figures (see the module docstring).
+    """
+    n_obs, n_vars = (int(s) for s in matrix.shape)
+    chunks = matrix.chunks[0] if hasattr(matrix, "chunks") and hasattr(matrix, "compute") else None
+    rows = _sample_row_indices(n_obs, n_vars, random_state, chunks)
+    return _classify(_read_sampled_rows(matrix, rows), random_state)
+
+
+def file_log1p_target_sum(result: dict[str, Any]) -> float:
+    """The median ``expm1`` row sum of a matrix classified as log1p of per-cell normalized counts, else ``-1.0``.
+
+    What :func:`spatialcx.io.read_reference` records (``uns["spatialcx_reference"]["x_log1p_target_sum"]``) about the
+    file's ``X`` over all its genes, before keeping only some genes.
+    """
+    median = result.get("expm1_row_sum_median")
+    if median is None or not _log1p_normalized_to(result, float(median)):
+        return -1.0
+    return float(median)
+
+
+def _x_log1p_in_file(adata: AnnData, x: dict[str, Any], target_sum: float = TARGET_SUM) -> bool:
+    """Whether ``X`` is a gene subset of a file's ``X`` verified log1p of counts normalized to about ``target_sum``.
+
+    :func:`spatialcx.io.read_reference` checks the file's ``X`` over all its genes and records the median ``expm1``
+    row sum in ``uns["spatialcx_reference"]["x_log1p_target_sum"]``; a subset of genes cannot show it (its row sums
+    are smaller). The record is used only when the sampled values of ``X`` can still be such a subset: not integers,
+    not negative, at most ``log1p(1.2 * target_sum)`` (one gene never exceeds its cell's total) and ``expm1`` row
+    sums of at most ``1.2 * target_sum``, ``expm1`` values not themselves integers. ``X`` changed after reading (e.g.
+    scaled, or replaced by counts) fails these checks.
+    """
+    info = adata.uns.get(READER_UNS_KEY) if hasattr(adata.uns, "get") else None
+    if not isinstance(info, Mapping):
+        return False
+    try:
+        recorded = float(info.get("x_log1p_target_sum", -1.0))
+    except (TypeError, ValueError):
+        return False
+    if not (0.8 * target_sum <= recorded <= 1.2 * target_sum):
+        return False
+    median = x.get("expm1_row_sum_median")
+    return (
+        x.get("state") in ("log1p_10k", "log1p_cpm", "log1p_other", "linear")
+        and median is not None
+        and median <= 1.2 * target_sum
+        and float(x.get("max", np.inf)) <= np.log1p(1.2 * target_sum) + 1e-6
+        and not x.get("expm1_integer_fraction", 0.0) > INTEGER_FRACTION
     )
 
 
@@ -507,11 +584,19 @@ def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET
         "log1p_other": (
             "X looks like log1p of data normalized to a median of "
             f"{status.x_target_sum or float('nan'):,.0f} counts per cell (or of unnormalized counts, in which case "
-            "np.rint(np.expm1(X)) gives the counts back). "
+            "np.rint(np.expm1(X)) gives the counts back, or of a gene subset of log1p(10k) data, e.g. highly "
+            "variable genes, whose row sums are smaller: give the counts, or X before it was subset). "
         ),
         "negative": "X has negative values, e.g. after sc.pp.scale or as residuals; only the counts can help. ",
         "unknown": "X holds no usable values. ",
     }
+    base = status.stats.get("log1p_base")
+    base_hint = (
+        f"uns['log1p'] says base={base:g}: X is log{base:g}(1 + x), and the model expects the natural log; "
+        f"np.expm1(X * np.log({base:g})) gives the normalized values back (or provide the counts). "
+        if base is not None
+        else ""
+    )
     return (
         f"No usable expression matrix: no raw counts among {', '.join(RAW_SEARCH_ORDER)}, and X is not "
         f"log1p of counts normalized to {target_sum:,.0f} per cell. "
@@ -520,7 +605,7 @@ def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET
         + f". X figures from {status.stats.get('n_rows_sampled', 0)} sampled cells: {figures or 'none'}. "
         "Why: cell-type models expect log1p(normalize_total(counts, target_sum=1e4)), which cannot be derived "
         f"from X in state {status.x_state!r} ({_STATE_TEXT.get(status.x_state, '')}). "
-        f"{hints.get(status.x_state, '')}"
+        f"{base_hint}{hints.get(status.x_state, '')}"
         "How to fix: put the raw integer counts in adata.layers['counts'] (same cells and genes as X), "
         "or set X to sc.pp.log1p(sc.pp.normalize_total(counts, target_sum=1e4)); "
         "or, for scx.tl.predict and scx.pp.ensure_normalized only, pass unsafe_force=True to use X as it is (results "
@@ -574,7 +659,8 @@ def find_expression_source(adata: AnnData, *, unsafe_force: bool = False, random
     if status.raw_source is not None:
         matrix, names = matrices[status.raw_source]
         return ExpressionSource(matrix, pd.Index(names), "counts", status.raw_source, status)
-    if _log1p_normalized_to(status.stats["checked"]["X"]):
+    x = status.stats["checked"]["X"]
+    if _log1p_normalized_to(x) or x.get("verified_in_file"):  # the latter: a gene subset (read_reference(genes=))
         return ExpressionSource(adata.X, pd.Index(adata.var_names), "log1p", "X", status)
     if _raw_log1p_at(status):  # scanpy's layout: log1p in raw, X scaled or a gene subset (CellTypist reads raw too)
         matrix, names = matrices["raw.X"]
@@ -590,9 +676,16 @@ def find_expression_source(adata: AnnData, *, unsafe_force: bool = False, random
 
 
 def _log1p_normalized(counts: Any, target_sum: float) -> Any:
-    """``log1p(normalize_total(counts, target_sum))`` through scanpy, as a new matrix (the input is not touched)."""
+    """``log1p(normalize_total(counts, target_sum))`` through scanpy, as a new matrix (the input is not touched).
+
+    Counts held in a float type narrower than float32 (float16: at most 65,504) are computed in float32: their cell
+    totals and, with ``target_sum=1e6``, their normalized values would overflow to ``inf``.
+    """
     import scanpy as sc
 
+    dtype = np.dtype(getattr(counts, "dtype", np.float32))
+    if dtype.kind == "f" and dtype.itemsize < 4:
+        counts = counts.astype(np.float32)  # a new matrix (lazy for dask); the counts themselves are not touched
     tmp = AnnData(X=counts)
     x = sc.pp.normalize_total(tmp, target_sum=target_sum, inplace=False)["X"]
     out = AnnData(X=x)
@@ -634,16 +727,19 @@ def ensure_normalized(
     What happens depends on :func:`normalization_status`:
 
     - raw counts found: ``X`` becomes ``log1p(normalize_total(counts, target_sum))`` (scanpy; sparse stays
-      sparse, dask stays lazy). When the counts are in ``X`` they are first kept in ``layers["counts"]``. When they
-      are in ``raw.X``, cells are normalized over all of ``raw``'s genes and ``X``'s genes are kept.
+      sparse, dask stays lazy; float16 counts are computed in float32, which their totals would overflow). When the
+      counts are in ``X`` they are first kept in ``layers["counts"]``. When they are in ``raw.X``, cells are
+      normalized over all of ``raw``'s genes and ``X``'s genes are kept.
     - no raw counts, ``X`` already log1p data whose median ``expm1`` row sum is within 20 % of ``target_sum``
-      (``"log1p_10k"`` for the default): ``X`` is left as it is.
+      (``"log1p_10k"`` for the default), or a gene subset of such data verified in its file by
+      :func:`spatialcx.io.read_reference`: ``X`` is left as it is.
     - no raw counts, ``X`` not such data but ``raw.X`` is (scanpy's layout: log1p data frozen in ``raw``, then ``X``
       scaled or subset to highly variable genes): ``X`` becomes ``raw.X`` for ``X``'s genes.
     - otherwise: a ValueError saying what was found and how to fix it, or, with ``unsafe_force=True``, ``X`` is
       left as it is with a prominent warning.
 
-    ``uns["log1p"]`` is set as scanpy does (``{"base": None}``) whenever ``X`` is (or is accepted as) log1p data.
+    ``uns["log1p"]`` is set as scanpy does (``{"base": None}``) whenever ``X`` is (or is accepted as) log1p data; a
+    ``base`` recorded there is reset, with a warning, when ``X`` is verified (or made) the natural log1p.
     Raw counts are never overwritten. With a SpatialData object the table is changed in memory only (``X`` is not
     written back into a zarr store).
 
@@ -687,7 +783,8 @@ def ensure_normalized(
         adata = ref.adata
 
     status, matrices = _inspect(adata, random_state)
-    x_at_target = _log1p_normalized_to(status.stats["checked"]["X"], target_sum)
+    x_checked = status.stats["checked"]["X"]
+    x_at_target = _log1p_normalized_to(x_checked, target_sum) or _x_log1p_in_file(adata, x_checked, target_sum)
 
     new_x = None
     keep_counts = False
@@ -709,7 +806,10 @@ def ensure_normalized(
             new_x = new_x[:, cols]
         keep_counts = status.raw_source == "X"
     elif x_at_target:
-        logger.info(f"X is already log1p data normalized to ~{status.x_target_sum:,.0f} per cell; left as is")
+        if x_checked.get("expm1_row_sum_median") is not None and _log1p_normalized_to(x_checked, target_sum):
+            logger.info(f"X is already log1p data normalized to ~{status.x_target_sum:,.0f} per cell; left as is")
+        else:
+            logger.info(f"X is a gene subset of log1p({target_sum:g}) data (verified in its file); left as is")
     elif _raw_log1p_at(status, target_sum):
         logged, names = matrices["raw.X"]
         cols = _columns_of_x_in_raw(adata, names, f"log1p data normalized to ~{target_sum:g} per cell")
@@ -726,8 +826,16 @@ def ensure_normalized(
         adata.layers["counts"] = adata.X
     if new_x is not None:
         adata.X = new_x
-    if new_x is not None or ("log1p" not in adata.uns and status.x_state.startswith("log1p")):
-        adata.uns["log1p"] = {"base": None}
+    if new_x is not None or x_at_target or ("log1p" not in adata.uns and status.x_state.startswith("log1p")):
+        old_uns = adata.uns.get("log1p")
+        if isinstance(old_uns, Mapping) and old_uns.get("base") is not None and (new_x is not None or x_at_target):
+            logger.warning(
+                "uns['log1p'] said base=%r, but X is (now) the natural log1p of normalized counts; it is set to "
+                "{'base': None} so that scanpy's expm1 (rank_genes_groups, highly_variable_genes) undoes it right.",
+                old_uns.get("base"),
+            )
+        if not isinstance(old_uns, Mapping) or new_x is not None or x_at_target:
+            adata.uns["log1p"] = {"base": None}
     if ref is not None:
         return ref.finish(write=False)
     return adata if copy else None
