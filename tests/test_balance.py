@@ -327,3 +327,41 @@ def test_subsample_balanced_reads_only_the_drawn_cells_of_a_backed_or_lazy_refer
     got = pd.crosstab(out.obs["original_label"], out.obs["reference_source"])
     assert got.loc["mac"].tolist() == [86, 14] and got.loc["T"].tolist() == [40, 0]
     assert out.uns["spatialcx_balance"]["n_cells"] == 140
+
+
+def test_subsample_balanced_draw_does_not_depend_on_the_order_of_the_cells():
+    """The same cells in another order (references combined the other way round, a sorted table) give the same draw."""
+    adata = _reference({("mac", "A"): 3_000, ("mac", "B"): 500, ("T", "A"): 800, ("T", "B"): 90})
+    kw = {"max_cells_per_type": 400, "min_cells_per_source": 20}
+    first = scx.pp.subsample_balanced(adata, "original_label", **kw)
+    for order in (np.random.default_rng(1).permutation(adata.n_obs), np.arange(adata.n_obs)[::-1]):
+        again = scx.pp.subsample_balanced(adata[order].copy(), "original_label", **kw)
+        assert set(again.obs_names) == set(first.obs_names)
+        pos = adata[order].obs_names.get_indexer(again.obs_names)
+        assert (np.diff(pos) > 0).all()  # still in the order of the input
+    other_seed = scx.pp.subsample_balanced(adata, "original_label", random_state=1, **kw)
+    assert set(other_seed.obs_names) != set(first.obs_names)
+    # duplicated cell names: still a valid, seeded draw (by position)
+    dup = adata.copy()
+    dup.obs_names = ["x"] * dup.n_obs
+    a = scx.pp.subsample_balanced(dup, "original_label", **kw)
+    b = scx.pp.subsample_balanced(dup, "original_label", **kw)
+    assert a.n_obs == first.n_obs and np.array_equal(a.obs["original_label"], b.obs["original_label"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_cells_per_type": True}, TypeError),  # was a silent cap of 1 cell per type
+        ({"max_cells_per_type": 10.7}, ValueError),  # was silently 10
+        ({"max_cells_per_type": "100"}, TypeError),  # was silently accepted
+        ({"min_cells_per_type": 2.5}, ValueError),
+        ({"min_cells_per_source": False}, TypeError),
+    ],
+)
+def test_cell_numbers_must_be_whole_numbers(kwargs, error):
+    adata = _reference({("mac", "A"): 100, ("T", "B"): 100})
+    with pytest.raises(error, match="whole number"):
+        scx.pp.subsample_balanced(adata, "original_label", **kwargs)
+    out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=1e1, min_cells_per_source=np.int64(5))
+    assert out.n_obs == 20  # 1e1 is a whole number

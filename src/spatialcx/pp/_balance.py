@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -230,6 +231,15 @@ def _warn_unmet_proportions(targets: pd.Series, proportions: Mapping[str, float]
     )
 
 
+def _whole_number(name: str, value: object) -> int:
+    """``value`` as an int: a whole number (``5``, ``np.int64(5)``, ``1e4``), not a bool, a string or ``10.7``."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a whole number of cells, got {type(value).__name__} {value!r}.")
+    if not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole number of cells, got {value!r}.")
+    return int(value)
+
+
 def cap_and_fill(
     counts: pd.DataFrame,
     *,
@@ -272,9 +282,9 @@ def cap_and_fill(
     if source_balance not in ("proportional", "equal"):
         raise ValueError(f"source_balance must be 'proportional' or 'equal', got {source_balance!r}.")
     for name, value in (("min_cells_per_type", min_cells_per_type), ("min_cells_per_source", min_cells_per_source)):
-        if int(value) < 0:
+        if _whole_number(name, value) < 0:
             raise ValueError(f"{name} must be >= 0, got {value}.")
-    if max_cells_per_type is not None and int(max_cells_per_type) < 1:
+    if max_cells_per_type is not None and _whole_number("max_cells_per_type", max_cells_per_type) < 1:
         raise ValueError(f"max_cells_per_type must be >= 1 or None, got {max_cells_per_type}.")
     counts = counts.fillna(0).astype(np.int64)
     if (counts.to_numpy() < 0).any():
@@ -414,7 +424,9 @@ def subsample_balanced(
     sources in ``obs[source_key]``: ``"proportional"`` (each source gives its share
     of the type) or ``"equal"``, at least ``min_cells_per_source`` per source (capped by what it has), never more
     than a source has, the shortfall going to sources with spare cells. Totals never exceed the cap. Within a type
-    and source, cells are drawn uniformly at random without replacement.
+    and source, cells are drawn uniformly at random without replacement, from the cells ordered by name: the same
+    cells in another order (e.g. references combined the other way round) give the same draw (when names repeat,
+    the draw follows the order of the cells).
 
     Worked example: macrophages 30,000 (source A) + 5,000 (source B), cap 10,000 -> 8,571 + 1,429
     (``"proportional"``) or 5,000 + 5,000 (``"equal"``).
@@ -514,7 +526,14 @@ def subsample_balanced(
     props = read_target_proportions(target_proportions) or {}
     rng = np.random.default_rng(random_state)
     cell_key = g_codes.astype(np.int64) * len(s_names) + s_codes
-    order = np.argsort(cell_key, kind="stable")
+    # within a group and source, cells are ordered by (a fixed hash of) their name before drawing, so that the same
+    # cells in another order (references combined the other way round, a sorted table) give the same draw; by
+    # position when names repeat. Hashing 1M names takes a fraction of a second; sorting the strings takes seconds.
+    if obs_names.is_unique:
+        name_key = pd.util.hash_array(obs_names.to_numpy(dtype=object, copy=False))
+        order = np.lexsort((name_key, cell_key))
+    else:
+        order = np.argsort(cell_key, kind="stable")
     bounds = np.searchsorted(cell_key[order], np.arange(len(g_names) * len(s_names) + 1))
     keep: list[np.ndarray] = []
     a = alloc.to_numpy()
