@@ -629,6 +629,114 @@ def test_outlines_thin_on_small_cells():
     np.testing.assert_allclose(big.get_linewidths(), 0.8)  # 10 points across: the width asked for
 
 
+def _channels_image(good: np.ndarray, n_channels: int, names=None):
+    """An image whose first channels are ``good`` and whose other channels raise when computed."""
+    import dask.array as da
+    from spatialdata.models import Image2DModel
+
+    def boom(block):
+        raise AssertionError("a channel that is not drawn was computed")
+
+    dtype = good.dtype
+    shape = (n_channels - good.shape[0], *good.shape[1:])
+    bad = da.zeros(shape, dtype=dtype, chunks=(1, 20, 30)).map_blocks(boom, dtype=dtype)
+    arr = da.concatenate([da.from_array(good, chunks=(1, 20, 30)), bad])
+    return Image2DModel.parse(arr, dims=("c", "y", "x"), c_coords=names or [f"ch{i}" for i in range(n_channels)])
+
+
+def test_only_the_drawn_channels_are_read():
+    # A 40-channel immunofluorescence image is drawn as its first channel in grey: the other 39 are not computed
+    # (they were: 40x the time and memory for channels that were thrown away).
+    first = np.arange(40 * 60, dtype=np.uint16).reshape(1, 40, 60)
+    layer = _utils.prepare_image(_channels_image(first, 40), np.eye(3))
+    assert layer.pixels.shape == (40, 60) and layer.cmap == "gray"
+    np.testing.assert_array_equal(layer.pixels, first[0])
+    # An RGBA uint8 image is drawn from its first three channels; the fourth (alpha) is not read.
+    rgb = (np.arange(3 * 40 * 60) % 251).astype(np.uint8).reshape(3, 40, 60)
+    layer = _utils.prepare_image(_channels_image(rgb, 4, names=["r", "g", "b", "a"]), np.eye(3))
+    assert layer.pixels.shape == (40, 60, 3) and layer.cmap is None
+    np.testing.assert_allclose(layer.pixels, np.moveaxis(rgb, 0, -1) / 255)
+
+
+def labels_sdata(*, scale_factors=None):
+    """Square cells in a labels element (pixels; 0.5 µm per pixel), annotated by the table as readers do for Xenium.
+
+    The table's rows are in another order than the label ids, one label (99) is not in the table, and
+    ``obsm["spatial"]`` holds centroids in other units (as Xenium's µm next to labels in pixels): it must not be
+    used when the labels give the cells' positions.
+    """
+    from spatialdata import SpatialData
+    from spatialdata.models import Labels2DModel
+    from spatialdata.transformations import Scale
+
+    labels = np.zeros((64, 96), dtype=np.int32)
+    boxes = {}  # label -> (x0, y0, side) in pixels
+    for i, (x0, y0, side) in enumerate([(2, 3, 4), (20, 10, 6), (40, 40, 8), (70, 5, 10), (10, 50, 3), (80, 50, 5)]):
+        labels[y0 : y0 + side, x0 : x0 + side] = i + 1
+        boxes[i + 1] = (x0, y0, side)
+    labels[60:62, 90:92] = 99  # a segmented object that is not in the table
+    element = Labels2DModel.parse(
+        labels,
+        dims=("y", "x"),
+        transformations={"global": Scale([0.5, 0.5], axes=("x", "y"))},
+        scale_factors=scale_factors,
+    )
+    ids = np.array([6, 3, 1, 5, 2, 4])
+    rng = np.random.default_rng(0)
+    table = _table(_obs(len(ids), rng), "cell_labels", ids)
+    table.obsm["spatial"] = rng.uniform(0, 10_000, (len(ids), 2))
+    image = _image(64, 96, transform=Scale([0.5, 0.5], axes=("x", "y")))
+    sdata = SpatialData(images={"morphology": image}, labels={"cell_labels": element}, tables={"table": table})
+    # expected, per table row: centroid (pixel centres, in µm) and the diameter of the circle of the same area
+    centres = np.array([[boxes[i][0] + boxes[i][2] / 2, boxes[i][1] + boxes[i][2] / 2] for i in ids]) * 0.5
+    diameters = 2 * np.sqrt(np.array([boxes[i][2] ** 2 for i in ids]) / np.pi) * 0.5
+    return sdata, centres, diameters
+
+
+def test_table_annotating_labels_draws_cells_at_their_label_centroids():
+    # Readers of Xenium and CosMx link the table to a labels element (e.g. 'cell_labels'): the cells are drawn at
+    # their labels' centroids, as circles of the same area, in the coordinate system of the image. (They were drawn
+    # from obsm['spatial'], taken to be in the image's units, or not at all.)
+    sdata, centres, diameters = labels_sdata()
+    fig = scx.pl.confidence(sdata)
+    ax = fig.axes[0]
+    colls = _cell_collections(ax)
+    assert all(isinstance(c, EllipseCollection) for c in colls)
+    offsets = np.concatenate([c.get_offsets() for c in colls])
+    widths = np.concatenate([c.get_widths() for c in colls])
+    order = np.lexsort(offsets.T[::-1])
+    expected = np.lexsort(centres.T[::-1])
+    np.testing.assert_allclose(offsets[order], centres[expected])
+    np.testing.assert_allclose(widths[order], diameters[expected])
+    assert "6 cells from 'cell_labels'" in ax.get_title()
+    (im,) = ax.get_images()
+    left, right, bottom, top = im.get_extent()  # the image (48 x 32 µm), cropped to the cells, under them
+    assert 0 <= left <= centres[:, 0].min() and centres[:, 0].max() <= right <= 48
+    assert 0 <= top <= centres[:, 1].min() and centres[:, 1].max() <= bottom <= 32
+
+
+def test_labels_centroids_from_a_coarser_level_of_a_large_labels_element(monkeypatch):
+    # Above MAX_LABEL_PIXELS, the finest pyramid level under that size is read (chunk by chunk): centroids are then
+    # those of the coarser pixels, within a coarse pixel of the truth.
+    sdata, centres, _ = labels_sdata(scale_factors=[2])
+    monkeypatch.setattr(_utils, "MAX_LABEL_PIXELS", 64 * 96 // 2)
+    (geom,) = _utils.cell_geometries(sdata.tables["table"], sdata)
+    assert geom.kind == "circles" and geom.source == "cell_labels"
+    got = np.full((geom.n_cells, 2), np.nan)
+    got[geom.rows] = geom.centers
+    found = np.isfinite(got[:, 0])
+    assert found.sum() >= 5  # the 3-pixel cell may vanish at half resolution
+    np.testing.assert_allclose(got[found], centres[found], atol=0.5 * 2)
+
+
+def test_table_annotating_labels_with_string_instance_ids_is_a_clear_error():
+    sdata, _, _ = labels_sdata()
+    table = sdata.tables["table"]
+    table.obs["cell_id"] = [f"cell-{i}" for i in table.obs["cell_id"]]
+    with pytest.raises(ValueError, match=r"labels element 'cell_labels'.*integer"):
+        _utils.cell_geometries(table, sdata)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Real data
 # --------------------------------------------------------------------------------------------------------------------
@@ -664,3 +772,62 @@ def test_real_merfish_store(shared_data, tmp_path):
     radius = sdata.shapes["cells"]["radius"].to_numpy()
     widths = np.concatenate([c.get_widths() for c in colls])
     np.testing.assert_allclose(np.sort(widths), np.sort(2 * radius))
+
+
+def test_many_polygons_are_kept_as_centroids_without_reading_every_vertex(monkeypatch):
+    # Above MAX_SHAPES polygons the cells are drawn as points: each polygon is kept as the circle of its area at its
+    # centroid. Every vertex of every polygon was read and transformed (1M Xenium/MERSCOPE boundaries: 30 s, +2 GB).
+    import shapely
+
+    sdata = polygons_sdata()
+    table = sdata.tables["table"]
+    (full,) = _utils.cell_geometries(table, sdata)
+    assert full.kind == "polygons"
+    monkeypatch.setattr(_utils, "MAX_SHAPES", 5)
+    monkeypatch.setattr(shapely, "get_exterior_ring", lambda *a, **k: pytest.fail("every vertex was read"))
+    (geom,) = _utils.cell_geometries(table, sdata)
+    assert geom.kind == "circles" and geom.vertices is None
+    np.testing.assert_array_equal(np.sort(geom.rows), np.arange(table.n_obs))
+    by_row = np.empty((table.n_obs, 2))
+    by_row[geom.rows] = geom.centers
+    expected = np.empty((table.n_obs, 2))
+    expected[full.rows] = full.centers  # boxes: the mean of the vertices is the centroid
+    np.testing.assert_allclose(by_row, expected)
+    # boxes of 8 x 4 px at 0.5 µm per px: the circle of the same area
+    np.testing.assert_allclose(geom.widths, 2 * np.sqrt(8 * 4 / np.pi) * 0.5)
+    fig = scx.pl.confidence(sdata)
+    assert sum(_n_items(c) for c in _cell_collections(fig.axes[0])) == table.n_obs
+
+
+def test_cells_smaller_than_a_pixel_are_drawn_as_visible_points():
+    # A whole Xenium section (24 x 8 mm, 85k cells of 8 µm) on a 10-inch map: each cell is a third of a pixel. As
+    # circles they faded into the background (antialiased to a tint), so the map showed no colours; they are drawn as
+    # points of at least a pixel instead. Cells a few points across stay circles.
+    from matplotlib.figure import Figure
+
+    n = 50
+    rng = np.random.default_rng(0)
+    centers = rng.uniform(0, 24_000, (n, 2))
+
+    def circles(diameter: float) -> _utils.CellGeometry:
+        return _utils.CellGeometry(
+            rows=np.arange(n),
+            centers=centers,
+            kind="circles",
+            n_cells=n,
+            source="cell_circles",
+            widths=np.full(n, diameter),
+            heights=np.full(n, diameter),
+            angles=np.zeros(n),
+        )
+
+    ax = Figure(figsize=(10, 4), dpi=100).add_subplot()
+    _utils.set_spatial_limits(ax, (0.0, 24_000.0, 0.0, 24_000.0))
+    faces = np.tile(to_rgba("tab:blue"), (n, 1))
+    (coll,) = _utils.draw_cells(ax, [circles(8.0)], faces)
+    assert isinstance(coll, PathCollection)
+    np.testing.assert_allclose(coll.get_offsets(), centers)
+    assert coll.get_sizes()[0] >= (72 / ax.figure.dpi) ** 2  # at least a pixel
+    np.testing.assert_allclose(coll.get_facecolors(), faces)
+    (coll,) = _utils.draw_cells(ax, [circles(400.0)], faces)  # ~ 4 points across: circles
+    assert isinstance(coll, EllipseCollection)

@@ -213,7 +213,7 @@ def test_deg_heatmap_shows_only_genes_below_the_adjusted_p_value():
 def test_deg_heatmap_leaves_out_a_one_cell_type_even_with_min_cells_1():
     adata = typed_counts()
     labels = adata.obs["cell_type"].cat.add_categories(["lonely cell"])
-    labels[0] = "lonely cell"
+    labels.iloc[0] = "lonely cell"
     adata.obs["cell_type"] = labels
     # before: scanpy's "Could not calculate statistics for groups lonely cell since they only contain one sample"
     fig = scx.pl.deg_heatmap(adata, min_cells=1)
@@ -245,3 +245,56 @@ def test_deg_heatmap_of_many_types_does_not_flood_pandas_warnings(tmp_path):
     # nothing written into the user's table
     pd.testing.assert_frame_equal(adata.obs, before.obs)
     assert not adata.uns and not adata.layers and (adata.X != before.X).sum() == 0
+
+
+def _inside_figure(fig, artist) -> bool:
+    renderer = fig.canvas.get_renderer()
+    box, frame = artist.get_window_extent(renderer), fig.bbox
+    return box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1 and box.y0 >= frame.y0 - 1 and box.y1 <= frame.y1 + 1
+
+
+def test_deg_heatmap_title_fits_a_narrow_figure(tmp_path):
+    # 6 genes make a 6-inch figure; the default title (about 11 inches on one line) ran off both sides of it
+    fig = scx.pl.deg_heatmap(typed_counts(), save=tmp_path / "deg.png")
+    fig.canvas.draw()
+    title = fig._suptitle
+    assert "Top 5 DE genes per type" in title.get_text() and "\n" in title.get_text()
+    assert _inside_figure(fig, title)
+    # a title given by the user is kept as it is
+    fig = scx.pl.deg_heatmap(typed_counts(), title="my title")
+    assert fig._suptitle.get_text() == "my title"
+
+
+def _mapping_table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "input_label": ["B cells", "T cells CD4+", "weird cluster 12"],
+            "ontology_term_id": ["CL:0000236", "CL:0000624", "unknown"],
+            "ontology_label": ["B cell", "CD4-positive, alpha-beta T cell", "unknown"],
+            "tier": [1, 2, -1],
+            "score": [1.0, 0.85, 0.0],
+        }
+    )
+
+
+@pytest.mark.parametrize("own_axes", [False, True])
+def test_ontology_mapping_explains_the_min_score_line(own_axes):
+    # the dashed line at min_score had no key: a reader could not tell what it was
+    from types import SimpleNamespace
+
+    from matplotlib.lines import Line2D
+
+    mapping = SimpleNamespace(table=_mapping_table(), min_score=0.6)
+    ax = plt.subplots()[1] if own_axes else None
+    fig = scx.pl.ontology_mapping(mapping, ax=ax)
+    ax = fig.axes[0]
+    (line,) = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    np.testing.assert_allclose(line.get_xdata(), [0.6, 0.6])
+    legend = ax.get_legend() if own_axes else fig.legends[0]
+    keyed = [h for h in legend.legend_handles if isinstance(h, Line2D) and h.get_linestyle() == "--"]
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert len(keyed) == 1 and any("min_score 0.6" in t for t in texts), texts
+    # a mapping without min_score draws no line and no key for it
+    fig = scx.pl.ontology_mapping(_mapping_table())
+    assert not [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
+    assert not any("min_score" in t.get_text() for t in fig.legends[0].get_texts())

@@ -308,8 +308,10 @@ def confidence(
 
     Left: the cells, coloured by confidence, over the tissue image (SpatialData only), with cells below
     ``threshold`` outlined in red. Cells are drawn from the shapes element the table annotates (circles or
-    polygons) or from ``shapes_key``, transformed to ``coordinate_system`` like the image, so both align whatever
-    their transformations; without shapes, from the centroids in ``obsm[spatial_key]``. Right: confidence per cell
+    polygons) or from ``shapes_key``, or, when the table annotates a labels element (as the Xenium and CosMx readers
+    make it), as circles of each label's area at its centroid; all are transformed to ``coordinate_system`` like the
+    image, so both align whatever their transformations. Without such an element, cells are drawn from the
+    centroids in ``obsm[spatial_key]``. Right: confidence per cell
     type as jittered strips (types sorted by median confidence, highest first; at most ``max_points_per_type``
     random cells drawn per type), with the median, the threshold and the share of each type's cells below it.
 
@@ -332,7 +334,7 @@ def confidence(
         Image element to draw under the cells; ``None`` takes the first image, if any. Multiscale images are read
         at the coarsest level sharp enough for display, over the cells' extent only.
     shapes_key
-        Shapes element to draw the cells from; ``None`` uses the element(s) the table annotates.
+        Shapes element to draw the cells from; ``None`` uses the shapes or labels element(s) the table annotates.
     coordinate_system
         Coordinate system in which image and cells are drawn.
     spatial_key
@@ -340,8 +342,8 @@ def confidence(
     cmap
         Colormap for confidence.
     point_size
-        Marker area (points²) when cells are drawn as points (centroids, or more than 100,000 shapes); ``None``
-        sizes markers automatically.
+        Marker area (points²) when cells are drawn as points (centroids, more than 100,000 shapes, or shapes
+        smaller than 1.5 points on the figure); ``None`` sizes markers from the cells' size, at least a pixel.
     max_points_per_type
         Most cells drawn per type in the strips (a seeded random subset); statistics use all cells.
     figsize

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 import warnings
 from typing import TYPE_CHECKING
 
@@ -256,6 +257,8 @@ def deg_heatmap(
                 + (f" (adj. p < {pval_cutoff:g}; fewer where fewer pass)" if filtered else "")
                 + f": {method}, one type vs rest, ≤ {max_cells_per_group:,} cells per type{capped}"
             )
+            # wrapped to the figure's width (0.6 em a character, a generous average), which few genes make narrow
+            title = textwrap.fill(title, width=max(20, int(fig.get_figwidth() * 72 / (0.6 * 10))))
         fig.suptitle(title, fontsize=10)
         if too_small:
             note = f"fewer than {min_cells} cells, not tested: " + ", ".join(f"{k} ({v})" for k, v in too_small.items())

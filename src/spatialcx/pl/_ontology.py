@@ -66,8 +66,8 @@ def ontology_mapping(
     Each row's bar is the match score (0-1), coloured by tier (exact name or synonym, pattern table or user index,
     same words / fall-back to a parent term, word overlap); labels that map to ``unknown`` are drawn grey and
     hatched, with their CL column in red. CL terms that several input labels share are marked with ``*``. A dashed
-    line shows ``min_score``. Input labels longer than 40 characters are shortened with an ellipsis; the figure is as
-    wide as its text needs.
+    line, keyed in the legend, shows ``min_score``. Input labels longer than 40 characters are shortened with an
+    ellipsis; the figure is as wide as its text needs.
 
     Parameters
     ----------
@@ -94,6 +94,7 @@ def ontology_mapping(
     The matplotlib figure.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     table, min_score = _as_table(mapping)
@@ -168,6 +169,10 @@ def ontology_mapping(
     handles = [
         Patch(facecolor=TIER_STYLE[k][1], label=TIER_STYLE[k][0], hatch="///" if k == -1 else None) for k in present
     ]
+    if min_score is not None:
+        handles.append(
+            Line2D([], [], color="#424242", linestyle="--", linewidth=0.8, label=f"min_score {float(min_score):g}")
+        )
     if shared_ids:
         handles.append(Patch(facecolor="none", edgecolor="none", label="* CL term shared by several labels"))
     if own_figure:

@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 MAX_IMAGE_PIXELS = 2000
 #: Above this many cells, shapes are drawn as points at their centroids (each cell is then a few pixels at most).
 MAX_SHAPES = 100_000
+#: Cells whose median diameter on the figure is below this many points are drawn as points of at least a pixel:
+#: smaller circles and polygons are antialiased to a faint tint of their colour.
+MIN_SHAPE_POINTS = 1.5
+#: Most pixels of a labels element read to find its cells' centroids: larger elements are read at the finest pyramid
+#: level under this size (a Xenium section of 10^9 pixels at a quarter of its resolution, 0.85 µm per pixel).
+MAX_LABEL_PIXELS = 100_000_000
 #: Resolution of saved raster figures and of rasterized layers in vector figures.
 SAVE_DPI = 150
 #: Most width of a cell's edge, as a share of the cell's diameter on screen (an edge is drawn half inside the cell:
@@ -235,8 +241,14 @@ def union_bounds(bounds: Sequence[Bounds]) -> Bounds:
     return float(b[:, 0].min()), float(b[:, 1].max()), float(b[:, 2].min()), float(b[:, 3].max())
 
 
-def _shapes_geometry(gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str) -> CellGeometry:
-    """Transform the geometries of ``gdf`` (already aligned with ``rows``) with ``matrix``."""
+def _shapes_geometry(
+    gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str, *, max_shapes: int = MAX_SHAPES
+) -> CellGeometry:
+    """Transform the geometries of ``gdf`` (already aligned with ``rows``) with ``matrix``.
+
+    Above ``max_shapes`` polygons (drawn as points then), each is kept as the circle of its area at its centroid:
+    reading and transforming every vertex of a million polygons takes seconds and gigabytes for nothing.
+    """
     import shapely
 
     geoms = np.asarray(gdf.geometry.values, dtype=object)
@@ -245,21 +257,7 @@ def _shapes_geometry(gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str
         centers = apply_affine(matrix, shapely.get_coordinates(geoms)[:, :2])
         if "radius" not in gdf.columns:
             return CellGeometry(rows=rows, centers=centers, kind="points", n_cells=len(rows), source=source)
-        radius = np.asarray(gdf["radius"], dtype=float)
-        # A circle of radius r maps under the linear part A = U S V^T to an ellipse with semi-axes r * S and the
-        # first axis along U[:, 0].
-        u, s, _ = np.linalg.svd(matrix[:2, :2])
-        angle = float(np.degrees(np.arctan2(u[1, 0], u[0, 0])))
-        return CellGeometry(
-            rows=rows,
-            centers=centers,
-            kind="circles",
-            n_cells=len(rows),
-            widths=2 * radius * s[0],
-            heights=2 * radius * s[1],
-            angles=np.full(len(rows), angle),
-            source=source,
-        )
+        return _circles(rows, centers, 2 * np.asarray(gdf["radius"], dtype=float), matrix, source)
     polygonal = np.isin(types, [shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON])
     if not polygonal.all():
         found = sorted({shapely.GeometryType(t).name for t in np.unique(types[~polygonal])})
@@ -267,6 +265,10 @@ def _shapes_geometry(gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str
             f"Shapes element {source!r} mixes geometry types ({', '.join(found)} besides polygons); cells can be drawn "
             "from circles (points with a 'radius' column) or from polygons. Pass another element as shapes_key."
         )
+    if len(geoms) > max_shapes:
+        centroids = shapely.get_coordinates(shapely.centroid(geoms))
+        diameters = 2 * np.sqrt(shapely.area(geoms) / np.pi)
+        return _circles(rows, apply_affine(matrix, centroids), diameters, matrix, source)
     parts, part_of = shapely.get_parts(geoms, return_index=True)
     rings = shapely.get_exterior_ring(parts)
     vertices = apply_affine(matrix, shapely.get_coordinates(rings)[:, :2])
@@ -288,6 +290,134 @@ def _shapes_geometry(gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str
     )
 
 
+def _circles(
+    rows: np.ndarray, centers: np.ndarray, diameters: np.ndarray, matrix: np.ndarray, source: str
+) -> CellGeometry:
+    """Circles of ``diameters`` (element units) at ``centers`` (already transformed), under the linear part of ``matrix``.
+
+    A circle maps under ``A = U S V^T`` to an ellipse with axes ``diameter * S`` and the first axis along ``U[:, 0]``.
+    """
+    u, s, _ = np.linalg.svd(matrix[:2, :2])
+    angle = float(np.degrees(np.arctan2(u[1, 0], u[0, 0])))
+    return CellGeometry(
+        rows=rows,
+        centers=centers,
+        kind="circles",
+        n_cells=len(rows),
+        widths=diameters * s[0],
+        heights=diameters * s[1],
+        angles=np.full(len(rows), angle),
+        source=source,
+    )
+
+
+def _label_lookup(ids: np.ndarray) -> Any:
+    """A function from label values to positions in ``ids`` (-1 for labels not in ``ids``)."""
+    if ids.size and ids.min() >= 0 and ids.max() < 2**24:  # a dense table: one array lookup per pixel
+        table = np.full(int(ids.max()) + 2, -1, dtype=np.int64)
+        table[ids] = np.arange(ids.size)
+        last = table.size - 1  # stays -1: every value above the largest id goes there
+
+        def lookup(values: np.ndarray) -> np.ndarray:
+            return table[np.clip(values, 0, last)] if values.size else values.astype(np.int64)
+
+        return lookup
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+
+    def lookup(values: np.ndarray) -> np.ndarray:
+        at = np.clip(np.searchsorted(sorted_ids, values), 0, max(sorted_ids.size - 1, 0))
+        hit = sorted_ids[at] == values if sorted_ids.size else np.zeros(values.shape, dtype=bool)
+        return np.where(hit, order[at], -1)
+
+    return lookup
+
+
+def _label_sums(block: np.ndarray, y0: int, x0: int, lookup: Any, n: int) -> tuple[np.ndarray, ...]:
+    """Pixel count and sums of pixel-centre coordinates of each label of ``block``, by position (nonzero only).
+
+    ``block`` is ``(..., y, x)``; it is read in strips of about a million pixels, so that memory stays a few bytes
+    per pixel of a strip plus three numbers per cell.
+    """
+    block = np.asarray(block)
+    ny, nx = block.shape[-2:]
+    block = block.reshape(-1, ny, nx)
+    counts, sum_x, sum_y = np.zeros(n), np.zeros(n), np.zeros(n)
+    step = max(1, 2**20 // max(nx * block.shape[0], 1))
+    x = np.arange(nx, dtype=float) + (x0 + 0.5)
+    for start in range(0, ny, step):
+        strip = block[:, start : start + step]
+        pos = lookup(strip.reshape(-1))
+        keep = pos >= 0
+        if not keep.any():
+            continue
+        pos = pos[keep]
+        xs = np.broadcast_to(x, strip.shape).reshape(-1)[keep]
+        ys = np.broadcast_to((np.arange(strip.shape[1], dtype=float) + (y0 + start + 0.5))[:, None], strip.shape)
+        counts += np.bincount(pos, minlength=n)
+        sum_x += np.bincount(pos, weights=xs, minlength=n)
+        sum_y += np.bincount(pos, weights=ys.reshape(-1)[keep], minlength=n)
+    present = np.flatnonzero(counts)
+    return present, counts[present], sum_x[present], sum_y[present]
+
+
+def _labels_geometry(element: Any, matrix: np.ndarray, ids: Any, rows: np.ndarray, source: str) -> CellGeometry:
+    """Cells of a labels element: circles of each label's area at its centroid, for the table rows ``rows``.
+
+    The element is read chunk by chunk (memory of a chunk plus a few numbers per cell), at full resolution or, above
+    ``MAX_LABEL_PIXELS``, at the finest pyramid level under it. Labels of 3D elements are projected along ``z``.
+    """
+    import dask
+    import dask.array as da
+    import pandas as pd
+
+    numeric = pd.to_numeric(pd.Series(np.asarray(ids)), errors="coerce").to_numpy(dtype=float)
+    if np.isnan(numeric).all() or not np.all(np.isnan(numeric) | (numeric == np.round(numeric))):
+        raise ValueError(
+            f"The table annotates the labels element {source!r}, but its instance ids are not integer label values "
+            f"(e.g. {list(np.asarray(ids)[:3])}), so rows cannot be matched to labels. Store the label of each cell "
+            "in the instance key column, or pass shapes_key= with a shapes element of the cells."
+        )
+    valid = np.isfinite(numeric) & (numeric > 0)  # 0 is the background of a labels element, never a cell
+    ids = np.where(valid, numeric, -1).astype(np.int64)
+
+    levels = _pyramid(element)
+    full, chosen = levels[0], levels[-1]
+    for level in levels:  # finest first
+        if int(np.prod([level.sizes[d] for d in level.dims])) <= MAX_LABEL_PIXELS:
+            chosen = level
+            break
+    sx, sy = full.sizes["x"] / chosen.sizes["x"], full.sizes["y"] / chosen.sizes["y"]
+    if chosen is not full:
+        logger.info("Labels %r: reading the level at 1/%g resolution to find the cells' centroids.", source, sx)
+    dims = [d for d in chosen.dims if d not in ("y", "x")] + ["y", "x"]
+    data = chosen.transpose(*dims).data
+    data = data if isinstance(data, da.Array) else da.from_array(np.asarray(data))
+    lookup = _label_lookup(np.where(valid, ids, np.iinfo(np.int64).max))
+    y_starts = np.concatenate([[0], np.cumsum(data.chunks[-2])[:-1]])
+    x_starts = np.concatenate([[0], np.cumsum(data.chunks[-1])[:-1]])
+    tasks = [
+        dask.delayed(_label_sums)(data.blocks[idx], int(y_starts[idx[-2]]), int(x_starts[idx[-1]]), lookup, ids.size)
+        for idx in np.ndindex(*data.numblocks)
+    ]
+    counts, sum_x, sum_y = np.zeros(ids.size), np.zeros(ids.size), np.zeros(ids.size)
+    for present, c, x, y in dask.compute(*tasks):
+        counts[present] += c
+        sum_x[present] += x
+        sum_y[present] += y
+    found = counts > 0
+    if not found.any():
+        raise ValueError(
+            f"None of the table's instance ids were found among the labels of {source!r} (e.g. table "
+            f"{list(np.asarray(ids)[:3])}). Check the table's instance key column, or pass shapes_key=."
+        )
+    if not found.all():
+        logger.warning("%d of %d cells have no label in %r and are not drawn.", (~found).sum(), found.size, source)
+    px = np.column_stack([sum_x[found] / counts[found] * sx, sum_y[found] / counts[found] * sy])
+    diameters = 2 * np.sqrt(counts[found] * sx * sy / np.pi)
+    return _circles(rows[found], apply_affine(matrix, px), diameters, matrix, source)
+
+
 def cell_geometries(
     adata: AnnData,
     sdata: SpatialData | None = None,
@@ -295,12 +425,14 @@ def cell_geometries(
     shapes_key: str | None = None,
     coordinate_system: str = "global",
     spatial_key: str = "spatial",
+    max_shapes: int | None = None,
 ) -> list[CellGeometry]:
     """Find where each cell of a table is, in one coordinate system.
 
-    Cells come from the shapes element(s) that the table annotates (``uns["spatialdata_attrs"]``: region,
-    region_key, instance_key), or from ``shapes_key``, transformed to ``coordinate_system``; without shapes, from
-    the centroids in ``obsm[spatial_key]`` (taken to be in ``coordinate_system`` units already).
+    Cells come from the shapes or labels element(s) that the table annotates (``uns["spatialdata_attrs"]``: region,
+    region_key, instance_key), or from ``shapes_key``, transformed to ``coordinate_system``; without them, from
+    the centroids in ``obsm[spatial_key]`` (taken to be in ``coordinate_system`` units already). The cells of a
+    labels element are circles of each label's area at its centroid (see :data:`MAX_LABEL_PIXELS`).
 
     Parameters
     ----------
@@ -315,10 +447,13 @@ def cell_geometries(
         Coordinate system to draw in.
     spatial_key
         Key in ``adata.obsm`` with centroids, used when there are no shapes.
+    max_shapes
+        Above this many polygons in one element (``None``: ``MAX_SHAPES``), each is kept as the circle of its area
+        at its centroid, which is how :func:`draw_cells` draws so many cells (as points).
 
     Returns
     -------
-    One :class:`CellGeometry` per shapes element (or one for the centroids).
+    One :class:`CellGeometry` per shapes or labels element (or one for the centroids).
 
     Raises
     ------
@@ -327,7 +462,7 @@ def cell_geometries(
     NoCoordinatesError
         No coordinates at all (a ``ValueError``).
     ValueError
-        The table cannot be matched to the shapes.
+        The table cannot be matched to the shapes or labels.
     """
     from spatialdata.models import get_table_keys
 
@@ -351,7 +486,7 @@ def cell_geometries(
     if sdata is not None and shapes_key is not None:
         targets = [shapes_key]
     elif sdata is not None:
-        targets = [r for r in regions if r in sdata.shapes]
+        targets = [r for r in regions if r in sdata.shapes or r in sdata.labels]
     else:
         targets = []
 
@@ -359,7 +494,7 @@ def cell_geometries(
     for name in targets:
         if instance_key is None or instance_key not in adata.obs:
             raise ValueError(
-                f"Cannot match the table's rows to shapes {name!r}: the table has no instance key column "
+                f"Cannot match the table's rows to element {name!r}: the table has no instance key column "
                 f"(uns['spatialdata_attrs']['instance_key']={instance_key!r}). Annotate the table with "
                 "spatialdata.models.TableModel.parse(..., region=..., region_key=..., instance_key=...)."
             )
@@ -367,6 +502,12 @@ def cell_geometries(
             rows = np.flatnonzero((adata.obs[region_key].astype(str) == name).to_numpy())
         else:
             rows = np.arange(adata.n_obs)
+        if name not in sdata.shapes:  # a labels element the table annotates (Xenium's and CosMx's readers do so)
+            element = sdata.labels[name]
+            matrix = affine_matrix(element, coordinate_system, name=name)
+            ids = adata.obs[instance_key].to_numpy()[rows]
+            geometries.append(_labels_geometry(element, matrix, ids, rows, name))
+            continue
         gdf = sdata.shapes[name]
         pos = instance_positions(gdf.index, adata.obs[instance_key].to_numpy()[rows])
         found = pos >= 0
@@ -374,12 +515,17 @@ def cell_geometries(
             raise ValueError(
                 f"None of the table's {instance_key!r} values were found in the index of shapes {name!r} "
                 f"(e.g. table {adata.obs[instance_key].iloc[rows[:3]].tolist()} vs shapes {gdf.index[:3].tolist()}). "
-                "Pass the shapes element that the table annotates as shapes_key."
+                + (
+                    f"Leave shapes_key=None to draw the cells from the labels the table annotates ({labelled})."
+                    if (labelled := ", ".join(repr(r) for r in regions if r in sdata.labels))
+                    else "Pass the shapes element that the table annotates as shapes_key."
+                )
             )
         if not found.all():
             logger.warning("%d of %d cells have no shape in %r and are not drawn.", (~found).sum(), found.size, name)
         matrix = affine_matrix(gdf, coordinate_system, name=name)
-        geometries.append(_shapes_geometry(gdf.iloc[pos[found]], matrix, rows[found], name))
+        limit = MAX_SHAPES if max_shapes is None else max_shapes
+        geometries.append(_shapes_geometry(gdf.iloc[pos[found]], matrix, rows[found], name, max_shapes=limit))
     if geometries:
         return geometries
 
@@ -400,7 +546,8 @@ def cell_geometries(
         ]
 
     where = (
-        f"the table annotates {regions or 'no element'} (shapes elements: {_available(sdata.shapes.keys())})"
+        f"the table annotates {regions or 'no element'} (shapes elements: {_available(sdata.shapes.keys())}; "
+        f"labels elements: {_available(sdata.labels.keys())})"
         if sdata is not None
         else "the data is an AnnData"
     )
@@ -412,10 +559,17 @@ def cell_geometries(
 
 
 def _points_per_data_unit(ax: Axes) -> float:
-    """Current scale of the x axis, in points per data unit."""
-    width_pt = ax.get_window_extent().width * 72 / ax.figure.dpi
+    """Current scale of the axes, in points per data unit.
+
+    With an equal aspect the box shrinks at drawing time to the smaller of the two axes' scales: that one is taken.
+    """
+    box = ax.get_window_extent()
     x0, x1 = ax.get_xlim()
-    return width_pt / max(abs(x1 - x0), 1e-12)
+    y0, y1 = ax.get_ylim()
+    scale_x = box.width / max(abs(x1 - x0), 1e-12)
+    scale_y = box.height / max(abs(y1 - y0), 1e-12)
+    scale = min(scale_x, scale_y) if ax.get_aspect() == 1.0 else scale_x
+    return float(scale * 72 / ax.figure.dpi)
 
 
 def _edge_width(linewidth: float, diameter_pt: float) -> float:
@@ -461,7 +615,8 @@ def draw_cells(
         Marker area (points²) when cells are drawn as points; ``None`` sizes markers from the cell size, or from
         the number of cells for centroids.
     max_shapes
-        Above this many cells in one element, circles and polygons are drawn as points at their centres.
+        Above this many cells in one element, circles and polygons are drawn as points at their centres; so are
+        cells whose median diameter on the figure is below ``MIN_SHAPE_POINTS`` (1.5 points).
     rasterized
         Rasterize the collections in vector output (keeps PDFs of many cells small).
     label
@@ -483,6 +638,13 @@ def draw_cells(
         kind = geom.kind
         if kind != "points" and geom.n_cells > max_shapes:
             logger.info("%d cells in %r: drawing them as points at their centres.", geom.n_cells, geom.source)
+            kind = "points"
+        elif kind != "points" and (shown := geom.typical_size() * _points_per_data_unit(ax)) < MIN_SHAPE_POINTS:
+            logger.info(
+                "Cells of %r are %.2g points across on the figure: drawing them as points of at least a pixel.",
+                geom.source,
+                shown,
+            )
             kind = "points"
         lw = 0.0
         if edgecolor is not None and kind != "points":
@@ -589,8 +751,18 @@ def _pyramid(image: Any) -> list[Any]:
     return list(get_pyramid_levels(image))
 
 
+def _is_rgb(dtype: np.dtype, channels: Sequence[Any]) -> bool:
+    """Whether an image of these channels is drawn in colour (RGB or RGBA: 8-bit, or channels named r, g, b)."""
+    names = [str(c).lower() for c in channels]
+    return len(names) in (3, 4) and (np.issubdtype(dtype, np.uint8) or names[:3] == ["r", "g", "b"])
+
+
 def _to_display(arr: np.ndarray, dtype: np.dtype, channels: Sequence[Any]) -> tuple[np.ndarray, Any, Any, Any]:
-    """Turn a binned ``(c, h, w)`` array into something imshow can draw: (pixels, vmin, vmax, cmap)."""
+    """Turn a binned ``(c, h, w)`` array of the drawn channels into what imshow draws: (pixels, vmin, vmax, cmap).
+
+    ``arr`` holds the first three channels of an RGB(A) image (:func:`_is_rgb`), else the first channel only;
+    ``channels`` names all of the image's channels.
+    """
 
     def stretch(a: np.ndarray) -> tuple[float, float]:
         finite = a[np.isfinite(a)]
@@ -601,8 +773,7 @@ def _to_display(arr: np.ndarray, dtype: np.dtype, channels: Sequence[Any]) -> tu
             lo, hi = float(finite.min()), float(finite.max())
         return float(lo), float(hi if hi > lo else lo + 1)
 
-    names = [str(c).lower() for c in channels]
-    if arr.shape[0] in (3, 4) and (np.issubdtype(dtype, np.uint8) or names[:3] == ["r", "g", "b"]):
+    if _is_rgb(dtype, channels):
         rgb = arr[:3].transpose(1, 2, 0).astype(float)
         if np.issubdtype(dtype, np.uint8):
             rgb = rgb / 255
@@ -611,8 +782,8 @@ def _to_display(arr: np.ndarray, dtype: np.dtype, channels: Sequence[Any]) -> tu
                 lo, hi = stretch(rgb[..., i])
                 rgb[..., i] = (rgb[..., i] - lo) / (hi - lo)
         return np.clip(rgb, 0, 1), None, None, None
-    if arr.shape[0] > 1:
-        logger.info("Image has %d channels; drawing the first (%s) in grey.", arr.shape[0], channels[0])
+    if len(channels) > 1:
+        logger.info("Image has %d channels; drawing the first (%s) in grey.", len(channels), channels[0])
     lo, hi = stretch(arr[0])
     return arr[0].astype(float), lo, hi, "gray"
 
@@ -673,15 +844,18 @@ def prepare_image(
     ly0, ly1 = int(np.floor(y0 / sy)), int(np.ceil(y1 / sy))
     lx1, ly1 = min(lx1, int(chosen.sizes["x"])), min(ly1, int(chosen.sizes["y"]))
     crop = chosen.isel(x=slice(lx0, lx1), y=slice(ly0, ly1))
+    if "c" not in crop.dims:
+        crop = crop.expand_dims("c")
+    channels = list(crop.coords["c"].values) if "c" in crop.coords else list(range(crop.sizes["c"]))
+    # Only the channels drawn are read: the first three of an RGB(A) image, else the first (a 40-channel image
+    # costs what a one-channel image does).
+    crop = crop.isel(c=slice(0, 3 if _is_rgb(full.dtype, channels) else 1))
     if "z" in crop.dims:
         crop = crop.max("z")
     factor = max(1, int(np.ceil(max(lx1 - lx0, ly1 - ly0) / max_pixels)))
     if factor > 1:
         crop = crop.coarsen(x=factor, y=factor, boundary="trim").mean()
-    if "c" not in crop.dims:
-        crop = crop.expand_dims("c")
     crop = crop.transpose("c", "y", "x")
-    channels = list(crop.coords["c"].values) if "c" in crop.coords else list(range(crop.sizes["c"]))
     arr = np.asarray(crop.values)
     if arr.size == 0:
         return None
