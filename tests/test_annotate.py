@@ -311,3 +311,174 @@ def test_filters_are_idempotent_and_their_records_match_the_labels():
     scx.tl.filter_low_confidence(adata, threshold=0.8)
     assert (adata.obs["cell_type"].astype(str) == confident).all()
     assert set(adata.obs["cell_type_ontology_term_id"].astype(str)[confident == "B"]) == {"CL:2"}
+
+
+@pytest.fixture(scope="module")
+def demo_tiny():
+    """A small demo slide and reference: each annotate call on it takes a few seconds."""
+    return scx.datasets.demo(n_cells=300, n_reference_cells=700, n_genes=150, n_reference_genes=300, random_state=0)
+
+
+def _annotated_keys(table: ad.AnnData) -> tuple[list[str], list[str], list[str]]:
+    return list(table.obs.columns), sorted(table.obsm), sorted(table.uns)
+
+
+def test_references_as_a_mapping_keep_their_names(demo_tiny):
+    """``{source name: reference}``, as combine_references takes it: the names are the sources, not file paths."""
+    sdata, reference = demo_tiny
+    table = sdata.tables["table"].copy()
+    half = reference.n_obs // 2
+    refs = {"atlas A": reference[:half].copy(), "atlas B": reference[half:].copy()}
+    out = scx.tl.annotate(
+        table, refs, label_keys={"atlas A": "cell_type", "atlas B": "cell_type"}, plots=False, copy=True
+    )
+    prov = out.uns["cell_type"]["references"]
+    assert [prov[k]["name"] for k in sorted(prov)] == ["atlas A", "atlas B"]
+    assert [prov[k]["n_cells"] for k in sorted(prov)] == [half, reference.n_obs - half]
+    assert (out.obs["cell_type_predicted"].astype(str) == out.obs["true_cell_type"].astype(str)).mean() > 0.8
+    with pytest.raises(ValueError, match=r"names no label column for the references \['atlas B'\]"):
+        scx.tl.annotate(table, refs, label_keys={"atlas A": "cell_type"}, plots=False)
+    with pytest.raises(ValueError, match="references must be a mapping with the same names"):
+        scx.tl.annotate(table, list(refs.values()), label_keys={"atlas A": "cell_type"}, plots=False)
+    with pytest.raises(ValueError, match="mapping of references is empty"):
+        scx.tl.annotate(table, {}, label_keys="cell_type", plots=False)
+    assert "cell_type" not in table.obs
+
+
+def test_failed_store_write_keeps_the_earlier_model_file(demo_tiny, tmp_path, monkeypatch):
+    """A run that fails to write into the store leaves model_out (named by the earlier results) as it was."""
+    import spatialdata as sd
+
+    from spatialcx import _table
+
+    sdata, reference = demo_tiny
+    store = tmp_path / "s.zarr"
+    sdata.write(store)
+    backed = sd.read_zarr(store)
+    model = tmp_path / "models" / "m.npz"
+    scx.tl.annotate(backed, reference, label_keys="cell_type", plots=False, model_out=model)
+    first = model.read_bytes()
+    recorded = sd.read_zarr(store).tables["table"].uns["cell_type"]
+    assert recorded["model_path"] == str(model)
+    assert recorded["model_hash"] == scx.CellTypeModel.load(model).model_hash
+    keys = _annotated_keys(backed.tables["table"])
+
+    def no_space(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(_table, "write_table", no_space)
+    new_dir = tmp_path / "new" / "deeper"
+    for target in (model, new_dir / "m.npz"):
+        with pytest.raises(OSError, match="No space left"):
+            scx.tl.annotate(
+                backed, reference, label_keys="cell_type", plots=False, model_out=target, train_kwargs={"C": 0.05}
+            )
+        assert model.read_bytes() == first  # the earlier model, which the store names, is still there
+        assert sorted(p.name for p in model.parent.iterdir()) == ["m.npz"]  # no temporary file left
+        assert not (tmp_path / "new").exists()  # folders made for the model are removed again
+        assert _annotated_keys(backed.tables["table"]) == keys
+        assert backed.tables["table"].uns["cell_type"]["model_hash"] == recorded["model_hash"]
+
+
+def test_a_failure_while_writing_the_results_leaves_the_table_as_it_was(demo_tiny, monkeypatch):
+    """In memory too: an error after the first column is written puts back obs, obsm and uns of an earlier run."""
+    from spatialcx.tl import _filter
+
+    sdata, reference = demo_tiny
+    table = sdata.tables["table"].copy()
+    scx.tl.annotate(table, reference, label_keys="cell_type", plots=False, confidence_threshold=0.5)
+    obs, scores, uns = table.obs.copy(), table.obsm["cell_type_decision_scores"].copy(), dict(table.uns["cell_type"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_filter, "filter_low_confidence", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scx.tl.annotate(table, reference, label_keys="cell_type", plots=False, add_ontology=False, random_state=1)
+    pd.testing.assert_frame_equal(table.obs, obs)
+    np.testing.assert_array_equal(table.obsm["cell_type_decision_scores"], scores)
+    assert table.uns["cell_type"]["random_state"] == 0 and table.uns["cell_type"]["model_hash"] == uns["model_hash"]
+    assert table.uns["cell_type"]["confidence_threshold"] == 0.5
+
+    fresh = sdata.tables["table"].copy()
+    keys = _annotated_keys(fresh)
+    with pytest.raises(KeyboardInterrupt):
+        scx.tl.annotate(fresh, reference, label_keys="cell_type", plots=False)
+    assert _annotated_keys(fresh) == keys
+
+
+def test_model_out_expands_the_home_folder(demo_tiny, tmp_path, monkeypatch):
+    sdata, reference = demo_tiny
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    table = sdata.tables["table"].copy()
+    scx.tl.annotate(table, reference, label_keys="cell_type", plots=False, model_out="~/models/colon")
+    assert (home / "models" / "colon.npz").is_file()
+    assert list(work.iterdir()) == []  # no folder named "~" in the working folder
+    assert table.uns["cell_type"]["model_path"] == str(home / "models" / "colon.npz")
+
+
+def test_target_proportions_are_read_first_and_recorded(demo_tiny, tmp_path):
+    sdata, reference = demo_tiny
+    table = sdata.tables["table"].copy()
+    not_read = tmp_path / "not_read.h5ad"  # reading it first would fail with another error
+    with pytest.raises(FileNotFoundError, match="target_proportions file"):
+        scx.tl.annotate(table, not_read, label_keys="cell_type", target_proportions=tmp_path / "props.csv")
+    with pytest.raises(ValueError, match="Proportion of 'B cell'.* between 0 and 1"):
+        scx.tl.annotate(table, not_read, label_keys="cell_type", target_proportions={"B cell": 2})
+    (tmp_path / "props.csv").write_text("cell_type,proportion\nB cell,0.25\nfibroblast,0.05\n")
+    scx.tl.annotate(table, reference, label_keys="cell_type", plots=False, target_proportions=tmp_path / "props.csv")
+    params = table.uns["cell_type"]
+    assert params["target_proportions"] == {"cell_types": ["B cell", "fibroblast"], "proportions": [0.25, 0.05]}
+    used = params["model_description"]["cells_per_type"]
+    n_b = dict(zip(used["labels"], used["n_cells"]))["B cell"]
+    assert n_b == (reference.obs["cell_type"] == "B cell").sum()  # every B cell (fewer than a quarter are there)
+    table.write_h5ad(tmp_path / "t.h5ad")  # the record is storable
+    back = ad.read_h5ad(tmp_path / "t.h5ad").uns["cell_type"]["target_proportions"]
+    assert list(back["cell_types"]) == ["B cell", "fibroblast"]
+
+
+def test_bad_argument_types_fail_before_the_references_are_read(tmp_path):
+    adata = ad.AnnData(np.ones((3, 2), dtype=np.float32))
+    missing = tmp_path / "not_read.h5ad"
+    for kwargs, error, match in (
+        ({"confidence_threshold": "0.5"}, TypeError, "confidence_threshold must be a number in"),
+        ({"random_state": None}, TypeError, "random_state must be an integer seed"),
+        ({"tissue": None}, TypeError, "tissue must be a string"),
+        ({"train_kwargs": {"genes": ["A"]}}, ValueError, r"train_kwargs sets \['genes'\], which annotate sets"),
+        ({"train_kwargs": {"c": 0.5}}, ValueError, r"train_kwargs names \['c'\], which are not options"),
+    ):
+        with pytest.raises(error, match=match):
+            scx.tl.annotate(adata, missing, label_keys="cell_type", **kwargs)
+
+
+def test_a_reference_type_named_unassigned_is_refused(demo_tiny):
+    sdata, reference = demo_tiny
+    table = sdata.tables["table"].copy()
+    reference = reference.copy()
+    reference.obs["cell_type"] = reference.obs["cell_type"].astype(str).replace({"B cell": "Unassigned"})
+    keys = _annotated_keys(table)
+    with pytest.raises(ValueError, match="'Unassigned', which is the label annotate gives cells below"):
+        scx.tl.annotate(table, reference, label_keys="cell_type", exclude_labels=[], plots=False)
+    assert _annotated_keys(table) == keys
+
+
+def test_replacing_columns_that_spatialcx_did_not_write_is_warned(demo_tiny, caplog):
+    """A query with its own cell_type (a CELLxGENE dataset, say): the replacement is announced, with the way out."""
+    import logging
+
+    sdata, reference = demo_tiny
+    table = sdata.tables["table"].copy()
+    table.obs["cell_type"] = table.obs["true_cell_type"].astype(str)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.annotate(table, reference, label_keys="cell_type", plots=False)
+    assert "obs columns ['cell_type'] are already in the table and were not written by spatialcx" in caplog.text
+    assert "key_added" in caplog.text
+    assert "no spatialcx prediction wrote" not in caplog.text  # said once, before training, not again by predict
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):  # again: an earlier run's columns, replaced silently
+        scx.tl.annotate(table, reference, label_keys="cell_type", plots=False)
+    assert "not written by spatialcx" not in caplog.text

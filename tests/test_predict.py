@@ -609,7 +609,7 @@ def test_predict_warns_before_replacing_the_datas_own_cell_type_columns(model, c
     with caplog.at_level(logging.WARNING, logger="spatialcx"):
         scx.tl.predict(q, model)
     assert "['cell_type', 'cell_type_ontology_term_id'] hold values that no spatialcx prediction wrote" in caplog.text
-    assert "key_added='cell_type_scx'" in caplog.text
+    assert "key_added='cell_type_spatialcx'" in caplog.text
     assert set(q.obs["cell_type"].astype(str)) <= set(model.classes)
     # predicting again replaces spatialcx's own columns: nothing to warn about
     caplog.clear()

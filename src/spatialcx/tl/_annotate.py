@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
+import uuid
 from collections.abc import Mapping, Sequence
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,6 +16,7 @@ import pandas as pd
 from spatialcx._constants import (
     DEFAULT_EXCLUDE_LABELS,
     KEY_ADDED,
+    ONTOLOGY_SUFFIX,
     ORIGINAL_LABEL_KEY,
     SOURCE_KEY,
     UNASSIGNED,
@@ -28,7 +31,34 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
-def _as_list(references: Any, label_keys: str | Sequence[str]) -> tuple[list[Any], list[str]]:
+def _as_list(
+    references: Any, label_keys: str | Sequence[str] | Mapping[str, str]
+) -> tuple[list[Any] | dict[str, Any], list[str] | Mapping[str, str]]:
+    """References and label keys as :func:`~spatialcx.pp.combine_references` takes them.
+
+    A mapping of references (``{source name: reference}``) is kept as it is, with its names; anything else becomes a
+    list with one label key per reference.
+    """
+    if isinstance(references, Mapping):
+        if not references:
+            raise ValueError(
+                "No reference given: the mapping of references is empty; map source names to labelled AnnData "
+                "objects, h5ad/zarr paths or URIs."
+            )
+        if isinstance(label_keys, Mapping):
+            missing = [name for name in references if name not in label_keys]
+            if missing:
+                raise ValueError(
+                    f"label_keys is a mapping but names no label column for the references {missing}; give one for "
+                    f"every name of references ({list(references)}), or a single string for all."
+                )
+            label_keys = {name: label_keys[name] for name in references}
+        return dict(references), label_keys
+    if isinstance(label_keys, Mapping):
+        raise ValueError(
+            "label_keys is a mapping by source name, so references must be a mapping with the same names "
+            "({name: reference}); otherwise give one label key per reference (or a single string for all)."
+        )
     if isinstance(references, str | os.PathLike) or hasattr(references, "obs"):
         references = [references]
     references = list(references)
@@ -78,7 +108,7 @@ def annotate(
     data: AnnData | SpatialData,
     references: Any,
     *,
-    label_keys: str | Sequence[str],
+    label_keys: str | Sequence[str] | Mapping[str, str],
     table_key: str = "table",
     tissue: str = "unknown",
     balance: Literal["proportional", "equal"] = "proportional",
@@ -113,13 +143,16 @@ def annotate(
     data
         The spatial data (or its table). Its raw counts are used; nothing else of the table changes.
     references
-        One or more labelled references: AnnData objects, local ``.h5ad``/``.zarr`` paths, or URIs.
+        One or more labelled references: AnnData objects, local ``.h5ad``/``.zarr`` paths, or URIs; a mapping
+        ``{source name: reference}`` names each (the names are kept in ``obs["reference_source"]`` of the training set
+        and in the provenance, ``uns[key]["references"]``).
     label_keys
-        The label column of each reference (one string for all).
+        The label column of each reference: one string for all, one per reference, or (with a mapping of references)
+        a mapping by source name.
     table_key
         The table of a SpatialData.
     tissue
-        Tissue of the sample, recorded with the results.
+        Tissue of the sample (a string), recorded with the results.
     balance
         How a cell type's quota is split between references: ``"proportional"`` to what each has, or ``"equal"``.
     max_cells_per_type
@@ -127,7 +160,10 @@ def annotate(
     max_cells_per_ref
         Cap of cells read from each reference; ``None``: no cap.
     target_proportions
-        Optional wanted share of each type in the training set (dict, JSON or CSV path).
+        Optional wanted share of each type in the training set (dict, JSON or CSV path; see
+        :func:`~spatialcx.pp.subsample_balanced`). A file is read, and the values checked, before the references are;
+        the proportions used are recorded in ``uns[key_added]["target_proportions"]`` (``cell_types``,
+        ``proportions``).
     exclude_labels
         Reference labels that are not cell types; their cells are left out of training (exact, case-sensitive
         match). The default (``scx.pp.DEFAULT_EXCLUDE_LABELS``) covers ``NA``, ``Unknown``, ``Doublet``,
@@ -139,9 +175,11 @@ def annotate(
         Confidence method (:func:`~spatialcx.tl.transform_confidence`); the default ``"calibrated"`` uses the
         trained model's reference calibration.
     model_out
-        Save the trained model there (``.npz``, loads without executing code).
+        Save the trained model there (``.npz`` appended unless it is the suffix; loads without executing code;
+        ``~`` is expanded). The file takes its name only once the results are in the table (and its store): a failed
+        run leaves an earlier file there as it was. Its path is recorded in ``uns[key_added]["model_path"]``.
     plots_dir
-        Write QC plots there (when ``plots``).
+        Write QC plots there (when ``plots``), after the results are saved.
     add_ontology
         Map labels to Cell Ontology ids and names (``{key_added}_ontology_term_id``, ``{key_added}_ontology_label``);
         ``{key_added}`` then shows the CL name of each mapped label and the reference's own label otherwise. The id
@@ -170,14 +208,17 @@ def annotate(
     scores in ``obsm["{key}_decision_scores"]`` and the parameters, model hash, versions and reference provenance in
     ``uns[key]``.
     """
-    from spatialcx._table import check_key, resolve_table
+    from spatialcx._table import WRITTEN_ATTR, check_key, resolve_table
     from spatialcx._utils import check_writable_dir, check_writable_file
     from spatialcx.pp import combine_references, panel_genes, subsample_balanced
+    from spatialcx.pp._balance import read_target_proportions
     from spatialcx.pp._normalization import find_expression_source
     from spatialcx.tl._confidence import CONFIDENCE_METHODS
     from spatialcx.tl._filter import filter_low_confidence
     from spatialcx.tl._predict import compute_predictions, train, write_predictions
 
+    if isinstance(confidence_threshold, bool) or not isinstance(confidence_threshold, Real):
+        raise TypeError(f"confidence_threshold must be a number in [0, 1], got {confidence_threshold!r}.")
     if not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
     if confidence not in CONFIDENCE_METHODS:
@@ -187,14 +228,29 @@ def annotate(
     for name, cap in (("max_cells_per_type", max_cells_per_type), ("max_cells_per_ref", max_cells_per_ref)):
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, Integral) or cap < 1):
             raise ValueError(f"{name} must be a positive integer (or None: no cap), got {cap!r}.")
+    if isinstance(random_state, bool) or not isinstance(random_state, Integral):
+        raise TypeError(
+            f"random_state must be an integer seed (e.g. 0), got {random_state!r}: annotate is reproducible, so every "
+            "draw and the training are seeded."
+        )
+    if not isinstance(tissue, str):
+        raise TypeError(f"tissue must be a string naming the tissue of the sample (e.g. 'lung'), got {tissue!r}.")
+    _check_train_kwargs(train_kwargs, train)
     check_key(key_added, "key_added")
-    # output paths are checked before anything is read, trained or written
+    # output paths and the target proportions are checked before anything is read, trained or written
+    model_path = None
     if model_out is not None:
         from spatialcx.model._model import model_file_path
 
-        check_writable_file(model_file_path(model_out), "model_out")  # the file model.save() will write
-    if plots and plots_dir is not None:
-        check_writable_dir(plots_dir, "plots_dir")
+        model_path = model_file_path(Path(model_out).expanduser())  # the file model.save() writes
+        check_writable_file(model_path, "model_out")
+    if plots_dir is not None:
+        plots_dir = Path(plots_dir).expanduser()
+        if plots:
+            check_writable_dir(plots_dir, "plots_dir")
+    if isinstance(target_proportions, str | os.PathLike):
+        target_proportions = Path(target_proportions).expanduser()
+    proportions = read_target_proportions(target_proportions)
     references, label_keys = _as_list(references, label_keys)
     ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
@@ -202,6 +258,7 @@ def annotate(
     logger.info("panel: %d genes", len(panel))
     # fail fast, before the references are read and a model trained: the table must hold usable expression
     find_expression_source(adata)
+    _warn_if_replacing_foreign_columns(adata, key_added)
 
     combined = combine_references(
         references,
@@ -211,13 +268,14 @@ def annotate(
         exclude_labels=exclude_labels,
         random_state=random_state,
     )
+    _check_no_unassigned_class(combined.obs[ORIGINAL_LABEL_KEY])
     balanced = subsample_balanced(
         combined,
         ORIGINAL_LABEL_KEY,
         max_cells_per_type=max_cells_per_type,
         source_key=SOURCE_KEY,
         source_balance=balance,
-        target_proportions=target_proportions,
+        target_proportions=proportions,
         random_state=random_state,
     )
     model = train(
@@ -239,42 +297,186 @@ def annotate(
     else:
         names, ids, cl_names, mapping = classes, [], [], None
 
-    saved = model.save(model_out) if model_out is not None else None  # before the table changes: may still fail
-
-    # all computed: write into the table
+    # The model goes to a temporary file beside model_out and takes that name only once the table holds the results:
+    # a failure leaves an earlier model at model_out (which an earlier annotation may name) as it was.
+    created = _missing_dirs(model_path.parent) if model_path is not None else []
+    staged = None
     keys = output_keys(key_added)
-    write_predictions(adata, out, key_added=key_added)
-    codes = out.labels.codes
-    if add_ontology:
-        adata.obs[keys["ontology_id"]] = pd.Categorical(np.asarray(ids, dtype=object)[codes])
-        adata.obs[keys["ontology_label"]] = pd.Categorical(np.asarray(cl_names, dtype=object)[codes])
-    params = adata.uns[key_added]
-    params["model_description"].pop("references", None)  # kept once, at the top level
-    params.update(
-        {
-            "names": names,
-            "ontology_term_ids": ids,
-            "tissue": tissue,
-            "references": _provenance(balanced),
-            "balance": balance,
-            "exclude_labels": label_list(exclude_labels),
-            "random_state": int(random_state),
-        }
-    )
-    for name, cap in (("max_cells_per_type", max_cells_per_type), ("max_cells_per_ref", max_cells_per_ref)):
-        if cap is not None:  # None (no cap) is not storable in uns: left out
-            params[name] = int(cap)
-    if mapping is not None:
-        params["ontology_mapping"] = _mapping_lists(mapping)
-    filter_low_confidence(adata, key=key_added, threshold=confidence_threshold, unassigned_label=UNASSIGNED)
-
-    if saved is not None:
-        adata.uns[key_added]["model_path"] = str(saved)
-    result = ref.finish(write=write, elements=("obs", "obsm", "uns"))
+    before = _snapshot(adata, key_added)
+    try:
+        if model_path is not None:
+            staged = model.save(_staging_path(model_path))
+        # all computed: write into the table
+        write_predictions(adata, out, key_added=key_added, warn_foreign=False)  # annotate warned before training
+        codes = out.labels.codes
+        if add_ontology:
+            adata.obs[keys["ontology_id"]] = pd.Categorical(np.asarray(ids, dtype=object)[codes])
+            adata.obs[keys["ontology_label"]] = pd.Categorical(np.asarray(cl_names, dtype=object)[codes])
+        params = adata.uns[key_added]
+        params["model_description"].pop("references", None)  # kept once, at the top level
+        params.update(
+            {
+                "names": names,
+                "ontology_term_ids": ids,
+                "tissue": tissue,
+                "references": _provenance(balanced),
+                "balance": balance,
+                "exclude_labels": label_list(exclude_labels),
+                "random_state": int(random_state),
+            }
+        )
+        for name, cap in (("max_cells_per_type", max_cells_per_type), ("max_cells_per_ref", max_cells_per_ref)):
+            if cap is not None:  # None (no cap) is not storable in uns: left out
+                params[name] = int(cap)
+        if proportions is not None:  # lists, not a dict by label: labels are not always valid zarr/h5ad keys
+            params["target_proportions"] = {
+                "cell_types": list(proportions),
+                "proportions": [float(v) for v in proportions.values()],
+            }
+        if mapping is not None:
+            params["ontology_mapping"] = _mapping_lists(mapping)
+        filter_low_confidence(adata, key=key_added, threshold=confidence_threshold, unassigned_label=UNASSIGNED)
+        if model_path is not None:
+            adata.uns[key_added]["model_path"] = str(model_path)
+    except BaseException:
+        _restore(adata, key_added, before)
+        _discard(staged, created)
+        raise
+    try:
+        result = ref.finish(write=write, elements=("obs", "obsm", "uns"))
+    except BaseException as e:
+        if getattr(e, WRITTEN_ATTR, False):  # the store holds the results, which name the model: put it in place
+            _move_into_place(staged, model_path)
+        else:
+            _discard(staged, created)
+        raise
+    _move_into_place(staged, model_path)
 
     if plots and plots_dir is not None:
-        _plots(result if copy else data, Path(plots_dir), key_added, confidence_threshold, mapping, table_key)
+        _plots(result if copy else data, plots_dir, key_added, confidence_threshold, mapping, table_key)
     return result
+
+
+def _check_train_kwargs(train_kwargs: Mapping[str, Any] | None, train: Any) -> None:
+    """``train_kwargs`` must name options of :func:`~spatialcx.tl.train` that annotate does not set itself."""
+    import inspect
+
+    if train_kwargs is None:
+        return
+    if not isinstance(train_kwargs, Mapping):
+        raise TypeError(f"train_kwargs must be a mapping of train() options, e.g. {{'C': 0.5}}; got {train_kwargs!r}.")
+    own = ("reference", "label_key", "genes", "exclude_labels", "random_state", "chunk_size")
+    set_here = sorted(k for k in train_kwargs if k in own)
+    if set_here:
+        raise ValueError(
+            f"train_kwargs sets {set_here}, which annotate sets itself (the reference, its labels and the panel genes) "
+            "or takes as its own arguments (exclude_labels, random_state, chunk_size); pass those to annotate."
+        )
+    options = [p for p in inspect.signature(train).parameters if p not in own]
+    unknown = sorted(k for k in train_kwargs if k not in options)
+    if unknown:
+        raise ValueError(f"train_kwargs names {unknown}, which are not options of scx.tl.train; valid: {options}.")
+
+
+def _warn_if_replacing_foreign_columns(adata: AnnData, key: str) -> None:
+    """Warn when the output columns exist but no earlier spatialcx run wrote them (e.g. a CELLxGENE ``cell_type``)."""
+    params = adata.uns.get(key)
+    if isinstance(params, Mapping) and "model_hash" in params:  # written by annotate / predict: replaced silently
+        return
+    present = [k for k in output_keys(key).values() if k in adata.obs]
+    if present:
+        logger.warning(
+            "obs columns %s are already in the table and were not written by spatialcx (uns[%r] holds no earlier "
+            "run): they are replaced. To keep them, pass another key_added (e.g. %r) or copy them first.",
+            present,
+            key,
+            f"{key}_spatialcx",
+        )
+
+
+def _check_no_unassigned_class(labels: pd.Series) -> None:
+    """A reference type named like the label of low-confidence cells could not be told apart from them."""
+    present = set(pd.unique(labels.astype(str)))
+    if UNASSIGNED in present:
+        raise ValueError(
+            f"A reference labels cells {UNASSIGNED!r}, which is the label annotate gives cells below the confidence "
+            f"threshold: the two could not be told apart in the results. Leave those cells out (keep {UNASSIGNED!r} "
+            "in exclude_labels, as the default does) or rename the label."
+        )
+
+
+#: Stands for a key that was not in the table when :func:`_snapshot` looked.
+_MISSING = object()
+
+
+def _snapshot(adata: AnnData, key: str) -> tuple[pd.DataFrame, Any, dict[str, Any]]:
+    """What annotate changes in the table: obs, ``obsm[{key}_decision_scores]``, ``uns[key]`` and the ontology summary."""
+    scores = output_keys(key)["decision_scores"]
+    return (
+        adata.obs.copy(),
+        adata.obsm[scores] if scores in adata.obsm else _MISSING,
+        {k: adata.uns.get(k, _MISSING) for k in (key, key + ONTOLOGY_SUFFIX)},
+    )
+
+
+def _restore(adata: AnnData, key: str, before: tuple[pd.DataFrame, Any, dict[str, Any]]) -> None:
+    """Put back what :func:`_snapshot` kept (keys it found missing are removed)."""
+    obs, scores, uns = before
+    adata.obs = obs
+    name = output_keys(key)["decision_scores"]
+    if scores is not _MISSING:
+        adata.obsm[name] = scores
+    elif name in adata.obsm:
+        del adata.obsm[name]
+    for k, value in uns.items():
+        if value is not _MISSING:
+            adata.uns[k] = value
+        else:
+            adata.uns.pop(k, None)
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist yet (deepest first): the ones saving there creates."""
+    out = []
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder.parent != folder:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def _staging_path(path: Path) -> Path:
+    """A hidden temporary name beside ``path`` (beside the file a symbolic link points to) with the ``.npz`` suffix."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.npz")
+
+
+def _move_into_place(staged: Path | None, path: Path | None) -> None:
+    """Rename the saved model onto ``path`` (a file replaced keeps its permissions; a symbolic link is kept)."""
+    if staged is None or path is None:
+        return
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        if target.is_file():
+            os.chmod(staged, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(staged, target)
+    except OSError as e:
+        e.add_note(
+            f"The results are in the table, but the model they name could not be moved from {staged} to {target}; "
+            "move it there yourself."
+        )
+        raise
+
+
+def _discard(staged: Path | None, created: list[Path]) -> None:
+    """Remove a staged model and the (empty) folders made for it."""
+    if staged is not None:
+        staged.unlink(missing_ok=True)
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else was put there) or already gone: leave it
+            break
 
 
 def _provenance(balanced: AnnData) -> dict[str, dict[str, Any]]:

@@ -479,11 +479,20 @@ def _find_gene_names(adata: AnnData, where: str, model: CellTypeModel, n_found: 
 
 
 def write_predictions(
-    adata: AnnData, out: Predictions, *, key_added: str = KEY_ADDED, store_decision_scores: bool = True
+    adata: AnnData,
+    out: Predictions,
+    *,
+    key_added: str = KEY_ADDED,
+    store_decision_scores: bool = True,
+    warn_foreign: bool = True,
 ) -> None:
-    """Assign :class:`Predictions` to the output keys of ``adata`` (no computation, so nothing is half-written)."""
+    """Assign :class:`Predictions` to the output keys of ``adata`` (no computation, so nothing is half-written).
+
+    With ``warn_foreign``, replacing label / CL columns that no spatialcx prediction wrote is logged as a warning.
+    """
     keys = output_keys(key_added)
-    _warn_if_foreign(adata, key_added, keys)
+    if warn_foreign:
+        _warn_if_foreign(adata, key_added, keys)
     index = adata.obs_names
     adata.obs[keys["predicted"]] = out.labels.copy()
     adata.obs[keys["label"]] = out.labels.copy()
@@ -534,7 +543,7 @@ def _warn_if_foreign(adata: AnnData, key_added: str, keys: dict[str, str]) -> No
             "CELLxGENE's cell_type columns); the predictions replace them. To keep them, copy them to other columns "
             "first, or pass key_added=%r to write the predictions under other names.",
             foreign,
-            f"{key_added}_scx",
+            f"{key_added}_spatialcx",
         )
 
 
