@@ -226,3 +226,47 @@ def test_real_pair_annotated_from_a_file_uri(shared_data, tmp_path):
     conf = query.obs["cell_type_confidence"].to_numpy()
     assert np.isfinite(conf).all() and ((conf >= 0) & (conf <= 1)).all()
     assert query.uns["cell_type"]["tissue"] == "hypothalamus"
+
+
+def test_key_added_chunk_size_and_train_kwargs_are_config_fields(monkeypatch, tmp_path):
+    """Every argument of annotate besides the data and where results go (copy, write) is a config field."""
+    import inspect
+
+    text = (
+        "references: [a.h5ad]\nlabel_keys: x\nkey_added: cell_type_v2\nchunk_size: 5000\n"
+        "train_kwargs: {method: minibatch, C: 0.5}\n"
+    )
+    cfg = AnnotationConfig.from_yaml(text)
+    assert cfg.key_added == "cell_type_v2" and cfg.chunk_size == 5000
+    assert cfg.train_kwargs == {"method": "minibatch", "C": 0.5}
+    assert AnnotationConfig.from_yaml(cfg.to_yaml()) == cfg
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert AnnotationConfig.from_yaml(tmp_path / "c.yaml").train_kwargs == cfg.train_kwargs
+    fields = {f.name for f in __import__("dataclasses").fields(AnnotationConfig)}
+    params = set(inspect.signature(scx.tl.annotate).parameters)
+    assert params - fields == {"data", "copy", "write"}
+    seen = {}
+    monkeypatch.setattr(_annotate, "annotate", lambda data, references, **kw: seen.update(kw))
+    scx.tl.annotate_from_config(None, cfg, write=False)
+    assert seen["key_added"] == "cell_type_v2" and seen["chunk_size"] == 5000 and seen["write"] is False
+    assert seen["train_kwargs"] == {"method": "minibatch", "C": 0.5}
+    for line, error, match in (
+        ("key_added: 3", TypeError, "key_added must be a string"),
+        ("chunk_size: 0", ValueError, "chunk_size must be a positive integer"),
+        ("train_kwargs: [C, 0.5]", TypeError, "train_kwargs must be a mapping"),
+    ):
+        with pytest.raises(error, match=match):
+            AnnotationConfig.from_yaml(f"references: [a.h5ad]\nlabel_keys: x\n{line}\n")
+
+
+def test_config_key_added_reaches_the_table(tmp_path):
+    """A config's key_added names the columns written (a small run of the real annotate)."""
+    sdata, reference = scx.datasets.demo(n_cells=200, n_reference_cells=500, n_genes=150, n_reference_genes=300)
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    (tmp_path / "c.yaml").write_text(
+        "references: [ref.h5ad]\nlabel_keys: cell_type\nkey_added: ct\nplots: false\nadd_ontology: false\n"
+    )
+    table = sdata.tables["table"]
+    out = scx.tl.annotate_from_config(table, tmp_path / "c.yaml", copy=True)
+    assert {"ct", "ct_predicted", "ct_confidence"} <= set(out.obs) and "cell_type" not in out.obs
+    assert "ct" not in table.obs

@@ -64,7 +64,7 @@ class AnnotationConfig:
         Reference labels that are not cell types, left out of training; ``None`` (default): the package's list
         (``NA``, ``Unknown``, ``Doublet``, ``Ambiguous``, ...), as in :func:`spatialcx.tl.annotate`.
     table_key, tissue, balance, max_cells_per_type, max_cells_per_ref, target_proportions, confidence_threshold,
-    confidence, model_out, plots_dir, add_ontology, plots, random_state
+    confidence, model_out, plots_dir, add_ontology, plots, key_added, train_kwargs, chunk_size, random_state
         As in :func:`spatialcx.tl.annotate`.
     """
 
@@ -83,6 +83,9 @@ class AnnotationConfig:
     plots_dir: str | None = None
     add_ontology: bool = True
     plots: bool = True
+    key_added: str = "cell_type"
+    train_kwargs: dict[str, Any] | None = None
+    chunk_size: int | None = None
     random_state: int = 0
 
     def __post_init__(self) -> None:
@@ -110,7 +113,7 @@ class AnnotationConfig:
                 )
         elif not isinstance(self.label_keys, str):
             raise TypeError(f"label_keys must be a string or a list of strings, got {_shown(self.label_keys)}.")
-        for name in ("table_key", "tissue", "balance", "confidence"):
+        for name in ("table_key", "tissue", "balance", "confidence", "key_added"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {_shown(getattr(self, name))}.")
         if self.balance not in ("proportional", "equal"):
@@ -121,10 +124,19 @@ class AnnotationConfig:
         if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= float(threshold) <= 1:
             raise ValueError(f"confidence_threshold must be a number in [0, 1], got {_shown(threshold)}.")
         self.confidence_threshold = float(threshold)
-        for name in ("max_cells_per_type", "max_cells_per_ref"):
+        for name in ("max_cells_per_type", "max_cells_per_ref", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
-                raise ValueError(f"{name} must be a positive integer (or null: no cap), got {_shown(value)}.")
+                what = "null: no cap" if name != "chunk_size" else "null: chosen by size"
+                raise ValueError(f"{name} must be a positive integer (or {what}), got {_shown(value)}.")
+        if self.train_kwargs is not None:
+            if not isinstance(self.train_kwargs, Mapping):
+                raise TypeError(
+                    f"train_kwargs must be a mapping of scx.tl.train options (in YAML: train_kwargs: {{C: 0.5}}), got "
+                    f"{_shown(self.train_kwargs)}."
+                )
+            _check_strings("train_kwargs", list(self.train_kwargs), "a mapping with option names (strings) as keys")
+            self.train_kwargs = dict(self.train_kwargs)
         for name in ("add_ontology", "plots"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {_shown(getattr(self, name))}.")
@@ -300,6 +312,7 @@ def annotate_from_config(
     config: AnnotationConfig | Mapping[str, Any] | str | os.PathLike,
     *,
     copy: bool = False,
+    write: bool = True,
 ) -> AnnData | SpatialData | None:
     """Run :func:`spatialcx.tl.annotate` with the arguments of a config.
 
@@ -311,6 +324,8 @@ def annotate_from_config(
         An :class:`AnnotationConfig`, a mapping of its fields, or a YAML file (or YAML text).
     copy
         Return an annotated copy instead of modifying ``data``.
+    write
+        Persist the outputs into the zarr store of a backed SpatialData, as in :func:`spatialcx.tl.annotate`.
 
     Returns
     -------
@@ -328,4 +343,4 @@ def annotate_from_config(
     references = kwargs.pop("references")
     if kwargs["exclude_labels"] is None:
         del kwargs["exclude_labels"]  # annotate's default
-    return _annotate.annotate(data, references, copy=copy, **kwargs)
+    return _annotate.annotate(data, references, copy=copy, write=write, **kwargs)
