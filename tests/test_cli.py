@@ -271,3 +271,39 @@ def test_every_option_is_documented():
             assert action.help, f"{name} {action.option_strings or action.dest}"
     help_text = sub.choices["annotate"].format_help()
     assert "(default: table)" in help_text and "(default: 0.8)" in help_text and "--overwrite" in help_text
+
+
+def test_a_failing_domain_step_leaves_the_store_unclassified(demo_files, tmp_path, capsys):
+    """classify --domains on a store: when the domains cannot be made, the classification is not persisted alone."""
+    import shutil
+
+    import spatialdata as sd
+
+    store = tmp_path / "slide.zarr"
+    shutil.copytree(demo_files / "slide.zarr", store)
+    before = {p.relative_to(store): _digest(p) for p in store.rglob("*") if p.is_file()}
+    for bad in (["--min-cells", "0"], ["--max-distance", "-1"]):
+        assert cli_main(["classify", str(store), "CD19", "--domains", *bad]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("spatialcx classify: error: ") and ("min_cells" in err or "max_distance" in err)
+        assert {p.relative_to(store): _digest(p) for p in store.rglob("*") if p.is_file()} == before
+        assert "threshold_cluster" not in sd.read_zarr(store).tables["table"].obs
+    # without --domains, and with domains that can be made, the store gets the columns
+    assert cli_main(["classify", str(store), "CD19", "--domains"]) == 0
+    obs = sd.read_zarr(store).tables["table"].obs
+    assert {"threshold_cluster", "domain"} <= set(obs.columns)
+
+
+def test_paths_starting_with_a_tilde_are_the_home_folder(demo_files, tmp_path, monkeypatch, capsys):
+    """``--out=~/...`` (no shell expansion) is checked and written at the same place: the home folder."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "slide.h5ad").write_bytes((demo_files / "slide.h5ad").read_bytes())
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert cli_main(["classify", "~/slide.h5ad", "CD19", "--out", "~/classified.h5ad"]) == 0
+    assert "threshold_cluster" in ad.read_h5ad(home / "classified.h5ad").obs
+    assert list(work.iterdir()) == []
+    assert cli_main(["classify", "~/slide.h5ad", "CD19", "--out", "~/classified.h5ad"]) == 2  # exists: checked there
+    assert "exists; pass --overwrite" in capsys.readouterr().err

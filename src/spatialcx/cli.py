@@ -85,7 +85,7 @@ def _open_data(
     rewritten atomically, in place or to ``out``. ``out`` never replaces one of ``inputs`` (e.g. the references),
     nor an existing file unless ``overwrite``.
     """
-    path = Path(path_str)
+    path = Path(path_str).expanduser()
     if not path.exists():
         raise CommandError(f"{path_str}: no such file or directory (expected a SpatialData .zarr store or an .h5ad).")
     if _is_h5ad(path):
@@ -105,7 +105,7 @@ def _open_data(
                 f"{path_str} could not be read as an .h5ad file ({type(e).__name__}: {e}); is it complete? Pass an "
                 ".h5ad file or a SpatialData store."
             ) from e
-        target = Path(out) if out is not None else path
+        target = Path(out).expanduser() if out is not None else path  # as _check_out checked it
         from spatialcx._utils import check_writable_file
 
         try:  # before the work, not after it: a read-only file, a folder, an unwritable folder
@@ -162,7 +162,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if not 0 <= args.threshold <= 1:
         raise CommandError(f"--threshold must be a confidence in [0, 1], got {args.threshold:g}.")
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     try:
         check_writable_dir(out, "--out")
     except ValueError as e:
@@ -265,6 +265,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     data, save = _open_data(args.data, table_key=args.table_key, out=args.out, overwrite=args.overwrite)
     key = args.key_added
+    # With --domains, the classification is persisted together with the domains (by spatial_domains): a domain step
+    # that fails leaves the store as it was, not classified without domains.
     scx.tl.classify_by_threshold(
         data,
         args.features,
@@ -276,6 +278,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         random_state=args.seed,
         plot=args.plots_dir is not None,
         plots_dir=args.plots_dir,
+        write=not args.domains,
     )
     table = _table(data, args.table_key)
     high = table.obs[f"{key}_cluster"].to_numpy() == 1
