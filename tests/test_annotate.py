@@ -159,6 +159,10 @@ def test_cli_demo(tmp_path, capsys):
     assert "accuracy (all cells, before filtering): 0.9" in out
     assert (tmp_path / "out" / "demo.zarr").is_dir()
     assert (tmp_path / "out" / "model.npz").is_file()
+    import spatialdata as sd
+
+    provenance = sd.read_zarr(tmp_path / "out" / "demo.zarr").tables["table"].uns["cell_type"]["references"]
+    assert provenance["ref0"]["name"] == "demo_reference"  # named in messages and provenance
 
 
 def test_cli_annotate(demo_small, tmp_path, capsys):

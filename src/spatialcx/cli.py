@@ -183,7 +183,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     scx.tl.annotate(
         sdata,
-        reference,
+        {"demo_reference": reference},  # named: messages and the provenance say "demo_reference", not "ref0"
         label_keys="cell_type",
         tissue="demo tissue",
         confidence_threshold=args.threshold,
