@@ -347,3 +347,17 @@ def test_read_reference_panel_subset_of_log1p_only_reference_stays_usable(tmp_pa
         open_reference(bad, "cell_type")
     lazy.X = lazy.X * 3  # X changed after reading: the record no longer applies
     assert not scx.pp.normalization_status(lazy).is_usable
+
+
+def test_a_spatialdata_store_as_reference_says_to_pass_its_table(tmp_path):
+    from spatialdata import SpatialData
+
+    ref = make_reference(n=60, sizes=(30, 30))
+    SpatialData(tables={"table": ref}).write(tmp_path / "slide.zarr")
+    with pytest.raises(ValueError, match=r"is a SpatialData store.*sdata.tables\[\.\.\.\].*tables/table"):
+        scx.io.read_reference(tmp_path / "slide.zarr", label_key="cell_type")
+    with pytest.raises(ValueError, match="is a SpatialData store"):
+        scx.pp.combine_references([tmp_path / "slide.zarr"], "cell_type")
+    # the table's own folder is an AnnData store: it reads
+    lazy = scx.io.read_reference(tmp_path / "slide.zarr" / "tables" / "table", label_key="cell_type")
+    assert lazy.n_obs == 60

@@ -250,6 +250,15 @@ def _open_store(path: Path) -> tuple[Any, Callable[[], None]]:
         import zarr
 
         group = zarr.open_group(str(path), mode="r")
+        if "obs" not in group and "tables" in group:  # a SpatialData store: its tables are AnnData groups inside
+            tables = sorted(group["tables"].group_keys()) if hasattr(group["tables"], "group_keys") else []
+            inside = [str(path / "tables" / t) for t in tables]
+            raise ValueError(
+                f"{str(path)!r} is a SpatialData store, not an AnnData one: a reference is a labelled AnnData. Pass "
+                "its table (sdata.tables[...]) or the table's own folder"
+                + (f", e.g. {inside[0]!r}" if inside else "")
+                + "."
+            )
         return group, lambda: None
     import h5py
 
