@@ -28,7 +28,7 @@ def _isolated_cache(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data():
     """Factory fixture: ``shared_data("starmap_mpfc", "starmap_mpfc.h5ad")``."""
     return shared_path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -704,13 +703,11 @@ def test_brain_markers_name_starmap_domains_without_other_organs(shared_data):
 
 
 @pytest.fixture(scope="module")
-def xenium_bone_marrow():
+def xenium_bone_marrow(shared_data):
     """The real Xenium bone marrow (84,518 cells x 477 genes) with its graph-based clusters in obs['cluster']."""
     import scanpy as sc
 
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "xenium_bonemarrow"  # as conftest.shared_path
-    if not folder.exists():
-        pytest.skip("shared dataset not available: xenium_bonemarrow")
+    folder = shared_data("xenium_bonemarrow")
     adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
     clusters = pd.read_parquet(folder / "cell_clusters_graphclust.parquet")["cluster"]
     adata.obs["cluster"] = pd.Categorical(clusters.reindex(adata.obs_names).astype("string"))
