@@ -140,8 +140,13 @@ class TableRef:
     #: into the store fails, so that the object in memory and the store still agree.
     before: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
 
+    def snapshot(self) -> None:
+        """Keep obs, obsm and uns as they are now (unless already kept), so that :meth:`restore` can put them back."""
+        if self.before is None:
+            self.before = (self.adata.obs.copy(), dict(self.adata.obsm), _copy_uns(self.adata.uns))
+
     def restore(self) -> None:
-        """Put back obs, obsm and uns as they were when the table was resolved (a no-op without a snapshot)."""
+        """Put back obs, obsm and uns as they were when the snapshot was taken (a no-op without one)."""
         if self.before is None:
             return
         obs, obsm, uns = self.before
@@ -250,10 +255,10 @@ def resolve_table(
     adata = _table_from_sdata(data, table_key)
     if copy:
         return TableRef(adata=adata.copy(), sdata=data, table_key=table_key, copy=True)
-    before = None
+    ref = TableRef(adata=adata, sdata=data, table_key=table_key)
     if write and data.path is not None:  # changes will be written into the store: keep what to restore if that fails
-        before = (adata.obs.copy(), dict(adata.obsm), _copy_uns(adata.uns))
-    return TableRef(adata=adata, sdata=data, table_key=table_key, before=before)
+        ref.snapshot()
+    return ref
 
 
 def obs_column(adata: AnnData, key: str) -> pd.Series:

@@ -16,7 +16,6 @@ import pandas as pd
 from spatialcx._constants import (
     DEFAULT_EXCLUDE_LABELS,
     KEY_ADDED,
-    ONTOLOGY_SUFFIX,
     ORIGINAL_LABEL_KEY,
     SOURCE_KEY,
     UNASSIGNED,
@@ -215,7 +214,7 @@ def annotate(
     from spatialcx.pp._normalization import find_expression_source
     from spatialcx.tl._confidence import CONFIDENCE_METHODS
     from spatialcx.tl._filter import filter_low_confidence
-    from spatialcx.tl._predict import compute_predictions, train, write_predictions
+    from spatialcx.tl._predict import compute_predictions, train, warn_if_foreign, write_predictions
 
     if isinstance(confidence_threshold, bool) or not isinstance(confidence_threshold, Real):
         raise TypeError(f"confidence_threshold must be a number in [0, 1], got {confidence_threshold!r}.")
@@ -258,7 +257,7 @@ def annotate(
     logger.info("panel: %d genes", len(panel))
     # fail fast, before the references are read and a model trained: the table must hold usable expression
     find_expression_source(adata)
-    _warn_if_replacing_foreign_columns(adata, key_added)
+    warn_if_foreign(adata, key_added)
 
     combined = combine_references(
         references,
@@ -302,7 +301,7 @@ def annotate(
     created = _missing_dirs(model_path.parent) if model_path is not None else []
     staged = None
     keys = output_keys(key_added)
-    before = _snapshot(adata, key_added)
+    ref.snapshot()  # what a failure below puts back (already kept for a backed store)
     try:
         if model_path is not None:
             staged = model.save(_staging_path(model_path))
@@ -339,7 +338,7 @@ def annotate(
         if model_path is not None:
             adata.uns[key_added]["model_path"] = str(model_path)
     except BaseException:
-        _restore(adata, key_added, before)
+        ref.restore()
         _discard(staged, created)
         raise
     try:
@@ -378,22 +377,6 @@ def _check_train_kwargs(train_kwargs: Mapping[str, Any] | None, train: Any) -> N
         raise ValueError(f"train_kwargs names {unknown}, which are not options of scx.tl.train; valid: {options}.")
 
 
-def _warn_if_replacing_foreign_columns(adata: AnnData, key: str) -> None:
-    """Warn when the output columns exist but no earlier spatialcx run wrote them (e.g. a CELLxGENE ``cell_type``)."""
-    params = adata.uns.get(key)
-    if isinstance(params, Mapping) and "model_hash" in params:  # written by annotate / predict: replaced silently
-        return
-    present = [k for k in output_keys(key).values() if k in adata.obs]
-    if present:
-        logger.warning(
-            "obs columns %s are already in the table and were not written by spatialcx (uns[%r] holds no earlier "
-            "run): they are replaced. To keep them, pass another key_added (e.g. %r) or copy them first.",
-            present,
-            key,
-            f"{key}_spatialcx",
-        )
-
-
 def _check_no_unassigned_class(labels: pd.Series) -> None:
     """A reference type named like the label of low-confidence cells could not be told apart from them."""
     present = set(pd.unique(labels.astype(str)))
@@ -403,36 +386,6 @@ def _check_no_unassigned_class(labels: pd.Series) -> None:
             f"threshold: the two could not be told apart in the results. Leave those cells out (keep {UNASSIGNED!r} "
             "in exclude_labels, as the default does) or rename the label."
         )
-
-
-#: Stands for a key that was not in the table when :func:`_snapshot` looked.
-_MISSING = object()
-
-
-def _snapshot(adata: AnnData, key: str) -> tuple[pd.DataFrame, Any, dict[str, Any]]:
-    """What annotate changes in the table: obs, ``obsm[{key}_decision_scores]``, ``uns[key]`` and the ontology summary."""
-    scores = output_keys(key)["decision_scores"]
-    return (
-        adata.obs.copy(),
-        adata.obsm[scores] if scores in adata.obsm else _MISSING,
-        {k: adata.uns.get(k, _MISSING) for k in (key, key + ONTOLOGY_SUFFIX)},
-    )
-
-
-def _restore(adata: AnnData, key: str, before: tuple[pd.DataFrame, Any, dict[str, Any]]) -> None:
-    """Put back what :func:`_snapshot` kept (keys it found missing are removed)."""
-    obs, scores, uns = before
-    adata.obs = obs
-    name = output_keys(key)["decision_scores"]
-    if scores is not _MISSING:
-        adata.obsm[name] = scores
-    elif name in adata.obsm:
-        del adata.obsm[name]
-    for k, value in uns.items():
-        if value is not _MISSING:
-            adata.uns[k] = value
-        else:
-            adata.uns.pop(k, None)
 
 
 def _missing_dirs(folder: Path) -> list[Path]:

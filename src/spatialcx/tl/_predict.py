@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -492,7 +492,7 @@ def write_predictions(
     """
     keys = output_keys(key_added)
     if warn_foreign:
-        _warn_if_foreign(adata, key_added, keys)
+        warn_if_foreign(adata, key_added)
     index = adata.obs_names
     adata.obs[keys["predicted"]] = out.labels.copy()
     adata.obs[keys["label"]] = out.labels.copy()
@@ -528,15 +528,17 @@ def write_predictions(
         adata.obs = adata.obs.drop(columns=stale)
 
 
-def _warn_if_foreign(adata: AnnData, key_added: str, keys: dict[str, str]) -> None:
-    """Warn before replacing label / CL columns that no spatialcx prediction wrote (e.g. a CELLxGENE table's own)."""
+def warn_if_foreign(adata: AnnData, key_added: str) -> None:
+    """Warn before replacing output columns that no spatialcx prediction wrote (e.g. a CELLxGENE table's own)."""
     earlier = adata.uns.get(key_added)
-    if isinstance(earlier, dict) and "model_hash" in earlier:
+    if isinstance(earlier, Mapping) and "model_hash" in earlier:
         return  # an earlier prediction's columns: replacing them is what a new run does
-    mapped = isinstance(adata.uns.get(key_added + ONTOLOGY_SUFFIX), dict)  # add_ontology_ids wrote the CL columns
-    foreign = [keys["label"]] if keys["label"] in adata.obs else []
-    if not mapped:
-        foreign += [k for k in (keys["ontology_id"], keys["ontology_label"]) if k in adata.obs]
+    keys = output_keys(key_added)
+    ontology = (keys["ontology_id"], keys["ontology_label"])
+    mapped = isinstance(adata.uns.get(key_added + ONTOLOGY_SUFFIX), Mapping)  # add_ontology_ids wrote the CL columns
+    foreign = [
+        k for name, k in keys.items() if k in adata.obs and name != "decision_scores" and not (mapped and k in ontology)
+    ]
     if foreign:
         logger.warning(
             "obs columns %s hold values that no spatialcx prediction wrote (the data's own annotation, e.g. "
