@@ -791,11 +791,7 @@ def _check_shapes_key(sdata: SpatialData | None, shapes_key: str, key_added: str
             "replacing it with domain polygons would lose the cells' shapes and break the link. Pass another "
             f"shapes_key, e.g. shapes_key='{key_added}_shapes'."
         )
-    recorded = any(
-        isinstance(value, dict) and value.get("shapes_key") == shapes_key
-        for table in sdata.tables.values()
-        for value in table.uns.values()
-    )
+    recorded = bool(_runs_recording(sdata, shapes_key))
     element = sdata.shapes[shapes_key]
     looks_like_domains = list(element.columns.drop(element.geometry.name)) == ["n_cells"]
     if not (recorded or looks_like_domains):
@@ -821,13 +817,18 @@ def _stale_shapes_key(ref: TableRef, key_added: str, shapes_key: str | None, fou
     key = earlier.get("shapes_key") if isinstance(earlier, dict) else None
     if not isinstance(key, str) or key not in sdata.shapes:
         return None
-    claimed = any(
-        isinstance(value, dict) and value.get("shapes_key") == key
+    claimed = _runs_recording(sdata, key) - {(ref.table_key, key_added)}
+    return None if claimed else key
+
+
+def _runs_recording(sdata: SpatialData, shapes_key: str) -> set[tuple[str, str]]:
+    """The ``(table, uns key)`` of every spatial_domains run whose parameters name ``shapes_key`` as its polygons."""
+    return {
+        (table_key, name)
         for table_key, table in sdata.tables.items()
         for name, value in table.uns.items()
-        if not (table_key == ref.table_key and name == key_added)
-    )
-    return None if claimed else key
+        if isinstance(value, dict) and value.get("shapes_key") == shapes_key
+    }
 
 
 def _write_shapes(sdata: SpatialData, shapes_key: str) -> None:
