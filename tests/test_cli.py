@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import anndata as ad
 import numpy as np
@@ -71,7 +72,7 @@ def test_annotate_keep_label(demo_files, tmp_path, capsys):
         ["annotate", str(demo_files / "slide.h5ad"), "-r", ref, "--keep-label", "Tcell", "--out", str(out_path)]
     )
     assert rc == 2
-    assert "--keep-label 'Tcell' is not in the default exclusion list" in capsys.readouterr().err
+    assert "--keep-label 'Tcell' is not in the exclusion list" in capsys.readouterr().err
 
 
 def test_annotate_key_added_and_read_only_files(demo_files, tmp_path, capsys):
@@ -307,3 +308,67 @@ def test_paths_starting_with_a_tilde_are_the_home_folder(demo_files, tmp_path, m
     assert list(work.iterdir()) == []
     assert cli_main(["classify", "~/slide.h5ad", "CD19", "--out", "~/classified.h5ad"]) == 2  # exists: checked there
     assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_annotate_from_a_config_file_with_overrides(demo_files, tmp_path, capsys):
+    """--config gives the settings (paths relative to the file); options on the command line override them."""
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    shutil.copy(demo_files / "ref.h5ad", conf_dir / "ref.h5ad")
+    (conf_dir / "proportions.csv").write_text("cell_type,proportion\nenterocyte,0.2\nplasma cell,0.2\n")
+    (conf_dir / "run.yaml").write_text(
+        "references: [ref.h5ad]\n"
+        "label_keys: cell_type\n"
+        "tissue: colon\n"
+        "max_cells_per_ref: 900\n"
+        "target_proportions: proportions.csv\n"
+        "exclude_labels: [Unstable, Ambiguous]\n"
+        "random_state: 3\n"
+    )
+    out_path = tmp_path / "o.h5ad"
+    argv = ["annotate", str(demo_files / "slide.h5ad"), "--config", str(conf_dir / "run.yaml"), "--out", str(out_path)]
+    assert cli_main([*argv, "--tissue", "large intestine", "--max-cells-per-type", "none"]) == 0
+    assert "annotated 700 cells" in capsys.readouterr().out
+    params = ad.read_h5ad(out_path).uns["cell_type"]
+    assert params["tissue"] == "large intestine"  # the command line wins
+    assert params["max_cells_per_ref"] == 900 and "max_cells_per_type" not in params  # 'none': no cap, not stored
+    assert int(params["random_state"]) == 3
+    assert list(params["target_proportions"]["cell_types"]) == ["enterocyte", "plasma cell"]
+    assert sorted(params["exclude_labels"]) == ["Ambiguous", "Unstable"]  # the config's list, not the defaults
+
+    # -r replaces the config's references, and takes the config's single label key; --keep-label acts on its list
+    assert cli_main([*argv, "-r", str(demo_files / "ref.h5ad"), "--keep-label", "Ambiguous", "--overwrite"]) == 0
+    params = ad.read_h5ad(out_path).uns["cell_type"]
+    assert list(params["exclude_labels"]) == ["Unstable"] and "Ambiguous" in params["classes"]
+
+
+@pytest.mark.parametrize(
+    ("config", "extra", "message"),
+    [
+        (None, [], "no reference: give one or more -r"),
+        ("references: [ref.h5ad]\nlabel_keys: cell_type\nthreshhold: 0.5\n", [], r"Unknown AnnotationConfig keys"),
+        ("references: [ref.h5ad]\nlabel_keys: cell_type\n", ["--threshold", "2"], r"confidence_threshold must be"),
+        ("references: ref.h5ad\n", [], r"AnnotationConfig needs \['label_keys'\]"),
+    ],
+)
+def test_annotate_config_errors_are_one_line(demo_files, tmp_path, capsys, config, extra, message):
+    import re
+
+    h5ad = tmp_path / "slide.h5ad"
+    h5ad.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    argv = ["annotate", str(h5ad), *extra]
+    if config is not None:
+        (tmp_path / "run.yaml").write_text(config)
+        argv += ["--config", str(tmp_path / "run.yaml")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spatialcx annotate: error: ") and re.search(message, err), err
+    assert "cell_type" not in ad.read_h5ad(h5ad).obs
+
+
+def test_annotate_caps_are_checked_by_the_parser(capsys):
+    for bad in ("0", "-5", "many"):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["annotate", "x.h5ad", "-r", "ref.h5ad::cell_type", "--max-cells-per-ref", bad])
+        assert exc.value.code == 2
+        assert "expected a positive number of cells or 'none'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -213,48 +214,115 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_annotate(args: argparse.Namespace) -> int:
-    import spatialcx as scx
-    from spatialcx._constants import DEFAULT_EXCLUDE_LABELS
+#: ``annotate`` options that set a field of :class:`~spatialcx.tl.AnnotationConfig` (option dest -> field); given on
+#: the command line, they override the value of a ``--config`` file.
+_CONFIG_OPTIONS = {
+    "table_key": "table_key",
+    "tissue": "tissue",
+    "threshold": "confidence_threshold",
+    "confidence": "confidence",
+    "max_cells_per_type": "max_cells_per_type",
+    "max_cells_per_ref": "max_cells_per_ref",
+    "target_proportions": "target_proportions",
+    "balance": "balance",
+    "key_added": "key_added",
+    "model_out": "model_out",
+    "plots_dir": "plots_dir",
+    "chunk_size": "chunk_size",
+    "seed": "random_state",
+}
 
-    refs, keys = [], []
-    for spec in args.reference:
-        path, key = _parse_reference(spec)
-        key = key or args.label_key
-        if key is None:
-            raise CommandError(f"no label key for reference {path!r}: use PATH::LABEL_KEY or --label-key.")
-        refs.append(path)
-        keys.append(key)
+
+#: What ``--max-cells-per-type none`` parses to (``None`` means "not given", which keeps the config's value).
+NO_CAP = "none"
+
+
+def _cap(value: str) -> int | str:
+    """A positive number of cells, or :data:`NO_CAP` for no cap (argparse type)."""
+    if value.strip().lower() == NO_CAP:
+        return NO_CAP
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of cells or 'none' (no cap), got {value!r}")
+    return number
+
+
+def _positive(value: str) -> int:
+    """A positive integer (argparse type)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _annotation_config(args: argparse.Namespace) -> Any:
+    """The :class:`~spatialcx.tl.AnnotationConfig` of an ``annotate`` command: ``--config``, then the options given."""
+    from spatialcx._constants import DEFAULT_EXCLUDE_LABELS
+    from spatialcx.tl import AnnotationConfig
+
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            values = AnnotationConfig.from_yaml(Path(args.config).expanduser()).to_dict()
+        except (TypeError, ValueError) as e:
+            raise CommandError(f"--config {args.config}: {e}") from e
+    elif not args.reference:
+        raise CommandError("no reference: give one or more -r PATH[::LABEL_KEY], or a --config file that lists them.")
+    if args.reference:  # -r replaces the config's references
+        config_key = values.get("label_keys") if isinstance(values.get("label_keys"), str) else None
+        refs, keys = [], []
+        for spec in args.reference:
+            path, key = _parse_reference(spec)
+            key = key or args.label_key or config_key
+            if key is None:
+                raise CommandError(f"no label key for reference {path!r}: use PATH::LABEL_KEY or --label-key.")
+            refs.append(path)
+            keys.append(key)
+        values["references"], values["label_keys"] = refs, keys
+    elif args.label_key is not None:
+        values["label_keys"] = args.label_key
+    for dest, field in _CONFIG_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            values[field] = None if value is NO_CAP else value
+    base = values.get("exclude_labels")
+    base = list(DEFAULT_EXCLUDE_LABELS) if base is None else base
     keep = set(args.keep_label or [])
-    unknown = sorted(keep - set(DEFAULT_EXCLUDE_LABELS))
+    unknown = sorted(keep - set(base))
     if unknown:
         raise CommandError(
-            f"--keep-label {unknown[0]!r} is not in the default exclusion list (only those labels are left out "
-            f"unless --exclude-label names more): {list(DEFAULT_EXCLUDE_LABELS)}."
+            f"--keep-label {unknown[0]!r} is not in the exclusion list (only those labels are left out unless "
+            f"--exclude-label names more): {base}."
         )
-    data, save = _open_data(args.store, table_key=args.table_key, out=args.out, inputs=refs, overwrite=args.overwrite)
-    exclude = [label for label in (*DEFAULT_EXCLUDE_LABELS, *(args.exclude_label or [])) if label not in keep]
-    t0 = time.perf_counter()
-    scx.tl.annotate(
-        data,
-        refs,
-        label_keys=keys,
-        table_key=args.table_key,
-        tissue=args.tissue,
-        confidence_threshold=args.threshold,
-        confidence=args.confidence,
-        max_cells_per_type=args.max_cells_per_type,
-        balance=args.balance,
-        exclude_labels=exclude,
-        key_added=args.key_added,
-        model_out=args.model_out,
-        plots_dir=args.plots_dir,
-        plots=args.plots_dir is not None,
-        random_state=args.seed,
+    if args.exclude_label or keep or "exclude_labels" in values:
+        values["exclude_labels"] = [label for label in (*base, *(args.exclude_label or [])) if label not in keep]
+    # plots are drawn only where they can go: a --plots-dir or the config's plots_dir
+    values["plots"] = bool(values.get("plots", True)) and values.get("plots_dir") is not None
+    try:
+        return AnnotationConfig(**values)
+    except (TypeError, ValueError) as e:
+        where = f" (with --config {args.config})" if args.config is not None else ""
+        raise CommandError(f"{e}{where}") from e
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    import spatialcx as scx
+
+    config = _annotation_config(args)
+    data, save = _open_data(
+        args.store, table_key=config.table_key, out=args.out, inputs=config.references, overwrite=args.overwrite
     )
+    t0 = time.perf_counter()
+    scx.tl.annotate_from_config(data, config)
     written = save()
-    table = _table(data, args.table_key)
-    counts = table.obs[args.key_added].value_counts()
+    table = _table(data, config.table_key)
+    counts = table.obs[config.key_added].value_counts()
     print(f"annotated {table.n_obs:,} cells in {time.perf_counter() - t0:.1f} s; written into {written}")
     print(counts.to_string())
     return 0
@@ -322,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spatialcx`` command."""
     from spatialcx import __version__
     from spatialcx.tl._confidence import CONFIDENCE_METHODS
+    from spatialcx.tl._config import AnnotationConfig
     from spatialcx.tl._domains import PLATFORM_MAX_DISTANCE
     from spatialcx.tl._threshold import METAGENES, METHODS
 
@@ -369,62 +438,93 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help=ann_help,
         description=f"{ann_help[0].upper()}{ann_help[1:]}: train a panel-exact model on the references, predict, "
-        "map the labels to the Cell Ontology and write the cell_type columns into the table.",
+        "map the labels to the Cell Ontology and write the cell_type columns into the table. The settings can come "
+        "from a YAML file (--config, the fields of scx.tl.AnnotationConfig); options given on the command line "
+        "override it.",
     )
+    # Options that a --config file can set have no argparse default (None: not given); the defaults shown are those
+    # of AnnotationConfig, which applies them.
+    defaults = {f.name: f.default for f in dataclasses.fields(AnnotationConfig)}
     ann.add_argument("store", metavar="data", help=data_help)
+    ann.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="annotation settings (scx.tl.AnnotationConfig fields: references, label_keys, ...; relative paths are "
+        "relative to the file)",
+    )
     ann.add_argument(
         "-r",
         "--reference",
         action="append",
-        required=True,
-        help="reference .h5ad/.zarr path or URI, as PATH[::LABEL_KEY]",
+        help="reference .h5ad/.zarr path or URI, as PATH[::LABEL_KEY] (repeatable; replaces the config's references)",
     )
     ann.add_argument("-l", "--label-key", default=None, help="label column for references given without ::KEY")
-    ann.add_argument("--table-key", default=DEFAULT_TABLE_KEY, help=table_help)
     ann.add_argument(
-        "--key-added", default="cell_type", help="prefix of the obs/obsm/uns keys written (default: %(default)s)"
+        "--table-key", default=None, help=f"table of a SpatialData store (default: {defaults['table_key']})"
     )
-    ann.add_argument("--tissue", default="unknown", help="tissue of the sample, recorded with the results")
+    ann.add_argument(
+        "--key-added", default=None, help=f"prefix of the obs/obsm/uns keys written (default: {defaults['key_added']})"
+    )
+    ann.add_argument("--tissue", default=None, help="tissue of the sample, recorded with the results")
     ann.add_argument(
         "--threshold",
         type=float,
-        default=0.8,
-        help="confidence below which a cell is Unassigned, in [0, 1] (default: %(default)s)",
+        default=None,
+        help=f"confidence below which a cell is Unassigned, in [0, 1] (default: {defaults['confidence_threshold']})",
     )
     ann.add_argument(
         "--confidence",
-        default="calibrated",
+        default=None,
         choices=[m for m in CONFIDENCE_METHODS if m != "cell_zscore"],  # the per-cell z-score is a baseline only
-        help="confidence method (see the docs; default: %(default)s)",
+        help=f"confidence method (see the docs; default: {defaults['confidence']})",
     )
     ann.add_argument(
         "--max-cells-per-type",
-        type=int,
-        default=5000,
-        help="most training cells per cell type (default: %(default)s)",
+        type=_cap,
+        default=None,
+        metavar="N",
+        help=f"most training cells per cell type, or 'none' (default: {defaults['max_cells_per_type']})",
+    )
+    ann.add_argument(
+        "--max-cells-per-ref",
+        type=_cap,
+        default=None,
+        metavar="N",
+        help=f"most cells read from each reference, or 'none' (default: {defaults['max_cells_per_ref']})",
+    )
+    ann.add_argument(
+        "--target-proportions",
+        default=None,
+        metavar="FILE",
+        help="wanted share of each cell type in the training set: a .csv (header cell_type,proportion) or .json file",
     )
     ann.add_argument(
         "--balance",
         choices=["proportional", "equal"],
-        default="proportional",
-        help="how a type's quota is split between references (default: %(default)s)",
+        default=None,
+        help=f"how a type's quota is split between references (default: {defaults['balance']})",
     )
     ann.add_argument(
         "--exclude-label",
         action="append",
         metavar="LABEL",
         help="a reference label that is not a cell type, left out of training (repeatable; added to the defaults "
-        "NA, Unknown, Doublet, Ambiguous, ...)",
+        "NA, Unknown, Doublet, Ambiguous, ..., or to the config's exclude_labels)",
     )
     ann.add_argument(
         "--keep-label",
         action="append",
         metavar="LABEL",
-        help="a label of the default exclusion list to train on all the same, e.g. --keep-label Unknown (repeatable)",
+        help="a label of the exclusion list to train on all the same, e.g. --keep-label Unknown (repeatable)",
     )
     ann.add_argument("--model-out", default=None, help="save the trained model (.npz)")
     ann.add_argument("--plots-dir", default=None, help="write QC plots here")
-    ann.add_argument("--seed", type=int, default=0, help=seed_help)
+    ann.add_argument(
+        "--chunk-size", type=_positive, default=None, metavar="N", help="cells scored at a time (default: by size)"
+    )
+    ann.add_argument("--seed", type=int, default=None, help=f"random seed (default: {defaults['random_state']})")
     ann.add_argument("--out", default=None, help=out_help)
     ann.add_argument("--overwrite", action="store_true", help=overwrite_help)
     ann.set_defaults(func=_cmd_annotate)
