@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -237,28 +238,21 @@ _CONFIG_OPTIONS = {
 NO_CAP = "none"
 
 
-def _cap(value: str) -> int | str:
-    """A positive number of cells, or :data:`NO_CAP` for no cap (argparse type)."""
-    if value.strip().lower() == NO_CAP:
+def _positive(value: str, *, no_cap: bool = False) -> int | str:
+    """A positive integer, or :data:`NO_CAP` when ``no_cap`` allows it (argparse type)."""
+    if no_cap and value.strip().lower() == NO_CAP:
         return NO_CAP
     try:
         number = int(value)
     except ValueError:
         number = 0
     if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of cells or 'none' (no cap), got {value!r}")
+        expected = "a positive number of cells or 'none' (no cap)" if no_cap else "a positive integer"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return number
 
 
-def _positive(value: str) -> int:
-    """A positive integer (argparse type)."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+_cap = functools.partial(_positive, no_cap=True)
 
 
 def _annotation_config(args: argparse.Namespace) -> Any:
