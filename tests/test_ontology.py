@@ -370,6 +370,57 @@ def test_marginal_zone_b_cells_map_to_b_cell():
     assert t.loc["MZ B cells", "score"] == t.loc["Marginal zone B cells", "score"] > 0.5
 
 
+def test_tissue_structures_are_not_cell_types():
+    """A label whose last word names a structure ("follicle", "zone", "vessels") is a place, not the cell its first
+    word names: the fall-back to that cell is not taken."""
+    labels = [
+        "Lymphoid follicle",
+        "Lymphoid follicle cells",
+        "Erythroid island",
+        "T cell zone",
+        "B zone",
+        "Blood vessels",
+    ]
+    t = scx.tl.map_labels(labels).table.set_index("input_label")
+    assert t.loc[labels, "ontology_term_id"].tolist() == ["unknown"] * len(labels)
+    # a last word that only qualifies (a state, an adjective, a cluster number, a taxon) still falls back
+    kept = {
+        "Basal resting": "CL:0000646",
+        "Goblet (nasal)": "CL:0000160",
+        "TA.Early": "CL:0009010",
+        "Fibroblast II": "CL:0000057",
+        "B lymph": "CL:0000236",
+        "Lymphatic EC mature": "CL:0002138",
+        "Mature stromal cell of ovarian medullas": "CL:0002132",
+        "Activated pvalb GABAergic interneuron (Homo sapiens)": "CL:4023018",
+    }
+    assert ids(list(kept)) == kept
+
+
+def test_marker_prefix_does_not_turn_a_named_cell_into_a_t_cell():
+    # "CD8+" implies a T cell only when the label names no cell; "chief cell of stomach" names one
+    got = ids(["CD8+ chief cell of stomach", "CD4+ striated cell of salivary gland", "CD4 Naive"])
+    assert got == {
+        "CD8+ chief cell of stomach": "unknown",
+        "CD4+ striated cell of salivary gland": "unknown",
+        "CD4 Naive": "CL:0000895",
+    }
+
+
+def test_similarity_does_not_add_an_organ():
+    # "kidney blood vessel cell" holds both words, but so do blood vessel cells of other organs
+    assert ids(["Blood vessel cells"]) == {"Blood vessel cells": "unknown"}
+    # the one term that holds all the label's words may name its organ
+    assert ids(["Foveolar cells"]) == {"Foveolar cells": "CL:0002179"}
+
+
+def test_interstitial_macrophages_map_to_macrophage():
+    # CL's only interstitial macrophage is the lung's: without the organ in the label, the parent term
+    t = scx.tl.map_labels(["Interstitial macrophages", "Interstitial Mph", "Lung interstitial macrophages"]).table
+    assert t["ontology_term_id"].tolist() == ["CL:0000235", "CL:0000235", "CL:4033043"]
+    assert (t["score"] >= 0.9).all()
+
+
 @pytest.mark.parametrize("values", [["0", "1", "2", "0"], [1, 2, 3, 1], [1.0, 2.0, np.nan, 1.0]])
 def test_cluster_numbers_as_labels_are_named_in_a_warning(values, caplog):
     adata = AnnData(np.zeros((4, 1)))

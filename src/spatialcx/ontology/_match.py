@@ -19,9 +19,10 @@ A label goes through these steps in order and stops at the first that finds a te
 7. tier 2, tokens: the label's words (a marker with its sign, ``cd4+``, is one word) equal a CL name's words in any
    order (0.85); else the label falls back to the most specific CL term whose words are all in the label, provided
    the left-over words name no other cell type (``Alveolar Mph CCL3+ activated`` -> CCL3-positive alveolar
-   macrophage). Score ``0.85 * sqrt(coverage)``, where coverage weighs the matched words against all words: states,
-   markers, gene symbols the ontology does not use (``Astro Aqp4``) and cluster numbers weigh 0.25, adjectives and
-   places 0.5, other words the ontology does not know and words that change what a cell is (``like``, ``derived``,
+   macrophage) and do not hold the label's last noun (``Lymphoid follicle``, ``T cell zone`` are places). Score
+   ``0.85 * sqrt(coverage)``, where coverage weighs the matched words against all words: states, markers, gene
+   symbols the ontology does not use (``Astro Aqp4``) and cluster numbers weigh 0.25, adjectives and places 0.5,
+   other words the ontology does not know and words that change what a cell is (``like``, ``derived``,
    ``associated``) 2, other words 1. A label marker whose sign
    contradicts the term (``cd16+`` against "CD16-negative") rules the term out;
 8. tier 3, similarity: idf-weighted word overlap with the CL names whose key noun is in the label, or with the one
@@ -70,6 +71,19 @@ _ADJ_SUFFIXES = ("al", "ar", "ic", "ous", "ive", "ary", "ory")
 _LOCATION = frozenset(
     {"gland", "tissue", "region", "zone", "area", "layer", "tract", "mucosa", "niche", "wall", "side"}
 )
+#: Organ words: a similarity match may add one to the label's words only when a single term holds them all.
+_ORGAN = frozenset(
+    {
+        "kidney", "renal", "lung", "pulmonary", "liver", "hepatic", "heart", "cardiac", "brain", "cerebral", "retina",
+        "retinal", "skin", "dermis", "stomach", "gastric", "intestine", "intestinal", "colon", "colonic", "duodenum",
+        "duodenal", "ileum", "ileal", "jejunum", "esophagus", "esophageal", "pancreas", "pancreatic", "spleen",
+        "splenic", "thymus", "thymic", "marrow", "breast", "mammary", "prostate", "prostatic", "bladder", "uterus",
+        "uterine", "ovary", "ovarian", "testis", "placenta", "placental", "thyroid", "adrenal", "pituitary", "tongue",
+        "nasal", "trachea", "tracheal", "bronchus", "bronchial", "cochlea", "eye", "bone", "cartilage", "adipose",
+    }
+)  # fmt: skip
+_TAXON_WORDS = frozenset({"human", "mouse", "homo", "sapien", "mmus", "primate", "vertebrata", "metazoa", "mammalian"})
+_ROMAN = frozenset({"i", "ii", "iii", "iv", "v", "vi", "vii", "viii", "ix", "x"})  # cluster numbers: "Fibroblast II"
 _UNION_SEP_RE = re.compile(r"[/&]|\band\b")
 #: Terms too general to stand for two joined labels.
 _GENERIC = frozenset({"CL:0000000", "CL:0000003", "CL:0000255", "CL:0000548", "CL:0002371", "CL:0000010", "CL:0000211"})
@@ -393,7 +407,7 @@ class LabelMatcher:
         tokens = frozenset(ordered)
         if not tokens:
             return _unknown("no words left after canonicalisation")
-        found = self._token_match(tokens, ordered)
+        found = self._token_match(tokens, ordered, stripped)
         if found is not None and found.term_id is not None:
             return found
         similar = self._similarity(tokens)
@@ -402,7 +416,7 @@ class LabelMatcher:
         best = max((x for x in (found, similar) if x is not None), key=lambda x: x.score, default=None)
         return best if best is not None else _unknown("no Cell Ontology term fits")
 
-    def _token_match(self, tokens: frozenset[str], ordered: list[str]) -> Match | None:
+    def _token_match(self, tokens: frozenset[str], ordered: list[str], stripped: str) -> Match | None:
         entries = self.by_core.get(tokens)
         if entries:
             entry = self._pick(entries, tokens)
@@ -415,6 +429,7 @@ class LabelMatcher:
         if n < 1 or (n == 1 and len(tokens) == 1):
             return None
         lowest = 1 if n <= 10 else n - 3
+        head = self._head_noun(stripped.split())
         candidates: list[tuple[float, _Entry, frozenset[str]]] = []
         for r in range(min(n, len(tokens) - 1), lowest - 1, -1):
             for subset in combinations(items, r):
@@ -423,7 +438,7 @@ class LabelMatcher:
                 if not entries:
                     continue
                 left = tokens - key
-                if left & self.heads or any(self._names_a_cell(t) for t in left):
+                if head in left or left & self.heads or any(self._names_a_cell(t) for t in left):
                     continue
                 entry = self._pick(entries, key)
                 if entry is None or _contradicts(left, entry.full | self.label_words.get(entry.term_id, frozenset())):
@@ -446,6 +461,25 @@ class LabelMatcher:
             return _unknown(f"ambiguous: {entry.term_id} or {sorted(rivals)[0]}", score)
         dropped = ", ".join(sorted(left))
         return self._resolved(entry, TIER_TOKEN, score, f"fell back to parent term (dropped: {dropped})")
+
+    def _head_noun(self, ordered: list[str]) -> str | None:
+        """The label's last word when it is a noun that says what the label names, else ``None``.
+
+        In ``Lymphoid follicle``, ``Blood vessels``, ``T cell zone`` the last word names a structure, not a cell: a
+        fall-back that drops it would map a place to a cell type. A last word that only qualifies (a state, a marker, a
+        gene, a number, an adjective: ``Basal resting``, ``Goblet (nasal)``) is no such noun.
+        """
+        before_of = ordered[: ordered.index("of")] if "of" in ordered else ordered  # "stromal cell of ovary"
+        words = [t for t in before_of if t not in STOP]
+        last = words[-1] if words else ""
+        p = self.patterns
+        if len(last) < 3 or not last.isalpha() or last in _ROMAN or last in _TAXON_WORDS:
+            return None
+        if last in p.state_tokens or last in p.identity_tokens:  # these have their own weights
+            return None
+        if last in _LOCATION or self.weight(last) >= 1.0:
+            return last
+        return None
 
     def _names_a_cell(self, token: str) -> bool:
         """Whether a word, alone, names a cell type once abbreviations and rewrites apply.
@@ -488,7 +522,9 @@ class LabelMatcher:
                     break
                 if wc < 0.5 * w_tokens * (top - 1e-9):  # too light to reach it
                     continue
-                if entry.term_id != unique and (tokens - entry.full) & heads or _contradicts(tokens, entry.full):
+                if entry.term_id != unique and ((tokens - entry.full) & heads or (entry.core - tokens) & _ORGAN):
+                    continue  # a word of the label names another cell; or the name adds an organ the label lacks
+                if _contradicts(tokens, entry.full):
                     continue
                 where = entry.where  # words of the "of <place>" part weigh half
                 common = tokens & entry.core
