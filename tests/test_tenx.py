@@ -95,7 +95,8 @@ def test_read_alternative_column_names_and_gzip(tmp_path):
     ("frame", "match"),
     [
         (pd.DataFrame({"id": ["a"], "fine_cell_type": ["B"]}), "no barcode"),
-        (pd.DataFrame({"barcode": ["a"], "label": ["B"]}), "no cell type column"),
+        # one other column is a Loupe Browser export's category; with two, which one holds the labels is unknown
+        (pd.DataFrame({"barcode": ["a"], "label": ["B"], "note": ["x"]}), "no cell type column"),
         (pd.DataFrame({"barcode": ["a", "a"], "fine_cell_type": ["B", "T"]}), "more than once"),
         (pd.DataFrame({"barcode": ["a", "b"], "fine_cell_type": ["B", "T"], "umi_count": [3, "many"]}), "non-numeric"),
     ],
@@ -523,3 +524,121 @@ def _no_match_csv(tmp_path):
     path = tmp_path / "nomatch.csv"
     pd.DataFrame({"barcode": ["zz-1"], "fine_cell_type": ["B cell"]}).to_csv(path, index=False)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Clusters (Cell Ranger / Space Ranger / Xenium Ranger analysis/clustering/*/clusters.csv), Loupe exports, archives
+
+
+def test_clusters_csv_and_loupe_browser_exports(tmp_path):
+    (tmp_path / "clusters.csv").write_text("Barcode,Cluster\naaabckmo-1,1\naaabckmp-1,10\naaabckmq-1,2\n")
+    df = scx.io.read_10x_cell_types(tmp_path / "clusters.csv")
+    assert df.attrs["source"] == "10x_clusters" and df.attrs["label_column"] == "Cluster"
+    assert list(df.columns) == ["fine_cell_type"] and df["fine_cell_type"].tolist() == ["1", "10", "2"]
+    # Loupe Browser: Barcode and one column named after the exported category
+    (tmp_path / "loupe.csv").write_text("Barcode,My cell types\nAAAC-1,T cell\nAAAG-1,B cell\n")
+    df = scx.io.read_10x_cell_types(tmp_path / "loupe.csv")
+    assert df.attrs["source"] == "loupe" and df.attrs["label_column"] == "My cell types"
+    adata = table(["AAAC-1", "AAAG-1"], extra=1)
+    scx.io.add_10x_cell_types(adata, tmp_path / "loupe.csv")
+    assert adata.obs["10x_fine"].astype(object).tolist()[:2] == ["T cell", "B cell"]
+    assert adata.obs["10x_ontology_term_id"].astype(object).tolist()[:2] == ["CL:0000084", "CL:0000236"]
+    assert adata.uns["10x"]["source"] == "loupe" and adata.uns["10x"]["label_column"] == "My cell types"
+
+
+def _analysis_folder(root, clusters):
+    """An ``analysis`` folder as the 10x pipelines write it: graph-based and k-means clusters."""
+    for name, labels in clusters.items():
+        folder = root / "analysis" / "clustering" / name
+        folder.mkdir(parents=True)
+        pd.DataFrame({"Barcode": labels.index, "Cluster": labels.to_numpy()}).to_csv(
+            folder / "clusters.csv", index=False
+        )
+    return root / "analysis"
+
+
+def test_analysis_folder_and_archives(tmp_path):
+    import tarfile
+    import zipfile
+
+    labels = pd.Series(["1", "2", "1"], index=["a-1", "b-1", "c-1"])
+    analysis = _analysis_folder(
+        tmp_path, {"gene_expression_graphclust": labels, "gene_expression_kmeans_2_clusters": labels}
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"Several clusters.csv.*gene_expression_kmeans_2_clusters.*pass the one"
+    ):
+        scx.io.read_10x_cell_types(analysis)
+    df = scx.io.read_10x_cell_types(analysis / "clustering" / "gene_expression_graphclust")
+    assert df.attrs["source"] == "10x_clusters" and list(df.index) == ["a-1", "b-1", "c-1"]
+    # a folder with cell types and clusters (Space Ranger's segmented_outs): the cell types
+    write_cloud(tmp_path / "cell_types" / "10x_Cloud" / "cell_types.csv")
+    assert scx.io.read_10x_cell_types(tmp_path).attrs["source"] == "10x_cloud"
+
+    # Xenium's analysis.tar.gz: several clusterings inside, then one
+    with tarfile.open(tmp_path / "analysis.tar.gz", "w:gz") as tar:
+        tar.add(analysis, arcname="analysis")
+    with pytest.raises(FileNotFoundError, match=r"Several clusters.csv in the archive 'analysis.tar.gz'.*extract it"):
+        scx.io.read_10x_cell_types(tmp_path / "analysis.tar.gz")
+    with tarfile.open(tmp_path / "graphclust.tar.gz", "w:gz") as tar:
+        tar.add(analysis / "clustering" / "gene_expression_graphclust", arcname="gene_expression_graphclust")
+    df = scx.io.read_10x_cell_types(tmp_path / "graphclust.tar.gz")
+    assert df.attrs["file"] == "graphclust.tar.gz/gene_expression_graphclust/clusters.csv"
+    assert df["fine_cell_type"].tolist() == ["1", "2", "1"]
+    # a zip of a cell_types folder, with other files beside the CSV
+    with zipfile.ZipFile(tmp_path / "cell_types.zip", "w") as z:
+        z.write(tmp_path / "cell_types" / "10x_Cloud" / "cell_types.csv", "cell_types/10x_Cloud/cell_types.csv")
+        z.writestr("cell_types/README.txt", "notes")
+    df = scx.io.read_10x_cell_types(tmp_path / "cell_types.zip")
+    assert df.attrs["source"] == "10x_cloud" and list(df.index) == BARCODES
+    # an archive of a single CSV, whatever its name (a Xenium Explorer cell groups export)
+    with tarfile.open(tmp_path / "groups.tar.gz", "w:gz") as tar:
+        tar.add(TENX / "xenium_explorer" / "cell_groups.csv", arcname="my_groups.csv")
+    assert scx.io.read_10x_cell_types(tmp_path / "groups.tar.gz").attrs["source"] == "xenium_explorer"
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("a.txt", "x")
+        z.writestr("b.txt", "y")
+    with pytest.raises(FileNotFoundError, match=r"No cell_types.csv or clusters.csv in the archive 'other.zip'"):
+        scx.io.read_10x_cell_types(tmp_path / "other.zip")
+
+
+def test_real_xenium_graph_clusters_in_an_analysis_archive(shared_data, tmp_path):
+    """The real Xenium graph-based clusters, as Xenium writes them in analysis.tar.gz, joined by the h5's cell ids."""
+    import tarfile
+
+    import h5py
+
+    root = shared_data("xenium_bonemarrow")
+    with h5py.File(root / "cell_feature_matrix.h5", "r") as f:
+        barcodes = f["matrix/barcodes"][:].astype(str)
+    clusters = pd.read_parquet(root / "cell_clusters_graphclust.parquet")["cluster"].dropna().astype(str)
+    analysis = _analysis_folder(tmp_path, {"gene_expression_graphclust": clusters})
+    with tarfile.open(tmp_path / "analysis.tar.gz", "w:gz") as tar:
+        tar.add(analysis, arcname="analysis")
+    adata = ad.AnnData(obs=pd.DataFrame({"cell_id": barcodes}, index=[str(i) for i in range(barcodes.size)]))
+    scx.io.add_10x_cell_types(adata, tmp_path / "analysis.tar.gz", key_added="graphclust", add_ontology=False)
+    params = adata.uns["graphclust"]
+    assert params["source"] == "10x_clusters" and params["label_column"] == "Cluster"
+    assert params["id_source"] == "obs['cell_id']" and params["n_matched"] == clusters.size
+    got = pd.Series(adata.obs["graphclust_fine"].to_numpy(), index=barcodes)
+    assert (got[clusters.index].astype(str) == clusters).all()
+    assert got.isna().sum() == barcodes.size - clusters.size
+
+
+def test_integer_ids_that_became_floats_with_a_missing_one_still_match(tmp_path):
+    # an integer id column with a missing value (e.g. after a concat) is float: 1.0, 2.0, NaN
+    pd.DataFrame({"cell_id": [1, 2, 3], "group": ["B cell", "T cell", "B cell"]}).to_csv(
+        tmp_path / "g.csv", index=False
+    )
+    adata = ad.AnnData(obs=pd.DataFrame({"cell_id": [1.0, 2.0, np.nan]}, index=["a", "b", "c"]))
+    scx.io.add_10x_cell_types(adata, tmp_path / "g.csv", add_ontology=False)
+    assert adata.uns["10x"]["id_source"] == "obs['cell_id']"
+    assert adata.obs["10x_fine"].astype(object).tolist()[:2] == ["B cell", "T cell"]
+    assert pd.isna(adata.obs["10x_fine"].iloc[2])
+
+
+def test_suffix_stripping_keeps_its_rules():
+    from spatialcx.io._tenx import _strip_suffix
+
+    ids = pd.Index(["AAAC-1", "AAAC-12", "a-b", "x-", "cellid_000000042-1", "cellid_000", "cellid_12a-1", "c-1-2", "7"])
+    assert list(_strip_suffix(ids)) == ["AAAC", "AAAC", "a-b", "x-", "42", "0", "cellid_12a", "c-1", "7"]

@@ -1,9 +1,11 @@
-"""Cell types exported by 10x Genomics pipelines (Space Ranger / Xenium ``cell_types.csv``)."""
+"""Cell types exported by 10x Genomics pipelines (Space Ranger / Xenium ``cell_types.csv``, clusters, Loupe exports)."""
 
 from __future__ import annotations
 
+import io
 import lzma
 import re
+import tarfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -32,11 +34,13 @@ if TYPE_CHECKING:
 #:   ``umi_count``; panhumanpy itself writes ``azimuth_broad`` / ``azimuth_medium`` / ``azimuth_fine`` and
 #:   ``final_level_confidence``.
 #: - Xenium Explorer cell groups: ``cell_id``, ``group`` (and ``color``).
+#: - Cell Ranger / Space Ranger / Xenium Ranger ``analysis/clustering/*/clusters.csv``: ``Barcode``, ``Cluster``.
+#: - Loupe Browser category exports: ``Barcode`` and one column named after the category (e.g. ``Graph-based``).
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "barcode": ("barcode", "barcodes", "cell_id", "cell_barcode", "cellid", "cell"),
     "broad_cell_type": ("broad_cell_type", "azimuth_broad", "broad"),
     "coarse_cell_type": ("coarse_cell_type", "azimuth_medium", "medium_cell_type", "coarse"),
-    "fine_cell_type": ("fine_cell_type", "azimuth_fine", "fine", "group"),
+    "fine_cell_type": ("fine_cell_type", "azimuth_fine", "fine", "group", "cluster"),
     "coarse_cell_type_unfiltered": ("coarse_cell_type_unfiltered",),
     "hierarchy": ("azimuth_hierarchy", "hierarchy", "full_hierarchical_labels", "full_hierarchy"),
     "softmax_probability": (
@@ -68,40 +72,52 @@ _OUT_NAMES = {
 
 
 def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
-    """Read a 10x ``cell_types.csv`` (Cell Ranger / Space Ranger cell type annotation, Xenium Explorer cell groups).
+    """Read a 10x ``cell_types.csv`` (Cell Ranger / Space Ranger cell type annotation), clusters or cell groups.
 
     The flavours recognised: Pan-Human Azimuth (broad, coarse and fine cell types, hierarchy, softmax probability,
     UMI count), 10x Cloud (coarse and fine cell types, unfiltered coarse type, UMI count, ``cell_count_in_model`` in
-    some versions) and Xenium Explorer cell groups (``cell_id``, ``group``). Column names are normalised to
-    ``broad_cell_type``, ``coarse_cell_type``, ``fine_cell_type`` (a Xenium Explorer ``group``),
-    ``coarse_cell_type_unfiltered``, ``hierarchy``, ``softmax_probability``, ``umi_count``, ``cell_count_in_model``
-    (and ``ontology_term_id`` when the file has CL ids); other columns are kept as they are.
+    some versions), Xenium Explorer cell groups (``cell_id``, ``group``), the clusters of Cell Ranger / Space Ranger /
+    Xenium Ranger (``analysis/clustering/*/clusters.csv``: ``Barcode``, ``Cluster``) and Loupe Browser category exports
+    (``Barcode`` and one column named after the category). Column names are normalised to ``broad_cell_type``,
+    ``coarse_cell_type``, ``fine_cell_type`` (a Xenium Explorer ``group``, a ``Cluster``, or the one label column of a
+    Loupe export), ``coarse_cell_type_unfiltered``, ``hierarchy``, ``softmax_probability``, ``umi_count``,
+    ``cell_count_in_model`` (and ``ontology_term_id`` when the file has CL ids); other columns are kept as they are.
 
     Parameters
     ----------
     path
-        The CSV (optionally gzipped; comma-, tab- or semicolon-separated), or a folder holding one
-        ``cell_types.csv`` (directly or below, e.g. in an ``Azimuth`` / ``10x_Cloud`` subfolder).
+        The CSV (optionally gzipped; comma-, tab- or semicolon-separated); a folder holding one ``cell_types.csv``
+        (directly or below, e.g. in an ``Azimuth`` / ``10x_Cloud`` subfolder) or, without one, one ``clusters.csv``
+        (e.g. an ``analysis/clustering/gene_expression_graphclust`` folder); or a ``.zip`` / ``.tar(.gz)`` archive (such
+        as Xenium's ``analysis.tar.gz``) holding one such file, found the same way.
 
     Returns
     -------
     A frame indexed by barcode / cell id (``str``, surrounding spaces removed, index name ``"barcode"``) with label
     columns as strings and numeric columns as numbers. ``df.attrs["source"]`` is ``"azimuth"``, ``"10x_cloud"``,
-    ``"xenium_explorer"`` or ``"unknown"`` and ``df.attrs["file"]`` the file name.
+    ``"xenium_explorer"``, ``"10x_clusters"``, ``"loupe"`` or ``"unknown"``, ``df.attrs["file"]`` the file name (an
+    archive member as ``archive/member``) and ``df.attrs["label_column"]`` the file's name of the column read as
+    ``fine_cell_type`` (absent when there is none).
 
     Raises
     ------
     FileNotFoundError
-        No such file, or no / several ``cell_types.csv`` in the folder.
+        No such file, or no / several ``cell_types.csv`` (or, without one, ``clusters.csv``) in the folder or archive.
     ValueError
         Not a readable CSV (binary content, text that is not UTF-8, a truncated or damaged ``.gz``), a header without
         rows, no barcode column, no cell type column, duplicated barcodes, or non-numeric values in a numeric column.
     """
     path = _find_csv(Path(path))
+    name = path.name
     try:
-        compression, sep = _sniff(path)
+        member = _archive_member(path)
+        source: Path | io.BytesIO = path
+        if member is not None:  # a CSV inside a zip / tar archive
+            name = f"{path.name}/{member[0]}"
+            source = io.BytesIO(member[1])
+        compression, sep = _sniff(source, path.suffix if member is None else Path(member[0]).suffix)
         raw = pd.read_csv(
-            path,
+            source,
             sep=sep,
             compression=compression,
             dtype=str,
@@ -110,10 +126,19 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
             encoding="utf-8",
         )
     except pd.errors.EmptyDataError as e:
-        raise ValueError(f"{path.name} is empty; expected a header with a barcode and cell type columns.") from e
-    except PermissionError:
+        raise ValueError(f"{name} is empty; expected a header with a barcode and cell type columns.") from e
+    except (PermissionError, FileNotFoundError):  # unreadable, or no / several candidate files in an archive
         raise
-    except (UnicodeDecodeError, EOFError, OSError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, ParserError) as e:
+    except (
+        UnicodeDecodeError,
+        EOFError,
+        OSError,
+        zlib.error,
+        lzma.LZMAError,
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        ParserError,
+    ) as e:
         if isinstance(e, UnicodeDecodeError):
             why = "its content is not UTF-8 text (a binary file, or text in another encoding?)"
         elif isinstance(e, ParserError):
@@ -126,26 +151,32 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
             "downloading it again if it was cut short."
         ) from e
     rename = _canonical_columns(raw.columns)
+    loupe = False
+    if "barcode" in rename.values() and not any(level in rename.values() for level in LEVELS):
+        others = [c for c in raw.columns if c not in rename and _norm(c) != "color"]
+        if len(others) == 1:  # a Loupe Browser export: Barcode and one column named after the category
+            rename[others[0]] = "fine_cell_type"
+            loupe = True
     df = raw.rename(columns=rename)
     if "barcode" not in df.columns:
         raise ValueError(
-            f"{path.name} has no barcode / cell id column (columns: {list(raw.columns)}); expected one of "
+            f"{name} has no barcode / cell id column (columns: {list(raw.columns)}); expected one of "
             f"{list(COLUMN_ALIASES['barcode'])}. Rename the column that holds the barcodes / cell ids to 'barcode'."
         )
     if not any(level in df.columns for level in LEVELS):
         raise ValueError(
-            f"{path.name} has no cell type column (columns: {list(raw.columns)}); expected at least one of "
+            f"{name} has no cell type column (columns: {list(raw.columns)}); expected at least one of "
             f"{list(LEVELS)} (or the Azimuth names azimuth_broad / azimuth_medium / azimuth_fine, or a Xenium "
-            "Explorer 'group')."
+            "Explorer 'group', a clusters.csv 'Cluster', or a Loupe Browser export's one category column)."
         )
     if df.shape[0] == 0:
         raise ValueError(
-            f"{path.name} has a header ({list(raw.columns)}) but no rows: no cell was annotated. Was the annotation "
+            f"{name} has a header ({list(raw.columns)}) but no rows: no cell was annotated. Was the annotation "
             "run cut short, or did it fail (see the pipeline's log / web summary)?"
         )
     df["barcode"] = df["barcode"].str.strip().replace("", np.nan)
     if df["barcode"].isna().any():
-        raise ValueError(f"{path.name} has {int(df['barcode'].isna().sum())} row(s) without a barcode.")
+        raise ValueError(f"{name} has {int(df['barcode'].isna().sum())} row(s) without a barcode.")
     dup = df["barcode"][df["barcode"].duplicated()].unique()
     if dup.size:
         hint = (
@@ -155,7 +186,7 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
             else " Is it a concatenation of several samples? Split it per sample."
         )
         raise ValueError(
-            f"{path.name} lists {dup.size} barcode(s) more than once (e.g. {list(dup[:3])}); each cell must appear "
+            f"{name} lists {dup.size} barcode(s) more than once (e.g. {list(dup[:3])}); each cell must appear "
             f"once.{hint}"
         )
     for col in _NUMERIC:
@@ -163,15 +194,16 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
             num = pd.to_numeric(df[col], errors="coerce")
             bad = num.isna() & df[col].notna()
             if bad.any():
-                raise ValueError(
-                    f"{path.name}: column {col!r} has non-numeric values such as {df.loc[bad, col].iloc[0]!r}."
-                )
+                raise ValueError(f"{name}: column {col!r} has non-numeric values such as {df.loc[bad, col].iloc[0]!r}.")
             df[col] = num
     df = df.set_index("barcode")
     df.index = df.index.astype(str)
     df.index.name = "barcode"
-    df.attrs["source"] = _source(path, df.columns, raw.columns)
-    df.attrs["file"] = path.name
+    df.attrs["source"] = "loupe" if loupe else _source(Path(name) if member else path, df.columns, raw.columns)
+    df.attrs["file"] = name
+    label_column = next((c for c, canonical in rename.items() if canonical == "fine_cell_type"), None)
+    if label_column is not None:
+        df.attrs["label_column"] = str(label_column)
     return df
 
 
@@ -257,7 +289,7 @@ def add_10x_cell_types(
     id_source, pos = _match_ids(adata, df, id_key)
     matched = pos >= 0
     n_matched = int(matched.sum())
-    n_file_unmatched = int(df.shape[0] - np.unique(pos[matched]).size)
+    n_file_unmatched = int(df.shape[0] - np.count_nonzero(np.bincount(pos[matched], minlength=df.shape[0])))
     file_name = df.attrs.get("file", "the file")
     if n_matched < 0.5 * adata.n_obs:
         logger.warning(
@@ -324,6 +356,7 @@ def add_10x_cell_types(
         "id_source": id_source,
         "levels": levels,
         "columns": list(new_cols),
+        "label_column": df.attrs.get("label_column", ""),
         "n_file_cells": int(df.shape[0]),
         "n_table_cells": int(adata.n_obs),
         "n_matched": n_matched,
@@ -342,22 +375,61 @@ def add_10x_cell_types(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: File names looked for in a folder or an archive: cell types first; clusters only when there are none.
+_CELL_TYPE_NAMES = ("cell_types.csv", "cell_types.csv.gz")
+_CLUSTER_NAMES = ("clusters.csv", "clusters.csv.gz")
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def _pick(names: list[str], where: str, how: str) -> str:
+    """The one ``cell_types.csv`` among ``names`` (paths), else the one ``clusters.csv``; a clear error otherwise."""
+    for wanted in (_CELL_TYPE_NAMES, _CLUSTER_NAMES):
+        found = sorted(n for n in names if n.rsplit("/", 1)[-1] in wanted)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise FileNotFoundError(
+                f"Several {wanted[0]} in {where} ({found}); {how} (e.g. the Azimuth or the 10x_Cloud cell types, or "
+                "the gene_expression_graphclust clusters)."
+            )
+    raise FileNotFoundError(
+        f"No cell_types.csv or clusters.csv in {where}; pass the CSV itself (a Xenium Explorer cell groups or Loupe "
+        "Browser export is a CSV of any name)."
+    )
+
+
 def _find_csv(path: Path) -> Path:
     if path.is_file():
         return path
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist; pass a cell_types.csv or its folder.")
-    found = sorted(
-        p for p in path.rglob("cell_types.csv*") if p.is_file() and p.name in ("cell_types.csv", "cell_types.csv.gz")
-    )
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise FileNotFoundError(f"No cell_types.csv under {path.name!r}; pass the CSV itself.")
-    raise FileNotFoundError(
-        f"Several cell_types.csv under {path.name!r} ({[str(p.relative_to(path)) for p in found]}); pass the one "
-        "you want (e.g. the Azimuth or the 10x_Cloud one)."
-    )
+    names = [p.relative_to(path).as_posix() for p in path.rglob("*.csv*") if p.is_file()]
+    return path / _pick(names, f"{path.name!r}", "pass the one you want")
+
+
+def _archive_member(path: Path) -> tuple[str, bytes] | None:
+    """``(member name, content)`` of the CSV in a zip / tar archive; ``None`` for a plain file.
+
+    The archive's only file, or its one ``cell_types.csv`` (else its one ``clusters.csv``). A zip holding a single file
+    is left to pandas (which reads such a zip as the file in it).
+    """
+    lower = path.name.lower()
+    how = "extract it (e.g. with unzip or tar) and pass the file you want"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [i.filename for i in z.infolist() if not i.is_dir()]
+            if len(names) <= 1:
+                return None
+            member = _pick(names, f"the archive {path.name!r}", how)
+            return member, z.read(member)
+    if lower.endswith(_TAR_SUFFIXES):
+        with tarfile.open(path) as t:
+            files = {m.name: m for m in t.getmembers() if m.isfile()}
+            member = next(iter(files)) if len(files) == 1 else _pick(list(files), f"the archive {path.name!r}", how)
+            f = t.extractfile(files[member])
+            assert f is not None  # a regular file
+            return member, f.read()
+    return None
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -365,19 +437,30 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _FILTERED_RE = re.compile(r"(?i)\blow[ _]umi\b")
 
 
-def _sniff(path: Path) -> tuple[str, str]:
-    """The compression (gzip by content, else from the name) and the delimiter (``,``, tab or ``;``) of ``path``."""
+def _sniff(source: Path | io.BytesIO, suffix: str) -> tuple[str, str]:
+    """The compression (gzip by content, else from the name) and the delimiter (``,``, tab or ``;``) of ``source``."""
     import gzip
 
-    with open(path, "rb") as f:
+    f = open(source, "rb") if isinstance(source, Path) else source  # closed in the finally below
+    try:
         gzipped = f.read(2) == _GZIP_MAGIC
-    compression = "gzip" if gzipped else "infer"
-    opener = gzip.open if gzipped else open
-    if not gzipped and path.suffix.lower() in (".gz", ".bz2", ".xz", ".zip", ".zst", ".tar"):
-        return compression, ","  # compressed otherwise (pandas decompresses it), or a .gz that is not gzip (damaged)
-    with opener(path, "rb") as f:
-        head = f.readline(65_536).decode("utf-8", errors="replace")
-    counts = {d: head.count(d) for d in (",", "\t", ";")}
+        f.seek(0)
+        compression = "gzip" if gzipped else "infer"
+        if not gzipped and suffix.lower() in (".gz", ".bz2", ".xz", ".zip", ".zst", ".tar", ".tgz"):
+            # compressed otherwise (pandas decompresses it), or a .gz that is not gzip (damaged)
+            return compression, ","
+        if gzipped:
+            with gzip.GzipFile(fileobj=f) as g:  # closing it leaves f open
+                head = g.readline(65_536)
+        else:
+            head = f.readline(65_536)
+    finally:
+        if isinstance(source, Path):
+            f.close()
+        else:
+            source.seek(0)
+    text = head.decode("utf-8", errors="replace")
+    counts = {d: text.count(d) for d in (",", "\t", ";")}
     sep = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
     return compression, sep
 
@@ -396,8 +479,11 @@ def _source(path: Path, columns: pd.Index, raw_columns: pd.Index) -> str:
         return "azimuth"
     if {"cell_count_in_model", "coarse_cell_type_unfiltered", "umi_count"} & set(columns):
         return "10x_cloud"
-    if "group" in {_norm(c) for c in raw_columns} and "fine_cell_type" in columns:
+    normed = {_norm(c) for c in raw_columns}
+    if "group" in normed and "fine_cell_type" in columns:
         return "xenium_explorer"
+    if "cluster" in normed and "fine_cell_type" in columns:
+        return "10x_clusters"
     return "unknown"
 
 
@@ -421,22 +507,34 @@ def _strip_suffix(ids: pd.Index) -> pd.Index:
     """Ids without a ``-1``-style suffix, and Visium HD's ``cellid_000000042-1`` as ``42``.
 
     Space Ranger names segmented cells ``cellid_<zero-padded number>-1`` in its matrices and outputs, while the
-    polygons in ``cell_segmentations.geojson`` (and tables built from them) carry the bare number.
+    polygons in ``cell_segmentations.geojson`` (and tables built from them) carry the bare number. String methods rather
+    than regular expressions: this runs over every id of the table and the file.
     """
-    stripped = ids.astype(str).str.replace(r"-\d+$", "", regex=True)
-    return pd.Index(stripped.str.replace(r"^cellid_0*(?=\d+$)", "", regex=True))
+    return pd.Index(np.array([_strip_one(x) for x in ids.astype(str)], dtype=object))
+
+
+def _strip_one(x: str) -> str:
+    head, dash, tail = x.rpartition("-")
+    if dash and tail.isdecimal():
+        x = head
+    if x.startswith("cellid_") and x[7:].isdecimal():
+        x = x[7:].lstrip("0") or "0"
+    return x
 
 
 def _as_ids(values: Any) -> pd.Index:
-    """Ids as comparable strings: bytes decoded, whole floats without ``.0`` (1.0 -> "1"), outer spaces removed."""
+    """Ids as comparable strings: bytes decoded, whole floats without ``.0`` (1.0 -> "1"), outer spaces removed.
+
+    Missing ids (``NaN``, ``None``) become ``"<NA>"`` / ``"nan"`` / ``"None"``, which no file barcode is.
+    """
     s = pd.Series(np.asarray(values, dtype=object) if not isinstance(values, pd.Series) else values).reset_index(
         drop=True
     )
     if isinstance(s.dtype, pd.CategoricalDtype):
         s = s.astype(s.cat.categories.dtype if s.notna().all() else object)
-    if s.dtype.kind == "f" and s.notna().all() and bool((s % 1 == 0).all()):
-        s = s.astype(np.int64)
-    elif s.dtype == object:
+    if s.dtype.kind == "f" and bool((s.dropna() % 1 == 0).all()):  # integer ids, float once a missing one crept in
+        s = s.astype("Int64")
+    elif s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) != "string":
         s = s.map(lambda v: v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v)
     return pd.Index(s.astype(str).str.strip())
 
@@ -480,11 +578,12 @@ def _match_ids(adata: AnnData, df: pd.DataFrame, id_key: str | None) -> tuple[st
     for name, ids in candidates.items():
         pos = file_ids.get_indexer(ids)
         tried.append((int((pos >= 0).sum()), name, pos))
-        if not file_stripped.is_unique:
-            continue
+        if not file_stripped.is_unique or (pos >= 0).all():
+            continue  # (with every cell paired, ignoring the suffix would pair them the same)
         pos = file_stripped.get_indexer(_strip_suffix(ids))
         hit = pos >= 0
-        pairs = pd.DataFrame({"id": np.asarray(ids)[hit], "pos": pos[hit]}).drop_duplicates()
+        sel = hit & (np.bincount(pos[hit], minlength=len(file_ids)) > 1)[np.maximum(pos, 0)]  # rows hit twice or more
+        pairs = pd.DataFrame({"id": np.asarray(ids)[sel], "pos": pos[sel]}).drop_duplicates()
         shared = pairs[pairs["pos"].duplicated(keep=False)]
         if not shared.empty:
             row = shared["pos"].iloc[0]
