@@ -365,3 +365,37 @@ def test_cell_numbers_must_be_whole_numbers(kwargs, error):
         scx.pp.subsample_balanced(adata, "original_label", **kwargs)
     out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=1e1, min_cells_per_source=np.int64(5))
     assert out.n_obs == 20  # 1e1 is a whole number
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_subsample_balanced_on_read_lazy_reads_the_drawn_cells_from_disk(tmp_path, fmt, monkeypatch):
+    """A lazy AnnData gives the same cells and values as in memory, read straight from the file's CSR arrays."""
+    from spatialcx.io import _reference
+
+    rng = np.random.default_rng(0)
+    n = 600
+    adata = ad.AnnData(
+        sp.csr_matrix(rng.poisson(0.4, (n, 25)).astype(np.int32)),
+        obs=pd.DataFrame(
+            {"ct": pd.Categorical(rng.choice(["a", "b", "c"], n, p=[0.7, 0.2, 0.1])), "src": rng.choice(["x", "y"], n)},
+            index=[f"cell{i}" for i in range(n)],
+        ),
+        var=pd.DataFrame(index=[f"G{i}" for i in range(25)]),
+    )
+    adata.layers["counts"] = adata.X.copy()
+    path = tmp_path / f"r.{fmt}"
+    adata.write_h5ad(path) if fmt == "h5ad" else adata.write_zarr(path)
+    calls = []
+    real = _reference._read_csr_chunk
+    monkeypatch.setattr(
+        _reference, "_read_csr_chunk", lambda s, block_info=None: calls.append(1) or real(s, block_info)
+    )
+    kwargs = {"max_cells_per_type": 60, "min_cells_per_type": 5, "source_key": "src", "random_state": 4}
+    lazy = scx.pp.subsample_balanced(ad.experimental.read_lazy(path), "ct", **kwargs)
+    mem = scx.pp.subsample_balanced(adata, "ct", **kwargs)
+    assert calls  # read by spatialcx's reader, not anndata's blocks of 1,000 rows
+    assert list(lazy.obs_names) == list(mem.obs_names)
+    assert lazy.X.dtype == np.int32
+    np.testing.assert_array_equal(lazy.X.toarray(), mem.X.toarray())
+    np.testing.assert_array_equal(lazy.layers["counts"].toarray(), mem.layers["counts"].toarray())
+    np.testing.assert_array_equal(lazy.uns["spatialcx_balance"]["drawn"], mem.uns["spatialcx_balance"]["drawn"])

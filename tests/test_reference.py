@@ -361,3 +361,72 @@ def test_a_spatialdata_store_as_reference_says_to_pass_its_table(tmp_path):
     # the table's own folder is an AnnData store: it reads
     lazy = scx.io.read_reference(tmp_path / "slide.zarr" / "tables" / "table", label_key="cell_type")
     assert lazy.n_obs == 60
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_read_reference_subset_is_read_straight_from_disk(tmp_path, fmt, monkeypatch):
+    """With genes and max_cells, X and the counts layer read only the chosen rows and genes, in bounded chunks."""
+    ref = make_reference(n=400, n_genes=40)
+    ref.X = sp.csr_matrix(ref.X.astype(np.int32))
+    ref.layers["counts"] = ref.X.copy()
+    path = tmp_path / f"r.{fmt}"
+    ref.write_h5ad(path) if fmt == "h5ad" else ref.write_zarr(path)
+    monkeypatch.setattr(_reference, "MIN_CHUNK_ROWS", 16)
+    monkeypatch.setattr(_reference, "MAX_CHUNK_ROWS", 16)
+    read_rows = []
+    real = _reference._read_csr_chunk
+
+    def counting(source, block_info=None):
+        out = real(source, block_info)
+        read_rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(_reference, "_read_csr_chunk", counting)
+    genes = ["Gene7", "Gene2", "Gene30"]
+    lazy = scx.io.read_reference(path, label_key="cell_type", genes=genes, max_cells=100, random_state=3)
+    assert lazy.X.chunks[0] == (16,) * 6 + (4,)
+    rows = ref.obs_names.get_indexer(lazy.obs_names)
+    cols = [7, 2, 30]
+    part = lazy[10:20].X.compute()  # two chunks, not the whole file
+    assert sum(read_rows) == 32
+    np.testing.assert_array_equal(part.toarray(), ref.X[rows[10:20]][:, cols].toarray())
+    mem = lazy.to_memory()
+    assert mem.X.dtype == np.int32 and mem.layers["counts"].dtype == np.int32  # the file's values, as stored
+    np.testing.assert_array_equal(mem.X.toarray(), ref.X[rows][:, cols].toarray())
+    np.testing.assert_array_equal(mem.layers["counts"].toarray(), ref.X[rows][:, cols].toarray())
+    assert list(mem.var_names) == genes
+    assert list(mem.obs["cell_type"]) == list(ref.obs["cell_type"].iloc[rows])
+    # combine_references reads the file directly, composing the subset with its own choice of rows and genes
+    with open_reference(lazy, "cell_type") as h:
+        np.testing.assert_array_equal(
+            h.read(np.array([50, 3]), np.array([2, 0])).toarray(), ref.X[rows[[50, 3]]][:, [30, 7]].toarray()
+        )
+
+
+def test_read_reference_names_genes_missing_from_the_reference(tmp_path, caplog):
+    make_reference().write_h5ad(tmp_path / "r.h5ad")
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        lazy = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", genes=["Gene1", "Nope1", "Nope2"])
+    assert list(lazy.var_names) == ["Gene1"]
+    assert "2 of the 3 genes asked for are not in the reference and are left out: 'Nope1', 'Nope2'" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_lazy_subset_of_read_lazy_matches_anndata(tmp_path, fmt):
+    """anndata's lazy CSR arrays are recognised: the subset reads the file directly and gives anndata's values."""
+    ref = make_reference(n=300, n_genes=30)
+    ref.obs_names = [f"c{i % 50}" for i in range(ref.n_obs)]  # names repeat
+    ref.obsm["spatial"] = np.arange(600, dtype=float).reshape(300, 2)
+    path = tmp_path / f"r.{fmt}"
+    ref.write_h5ad(path) if fmt == "h5ad" else ref.write_zarr(path)
+    lazy = ad.experimental.read_lazy(path)
+    rows, cols = np.array([0, 7, 8, 150, 299]), np.array([29, 0, 4])
+    fast = _reference.lazy_subset(lazy, rows, cols)
+    assert fast.X.name.startswith("spatialcx-csr-")
+    got, want = fast.to_memory(), lazy[rows, cols].to_memory()
+    np.testing.assert_array_equal(got.X.toarray(), want.X.toarray())
+    assert got.X.dtype == want.X.dtype
+    assert list(got.obs_names) == list(want.obs_names)
+    np.testing.assert_array_equal(got.obsm["spatial"], want.obsm["spatial"])
+    # rows out of order are left to anndata
+    assert not _reference.lazy_subset(lazy, rows[::-1]).X.name.startswith("spatialcx-csr-")

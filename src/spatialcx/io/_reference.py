@@ -6,6 +6,7 @@ import hashlib
 import numbers
 import os
 import re
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,33 +38,44 @@ ReferenceLike = AnnData | str | os.PathLike
 # Readers: (sorted rows, columns in any order) -> CSR float32
 # --------------------------------------------------------------------------------------------------------------------
 def _minor_map(selected: np.ndarray, n: int) -> np.ndarray:
-    out = np.full(n, -1, dtype=np.int64)
-    out[selected] = np.arange(len(selected), dtype=np.int64)
+    out = np.full(n, -1, dtype=np.int32 if len(selected) < 2**31 else np.int64)
+    out[selected] = np.arange(len(selected), dtype=out.dtype)
     return out
 
 
 class _DiskCompressed:
-    """A CSR or CSC matrix stored as anndata's ``data`` / ``indices`` / ``indptr`` arrays (HDF5 or zarr)."""
+    """A CSR or CSC matrix stored as anndata's ``data`` / ``indices`` / ``indptr`` arrays (HDF5 or zarr).
+
+    Only the part of ``indptr`` that spans the rows asked for is read, so that reading a block of rows of a file with
+    millions of cells does not read its whole ``indptr``.
+    """
 
     def __init__(self, group: Any, fmt: str, shape: tuple[int, int]):
         self.data = group["data"]
         self.indices = group["indices"]
-        self.indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+        self._indptr = group["indptr"]
         self.fmt = fmt
         self.shape = shape
 
-    def _gather(self, majors: np.ndarray, minor_map: np.ndarray, n_minor: int) -> sp.csr_matrix:
-        """Rows ``majors`` (sorted) of the major axis, minor axis remapped by ``minor_map`` (-1 drops).
+    def _gather(
+        self, majors: np.ndarray, minor_map: np.ndarray | None, n_minor: int, dtype: Any = np.float32
+    ) -> sp.csr_matrix:
+        """Rows ``majors`` (sorted) of the major axis, minor axis remapped by ``minor_map`` (-1 drops; None: kept).
 
         Neighbouring rows are read in one contiguous piece (at most :data:`BLOCK_ELEMS` values, gaps of at most
-        :data:`GAP_ELEMS` values of rows not asked for); only the values of the wanted rows and columns are kept.
+        :data:`GAP_ELEMS` values of rows not asked for); only the values of the wanted rows and columns are kept, as
+        ``dtype``.
         """
-        starts = self.indptr[majors]
-        ends = self.indptr[majors + 1]
+        n = len(majors)
+        if n == 0:
+            return sp.csr_matrix((0, n_minor), dtype=dtype)
+        lo = int(majors[0])
+        span = np.asarray(self._indptr[lo : int(majors[-1]) + 2], dtype=np.int64)
+        starts = span[majors - lo]
+        ends = span[majors - lo + 1]
         out_rows: list[np.ndarray] = []
         out_cols: list[np.ndarray] = []
         out_vals: list[np.ndarray] = []
-        n = len(majors)
         i = 0
         while i < n:
             seg_start, end = int(starts[i]), int(ends[i])
@@ -71,37 +83,43 @@ class _DiskCompressed:
             while j < n and starts[j] - end <= GAP_ELEMS and ends[j] - seg_start <= BLOCK_ELEMS:
                 end = int(ends[j])
                 j += 1
-            if end > seg_start:
-                local_starts = starts[i:j] - seg_start
-                local_ends = ends[i:j] - seg_start
-                minor = minor_map[np.asarray(self.indices[seg_start:end])]
-                keep = minor >= 0
-                if int((local_ends - local_starts).sum()) != end - seg_start:  # rows not asked for lie in between
-                    marks = np.zeros(end - seg_start + 1, dtype=np.int32)
-                    np.add.at(marks, local_starts, 1)
-                    np.add.at(marks, local_ends, -1)
-                    keep &= np.cumsum(marks[:-1]) > 0
-                pos = np.flatnonzero(keep)
-                if pos.size:
-                    vals = np.asarray(self.data[seg_start:end])[pos]
-                    out_rows.append(i + np.searchsorted(local_starts, pos, side="right") - 1)
-                    out_cols.append(minor[pos])
-                    out_vals.append(vals.astype(np.float32, copy=False))
+            lens = ends[i:j] - starts[i:j]
+            total = int(lens.sum())
+            if total:
+                row_of = np.repeat(np.arange(i, j, dtype=np.int64), lens)
+                seg_indices = np.asarray(self.indices[seg_start:end])
+                # positions of the wanted rows' values in the piece (None: all of it; rows not asked for lie between)
+                local = None
+                if total != end - seg_start:
+                    local = np.repeat(starts[i:j] - seg_start - (np.cumsum(lens) - lens), lens) + np.arange(total)
+                minor = seg_indices if local is None else seg_indices[local]
+                if minor_map is not None:
+                    minor = minor_map[minor]
+                    keep = minor >= 0
+                    row_of, minor = row_of[keep], minor[keep]
+                    local = np.flatnonzero(keep) if local is None else local[keep]
+                if row_of.size:
+                    seg_data = np.asarray(self.data[seg_start:end])
+                    out_rows.append(row_of)
+                    out_cols.append(minor)
+                    out_vals.append((seg_data if local is None else seg_data[local]).astype(dtype, copy=False))
             i = j
         rows = np.concatenate(out_rows) if out_rows else np.zeros(0, dtype=np.int64)
-        cols = np.concatenate(out_cols) if out_cols else np.zeros(0, dtype=np.int64)
-        vals = np.concatenate(out_vals) if out_vals else np.zeros(0, dtype=np.float32)
+        cols = np.concatenate(out_cols) if out_cols else np.zeros(0, dtype=np.int32)
+        vals = np.concatenate(out_vals) if out_vals else np.zeros(0, dtype=dtype)
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int64)
         m = sp.csr_matrix((vals, cols, indptr), shape=(n, n_minor))
         m.sort_indices()
         return m
 
-    def read(self, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+    def read(self, rows: np.ndarray, cols: np.ndarray, dtype: Any = np.float32) -> sp.csr_matrix:
+        """Rows ``rows`` (sorted) x columns ``cols`` (any order, no repeats) as CSR ``dtype``."""
         n_rows, n_cols = self.shape
         if self.fmt == "csr":
-            return self._gather(rows, _minor_map(cols, n_cols), len(cols))
+            every = len(cols) == n_cols and np.array_equal(cols, np.arange(n_cols))  # nothing to drop or reorder
+            return self._gather(rows, None if every else _minor_map(cols, n_cols), len(cols), dtype)
         order = np.argsort(cols, kind="stable")
-        sub = self._gather(cols[order], _minor_map(rows, n_rows), len(rows))  # (cols x rows), sorted cols
+        sub = self._gather(cols[order], _minor_map(rows, n_rows), len(rows), dtype)  # (cols x rows), sorted cols
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return sp.csr_matrix(sub[inverse].T)
@@ -162,6 +180,9 @@ def _matrix_reader(matrix: Any) -> Callable[[np.ndarray, np.ndarray], sp.csr_mat
     if isinstance(matrix, CSRDataset | CSCDataset):
         fmt = "csr" if isinstance(matrix, CSRDataset) else "csc"
         return _DiskCompressed(matrix.group, fmt, tuple(matrix.shape)).read
+    source = _csr_source(matrix)
+    if source is not None:  # a lazy array over an on-disk CSR matrix: read the file directly
+        return source.read
     if _is_disk_array(matrix) and len(matrix.shape) == 2:
         return _DiskDense(matrix).read
     return _InMemory(matrix).read
@@ -170,6 +191,208 @@ def _matrix_reader(matrix: Any) -> Callable[[np.ndarray, np.ndarray], sp.csr_mat
 def _is_disk_array(obj: Any) -> bool:
     mod = type(obj).__module__
     return mod.startswith("h5py") or mod.startswith("zarr")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lazy (dask) arrays over on-disk CSR matrices: rows and genes chosen before anything is read
+# --------------------------------------------------------------------------------------------------------------------
+#: Lazy arrays made by :meth:`_CSRSource.to_dask`, by dask name, so that readers can go to the file directly.
+_DASK_SOURCES: weakref.WeakValueDictionary[str, _CSRSource] = weakref.WeakValueDictionary()
+#: Stored values per chunk of those arrays (about; anndata's lazy reader holds 1,000 rows of any width) ...
+CHUNK_ELEMS = 2_000_000
+#: ... with at least this many rows ...
+MIN_CHUNK_ROWS = 1_000
+#: ... and at most this many.
+MAX_CHUNK_ROWS = 50_000
+
+
+@dataclass(eq=False)
+class _CSRSource:
+    """Rows ``rows`` x columns ``cols`` (on-disk positions; ``None``: all) of a CSR matrix in an HDF5 or zarr store.
+
+    ``store`` is the path of an HDF5 file or zarr folder (opened anew by every task, so any dask scheduler works,
+    ``dask.distributed`` included), or an open zarr group; ``elem`` is the matrix's group inside it.
+    """
+
+    store: Any
+    elem: str
+    shape: tuple[int, int]
+    dtype: np.dtype
+    nnz: int
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        return (
+            self.shape[0] if self.rows is None else len(self.rows),
+            self.shape[1] if self.cols is None else len(self.cols),
+        )
+
+    def subset(self, rows: np.ndarray | None, cols: np.ndarray | None) -> _CSRSource:
+        """Rows ``rows`` (sorted, no repeats) x columns ``cols`` (any order, no repeats) of this source."""
+        new_rows = self.rows if rows is None else (rows if self.rows is None else self.rows[rows])
+        new_cols = self.cols if cols is None else (cols if self.cols is None else self.cols[cols])
+        return _CSRSource(self.store, self.elem, self.shape, self.dtype, self.nnz, new_rows, new_cols)
+
+    def read(self, rows: np.ndarray, cols: np.ndarray | None = None, dtype: Any = np.float32) -> sp.csr_matrix:
+        """Rows ``rows`` (positions in this source, sorted) x ``cols`` (positions, any order; ``None``: all)."""
+        src_rows = rows if self.rows is None else self.rows[rows]
+        if cols is None:
+            src_cols = np.arange(self.shape[1]) if self.cols is None else self.cols
+        else:
+            src_cols = cols if self.cols is None else self.cols[cols]
+        group, close = self._open()
+        try:
+            return _DiskCompressed(group, "csr", self.shape).read(src_rows, src_cols, dtype)
+        finally:
+            close()
+
+    def _open(self) -> tuple[Any, Callable[[], None]]:
+        if not isinstance(self.store, str | os.PathLike):
+            return self.store, lambda: None
+        if Path(self.store).is_dir():
+            import zarr
+
+            return zarr.open_group(str(self.store), mode="r")[self.elem], lambda: None
+        import h5py
+
+        f = h5py.File(self.store, "r")
+        return f[self.elem], f.close
+
+    def to_dask(self) -> Any:
+        """A dask array of this source, chunked by rows: computing it reads only its rows and keeps only its columns.
+
+        Chunks hold about :data:`CHUNK_ELEMS` stored values of the output (between :data:`MIN_CHUNK_ROWS` and
+        :data:`MAX_CHUNK_ROWS` rows).
+        """
+        import dask.array as da
+        from dask.base import tokenize
+
+        n_rows, n_cols = self.out_shape
+        per_row = self.nnz / max(self.shape[0], 1) * n_cols / max(self.shape[1], 1)
+        step = int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, CHUNK_ELEMS // max(per_row, 1.0))))
+        chunks = (tuple(min(step, n_rows - s) for s in range(0, n_rows, step)) or (0,), (n_cols,))
+        name = "spatialcx-csr-" + tokenize(str(self.store), self.elem, self.rows, self.cols, self.dtype)
+        out = da.map_blocks(
+            _read_csr_chunk,
+            self,
+            name=name,
+            dtype=self.dtype,
+            chunks=chunks,
+            meta=sp.csr_matrix((0, 0), dtype=self.dtype),
+        )
+        _DASK_SOURCES[out.name] = self
+        return out
+
+
+def _read_csr_chunk(source: _CSRSource, block_info: Mapping[Any, Any] | None = None) -> sp.csr_matrix:
+    """One chunk of :meth:`_CSRSource.to_dask` (in the file's dtype)."""
+    (start, stop), _ = block_info[None]["array-location"]
+    return source.read(np.arange(start, stop), None, dtype=source.dtype)
+
+
+def _csr_source(matrix: Any) -> _CSRSource | None:
+    """Where a dask array reads from, when it is a whole on-disk CSR matrix as it was opened, else ``None``.
+
+    Knows the arrays made by :meth:`_CSRSource.to_dask` and those of :func:`anndata.experimental.read_lazy` (one
+    task per block of rows, read from the file's CSR group); anything computed from them is not recognised, and is
+    read through dask as it is.
+    """
+    name = getattr(matrix, "name", None)
+    if not isinstance(name, str) or not hasattr(matrix, "dask"):
+        return None
+    found = _DASK_SOURCES.get(name)
+    if found is not None:
+        return found
+    try:  # an array of anndata's lazy reader: its only layer calls anndata's chunk reader on the file's group
+        from anndata.abc import CSRDataset
+
+        layers = matrix.dask.layers
+        if len(layers) != 1 or len(matrix.chunks[1]) != 1:
+            return None
+        func = next(iter(layers.values())).indices[0][0]
+        if getattr(getattr(func, "func", None), "__name__", "") != "make_dask_chunk" or len(func.args) != 2:
+            return None
+        where, elem = func.args
+        if isinstance(where, CSRDataset):
+            group = where.group
+        elif isinstance(where, str | os.PathLike) and not Path(where).is_dir():
+            import h5py
+
+            with h5py.File(where, "r") as f:
+                group = f[elem]
+                if _encoding(group) != "csr_matrix":
+                    return None
+                shape = tuple(int(s) for s in _attr(group, "shape"))
+                dtype, nnz = group["data"].dtype, int(group["data"].shape[0])
+            if shape != tuple(matrix.shape) or dtype != matrix.dtype:
+                return None
+            return _CSRSource(os.fspath(where), str(elem), shape, np.dtype(dtype), nnz)
+        else:
+            return None
+        shape = tuple(int(s) for s in where.shape)
+        if shape != tuple(matrix.shape) or group["data"].dtype != matrix.dtype:
+            return None
+        return _CSRSource(group, "", shape, np.dtype(group["data"].dtype), int(group["data"].shape[0]))
+    except Exception as e:  # noqa: BLE001 - dask or anndata internals changed: read through dask instead
+        logger.debug("Not reading %s straight from disk: %s", name, e)
+        return None
+
+
+def _positions(index: Any, n: int) -> np.ndarray | None:
+    """Positions selected by ``index`` (slice, integers, booleans) of an axis of length ``n``; ``None``: all."""
+    if index is None or (isinstance(index, slice) and index == slice(None)):
+        return None
+    if isinstance(index, slice):
+        return np.arange(n)[index]
+    arr = np.asarray(index)
+    if arr.dtype == bool:
+        return np.flatnonzero(arr)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"positions expected, got {arr.dtype}")
+    return np.where(arr < 0, arr + n, arr).astype(np.int64)
+
+
+def lazy_subset(adata: AnnData, rows: Any = None, cols: Any = None) -> AnnData:
+    """``adata[rows, cols]`` of a lazy AnnData (:func:`anndata.experimental.read_lazy`), nothing read yet.
+
+    X and the layers that are on-disk CSR matrices become dask arrays that read only the chosen rows (neighbouring
+    ones in one piece) and keep only the chosen genes, in chunks of bounded size; anndata's own subsetting reads
+    every block of 1,000 rows that holds a chosen cell with all its genes. Everything else is subset by anndata.
+    Other AnnData (in memory, backed, views), rows out of order or repeated, repeated genes: plain ``adata[rows,
+    cols]``.
+    """
+    sub = adata[rows] if cols is None else adata[rows, cols]
+    if adata.is_view or isinstance(adata.obs, pd.DataFrame):
+        return sub
+    try:
+        r = _positions(rows, adata.n_obs)
+        c = _positions(cols, adata.n_vars)
+    except TypeError:
+        return sub
+    if (r is not None and len(r) > 1 and not (np.diff(r) > 0).all()) or (c is not None and len(np.unique(c)) != len(c)):
+        return sub
+    arrays = {"X": adata.X, **{("layers", k): v for k, v in adata.layers.items()}}
+    fast = {}
+    for key, arr in arrays.items():
+        source = _csr_source(arr)
+        if source is not None:
+            fast[key] = source.subset(r, c).to_dask()
+    if not fast:
+        return sub
+    return AnnData(
+        X=fast.get("X", sub.X),
+        obs=sub.obs,
+        var=sub.var,
+        uns=dict(sub.uns),
+        obsm=dict(sub.obsm),
+        varm=dict(sub.varm),
+        obsp=dict(sub.obsp),
+        varp=dict(sub.varp),
+        layers={k: fast.get(("layers", k), v) for k, v in sub.layers.items()},
+        raw=sub.raw,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -667,15 +890,28 @@ def read_reference(
     n_only_raw = 0
     if genes is not None:
         match = match_genes(list(genes), symbols.symbols, ids=var_names)
+        absent = list(match.missing)
         if raw_names is not None and match.missing:  # X may be a gene subset (e.g. highly variable genes) of raw
             raw_symbols = to_symbols(raw_names, feature_names=raw_feature).symbols
-            n_only_raw = match_genes(list(match.missing), raw_symbols, ids=raw_names).n_found
+            in_raw = match_genes(list(match.missing), raw_symbols, ids=raw_names)
+            n_only_raw, absent = in_raw.n_found, list(in_raw.missing)
         if match.n_found == 0 and n_only_raw == 0:
             raise ValueError(
                 f"None of the {len(genes)} genes asked for is in {os.fspath(uri)!r} (e.g. {list(genes)[:5]}; the "
                 f"reference has e.g. {list(symbols.symbols[:5])}). Check the species and gene naming."
             )
         logger.info("%s: %d of %d genes found.", os.fspath(uri), match.n_found, len(genes))
+        if absent:
+            more = f" and {len(absent) - 10} more" if len(absent) > 10 else ""
+            logger.warning(
+                "%s: %d of the %d genes asked for are not in the reference and are left out: %s%s. Check their names "
+                "(symbols or Ensembl ids of the reference's species).",
+                os.fspath(uri),
+                len(absent),
+                len(genes),
+                ", ".join(map(repr, absent[:10])),
+                more,
+            )
         if n_only_raw:
             logger.warning(
                 "%s: %d of the genes asked for are in raw but not in X (X holds %d genes, raw %d). X keeps the %d "
@@ -705,7 +941,7 @@ def read_reference(
 
         lazy = read_lazy(h5py.File(path, "r"))
     if max_cells is not None or genes is not None:
-        lazy = lazy[rows, cols]
+        lazy = lazy_subset(lazy, rows, cols)
     lazy.var_names = pd.Index(np.asarray(new_names).astype(str))
     lazy.uns[READ_UNS_KEY] = {
         "uri": os.fspath(uri),

@@ -547,7 +547,11 @@ def subsample_balanced(
             keep.append(members if k >= len(members) else rng.choice(members, size=k, replace=False))
     idx = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
-    if adata.isbacked or not isinstance(adata.obs, pd.DataFrame):  # backed or lazy: read only the drawn cells
+    if not isinstance(adata.obs, pd.DataFrame):  # lazy: read only the drawn cells, straight from disk where it can
+        from ..io._reference import lazy_subset
+
+        out = lazy_subset(adata, idx).to_memory()
+    elif adata.isbacked:  # backed: read only the drawn cells
         out = adata[idx].to_memory()
     else:
         out = adata[idx].copy()
