@@ -816,9 +816,10 @@ def read_reference(
         Keep only these genes (e.g. the spatial panel) in X, in this order, named as given: a list (or other
         sequence) of names, not a single string. ``raw``, when present, keeps all its genes: genes that X lacks (X
         subset to highly variable genes) are still read from its counts by :func:`~spatialcx.tl.train` and
-        :func:`~spatialcx.pp.combine_references` (a warning says how many). Ensembl-indexed references are mapped to symbols (``var["feature_name"]`` or the
-        packaged human / mouse tables) and matched case-insensitively where unambiguous. ``None`` keeps every gene,
-        renamed to symbols when the reference is Ensembl-indexed.
+        :func:`~spatialcx.pp.combine_references` (a warning says how many); genes in neither are named in a warning.
+        Ensembl-indexed references are mapped to symbols (``var["feature_name"]`` or the packaged human / mouse
+        tables) and matched case-insensitively where unambiguous. ``None`` keeps every gene, renamed to symbols when
+        the reference is Ensembl-indexed.
     max_cells
         Keep at most this many labelled cells (at least 1), chosen from the labels alone: the largest types are
         capped first so that rare types stay whole; cells are drawn at random within a type; labels in
