@@ -161,9 +161,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     import spatialcx as scx
     from spatialcx._utils import check_writable_dir
+    from spatialcx.datasets._demo import MIN_CELLS
 
     if not 0 <= args.threshold <= 1:
         raise CommandError(f"--threshold must be a confidence in [0, 1], got {args.threshold:g}.")
+    if args.n_cells < MIN_CELLS:
+        raise CommandError(
+            f"--n-cells must be at least {MIN_CELLS} (every cell type of the demo needs cells), got {args.n_cells}."
+        )
     out = Path(args.out).expanduser()
     try:
         check_writable_dir(out, "--out")

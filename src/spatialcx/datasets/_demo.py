@@ -456,7 +456,7 @@ def demo(
     >>> sdata, reference = scx.datasets.demo()
     >>> sdata["table"].obs["true_cell_type"].value_counts()  # doctest: +SKIP
     """
-    _check_positive_int(n_cells, "n_cells", minimum=50)
+    _check_positive_int(n_cells, "n_cells", minimum=MIN_CELLS)
     _check_positive_int(n_reference_cells, "n_reference_cells", minimum=10 * len(CELL_TYPES))
     required = _required_genes()
     _check_positive_int(n_genes, "n_genes", minimum=len(required))
@@ -514,6 +514,9 @@ def demo(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # inputs
+
+#: Fewest cells of a demo slide: every cell type and required gene fits.
+MIN_CELLS = 50
 
 
 def _check_positive_int(value: object, name: str, *, minimum: int) -> None:
