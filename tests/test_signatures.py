@@ -619,12 +619,12 @@ def test_standardized_scores_on_real_starmap(shared_data):
         top = adata.obsm[key].argmax(axis=1)
         hit = np.array([names[t] in expected[lab] for t, lab in zip(top[sel], label[sel])])
         result[key] = ((sizes[top] == 1).mean(), hit.mean(), hit[np.isin(label[sel], ["Lhx6", "NPY", "Reln"])].mean())
-    assert (sizes == 1).sum() == 18 and len(sizes) == 25
+    assert (sizes == 1).sum() == 19 and len(sizes) == 26
     one_std, acc_std, inter_std = result["std"]
     one_mean, acc_mean, inter_mean = result["mean"]
-    assert one_mean > 0.85 and one_std < 0.80  # 18 of the 25 sets have one panel gene: a fair share is 72 %
-    assert acc_std > acc_mean + 0.02  # 16.9 % -> 19.6 % of 2,987 labelled cells
-    assert inter_std > inter_mean + 0.3  # interneurons (3-gene GABAergic sets) 38 % -> 77 %
+    assert one_mean > 0.85 and one_std < 0.80  # 19 of the 26 sets have one panel gene: a fair share is 73 %
+    assert acc_std > acc_mean + 0.02  # 16.8 % -> 19.7 % of 2,987 labelled cells
+    assert inter_std > inter_mean + 0.3  # interneurons (3-gene GABAergic sets) 37 % -> 75 %
     # the group-versus-rest statistics do not depend on the scaling: the same domain names
     scx.tl.annotate_domains(adata, "cell_type_author", signature_key="std", key_added="a_std")
     scx.tl.annotate_domains(adata, "cell_type_author", signature_key="mean", key_added="a_mean")
@@ -692,7 +692,8 @@ def test_brain_markers_name_starmap_domains_without_other_organs(shared_data):
         labels[tissue] = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
     assert labels[None]["SST"] == "sst GABAergic interneuron/pancreatic D cell"
     assert labels["brain"]["SST"] == "sst GABAergic interneuron"
-    assert "colonocyte" in labels[None]["Smc"] and labels["brain"]["Smc"] == "capillary endothelial cell"
+    assert labels[None]["Smc"] == labels["brain"]["Smc"] == "endothelial cell"
+    assert "colonocyte" in labels[None]["eL2/3"] and "colonocyte" not in labels["brain"]["eL2/3"]
     assert "mammary gland" in labels[None]["Endo"]
     every = scx.tl.load_canonical_markers(species="mouse")
     brain = set(scx.tl.load_canonical_markers(species="mouse", tissue="brain"))
@@ -756,7 +757,8 @@ def test_bone_marrow_neutrophils_are_named_neutrophils_not_osteoclasts(xenium_bo
     scx.tl.annotate_domains(adata, "cluster", key_added="domain")
     labels = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
     neutrophil = top_clusters(adata, "MMP8")  # neutrophil collagenase: the granulocyte clusters
-    assert all(labels[c] == "neutrophil" for c in neutrophil), {c: labels[c] for c in neutrophil}
+    granulocytes = ("neutrophil", "neutrophilic myelocyte")
+    assert all(labels[c] in granulocytes for c in neutrophil), {c: labels[c] for c in neutrophil}
     assert not any("osteoclast" in label for label in labels.values())
     vwf = top_clusters(adata, "VWF", n=2)
     assert all("endothelial cell" in labels[c].split("/") for c in vwf), {c: labels[c] for c in vwf}

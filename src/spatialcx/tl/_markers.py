@@ -39,6 +39,27 @@ def _read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
     return data, where
 
 
+def _gene_list(value: Any, field: str, name: str, where: str) -> list[str]:
+    """The symbols of one record's ``field``: stripped, empty ones and repeats left out, in the file's order."""
+    if isinstance(value, str) or not isinstance(value, list):
+        hint = (
+            f'write "{field}": [{json.dumps(value)}] for a single gene (a string would be read letter by letter)'
+            if isinstance(value, str)
+            else "write a JSON list of gene symbols"
+        )
+        raise ValueError(
+            f"Marker file {where!r}: {field!r} of {name!r} is {type(value).__name__} {value!r}, not a list of gene "
+            f"symbols; {hint}."
+        )
+    bad = [g for g in value if not isinstance(g, str)]
+    if bad:
+        raise ValueError(
+            f"Marker file {where!r}: {field!r} of {name!r} holds {', '.join(map(repr, bad))}, not gene symbols; "
+            "list each gene as a string and leave out empty values."
+        )
+    return list(dict.fromkeys(g.strip() for g in value if g.strip()))
+
+
 def _normal_tissue(text: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", str(text).lower()).split())
 
@@ -110,14 +131,15 @@ def load_canonical_markers(
 
     Returns
     -------
-    ``{cell type: [genes]}`` in the order of the table.
+    ``{cell type: [genes]}`` in the order of the table; each gene once, surrounding spaces removed.
 
     Raises
     ------
     FileNotFoundError
         The file is missing.
     ValueError
-        The file is empty, not JSON, or lists no cell type with markers; ``tissue`` is not a known tissue.
+        The file is empty, not JSON, or lists no cell type with markers; a record's ``markers`` (or ``mouse``) is not
+        a list of gene symbols; ``tissue`` is not a known tissue.
 
     Examples
     --------
@@ -139,7 +161,7 @@ def load_canonical_markers(
     out: dict[str, list[str]] = {}
     for i, entry in enumerate(entries):
         try:
-            term_id, name, genes = str(entry["ontology_term_id"]), str(entry["name"]), list(entry["markers"])
+            term_id, name, genes = str(entry["ontology_term_id"]), str(entry["name"]), entry["markers"]
         except (KeyError, TypeError):
             raise ValueError(
                 f"Marker file {where!r}: record {i} ({entry!r}) needs 'ontology_term_id', 'name' and 'markers'."
@@ -155,9 +177,13 @@ def load_canonical_markers(
                 )
             if found_in and not keep_groups.intersection(found_in):
                 continue
+        genes = _gene_list(genes, "markers", name, where)
         if species == "mouse":
-            genes = list(entry.get("mouse") or [g[:1].upper() + g[1:].lower() for g in genes])
-        genes = [str(g) for g in genes if str(g)]
+            mouse = entry.get("mouse")
+            if mouse:
+                genes = _gene_list(mouse, "mouse", name, where)
+            else:
+                genes = list(dict.fromkeys(g[:1].upper() + g[1:].lower() for g in genes))
         if not genes:
             raise ValueError(f"Marker file {where!r}: {name!r} ({term_id}) has no marker genes.")
         k = name if key == "name" else term_id
