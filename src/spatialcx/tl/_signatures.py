@@ -215,7 +215,8 @@ def annotate_domains(
     Returns
     -------
     ``None``, or a copy of ``data`` when ``copy=True``. Writes ``obs[key_added]`` (categorical group label),
-    ``obs[f"{key_added}_cell"]`` (categorical: the signature with the highest score in each cell) and
+    ``obs[f"{key_added}_cell"]`` (categorical: the signature with the highest score in each cell, or ``unassigned``
+    when no signature scores above the average cell, e.g. a cell with no count of any marker) and
     ``uns[key_added]``: the parameters, ``groups`` and their ``labels``, and ``stats`` (one entry per group and
     signature: ``group``, ``signature``, ``auc``, ``statistic``, ``pvalue``, ``pvalue_adj``, ``enriched``,
     ``mean_in``, ``mean_out``).
@@ -307,10 +308,16 @@ def annotate_domains(
     group_label = np.full(adata.n_obs, np.nan, dtype=object)
     inside = codes >= 0
     group_label[inside] = np.asarray(labels, dtype=object)[codes[inside]]
-    cell_top = np.asarray(sig_names, dtype=object)[np.argmax(scores, axis=1)]
+    # a cell's own label: its top signature when that scores above the average cell; a cell below average in every
+    # signature (e.g. no count of any marker) is not named after the set least hurt by zeros (the sparsest one-gene
+    # set would win it)
+    top = np.argmax(scores, axis=1)
+    cell_top = np.asarray(sig_names, dtype=object)[top]
+    cell_top[~(scores[np.arange(scores.shape[0]), top] > 0)] = unassigned
 
     adata.obs[key_added] = pd.Categorical(group_label, categories=list(dict.fromkeys(labels)))
-    adata.obs[f"{key_added}_cell"] = pd.Categorical(cell_top, categories=sig_names)
+    cell_categories = sig_names if unassigned in sig_names else [*sig_names, unassigned]
+    adata.obs[f"{key_added}_cell"] = pd.Categorical(cell_top, categories=cell_categories)
     adata.uns[key_added] = {
         "groupby": groupby,
         "signature_key": signature_key,
