@@ -831,3 +831,80 @@ def test_cells_smaller_than_a_pixel_are_drawn_as_visible_points():
     np.testing.assert_allclose(coll.get_facecolors(), faces)
     (coll,) = _utils.draw_cells(ax, [circles(400.0)], faces)  # ~ 4 points across: circles
     assert isinstance(coll, EllipseCollection)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Many points: drawn as an image
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _pixel(im, x: float, y: float) -> np.ndarray:
+    """RGBA of the image's pixel at data position (x, y)."""
+    left, right, bottom, top = im.get_extent()
+    rgba = im.get_array()
+    ny, nx = rgba.shape[:2]
+    col = int((x - left) / (right - left) * nx)
+    row = int((y - top) / (bottom - top) * ny)
+    return np.asarray(rgba[row, col])
+
+
+def test_points_image_puts_each_point_in_its_pixel_last_one_on_top():
+    """The image of points shows what a scatter shows: each point's colour where it lies, later points on top."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    _utils.set_spatial_limits(ax, (0.0, 100.0, 0.0, 100.0))  # y pointing down, as the map
+    xy = np.array([[10.0, 20.0], [80.0, 30.0], [50.0, 90.0], [50.0, 90.0]])
+    colors = np.array([to_rgba(c) for c in ("red", "green", "blue", "orange")])
+    one_pixel = (72 / _utils.SAVE_DPI) ** 2  # points² of a pixel of the image
+    im = _utils.draw_points_image(ax, xy, colors, size=one_pixel)
+    for (x, y), c in zip(xy[:2], colors[:2], strict=True):
+        np.testing.assert_allclose(_pixel(im, x, y), c)
+    np.testing.assert_allclose(_pixel(im, 50, 90), to_rgba("orange"))  # drawn last, on top of blue
+    assert _pixel(im, 30, 60)[3] == 0  # transparent where there is no point
+    rgba = im.get_array()
+    assert ((rgba[..., 3] > 0).sum(), im.get_zorder()) == (3, 1)  # one pixel per point, over the tissue image
+    im = _utils.draw_points_image(ax, xy[:1], colors[:1], size=(5 * 72 / _utils.SAVE_DPI) ** 2)
+    assert (im.get_array()[..., 3] > 0).sum() == 21  # 5 pixels across: a disc, as a round marker
+    # the outline: pixels around the drawn ones, none over them
+    for linewidth, n_edge, alpha in (
+        (72 / _utils.SAVE_DPI, 8, 1.0),
+        (36 / _utils.SAVE_DPI, 8, 0.5),
+        (144 / _utils.SAVE_DPI, 24, 1),
+    ):
+        im = _utils.draw_points_image(ax, xy[:1], colors[:1], size=one_pixel, edgecolor=LOW_COLOR, linewidth=linewidth)
+        rgba = im.get_array()
+        edge = np.all(np.isclose(rgba, (*to_rgba(LOW_COLOR)[:3], alpha)), axis=-1)
+        assert edge.sum() == n_edge and np.allclose(_pixel(im, 10, 20), to_rgba("red"))  # thinner: fainter
+
+
+def test_many_points_are_drawn_as_images_with_the_scatter_colours(monkeypatch):
+    """A million points took 10 s per rendering as a scatter; above MAX_SCATTER_POINTS they are drawn as images."""
+    monkeypatch.setattr(_utils, "MAX_SCATTER_POINTS", 50)
+    adata = points_adata(300)
+    adata.obs.loc[adata.obs_names[:5], "cell_type_confidence"] = np.nan
+    fig = scx.pl.confidence(adata, threshold=THRESHOLD)
+    ax = fig.axes[0]
+    assert _cell_collections(ax) == []
+    confident, low = ax.get_images()
+    assert (confident.get_label(), low.get_label()) == (
+        "cells (obsm['spatial'])",
+        "low-confidence cells (obsm['spatial'])",
+    )
+    np.testing.assert_allclose(confident.get_extent(), [*ax.get_xlim(), *ax.get_ylim()])  # the whole map
+    conf = adata.obs["cell_type_confidence"].to_numpy()
+    xy = adata.obsm["spatial"]
+    norm = plt.Normalize(0, 1)
+    faces = plt.get_cmap("viridis")(norm(np.nan_to_num(conf)))
+    faces[np.isnan(conf)] = to_rgba(MISSING_COLOR)
+    is_low = conf < THRESHOLD
+    drawn = np.asarray(confident.get_array()).reshape(-1, 4)
+    drawn = drawn[drawn[:, 3] > 0]
+    nearest = np.abs(drawn[:, None, :] - faces[None, ~is_low, :]).max(axis=-1).min(axis=1)
+    assert nearest.max() < 1e-6  # colours of confident cells and grey NaN ones only
+    assert np.isclose(drawn, to_rgba(MISSING_COLOR), atol=1e-6).all(axis=1).any()
+    hits = [np.allclose(_pixel(low, *xy[i]), faces[i], atol=1e-3) for i in np.flatnonzero(is_low)]
+    assert np.mean(hits) > 0.9  # a low cell's colour is at its position (unless another low cell covers it)
+    ring = np.all(np.isclose(low.get_array()[..., :3], to_rgba(LOW_COLOR)[:3]), axis=-1)
+    assert ring.sum() > 0  # outlined in red around the low-confidence cells
+    monkeypatch.setattr(_utils, "MAX_SCATTER_POINTS", 10_000)  # below it: the scatter, as before
+    fig = scx.pl.confidence(adata, threshold=THRESHOLD)
+    assert [type(c) for c in _cell_collections(fig.axes[0])] == [PathCollection, PathCollection]

@@ -298,3 +298,17 @@ def test_ontology_mapping_explains_the_min_score_line(own_axes):
     fig = scx.pl.ontology_mapping(_mapping_table())
     assert not [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
     assert not any("min_score" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_threshold_figure_is_closed_unless_show_and_saved_atomically(classified, tmp_path):
+    """Like every scx.pl function: closed in pyplot unless show=True; a bad suffix is refused before writing."""
+    fig = scx.pl.threshold(classified, "t", save=tmp_path / "new" / "t.pdf")
+    assert (tmp_path / "new" / "t.pdf").is_file() and plt.get_fignums() == []  # was left open
+    fig = scx.pl.threshold(classified, "t", show=True)
+    assert plt.get_fignums() == [fig.number]
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"suffix '\.txt' is not a figure format"):
+        scx.pl.threshold(classified, "t", save=tmp_path / "t.txt")
+    assert not (tmp_path / "t.txt").exists() and plt.get_fignums() == []  # the figure was left open
+    with pytest.raises(TypeError, match="threshold: show must be True or False"):
+        scx.pl.threshold(classified, "t", show=None)

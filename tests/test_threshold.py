@@ -336,9 +336,14 @@ def test_plot_is_saved_and_drawn(tmp_path):
     import matplotlib.pyplot as plt
 
     adata, _ = make_counts(n=1500)
+    plt.close("all")
     scx.tl.classify_by_threshold(adata, MARKERS, plot=True, plots_dir=tmp_path / "plots", key_added="t")
     png = tmp_path / "plots" / "t_threshold.png"
     assert png.is_file() and png.stat().st_size > 10_000
+    assert plt.get_fignums() == []  # saved, then closed
+    scx.tl.classify_by_threshold(adata, MARKERS, plot=True, key_added="t")
+    assert len(plt.get_fignums()) == 1  # not saved: left open, so that a notebook shows it
+    plt.close("all")
     fig = scx.pl.threshold(adata, "t", max_points=300)
     visible = [a for a in fig.axes if a.get_visible()]
     assert len(visible) == 1 + 3  # histogram + 3 gene pairs

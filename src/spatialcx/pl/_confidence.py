@@ -303,6 +303,7 @@ def confidence(
     title: str | None = None,
     save: str | os.PathLike[str] | None = None,
     random_state: int = 0,
+    show: bool = False,
 ) -> Figure:
     """Plot cell-type confidence over the tissue and per cell type.
 
@@ -354,6 +355,12 @@ def confidence(
         Write the figure there (format from the suffix, e.g. ``.png`` or ``.pdf``); parent folders are created.
     random_state
         Seed for the subsampling and the jitter.
+    show
+        Keep the figure open in pyplot, so that matplotlib displays it: below the notebook cell (also in a loop, or
+        when the result is assigned), or at :func:`matplotlib.pyplot.show` in a script. By default (``False``) the
+        figure is closed in pyplot before it is returned: a notebook shows it once, as the cell's result (kept open,
+        it would be shown twice), and calls in loops and scripts leave no open figures. Either way it is returned,
+        ready to change or save.
 
     Returns
     -------
@@ -381,6 +388,7 @@ def confidence(
     from matplotlib.colors import Colormap, Normalize
 
     _check_args(max_points_per_type, point_size)
+    show = _utils.check_show(show, "confidence")
     adata, sdata = _utils.split_data(data, table_key)
     threshold = resolve_threshold(adata, key, threshold, fn="confidence")
     confidence_key = confidence_key or f"{key}{CONFIDENCE_SUFFIX}"
@@ -442,7 +450,7 @@ def confidence(
         if map_data is None:
             _strip_panel(fig.subplots(), labels, conf, summary, width_in=float(figsize[0]), **strip_kwargs)
             _finish(fig, conf, finite, threshold, confidence_key, title, save)
-            return fig
+            return _utils.hand_over(fig, show)
         # one subfigure per panel: the strips' (rotated) type names do not shrink the map, whose aspect is fixed
         sub_map, sub_strip = fig.subfigures(1, 2, width_ratios=[map_width, strip_width], wspace=0.03)
         ax_map, ax_strip = sub_map.subplots(), sub_strip.subplots()
@@ -467,7 +475,7 @@ def confidence(
     except BaseException:
         plt.close(fig)
         raise
-    return fig
+    return _utils.hand_over(fig, show)
 
 
 def _finish(

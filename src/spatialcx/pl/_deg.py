@@ -95,6 +95,7 @@ def deg_heatmap(
     title: str | None = None,
     save: str | os.PathLike[str] | None = None,
     dpi: int = 150,
+    show: bool = False,
 ) -> Figure:
     """Heatmap of the top differentially expressed panel genes of each predicted type.
 
@@ -139,6 +140,12 @@ def deg_heatmap(
         Write the figure there (format from the suffix); parent folders are created.
     dpi
         Resolution of the saved figure.
+    show
+        Keep the figure open in pyplot, so that matplotlib displays it: below the notebook cell (also in a loop, or
+        when the result is assigned), or at :func:`matplotlib.pyplot.show` in a script. By default (``False``) the
+        figure is closed in pyplot before it is returned: a notebook shows it once, as the cell's result (kept open,
+        it would be shown twice), and calls in loops and scripts leave no open figures. Either way it is returned,
+        ready to change or save.
 
     Returns
     -------
@@ -157,6 +164,7 @@ def deg_heatmap(
     from matplotlib.patches import Rectangle
 
     fn = "deg_heatmap"
+    show = _utils.check_show(show, fn)
     adata, _ = _utils.split_data(data, table_key)
     check_label_column(adata, key, fn=fn)
     n_genes = check_positive_int(n_genes, "n_genes", fn=fn)
@@ -273,4 +281,4 @@ def deg_heatmap(
     except BaseException:
         plt.close(fig)
         raise
-    return fig
+    return _utils.hand_over(fig, show)

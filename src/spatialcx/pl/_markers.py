@@ -707,6 +707,7 @@ def marker_dotplot(
     title: str | None = None,
     save: str | os.PathLike[str] | None = None,
     dpi: int = 150,
+    show: bool = False,
 ) -> Figure:
     """Dot plot of marker genes (columns, grouped by the type they mark) across predicted cell types (rows).
 
@@ -751,6 +752,12 @@ def marker_dotplot(
         Write the figure there (format from the suffix, e.g. ``.png`` or ``.pdf``); parent folders are created.
     dpi
         Resolution of the saved figure.
+    show
+        Keep the figure open in pyplot, so that matplotlib displays it: below the notebook cell (also in a loop, or
+        when the result is assigned), or at :func:`matplotlib.pyplot.show` in a script. By default (``False``) the
+        figure is closed in pyplot before it is returned: a notebook shows it once, as the cell's result (kept open,
+        it would be shown twice), and calls in loops and scripts leave no open figures. Either way it is returned,
+        ready to change or save.
 
     Returns
     -------
@@ -777,6 +784,7 @@ def marker_dotplot(
     from matplotlib.patches import Rectangle
 
     fn = "marker_dotplot"
+    show = _utils.check_show(show, fn)
     adata, _ = _utils.split_data(data, table_key)
     column = key if groupby is None else groupby
     check_label_column(adata, column, fn=fn, what="cell-type labels" if groupby is None else "groups")
@@ -917,7 +925,7 @@ def marker_dotplot(
     except BaseException:
         plt.close(fig)
         raise
-    return fig
+    return _utils.hand_over(fig, show)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -964,6 +972,7 @@ def validation_2d(
     title: str | None = None,
     save: str | os.PathLike[str] | None = None,
     dpi: int = 150,
+    show: bool = False,
 ) -> Figure:
     """Check the calls against marker evidence: each cell's marker score for its predicted type vs its confidence.
 
@@ -1010,6 +1019,12 @@ def validation_2d(
         Write the figure there (format from the suffix); parent folders are created.
     dpi
         Resolution of the saved figure.
+    show
+        Keep the figure open in pyplot, so that matplotlib displays it: below the notebook cell (also in a loop, or
+        when the result is assigned), or at :func:`matplotlib.pyplot.show` in a script. By default (``False``) the
+        figure is closed in pyplot before it is returned: a notebook shows it once, as the cell's result (kept open,
+        it would be shown twice), and calls in loops and scripts leave no open figures. Either way it is returned,
+        ready to change or save.
 
     Returns
     -------
@@ -1027,6 +1042,7 @@ def validation_2d(
     from matplotlib.lines import Line2D
 
     fn = "validation_2d"
+    show = _utils.check_show(show, fn)
     adata, _ = _utils.split_data(data, table_key)
     check_label_column(adata, key, fn=fn)
     confidence_key = f"{key}{CONFIDENCE_SUFFIX}" if confidence_key is None else confidence_key
@@ -1153,4 +1169,4 @@ def validation_2d(
     except BaseException:
         plt.close(fig)
         raise
-    return fig
+    return _utils.hand_over(fig, show)

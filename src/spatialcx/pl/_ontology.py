@@ -60,6 +60,7 @@ def ontology_mapping(
     ax: Axes | None = None,
     save: str | os.PathLike[str] | None = None,
     dpi: int = 150,
+    show: bool = False,
 ) -> Figure:
     """Plot how labels were mapped to the Cell Ontology: one row per label, input label -> CL name.
 
@@ -88,15 +89,24 @@ def ontology_mapping(
         Write the figure there (the suffix picks the format: png, pdf, svg).
     dpi
         Resolution of the saved figure.
+    show
+        Keep the figure open in pyplot, so that matplotlib displays it: below the notebook cell (also in a loop, or
+        when the result is assigned), or at :func:`matplotlib.pyplot.show` in a script. By default (``False``) the
+        figure is closed in pyplot before it is returned: a notebook shows it once, as the cell's result (kept open,
+        it would be shown twice), and calls in loops and scripts leave no open figures. Either way it is returned,
+        ready to change or save. With ``ax``, the figure is the caller's and is left as it is.
 
     Returns
     -------
-    The matplotlib figure.
+    The matplotlib figure (that of ``ax`` when given).
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
+    from ._utils import check_show, hand_over, save_figure
+
+    show = check_show(show, "ontology_mapping")
     table, min_score = _as_table(mapping)
     if sort not in ("input", "score", "tier"):
         raise ValueError(f"sort must be 'input', 'score' or 'tier', got {sort!r}.")
@@ -137,55 +147,62 @@ def ontology_mapping(
         fig, ax = plt.subplots(figsize=(min(max(8.0, 4.5 + 0.065 * chars), 24.0), 1.3 + 0.26 * n), layout="constrained")
     else:
         fig = ax.figure
-    y = np.arange(n)[::-1]
-    tiers = t["tier"].astype(int).to_numpy()
-    scores = t["score"].astype(float).to_numpy()
-    colors = [TIER_STYLE.get(int(k), TIER_STYLE[-1])[1] for k in tiers]
-    bars = ax.barh(y, np.where(t["_unknown"], np.maximum(scores, 0.02), scores), color=colors, height=0.7)
-    for bar, unk in zip(bars, t["_unknown"], strict=True):
-        if unk:
-            bar.set_hatch("///")
-            bar.set_edgecolor("#757575")
-    ax.set_yticks(y, inputs, fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(-0.6, n - 0.4)
-    ax.set_xlabel("match score")
-    if min_score is not None:
-        ax.axvline(float(min_score), color="#424242", linestyle="--", linewidth=0.8)
+    try:
+        y = np.arange(n)[::-1]
+        tiers = t["tier"].astype(int).to_numpy()
+        scores = t["score"].astype(float).to_numpy()
+        colors = [TIER_STYLE.get(int(k), TIER_STYLE[-1])[1] for k in tiers]
+        bars = ax.barh(y, np.where(t["_unknown"], np.maximum(scores, 0.02), scores), color=colors, height=0.7)
+        for bar, unk in zip(bars, t["_unknown"], strict=True):
+            if unk:
+                bar.set_hatch("///")
+                bar.set_edgecolor("#757575")
+        ax.set_yticks(y, inputs, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.6, n - 0.4)
+        ax.set_xlabel("match score")
+        if min_score is not None:
+            ax.axvline(float(min_score), color="#424242", linestyle="--", linewidth=0.8)
 
-    right = ax.twinx()
-    right.set_ylim(ax.get_ylim())
-    right.set_yticks(y, names, fontsize=8)
-    for tick, unk in zip(right.get_yticklabels(), t["_unknown"], strict=True):
-        if unk:
-            tick.set_color("#C62828")
-            tick.set_fontstyle("italic")
-    right.tick_params(axis="y", length=0)
-    for side in ("top",):
-        ax.spines[side].set_visible(False)
-        right.spines[side].set_visible(False)
+        right = ax.twinx()
+        right.set_ylim(ax.get_ylim())
+        right.set_yticks(y, names, fontsize=8)
+        for tick, unk in zip(right.get_yticklabels(), t["_unknown"], strict=True):
+            if unk:
+                tick.set_color("#C62828")
+                tick.set_fontstyle("italic")
+        right.tick_params(axis="y", length=0)
+        for side in ("top",):
+            ax.spines[side].set_visible(False)
+            right.spines[side].set_visible(False)
 
-    present = sorted({int(k) for k in tiers}, key=lambda k: (k == -1, k != 1, k))
-    handles = [
-        Patch(facecolor=TIER_STYLE[k][1], label=TIER_STYLE[k][0], hatch="///" if k == -1 else None) for k in present
-    ]
-    if min_score is not None:
-        handles.append(
-            Line2D([], [], color="#424242", linestyle="--", linewidth=0.8, label=f"min_score {float(min_score):g}")
-        )
-    if shared_ids:
-        handles.append(Patch(facecolor="none", edgecolor="none", label="* CL term shared by several labels"))
-    if own_figure:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=7, frameon=False)
-    else:
-        ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=True)
-    n_unknown = int(unknown.sum())
-    if title is None:
-        shown = f" (showing {n})" if n < n_total else ""
-        title = f"Cell Ontology mapping: {n_total - n_unknown} of {n_total} labels mapped, {n_unknown} unknown{shown}"
-    ax.set_title(title, fontsize=10)
-    if save is not None:
-        from ._utils import save_figure
-
-        save_figure(fig, save, dpi=dpi)
-    return fig
+        present = sorted({int(k) for k in tiers}, key=lambda k: (k == -1, k != 1, k))
+        handles = [
+            Patch(facecolor=TIER_STYLE[k][1], label=TIER_STYLE[k][0], hatch="///" if k == -1 else None) for k in present
+        ]
+        if min_score is not None:
+            handles.append(
+                Line2D([], [], color="#424242", linestyle="--", linewidth=0.8, label=f"min_score {float(min_score):g}")
+            )
+        if shared_ids:
+            handles.append(Patch(facecolor="none", edgecolor="none", label="* CL term shared by several labels"))
+        if own_figure:
+            fig.legend(
+                handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=7, frameon=False
+            )
+        else:
+            ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=True)
+        n_unknown = int(unknown.sum())
+        if title is None:
+            shown = f" (showing {n})" if n < n_total else ""
+            title = (
+                f"Cell Ontology mapping: {n_total - n_unknown} of {n_total} labels mapped, {n_unknown} unknown{shown}"
+            )
+        ax.set_title(title, fontsize=10)
+        if save is not None:
+            save_figure(fig, save, dpi=dpi)
+    except BaseException:
+        if own_figure:
+            plt.close(fig)
+        raise
+    return hand_over(fig, show) if own_figure else fig

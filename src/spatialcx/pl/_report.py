@@ -118,10 +118,11 @@ def annotation_report(
     formats
         File formats to save each figure in, e.g. ``("png", "pdf")``.
     show
-        Keep the figures open, so that matplotlib displays them: below the cell in a notebook, in windows in an
-        interactive session (in a script, call :func:`matplotlib.pyplot.show`). ``False`` closes each figure once
-        drawn and saved (they stay in the returned dict). ``None`` (default) shows them when nothing is saved
-        (``plots_dir=None``) and closes them when they are saved.
+        Keep the figures open in pyplot, so that matplotlib displays them: below the cell in a notebook, in windows in
+        an interactive session (in a script, call :func:`matplotlib.pyplot.show`); each is shown once, as the
+        returned dict is not a figure. ``False`` closes each figure in pyplot once drawn and saved (they stay in the
+        returned dict, ready to save or display). ``None`` (default) shows them when nothing is saved
+        (``plots_dir=None``) and closes them when they are saved. The plotting functions' ``show`` means the same.
     random_state
         Seed of the subsampling in the plots.
     dpi
@@ -152,8 +153,6 @@ def annotation_report(
     >>> report = scx.pl.annotation_report(sdata, plots_dir="qc", formats=("png", "pdf"))  # doctest: +SKIP
     >>> {name: r["error"] for name, r in report.items()}  # doctest: +SKIP
     """
-    import matplotlib.pyplot as plt
-
     from . import _confidence, _deg, _markers, _ontology
 
     fn = "annotation_report"
@@ -170,7 +169,7 @@ def annotation_report(
             raise ValueError(f"{fn}: plots_dir={str(directory)!r} is a file, not a folder; pass a folder to save into.")
     keep_open = directory is None if show is None else bool(show)
 
-    common = {"key": key, "table_key": table_key}
+    common = {"key": key, "table_key": table_key, "show": keep_open}
     plots: dict[str, Callable[[], Figure]] = {
         "confidence": lambda: _confidence.confidence(
             data,
@@ -179,7 +178,7 @@ def annotation_report(
             threshold=threshold,
             random_state=random_state,
         ),
-        "ontology_mapping": lambda: _ontology.ontology_mapping(_mapping_table(adata, key, mapping)),
+        "ontology_mapping": lambda: _ontology.ontology_mapping(_mapping_table(adata, key, mapping), show=keep_open),
         "marker_dotplot": lambda: _markers.marker_dotplot(data, **common),
         "deg_heatmap": lambda: _deg.deg_heatmap(data, **common, random_state=random_state),
         "validation_2d": lambda: _markers.validation_2d(data, **common, threshold=threshold, random_state=random_state),
@@ -201,8 +200,6 @@ def annotation_report(
                 except Exception as e:  # noqa: BLE001
                     entry["error"] = f"saving {name}.{fmt} failed: {type(e).__name__}: {e}"
                     logger.warning("%s: %s", fn, entry["error"])
-        if not keep_open:
-            plt.close(entry["figure"])
     drawn = [n for n, r in report.items() if r["error"] is None]
     logger.info("%s: drew %s%s", fn, ", ".join(drawn) or "nothing", f" into {directory}" if directory else "")
     return report

@@ -32,6 +32,7 @@ def threshold(
     random_state: int = 0,
     save: str | Path | None = None,
     dpi: int = 150,
+    show: bool = False,
 ) -> Figure:
     """Plot the score histogram with the threshold, and pairwise feature scatters coloured by class.
 
@@ -51,9 +52,15 @@ def threshold(
     random_state
         Seed of the subset drawn in the scatters.
     save
-        Path to save the figure to (the folder is created).
+        Path to save the figure to (format from the suffix, e.g. ``.png`` or ``.pdf``; the folder is created).
     dpi
         Resolution of the saved figure.
+    show
+        Keep the figure open in pyplot, so that matplotlib displays it: below the notebook cell (also in a loop, or
+        when the result is assigned), or at :func:`matplotlib.pyplot.show` in a script. By default (``False``) the
+        figure is closed in pyplot before it is returned: a notebook shows it once, as the cell's result (kept open,
+        it would be shown twice), and calls in loops and scripts leave no open figures. Either way it is returned,
+        ready to change or save.
 
     Returns
     -------
@@ -65,7 +72,9 @@ def threshold(
     import matplotlib.pyplot as plt
 
     from .._table import get_table
+    from ._utils import check_show, hand_over, save_figure
 
+    show = check_show(show, "threshold")
     adata = get_table(data, table_key)
     params, score, cluster = _classification(adata, key)
     features = list(params.get("features", []))
@@ -77,51 +86,55 @@ def threshold(
     ncols = min(n_panels, 4)
     nrows = int(np.ceil(n_panels / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
-    axes = axes.ravel()
+    try:
+        axes = axes.ravel()
 
-    thr = float(params["threshold"])
-    ax = axes[0]
-    edges = np.histogram_bin_edges(score, bins=bins)
-    high = cluster == 1
-    labels = [f"low ({int((~high).sum()):,})", f"high ({int(high.sum()):,})"]  # the scatters' legend too
-    ax.hist([score[~high], score[high]], bins=edges, stacked=True, color=[_LOW, _HIGH], label=labels)
-    ax.axvline(thr, color="k", ls="--", lw=1)  # its value is in the title
-    ax.set_yscale("log")
-    if len(features) > 1:
-        ax.set_xlabel(f"{key} score ({params.get('metagene')})")
-    else:
-        ax.set_xlabel(_axis_label(features[0], kinds[0]) if features else f"{key} score")
-    ax.set_ylabel("cells")
-    ax.set_title(f"{params.get('method', '')}: threshold {thr:.3g}, {int(high.sum())} / {high.size} high", fontsize=9)
-    ax.legend(frameon=False, fontsize=8)
+        thr = float(params["threshold"])
+        ax = axes[0]
+        edges = np.histogram_bin_edges(score, bins=bins)
+        high = cluster == 1
+        labels = [f"low ({int((~high).sum()):,})", f"high ({int(high.sum()):,})"]  # the scatters' legend too
+        ax.hist([score[~high], score[high]], bins=edges, stacked=True, color=[_LOW, _HIGH], label=labels)
+        ax.axvline(thr, color="k", ls="--", lw=1)  # its value is in the title
+        ax.set_yscale("log")
+        if len(features) > 1:
+            ax.set_xlabel(f"{key} score ({params.get('metagene')})")
+        else:
+            ax.set_xlabel(_axis_label(features[0], kinds[0]) if features else f"{key} score")
+        ax.set_ylabel("cells")
+        ax.set_title(
+            f"{params.get('method', '')}: threshold {thr:.3g}, {int(high.sum())} / {high.size} high", fontsize=9
+        )
+        ax.legend(frameon=False, fontsize=8)
 
-    if pairs:
-        rng = np.random.default_rng(random_state)
-        idx = np.arange(adata.n_obs)
-        if idx.size > max_points:
-            idx = np.sort(rng.choice(idx, size=max_points, replace=False))
-        values = _feature_values(adata[idx], pair_feats, kinds[: len(pair_feats)])
-        # Cells are drawn in a seeded random order, low and high mixed in one collection. Drawing one class after
-        # the other would hide the first wherever they overlap (e.g. the many cells with no count of a gene, piled
-        # on the axis): in a random order, the colour that shows where cells pile up follows the mix of the classes
-        # there, so neither class is hidden and neither looks more common than it is.
-        order = rng.permutation(idx.size)
-        colors = np.where(cluster[idx][order] == 1, _HIGH, _LOW)
-        subset = f"random {idx.size:,} of {adata.n_obs:,} cells" if idx.size < adata.n_obs else ""
-        for ax, (i, j) in zip(axes[1:], pairs):
-            ax.scatter(values[order, i], values[order, j], c=colors, s=3, lw=0, rasterized=True, gid="cells")
-            ax.set_xlabel(_axis_label(pair_feats[i], kinds[i]))
-            ax.set_ylabel(_axis_label(pair_feats[j], kinds[j]))
-            if subset:
-                ax.set_title(subset, fontsize=9)
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    if save is not None:
-        save = Path(save)
-        save.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=dpi, bbox_inches="tight")
-    return fig
+        if pairs:
+            rng = np.random.default_rng(random_state)
+            idx = np.arange(adata.n_obs)
+            if idx.size > max_points:
+                idx = np.sort(rng.choice(idx, size=max_points, replace=False))
+            values = _feature_values(adata[idx], pair_feats, kinds[: len(pair_feats)])
+            # Cells are drawn in a seeded random order, low and high mixed in one collection. Drawing one class after
+            # the other would hide the first wherever they overlap (e.g. the many cells with no count of a gene, piled
+            # on the axis): in a random order, the colour that shows where cells pile up follows the mix of the classes
+            # there, so neither class is hidden and neither looks more common than it is.
+            order = rng.permutation(idx.size)
+            colors = np.where(cluster[idx][order] == 1, _HIGH, _LOW)
+            subset = f"random {idx.size:,} of {adata.n_obs:,} cells" if idx.size < adata.n_obs else ""
+            for ax, (i, j) in zip(axes[1:], pairs):
+                ax.scatter(values[order, i], values[order, j], c=colors, s=3, lw=0, rasterized=True, gid="cells")
+                ax.set_xlabel(_axis_label(pair_feats[i], kinds[i]))
+                ax.set_ylabel(_axis_label(pair_feats[j], kinds[j]))
+                if subset:
+                    ax.set_title(subset, fontsize=9)
+        for ax in axes[n_panels:]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        if save is not None:
+            save_figure(fig, save, dpi=dpi)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return hand_over(fig, show)
 
 
 def _axis_label(feature: str, kind: str) -> str:

@@ -5,8 +5,8 @@ coordinate system is reduced to a 2D affine matrix (``x, y`` in, ``x, y`` out) w
 :func:`spatialdata.transformations.get_transformation`, and the geometry is transformed with numpy. Images are
 drawn with :meth:`~matplotlib.axes.Axes.imshow` in coordinate-system units, cells with matplotlib collections in data
 units (circles as :class:`~matplotlib.collections.EllipseCollection`, polygons as
-:class:`~matplotlib.collections.PolyCollection`, centroids as a scatter), so that image and cells align whatever their
-transforms are.
+:class:`~matplotlib.collections.PolyCollection`, centroids as a scatter, or, above ``MAX_SCATTER_POINTS`` of them, as
+an image of the points binned onto the axes' pixel grid), so that image and cells align whatever their transforms are.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from .._table import instance_positions
 from .._utils import write_atomically
 
 if TYPE_CHECKING:
+    from matplotlib.artist import Artist
     from matplotlib.axes import Axes
-    from matplotlib.collections import Collection
     from matplotlib.figure import Figure
     from matplotlib.image import AxesImage
     from spatialdata import SpatialData
@@ -43,6 +43,15 @@ MIN_SHAPE_POINTS = 1.5
 MAX_LABEL_PIXELS = 100_000_000
 #: Resolution of saved raster figures and of rasterized layers in vector figures.
 SAVE_DPI = 150
+#: Above this many cells drawn as points in one layer, the points are drawn as an image: each is binned onto a pixel
+#: grid of the axes at ``SAVE_DPI`` (the cell drawn last wins a pixel, as in a scatter). Matplotlib draws a million
+#: markers in about 10 s per rendering; binning them takes a fraction of a second, and the picture is the same at
+#: these sizes (a cell is a pixel or two).
+MAX_SCATTER_POINTS = 100_000
+#: Largest side, in pixels, of an image of points.
+MAX_POINT_IMAGE_PIXELS = 4000
+#: Most width, in pixels, of a point drawn into an image of points (larger points are drawn that wide).
+MAX_POINT_PIXELS = 25
 #: Most width of a cell's edge, as a share of the cell's diameter on screen (an edge is drawn half inside the cell:
 #: wider edges would hide the cell's colour).
 MAX_EDGE_FRACTION = 0.2
@@ -587,9 +596,10 @@ def draw_cells(
     linewidth: float = 0.8,
     point_size: float | None = None,
     max_shapes: int = MAX_SHAPES,
+    max_scatter_points: int | None = None,
     rasterized: bool = True,
     label: str = "cells",
-) -> list[Collection]:
+) -> list[Artist]:
     """Draw cells as one collection per geometry, coloured per table row.
 
     Set the axes limits before calling: points are sized from them. Call once per layer (e.g. a second call with
@@ -617,6 +627,9 @@ def draw_cells(
     max_shapes
         Above this many cells in one element, circles and polygons are drawn as points at their centres; so are
         cells whose median diameter on the figure is below ``MIN_SHAPE_POINTS`` (1.5 points).
+    max_scatter_points
+        Above this many points in one element (``None``: ``MAX_SCATTER_POINTS``), they are drawn as an image
+        (:func:`draw_points_image`) rather than as a scatter; the edges then outline the drawn cells as a whole.
     rasterized
         Rasterize the collections in vector output (keeps PDFs of many cells small).
     label
@@ -624,7 +637,7 @@ def draw_cells(
 
     Returns
     -------
-    The collections added.
+    The artists added: collections, or images for points above ``max_scatter_points``.
     """
     from matplotlib.collections import EllipseCollection, PolyCollection
     from matplotlib.colors import to_rgba
@@ -672,6 +685,14 @@ def draw_cells(
                 size = max(size, (72 / ax.figure.dpi) ** 2)  # at least a pixel
             else:
                 size = float(point_size)
+            limit = MAX_SCATTER_POINTS if max_scatter_points is None else max_scatter_points
+            if items.size > limit:
+                coll = draw_points_image(
+                    ax, geom.centers[items], fc, size=size, edgecolor=edgecolor, linewidth=linewidth
+                )
+                coll.set_label(f"{label} ({geom.source})")
+                collections.append(coll)
+                continue
             coll = ax.scatter(
                 geom.centers[items, 0],
                 geom.centers[items, 1],
@@ -685,6 +706,93 @@ def draw_cells(
         coll.set_label(f"{label} ({geom.source})")
         collections.append(coll)
     return collections
+
+
+def draw_points_image(
+    ax: Axes,
+    xy: np.ndarray,
+    colors: np.ndarray,
+    *,
+    size: float,
+    edgecolor: Any = None,
+    linewidth: float = 0.8,
+    dpi: float = SAVE_DPI,
+    zorder: float = 1,
+) -> AxesImage:
+    """Draw many points as one RGBA image over the current axes limits (what a scatter shows, far faster).
+
+    The axes' data range is cut into pixels of the size they have at ``dpi`` on the figure (at most
+    ``MAX_POINT_IMAGE_PIXELS`` a side); each point covers the pixels of a disc of its diameter (``sqrt(size)``
+    points, at least one pixel), and where points overlap, the one that comes last in ``xy`` wins, as in a scatter.
+    With ``edgecolor``, the pixels around the drawn points (a ring of one pixel, or ``linewidth`` when wider)
+    are drawn in that colour, as opaque as ``linewidth`` covers a pixel: an outline of the points as a whole, since
+    a point a pixel wide cannot have one of its own. Set the axes limits before calling.
+
+    Parameters
+    ----------
+    ax
+        Axes, with their final limits.
+    xy
+        ``(n, 2)`` point positions in data units.
+    colors
+        ``(n, 4)`` RGBA colours of the points.
+    size
+        Marker area in points², as for :meth:`~matplotlib.axes.Axes.scatter`.
+    edgecolor
+        Colour of the outline; ``None`` draws none.
+    linewidth
+        Outline width in points.
+    dpi
+        Resolution at which the image is made (the figure's rendering resamples it).
+    zorder
+        Drawing order (that of collections by default).
+
+    Returns
+    -------
+    The image, with its RGBA pixels as the array (row 0 at the top of the axes).
+    """
+    from matplotlib.colors import to_rgba
+    from scipy import ndimage
+
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    per_unit = _points_per_data_unit(ax) * dpi / 72  # pixels per data unit
+    nx = int(np.clip(np.ceil(abs(right - left) * per_unit), 1, MAX_POINT_IMAGE_PIXELS))
+    ny = int(np.clip(np.ceil(abs(top - bottom) * per_unit), 1, MAX_POINT_IMAGE_PIXELS))
+    xy = np.asarray(xy, dtype=float)
+    colors = np.asarray(colors, dtype=np.float32)
+    # positions in pixels, column from the left and row from the top of the axes (either axis may be inverted)
+    fx = (xy[:, 0] - left) / (right - left) * nx
+    fy = (xy[:, 1] - top) / (bottom - top) * ny
+    width = int(np.clip(np.round(np.sqrt(size) * dpi / 72), 1, MAX_POINT_PIXELS))
+    steps = np.arange(width) - (width - 1) / 2
+    winner = np.full(nx * ny, -1, dtype=np.int64)  # the last point drawn at each pixel
+    order = np.arange(len(xy))
+    for dy in steps:
+        for dx in steps:
+            if width > 2 and dx**2 + dy**2 > (width / 2) ** 2:  # a disc, as the round markers of a scatter
+                continue
+            col, row = np.floor(fx + dx), np.floor(fy + dy)
+            inside = (col >= 0) & (col < nx) & (row >= 0) & (row < ny)
+            pixel = row[inside].astype(np.int64) * nx + col[inside].astype(np.int64)
+            np.maximum.at(winner, pixel, order[inside])
+    winner = winner.reshape(ny, nx)
+    drawn = winner >= 0
+    rgba = np.zeros((ny, nx, 4), dtype=np.float32)
+    rgba[drawn] = colors[winner[drawn]]
+    if edgecolor is not None and drawn.any():
+        ring_px = linewidth * dpi / 72
+        ring = ndimage.binary_dilation(drawn, np.ones((3, 3), bool), iterations=max(1, int(np.round(ring_px)))) & ~drawn
+        edge = np.asarray(to_rgba(edgecolor), dtype=np.float32)
+        edge[3] *= min(1.0, ring_px)
+        rgba[ring] = edge
+    return ax.imshow(
+        rgba,
+        extent=(left, right, bottom, top),
+        origin="upper",
+        interpolation="antialiased",
+        aspect=ax.get_aspect(),
+        zorder=zorder,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -895,8 +1003,30 @@ def set_spatial_limits(ax: Axes, bounds: Bounds, *, pad: float = 0.02) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Saving
+# Showing and saving
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def check_show(show: Any, fn: str) -> bool:
+    """Validate the ``show`` argument of a plotting function."""
+    if not isinstance(show, bool | np.bool_):
+        raise TypeError(f"{fn}: show must be True or False, got {show!r}.")
+    return bool(show)
+
+
+def hand_over(fig: Figure, show: bool) -> Figure:
+    """Return ``fig``, closed in pyplot unless ``show``.
+
+    A figure closed in pyplot gets an Agg canvas (pyplot leaves it a bare one, whose ``draw`` does nothing), so that
+    ``fig.canvas.draw()`` and ``fig.canvas.buffer_rgba()`` work as on an open figure; saving and displaying need none.
+    """
+    if not show:
+        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        plt.close(fig)
+        FigureCanvasAgg(fig)  # sets fig.canvas
+    return fig
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = SAVE_DPI) -> Path:

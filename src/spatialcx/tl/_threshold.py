@@ -280,11 +280,9 @@ def classify_by_threshold(
 
             Path(plots_dir).mkdir(parents=True, exist_ok=True)
             save = Path(plots_dir) / f"{key_added}_threshold.png"
-        fig = plot_threshold(adata, key=key_added, save=save, random_state=random_state)
-        if save is not None:  # saved: do not keep figures open in loops and scripts
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
+        # saved: closed (no figures kept open in loops and scripts); not saved: left open in pyplot, so that a
+        # notebook shows it (the figure is not returned)
+        plot_threshold(adata, key=key_added, save=save, random_state=random_state, show=save is None)
 
     return result
 
