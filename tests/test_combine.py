@@ -405,3 +405,106 @@ def test_three_references_counts_by_hand(tmp_path):
         random_state=3,
     )
     assert list(again.obs_names) == list(balanced.obs_names)
+
+
+def test_random_state_none_or_a_generator_is_accepted():
+    ref = make_ref({"big": 200, "small": 15}, MOUSE_SYMBOLS)
+    unseeded = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=50, random_state=None)
+    assert unseeded.n_obs == 50 and unseeded.uns["spatialcx_combine"]["random_state"] == -1
+    kwargs = {"genes": MOUSE_SYMBOLS, "max_cells_per_ref": 50}
+    a = scx.pp.combine_references(ref, "label", random_state=np.random.default_rng(4), **kwargs)
+    b = scx.pp.combine_references(ref, "label", random_state=np.random.default_rng(4), **kwargs)
+    assert list(a.obs_names) == list(b.obs_names) and a.uns["spatialcx_combine"]["random_state"] == -1
+    assert (
+        scx.pp.combine_references(ref, "label", random_state=np.int64(4), **kwargs).uns["spatialcx_combine"][
+            "random_state"
+        ]
+        == 4
+    )
+
+
+def test_cell_caps_must_be_whole_numbers():
+    ref = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    with pytest.raises(TypeError, match="max_cells_per_ref must be a whole number or None, got str '100'"):
+        scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref="100")
+    with pytest.raises(TypeError, match="got bool True"):
+        scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=True)
+    with pytest.raises(ValueError, match=r"max_cells_per_ref must be a whole number >= 1 or None, got 10.5"):
+        scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=10.5)
+    with pytest.raises(ValueError, match="min_cells_per_type must be a whole number >= 0, got -1"):
+        scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, min_cells_per_type=-1)
+    out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=10.0)  # a YAML float
+    assert out.n_obs == 10 and out.uns["spatialcx_combine"]["max_cells_per_ref"] == 10
+
+
+def test_genes_none_matches_genes_across_case_and_names_disjoint_references():
+    mouse = make_ref({"T cell": 20}, MOUSE_SYMBOLS + ["Xist"])
+    human = make_ref({"B cell": 20}, ["CD3E", "ACTB", "SST", "GAD1", "FOO"], seed=1, prefix="d")
+    out = scx.pp.combine_references([mouse, human], "label")
+    assert list(out.var_names) == ["Gad1", "Sst", "Actb", "Cd3e"]  # first reference's order and spelling
+    np.testing.assert_array_equal(out.layers["counts"][20:].toarray(), human.X[:, [3, 2, 1, 0]].toarray())
+    other = make_ref({"B cell": 20}, ["A", "B", "C"], prefix="e")
+    with pytest.raises(ValueError, match=r"no gene in common \('ref0': 6 genes, e.g. \['Gad1', 'Gad2', 'Sst'\]; "):
+        scx.pp.combine_references([mouse, other], "label")
+
+
+def test_real_references_of_different_gene_case_with_genes_none(shared_data):
+    hypothalamus = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad"))
+    starmap = ad.read_h5ad(shared_data("starmap_mpfc", "starmap_mpfc.h5ad"))
+    folded = {g.casefold(): g for g in starmap.var_names}
+    expected = [g for g in hypothalamus.var_names if g.casefold() in folded]
+    assert len(expected) > 10 and not set(expected) & set(starmap.var_names)  # no gene spelled alike
+    out = scx.pp.combine_references(
+        {"hypothalamus": hypothalamus, "starmap": starmap}, "cell_type_author", min_cells_per_type=1
+    )
+    assert list(out.var_names) == expected
+    star = out[out.obs["reference_source"] == "starmap"]
+    truth = starmap[star.obs_names, [folded[g.casefold()] for g in expected]].X
+    np.testing.assert_array_equal(star.layers["counts"].toarray(), np.asarray(sp.csr_matrix(truth).toarray()))
+
+
+def test_label_keys_mapping_with_unnamed_references_is_a_clear_error():
+    ref = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    with pytest.raises(ValueError, match=r"label_keys is a mapping \(keys \['atlas'\]\) but references is a list"):
+        scx.pp.combine_references([ref], {"atlas": "label"}, genes=MOUSE_SYMBOLS)
+
+
+def test_a_reference_given_twice_is_warned_about(caplog, tmp_path):
+    ref = make_ref({"T cell": 20}, MOUSE_SYMBOLS)
+    ref.write_h5ad(tmp_path / "atlas.h5ad")
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.pp.combine_references([ref, make_ref({"T cell": 20}, MOUSE_SYMBOLS, prefix="d")], "label")
+    assert "same checksum" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.pp.combine_references({"a": ref, "b": ref}, "label")
+    assert "References ['a', 'b'] have the same checksum" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        out = scx.pp.combine_references([tmp_path / "atlas.h5ad", f"file://{tmp_path}/atlas.h5ad"], "label")
+    assert "References ['atlas', 'atlas-1'] have the same checksum" in caplog.text
+    assert out.n_obs == 40 and out.obs_names.is_unique
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_repeated_var_names_of_panel_genes_are_warned_about(caplog):
+    ref = make_ref({"T cell": 20}, ["Gad1", "Sst", "Gad1", "Actb", "Cd3e"])
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        out = scx.pp.combine_references(ref, "label", genes=["Sst", "Gad1", "Actb"])
+    assert "reference 'ref0': 1 panel genes are var names held more than once (e.g. ['Gad1'])" in caplog.text
+    np.testing.assert_array_equal(out.layers["counts"].toarray(), ref.X[:, [1, 0, 3]].toarray())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -2.0])
+def test_bad_values_missed_by_the_sampled_detection_are_an_error(monkeypatch, bad):
+    """The normalization check reads a sample of cells; a bad value in another cell must not reach the output."""
+    import spatialcx.pp._normalization as norm
+
+    monkeypatch.setattr(norm, "N_SAMPLE_ROWS", 5)
+    monkeypatch.setattr(norm, "MIN_SAMPLE_ROWS", 5)
+    ref = make_ref({"T cell": 100, "B cell": 100}, MOUSE_SYMBOLS)
+    x = ref.X.toarray()
+    x[137, 2] = bad
+    ref.X = sp.csr_matrix(x)
+    assert scx.pp.normalization_status(ref).raw_source == "X"  # the sample does not see it
+    with pytest.raises(ValueError, match=rf"Reference 'ref0': X holds {bad} for cell 'c137', gene 'Sst'; 1 values"):
+        scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)

@@ -150,3 +150,11 @@ def test_exact_matches_win_whatever_the_panel_order():
     assert m.n_case_insensitive == 0
     m = match_genes(["sst", "GAD1", "Gad1"], ["GAD1", "SST"])
     assert m.genes == ["sst", "GAD1"] and m.columns.tolist() == [1, 0] and m.n_case_insensitive == 1
+
+
+def test_repeated_names_of_found_genes_are_reported():
+    m = match_genes(["A", "B", "C"], pd.Index(["B", "A", "A", "c", "c"]))
+    assert m.genes == ["A", "B", "C"] and m.columns.tolist() == [1, 0, 3] and m.repeated == ["A", "C"]
+    assert match_genes(["A"], ["A", "B"]).repeated == []
+    ids = match_genes(["ENSG00000128683"], ["GAD1", "GAD1"], ids=["ENSG00000128683.1", "ENSG00000128683.2"])
+    assert ids.columns.tolist() == [0] and ids.repeated == ["ENSG00000128683"]

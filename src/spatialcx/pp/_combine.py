@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from ._harmonize import check_overlap, match_genes
 
 if TYPE_CHECKING:
     from ..io._reference import ReferenceHandle
+    from ._harmonize import GeneSymbols
 
 #: Key in ``.uns`` of the output of :func:`combine_references` with its parameters.
 COMBINE_UNS_KEY = "spatialcx_combine"
@@ -59,8 +62,15 @@ def _as_lists(references: Any, label_keys: Any) -> tuple[list[str | None], list[
     if isinstance(label_keys, str):
         keys = [label_keys] * len(refs)
     elif isinstance(label_keys, Mapping):
+        if None in names:
+            raise ValueError(
+                f"label_keys is a mapping (keys {list(label_keys)[:5]}) but references is a "
+                f"{type(references).__name__}, not a mapping, so the label keys cannot be matched to references by "
+                "name. Pass references as a mapping with the same names (e.g. {'atlas': adata}), or label_keys as "
+                "one string or a list in the order of references."
+            )
         missing = [n for n in names if n not in label_keys]
-        if None in names or missing:
+        if missing:
             raise ValueError(
                 "label_keys is a mapping, so references must be a mapping with the same names; missing label keys "
                 f"for {missing}."
@@ -103,6 +113,55 @@ def _warn_case_variants(counts: pd.Series) -> None:
         )
 
 
+def _whole_number(value: Any, name: str, minimum: int, *, none_ok: bool = False) -> int:
+    """``value`` as an int of at least ``minimum``; a TypeError / ValueError that names it otherwise."""
+    alternative = " or None" if none_ok else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a whole number{alternative}, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(value) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}{alternative}, got {value!r}.")
+    return int(value)
+
+
+def _warn_same_data(handles: list[ReferenceHandle]) -> None:
+    """Warn when references have the same checksum: a reference given twice has its cells counted twice."""
+    by_checksum: dict[str, list[str]] = {}
+    for h in handles:
+        if h.checksum:
+            by_checksum.setdefault(h.checksum, []).append(h.name)
+    for same in by_checksum.values():
+        if len(same) > 1:
+            logger.warning(
+                "References %s have the same checksum (of the file; in memory: of the cell names, gene names and "
+                "labels): they look like one reference given %d times, so each of its cells would count %d times in "
+                "training. Pass each reference once.",
+                same,
+                len(same),
+                len(same),
+            )
+
+
+def _check_values(counts: sp.csr_matrix, handle: ReferenceHandle, rows: np.ndarray, genes: list[str]) -> None:
+    """Raise a ValueError naming the first cell whose expression read is NaN, infinite or negative.
+
+    The normalization detection looks at a sample of cells only, so a few bad cells can get past it; they would turn
+    the training matrix into NaN (or negative expression) without a word.
+    """
+    bad = ~np.isfinite(counts.data) | (counts.data < 0)
+    if not bad.any():
+        return
+    pos = np.flatnonzero(bad)
+    bad_rows = np.searchsorted(counts.indptr, pos, side="right") - 1
+    first = int(pos[0])
+    raise ValueError(
+        f"Reference {handle.name!r}: {handle.where} holds {float(counts.data[first])} for cell "
+        f"{handle.obs_names[rows[bad_rows[0]]]!r}, gene {genes[counts.indices[first]]!r}; {len(pos)} values in "
+        f"{len(np.unique(bad_rows))} of the {counts.shape[0]} cells read are NaN, infinite or negative. Expression "
+        f"({handle.kind}) must be finite and >= 0, and the normalization check only looks at a sample of cells. Fix "
+        "or drop these cells in the reference, or give its raw counts in layers['counts']."
+    )
+
+
 def _counts_list(series: pd.Series) -> dict[str, list]:
     series = series[series > 0]
     return {"cell_types": [str(t) for t in series.index], "n_cells": [int(v) for v in series.to_numpy()]}
@@ -119,7 +178,7 @@ def combine_references(
     exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
     min_cells_per_type: int = 10,
     filter_min_cells: bool = True,
-    random_state: int = 0,
+    random_state: int | np.random.Generator | None = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> AnnData:
     """Combine labelled references into one training set over the genes they share with the panel.
@@ -157,8 +216,8 @@ def combine_references(
         The label column of each reference; one string for all, a sequence, or a mapping by source name.
     genes
         The panel: a list of gene names, or the spatial table / SpatialData itself (its
-        :func:`~spatialcx.pp.panel_genes`). ``None`` uses the genes shared by all references (in the first
-        reference's order).
+        :func:`~spatialcx.pp.panel_genes`). ``None`` uses the genes shared by all references, matched as panel
+        genes are (so mouse ``Gad1`` and human ``GAD1`` are one gene), in the first reference's order and spelling.
     output_key
         obs column of the output holding the labels.
     source_key
@@ -172,14 +231,16 @@ def combine_references(
     filter_min_cells
         Remove types below ``min_cells_per_type`` (otherwise keep them with a warning).
     random_state
-        Seed of the cell draws.
+        Seed of the cell draws, or a :class:`numpy.random.Generator`; ``None`` draws differently on every call
+        (recorded as ``-1``).
     cache_dir
         Cache folder for remote URIs.
 
     Returns
     -------
     A new in-memory AnnData: kept cells x shared genes (symbols, panel spelling), ``layers["counts"]`` the raw
-    counts (CSR float32), ``X`` their ``log1p(normalize_total(., 1e4))`` (CSR float32), obs ``output_key`` and
+    counts (CSR float32; for a reference with only log1p(10k) data, ``expm1`` of it: counts per 10,000, not
+    integers), ``X`` their ``log1p(normalize_total(., 1e4))`` (CSR float32), obs ``output_key`` and
     ``source_key`` (categorical). ``uns["spatialcx_references"]`` is a dict keyed by source name, one entry per
     reference (``index``, ``name``, ``uri``, ``checksum``, ``label_key``, ``expression`` and ``expression_source``,
     ``gene_names``, ``n_cells``, ``n_cells_labelled``, ``n_panel_genes``, ``n_panel_genes_found``,
@@ -188,10 +249,9 @@ def combine_references(
     """
     from ..io._reference import choose_cells, clean_labels, open_reference
 
-    if min_cells_per_type < 0:
-        raise ValueError(f"min_cells_per_type must be >= 0, got {min_cells_per_type}.")
-    if max_cells_per_ref is not None and max_cells_per_ref < 1:
-        raise ValueError(f"max_cells_per_ref must be >= 1 or None, got {max_cells_per_ref}.")
+    min_cells_per_type = _whole_number(min_cells_per_type, "min_cells_per_type", 0)
+    if max_cells_per_ref is not None:
+        max_cells_per_ref = _whole_number(max_cells_per_ref, "max_cells_per_ref", 1, none_ok=True)
     from .._table import check_key
 
     check_key(output_key, "output_key")
@@ -223,18 +283,25 @@ def combine_references(
         for h, n in zip(handles, source_names):
             h.name = n
             h.labels = clean_labels(h.labels, n)
+        _warn_same_data(handles)
 
         # genes --------------------------------------------------------------------------------------------------
         symbols = [h.symbols() for h in handles]
         if panel is None:
-            common = set(symbols[0].symbols)
-            for s in symbols[1:]:
-                common &= set(s.symbols)
-            panel = [g for g in dict.fromkeys(symbols[0].symbols) if g in common]
+            panel = _genes_in_every_reference(handles, symbols)
         matches = [match_genes(panel, s.symbols, ids=h.var_names) for h, s in zip(handles, symbols)]
         found_sets = [set(m.genes) for m in matches]
         shared = [g for g in panel if all(g in f for f in found_sets)]
         for h, m in zip(handles, matches):
+            if m.repeated:
+                logger.warning(
+                    "reference %r: %d panel genes are var names held more than once (e.g. %s); the first entry of "
+                    "each is used and the others are left out. Make var names unique (adata.var_names_make_unique()) "
+                    "or sum the repeated entries first if they are the same gene.",
+                    h.name,
+                    len(m.repeated),
+                    m.repeated[:5],
+                )
             log = logger.warning if m.missing else logger.info
             log(
                 "reference %r: %d of %d panel genes found (%d case-insensitively)%s",
@@ -326,6 +393,7 @@ def combine_references(
         empty_counts: list[int] = []
         for h, rows, cols in progress(zip(handles, chosen, shared_cols), total=len(handles), desc="references"):
             counts = h.read(rows, cols)
+            _check_values(counts, h, rows, shared)
             if h.kind == "log1p":
                 counts.data = np.expm1(counts.data)
             totals = np.asarray(counts.sum(axis=1)).ravel()
@@ -334,7 +402,7 @@ def combine_references(
             if not nonempty.all():
                 counts, rows = counts[nonempty], rows[nonempty]
             counts.eliminate_zeros()
-            blocks.append(counts.astype(np.float32))
+            blocks.append(counts.astype(np.float32, copy=False))
             obs_parts.append(
                 pd.DataFrame(
                     {output_key: h.labels.to_numpy()[rows].astype(str), source_key: h.name},
@@ -369,7 +437,8 @@ def combine_references(
                 f"{len(shared)} shared genes. Lower min_cells_per_type or check the references."
             )
 
-        counts = sp.vstack(blocks, format="csr").astype(np.float32)
+        counts = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr", dtype=np.float32)
+        del blocks  # the blocks are in counts now: not held twice while X is computed
         obs[output_key] = pd.Categorical(obs[output_key])
         obs[source_key] = pd.Categorical(obs[source_key], categories=[h.name for h in handles])
         provenance: dict[str, dict[str, Any]] = {}
@@ -417,11 +486,29 @@ def combine_references(
         "min_cells_per_type": int(min_cells_per_type),
         "filter_min_cells": bool(filter_min_cells),
         "removed_types": [str(t) for t in small] if filter_min_cells else [],
-        "random_state": int(random_state),
+        "random_state": int(random_state) if isinstance(random_state, int | np.integer) else -1,
         "target_sum": float(TARGET_SUM),
     }
     logger.info("Combined %d references: %d cells x %d genes.", len(handles), out.n_obs, out.n_vars)
     return out
+
+
+def _genes_in_every_reference(handles: list[ReferenceHandle], symbols: list[GeneSymbols]) -> list[str]:
+    """Genes of the first reference found in every other one, matched as panel genes are (see :func:`match_genes`)."""
+    shared = list(dict.fromkeys(symbols[0].symbols))
+    for s in symbols[1:]:
+        found = set(match_genes(shared, s.symbols).genes)
+        shared = [g for g in shared if g in found]
+    if not shared:
+        per_ref = "; ".join(
+            f"{h.name!r}: {len(s.symbols)} genes, e.g. {list(s.symbols[:3])}" for h, s in zip(handles, symbols)
+        )
+        raise ValueError(
+            f"The references have no gene in common ({per_ref}). With genes=None the genes found in every reference "
+            "are used. Check that the references are of one species and name genes alike (symbols or Ensembl ids, "
+            "with var['feature_name'] for the ids), or pass the panel as genes=."
+        )
+    return shared
 
 
 def _panel_list(genes: Any) -> list[str] | None:

@@ -207,12 +207,15 @@ class GeneMatch:
         Panel genes not found.
     n_case_insensitive
         Genes found only by case-insensitive matching (e.g. panel ``Gad1``, reference ``GAD1``).
+    repeated
+        Found genes whose name the reference holds more than once (only the first entry is used).
     """
 
     genes: list[str]
     columns: np.ndarray
     missing: list[str] = field(default_factory=list)
     n_case_insensitive: int = 0
+    repeated: list[str] = field(default_factory=list)
 
     @property
     def n_found(self) -> int:
@@ -256,7 +259,10 @@ def match_genes(
     exact: dict[str, int] = {}
     folded: dict[str, int] = {}
     ambiguous: set[str] = set()
+    repeated_cols: set[int] = set()
     for i, key in enumerate(keys):
+        if key in exact:
+            repeated_cols.add(exact[key])
         exact.setdefault(key, i)
         low = key.casefold()
         if low in folded and keys[folded[low]] != key:
@@ -286,7 +292,14 @@ def match_genes(
     genes = [panel[j] for j in sorted(col_of)]
     columns = [col_of[j] for j in sorted(col_of)]
     missing = [g for j, g in enumerate(panel) if j not in col_of]
-    return GeneMatch(genes=genes, columns=np.asarray(columns, dtype=np.int64), missing=missing, n_case_insensitive=n_ci)
+    repeated = [g for g, col in zip(genes, columns) if col in repeated_cols]
+    return GeneMatch(
+        genes=genes,
+        columns=np.asarray(columns, dtype=np.int64),
+        missing=missing,
+        n_case_insensitive=n_ci,
+        repeated=repeated,
+    )
 
 
 def check_overlap(
