@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, output_keys
+from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, label_list, output_keys
+from spatialcx._settings import logger
 from spatialcx._utils import as_str_array
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def confidence_metrics(
     *,
     known_classes: Sequence[str] | None = None,
     threshold: float = 0.8,
-    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
+    exclude_labels: Sequence[str] | str | None = DEFAULT_EXCLUDE_LABELS,
 ) -> dict[str, float]:
     """Accuracy of the predictions and usefulness of their confidence, against true labels.
 
@@ -61,7 +62,7 @@ def confidence_metrics(
     threshold
         Confidence threshold (cells below it would be ``Unassigned``).
     exclude_labels
-        True labels that are not cell types.
+        True labels that are not cell types (a str is one label; ``None``: the default list).
 
     Returns
     -------
@@ -82,15 +83,43 @@ def confidence_metrics(
         )
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
-    if np.isnan(conf).any() or (conf < 0).any() or (conf > 1).any():
-        raise ValueError("confidence must hold values in [0, 1] without NaN.")
-    labelled = y.notna().to_numpy() & ~y.astype(str).isin(list(exclude_labels)).to_numpy()
+    bad = np.isnan(conf) | (conf < 0) | (conf > 1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"confidence must hold values in [0, 1] without NaN; {int(bad.sum())} of {conf.size} value(s) do not "
+            f"(the first, at position {first}, is {float(conf[first])}). Evaluate only the cells that were predicted, "
+            "with the confidence as predict wrote it."
+        )
+    labelled = y.notna().to_numpy() & ~y.astype(str).isin(label_list(exclude_labels)).to_numpy()
     y_str = y.astype(str).to_numpy()
-    known = labelled if known_classes is None else labelled & np.isin(y_str, as_str_array(known_classes))
+    if known_classes is None:
+        known = labelled
+    else:  # a set or any other collection of class names
+        classes = as_str_array(list(known_classes))
+        known = labelled & np.isin(y_str, classes)
+        if labelled.any() and not known.any():
+            logger.warning(
+                "confidence_metrics: none of the %d labelled cells has a true label among the model's %d classes "
+                "(true labels e.g. %s; classes e.g. %s), so every cell counts as an unseen type and the accuracy "
+                "metrics are NaN. If the labels name the same types differently, map them to the model's classes.",
+                int(labelled.sum()),
+                classes.size,
+                [str(v) for v in pd.unique(y_str[labelled])[:3]],
+                [str(v) for v in classes[:3]],
+            )
     unseen = labelled & ~known
     out: dict[str, float] = {"n_cells": int(known.sum()), "n_unseen": int(unseen.sum())}
     if known.any():
         correct = y_str[known] == pred[known]
+        if not np.isin(pred[known], y_str[known]).any():
+            logger.warning(
+                "confidence_metrics: the predicted labels (e.g. %s) and the true labels (e.g. %s) have no label in "
+                "common, so every call counts as wrong. If they name the same types differently (e.g. Cell Ontology "
+                "names against the authors' labels), map one onto the other first.",
+                [str(v) for v in pd.unique(pred[known])[:3]],
+                [str(v) for v in pd.unique(y_str[known])[:3]],
+            )
         c = conf[known]
         out["accuracy"] = float(correct.mean())
         out["macro_f1"] = float(f1_score(y_str[known], pred[known], average="macro", zero_division=0))
@@ -111,7 +140,7 @@ def compare_confidence_methods(
     methods: Sequence[str] | None = None,
     calibration: Mapping[str, Any] | CellTypeModel | None = None,
     threshold: float = 0.8,
-    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
+    exclude_labels: Sequence[str] | str | None = DEFAULT_EXCLUDE_LABELS,
     without_counts: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """:func:`~spatialcx.tl.confidence_metrics` of every confidence method on the same decision scores.
@@ -166,7 +195,7 @@ def evaluate_confidence(
     threshold: float = 0.8,
     methods: Sequence[str] | None = None,
     calibration: Mapping[str, Any] | CellTypeModel | None = None,
-    exclude_labels: Sequence[str] = DEFAULT_EXCLUDE_LABELS,
+    exclude_labels: Sequence[str] | str | None = DEFAULT_EXCLUDE_LABELS,
     table_key: str = "table",
 ) -> pd.DataFrame:
     """Evaluate the predictions written by :func:`~spatialcx.tl.predict` / :func:`~spatialcx.tl.annotate` on a table.
@@ -197,9 +226,12 @@ def evaluate_confidence(
     -------
     One row per method, the columns of :func:`~spatialcx.tl.confidence_metrics`. Nothing in ``data`` changes.
     """
-    from spatialcx._table import get_table
+    from anndata import AnnData
 
-    adata = get_table(data, table_key)
+    from spatialcx._table import get_table, obs_column
+
+    # a view is read as it is (get_table would make it an actual AnnData, copying its data)
+    adata = data if isinstance(data, AnnData) else get_table(data, table_key)
     keys = output_keys(key)
     if truth_key not in adata.obs:
         raise KeyError(f"truth_key {truth_key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
@@ -210,14 +242,14 @@ def evaluate_confidence(
             f"key_added={key!r} first."
         )
     classes = as_str_array(params["classes"])
-    truth = adata.obs[truth_key]
+    truth = obs_column(adata, truth_key)  # also for a table read lazily
     if methods is not None:
         if keys["decision_scores"] not in adata.obsm:
             raise KeyError(
                 f"obsm[{keys['decision_scores']!r}] is missing: recomputing confidence methods needs the decision "
                 "scores; predict with `store_decision_scores=True`."
             )
-        n_genes = adata.obs[keys["n_genes"]].to_numpy() if keys["n_genes"] in adata.obs else None
+        n_genes = obs_column(adata, keys["n_genes"]).to_numpy() if keys["n_genes"] in adata.obs else None
         return compare_confidence_methods(
             np.asarray(adata.obsm[keys["decision_scores"]]),
             classes,
@@ -233,8 +265,8 @@ def evaluate_confidence(
             raise KeyError(f"obs[{col!r}] is missing: run `scx.tl.predict` or `scx.tl.annotate` first.")
     row = confidence_metrics(
         truth,
-        adata.obs[keys["predicted"]].astype(str).to_numpy(),
-        adata.obs[keys["confidence"]].to_numpy(dtype=np.float64),
+        obs_column(adata, keys["predicted"]).astype(str).to_numpy(),
+        obs_column(adata, keys["confidence"]).to_numpy(dtype=np.float64),
         known_classes=classes,
         threshold=threshold,
         exclude_labels=exclude_labels,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Real
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,12 +21,13 @@ COUNT_FILTER_KEYS = ("min_cells_per_type", "removed_types")
 
 
 def _labels(values: pd.Series) -> np.ndarray:
-    """Labels as an object array of ``str``, missing values kept as ``None`` (never the string ``"nan"``)."""
-    out = values.astype(object).to_numpy(dtype=object)
-    missing = pd.isna(out)
-    out[~missing] = [str(v) for v in out[~missing]]
-    out[missing] = None
-    return out
+    """Labels as an object array of ``str``, missing values kept as ``None`` (never the string ``"nan"``).
+
+    Each distinct label is converted once (a table of a million cells has a few dozen), not each cell.
+    """
+    codes, uniques = pd.factorize(values)  # missing values get the code -1: the ``None`` appended last
+    names = np.array([str(u) for u in uniques] + [None], dtype=object)
+    return names[codes]
 
 
 def _base_labels(adata: AnnData, key: str, source_key: str | None) -> np.ndarray:
@@ -38,9 +40,7 @@ def _base_labels(adata: AnnData, key: str, source_key: str | None) -> np.ndarray
     if predicted in adata.obs:
         names = _class_lists(adata, key, "names")
         labels = _labels(adata.obs[predicted])
-        if names:
-            labels = np.array([v if v is None else names.get(v, v) for v in labels], dtype=object)
-        return labels
+        return _lookup(labels, names, labels) if names else labels
     if key in adata.obs:
         return _labels(adata.obs[key])
     raise KeyError(
@@ -90,7 +90,7 @@ def _ontology_columns(
     class_ids = _class_lists(adata, key, "ontology_term_ids") if from_predictions else {}
     if class_ids and keys["predicted"] in adata.obs:
         predicted = _labels(adata.obs[keys["predicted"]])
-        ids = np.array([class_ids.get(v, UNKNOWN_ONTOLOGY_ID) for v in predicted], dtype=object)
+        ids = _lookup(predicted, class_ids, np.full(len(predicted), UNKNOWN_ONTOLOGY_ID, dtype=object))
         ids[unassigned] = UNKNOWN_ONTOLOGY_ID
         return ids, None  # annotate's names are already unfiltered
     terms = _recorded_terms(adata, key)
@@ -196,7 +196,7 @@ def filter_low_confidence(
     confidence_key
         Column with the confidence in [0, 1]; defaults to ``{key}_confidence``.
     threshold
-        Cells with confidence strictly below it become ``unassigned_label``.
+        Cells with confidence strictly below it (or missing) become ``unassigned_label``.
     unassigned_label
         Label of filtered cells.
     source_key
@@ -214,16 +214,20 @@ def filter_low_confidence(
     restores them.
     ``{key}_ontology_label`` stays unfiltered: it names every cell's label before filtering (for a mapping made by
     ``add_ontology_ids`` on filtered labels, the names of the cells it restores come back too). Missing labels stay
-    missing.
+    missing, whatever the confidence (a cell without a label has no call to filter).
 
     Raises
     ------
+    TypeError
+        When the threshold is not a number.
     ValueError
         When the threshold is not in [0, 1], or the confidence column holds values that are not numbers or lie
         outside [0, 1] (a percentage, say).
     """
     from spatialcx._table import resolve_table
 
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise TypeError(f"threshold must be a number in [0, 1] (a confidence), got {threshold!r}.")
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1] (a confidence), got {threshold}.")
     confidence_key = confidence_key or f"{key}_confidence"
@@ -235,7 +239,8 @@ def filter_low_confidence(
         )
     conf = _check_confidence(adata, confidence_key)
     base = _base_labels(adata, key, source_key)
-    low = ~(conf >= threshold)  # NaN confidence counts as low
+    # NaN confidence counts as low; a cell without a label has no call to filter: it stays missing
+    low = ~(conf >= threshold) & ~pd.isna(base)
     labels = np.where(low, unassigned_label, base)
     from_predictions = source_key is None or source_key == key + PREDICTED_SUFFIX
     terms = _ontology_columns(adata, key, labels, base, labels == unassigned_label, from_predictions=from_predictions)
@@ -269,7 +274,7 @@ def filter_low_count_types(
     *,
     key: str = KEY_ADDED,
     min_cells: int = 10,
-    unassigned_label: str = UNASSIGNED,
+    unassigned_label: str | None = None,
     table_key: str = "table",
     copy: bool = False,
     write: bool = True,
@@ -286,25 +291,34 @@ def filter_low_count_types(
         Label column to filter in place.
     min_cells
         Types with fewer cells become ``unassigned_label``.
-    unassigned_label, table_key, copy, write
+    unassigned_label
+        Label of removed cells; cells that already carry it are not a type. ``None``: the label
+        :func:`filter_low_confidence` recorded in ``uns[key]["unassigned_label"]``, else ``"Unassigned"``, so that one
+        label names every unassigned cell.
+    table_key, copy, write
         As in :func:`filter_low_confidence`.
 
     Returns
     -------
     The copy when ``copy=True``, else None. ``uns[key]["removed_types"]`` lists the removed types, those of earlier
-    calls included (filtering again is idempotent), and ``uns[key]["min_cells_per_type"]`` the largest ``min_cells``
-    still in effect. Cells of removed types get ``unknown`` in ``{key}_ontology_term_id`` when the table has that
-    column; missing labels stay missing and do not count as a type. :func:`filter_low_confidence` starts again from
-    the unfiltered labels: it restores the removed types and drops this record.
+    calls included (filtering again is idempotent), ``uns[key]["min_cells_per_type"]`` the largest ``min_cells``
+    still in effect, and ``uns[key]["unassigned_label"]`` the label their cells got. Cells of removed types get
+    ``unknown`` in ``{key}_ontology_term_id`` when the table has that column; missing labels stay missing and do not
+    count as a type. :func:`filter_low_confidence` starts again from the unfiltered labels: it restores the removed
+    types and drops this record.
     """
     from spatialcx._table import resolve_table
 
-    if min_cells < 0:
-        raise ValueError(f"min_cells must be >= 0, got {min_cells}.")
+    if isinstance(min_cells, bool) or not isinstance(min_cells, Real) or not (min_cells >= 0 and min_cells % 1 == 0):
+        raise ValueError(f"min_cells must be a whole number >= 0 (a count of cells), got {min_cells!r}.")
+    min_cells = int(min_cells)
     ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     if key not in adata.obs:
         raise KeyError(f"{key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
+    if unassigned_label is None:
+        recorded = adata.uns[key].get("unassigned_label") if isinstance(adata.uns.get(key), Mapping) else None
+        unassigned_label = UNASSIGNED if recorded is None else str(recorded)
     base = _labels(adata.obs[key])
     counts = pd.Series(base).value_counts()  # missing labels are not a type
     rare = [str(t) for t, c in counts.items() if c < min_cells and t != unassigned_label]
@@ -317,6 +331,12 @@ def filter_low_count_types(
     # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
     _write_terms(adata, key, terms)
-    params.update({COUNT_FILTER_KEYS[0]: effective, COUNT_FILTER_KEYS[1]: sorted({*rare, *earlier})})
+    params.update(
+        {
+            COUNT_FILTER_KEYS[0]: effective,
+            COUNT_FILTER_KEYS[1]: sorted({*rare, *earlier}),
+            "unassigned_label": unassigned_label,
+        }
+    )
     adata.uns[key] = params
     return ref.finish(write=write, elements=("obs", "uns"))
