@@ -94,6 +94,13 @@ def test_missing_labels_are_dropped():
     ref.obs.iloc[:5, 0] = np.nan
     out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
     assert out.n_obs == 35 and out.uns["spatialcx_references"]["ref0"]["n_cells_labelled"] == 35
+    # the same missing labels once written out as text (astype(str) of NaN / pd.NA) are no cell type either
+    for missing in (np.nan, pd.NA):
+        ref.obs["label"] = ref.obs["label"].astype(object)
+        ref.obs.iloc[:5, 0] = missing
+        ref.obs["label"] = ref.obs["label"].astype(str)
+        out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, min_cells_per_type=1)
+        assert set(out.obs["original_label"].cat.categories) == {"T cell", "B cell"} and out.n_obs == 35
 
 
 def test_min_cells_per_type_removes_or_warns(caplog):
