@@ -34,6 +34,22 @@ def shared_data():
     return shared_path
 
 
+@pytest.fixture(scope="session")
+def xenium_bone_marrow():
+    """The real Xenium bone marrow (84,518 cells x 477 genes) with its graph-based clusters in obs['cluster'].
+
+    Read once per session: tests take a ``.copy()`` before writing into it.
+    """
+    import pandas as pd
+    import scanpy as sc
+
+    folder = shared_path("xenium_bonemarrow")
+    adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
+    clusters = pd.read_parquet(folder / "cell_clusters_graphclust.parquet")["cluster"]
+    adata.obs["cluster"] = pd.Categorical(clusters.reindex(adata.obs_names).astype("string"))
+    return adata
+
+
 @pytest.fixture
 def merfish_store(tmp_path) -> Path:
     """A writable copy of the real MERFISH SpatialData store (older zarr v2 layout), in ``tmp_path``."""

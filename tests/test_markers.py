@@ -138,14 +138,9 @@ def test_a_file_s_gene_lists_are_cleaned_and_checked(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bone_marrow_domains(shared_data):
+def bone_marrow_domains(xenium_bone_marrow):
     """Xenium bone marrow (84,518 cells x 477 genes): graph clusters, their counts, and their names from the markers."""
-    import scanpy as sc
-
-    folder = shared_data("xenium_bonemarrow")
-    adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
-    clusters = pd.read_parquet(folder / "cell_clusters_graphclust.parquet")["cluster"]
-    adata.obs["cluster"] = pd.Categorical(clusters.reindex(adata.obs_names).astype("string"))
+    adata = xenium_bone_marrow.copy()
     scx.tl.score_signatures(adata, scx.tl.load_canonical_markers(tissue="bone marrow"))
     scx.tl.annotate_domains(adata, "cluster", key_added="domain")
     labels = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))

@@ -703,18 +703,6 @@ def test_brain_markers_name_starmap_domains_without_other_organs(shared_data):
         assert labels["brain"][group] == labels[None][group]  # the brain's own types are named as before
 
 
-@pytest.fixture(scope="module")
-def xenium_bone_marrow(shared_data):
-    """The real Xenium bone marrow (84,518 cells x 477 genes) with its graph-based clusters in obs['cluster']."""
-    import scanpy as sc
-
-    folder = shared_data("xenium_bonemarrow")
-    adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
-    clusters = pd.read_parquet(folder / "cell_clusters_graphclust.parquet")["cluster"]
-    adata.obs["cluster"] = pd.Categorical(clusters.reindex(adata.obs_names).astype("string"))
-    return adata
-
-
 def top_clusters(adata, gene, n=3):
     """The ``n`` clusters with the most counts of ``gene`` per cell."""
     counts = pd.Series(np.asarray(adata[:, gene].X.todense()).ravel(), index=adata.obs_names)

@@ -753,11 +753,8 @@ def marker_dotplot(
     dpi
         Resolution of the saved figure.
     show
-        Keep the figure open in pyplot, so that matplotlib displays it: below the notebook cell (also in a loop, or
-        when the result is assigned), or at :func:`matplotlib.pyplot.show` in a script. By default (``False``) the
-        figure is closed in pyplot before it is returned: a notebook shows it once, as the cell's result (kept open,
-        it would be shown twice), and calls in loops and scripts leave no open figures. Either way it is returned,
-        ready to change or save.
+        Also leave the figure open in pyplot (for a loop or :func:`matplotlib.pyplot.show`); by default it is closed
+        in pyplot and returned, which a notebook shows once, as the cell's result.
 
     Returns
     -------
@@ -1020,11 +1017,8 @@ def validation_2d(
     dpi
         Resolution of the saved figure.
     show
-        Keep the figure open in pyplot, so that matplotlib displays it: below the notebook cell (also in a loop, or
-        when the result is assigned), or at :func:`matplotlib.pyplot.show` in a script. By default (``False``) the
-        figure is closed in pyplot before it is returned: a notebook shows it once, as the cell's result (kept open,
-        it would be shown twice), and calls in loops and scripts leave no open figures. Either way it is returned,
-        ready to change or save.
+        Also leave the figure open in pyplot (for a loop or :func:`matplotlib.pyplot.show`); by default it is closed
+        in pyplot and returned, which a notebook shows once, as the cell's result.
 
     Returns
     -------
