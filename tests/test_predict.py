@@ -568,6 +568,11 @@ def test_no_shared_genes_error_says_where_the_model_genes_are(model):
     q.var = q.var.drop(columns="symbol")
     with pytest.raises(ValueError, match="The table's genes are Ensembl ids and the model's are gene symbols"):
         scx.tl.predict(q, model)
+    # the same genes in another case (a mouse panel's Aqp4 against a model's aqp4): counted and explained
+    q = _data(n=100, seed=17)
+    q.var_names = [g.lower() for g in q.var_names.astype(str)]
+    with pytest.raises(ValueError, match=r"Only 0 of .* 70 of the model's genes are in the table when case is ignored"):
+        scx.tl.predict(q, model)
 
 
 def test_model_descriptions_put_in_uns_stay_storable(model, tmp_path):

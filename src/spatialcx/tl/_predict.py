@@ -475,6 +475,14 @@ def _find_gene_names(adata: AnnData, where: str, model: CellTypeModel, n_found: 
             f" The table's genes are {'Ensembl ids' if table_ids else 'gene symbols'} and the model's are "
             f"{'Ensembl ids' if model_ids else 'gene symbols'}: name both the same way."
         )
+    folded = {str(g).casefold() for g in var.index}
+    n_folded = sum(str(g).casefold() in folded for g in features)
+    if n_folded > n_found:
+        return (
+            f" {n_folded} of the model's genes are in the table when case is ignored (e.g. the model's "
+            f"{features[0]!r}): a model trained with `genes=data` takes the panel's spelling (train matches genes "
+            "case-insensitively); predict matches names exactly."
+        )
     return ""
 
 
@@ -524,7 +532,12 @@ def write_predictions(
                 f"{source}_ontology_term_id",
             )
         else:
-            logger.info("Removed obs columns %s of an earlier run (they named the labels now replaced).", stale)
+            logger.info(
+                "Removed obs columns %s of an earlier run (they named the labels now replaced); "
+                "scx.tl.add_ontology_ids(data, %r) maps the new labels.",
+                stale,
+                key_added,
+            )
         adata.obs = adata.obs.drop(columns=stale)
 
 
