@@ -560,3 +560,27 @@ def test_polygons_claimed_by_a_later_run_are_kept():
     scx.tl.spatial_domains(sdata, "selected", max_distance=55, add_shapes=True, shapes_key="dom", key_added="d2")
     scx.tl.spatial_domains(sdata, "selected", max_distance=15)  # 'dom' now holds d2's polygons
     assert list(sdata.shapes["dom"]["n_cells"]) == [265, 176]
+
+
+def test_new_domains_drop_the_names_annotate_domains_gave_the_old_ones(tmp_path, caplog):
+    """Re-running spatial_domains with other settings removes the earlier domain names (memory and store)."""
+    from spatialdata import read_zarr
+
+    sdata = grid_sdata()
+    sdata.write(tmp_path / "g.zarr")
+    sdata = read_zarr(tmp_path / "g.zarr")
+    table = sdata.tables["table"]
+    in_a = table.obs["block"].to_numpy() == "A"
+    table.obsm["signature"] = np.column_stack([in_a, ~in_a]).astype(float) + np.linspace(0, 0.1, table.n_obs)[:, None]
+    table.uns["signature"] = {"names": ["A type", "other type"]}
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15)
+    scx.tl.annotate_domains(sdata, "domain")
+    assert {"domain_annotation", "domain_annotation_cell"} <= set(table.obs)
+    scx.tl.spatial_domains(sdata, "selected", max_distance=15)  # the same domains: their names stay
+    assert "domain_annotation" in sdata.tables["table"].uns
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(sdata, "selected", max_distance=55)  # C joins A: other domains
+    assert "removing the names that annotate_domains gave the domains of an earlier run" in caplog.text
+    for t in (sdata.tables["table"], read_zarr(tmp_path / "g.zarr").tables["table"]):
+        assert "domain_annotation" not in t.uns and "signature" in t.uns
+        assert not {"domain_annotation", "domain_annotation_cell"} & set(t.obs) and "domain" in t.obs

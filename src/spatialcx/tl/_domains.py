@@ -120,7 +120,9 @@ def spatial_domains(
     -------
     ``None``, or a copy of ``data`` when ``copy=True``. Writes ``obs[key_added]`` and ``uns[key_added]`` (domain
     names and sizes, the distance used and where it came from, merge / drop counts), and with ``add_shapes`` the
-    shapes element ``shapes_key`` indexed by domain name with a ``n_cells`` column.
+    shapes element ``shapes_key`` indexed by domain name with a ``n_cells`` column. Domain names that
+    :func:`~spatialcx.tl.annotate_domains` gave the domains of an earlier run (grouped by ``key_added``) are removed,
+    with a warning, when the domains change.
 
     Raises
     ------
@@ -258,11 +260,24 @@ def spatial_domains(
     # assign (everything computed and validated above)
     codes = np.full(adata.n_obs, -1, dtype=np.int64)
     codes[sel_idx] = labels_sel
-    adata.obs[key_added] = (
+    domains = (
         pd.Categorical.from_codes(codes, categories=names)
         if names
         else pd.Categorical([np.nan] * adata.n_obs, categories=[])
     )
+    stale_names = _stale_annotations(adata, key_added, domains)
+    adata.obs[key_added] = domains
+    if stale_names:
+        for name in stale_names:
+            del adata.uns[name]
+        adata.obs = adata.obs.drop(columns=[c for k in stale_names for c in (k, f"{k}_cell") if c in adata.obs])
+        logger.warning(
+            "spatial_domains(%r): removing the names that annotate_domains gave the domains of an earlier run "
+            "(obs / uns %s): the domains changed. Run scx.tl.annotate_domains(data, %r) again to name the new ones.",
+            key_added,
+            stale_names,
+            key_added,
+        )
     params: dict[str, Any] = {
         "selection": described,
         "n_selected": n_sel,
@@ -819,6 +834,23 @@ def _stale_shapes_key(ref: TableRef, key_added: str, shapes_key: str | None, fou
         return None
     claimed = _runs_recording(sdata, key) - {(ref.table_key, key_added)}
     return None if claimed else key
+
+
+def _stale_annotations(adata: AnnData, key_added: str, domains: pd.Categorical) -> list[str]:
+    """The ``uns`` keys of the annotate_domains runs that named ``obs[key_added]``, when the new ``domains`` differ.
+
+    Their group labels would sit beside domains they do not describe.
+    """
+    runs = [
+        name
+        for name, value in adata.uns.items()
+        if isinstance(value, dict) and value.get("groupby") == key_added and "signature_key" in value
+    ]
+    if not runs or key_added not in adata.obs:
+        return runs
+    old = adata.obs[key_added]
+    same = isinstance(old.dtype, pd.CategoricalDtype) and list(old.cat.categories) == list(domains.categories)
+    return [] if same and np.array_equal(old.cat.codes.to_numpy(), domains.codes) else runs
 
 
 def _runs_recording(sdata: SpatialData, shapes_key: str) -> set[tuple[str, str]]:
