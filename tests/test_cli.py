@@ -137,6 +137,12 @@ def test_classify_store_with_domains(demo_files, tmp_path, capsys):
     # the domain holds the slide's B-cell follicle: mostly B cells
     assert (obs.loc[in_domain, "true_cell_type"].astype(str) == "B cell").mean() > 0.6
     assert list(back.shapes["fol_shapes"].index) == ["fol_1"]
+    # without --domain-key, the domains of a --key-added run are its own: another marker set does not replace them
+    assert cli_main(["classify", str(store), "CD19", "MS4A1", "--domains", "--key-added", "bcell"]) == 0
+    assert "bcell_domain: 1 domain(s)" in capsys.readouterr().out
+    back = sd.read_zarr(store)
+    assert {"fol", "bcell_domain"} <= set(back.tables["table"].obs) and "domain" not in back.tables["table"].obs
+    assert {"fol_shapes", "bcell_domain_shapes"} <= set(back.shapes)
 
 
 def test_classify_h5ad_with_plot(demo_files, tmp_path, capsys):

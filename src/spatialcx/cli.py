@@ -19,6 +19,8 @@ from typing import Any
 MAX_DOMAINS_LISTED = 20
 #: The table a command works on unless ``--table-key`` names another.
 DEFAULT_TABLE_KEY = "table"
+#: ``classify``'s ``--key-added`` unless given.
+DEFAULT_THRESHOLD_KEY = "threshold"
 
 
 class CommandError(Exception):
@@ -355,6 +357,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         f"{params['threshold']:.4g}; {int(high.sum()):,} of {table.n_obs:,} cells high ({high.mean():.1%})"
     )
     if args.domains:
+        if args.domain_key is None:
+            args.domain_key = "domain" if key == DEFAULT_THRESHOLD_KEY else f"{key}_domain"
         scx.tl.spatial_domains(
             data,
             f"{key}_cluster",
@@ -553,14 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="P(high) above which a cell is high (gmm; default: %(default)s)",
     )
     cls.add_argument(
-        "--key-added", default="threshold", help="prefix of the obs/uns keys written (default: %(default)s)"
+        "--key-added", default=DEFAULT_THRESHOLD_KEY, help="prefix of the obs/uns keys written (default: %(default)s)"
     )
     cls.add_argument("--table-key", default=DEFAULT_TABLE_KEY, help=table_help)
     cls.add_argument("--plots-dir", default=None, help="write the diagnostic figure here")
     cls.add_argument("--seed", type=int, default=0, help=seed_help)
     cls.add_argument("--domains", action="store_true", help="group the high cells into contiguous spatial domains")
     cls.add_argument(
-        "--domain-key", default="domain", help="obs column (and shapes prefix) of the domains (default: %(default)s)"
+        "--domain-key",
+        default=None,
+        help="obs column (and shapes prefix) of the domains (default: domain, or KEY_domain with --key-added KEY, so "
+        "that runs for other markers keep their own domains)",
     )
     cls.add_argument(
         "--platform",
