@@ -42,7 +42,9 @@ def test_train_uses_panel_genes_and_records_provenance(model):
 def test_train_needs_a_quarter_of_the_panel_as_annotate_does(caplog):
     ref = _data(n=300, seed=1)
     panel = [f"G{i}" for i in range(20)] + [f"Other{i}" for i in range(60)]  # 20 of 80: a quarter
-    with pytest.raises(ValueError, match=r"Only 20 of 81 panel genes.*at least 21 are needed"):
+    with pytest.raises(
+        ValueError, match=r"Only 20 of 81 panel genes.*at least 21 are needed.*pass them as the panel: genes="
+    ):
         scx.tl.train(ref, "label", genes=[*panel, "Extra"])  # 20 of 81: less than a quarter
     with caplog.at_level(logging.WARNING, logger="spatialcx"):
         m = scx.tl.train(ref, "label", genes=panel)  # exactly a quarter: trained, with a warning

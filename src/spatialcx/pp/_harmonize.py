@@ -337,5 +337,6 @@ def check_overlap(
         f"Only {n_shared} of {n_panel} panel genes are found in every reference ({per_ref}); at least {needed} are "
         f"needed to train a useful model. Missing e.g. {list(missing_example)[:5]}. Check that the references and the "
         "panel are the same species, that Ensembl-indexed references have var['feature_name'] or are human/mouse, "
-        "and that the panel holds gene symbols."
+        "and that the panel holds gene symbols. To train on the shared genes all the same (a model that sees only "
+        "that part of the panel), pass them as the panel: genes=[...]."
     )
