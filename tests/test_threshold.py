@@ -659,3 +659,25 @@ def test_ks_says_it_ignores_probability_cutoff(caplog):
     with caplog.at_level(logging.WARNING, logger="spatialcx"):
         scx.tl.classify_by_threshold(adata, MARKERS, method="gmm", probability_cutoff=0.9)
     assert "ignored" not in caplog.text
+
+
+def test_gmm_on_a_zero_inflated_score_points_to_ks(xenium_bone_marrow, caplog):
+    """Xenium bone marrow erythroid markers: the mixture puts a component on the cells without counts, so one count
+    makes a cell high (the docs' example: 18,138 cells); a warning says so and names ks."""
+    adata = xenium_bone_marrow.copy()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.classify_by_threshold(adata, ["GYPA", "AHSP", "ALAS2"], method="gmm", key_added="ery")
+    assert "calls every other cell high" in caplog.text and "method='ks'" in caplog.text
+    score = adata.obs["ery_score"].to_numpy()
+    assert adata.uns["ery"]["n_high"] == int((score > score.min()).sum())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.classify_by_threshold(adata, ["GYPA", "AHSP", "ALAS2"], method="ks", key_added="ery")
+    assert "calls every other cell high" not in caplog.text
+
+
+def test_gmm_on_separated_populations_does_not_warn(caplog):
+    adata, _ = make_counts(n=3000)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.classify_by_threshold(adata, MARKERS)
+    assert "calls every other cell high" not in caplog.text

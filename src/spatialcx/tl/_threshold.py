@@ -33,6 +33,9 @@ MIN_CELLS = 10
 MAX_FIT_CELLS = 50_000
 #: Smallest share of cells at the lowest score for ``ks`` to treat the data as zero-inflated.
 ZERO_INFLATION_MIN_FRACTION = 0.05
+#: ``gmm`` warns when at least this share of the cells sit at the lowest score and its threshold calls every other
+#: cell high (a component on the cells without counts: a single count makes a cell high), pointing to ``ks``.
+ZERO_INFLATED_FRACTION = 0.3
 #: Significance level of ``ks``: a departure from the bulk is a minority only when its KS statistic exceeds the
 #: ``1 - KS_ALPHA`` quantile of the two-sided one-sample Kolmogorov-Smirnov statistic for that many cells
 #: (:data:`scipy.stats.kstwo`; about ``1.95 / sqrt(n)``). On a single Gaussian population the larger of the two
@@ -223,6 +226,18 @@ def classify_by_threshold(
         threshold, probability, fit_info = _split_ks(score, random_state=random_state)
     cluster = (score > threshold).astype(np.int8)
     n_high = int(cluster.sum())
+    floor = score <= score.min()
+    if method == "gmm" and floor.mean() >= ZERO_INFLATED_FRACTION and n_high == int((~floor).sum()):
+        logger.warning(
+            "classify_by_threshold(%r): %.0f%% of the cells have the lowest score (no count of the markers), and the "
+            "mixture's threshold (%.4g) calls every other cell high (%d cells, %.1f%%): one count makes a cell high. "
+            "For a zero-inflated score, method='ks' looks for the minority that departs from the bulk.",
+            key_added,
+            100 * floor.mean(),
+            threshold,
+            n_high,
+            100 * n_high / cluster.size,
+        )
     if n_high == 0 or n_high == cluster.size:
         logger.warning(
             "classify_by_threshold(%r): all %d cells fall in the %s class; the features may not separate two "
