@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 import stat
 import sys
@@ -36,6 +38,20 @@ def as_str_array(values: Any) -> np.ndarray:
     (numpy asks for a fixed width); going through ``object`` works for it, lists, pandas objects and ``<U`` arrays.
     """
     return np.asarray(values, dtype=object).astype(str)
+
+
+def whole_number(value: Any, name: str, *, minimum: int = 0, none_ok: bool = False) -> int:
+    """``value`` as an int: a whole number (``5``, ``np.int64(5)``, ``1e4``, a YAML ``10.0``) of at least ``minimum``.
+
+    A bool, a string or another non-number is a TypeError, ``10.5``, NaN or a number below ``minimum`` a ValueError;
+    both name the argument. ``none_ok`` only adds "or None" to the messages: the caller handles ``None`` itself.
+    """
+    alternative = " or None" if none_ok else ""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a whole number{alternative}, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(value) or not float(value).is_integer() or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}{alternative}, got {value!r}.")
+    return int(value)
 
 
 def check_writable_dir(path: str | os.PathLike, name: str) -> Path:

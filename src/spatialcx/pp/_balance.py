@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ import pandas as pd
 
 from .._constants import SOURCE_KEY
 from .._settings import logger
+from .._utils import whole_number
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -231,15 +231,6 @@ def _warn_unmet_proportions(targets: pd.Series, proportions: Mapping[str, float]
     )
 
 
-def _whole_number(name: str, value: object) -> int:
-    """``value`` as an int: a whole number (``5``, ``np.int64(5)``, ``1e4``), not a bool, a string or ``10.7``."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a whole number of cells, got {type(value).__name__} {value!r}.")
-    if not float(value).is_integer():
-        raise ValueError(f"{name} must be a whole number of cells, got {value!r}.")
-    return int(value)
-
-
 def cap_and_fill(
     counts: pd.DataFrame,
     *,
@@ -282,10 +273,9 @@ def cap_and_fill(
     if source_balance not in ("proportional", "equal"):
         raise ValueError(f"source_balance must be 'proportional' or 'equal', got {source_balance!r}.")
     for name, value in (("min_cells_per_type", min_cells_per_type), ("min_cells_per_source", min_cells_per_source)):
-        if _whole_number(name, value) < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}.")
-    if max_cells_per_type is not None and _whole_number("max_cells_per_type", max_cells_per_type) < 1:
-        raise ValueError(f"max_cells_per_type must be >= 1 or None, got {max_cells_per_type}.")
+        whole_number(value, name, minimum=0)
+    if max_cells_per_type is not None:
+        whole_number(max_cells_per_type, "max_cells_per_type", minimum=1, none_ok=True)
     counts = counts.fillna(0).astype(np.int64)
     if (counts.to_numpy() < 0).any():
         raise ValueError("counts must be non-negative.")

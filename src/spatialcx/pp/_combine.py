@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +14,7 @@ from anndata import AnnData
 
 from .._constants import DEFAULT_EXCLUDE_LABELS, ORIGINAL_LABEL_KEY, SOURCE_KEY, TARGET_SUM, label_list
 from .._settings import logger
-from .._utils import progress
+from .._utils import progress, whole_number
 from ._balance import REFERENCES_UNS_KEY
 from ._harmonize import check_overlap, match_genes
 
@@ -111,16 +109,6 @@ def _warn_case_variants(counts: pd.Series) -> None:
             "them one spelling before combining (or balance and train on an ontology column).",
             "; ".join(" / ".join(f"{t!r} ({int(counts[t])} cells)" for t in g) for g in clashes),
         )
-
-
-def _whole_number(value: Any, name: str, minimum: int, *, none_ok: bool = False) -> int:
-    """``value`` as an int of at least ``minimum``; a TypeError / ValueError that names it otherwise."""
-    alternative = " or None" if none_ok else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a whole number{alternative}, got {type(value).__name__} {value!r}.")
-    if not math.isfinite(value) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}{alternative}, got {value!r}.")
-    return int(value)
 
 
 def _warn_same_data(handles: list[ReferenceHandle]) -> None:
@@ -249,9 +237,9 @@ def combine_references(
     """
     from ..io._reference import choose_cells, clean_labels, open_reference
 
-    min_cells_per_type = _whole_number(min_cells_per_type, "min_cells_per_type", 0)
+    min_cells_per_type = whole_number(min_cells_per_type, "min_cells_per_type", minimum=0)
     if max_cells_per_ref is not None:
-        max_cells_per_ref = _whole_number(max_cells_per_ref, "max_cells_per_ref", 1, none_ok=True)
+        max_cells_per_ref = whole_number(max_cells_per_ref, "max_cells_per_ref", minimum=1, none_ok=True)
     from .._table import check_key
 
     check_key(output_key, "output_key")

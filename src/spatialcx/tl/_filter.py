@@ -308,10 +308,9 @@ def filter_low_count_types(
     types and drops this record.
     """
     from spatialcx._table import resolve_table
+    from spatialcx._utils import whole_number
 
-    if isinstance(min_cells, bool) or not isinstance(min_cells, Real) or not (min_cells >= 0 and min_cells % 1 == 0):
-        raise ValueError(f"min_cells must be a whole number >= 0 (a count of cells), got {min_cells!r}.")
-    min_cells = int(min_cells)
+    min_cells = whole_number(min_cells, "min_cells", minimum=0)
     ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
     if key not in adata.obs:
