@@ -595,6 +595,12 @@ def test_analysis_folder_and_archives(tmp_path):
     with tarfile.open(tmp_path / "groups.tar.gz", "w:gz") as tar:
         tar.add(TENX / "xenium_explorer" / "cell_groups.csv", arcname="my_groups.csv")
     assert scx.io.read_10x_cell_types(tmp_path / "groups.tar.gz").attrs["source"] == "xenium_explorer"
+    # a zip of one tab-separated file: read as the tar is (its delimiter found, the member named)
+    text = (TENX / "xenium_explorer" / "cell_groups.csv").read_text().replace(",", "\t")
+    with zipfile.ZipFile(tmp_path / "one.zip", "w") as z:
+        z.writestr("groups.tsv", text)
+    df = scx.io.read_10x_cell_types(tmp_path / "one.zip")
+    assert df.attrs["source"] == "xenium_explorer" and df.attrs["file"] == "one.zip/groups.tsv"
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
         z.writestr("a.txt", "x")
         z.writestr("b.txt", "y")

@@ -410,17 +410,14 @@ def _find_csv(path: Path) -> Path:
 def _archive_member(path: Path) -> tuple[str, bytes] | None:
     """``(member name, content)`` of the CSV in a zip / tar archive; ``None`` for a plain file.
 
-    The archive's only file, or its one ``cell_types.csv`` (else its one ``clusters.csv``). A zip holding a single file
-    is left to pandas (which reads such a zip as the file in it).
+    The archive's only file, or its one ``cell_types.csv`` (else its one ``clusters.csv``).
     """
     lower = path.name.lower()
     how = "extract it (e.g. with unzip or tar) and pass the file you want"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             names = [i.filename for i in z.infolist() if not i.is_dir()]
-            if len(names) <= 1:
-                return None
-            member = _pick(names, f"the archive {path.name!r}", how)
+            member = names[0] if len(names) == 1 else _pick(names, f"the archive {path.name!r}", how)
             return member, z.read(member)
     if lower.endswith(_TAR_SUFFIXES):
         with tarfile.open(path) as t:
