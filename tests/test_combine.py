@@ -95,12 +95,14 @@ def test_missing_labels_are_dropped():
     out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
     assert out.n_obs == 35 and out.uns["spatialcx_references"]["ref0"]["n_cells_labelled"] == 35
     # the same missing labels once written out as text (astype(str) of NaN / pd.NA) are no cell type either
+    # (missing, not an excluded label: a list of exclude_labels of one's own does not bring them back)
     for missing in (np.nan, pd.NA):
         ref.obs["label"] = ref.obs["label"].astype(object)
         ref.obs.iloc[:5, 0] = missing
         ref.obs["label"] = ref.obs["label"].astype(str)
-        out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, min_cells_per_type=1)
-        assert set(out.obs["original_label"].cat.categories) == {"T cell", "B cell"} and out.n_obs == 35
+        for exclude in ({}, {"exclude_labels": ["Unknown"]}):
+            out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, min_cells_per_type=1, **exclude)
+            assert set(out.obs["original_label"].cat.categories) == {"T cell", "B cell"} and out.n_obs == 35
 
 
 def test_min_cells_per_type_removes_or_warns(caplog):
@@ -304,7 +306,10 @@ def test_labels_are_stripped_and_empty_labels_dropped(caplog):
         out = scx.pp.combine_references([a, b], "label", genes=MOUSE_SYMBOLS)
     got = out.obs.groupby(["reference_source", "original_label"], observed=True).size().to_dict()
     assert got == {("ref0", "B cell"): 20, ("ref0", "T cell"): 20, ("ref1", "B cell"): 20, ("ref1", "T cell"): 20}
-    assert "27 cells with an empty label are left out" in caplog.text and "'T cell ' -> 'T cell'" in caplog.text
+    assert (
+        "27 cells with an empty or missing label ('', 'nan', '<NA>') are left out" in caplog.text
+        and "'T cell ' -> 'T cell'" in caplog.text
+    )
     prov = out.uns["spatialcx_references"]["ref1"]
     assert dict(zip(prov["excluded_labels"]["labels"], prov["excluded_labels"]["n_cells"])) == {"Unknown": 10}
     assert prov["n_cells_labelled"] == 40

@@ -39,10 +39,6 @@ DEFAULT_EXCLUDE_LABELS: tuple[str, ...] = (
     "none",
     "None",
     "null",
-    # missing values written out as text by astype(str): numpy's NaN and pandas' NA
-    "nan",
-    "NaN",
-    "<NA>",
     "doublet",
     "Doublet",
     "doublets",

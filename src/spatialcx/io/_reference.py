@@ -30,6 +30,9 @@ BLOCK_ELEMS = 8_000_000
 GAP_ELEMS = 16_384
 #: Key in ``.uns`` of a reference opened by :func:`read_reference` (where it came from).
 READ_UNS_KEY = "spatialcx_reference"
+#: Labels that are missing values written out as text (``astype(str)`` of NaN and ``pd.NA``; ``"None"`` is one of
+#: the default ``exclude_labels``, which ``exclude_labels=()`` keeps).
+MISSING_AS_TEXT = frozenset({"", "nan", "NaN", "<NA>"})
 
 ReferenceLike = AnnData | str | os.PathLike
 
@@ -733,7 +736,10 @@ def _stem(path: Path) -> str:
 # Public: read_reference
 # --------------------------------------------------------------------------------------------------------------------
 def clean_labels(labels: pd.Series, name: str) -> pd.Series:
-    """Labels as strings without surrounding whitespace; empty labels (``""``, ``" "``) are missing (``None``).
+    """Labels as strings without surrounding whitespace; empty and missing-as-text labels are missing (``None``).
+
+    Empty means ``""`` or ``" "``; missing values written out as text by ``astype(str)`` are ``"nan"``, ``"NaN"`` and
+    ``"<NA>"`` (:data:`MISSING_AS_TEXT`), missing whatever ``exclude_labels`` says.
 
     ``"T cell "`` and ``"T cell"`` are one type, and ``" Unknown"`` is excluded as ``"Unknown"`` is; whole numbers
     held as floats (``3.0``, a numeric column with missing values) become ``"3"``. Works on the distinct values only,
@@ -742,13 +748,13 @@ def clean_labels(labels: pd.Series, name: str) -> pd.Series:
     codes, uniques = pd.factorize(labels.astype(object), use_na_sentinel=True)
     # whole numbers stored as floats (a numeric column with missing values) read as "3", not "3.0"
     raw = [str(int(u)) if isinstance(u, float) and u.is_integer() else str(u) for u in uniques]
-    stripped = np.array([u.strip() or None for u in raw], dtype=object)
+    stripped = np.array([None if u.strip() in MISSING_AS_TEXT else u.strip() or None for u in raw], dtype=object)
     changed = [(r, c) for r, c in zip(raw, stripped) if r != c]
     if changed:
         n = np.bincount(codes[codes >= 0], minlength=len(raw))
         n_empty = sum(int(n[i]) for i, c in enumerate(stripped) if c is None)
         renamed = [(r, c) for r, c in changed if c is not None]
-        parts = [f"{n_empty} cells with an empty label are left out"] if n_empty else []
+        parts = [f"{n_empty} cells with an empty or missing label ('', 'nan', '<NA>') are left out"] if n_empty else []
         if renamed:
             more = f" (and {len(renamed) - 5} more)" if len(renamed) > 5 else ""
             parts.append(
