@@ -681,3 +681,15 @@ def test_gmm_on_separated_populations_does_not_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="spatialcx"):
         scx.tl.classify_by_threshold(adata, MARKERS)
     assert "calls every other cell high" not in caplog.text
+
+
+def test_plots_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    adata, _ = make_counts(n=600)
+    scx.tl.classify_by_threshold(adata, MARKERS, plot=True, plots_dir="~/plots", key_added="t")
+    assert (tmp_path / "home" / "plots" / "t_threshold.png").is_file()
+    assert not (tmp_path / "~").exists()  # no literal "~" folder beside it
+    plt.close("all")

@@ -43,7 +43,7 @@ from itertools import combinations
 
 from ._index import OntologyIndex
 from ._patterns import Patterns
-from ._text import gene_symbols, is_marker_token
+from ._text import _ROMAN, gene_symbols, is_marker_token
 
 TIER_PATTERN = 0
 TIER_EXACT = 1
@@ -83,7 +83,6 @@ _ORGAN = frozenset(
     }
 )  # fmt: skip
 _TAXON_WORDS = frozenset({"human", "mouse", "homo", "sapien", "mmus", "primate", "vertebrata", "metazoa", "mammalian"})
-_ROMAN = frozenset({"i", "ii", "iii", "iv", "v", "vi", "vii", "viii", "ix", "x"})  # cluster numbers: "Fibroblast II"
 _UNION_SEP_RE = re.compile(r"[/&]|\band\b")
 #: Terms too general to stand for two joined labels.
 _GENERIC = frozenset({"CL:0000000", "CL:0000003", "CL:0000255", "CL:0000548", "CL:0002371", "CL:0000010", "CL:0000211"})
@@ -473,6 +472,7 @@ class LabelMatcher:
         words = [t for t in before_of if t not in STOP]
         last = words[-1] if words else ""
         p = self.patterns
+        # _ROMAN: cluster numbers ("Fibroblast III")
         if len(last) < 3 or not last.isalpha() or last in _ROMAN or last in _TAXON_WORDS:
             return None
         if last in p.state_tokens or last in p.identity_tokens:  # these have their own weights

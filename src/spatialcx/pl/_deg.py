@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import textwrap
 import warnings
 from typing import TYPE_CHECKING
 
@@ -14,7 +13,14 @@ from anndata import AnnData
 from .._settings import logger
 from .._table import obs_column
 from . import _utils
-from ._markers import check_label_column, check_positive_int, draw_group_header, group_codes, unassigned_label
+from ._markers import (
+    check_label_column,
+    check_positive_int,
+    draw_group_header,
+    fit_text,
+    group_codes,
+    unassigned_label,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -262,8 +268,8 @@ def deg_heatmap(
                 + (f" (adj. p < {pval_cutoff:g}; fewer where fewer pass)" if filtered else "")
                 + f": {method}, one type vs rest, ≤ {max_cells_per_group:,} cells per type{capped}"
             )
-            # wrapped to the figure's width (0.6 em a character, a generous average), which few genes make narrow
-            title = textwrap.fill(title, width=max(20, int(fig.get_figwidth() * 72 / (0.6 * 10))))
+            # wrapped to the figure's width, which few genes make narrow
+            title = fit_text(title, fig.get_figwidth() - 0.3, 10)
         fig.suptitle(title, fontsize=10)
         if too_small:
             note = f"fewer than {min_cells} cells, not tested: " + ", ".join(f"{k} ({v})" for k, v in too_small.items())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -386,15 +385,13 @@ def resolve_markers(
     return MarkerSets(found, missing, "canonical", related, matched, any_known)
 
 
-_NUMBER_LABEL = re.compile(r"\s*[-+]?\d+(\.\d+)?\s*")
-
-
 def _match_labels(labels: Sequence[str]) -> dict[str, str]:
     """``{label: CL id}`` of the labels that :func:`spatialcx.tl.map_labels` matches (cluster numbers are skipped)."""
-    labels = list(dict.fromkeys(str(label) for label in labels if not _NUMBER_LABEL.fullmatch(str(label))))
+    from ..tl._ontology import _NUMBER_RE, map_labels
+
+    labels = list(dict.fromkeys(str(label) for label in labels if not _NUMBER_RE.fullmatch(str(label).strip())))
     if not labels:
         return {}
-    from ..tl._ontology import map_labels
 
     mapping = map_labels(labels).to_dict()
     return {label: term for label, term in mapping.items() if term != UNKNOWN_ONTOLOGY_ID and term in _ontology()[0]}

@@ -250,12 +250,10 @@ def union_bounds(bounds: Sequence[Bounds]) -> Bounds:
     return float(b[:, 0].min()), float(b[:, 1].max()), float(b[:, 2].min()), float(b[:, 3].max())
 
 
-def _shapes_geometry(
-    gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str, *, max_shapes: int = MAX_SHAPES
-) -> CellGeometry:
+def _shapes_geometry(gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str) -> CellGeometry:
     """Transform the geometries of ``gdf`` (already aligned with ``rows``) with ``matrix``.
 
-    Above ``max_shapes`` polygons (drawn as points then), each is kept as the circle of its area at its centroid:
+    Above :data:`MAX_SHAPES` polygons (drawn as points then), each is kept as the circle of its area at its centroid:
     reading and transforming every vertex of a million polygons takes seconds and gigabytes for nothing.
     """
     import shapely
@@ -274,7 +272,7 @@ def _shapes_geometry(
             f"Shapes element {source!r} mixes geometry types ({', '.join(found)} besides polygons); cells can be drawn "
             "from circles (points with a 'radius' column) or from polygons. Pass another element as shapes_key."
         )
-    if len(geoms) > max_shapes:
+    if len(geoms) > MAX_SHAPES:
         centroids = shapely.get_coordinates(shapely.centroid(geoms))
         diameters = 2 * np.sqrt(shapely.area(geoms) / np.pi)
         return _circles(rows, apply_affine(matrix, centroids), diameters, matrix, source)
@@ -374,7 +372,8 @@ def _labels_geometry(element: Any, matrix: np.ndarray, ids: Any, rows: np.ndarra
     """Cells of a labels element: circles of each label's area at its centroid, for the table rows ``rows``.
 
     The element is read chunk by chunk (memory of a chunk plus a few numbers per cell), at full resolution or, above
-    ``MAX_LABEL_PIXELS``, at the finest pyramid level under it. Labels of 3D elements are projected along ``z``.
+    ``MAX_LABEL_PIXELS``, at the finest pyramid level under it. In 3D elements a label's voxels are counted over all
+    ``z`` (its circle has the area of its volume in voxels, its centre the mean of its voxels' ``x, y``).
     """
     import dask
     import dask.array as da
@@ -434,7 +433,6 @@ def cell_geometries(
     shapes_key: str | None = None,
     coordinate_system: str = "global",
     spatial_key: str = "spatial",
-    max_shapes: int | None = None,
 ) -> list[CellGeometry]:
     """Find where each cell of a table is, in one coordinate system.
 
@@ -456,9 +454,6 @@ def cell_geometries(
         Coordinate system to draw in.
     spatial_key
         Key in ``adata.obsm`` with centroids, used when there are no shapes.
-    max_shapes
-        Above this many polygons in one element (``None``: ``MAX_SHAPES``), each is kept as the circle of its area
-        at its centroid, which is how :func:`draw_cells` draws so many cells (as points).
 
     Returns
     -------
@@ -533,8 +528,7 @@ def cell_geometries(
         if not found.all():
             logger.warning("%d of %d cells have no shape in %r and are not drawn.", (~found).sum(), found.size, name)
         matrix = affine_matrix(gdf, coordinate_system, name=name)
-        limit = MAX_SHAPES if max_shapes is None else max_shapes
-        geometries.append(_shapes_geometry(gdf.iloc[pos[found]], matrix, rows[found], name, max_shapes=limit))
+        geometries.append(_shapes_geometry(gdf.iloc[pos[found]], matrix, rows[found], name))
     if geometries:
         return geometries
 
@@ -596,7 +590,6 @@ def draw_cells(
     linewidth: float = 0.8,
     point_size: float | None = None,
     max_shapes: int = MAX_SHAPES,
-    max_scatter_points: int | None = None,
     rasterized: bool = True,
     label: str = "cells",
 ) -> list[Artist]:
@@ -627,9 +620,6 @@ def draw_cells(
     max_shapes
         Above this many cells in one element, circles and polygons are drawn as points at their centres; so are
         cells whose median diameter on the figure is below ``MIN_SHAPE_POINTS`` (1.5 points).
-    max_scatter_points
-        Above this many points in one element (``None``: ``MAX_SCATTER_POINTS``), they are drawn as an image
-        (:func:`draw_points_image`) rather than as a scatter; the edges then outline the drawn cells as a whole.
     rasterized
         Rasterize the collections in vector output (keeps PDFs of many cells small).
     label
@@ -637,7 +627,7 @@ def draw_cells(
 
     Returns
     -------
-    The artists added: collections, or images for points above ``max_scatter_points``.
+    The artists added: collections, or images for points above :data:`MAX_SCATTER_POINTS`.
     """
     from matplotlib.collections import EllipseCollection, PolyCollection
     from matplotlib.colors import to_rgba
@@ -685,8 +675,7 @@ def draw_cells(
                 size = max(size, (72 / ax.figure.dpi) ** 2)  # at least a pixel
             else:
                 size = float(point_size)
-            limit = MAX_SCATTER_POINTS if max_scatter_points is None else max_scatter_points
-            if items.size > limit:
+            if items.size > MAX_SCATTER_POINTS:
                 coll = draw_points_image(
                     ax, geom.centers[items], fc, size=size, edgecolor=edgecolor, linewidth=linewidth
                 )

@@ -293,8 +293,7 @@ def classify_by_threshold(
         if plots_dir is not None:
             from pathlib import Path
 
-            Path(plots_dir).mkdir(parents=True, exist_ok=True)
-            save = Path(plots_dir) / f"{key_added}_threshold.png"
+            save = Path(plots_dir).expanduser() / f"{key_added}_threshold.png"  # the folder is made by the save
         # saved: closed (no figures kept open in loops and scripts); not saved: left open in pyplot, so that a
         # notebook shows it (the figure is not returned)
         plot_threshold(adata, key=key_added, save=save, random_state=random_state, show=save is None)
