@@ -66,9 +66,6 @@ def test_no_gene_twice_in_a_set_and_every_symbol_a_gene_of_its_species(records, 
             assert len(set(genes)) == len(genes), (r["name"], species, genes)
             assert all(g == g.strip() and g for g in genes), (r["name"], genes)
             assert set(genes) <= gene_tables[species], (r["name"], species, set(genes) - gene_tables[species])
-    for species in ("human", "mouse"):
-        for name, genes in scx.tl.load_canonical_markers(species=species).items():
-            assert len(set(genes)) == len(genes), (species, name, genes)
 
 
 def test_no_housekeeping_ribosomal_or_proliferation_gene_marks_a_type(records):
