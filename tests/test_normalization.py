@@ -654,12 +654,6 @@ def test_ensure_normalized_corrects_a_wrong_log_base_in_uns(counts, caplog):
     assert b.uns["log1p"] == {"base": None}
 
 
-def test_reader_uns_key_is_read_references_key():
-    from spatialcx.io._reference import READ_UNS_KEY
-
-    assert norm.READER_UNS_KEY == READ_UNS_KEY
-
-
 def test_error_for_a_gene_subset_or_another_log_base_says_so(counts):
     """log1p(10k) subset to a few genes, or log2 data marked in uns['log1p']: the message names the likely cause."""
     subset = adata_of(log1p_norm(counts, 1e4)[:, :20])

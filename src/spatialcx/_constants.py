@@ -51,6 +51,10 @@ DEFAULT_EXCLUDE_LABELS: tuple[str, ...] = (
     "Unclassified",
 )
 
+#: Key in ``.uns`` where :func:`spatialcx.io.read_reference` records where a reference came from and the state of its
+#: file's ``X`` over all genes (``x_state``, ``x_log1p_target_sum``).
+READ_UNS_KEY = "spatialcx_reference"
+
 #: Where raw counts are looked for, in order.
 RAW_COUNT_LAYERS: tuple[str, ...] = ("counts", "raw_counts", "raw")
 

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._constants import DEFAULT_EXCLUDE_LABELS, label_list
+from .._constants import DEFAULT_EXCLUDE_LABELS, READ_UNS_KEY, label_list
 from .._settings import logger
 from ._uri import fingerprint, resolve_uri
 
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 BLOCK_ELEMS = 8_000_000
 #: Neighbouring rows whose stored values are closer than this are read in one piece instead of two.
 GAP_ELEMS = 16_384
-#: Key in ``.uns`` of a reference opened by :func:`read_reference` (where it came from).
-READ_UNS_KEY = "spatialcx_reference"
 #: Labels that are missing values written out as text (``astype(str)`` of NaN and ``pd.NA``; ``"None"`` is one of
 #: the default ``exclude_labels``, which ``exclude_labels=()`` keeps).
 MISSING_AS_TEXT = frozenset({"", "nan", "NaN", "<NA>"})

@@ -518,7 +518,7 @@ def subsample_balanced(
     cell_key = g_codes.astype(np.int64) * len(s_names) + s_codes
     # within a group and source, cells are ordered by (a fixed hash of) their name before drawing, so that the same
     # cells in another order (references combined the other way round, a sorted table) give the same draw; by
-    # position when names repeat. Hashing 1M names takes a fraction of a second; sorting the strings takes seconds.
+    # position when names repeat. The hash gives each name a fixed number, so the order depends on the names alone.
     if obs_names.is_unique:
         name_key = pd.util.hash_array(obs_names.to_numpy(dtype=object, copy=False))
         order = np.lexsort((name_key, cell_key))

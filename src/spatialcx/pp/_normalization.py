@@ -57,7 +57,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from spatialcx._constants import RAW_COUNT_LAYERS, TARGET_SUM
+from spatialcx._constants import RAW_COUNT_LAYERS, READ_UNS_KEY, TARGET_SUM
 from spatialcx._matrix import _BackedCSCRows, _is_backed_csc
 from spatialcx._settings import logger
 
@@ -95,10 +95,6 @@ LOG1P_MAX_VALUE = float(np.log1p(1e9))
 SCALED_INTEGER_TOL = 0.01
 #: Difference between the scaled-integer fractions of the two scales that decides between them.
 SCALE_VOTE_MARGIN = 0.2
-
-#: Key in ``.uns`` where :func:`spatialcx.io.read_reference` records where a reference came from and the state of its
-#: file's ``X`` over all genes (``x_state``, ``x_log1p_target_sum``).
-READER_UNS_KEY = "spatialcx_reference"
 
 #: What each state means, for messages.
 _STATE_TEXT = {
@@ -503,7 +499,7 @@ def _x_log1p_in_file(adata: AnnData, x: dict[str, Any], target_sum: float = TARG
     sums of at most ``1.2 * target_sum``, ``expm1`` values not themselves integers. ``X`` changed after reading (e.g.
     scaled, or replaced by counts) fails these checks.
     """
-    info = adata.uns.get(READER_UNS_KEY) if hasattr(adata.uns, "get") else None
+    info = adata.uns.get(READ_UNS_KEY) if hasattr(adata.uns, "get") else None
     if not isinstance(info, Mapping):
         return False
     try:
