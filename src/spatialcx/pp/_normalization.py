@@ -823,15 +823,15 @@ def ensure_normalized(
     if new_x is not None:
         adata.X = new_x
     if new_x is not None or x_at_target or ("log1p" not in adata.uns and status.x_state.startswith("log1p")):
+        # here X is natural log1p, or uns has no "log1p" entry at all
         old_uns = adata.uns.get("log1p")
-        if isinstance(old_uns, Mapping) and old_uns.get("base") is not None and (new_x is not None or x_at_target):
+        if isinstance(old_uns, Mapping) and old_uns.get("base") is not None:
             logger.warning(
                 "uns['log1p'] said base=%r, but X is (now) the natural log1p of normalized counts; it is set to "
                 "{'base': None} so that scanpy's expm1 (rank_genes_groups, highly_variable_genes) undoes it right.",
                 old_uns.get("base"),
             )
-        if not isinstance(old_uns, Mapping) or new_x is not None or x_at_target:
-            adata.uns["log1p"] = {"base": None}
+        adata.uns["log1p"] = {"base": None}
     if ref is not None:
         return ref.finish(write=False)
     return adata if copy else None

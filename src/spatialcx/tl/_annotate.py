@@ -306,7 +306,7 @@ def annotate(
         if model_path is not None:
             staged = model.save(_staging_path(model_path))
         # all computed: write into the table
-        write_predictions(adata, out, key_added=key_added, warn_foreign=False)  # annotate warned before training
+        write_predictions(adata, out, key_added=key_added)  # foreign columns: warned about before training
         codes = out.labels.codes
         if add_ontology:
             adata.obs[keys["ontology_id"]] = pd.Categorical(np.asarray(ids, dtype=object)[codes])

@@ -329,6 +329,7 @@ def predict(
 
     check_key(key_added, "key_added")
     ref = resolve_table(data, table_key, copy=copy, write=write)
+    warn_if_foreign(ref.adata, key_added)  # before the work, as annotate does before training
     out = compute_predictions(
         ref.adata,
         model,
@@ -492,15 +493,12 @@ def write_predictions(
     *,
     key_added: str = KEY_ADDED,
     store_decision_scores: bool = True,
-    warn_foreign: bool = True,
 ) -> None:
     """Assign :class:`Predictions` to the output keys of ``adata`` (no computation, so nothing is half-written).
 
-    With ``warn_foreign``, replacing label / CL columns that no spatialcx prediction wrote is logged as a warning.
+    Callers warn first (:func:`warn_if_foreign`) about label / CL columns that no spatialcx prediction wrote.
     """
     keys = output_keys(key_added)
-    if warn_foreign:
-        warn_if_foreign(adata, key_added)
     index = adata.obs_names
     adata.obs[keys["predicted"]] = out.labels.copy()
     adata.obs[keys["label"]] = out.labels.copy()
