@@ -270,3 +270,17 @@ def test_config_key_added_reaches_the_table(tmp_path):
     out = scx.tl.annotate_from_config(table, tmp_path / "c.yaml", copy=True)
     assert {"ct", "ct_predicted", "ct_confidence"} <= set(out.obs) and "cell_type" not in out.obs
     assert "ct" not in table.obs
+
+
+def test_yaml_file_in_the_home_folder(tmp_path, monkeypatch):
+    """``to_yaml("~/x.yaml")`` writes into the home folder and ``from_yaml`` reads it back from there."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    config = scx.tl.AnnotationConfig(references=["/data/ref.h5ad"], label_keys="cell_type", tissue="lung")
+    config.to_yaml("~/run.yaml")
+    assert (home / "run.yaml").is_file()
+    assert scx.tl.AnnotationConfig.from_yaml("~/run.yaml") == config
+    assert list(work.iterdir()) == []

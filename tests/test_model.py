@@ -636,3 +636,21 @@ def test_minibatch_balance_cell_type_balances_what_is_trained_on(monkeypatch):
     assert len(plain) == len(balanced) == 2 * 2000  # as many cells per epoch either way
     assert (plain == "rare").mean() == pytest.approx(0.02)
     assert (balanced == "rare").mean() == pytest.approx(1 / 2, abs=0.05)  # two types, half the draws each
+
+
+def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
+    """``~`` in a path means the home folder for save, load and the CellTypist import, not a folder named ``~``."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    m = _tiny_model()
+    written = m.save("~/models/tiny")
+    assert written == home / "models" / "tiny.npz" and written.is_file()
+    assert scx.CellTypeModel.load("~/models/tiny").model_hash == m.model_hash
+    assert scx.CellTypeModel.load("~/models/tiny.npz").model_hash == m.model_hash
+    m.to_celltypist().write(str(home / "ct.pkl"))
+    imported = scx.CellTypeModel.from_celltypist("~/ct.pkl", trust_pickle=True)
+    assert list(imported.classes) == ["x", "y"]
+    assert list(work.iterdir()) == []  # no folder named "~" in the working folder

@@ -546,6 +546,13 @@ def test_clusters_csv_and_loupe_browser_exports(tmp_path):
     assert adata.uns["10x"]["source"] == "loupe" and adata.uns["10x"]["label_column"] == "My cell types"
 
 
+def test_path_in_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "clusters.csv").write_text("Barcode,Cluster\naaabckmo-1,1\naaabckmp-1,10\n")
+    df = scx.io.read_10x_cell_types("~/clusters.csv")
+    assert df["fine_cell_type"].tolist() == ["1", "10"]
+
+
 def _analysis_folder(root, clusters):
     """An ``analysis`` folder as the 10x pipelines write it: graph-based and k-means clusters."""
     for name, labels in clusters.items():

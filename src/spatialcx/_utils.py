@@ -57,9 +57,10 @@ def whole_number(value: Any, name: str, *, minimum: int = 0, none_ok: bool = Fal
 def check_writable_dir(path: str | os.PathLike, name: str) -> Path:
     """Check, without creating anything, that ``path`` is or can become a folder we can write into.
 
-    Called before long computations so that a bad output path fails at once, before anything is written.
+    Called before long computations so that a bad output path fails at once, before anything is written. ``~`` is
+    expanded; the path returned is the one to write to.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {str(path)!r} exists and is not a folder; pass a folder (it is created if needed).")
     existing = path
@@ -77,8 +78,11 @@ def check_writable_dir(path: str | os.PathLike, name: str) -> Path:
 
 
 def check_writable_file(path: str | os.PathLike, name: str) -> Path:
-    """Check, without creating anything, that a file can be written at ``path`` (its folder exists or can be made)."""
-    path = Path(path)
+    """Check, without creating anything, that a file can be written at ``path`` (its folder exists or can be made).
+
+    ``~`` is expanded; the path returned is the one to write to.
+    """
+    path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a folder; pass a file path (e.g. {str(path / 'model.npz')!r}).")
     check_replaceable(path)
@@ -135,9 +139,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any], *, s
     is removed and ``path`` is left as it was. The folder is created if needed. A file replaced keeps its permissions
     (a read-only one is not replaced: PermissionError); a new one gets those a plain ``open(path, "w")`` would give.
     ``suffix`` is the temporary file's (some writers want ``.h5ad`` or ``.png``). A symbolic link is kept: the file it
-    points to is replaced. The new file's data is flushed to disk before the rename.
+    points to is replaced. The new file's data is flushed to disk before the rename. ``~`` is expanded; the path
+    written is returned.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
         Not a readable CSV (binary content, text that is not UTF-8, a truncated or damaged ``.gz``), a header without
         rows, no barcode column, no cell type column, duplicated barcodes, or non-numeric values in a numeric column.
     """
-    path = _find_csv(Path(path))
+    path = _find_csv(Path(path).expanduser())
     name = path.name
     try:
         member = _archive_member(path)

@@ -86,8 +86,8 @@ class ScoringWeights:
 
 
 def model_file_path(path: str | os.PathLike) -> Path:
-    """Where :meth:`CellTypeModel.save` writes for ``path``: ``.npz`` appended unless it is already the suffix."""
-    path = Path(path)
+    """Where :meth:`CellTypeModel.save` writes for ``path``: ``~`` expanded, ``.npz`` appended unless it is the suffix."""
+    path = Path(path).expanduser()
     if path.suffix != ".npz":
         path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
     return path
@@ -394,7 +394,7 @@ class CellTypeModel:
             When ``path`` is a pickle, is not a spatialcx model file (truncated, corrupted, another kind of file),
             was written by a newer spatialcx, or its weights do not match their stored hash.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         pickle_hint = (
             f"{path} is a pickle (a CellTypist model?). Pickles can execute code when loaded; import it with "
             "`scx.CellTypeModel.from_celltypist(path, trust_pickle=True)` only if you trust its source."
@@ -500,7 +500,7 @@ class CellTypeModel:
             When ``model_or_path`` is neither a CellTypist model nor a path.
         """
         if isinstance(model_or_path, str | os.PathLike):
-            path = Path(model_or_path)
+            path = Path(model_or_path).expanduser()
             if not trust_pickle:
                 raise ValueError(
                     f"Refusing to unpickle {path}: CellTypist models are pickles, which can run arbitrary code when "

@@ -313,7 +313,7 @@ def read_target_proportions(source: TargetProportions) -> dict[str, float] | Non
         raw = dict(source)
         origin = "target_proportions"
     else:
-        path = Path(source)
+        path = Path(source).expanduser()
         origin = str(path)
         if not path.is_file():
             raise FileNotFoundError(

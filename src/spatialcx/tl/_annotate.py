@@ -241,14 +241,12 @@ def annotate(
     if model_out is not None:
         from spatialcx.model._model import model_file_path
 
-        model_path = model_file_path(Path(model_out).expanduser())  # the file model.save() writes
+        model_path = model_file_path(model_out)  # the file model.save() writes
         check_writable_file(model_path, "model_out")
     if plots_dir is not None:
         plots_dir = Path(plots_dir).expanduser()
         if plots:
             check_writable_dir(plots_dir, "plots_dir")
-    if isinstance(target_proportions, str | os.PathLike):
-        target_proportions = Path(target_proportions).expanduser()
     proportions = read_target_proportions(target_proportions)
     references, label_keys = _as_list(references, label_keys)
     ref = resolve_table(data, table_key, copy=copy, write=write)

@@ -240,12 +240,12 @@ class AnnotationConfig:
         import yaml
 
         is_text = isinstance(source, str) and (
-            "\n" in source or not (Path(source).is_file() or source.strip().endswith((".yaml", ".yml")))
+            "\n" in source or not (Path(source).expanduser().is_file() or source.strip().endswith((".yaml", ".yml")))
         )
         if is_text:
             text, base = str(source), None
         else:
-            path = Path(source)
+            path = Path(source).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
             text, base = path.read_text(), path.parent
