@@ -283,6 +283,24 @@ def test_every_option_is_documented():
     assert "(default: table)" in help_text and "(default: 0.8)" in help_text and "--overwrite" in help_text
 
 
+def test_annotate_options_also_take_the_config_field_names():
+    """--confidence-threshold and --random-state (the AnnotationConfig fields) are --threshold and --seed."""
+    from spatialcx.cli import _annotation_config, build_parser
+
+    argv = [
+        "annotate",
+        "slide.h5ad",
+        "-r",
+        "ref.h5ad::cell_type",
+        "--confidence-threshold",
+        "0.6",
+        "--random-state",
+        "7",
+    ]
+    config = _annotation_config(build_parser().parse_args(argv))
+    assert config.confidence_threshold == 0.6 and config.random_state == 7
+
+
 def test_a_failing_domain_step_leaves_the_store_unclassified(demo_files, tmp_path, capsys):
     """classify --domains on a store: when the domains cannot be made, the classification is not persisted alone."""
     import shutil

@@ -473,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--tissue", default=None, help="tissue of the sample, recorded with the results")
     ann.add_argument(
         "--threshold",
+        "--confidence-threshold",  # the config field's name
+        dest="threshold",
         type=float,
         default=None,
         help=f"confidence below which a cell is Unassigned, in [0, 1] (default: {defaults['confidence_threshold']})",
@@ -527,7 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument(
         "--chunk-size", type=_positive, default=None, metavar="N", help="cells scored at a time (default: by size)"
     )
-    ann.add_argument("--seed", type=int, default=None, help=f"random seed (default: {defaults['random_state']})")
+    ann.add_argument(
+        "--seed",
+        "--random-state",  # the config field's name
+        dest="seed",
+        type=int,
+        default=None,
+        help=f"random seed (default: {defaults['random_state']})",
+    )
     ann.add_argument("--out", default=None, help=out_help)
     ann.add_argument("--overwrite", action="store_true", help=overwrite_help)
     ann.set_defaults(func=_cmd_annotate)
