@@ -192,3 +192,14 @@ def test_flt1_names_the_starmap_endothelial_cells(shared_data):
     labels = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
     assert labels["Endo"] == "endothelial cell"
     assert labels["Smc"] == "endothelial cell"  # the authors' vascular (Flt1-high) cluster
+
+
+def test_opalin_and_ermn_name_the_hypothalamus_oligodendrocytes(shared_data):
+    """Imaging panels of the brain carry Opalin and Ermn rather than Mbp or Plp1: the hypothalamus panel (134 genes)
+    has neither of the classic markers, and its mature oligodendrocytes were "Unassigned"."""
+    adata = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad"))
+    scx.tl.score_signatures(adata, scx.tl.load_canonical_markers(species="mouse", tissue="brain"))
+    scx.tl.annotate_domains(adata, "cell_type_author", key_added="domain")
+    labels = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
+    assert labels["Mature oligodendrocyte"] == "oligodendrocyte"
+    assert labels["Excitatory"] == "glutamatergic neuron" and labels["Astrocytes"] == "astrocyte"
