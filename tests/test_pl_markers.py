@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
@@ -132,7 +134,96 @@ def test_marker_sets_may_be_sets_shown_in_alphabetical_order():
     adata = counts({"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]})
     fig = scx.pl.marker_dotplot(adata, markers={"T cell": {"CD3E", "CD3D"}, "B cell": frozenset({"MS4A1", "CD79A"})})
     assert rows_and_genes(fig)[1] == ["CD3D", "CD3E", "CD79A", "MS4A1"]
-    with pytest.raises(TypeError, match=r"markers\['T cell'\] must be a list of gene names, got int 3\.$"):
+    with pytest.raises(
+        TypeError, match=r"^marker_dotplot: markers\['T cell'\] must be a list of gene names.*got int 3\.$"
+    ):
         scx.pl.marker_dotplot(adata, markers={"T cell": 3})
-    with pytest.raises(TypeError, match=r"Write markers=\{'T cell': \['CD3E'\]\} for a single gene"):
-        scx.pl.marker_dotplot(adata, markers={"T cell": "CD3E"})
+
+
+MARKER_INPUTS = (
+    "dict",
+    "yaml",
+    "json nested",
+    "csv long",
+    "csv comma-joined",
+    "tsv wide",
+    "frame long",
+    "frame wide",
+    "series",
+    "comma strings",
+    "blanks and NaN",
+)
+
+
+def marker_inputs(tmp_path) -> dict[str, object]:
+    """One marker set pair, B cell (MS4A1, CD79A) and T cell (CD3E, CD3D), in each form a user may have it."""
+    import json
+
+    import yaml
+
+    sets = {"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(sets, sort_keys=False))
+    (tmp_path / "m.json").write_text(json.dumps({k: {"genes": v, "cl_id": "CL:0"} for k, v in sets.items()}))
+    long = pd.DataFrame([(k, g) for k, v in sets.items() for g in v], columns=["cell_type", "gene"])
+    long.to_csv(tmp_path / "long.csv", index=False)
+    pd.DataFrame({"cell_type": list(sets), "markers": ["MS4A1, CD79A", "CD3E;CD3D"]}).to_csv(
+        tmp_path / "joined.csv", index=False
+    )
+    wide = pd.DataFrame({"B cell": ["MS4A1", "CD79A", np.nan], "T cell": ["CD3E", " CD3D", "CD3E"]})
+    wide.to_csv(tmp_path / "wide.tsv", sep="\t", index=False)
+    return {
+        "dict": sets,
+        "yaml": tmp_path / "m.yaml",
+        "json nested": str(tmp_path / "m.json"),
+        "csv long": tmp_path / "long.csv",
+        "csv comma-joined": tmp_path / "joined.csv",
+        "tsv wide": tmp_path / "wide.tsv",
+        "frame long": long,
+        "frame wide": wide,
+        "series": pd.Series(sets),
+        "comma strings": {"B cell": "MS4A1, CD79A", "T cell": "CD3E,CD3D"},
+        "blanks and NaN": {"B cell": [" MS4A1", np.nan, "", "CD79A "], "T cell": ["CD3E", None, "CD3D", "CD3E"]},
+    }
+
+
+@pytest.mark.parametrize("form", MARKER_INPUTS)
+def test_plots_read_marker_sets_as_the_signatures_do(tmp_path, form):
+    """score_signatures read files, tables, nested dicts and comma-separated strings; the plots refused all of them
+    ("markers must be a dict"), and silently lost genes written with a space ("MS4A1 ") or kept NaN as a gene."""
+    adata = counts({"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]}, n_per=20, n_background=5)
+    adata.obs["cell_type_confidence"] = np.linspace(0.0, 1.0, adata.n_obs)
+    markers = marker_inputs(tmp_path)[form]
+    scx.tl.score_signatures(adata, markers, key_added="sig")
+    u = adata.uns["sig"]
+    scored = {k: v.split(",") for k, v in zip(u["names"], u["genes"], strict=True)}
+    assert scored == {"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]}
+    fig = scx.pl.marker_dotplot(adata, markers=markers)
+    assert rows_and_genes(fig)[1] == [g for v in scored.values() for g in v]
+    fig = scx.pl.validation_2d(adata, markers=markers)
+    xlabels = {ax.get_title().rsplit(" (", 1)[0]: ax.get_xlabel() for ax in fig.axes}
+    assert xlabels == {k: "mean log1p of " + ", ".join(v) for k, v in scored.items()}
+
+
+@pytest.mark.parametrize("fn", ["marker_dotplot", "validation_2d"])
+def test_bad_marker_sets_get_the_errors_of_the_signatures_naming_the_plot(tmp_path, fn):
+    adata = counts({"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]})
+    adata.obs["cell_type_confidence"] = 0.9
+    plot = getattr(scx.pl, fn)
+    bad = [
+        (["MS4A1"], TypeError, "markers must be a dict mapping cell type names to gene lists"),
+        ({}, ValueError, "markers is empty"),
+        ({1: ["MS4A1"], "1": ["CD3E"]}, ValueError, "Two marker sets are both named '1'"),
+        ({"B cell": {"cl_id": "CL:0000236"}}, ValueError, "Marker set 'B cell' is a mapping without a gene list"),
+        (tmp_path / "nope.yaml", FileNotFoundError, "is read as the path of a marker file, and there is no such"),
+        (pd.DataFrame({"cell_type": ["B cell"]}), ValueError, "A marker table needs a cell type column and a gene"),
+    ]
+    for markers, error, message in bad:
+        with pytest.raises(error, match=rf"^{fn}: .*{re.escape(message)}"):
+            plot(adata, markers=markers)
+        with pytest.raises(error, match=re.escape(message)):
+            scx.tl.score_signatures(adata, markers)
+    # the one rule of the plots: a set without genes is a type without markers, not an error
+    fig = scx.pl.marker_dotplot(adata, markers={"B cell": ["MS4A1"], "T cell": []})
+    assert rows_and_genes(fig)[1] == ["MS4A1"] and "no given markers on the panel: T cell" in notes(fig)
+    with pytest.raises(ValueError, match="Marker set 'T cell' has no genes"):
+        scx.tl.score_signatures(adata, {"B cell": ["MS4A1"], "T cell": []})

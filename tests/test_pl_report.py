@@ -257,7 +257,7 @@ def test_marker_dotplot_errors(table):
     with pytest.raises(KeyError, match="'clusters'"):
         scx.pl.marker_dotplot(table, groupby="clusters")
     with pytest.raises(TypeError, match="must be a list of gene names"):
-        scx.pl.marker_dotplot(table, markers={"B cell": "MS4A1"})
+        scx.pl.marker_dotplot(table, markers={"B cell": 3})
     with pytest.raises(TypeError, match="must be a dict"):
         scx.pl.marker_dotplot(table, markers=["MS4A1"])
     with pytest.raises(ValueError, match="no marker gene of the given types is on the panel"):

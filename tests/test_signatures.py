@@ -134,7 +134,7 @@ def test_marker_inputs_yaml_json_and_nested(tmp_path):
         scx.tl.score_signatures(adata, tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="no genes"):
         scx.tl.score_signatures(adata, {"Empty": []})
-    with pytest.raises(TypeError, match="markers must map"):
+    with pytest.raises(TypeError, match="markers must be a dict mapping cell type names to gene lists"):
         scx.tl.score_signatures(adata, ["CD3D"])
 
 
@@ -792,6 +792,27 @@ def test_marker_tables_from_csv_tsv_and_wide_frames_skip_missing_values(tmp_path
     (tmp_path / "list.yaml").write_text("- CD3D\n- CD3E\n")
     with pytest.raises(TypeError, match=r"list.yaml' holds list, not a mapping of cell types to gene lists"):
         scx.tl.score_signatures(adata, tmp_path / "list.yaml")
+
+
+def test_marker_table_cells_of_comma_joined_genes_a_home_path_and_repeated_columns(tmp_path, monkeypatch):
+    """A CSV with one row per type ("T cells","CD3D, CD3E") gave a gene named "CD3D, CD3E", not in the panel, and
+    the set was dropped; "~/markers.yaml" was not found; a frame with two columns of one name raised AttributeError."""
+    adata = make_tissue(n_per_region=20)
+    table = pd.DataFrame({"cell_type": ["T cells", "B cells"], "markers": ["CD3D, CD3E", "CD19;MS4A1"]})
+    table.to_csv(tmp_path / "joined.csv", index=False)
+    scx.tl.score_signatures(adata, tmp_path / "joined.csv")
+    u = adata.uns["signature"]
+    assert dict(zip(u["names"], u["genes"], strict=True)) == {"T cells": "CD3D,CD3E", "B cells": "CD19,MS4A1"}
+    assert list(u["dropped"]) == []
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "markers.yaml").write_text("T cells: [CD3D, CD3E]\n")
+    scx.tl.score_signatures(adata, "~/markers.yaml", key_added="home")
+    assert list(adata.uns["home"]["names"]) == ["T cells"]
+    twice = pd.DataFrame([["CD3D", "CD19"]], columns=["T cells", "T cells"])
+    with pytest.raises(ValueError, match="Two marker sets are both named 'T cells'"):
+        scx.tl.score_signatures(adata, twice)
+    with pytest.raises(TypeError, match=r"markers\['T cells'\] must be a list of gene names .*got int 3\.$"):
+        scx.tl.score_signatures(adata, {"T cells": 3})
 
 
 def test_cells_with_no_marker_signal_are_not_named_after_the_sparsest_set(xenium_bone_marrow):

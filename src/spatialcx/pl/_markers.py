@@ -2,9 +2,10 @@
 
 Both check predicted cell types against marker genes that the classifier never saw as such: the canonical markers
 of each type's Cell Ontology term (:func:`spatialcx.tl.load_canonical_markers`), restricted to the panel, or a
-user's own ``{type: [genes]}``. Expression is ``log1p(counts / library size * 1e4)`` computed from the raw counts a
-block of cells at a time (whatever ``X`` holds), so memory stays bounded on tables of millions of cells: the dot plot
-keeps per-type sums only, the validation plot one score per cell.
+user's own marker sets, read as :func:`spatialcx.tl.score_signatures` reads them (a dict, a file, a table).
+Expression is ``log1p(counts / library size * 1e4)`` computed from the raw counts a block of cells at a time
+(whatever ``X`` holds), so memory stays bounded on tables of millions of cells: the dot plot keeps per-type sums
+only, the validation plot one score per cell.
 """
 
 from __future__ import annotations
@@ -264,24 +265,14 @@ def _group_term_ids(adata: AnnData, key: str, codes: np.ndarray, n_groups: int) 
 
 
 def _check_markers_arg(markers: Any, fn: str) -> dict[str, list[str]]:
-    if not isinstance(markers, Mapping):
-        raise TypeError(
-            f"{fn}: markers must be a dict {{cell type: [gene, ...]}} or None for the canonical markers, "
-            f"got {type(markers).__name__}."
-        )
-    if not markers:
-        raise ValueError(f"{fn}: markers is an empty dict; give at least one cell type with marker genes, or None.")
-    out: dict[str, list[str]] = {}
-    for name, genes in markers.items():
-        if isinstance(genes, set | frozenset):  # no order of its own (and a hash-seeded one): alphabetical
-            genes = sorted(str(g) for g in genes)
-        if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
-            hint = f" Write markers={{{str(name)!r}: [{genes!r}]}} for a single gene." if isinstance(genes, str) else ""
-            raise TypeError(
-                f"{fn}: markers[{name!r}] must be a list of gene names, got {type(genes).__name__} {genes!r}.{hint}"
-            )
-        out[str(name)] = [str(g) for g in genes]
-    return out
+    """A user's ``markers`` as ``{type: [genes]}``, read as :func:`spatialcx.tl.score_signatures` reads them.
+
+    The same dict, file or table gives the same sets to the signatures and to the plots; errors start with ``fn``.
+    The one rule of the plots: a set with no gene is kept (empty), so the type is named as one without markers.
+    """
+    from ..tl._signatures import _load_markers
+
+    return _load_markers(markers, fn=fn, allow_empty=True)
 
 
 def resolve_markers(
@@ -291,7 +282,7 @@ def resolve_markers(
     codes: np.ndarray,
     *,
     key: str,
-    markers: Mapping[str, Sequence[str]] | None,
+    markers: Mapping[str, Sequence[str]] | str | os.PathLike[str] | pd.DataFrame | None,
     max_genes_per_type: int | None,
     fn: str,
     sep: str = COMBINED_LABEL_SEP,
@@ -694,7 +685,7 @@ def marker_dotplot(
     data: AnnData | SpatialData,
     *,
     key: str = "cell_type",
-    markers: Mapping[str, Sequence[str]] | None = None,
+    markers: Mapping[str, Sequence[str]] | str | os.PathLike[str] | pd.DataFrame | None = None,
     groupby: str | None = None,
     max_genes_per_type: int = 5,
     min_cells: int = 10,
@@ -722,8 +713,13 @@ def marker_dotplot(
         obs column with the cell-type labels (written by :func:`spatialcx.tl.annotate`). Its CL ids
         (``{key}_ontology_term_id``) select the canonical markers.
     markers
-        ``{cell type: [genes]}`` to show instead of the canonical markers (all of each list's panel genes are shown,
-        in the given order; a set's in alphabetical order). Genes are matched to the panel case-insensitively.
+        Marker sets to show instead of the canonical markers, in any form :func:`spatialcx.tl.score_signatures`
+        reads: a dict ``{cell type: [genes]}``, the path of a YAML / JSON file holding one, a table (a DataFrame, or
+        the path of a CSV / TSV file) either long (a ``cell_type`` and a ``gene`` column) or wide (one column of genes
+        per type), values that are dicts with a ``"genes"`` list or strings of comma-separated genes. Blanks, missing
+        values (NaN, None) and repeats are skipped; a set of genes is taken in alphabetical order. All of each set's
+        panel genes are shown, in the given order; genes are matched to the panel case-insensitively. A type with no
+        gene (an empty list) is named as a type without markers.
     groupby
         obs column whose groups are the rows; default ``key``. ``"Unassigned"`` cells (and those of the
         ``unassigned`` label that :func:`spatialcx.tl.annotate_domains` recorded for ``groupby``) are left out and
@@ -764,9 +760,11 @@ def marker_dotplot(
         ``key`` or ``groupby`` is not an obs column, or ``table_key`` is not a table.
     ValueError
         No group has ``min_cells`` cells, no group names a cell type of the canonical table (e.g. cluster numbers),
-        or no marker gene of any type is on the panel.
+        no marker gene of any type is on the panel, or ``markers`` is empty or names two sets alike.
     TypeError
-        ``markers`` is not a dict of gene lists.
+        ``markers`` is not a dict of gene lists, a marker file or a marker table.
+    FileNotFoundError
+        ``markers`` is a path and no such file exists.
 
     Examples
     --------
@@ -952,7 +950,7 @@ def validation_2d(
     data: AnnData | SpatialData,
     *,
     key: str = "cell_type",
-    markers: Mapping[str, Sequence[str]] | None = None,
+    markers: Mapping[str, Sequence[str]] | str | os.PathLike[str] | pd.DataFrame | None = None,
     threshold: float | None = None,
     confidence_key: str | None = None,
     table_key: str = "table",
@@ -985,7 +983,9 @@ def validation_2d(
     key
         Label column written by :func:`spatialcx.tl.annotate` / :func:`spatialcx.tl.predict`.
     markers
-        ``{cell type: [genes]}`` instead of the canonical markers; types not in it are listed as without markers.
+        Marker sets instead of the canonical markers, in any form :func:`spatialcx.tl.score_signatures` reads (a dict
+        ``{cell type: [genes]}``, a YAML / JSON / CSV / TSV file, a DataFrame; see :func:`marker_dotplot`); types
+        not in it, or with no gene on the panel, are listed as without markers.
     threshold
         Confidence threshold; ``None`` uses ``uns[key]["confidence_threshold"]`` (else 0.8).
     confidence_key
@@ -1027,7 +1027,12 @@ def validation_2d(
     KeyError
         ``key`` or the confidence column is missing.
     ValueError
-        No type has ``min_cells`` cells, no type has a marker on the panel, or a bad argument.
+        No type has ``min_cells`` cells, no type has a marker on the panel, or a bad argument (e.g. two marker sets
+        of the same name).
+    TypeError
+        ``markers`` is not a dict of gene lists, a marker file or a marker table.
+    FileNotFoundError
+        ``markers`` is a path and no such file exists.
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D

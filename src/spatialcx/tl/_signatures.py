@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
 
 MarkerSets = Mapping[str, Sequence[str]] | str | Path | Any
 _GENE_KEYS = ("genes", "markers", "positive", "positive_markers", "marker_genes")
+#: What separates the genes of one string ("CD3D, CD3E" or "CD3D;CD3E").
+_GENE_SEP = re.compile(r"[,;]")
 #: How many marker sets a warning names before it says "..." (the full lists are in ``uns``).
 _N_EXAMPLES = 3
 #: A marker gene whose standard deviation across cells is at most this much (relative to its mean, or 1) is constant.
@@ -67,7 +71,9 @@ def score_signatures(
         mapping, a table (a DataFrame, or the path of a CSV / TSV file) either long (a ``cell_type`` and a ``gene``
         column) or wide (one column of genes per cell type), or the canonical markers of
         :func:`spatialcx.tl.load_canonical_markers`. Values may also be dicts with a ``"genes"`` (or ``"markers"``)
-        list; a set of genes is taken in alphabetical order. Missing values (NaN, None) are skipped.
+        list, or strings of genes separated by commas or semicolons (``"CD3D, CD3E"``, in a list or a table's cell
+        too); a set of genes is taken in alphabetical order. Missing values (NaN, None), blanks and repeats are
+        skipped. :func:`spatialcx.pl.marker_dotplot` and :func:`spatialcx.pl.validation_2d` read the same inputs.
     table_key
         Table to use when ``data`` is SpatialData.
     key_added
@@ -103,8 +109,12 @@ def score_signatures(
 
     Raises
     ------
+    FileNotFoundError
+        ``markers`` is a path and no such file exists.
+    TypeError
+        ``markers`` is not a mapping or a table, or a marker set is not a list of genes.
     ValueError
-        Empty or malformed marker sets, or no signature with enough panel genes.
+        Empty or malformed marker sets, two sets of the same name, or no signature with enough panel genes.
     KeyError
         ``smooth=True`` and no coordinates (neither ``obsm[spatial_key]`` nor shapes linked to the table).
     """
@@ -574,69 +584,109 @@ def _elbow_label(
     return sep.join(names[i] for i in order[:k])
 
 
-def _load_markers(markers: MarkerSets) -> dict[str, list[str]]:
-    """Normalize marker sets to ``{name: [genes]}``."""
-    source = markers
-    if isinstance(markers, str | Path):
-        path = Path(markers)
+def _load_markers(markers: MarkerSets, *, fn: str | None = None, allow_empty: bool = False) -> dict[str, list[str]]:
+    """Normalize marker sets to ``{name: [genes]}``: the one reader of users' marker sets.
+
+    :func:`score_signatures` and the marker plots (:func:`spatialcx.pl.marker_dotplot`,
+    :func:`spatialcx.pl.validation_2d`) read ``markers`` here, so the same file, dict or table gives the same sets.
+
+    Parameters
+    ----------
+    markers
+        A dict ``{name: genes}``, the path of a YAML / JSON file holding one, a table (a DataFrame, or the path of a
+        CSV / TSV / TXT file), long (a cell type and a gene column) or wide (one column of genes per type), or an
+        object with ``to_dict()`` (a Series). ``genes`` is a list, a set (taken in alphabetical order), a dict with a
+        ``"genes"`` (or ``"markers"``, ...) list, or one string; strings are split at commas and semicolons, blanks
+        and missing values (NaN, None) are dropped, repeats kept once.
+    fn
+        Name of the public function, put before error messages (``"marker_dotplot: ..."``).
+    allow_empty
+        Keep a set left with no gene as ``[]`` (a plot shows it as a type without markers) instead of raising.
+
+    Raises
+    ------
+    FileNotFoundError
+        A path that is not a file.
+    TypeError
+        ``markers`` is not a mapping or a table, or a set is not a list of genes.
+    ValueError
+        No marker set, a set without genes (unless ``allow_empty``), two sets of the same name.
+    """
+    prefix = f"{fn}: " if fn else ""
+    items: list[tuple[Any, Any]] | None = None  # (name, genes) in the given order
+    if isinstance(markers, str | os.PathLike):
+        path = Path(markers).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"Marker file {str(markers)!r} does not exist; pass a YAML / JSON / CSV / TSV file or a dict."
+                f"{prefix}markers={str(markers)!r} is read as the path of a marker file, and there is no such file; "
+                "pass an existing YAML / JSON / CSV / TSV file or a dict {cell type: [genes]}."
             )
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv", ".txt"):
-            markers = _markers_from_frame(pd.read_csv(path, sep="," if suffix == ".csv" else "\t", dtype=str))
+            table = pd.read_csv(path, sep="," if suffix == ".csv" else "\t", dtype=str)
+            items = _markers_from_frame(table, prefix=prefix)
         else:
             text = path.read_text()
             if suffix == ".json":
                 import json
 
-                markers = json.loads(text)
+                content = json.loads(text)
             else:
                 import yaml
 
-                markers = yaml.safe_load(text)
-            if not isinstance(markers, Mapping):
+                content = yaml.safe_load(text)
+            if not isinstance(content, Mapping):
                 raise TypeError(
-                    f"Marker file {str(path)!r} holds {type(markers).__name__}, not a mapping of cell types to gene "
-                    "lists ({name: [genes]}). YAML / JSON files hold such a mapping; CSV / TSV files (.csv, .tsv, "
-                    ".txt) a table with a cell type and a gene column, or one column of genes per cell type."
+                    f"{prefix}Marker file {str(path)!r} holds {type(content).__name__}, not a mapping of cell types "
+                    "to gene lists ({name: [genes]}). YAML / JSON files hold such a mapping; CSV / TSV files (.csv, "
+                    ".tsv, .txt) a table with a cell type and a gene column, or one column of genes per cell type."
                 )
+            items = list(content.items())
     elif isinstance(markers, pd.DataFrame):
-        markers = _markers_from_frame(markers)
-    elif not isinstance(markers, Mapping) and hasattr(markers, "to_dict"):
-        markers = markers.to_dict()
-    if not isinstance(markers, Mapping):
+        items = _markers_from_frame(markers, prefix=prefix)
+    elif isinstance(markers, Mapping):
+        items = list(markers.items())
+    elif hasattr(markers, "to_dict") and isinstance(content := markers.to_dict(), Mapping):  # a Series
+        items = list(content.items())
+    if items is None:
         raise TypeError(
-            "markers must map cell type names to gene lists (a dict, a YAML / JSON / CSV / TSV file, a DataFrame, or "
-            f"the canonical markers), got {type(source).__name__}."
+            f"{prefix}markers must be a dict mapping cell type names to gene lists ({{name: [genes]}}), the path of a "
+            "YAML / JSON / CSV / TSV file, a DataFrame (a cell type and a gene column, or one column of genes per "
+            f"type), or the canonical markers of scx.tl.load_canonical_markers(); got {type(markers).__name__}."
         )
     out: dict[str, list[str]] = {}
-    for name, genes in markers.items():
+    for name, genes in items:
         if isinstance(genes, Mapping):
             key = next((k for k in _GENE_KEYS if k in genes), None)
             if key is None:
                 raise ValueError(
-                    f"Marker set {name!r} is a mapping without a gene list (looked for {list(_GENE_KEYS)}); give "
-                    "its genes as a list."
+                    f"{prefix}Marker set {name!r} is a mapping without a gene list (looked for {list(_GENE_KEYS)}); "
+                    "give its genes as a list."
                 )
             genes = genes[key]
         if genes is None:  # "T cell:" with nothing after it in a YAML file
             genes = []
         if isinstance(genes, str):
-            genes = [g.strip() for g in genes.replace(";", ",").split(",")]
+            genes = [genes]
         if isinstance(genes, set | frozenset):  # no order of its own (and a hash-seeded one): alphabetical
             genes = sorted(str(g) for g in genes)
-        if not isinstance(genes, Sequence | np.ndarray | pd.Index):
-            raise ValueError(f"Marker set {name!r} is {type(genes).__name__}, not a list of genes.")
-        genes = [str(g).strip() for g in genes if not _is_missing(g) and str(g).strip()]
-        if not genes:
-            raise ValueError(f"Marker set {name!r} has no genes; remove it or add its markers.")
+        if not isinstance(genes, Sequence | np.ndarray | pd.Index | pd.Series):
+            raise TypeError(
+                f"{prefix}markers[{name!r}] must be a list of gene names (or one string of comma-separated names), "
+                f"got {type(genes).__name__} {genes!r}."
+            )
+        # "CD3D, CD3E" (a YAML value, a cell of a table) is two genes; blanks and NaN padding are none
+        genes = [g.strip() for entry in genes if not _is_missing(entry) for g in _GENE_SEP.split(str(entry))]
+        genes = [g for g in genes if g]
+        if not genes and not allow_empty:
+            raise ValueError(f"{prefix}Marker set {name!r} has no genes; remove it or add its markers.")
         if str(name) in out:  # 1 and "1": the second would replace the first
-            raise ValueError(f"Two marker sets are both named {str(name)!r} (as text); give them distinct names.")
+            raise ValueError(
+                f"{prefix}Two marker sets are both named {str(name)!r} (as text); give them distinct names."
+            )
         out[str(name)] = list(dict.fromkeys(genes))
     if not out:
-        raise ValueError("markers is empty; pass at least one marker set {name: [genes]}.")
+        raise ValueError(f"{prefix}markers is empty; pass at least one marker set {{name: [genes]}}.")
     return out
 
 
@@ -648,21 +698,22 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
-def _markers_from_frame(df: pd.DataFrame) -> dict[str, list[str]]:
-    """``{cell type: [genes]}`` of a long table (a cell type and a gene column) or a wide one (a column per type)."""
+def _markers_from_frame(df: pd.DataFrame, *, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """``(cell type, genes)`` of a long table (a cell type and a gene column) or a wide one (a column per type)."""
     lower = {str(c).lower(): c for c in df.columns}
     name_col = next((lower[c] for c in ("cell_type", "celltype", "name", "label") if c in lower), None)
     gene_col = next((lower[c] for c in ("gene", "genes", "marker", "markers", "gene_symbol") if c in lower), None)
     if name_col is not None and gene_col is not None:
         rows = df[df[name_col].notna() & df[gene_col].notna()]
-        return {str(k): v[gene_col].astype(str).tolist() for k, v in rows.groupby(name_col, sort=False, observed=True)}
+        names = rows[name_col].astype(str)  # 1 and "1" are one set, as they are one name
+        return [(str(k), v[gene_col].astype(str).tolist()) for k, v in rows.groupby(names, sort=False)]
     if name_col is not None or gene_col is not None or df.empty:
         raise ValueError(
-            f"A marker table needs a cell type column and a gene column (e.g. 'cell_type', 'gene'), or one column of "
-            f"genes per cell type; got the columns {list(df.columns)}."
+            f"{prefix}A marker table needs a cell type column and a gene column (e.g. 'cell_type', 'gene'), or one "
+            f"column of genes per cell type; got the columns {list(df.columns)}."
         )
     # wide: one column per cell type, padded with missing values to the longest
-    return {str(c): [g for g in df[c].tolist() if not _is_missing(g)] for c in df.columns}
+    return [(str(c), [g for g in col.tolist() if not _is_missing(g)]) for c, col in df.items()]
 
 
 def _match_genes(
