@@ -204,7 +204,8 @@ def test_elbow_gap_rule():
     assert lab([0.95, 0.70, 0.60]) == "A"  # clear winner
     assert lab([0.90, 0.88, 0.60]) == "A/B"  # close pair, gap after two
     assert lab([0.90, 0.89, 0.88, 0.55]) == "A/B/C"  # three close, then a gap
-    assert lab([0.60, 0.95, 0.94]) == "B/C"  # sorted by AUC first
+    assert lab([0.60, 0.95, 0.94]) == "B/C"  # chosen by AUC
+    assert lab([0.60, 0.94, 0.95]) == "B/C"  # joined in the signatures' order: one label whichever leads
     assert lab([0.90, 0.89, 0.88, 0.87, 0.86], max_combined=2) in ("A", "A/B")
     assert lab([0.90, 0.88], closeness=0.0) == "A"
     assert lab([0.90, 0.88], enriched=[False, True]) == "B"
@@ -690,7 +691,7 @@ def test_brain_markers_name_starmap_domains_without_other_organs(shared_data):
         scx.tl.score_signatures(adata, markers, key_added="sig")
         scx.tl.annotate_domains(adata, "cell_type_author", signature_key="sig", key_added="domain")
         labels[tissue] = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
-    assert labels[None]["SST"] == "sst GABAergic interneuron/pancreatic D cell"
+    assert labels[None]["SST"] == "pancreatic D cell/sst GABAergic interneuron"  # the marker table's order
     assert labels["brain"]["SST"] == "sst GABAergic interneuron"
     assert labels[None]["Smc"] == labels["brain"]["Smc"] == "endothelial cell"
     assert "colonocyte" in labels[None]["eL2/3"] and "colonocyte" not in labels["brain"]["eL2/3"]

@@ -182,7 +182,8 @@ def annotate_domains(
     the group scores above a cell outside it) is at least ``min_auc``. Each group gets its top signature by AUC or,
     when the runner-up is close (its effect ``AUC - 0.5`` is at least ``1 - closeness`` times the top one's), the
     signatures before the largest gap in the sorted effects ("elbow gap", at most ``max_combined``), joined with
-    ``sep``, e.g. ``"Macrophages/Neutrophils"``. Groups with no enriched signature are ``unassigned``.
+    ``sep`` in the order of the signatures (the marker sets' order), e.g. ``"Macrophages/Neutrophils"``, so the same
+    types make one label whichever leads in a group. Groups with no enriched signature are ``unassigned``.
 
     The tests use the normal approximation with tie and continuity corrections (the p-values equal
     ``scipy.stats.mannwhitneyu(..., method="asymptotic")``). Every group is tested against all other cells, so the
@@ -569,7 +570,11 @@ def _plural(count: int, noun: str) -> str:
 def _elbow_label(
     auc: np.ndarray, enriched: np.ndarray, names: list[str], *, closeness: float, max_combined: int, sep: str
 ) -> str | None:
-    """Top enriched signature, or the close top ones before the largest gap in the sorted effects."""
+    """Top enriched signature, or the close top ones before the largest gap in the sorted effects.
+
+    The signatures of a combined label are joined in the order of ``names`` (not by effect), so the same types make
+    the same label in every group.
+    """
     idx = np.flatnonzero(enriched)
     if idx.size == 0:
         return None
@@ -581,7 +586,7 @@ def _elbow_label(
     after = effect[max_combined] if effect.size > max_combined else 0.0
     gaps = np.diff(np.r_[top, after]) * -1.0
     k = int(np.argmax(gaps)) + 1
-    return sep.join(names[i] for i in order[:k])
+    return sep.join(names[i] for i in sorted(order[:k]))
 
 
 def _load_markers(markers: MarkerSets, *, fn: str | None = None, allow_empty: bool = False) -> dict[str, list[str]]:
