@@ -227,3 +227,16 @@ def test_bad_marker_sets_get_the_errors_of_the_signatures_naming_the_plot(tmp_pa
     assert rows_and_genes(fig)[1] == ["MS4A1"] and "no given markers on the panel: T cell" in notes(fig)
     with pytest.raises(ValueError, match="Marker set 'T cell' has no genes"):
         scx.tl.score_signatures(adata, {"B cell": ["MS4A1"], "T cell": []})
+
+
+def test_plots_read_a_view_without_changing_it():
+    """A plot only reads the table: a view of it (one slide of several, the confident cells) stays a view, not a copy
+    of the whole table made into the caller's object."""
+    adata = counts({"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]})
+    adata.obs["cell_type_confidence"] = np.linspace(0.0, 1.0, adata.n_obs)
+    view = adata[adata.obs["cell_type_confidence"] > 0.1]
+    markers = {"B cell": ["MS4A1", "CD79A"], "T cell": ["CD3E", "CD3D"]}
+    fig = scx.pl.marker_dotplot(view, markers=markers)
+    assert rows_and_genes(fig)[1] == ["MS4A1", "CD79A", "CD3E", "CD3D"]
+    scx.pl.validation_2d(view, markers=markers)
+    assert view.is_view and list(view.obs.columns) == ["cell_type", "cell_type_confidence"]

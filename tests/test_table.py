@@ -120,6 +120,35 @@ def test_resolve_anndata_view_becomes_actual():
     assert list(view.obs["x"]) == ["a", "b"]
 
 
+def test_get_table_reads_a_view_without_copying_it():
+    adata = ad.AnnData(sp.random(40, 5, density=0.3, format="csr", random_state=0))
+    adata.obs["group"] = pd.Categorical(["a", "b"] * 20)
+    view = adata[adata.obs["group"] == "a"]
+    table = get_table(view)
+    assert table is view and table.is_view  # nothing copied, the caller's view left as it was
+    assert table.X.shape == (20, 5)
+    assert "x" not in adata.obs
+
+
+def test_views_of_a_backed_anndata(tmp_path):
+    """A view of a backed AnnData can be read, and changed (it is read into memory; the file is left alone)."""
+    path = tmp_path / "backed.h5ad"
+    ad.AnnData(np.arange(12.0).reshape(4, 3)).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        view = backed[:2]
+        table = get_table(view)
+        assert table is view and table.is_view and table.isbacked
+        ref = resolve_table(view)
+        assert not ref.adata.is_view and not ref.adata.isbacked
+        np.testing.assert_array_equal(ref.adata.X, [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+        ref.adata.obs["x"] = ["a", "b"]
+        assert "x" not in backed.obs
+    finally:
+        backed.file.close()
+    assert "x" not in ad.read_h5ad(path).obs
+
+
 def test_resolve_spatialdata():
     sdata = _synthetic_sdata()
     ref = resolve_table(sdata)
@@ -265,6 +294,36 @@ def test_broken_link_is_refused(v3_store):
     with pytest.raises(ValueError, match="link to the spatial elements"):
         write_table(sdata2)
     assert _snapshot(v3_store) == before
+
+
+@pytest.mark.parametrize("store", ["v3_store", "v2_store"])
+def test_keys_spatialdata_cannot_read_are_refused_before_anything_is_written(store, request):
+    """One bad key in a table and spatialdata.read_zarr refuses the whole store: such keys are never written."""
+    path = request.getfixturevalue(store)
+    sdata = sd.read_zarr(path)
+    sdata.tables["plain"] = ad.AnnData(np.ones((3, 2)))  # a table without a link to shapes
+    write_table(sdata, "plain")
+    before = _snapshot(path)
+
+    sdata.tables["plain"].obs["cell type"] = "T"
+    with pytest.raises(ValueError, match=r"obs\['cell type'\].*only alphanumeric.*sanitize_table.*Nothing was written"):
+        write_table(sdata, "plain")
+    table = sdata.tables["table"]
+    table.obs["cell_type"] = "T"
+    table.obs["Cell_Type"] = "T"
+    table.obs[3] = 1.0
+    with pytest.raises(ValueError, match=r"obs\['Cell_Type'\].*only in case; obs\[3\].*type int") as info:
+        write_table(sdata, "table")
+    assert "link" not in str(info.value)
+    assert _snapshot(path) == before
+    back = sd.read_zarr(path)  # the store still opens
+    assert set(back.tables) == {"table", "plain"}
+
+    # keys of elements that are not written do not matter: the store keeps its own
+    del table.obs["Cell_Type"], table.obs[3]
+    table.layers["raw counts"] = table.X.copy()
+    write_table(sdata, "table", elements=("obs",))
+    assert (sd.read_zarr(path).tables["table"].obs["cell_type"] == "T").all()
 
 
 @pytest.mark.parametrize("store", ["v3_store", "v2_store"])
@@ -855,6 +914,58 @@ def test_a_write_that_only_failed_to_tidy_up_keeps_the_results_in_memory(v3_stor
     assert "cell_type" in table.obs  # the store has it: so does memory
     monkeypatch.undo()
     assert (sd.read_zarr(v3_store).tables["table"].obs["cell_type"] == "T cell").all()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_failure_right_after_the_swap_keeps_the_results_in_memory(v3_store, monkeypatch, exchange):
+    """Once the new table is in place, a failing flush or removal of the old one must not undo the results in memory
+    (the store has them)."""
+    if not exchange:
+        monkeypatch.setattr(_table, "_exchange", lambda a, b: False)
+    tables_dir = v3_store / "tables"
+    real = _table._fsync_dir
+
+    def broken(path):
+        if Path(path) == tables_dir:  # flushed only once the new table is in place
+            raise OSError("fsync failed (simulated)")
+        real(path)
+
+    monkeypatch.setattr(_table, "_fsync_dir", broken)
+    sdata = sd.read_zarr(v3_store)
+    ref = resolve_table(sdata, write=True)
+    ref.adata.obs["cell_type"] = "T cell"
+    with pytest.raises(OSError, match="simulated") as info:
+        ref.finish()
+    assert getattr(info.value, _table.WRITTEN_ATTR, False) is True
+    assert "left unchanged" not in " ".join(getattr(info.value, "__notes__", []))
+    assert "cell_type" in sdata.tables["table"].obs
+    monkeypatch.undo()
+    assert (sd.read_zarr(v3_store).tables["table"].obs["cell_type"] == "T cell").all()
+    sdata.tables["table"].obs["later"] = 1.0
+    write_table(sdata, elements=("obs",))  # the next write tidies up
+    assert not (v3_store / WORK_DIR).exists()
+
+
+def test_read_only_store_says_so_and_changes_nothing(v3_store, monkeypatch):
+    """A store the user may not write to (chmod a-w, a read-only mount): the error names the store and the way out."""
+    import errno
+
+    real_mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if WORK_DIR in self.parts:
+            raise PermissionError(errno.EACCES, "Permission denied", str(v3_store / WORK_DIR))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    sdata = sd.read_zarr(v3_store)
+    before = _snapshot(v3_store)
+    ref = resolve_table(sdata, write=True)
+    ref.adata.obs["cell_type"] = "T cell"
+    with pytest.raises(PermissionError, match=r"Cannot write into the zarr store .*read-only.*Nothing in the store"):
+        ref.finish()
+    assert "cell_type" not in sdata.tables["table"].obs  # memory and store still agree
+    assert _snapshot(v3_store) == before
 
 
 def test_read_only_calls_take_no_snapshot(v3_store):

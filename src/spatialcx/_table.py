@@ -73,6 +73,8 @@ WORK_DIR = ".spatialcx"
 #: values (raw counts) and are never rewritten.
 WRITABLE_ELEMENTS = ("obs", "obsm", "obsp", "uns", "var", "varm", "varp")
 _EXPRESSION_ELEMENTS = ("X", "layers", "raw")
+#: Keyed elements of a table whose keys a new table stores (spatialdata checks them all when it opens the store).
+_TABLE_ELEMENTS = ("obs", "obsm", "obsp", "var", "varm", "varp", "uns", "layers")
 _ATTRS_KEY = "spatialdata_attrs"
 _LINK_KEYS = ("region", "region_key", "instance_key")
 _V2_METADATA_FILES = (".zarray", ".zgroup", ".zattrs")
@@ -249,8 +251,9 @@ def resolve_table(
             adata = data.to_memory() if data.isbacked else data.copy()
             return TableRef(adata=adata, sdata=None, table_key=table_key, copy=True)
         if data.is_view:
-            # as scanpy does: turn the view into an actual AnnData so that changes land in the object itself
-            data._init_as_actual(data.copy())
+            # as scanpy does: turn the view into an actual AnnData so that changes land in the object itself (a view
+            # of a backed AnnData is read into memory: anndata copies those only to a file)
+            data._init_as_actual(data.to_memory() if data.isbacked else data.copy())
         return TableRef(adata=data, sdata=None, table_key=table_key)
     adata = _table_from_sdata(data, table_key)
     if copy:
@@ -306,7 +309,11 @@ def _copy_uns(uns: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def get_table(data: AnnData | SpatialData, table_key: str = "table") -> AnnData:
-    """Return the table of ``data`` (the AnnData itself, or ``data.tables[table_key]``).
+    """Return the table of ``data`` to read from (the AnnData itself, or ``data.tables[table_key]``).
+
+    Nothing is copied and nothing changes: a view stays a view (of an in-memory or a backed AnnData) and a backed
+    AnnData stays backed. Functions that change the table use :func:`resolve_table` instead, which turns a view into an
+    actual AnnData first.
 
     Parameters
     ----------
@@ -317,9 +324,19 @@ def get_table(data: AnnData | SpatialData, table_key: str = "table") -> AnnData:
 
     Returns
     -------
-    The table, not a copy.
+    The table as it is, not a copy.
+
+    Raises
+    ------
+    TypeError
+        If ``data`` is neither an AnnData nor a SpatialData object.
+    KeyError
+        If the SpatialData object has no table ``table_key`` (the message lists the available tables).
     """
-    return resolve_table(data, table_key).adata
+    _check_data(data)
+    if isinstance(data, AnnData):
+        return data
+    return _table_from_sdata(data, table_key)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -381,6 +398,8 @@ def write_table(
     adata = _table_from_sdata(sdata, table_key)
     elements = _check_elements(elements)
     store = _local_store_path(sdata)
+    new_table = not (store / "tables" / table_key).is_dir()  # written whole: every element's keys are stored
+    _check_names(adata, table_key, _TABLE_ELEMENTS if new_table else elements)
     _check_link(adata, table_key)
     with warnings.catch_warnings():
         # zarr's notice about a future default (autosharding) is not actionable here
@@ -474,14 +493,53 @@ def instance_positions(shapes_index: Any, instance_ids: Any) -> np.ndarray:
     return np.asarray(pos)
 
 
+def _check_names(adata: AnnData, table_key: str, elements: Iterable[str]) -> None:
+    """Refuse keys that spatialdata cannot read back, before anything is written.
+
+    spatialdata checks the keys of a table's obs, var, obsm, ... (str, only letters, digits, ``_``, ``-``, ``.``,
+    unique whatever the case) when it opens a store: one bad key in the store and ``spatialdata.read_zarr`` refuses the
+    whole store.
+    """
+    try:
+        from spatialdata._core.validation import check_valid_dataframe_column_name, check_valid_name
+    except ImportError:  # a spatialdata without these checks does not refuse such keys when it reads either
+        return
+    problems: list[str] = []
+    for name in elements:
+        check = check_valid_dataframe_column_name if name in ("obs", "var") else check_valid_name
+        seen: dict[str, str] = {}
+        for key in getattr(adata, name).keys():
+            if not isinstance(key, str):
+                problems.append(f"{name}[{key!r}]: the key is of type {type(key).__name__}, not str")
+                continue
+            try:
+                check(key)
+            except (ValueError, TypeError) as e:
+                problems.append(f"{name}[{key!r}]: {str(e).rstrip('.')}")
+            other = seen.setdefault(key.lower(), key)
+            if other != key:
+                problems.append(f"{name}[{key!r}]: differs from {name}[{other!r}] only in case")
+    if problems:
+        listed = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ValueError(
+            f"Table {table_key!r} cannot be written: {listed}. spatialdata refuses to open a store whose tables hold "
+            "such keys. Rename them (e.g. `table.obs = table.obs.rename(columns={'cell type': 'cell_type'})`), or "
+            "let `spatialdata.sanitize_table(table)` rename them all, then write again. Nothing was written."
+        )
+
+
 def _check_link(adata: AnnData, table_key: str) -> None:
     """Validate the table's link to its spatial elements as spatialdata does before writing."""
     if _ATTRS_KEY not in adata.uns:
         return
     from spatialdata.models import TableModel
 
+    attrs = adata.uns[_ATTRS_KEY]
+    keys = (attrs.get("region_key"), attrs.get("instance_key")) if isinstance(attrs, Mapping) else ()
+    columns = [k for k in dict.fromkeys(keys) if isinstance(k, str) and k in adata.obs]
     try:
-        TableModel().validate(adata)
+        # the link alone (its uns entry and the columns it names): the other keys are checked by _check_names
+        TableModel().validate(AnnData(obs=adata.obs[columns], uns={_ATTRS_KEY: attrs}))
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(
             f"Table {table_key!r} cannot be written: its link to the spatial elements (uns['{_ATTRS_KEY}'] with "
@@ -677,7 +735,16 @@ def _recover(store: Path) -> None:
 
 def _new_stage(store: Path) -> Path:
     stage = store / WORK_DIR / f"stage-{uuid.uuid4().hex}"
-    stage.mkdir(parents=True)
+    try:
+        stage.mkdir(parents=True)
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno,
+            f"Cannot write into the zarr store {store}: creating its work directory {e.filename} failed "
+            f"({e.strerror}); the store (or the file system) is read-only for this user. Nothing in the store was "
+            "changed. Make it writable (e.g. `chmod -R u+w` on the store), or write the SpatialData object to a new "
+            "store with `sdata.write(new_path)`",
+        ) from e
     return stage
 
 
@@ -760,15 +827,15 @@ def _after_write(step: Any) -> None:
         step()
     except Exception as e:
         setattr(e, WRITTEN_ATTR, True)
-        e.add_note("The new table is in the store; only the tidying up after writing it failed.")
+        e.add_note("The new element is in the store; only the tidying up after writing it failed.")
         raise
 
 
 def _swap(staged: Path, live: Path, aside: Path) -> None:
     """Put ``staged`` in place of ``live``; afterwards ``staged`` holds the old table or is gone."""
     if _exchange(staged, live):
-        _fsync_dir(live.parent)
-        _fsync_dir(staged.parent)
+        # the new element is in place from here on: a failure to flush says so (the caller keeps its results)
+        _after_write(lambda: (_fsync_dir(live.parent), _fsync_dir(staged.parent)))
         return
     aside.parent.mkdir(parents=True, exist_ok=True)
     _set_aside(live, aside)
@@ -778,8 +845,7 @@ def _swap(staged: Path, live: Path, aside: Path) -> None:
         if not live.exists():
             os.rename(aside, live)  # put the old table back at once; if this fails too, the next write restores it
         raise
-    _fsync_dir(live.parent)
-    shutil.rmtree(aside)
+    _after_write(lambda: (_fsync_dir(live.parent), shutil.rmtree(aside)))  # a leftover aside goes with the next write
 
 
 def _set_aside(live: Path, aside: Path) -> None:
@@ -838,11 +904,11 @@ def _write_new_table(store: Path, adata: AnnData, table_key: str) -> None:
         _fsync_tree(stage / table_key)
         root.require_group("tables")
         _move_in(stage / table_key, store / "tables" / table_key)
-        _fsync_dir(store / "tables")
+        _after_write(lambda: _fsync_dir(store / "tables"))
     except BaseException:
         _cleanup(store, stage)
         raise
-    _cleanup(store, stage)
+    _after_write(lambda: _cleanup(store, stage))
 
 
 def write_shapes_element(sdata: SpatialData, shapes_key: str) -> None:
@@ -889,11 +955,10 @@ def write_shapes_element(sdata: SpatialData, shapes_key: str) -> None:
                 _fsync_dir(live.parent)
         except BaseException as e:
             _cleanup(store, stage)
-            if isinstance(e, Exception):
+            if isinstance(e, Exception) and not getattr(e, WRITTEN_ATTR, False):
                 e.add_note(f"The shapes element {shapes_key!r} in {store} was left as it was.")
             raise
-        _cleanup(store, stage)
-        _refresh_consolidated(store)
+        _after_write(lambda: (_cleanup(store, stage), _refresh_consolidated(store)))
     logger.info(f"Wrote the shapes element {shapes_key!r} into {store}.")
 
 

@@ -69,7 +69,9 @@ class NoCoordinatesError(ValueError):
 
 
 def split_data(data: AnnData | SpatialData, table_key: str = "table") -> tuple[AnnData, SpatialData | None]:
-    """Return the table and the SpatialData that holds it (``None`` for an AnnData).
+    """Return the table and the SpatialData that holds it (``None`` for an AnnData), to read from.
+
+    Nothing is copied: a view stays a view (the plots only read the table).
 
     Parameters
     ----------
@@ -89,10 +91,11 @@ def split_data(data: AnnData | SpatialData, table_key: str = "table") -> tuple[A
     KeyError
         The SpatialData object has no table ``table_key``.
     """
-    from .._table import resolve_table
+    from anndata import AnnData
 
-    ref = resolve_table(data, table_key)
-    return ref.adata, ref.sdata
+    from .._table import get_table
+
+    return get_table(data, table_key), (None if isinstance(data, AnnData) else data)
 
 
 def _available(keys: Any) -> str:

@@ -226,12 +226,9 @@ def evaluate_confidence(
     -------
     One row per method, the columns of :func:`~spatialcx.tl.confidence_metrics`. Nothing in ``data`` changes.
     """
-    from anndata import AnnData
-
     from spatialcx._table import get_table, obs_column
 
-    # a view is read as it is (get_table would make it an actual AnnData, copying its data)
-    adata = data if isinstance(data, AnnData) else get_table(data, table_key)
+    adata = get_table(data, table_key)  # read as it is: a view stays a view
     keys = output_keys(key)
     if truth_key not in adata.obs:
         raise KeyError(f"truth_key {truth_key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
