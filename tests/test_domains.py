@@ -428,7 +428,7 @@ def test_polygons_follow_coordinates_given_in_a_coordinate_system_of_the_cells()
     [
         ({"max_distance": "15"}, "max_distance='15' must be a number"),  # was: numpy's ufunc 'isfinite' message
         ({"merge_distance": [30]}, "merge_distance=\\[30\\] must be a number"),
-        ({"min_cells": 2.5}, "min_cells=2.5 must be a whole number"),  # was: silently 2
+        ({"min_cells": "10"}, "min_cells must be a whole number"),
         ({"prefix": 1}, "prefix=1 must be a string"),
     ],
 )
@@ -584,3 +584,103 @@ def test_new_domains_drop_the_names_annotate_domains_gave_the_old_ones(tmp_path,
     for t in (sdata.tables["table"], read_zarr(tmp_path / "g.zarr").tables["table"]):
         assert "domain_annotation" not in t.uns and "signature" in t.uns
         assert not {"domain_annotation", "domain_annotation_cell"} & set(t.obs) and "domain" in t.obs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parameters as users give them, columns with missing values, 3D coordinates, the radius graph
+
+
+@pytest.mark.parametrize("min_cells", [10.0, np.float64(10), np.int32(10)])
+def test_min_cells_given_as_a_whole_float(min_cells):
+    """A YAML ``10.0`` is ten cells (was: TypeError for any float)."""
+    adata = grid_table()
+    scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=min_cells, small_domains="drop")
+    assert adata.uns["domain"]["min_cells"] == 10 and isinstance(adata.uns["domain"]["min_cells"], int)
+    assert list(adata.uns["domain"]["n_cells"]) == [256, 176]
+
+
+@pytest.mark.parametrize("min_cells", [2.5, 0, float("nan")])
+def test_min_cells_not_a_whole_number_of_at_least_one_is_refused(min_cells):
+    adata = grid_table()
+    with pytest.raises(ValueError, match="min_cells must be a whole number >= 1"):
+        scx.tl.spatial_domains(adata, "selected", max_distance=15, min_cells=min_cells)
+    assert "domain" not in adata.obs
+
+
+@pytest.mark.parametrize("dtype", ["object", "Int64", "array"])
+def test_boolean_selection_with_missing_values(dtype):
+    """Missing values are not selected, whatever holds the True/False or 0/1 values.
+
+    Was: a ValueError ("not True/False or 0/1") for an object column of True/False/NaN, as anndata's outer concat
+    leaves it, and a TypeError from pandas for a nullable ``Int64`` 0/1 column with missing values.
+    """
+    adata = grid_table()
+    first_a = np.flatnonzero(adata.obs["block"].to_numpy() == "A")[:3]
+    if dtype == "Int64":
+        col = pd.array(adata.obs["cluster01"].to_numpy(), dtype="Int64")
+        col[first_a] = pd.NA
+    else:
+        col = adata.obs["selected"].to_numpy().astype(object)
+        col[first_a] = np.nan
+    if dtype == "array":
+        selection = col
+    else:
+        adata.obs["sel"] = col
+        selection = "sel"
+    scx.tl.spatial_domains(adata, selection, max_distance=15, min_cells=10, small_domains="drop")
+    assert list(adata.uns["domain"]["n_cells"]) == [253, 176]
+    assert adata.obs["domain"].iloc[first_a].isna().all()
+
+
+def test_value_given_as_an_index_or_numpy_scalars():
+    adata = grid_table()
+    # was: TypeError unhashable type 'Index'
+    scx.tl.spatial_domains(adata, "block", value=pd.Index(["A", "B"]), max_distance=15)
+    assert members(adata) == {"domain_1": {"A"}, "domain_2": {"B"}}
+    assert adata.uns["domain"]["selection"] == "obs['block'] in ['A', 'B']"  # was: [np.str_('A'), ...]
+    scx.tl.spatial_domains(adata, "block", value=adata.obs["block"].cat.categories[2:3], max_distance=15)
+    assert members(adata) == {"domain_1": {"B"}} and adata.uns["domain"]["selection"] == "obs['block'] == 'B'"
+
+
+def test_3d_coordinates_link_and_merge_within_their_layer():
+    """Two layers 100 apart in z over the same x, y: small domains merge into their own layer's domain.
+
+    Was: linking used x, y, z but merging only x, y, so both small C blocks went to the first layer's A (274 cells).
+    """
+    layers = ad.concat([grid_table(), grid_table()], index_unique="-", keys=["low", "high"], label="layer")
+    layers.obs["block"] = layers.obs["block"].astype(str)
+    z = np.where(layers.obs["layer"].to_numpy() == "low", 0.0, 100.0)
+    layers.obsm["spatial"] = np.column_stack([layers.obsm["spatial"], z])
+    scx.tl.spatial_domains(layers, "selected", max_distance=15, min_cells=10, merge_distance=55)
+    col = layers.obs["domain"]
+    assert list(layers.uns["domain"]["n_cells"]) == [265, 265, 176, 176]
+    for name in col.cat.categories:
+        assert layers.obs["layer"][col == name].nunique() == 1
+    assert layers.uns["domain"]["median_nn_distance"] == pytest.approx(SPACING)
+
+
+def test_radius_graph_matches_brute_force_and_needs_no_squidpy(monkeypatch):
+    """Cells at most max_distance apart are linked (ties included), never across libraries; squidpy is not imported.
+
+    Was: a squidpy radius graph, whose import took 8-16 s and whose graph took most of the time at 1M cells.
+    """
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial.distance import cdist
+
+    import spatialcx._utils
+    from spatialcx.tl import _domains
+
+    def no_squidpy():
+        raise AssertionError("squidpy imported")
+
+    monkeypatch.setattr(spatialcx._utils, "import_squidpy", no_squidpy)
+    rng = np.random.default_rng(0)
+    coords = rng.integers(0, 40, size=(300, 2)).astype(float)  # integer positions: many pairs exactly 3 apart
+    libraries = rng.integers(0, 3, 300)
+    comp = _domains._components(coords, libraries, 3.0)
+    linked = (cdist(coords, coords) <= 3.0) & (libraries[:, None] == libraries[None, :])
+    _, expected = connected_components(linked, directed=False)
+    assert len(set(zip(comp.tolist(), expected.tolist()))) == len(set(comp.tolist())) == len(set(expected.tolist()))
+    adata = grid_table()
+    scx.tl.spatial_domains(adata, "selected", max_distance=SPACING, min_cells=10, small_domains="drop")
+    assert list(adata.uns["domain"]["n_cells"]) == [256, 176]  # neighbours exactly max_distance apart are linked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
@@ -112,6 +113,20 @@ def import_squidpy() -> Any:
         import squidpy
 
     return squidpy
+
+
+@contextlib.contextmanager
+def quiet_spatialdata_logger() -> Iterator[None]:
+    """Silence the INFO line squidpy logs for every graph it builds (through spatialdata's logger)."""
+    import logging
+
+    sd_logger = logging.getLogger("spatialdata._logging")
+    level = sd_logger.level
+    sd_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        sd_logger.setLevel(level)
 
 
 def import_optional(module: str, extra: str) -> Any:

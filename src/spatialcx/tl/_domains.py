@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas as pd
 
 from .._settings import logger
 from .._table import obs_column
+from .._utils import whole_number
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -54,10 +54,11 @@ def spatial_domains(
 ) -> AnnData | SpatialData | None:
     """Group selected cells into contiguous tissue domains.
 
-    Selected cells closer than ``max_distance`` are linked (a radius graph built with
-    :func:`squidpy.gr.spatial_neighbors_radius`); each connected region is a domain. Domains with fewer than
-    ``min_cells`` cells are merged into the nearest domain (``small_domains="merge"``, within ``merge_distance``) or
-    dropped. Domains are named ``{prefix}_1``, ``{prefix}_2``, ... from the largest.
+    Selected cells at most ``max_distance`` apart are linked (pairs found with
+    :meth:`scipy.spatial.cKDTree.query_pairs`; in 3D when the coordinates have a third column); each connected region
+    is a domain. Domains with fewer than ``min_cells`` cells are merged into the nearest domain
+    (``small_domains="merge"``, within ``merge_distance``) or dropped. Domains are named ``{prefix}_1``, ``{prefix}_2``,
+    ... from the largest.
 
     Parameters
     ----------
@@ -141,8 +142,7 @@ def spatial_domains(
 
     max_distance = _check_number(max_distance, "max_distance")
     merge_distance = _check_number(merge_distance, "merge_distance")
-    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer):
-        raise TypeError(f"min_cells={min_cells!r} must be a whole number of cells, e.g. min_cells=10.")
+    min_cells = whole_number(min_cells, "min_cells", minimum=1)
     if not isinstance(prefix, str):
         raise TypeError(f"prefix={prefix!r} must be a string; domains are named f'{{prefix}}_1', f'{{prefix}}_2', ...")
     if platform is not None and platform not in PLATFORM_MAX_DISTANCE:
@@ -151,8 +151,6 @@ def spatial_domains(
         raise ValueError(f"max_distance={max_distance!r} must be a positive number (in the units of the coordinates).")
     if merge_distance is not None and not (np.isfinite(merge_distance) and merge_distance >= 0):
         raise ValueError(f"merge_distance={merge_distance!r} must be a non-negative number.")
-    if int(min_cells) < 1:
-        raise ValueError(f"min_cells={min_cells} must be at least 1.")
     if small_domains not in ("merge", "drop"):
         raise ValueError(f"small_domains={small_domains!r} must be 'merge' or 'drop'.")
     if add_shapes and isinstance(data, AnnData):
@@ -193,7 +191,8 @@ def spatial_domains(
             "selection (e.g. a mask `& np.isfinite(coords).all(axis=1)`) or fix the coordinates."
         )
 
-    nn_median = _median_nn_distance(coords, libraries)
+    xyz = coords[:, :3]  # distances in 3D when there is a z column (the polygons are drawn in x, y)
+    nn_median = _median_nn_distance(xyz, libraries)
     if max_distance is not None:
         distance, source = float(max_distance), "max_distance"
     elif platform is not None:
@@ -214,11 +213,11 @@ def spatial_domains(
         )
     merge_dist = 2.0 * distance if merge_distance is None else float(merge_distance)
 
-    comp = _components(coords[sel_idx], None if libraries is None else libraries[sel_idx], distance)
+    comp = _components(xyz[sel_idx], None if libraries is None else libraries[sel_idx], distance)
     component_sizes = np.bincount(comp)
     comp, n_merged, n_dropped_domains = _handle_small(
         comp,
-        coords[sel_idx],
+        xyz[sel_idx],
         None if libraries is None else libraries[sel_idx],
         min_cells=int(min_cells),
         how=small_domains,
@@ -378,17 +377,23 @@ def _selection_mask(adata: AnnData, selection: Any, value: Any) -> tuple[np.ndar
             )
         col = obs_column(adata, selection)
         if value is not None:
-            values = list(value) if isinstance(value, list | tuple | set | np.ndarray) else [value]
+            values = list(value) if pd.api.types.is_list_like(value) else [value]
+            values = [v.item() if isinstance(v, np.generic) else v for v in values]  # plain names in uns
             mask = col.isin(values).to_numpy(dtype=bool)
             desc = f"obs[{selection!r}] in {values!r}" if len(values) > 1 else f"obs[{selection!r}] == {values[0]!r}"
             return mask, desc
         non_na = col.dropna()
-        if pd.api.types.is_bool_dtype(col) or (
-            pd.api.types.is_numeric_dtype(non_na)
-            and non_na.isin([0, 1]).all()
-            and not isinstance(col.dtype, pd.CategoricalDtype)
+        if (
+            pd.api.types.is_bool_dtype(col)
+            # True / False with missing values, as anndata's concat (outer join) leaves a boolean column
+            or (col.dtype == object and pd.api.types.infer_dtype(non_na, skipna=True) == "boolean")
+            or (
+                pd.api.types.is_numeric_dtype(non_na)
+                and non_na.isin([0, 1]).all()
+                and not isinstance(col.dtype, pd.CategoricalDtype)
+            )
         ):
-            return col.fillna(False).to_numpy(dtype=np.float64) == 1, f"obs[{selection!r}] == 1"
+            return col.to_numpy(dtype=np.float64, na_value=0.0) == 1, f"obs[{selection!r}] == 1"
         raise ValueError(
             f"obs[{selection!r}] has dtype {col.dtype} with values such as {list(non_na.unique()[:5])}, not True/False "
             f"or 0/1. Pass value=... to select the cells with that value, e.g. spatial_domains(data, {selection!r}, "
@@ -412,7 +417,7 @@ def _selection_mask(adata: AnnData, selection: Any, value: Any) -> tuple[np.ndar
         ser = pd.Series(arr)
         if not ser.dropna().isin([0, 1, True, False]).all():
             raise ValueError(f"selection has dtype {arr.dtype} with values other than True/False; pass booleans.")
-        arr = ser.fillna(False).to_numpy(dtype=np.float64) == 1
+        arr = ser.to_numpy(dtype=np.float64, na_value=0.0) == 1
     return arr.astype(bool), "boolean mask"
 
 
@@ -537,40 +542,28 @@ def _median_nn_distance(coords: np.ndarray, libraries: np.ndarray | None, max_ce
 
 
 def _components(coords: np.ndarray, libraries: np.ndarray | None, distance: float) -> np.ndarray:
-    """Connected components of the radius graph of ``coords`` (squidpy), never across libraries."""
-    from spatialcx._utils import import_squidpy
+    """Connected components of the graph linking cells at most ``distance`` apart (2D or 3D), never across libraries.
 
-    sq = import_squidpy()
-    from anndata import AnnData
+    The pairs come from :meth:`scipy.spatial.cKDTree.query_pairs`, one library at a time; component ids are unique
+    across libraries.
+    """
+    from scipy import sparse
     from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
 
     n = coords.shape[0]
-    if n == 1:
-        return np.zeros(1, dtype=np.int64)
-    obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
-    lib_key = None
-    if libraries is not None:
-        obs["library"] = pd.Categorical(libraries)
-        lib_key = "library"
-    tmp = AnnData(obs=obs, obsm={"spatial": coords[:, :3] if coords.shape[1] >= 3 else coords[:, :2]})
-    with _quiet_spatialdata_logger():
-        conn, _ = sq.gr.spatial_neighbors_radius(tmp, radius=float(distance), library_key=lib_key, copy=True)
-    _, comp = connected_components(conn, directed=False)
-    return comp.astype(np.int64)
-
-
-@contextmanager
-def _quiet_spatialdata_logger() -> Iterator[None]:
-    """Silence the INFO line squidpy logs for every graph it builds (through spatialdata's logger)."""
-    import logging
-
-    sd_logger = logging.getLogger("spatialdata._logging")
-    level = sd_logger.level
-    sd_logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        sd_logger.setLevel(level)
+    comp = np.zeros(n, dtype=np.int64)
+    groups = [np.arange(n)] if libraries is None else [np.flatnonzero(libraries == lib) for lib in np.unique(libraries)]
+    offset = 0
+    for rows in groups:
+        pairs = cKDTree(coords[rows]).query_pairs(float(distance), output_type="ndarray")
+        graph = sparse.coo_matrix(
+            (np.ones(pairs.shape[0], dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(rows.size, rows.size)
+        )
+        k, local = connected_components(graph, directed=False)
+        comp[rows] = local + offset
+        offset += k
+    return comp
 
 
 def _handle_small(
@@ -605,7 +598,7 @@ def _handle_small(
         here = np.flatnonzero(libs[small_cells] == lib)
         if not large_cells.size:
             continue
-        d, j = cKDTree(coords[large_cells, :2]).query(coords[small_cells[here], :2], k=1, distance_upper_bound=bound)
+        d, j = cKDTree(coords[large_cells]).query(coords[small_cells[here]], k=1, distance_upper_bound=bound)
         hit = np.isfinite(d)
         dist[here[hit]] = d[hit]
         target[here[hit]] = comp[large_cells[j[hit]]]

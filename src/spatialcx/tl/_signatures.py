@@ -417,9 +417,7 @@ def _smooth(scores: np.ndarray, coords: np.ndarray, *, n_neighbors: int, source:
     import scipy.sparse as sp
     from anndata import AnnData as _AnnData
 
-    from spatialcx._utils import import_squidpy
-
-    from ._domains import _quiet_spatialdata_logger
+    from spatialcx._utils import import_squidpy, quiet_spatialdata_logger
 
     sq = import_squidpy()
     n_obs = scores.shape[0]
@@ -434,7 +432,7 @@ def _smooth(scores: np.ndarray, coords: np.ndarray, *, n_neighbors: int, source:
     if k < 1:
         return scores
     tmp = _AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n_obs).astype(str)), obsm={"spatial": coords})
-    with _quiet_spatialdata_logger():
+    with quiet_spatialdata_logger():
         conn, _ = sq.gr.spatial_neighbors_knn(tmp, n_neighs=k, copy=True)
     w = sp.csr_matrix(conn, dtype=np.float64)
     w.data[:] = 1.0
