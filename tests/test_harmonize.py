@@ -158,3 +158,13 @@ def test_repeated_names_of_found_genes_are_reported():
     assert match_genes(["A"], ["A", "B"]).repeated == []
     ids = match_genes(["ENSG00000128683"], ["GAD1", "GAD1"], ids=["ENSG00000128683.1", "ENSG00000128683.2"])
     assert ids.columns.tolist() == [0] and ids.repeated == ["ENSG00000128683"]
+
+
+def test_panel_of_ensembl_ids_ignores_versions_without_ids():
+    """A panel and a reference both indexed by Ensembl ids of other GENCODE releases, matched without ``ids``."""
+    m = match_genes(
+        ["ENSG00000141510.16", "ENSG00000012048", "ENSG00000000003.1"], ["ENSG00000012048.23", "ENSG00000141510.15"]
+    )
+    assert m.genes == ["ENSG00000141510.16", "ENSG00000012048"]
+    assert m.columns.tolist() == [1, 0]
+    assert m.missing == ["ENSG00000000003.1"]

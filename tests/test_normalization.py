@@ -154,6 +154,22 @@ def test_mostly_integer_threshold(counts):
         assert status.stats["checked"]["X"]["integer_fraction"] == pytest.approx(1 - frac, abs=0.02)
 
 
+def test_float32_counts_with_rounding_noise_are_raw():
+    """Counts computed in float32 are a few float32 steps off integers: above ~8 that exceeds an absolute 1e-6."""
+    c = make_counts(2000, 80, mean=30.0, seed=6)
+    x = np.expm1(np.log1p(c)).astype(np.float32)  # counts taken back from log1p(counts) in float32
+    assert (np.abs(x - c)[c > 0] > 1e-6).mean() > 0.3  # many counts are off
+    status = scx.pp.normalization_status(adata_of(sparse.csr_matrix(x)))
+    assert (status.x_state, status.raw_source) == ("raw", "X")
+    assert status.stats["checked"]["X"]["integer_fraction"] == 1.0
+    a = adata_of(x.copy())
+    scx.pp.ensure_normalized(a)
+    np.testing.assert_array_equal(a.layers["counts"], x)  # kept as they were, not rounded
+    np.testing.assert_allclose(a.X, log1p_norm(c, 1e4), rtol=1e-5, atol=1e-5)
+    # non-integer data of the same magnitude is still not counts
+    assert scx.pp.normalization_status(adata_of(x + np.float32(0.25) * (x > 0))).x_state == "linear"
+
+
 def test_summary_is_readable(counts):
     a = adata_of(log1p_norm(counts, 1e4))
     a.layers["counts"] = sparse.csr_matrix(counts)
@@ -463,6 +479,31 @@ def test_log1p_of_unnormalized_counts_near_10k_is_not_taken_for_normalized(where
     np.testing.assert_array_equal(a.X, before)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "bad", "where"),
+    [("dense", np.nan, "X"), ("csc", -3.0, "X"), ("csr", np.inf, "layers['counts']")],
+)
+def test_ensure_normalized_refuses_bad_counts_outside_the_sample(fmt, bad, where):
+    """One NaN (anndata.concat(join='outer') fills dense gaps with NaN) in a cell the detection did not read."""
+    c = make_counts(3000, 40, seed=7)
+    sampled = norm._sample_row_indices(c.shape[0], c.shape[1], 0)
+    cell = int(np.setdiff1d(np.arange(c.shape[0]), sampled)[0])
+    c[cell, 5] = bad
+    to = {"dense": np.asarray, "csr": sparse.csr_matrix, "csc": sparse.csc_matrix}[fmt]
+    a = adata_of(to(c))
+    if where == "X":
+        assert scx.pp.normalization_status(a).raw_source == "X"  # the sample sees clean counts
+    else:
+        a.X = sparse.csr_matrix(log1p_norm(np.nan_to_num(c, posinf=0), 1e4))
+        a.layers["counts"] = to(c)
+    before = a.X
+    with pytest.raises(ValueError, match="not finite and non-negative") as e:
+        scx.pp.ensure_normalized(a)
+    assert f"cell '{cell}', gene 'g5'" in str(e.value) and where in str(e.value)
+    assert a.X is before and "log1p" not in a.uns  # nothing changed
+    assert list(a.layers) == ([] if where == "X" else ["counts"])
+
+
 def test_ensure_normalized_copy(counts):
     a = adata_of(counts.copy())
     out = scx.pp.ensure_normalized(a, copy=True)
@@ -489,8 +530,7 @@ def test_never_overwrites_other_counts_layer(counts):
 @pytest.mark.parametrize(
     ("transform", "state", "hint"),
     [
-        (lambda c: log1p_norm(c, 1e4, log=False), "linear", "sc.pp.log1p"),
-        (lambda c: log1p_norm(c, 1e6), "log1p_cpm", "CPM"),
+        (lambda c: log1p_norm(c, 1e4, log=False), "linear", "sum to a median of 10,000), sc.pp.normalize_total"),
         (lambda c: log1p_norm(c, 100), "log1p_other", "median of 100"),
         (lambda c: log1p_norm(c, 1e4) - 1, "negative", "negative"),
     ],
@@ -512,6 +552,54 @@ def test_error_says_what_and_how(counts, transform, state, hint):
     np.testing.assert_array_equal(a.X, x)
     with pytest.raises(ValueError, match=f"X is {state!r}"):
         find_expression_source(a)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr", "dask"])
+def test_log1p_cpm_is_rescaled_exactly_to_log1p_10k(counts, fmt):
+    """log1p(expm1(x) / 100) of log1p CPM data is log1p(10k) of the same counts, to float rounding."""
+    import dask.array as da
+
+    to = {
+        "dense": np.asarray,
+        "csr": sparse.csr_matrix,
+        "dask": lambda m: da.from_array(sparse.csr_matrix(m), chunks=(500, -1), asarray=False),
+    }[fmt]
+    computed = lambda m: m.compute() if hasattr(m, "compute") else m
+    dense = lambda m: m.toarray() if sparse.issparse(m) else np.asarray(m)
+    cpm = log1p_norm(counts, 1e6)
+    a = adata_of(to(cpm.copy()))
+    status = scx.pp.normalization_status(a)
+    assert (status.x_state, status.is_usable) == ("log1p_cpm", False)
+    assert "ensure_normalized rescales it exactly" in status.stats["checked"]["X"]["reason"]
+    assert "ensure_normalized rescales it exactly" in str(status)
+    with pytest.raises(ValueError, match=r"scx.pp.ensure_normalized\(adata\) rescales it exactly"):
+        find_expression_source(a)  # what predict / train see: not usable as it is, and told how
+    out = scx.pp.ensure_normalized(a, copy=True)
+    np.testing.assert_array_equal(dense(computed(a.X)), cpm)  # copy=True left it alone
+    assert type(out.X) is type(a.X) and out.X.dtype == np.float32
+    np.testing.assert_allclose(dense(computed(out.X)), log1p_norm(counts, 1e4), rtol=1e-5, atol=1e-5)
+    assert out.uns["log1p"] == {"base": None} and "counts" not in out.layers
+    after = scx.pp.normalization_status(out)
+    assert (after.x_state, after.is_usable) == ("log1p_10k", True)
+    assert after.x_target_sum == pytest.approx(1e4, rel=1e-4)
+    # and back: log1p(10k) to log1p CPM when asked for target_sum=1e6
+    back = scx.pp.ensure_normalized(out, target_sum=1e6, copy=True)
+    np.testing.assert_allclose(dense(computed(back.X)), cpm, rtol=1e-5, atol=1e-4)
+
+
+def test_log1p_cpm_in_raw_is_rescaled_for_x_genes(counts):
+    """scanpy's layout with CPM: log1p CPM frozen in raw, X a scaled gene subset."""
+    a = adata_of(log1p_norm(counts, 1e6))
+    a.raw = a
+    a = a[:, 20:80].copy()
+    sc.pp.scale(a)
+    status = scx.pp.normalization_status(a)
+    assert status.stats["checked"]["raw.X"]["state"] == "log1p_cpm" and not status.is_usable
+    with pytest.raises(ValueError, match="raw.X holds log1p of CPM"):
+        find_expression_source(a)
+    scx.pp.ensure_normalized(a)
+    np.testing.assert_allclose(a.X, log1p_norm(counts, 1e4)[:, 20:80], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(a.raw.X, log1p_norm(counts, 1e6))  # raw is left as it was
 
 
 def test_unsafe_force_warns(counts, caplog):

@@ -235,8 +235,8 @@ def match_genes(
     Exact matches come first, whatever the panel order. Genes not found exactly are matched case-insensitively (human
     ``GAD1`` and mouse ``Gad1`` follow the same spelling up to case), but only where that is unambiguous: when the
     reference holds two genes that differ only by case, case-insensitive matching is not used for them. A panel of
-    Ensembl ids is matched against the reference's ids (``ids``, versions ignored). Within the reference, the first
-    entry of a repeated name is used.
+    Ensembl ids is matched against the reference's ids (``ids``, or ``symbols`` when ``ids`` is not given), versions
+    ignored. Within the reference, the first entry of a repeated name is used.
 
     Parameters
     ----------
@@ -245,13 +245,13 @@ def match_genes(
     symbols
         The reference's gene symbols (see :func:`to_symbols`).
     ids
-        The reference's original var names, used when the panel is made of Ensembl ids.
+        The reference's original var names, used when the panel is made of Ensembl ids (``symbols`` when ``None``).
     case_insensitive
         Allow case-insensitive matches.
     """
     panel = [str(g) for g in panel]
-    if ids is not None and looks_like_ensembl(panel):
-        keys = list(strip_version(ids))
+    if looks_like_ensembl(panel):  # versions ignored, also when the symbols themselves are ids (no ``ids`` given)
+        keys = list(strip_version(symbols if ids is None else ids))
         wanted = list(strip_version(panel))
     else:
         keys = [str(s) for s in symbols]

@@ -26,7 +26,9 @@ Zeros (stored or not) are ignored; "values" are the non-zero entries of the samp
 
 1. ``"unknown"``: the matrix has no cells or genes, the sampled rows are all zero, or a value is NaN or infinite.
 2. ``"negative"``: any value is negative (scaled or centred data, residuals). Never usable.
-3. ``"raw"``: more than 95 % of the sampled values are integers (``|v - round(v)| < 1e-6``).
+3. ``"raw"``: more than 95 % of the sampled values are integers (``|v - round(v)| < max(1e-6, 1e-6 * |v|)``: the
+   relative part forgives counts that went through float32 arithmetic, such as ``expm1(log1p(counts))``, which leaves
+   them a few float32 steps off).
 4. ``"linear"``: the largest value exceeds ``log1p(1e9)`` (about 20.7): no log1p of per-cell normalized data gets
    there.
 5. Otherwise the matrix is compared on two scales, as it is (*linear*) and after ``expm1`` (*log*). Per-cell
@@ -44,6 +46,10 @@ Zeros (stored or not) are ignored; "values" are the non-zero entries of the samp
 A table is usable when raw counts are found, when ``X`` is ``"log1p_10k"``, when ``raw.X`` is (scanpy's layout), or
 when ``X`` is a gene subset of a file's ``X`` that :func:`spatialcx.io.read_reference` verified ``"log1p_10k"`` over all
 its genes (recorded in ``uns["spatialcx_reference"]``; ``_x_log1p_in_file`` checks that the values still fit).
+
+``"log1p_cpm"`` data (in ``X`` or ``raw.X``) is not usable as it is, but :func:`ensure_normalized` rescales it exactly:
+``log1p(expm1(x) * 1e4 / 1e6)`` is the log1p of the same counts normalized to 10,000 per cell (a constant factor on
+the ``expm1`` scale, so a gene subset keeps its cells' relative totals); the check's ``reason`` says so.
 """
 
 from __future__ import annotations
@@ -81,10 +87,16 @@ SAMPLE_ROW_BUDGET = 20_000
 MIN_SAMPLE_CHUNKS = 8
 #: Most non-zero values used for the value tests.
 N_SAMPLE_VALUES = 10_000
-#: A value is an integer when ``|v - round(v)| < INTEGER_TOL``.
+#: A value is an integer when ``|v - round(v)| < max(INTEGER_TOL, INTEGER_RTOL * |v|)``.
 INTEGER_TOL = 1e-6
+#: Relative part of the integer test: about 8 float32 steps (``np.finfo(np.float32).eps`` is 1.2e-7), the rounding
+#: that float32 arithmetic leaves on counts (``expm1(log1p(c))`` is off by up to 5.5e-7 * c, ``c / s * s`` by 1.2e-7 *
+#: c), so that counts above ~8 that were computed in float32 are still taken for integers.
+INTEGER_RTOL = 1e-6
 #: A matrix holds counts when more than this fraction of its sampled non-zero values are integers.
 INTEGER_FRACTION = 0.95
+#: Counts per cell of CPM data.
+CPM = 1e6
 #: Median expm1 row sums of log1p data normalized to 10,000 counts per cell.
 LOG1P_10K_RANGE: tuple[float, float] = (8e3, 1.2e4)
 #: Median expm1 row sums of log1p data normalized to a million counts per cell (CPM).
@@ -124,7 +136,8 @@ class NormalizationStatus:
         Median ``expm1`` row sum of the sampled cells when ``X`` looks like log1p data, else ``None``.
     is_usable
         Raw counts were found, or ``X`` (or ``raw.X``) is verified ``"log1p_10k"``, or ``X`` is a gene subset of log1p(10k)
-        data verified in its file by :func:`spatialcx.io.read_reference`.
+        data verified in its file by :func:`spatialcx.io.read_reference`. ``"log1p_cpm"`` data is not usable as it is;
+        :func:`ensure_normalized` rescales it exactly to log1p(10k) (the check's ``reason`` says so).
     has_log1p_uns
         ``"log1p"`` is in ``adata.uns`` (scanpy's mark of log-transformed data).
     stats
@@ -269,8 +282,9 @@ def _spread(values: np.ndarray) -> float:
     return float((q90 - q10) / q50)
 
 
-def _near_integer(v: np.ndarray, tol: float) -> np.ndarray:
-    return np.abs(v - np.round(v)) < tol
+def _near_integer(v: np.ndarray, tol: float, rtol: float = 0.0) -> np.ndarray:
+    """``|v - round(v)| < max(tol, rtol * |v|)``."""
+    return np.abs(v - np.round(v)) < np.maximum(tol, rtol * np.abs(v))
 
 
 def _classify(sample: sparse.csr_matrix, random_state: int) -> dict[str, Any]:
@@ -302,7 +316,7 @@ def _classify(sample: sparse.csr_matrix, random_state: int) -> dict[str, Any]:
         stats["negative_fraction"] = float((values < 0).mean())
         return {"state": "negative", "reason": f"negative values (min {vmin:.4g})", **stats}
 
-    frac_int = float(_near_integer(values, INTEGER_TOL).mean())
+    frac_int = float(_near_integer(values, INTEGER_TOL, INTEGER_RTOL).mean())
     stats["integer_fraction"] = frac_int
     row_sums = np.asarray(sample.sum(axis=1)).ravel()[nonempty]
     stats["row_sum_median"] = float(np.median(row_sums))
@@ -348,7 +362,7 @@ def _classify(sample: sparse.csr_matrix, random_state: int) -> dict[str, Any]:
         return {"state": "linear", "reason": f"non-integer values up to {vmax:.4g}, {why}", **stats}
 
     expm1_values = expm1 if pick is None else expm1[pick]
-    frac_expm1_int = float(_near_integer(expm1_values, 1e-3).mean())
+    frac_expm1_int = float(_near_integer(expm1_values, 1e-3, INTEGER_RTOL).mean())
     stats["expm1_integer_fraction"] = frac_expm1_int
     if frac_expm1_int > INTEGER_FRACTION:
         reason = (
@@ -420,6 +434,14 @@ def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, di
     if not _log1p_normalized_to(x) and _x_log1p_in_file(adata, x):
         x["verified_in_file"] = True
         x["reason"] += "; a gene subset of a file's X verified log1p(10k) over all genes by read_reference"
+    if raw_source is None and not _log1p_normalized_to(x) and not x.get("verified_in_file"):
+        # what ensure_normalized converts (see there): X, else raw.X
+        for where in ("X", "raw.X"):
+            nominal = _log1p_nominal_target(checked.get(where, {}))
+            if nominal == CPM:
+                checked[where]["reason"] += "; scx.pp.ensure_normalized rescales it exactly to log1p(10k)"
+            if nominal is not None:
+                break
     status = NormalizationStatus(
         raw_source=raw_source,
         x_state=x_state,
@@ -523,6 +545,30 @@ def _raw_log1p_at(status: NormalizationStatus, target_sum: float = TARGET_SUM) -
     return _log1p_normalized_to(status.stats.get("checked", {}).get("raw.X", {}), target_sum)
 
 
+def _log1p_nominal_target(result: dict[str, Any]) -> float | None:
+    """``1e4`` or ``1e6`` when a classified matrix is log1p of counts normalized to 10,000 or to a million per cell."""
+    for nominal in (TARGET_SUM, CPM):
+        if _log1p_normalized_to(result, nominal):
+            return nominal
+    return None
+
+
+def _log1p_rescaled(x: Any, factor: float) -> Any:
+    """``log1p(expm1(x) * factor)`` as a new matrix of ``x``'s kind (zeros stay zeros, dask stays lazy).
+
+    Computed in ``x``'s float type, float32 at least (``expm1`` of log1p CPM data overflows float16).
+    """
+    dtype = np.result_type(x.dtype, np.float32)
+    if hasattr(x, "map_blocks") and hasattr(x, "compute"):  # dask
+        return x.map_blocks(_log1p_rescaled, factor, dtype=dtype, meta=x._meta.astype(dtype))
+    out = x.astype(dtype, copy=True)
+    values = out.data if sparse.issparse(out) else out
+    np.expm1(values, out=values)
+    values *= dtype.type(factor)
+    np.log1p(values, out=values)
+    return out
+
+
 def normalization_status(
     data: AnnData | SpatialData, *, table_key: str = "table", random_state: int = 0
 ) -> NormalizationStatus:
@@ -575,8 +621,16 @@ def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET
         if k in ("integer_fraction", "min", "max", "row_sum_median", "expm1_row_sum_median", "n_values_checked")
     )
     hints = {
-        "linear": "If X was made with sc.pp.normalize_total(target_sum=1e4) alone, apply sc.pp.log1p(adata). ",
-        "log1p_cpm": "X is log1p of CPM; rescale it with X = log1p(expm1(X) / 100) or provide the counts. ",
+        "linear": (
+            "If X holds counts scaled per cell (sc.pp.normalize_total without sc.pp.log1p, CPM, counts divided by "
+            f"cell volume; its sampled rows sum to a median of {x.get('row_sum_median', float('nan')):,.6g}), "
+            "sc.pp.normalize_total(adata, target_sum=1e4) then sc.pp.log1p(adata) make exactly the log1p(10k) data "
+            "expected. "
+        ),
+        "log1p_cpm": (
+            "X is log1p of CPM: scx.pp.ensure_normalized(adata) rescales it exactly to log1p(10k) "
+            "(X = log1p(expm1(X) / 100)), or provide the counts. "
+        ),
         "log1p_other": (
             "X looks like log1p of data normalized to a median of "
             f"{status.x_target_sum or float('nan'):,.0f} counts per cell (or of unnormalized counts, in which case "
@@ -593,6 +647,12 @@ def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET
         if base is not None
         else ""
     )
+    raw_hint = (
+        "raw.X holds log1p of CPM: scx.pp.ensure_normalized(adata) sets X to it, rescaled exactly to log1p(10k), for "
+        "X's genes. "
+        if _log1p_nominal_target(checked.get("raw.X", {})) == CPM and status.x_state != "log1p_cpm"
+        else ""
+    )
     return (
         f"No usable expression matrix: no raw counts among {', '.join(RAW_SEARCH_ORDER)}, and X is not "
         f"log1p of counts normalized to {target_sum:,.0f} per cell. "
@@ -601,7 +661,7 @@ def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET
         + f". X figures from {status.stats.get('n_rows_sampled', 0)} sampled cells: {figures or 'none'}. "
         "Why: cell-type models expect log1p(normalize_total(counts, target_sum=1e4)), which cannot be derived "
         f"from X in state {status.x_state!r} ({_STATE_TEXT.get(status.x_state, '')}). "
-        f"{base_hint}{hints.get(status.x_state, '')}"
+        f"{base_hint}{hints.get(status.x_state, '')}{raw_hint}"
         "How to fix: put the raw integer counts in adata.layers['counts'] (same cells and genes as X), "
         "or set X to sc.pp.log1p(sc.pp.normalize_total(counts, target_sum=1e4)); "
         "or, for scx.tl.predict and scx.pp.ensure_normalized only, pass unsafe_force=True to use X as it is (results "
@@ -701,6 +761,37 @@ def _columns_of_x_in_raw(adata: AnnData, raw_names: pd.Index, what: str) -> np.n
     return None if pos.size == len(raw_names) and (pos == np.arange(pos.size)).all() else pos
 
 
+def _check_counts_values(counts: Any, where: str, obs_names: pd.Index, var_names: pd.Index) -> None:
+    """A ValueError when in-memory counts hold NaN, infinite or negative values anywhere (not only in the sample).
+
+    The detection reads a sample of cells; one bad value in another cell would make that cell's whole row NaN (or
+    negative) in the normalized ``X``. Dask and backed matrices are not read here (prediction checks every block it
+    reads).
+    """
+    values = counts.data if sparse.issparse(counts) else counts
+    if not isinstance(values, np.ndarray) or values.size == 0 or values.dtype.kind == "u":
+        return
+    lo, hi = values.min(), values.max()
+    if lo >= 0 and hi < np.inf:  # NaN fails both
+        return
+    if sparse.issparse(counts):
+        rows, cols, vals = sparse.find(counts)
+    else:
+        rows, cols = np.nonzero(~(values >= 0) | ~(values < np.inf))
+        vals = values[rows, cols]
+    bad = ~(vals >= 0) | ~(vals < np.inf)
+    rows, cols, vals = rows[bad], cols[bad], vals[bad]
+    first = int(np.lexsort((cols, rows))[0])
+    n_cells = np.unique(rows).size
+    raise ValueError(
+        f"The raw counts in {where} hold {bad.sum():,} values that are not finite and non-negative, in {n_cells:,} "
+        f"cell(s) (e.g. {vals[first].item()} for cell {obs_names[rows[first]]!r}, gene {var_names[cols[first]]!r}). "
+        "Normalizing would turn those cells into NaN or negative rows of X: counts must be finite and >= 0. Correct "
+        "those values (e.g. NaN to 0 with np.nan_to_num; anndata.concat(join='outer') fills missing genes of dense "
+        "matrices with NaN) or drop the cells that hold them, then call again."
+    )
+
+
 def _check_x_replaceable(adata: AnnData) -> None:
     if adata.isbacked:
         raise ValueError(
@@ -731,6 +822,10 @@ def ensure_normalized(
       :func:`spatialcx.io.read_reference`: ``X`` is left as it is.
     - no raw counts, ``X`` not such data but ``raw.X`` is (scanpy's layout: log1p data frozen in ``raw``, then ``X``
       scaled or subset to highly variable genes): ``X`` becomes ``raw.X`` for ``X``'s genes.
+    - no raw counts, ``X`` log1p of counts normalized to 10,000 or to 1,000,000 (CPM) per cell, but not to
+      ``target_sum``: ``X`` becomes ``log1p(expm1(X) * target_sum / 1e4)`` (or ``/ 1e6``), exactly the log1p of the
+      counts normalized to ``target_sum`` (sparse stays sparse, dask stays lazy). The same from ``raw.X`` (for ``X``'s
+      genes) when ``X`` is neither.
     - otherwise: a ValueError saying what was found and how to fix it, or, with ``unsafe_force=True``, ``X`` is
       left as it is with a prominent warning.
 
@@ -763,7 +858,8 @@ def ensure_normalized(
     ValueError
         No raw counts and ``X`` not normalized as asked (unless ``unsafe_force``); the counts are in ``X`` but
         ``layers["counts"]`` holds something else; ``raw`` lacks some of ``X``'s genes; a backed table would need a
-        new ``X``.
+        new ``X``; in-memory raw counts hold NaN, infinite or negative values (in any cell, not only the sampled
+        ones).
     """
     if not (np.isfinite(target_sum) and target_sum > 0):
         raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
@@ -796,6 +892,7 @@ def ensure_normalized(
             )
         cols = _columns_of_x_in_raw(adata, names, "the raw counts") if status.raw_source == "raw.X" else None
         _check_x_replaceable(adata)
+        _check_counts_values(counts, status.raw_source, adata.obs_names, pd.Index(names))
         logger.info(f"normalizing the raw counts in {status.raw_source} to log1p({target_sum:g}) in X")
         new_x = _log1p_normalized(counts, target_sum)
         if cols is not None:
@@ -812,6 +909,19 @@ def ensure_normalized(
         _check_x_replaceable(adata)
         logger.info(f"X ({status.x_state}) is replaced by the log1p({target_sum:g}) data of raw.X for X's genes")
         new_x = logged.copy() if cols is None else logged[:, cols]
+    elif (nominal := _log1p_nominal_target(x_checked)) is not None:
+        _check_x_replaceable(adata)
+        logger.info(f"X is log1p of counts normalized to {nominal:g} per cell: rescaled to log1p({target_sum:g})")
+        new_x = _log1p_rescaled(adata.X, target_sum / nominal)
+    elif (nominal := _log1p_nominal_target(status.stats["checked"].get("raw.X", {}))) is not None:
+        logged, names = matrices["raw.X"]
+        cols = _columns_of_x_in_raw(adata, names, f"log1p data normalized to {nominal:g} per cell")
+        _check_x_replaceable(adata)
+        logger.info(
+            f"X ({status.x_state}) is replaced by raw.X's log1p({nominal:g}) data for X's genes, rescaled to "
+            f"log1p({target_sum:g})"
+        )
+        new_x = _log1p_rescaled(logged if cols is None else logged[:, cols], target_sum / nominal)
     elif unsafe_force:
         _force_warning(status, "leaving X as it is")
     else:
