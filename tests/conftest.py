@@ -50,6 +50,21 @@ def xenium_bone_marrow():
     return adata
 
 
+def _top_clusters(adata, gene: str, n: int = 1) -> list[str]:
+    """The ``n`` clusters of ``obs["cluster"]`` with the most counts of ``gene`` per cell, highest first."""
+    import numpy as np
+    import pandas as pd
+
+    counts = pd.Series(np.asarray(adata[:, gene].X.todense()).ravel(), index=adata.obs_names)
+    return list(counts.groupby(adata.obs["cluster"], observed=True).mean().nlargest(n).index)
+
+
+@pytest.fixture(scope="session")
+def top_clusters():
+    """Function fixture: ``top_clusters(adata, "CTSG", n=2)``, the clusters with the most counts of a gene per cell."""
+    return _top_clusters
+
+
 @pytest.fixture
 def merfish_store(tmp_path) -> Path:
     """A writable copy of the real MERFISH SpatialData store (older zarr v2 layout), in ``tmp_path``."""

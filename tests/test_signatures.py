@@ -704,16 +704,10 @@ def test_brain_markers_name_starmap_domains_without_other_organs(shared_data):
         assert labels["brain"][group] == labels[None][group]  # the brain's own types are named as before
 
 
-def top_clusters(adata, gene, n=3):
-    """The ``n`` clusters with the most counts of ``gene`` per cell."""
-    counts = pd.Series(np.asarray(adata[:, gene].X.todense()).ravel(), index=adata.obs_names)
-    return list(counts.groupby(adata.obs["cluster"], observed=True).mean().nlargest(n).index)
-
-
-def test_bone_marrow_markers_name_xenium_erythroid_clusters(xenium_bone_marrow):
+def test_bone_marrow_markers_name_xenium_erythroid_clusters(xenium_bone_marrow, top_clusters):
     """On the Xenium bone marrow, SLC4A1 (band 3) made erythroid clusters 'kidney collecting duct intercalated cell'."""
     adata = xenium_bone_marrow.copy()
-    erythroid = top_clusters(adata, "ALAS2")
+    erythroid = top_clusters(adata, "ALAS2", n=3)
     labels = {}
     for tissue in (None, "bone marrow"):
         scx.tl.score_signatures(adata, scx.tl.load_canonical_markers(tissue=tissue), key_added="sig")
@@ -736,7 +730,7 @@ def test_mouse_muscle_markers_are_the_adult_mouse_myosins():
     assert {"Myh4", "Acta1", "Ckm"} <= set(mouse["cell of skeletal muscle"])
 
 
-def test_bone_marrow_neutrophils_are_named_neutrophils_not_osteoclasts(xenium_bone_marrow):
+def test_bone_marrow_neutrophils_are_named_neutrophils_not_osteoclasts(xenium_bone_marrow, top_clusters):
     """The marrow's most abundant cells were never named neutrophil: no neutrophil marker (CSF3R, FCGR3B, CXCR2,
     S100A8/9) is on the Xenium panel, and MMP9, an osteoclast marker that neutrophils express more (gelatinase
     granules), named the neutrophil clusters "osteoclast". FABP4 and LPL, adipocyte markers that marrow sinusoidal
@@ -745,7 +739,7 @@ def test_bone_marrow_neutrophils_are_named_neutrophils_not_osteoclasts(xenium_bo
     scx.tl.score_signatures(adata, scx.tl.load_canonical_markers(tissue="bone marrow"))
     scx.tl.annotate_domains(adata, "cluster", key_added="domain")
     labels = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
-    neutrophil = top_clusters(adata, "MMP8")  # neutrophil collagenase: the granulocyte clusters
+    neutrophil = top_clusters(adata, "MMP8", n=3)  # neutrophil collagenase: the granulocyte clusters
     granulocytes = ("neutrophil", "neutrophilic myelocyte")
     assert all(labels[c] in granulocytes for c in neutrophil), {c: labels[c] for c in neutrophil}
     assert not any("osteoclast" in label for label in labels.values())
