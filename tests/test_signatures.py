@@ -388,6 +388,21 @@ def test_smooth_on_the_real_merfish_store(merfish_store):
     np.testing.assert_allclose(smooth, raw[nn].mean(axis=1), rtol=1e-4, atol=1e-5)
 
 
+def test_labels_written_to_the_store_come_with_the_scores_they_were_made_from(merfish_store):
+    """Scores kept in memory (write=False), then annotate_domains writes: the store named scores it did not hold."""
+    import spatialdata as sd
+
+    sdata = sd.read_zarr(merfish_store)
+    table = sdata.tables["table"]
+    genes = list(table.var_names[:8])
+    scx.tl.score_signatures(sdata, {"a": genes[:4], "b": genes[4:8]}, write=False)
+    table.obs["half"] = pd.Categorical(np.where(np.arange(table.n_obs) < table.n_obs // 2, "x", "y"))
+    scx.tl.annotate_domains(sdata, "half", key_added="half_label")
+    back = sd.read_zarr(merfish_store).tables["table"]
+    assert "signature" in back.uns and "half_label" in back.obs
+    np.testing.assert_array_equal(back.obsm["signature"], table.obsm["signature"])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Rank-sum tests: one ranking per signature, the same p-values as scipy
 

@@ -221,7 +221,8 @@ def annotate_domains(
     copy
         Return a copy instead of writing into ``data``.
     write
-        Persist the new keys into the zarr store when ``data`` is a backed SpatialData.
+        Persist the new keys into the zarr store when ``data`` is a backed SpatialData (with obs, uns and obsm, so
+        scores computed with ``score_signatures(..., write=False)`` are stored with the labels made from them).
 
     Returns
     -------
@@ -347,7 +348,8 @@ def annotate_domains(
         "stats": table,
     }
     logger.info("annotate_domains(%r): %s", key_added, dict(zip(group_names, labels)))
-    return ref.finish(write=write, elements=("obs", "uns"))
+    # obsm too: scores made with score_signatures(write=False) would otherwise be named in the store's uns but absent
+    return ref.finish(write=write, elements=("obs", "obsm", "uns"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
