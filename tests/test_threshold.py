@@ -691,3 +691,60 @@ def test_plots_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     assert (tmp_path / "home" / "plots" / "t_threshold.png").is_file()
     assert not (tmp_path / "~").exists()  # no literal "~" folder beside it
     plt.close("all")
+
+
+@pytest.mark.parametrize("layout", ["raw counts", "scanpy log1p"])
+def test_genes_only_in_raw_are_read_from_raw(tmp_path, layout):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    adata, truth = make_counts(n=1000)
+    expected = log1p_10k(adata, MARKERS)
+    if layout == "scanpy log1p":  # normalized and log1p in raw, X subset to other genes and scaled
+        adata.X = sparse.csr_matrix(np.log1p(adata.X.toarray() / adata.X.sum(axis=1).A * 1e4))
+    adata.raw = adata
+    adata = adata[:, 3:].copy()
+    if layout == "scanpy log1p":
+        adata.X = (adata.X.toarray() - adata.X.toarray().mean(0)) / adata.X.toarray().std(0)
+    assert not set(MARKERS) & set(adata.var_names)
+    plot = layout == "scanpy log1p"  # the figure reads the genes from raw too
+    scx.tl.classify_by_threshold(adata, MARKERS, metagene="mean", plot=plot, plots_dir=tmp_path if plot else None)
+    assert adata.uns["threshold"]["expression"]["source"] == "raw.X"
+    np.testing.assert_allclose(adata.obs["threshold_score"], expected.mean(axis=1), rtol=1e-4, atol=1e-5)
+    assert accuracy(adata, "threshold", truth) > 0.96
+    assert (tmp_path / "threshold_threshold.png").is_file() == plot
+    with pytest.raises(KeyError, match=r"\(43 genes in raw\.X"):
+        scx.tl.classify_by_threshold(adata, ["MK0", "NOPE"])
+
+
+def test_feature_beyond_float32_precision_says_so():
+    adata, _ = make_counts(n=300)
+    rng = np.random.default_rng(0)
+    adata.obs["offset"] = 1e9 + rng.normal(0, 1, adata.n_obs)  # varies, but not in float32
+    with pytest.raises(
+        ValueError, match=r"feature 'offset' is the same .* below float32 precision.*subtract an offset"
+    ):
+        scx.tl.classify_by_threshold(adata, "offset", method="ks")
+    assert "threshold" not in adata.uns
+    adata.obs["offset"] -= adata.obs["offset"].min()
+    scx.tl.classify_by_threshold(adata, "offset", method="ks")
+    assert adata.uns["threshold"]["n_cells"] == adata.n_obs
+
+
+def test_plot_bad_max_points_and_missing_obs_feature():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    adata, _ = make_counts(n=500)
+    adata.obs["mk0_counts"] = adata.X[:, 0].toarray().ravel()
+    scx.tl.classify_by_threshold(adata, ["MK1", "mk0_counts"], method="ks")
+    n_open = len(plt.get_fignums())
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match=r"max_points=.* must be a positive integer"):
+            scx.pl.threshold(adata, max_points=bad)
+    del adata.obs["mk0_counts"]
+    with pytest.raises(KeyError, match=r"used the obs column\(s\) \['mk0_counts'\], which are no longer in the table"):
+        scx.pl.threshold(adata)
+    assert len(plt.get_fignums()) == n_open

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,10 +73,20 @@ def threshold(
     from ._utils import check_show, hand_over, save_figure
 
     show = check_show(show, "threshold")
+    if isinstance(max_points, bool) or not isinstance(max_points, numbers.Integral) or max_points < 1:
+        raise ValueError(
+            f"max_points={max_points!r} must be a positive integer: the most cells drawn in each scatter (e.g. 20000)."
+        )
     adata = get_table(data, table_key)
     params, score, cluster = _classification(adata, key)
     features = list(params.get("features", []))
     kinds = list(params.get("feature_kinds", ["obs"] * len(features)))
+    gone = [f for f, k in zip(features[:MAX_PAIR_FEATURES], kinds) if k != "gene" and f not in adata.obs.columns]
+    if len(features) > 1 and gone:
+        raise KeyError(
+            f"The classification {key!r} used the obs column(s) {gone}, which are no longer in the table, so its "
+            "feature scatters cannot be drawn. Restore the column(s), or classify again with the current features."
+        )
     pair_feats = features[:MAX_PAIR_FEATURES] if len(features) > 1 else []
     pairs = list(combinations(range(len(pair_feats)), 2))
 

@@ -86,8 +86,9 @@ def classify_by_threshold(
     data
         AnnData, or SpatialData holding the table ``table_key``.
     features
-        Gene names (``var_names``) and/or numeric obs columns, for one class (a dict of several classes is refused:
-        call the function once per class, with its own ``key_added``).
+        Gene names (``var_names``; ``raw.var_names`` when the expression is read from ``raw``, e.g. scanpy's layout
+        with ``X`` subset to variable genes) and/or numeric obs columns, for one class (a dict of several classes is
+        refused: call the function once per class, with its own ``key_added``).
     metagene
         How several features become one score:
 
@@ -202,19 +203,29 @@ def classify_by_threshold(
         )
 
     requested = features
-    features, kinds = _resolve_features(adata, requested)
-    values, expression = _feature_values(adata, features, kinds)
+    src = _expression_source(adata, requested)
+    features, kinds = _resolve_features(adata, requested, src)
+    values, expression = _feature_values(adata, features, kinds, src)
     _check_features(values, features, kinds, metagene)
 
     score, metagene_info = _metagene(values, metagene if len(features) > 1 else None)
     # split the score exactly as it is stored (float32), so that "score > threshold" holds on the stored column
-    score = score.astype(np.float32).astype(np.float64)
+    exact, score = score, score.astype(np.float32).astype(np.float64)
+    what = f"feature {features[0]!r}" if len(features) == 1 else f"{metagene} score"
     if not np.isfinite(score).all():
-        raise ValueError("The metagene score has non-finite values; check the features for infinities.")
-    if np.ptp(score) <= 0:
         raise ValueError(
-            f"The {metagene} score is the same ({score[0]:.4g}) for every cell, so there is nothing to split. "
-            "Choose features that vary across cells."
+            f"The {what} has values beyond float32 range (about 3.4e38) or non-finite; the score is stored as float32. "
+            "Rescale the features (e.g. take their log)."
+        )
+    if np.ptp(score) <= 0:
+        why = (
+            f"its values differ by {np.ptp(exact):.3g} around {exact[0]:.6g}, below float32 precision (the score is "
+            "stored as float32); subtract an offset first (e.g. the column's minimum)"
+            if np.ptp(exact) > 0
+            else "choose features that vary across cells"
+        )
+        raise ValueError(
+            f"The {what} is the same ({score[0]:.6g}) for every cell, so there is nothing to split: {why}."
         )
 
     if method == "gmm":
@@ -327,16 +338,35 @@ def _as_feature_list(features: str | Sequence[str]) -> list[str]:
     return features
 
 
-def _resolve_features(adata: AnnData, features: list[str]) -> tuple[list[str], dict[str, str]]:
+def _expression_source(adata: AnnData, features: list[str]) -> Any:
+    """The matrix genes are read from, or ``None`` when every feature is an obs column or none is usable.
+
+    ``None`` for an unusable table defers the error: a misspelt name is reported as such, and a gene feature then
+    raises :func:`spatialcx.pp._normalization.find_expression_source`'s message in :func:`_feature_values`.
+    """
+    from ..pp._normalization import find_expression_source
+
+    obs_columns = {str(c) for c in adata.obs.columns}
+    if all(f in obs_columns for f in features):
+        return None
+    try:
+        return find_expression_source(adata)
+    except ValueError:
+        return None
+
+
+def _resolve_features(adata: AnnData, features: list[str], src: Any = None) -> tuple[list[str], dict[str, str]]:
     """The table's names of ``features`` and the kind of each (``"gene"`` or ``"obs"``), keyed by those names.
 
     A name is used as it is when it is a gene or an obs column. Otherwise it is matched to a gene
     case-insensitively (``Gad1`` finds ``GAD1``, as in :func:`spatialcx.pp._harmonize.match_genes`), unless the
-    table has several genes that differ from it only by case.
+    table has several genes that differ from it only by case. Genes are those of the matrix expression is read from
+    (``src``: ``raw.var_names`` when it is ``raw.X``, e.g. scanpy's layout with ``X`` subset to variable genes), or
+    ``var_names`` without one.
     """
     from ..pp._harmonize import match_genes
 
-    var_names = pd.Index(adata.var_names.astype(str))
+    var_names = pd.Index((adata.var_names if src is None else src.var_names).astype(str))
     obs_columns = {str(c) for c in adata.obs.columns}
     names: list[str] = []
     kinds: dict[str, str] = {}
@@ -379,9 +409,10 @@ def _resolve_features(adata: AnnData, features: list[str]) -> tuple[list[str], d
             close = difflib.get_close_matches(f, pool, n=3)
             if close:
                 hints.append(f"{f!r} -> did you mean {close}?")
+        where = f" in {src.where}" if src is not None and src.where.startswith("raw.") else ""
         raise KeyError(
-            f"Feature(s) {missing} are neither genes of the table ({adata.n_vars} genes, matched exactly or ignoring "
-            "case when unambiguous) nor obs columns. "
+            f"Feature(s) {missing} are neither genes of the table ({var_names.size} genes{where}, matched exactly or "
+            "ignoring case when unambiguous) nor obs columns. "
             + (" ".join(hints) + " " if hints else "")
             + "Check the spelling or use scx.pp.panel_genes(data) to list the panel."
         )
@@ -395,7 +426,7 @@ def _resolve_features(adata: AnnData, features: list[str]) -> tuple[list[str], d
 
 
 def _feature_values(
-    adata: AnnData, features: list[str], kinds: dict[str, str]
+    adata: AnnData, features: list[str], kinds: dict[str, str], src: Any = None
 ) -> tuple[np.ndarray, dict[str, Any] | None]:
     """Cells x features values, and where the genes' expression came from (``None`` without genes)."""
     genes = [f for f in features if kinds[f] == "gene"]
@@ -405,7 +436,8 @@ def _feature_values(
         from .._matrix import normalized_expression
         from ..pp._normalization import find_expression_source
 
-        src = find_expression_source(adata)  # found once: the values, and the record of where they come from
+        if src is None:  # found once: the values, and the record of where they come from
+            src = find_expression_source(adata)
         out[:, [features.index(g) for g in genes]] = normalized_expression(
             adata, genes, target_sum=1e4, over="all", source=src
         )
