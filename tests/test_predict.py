@@ -630,3 +630,33 @@ def test_predict_warns_before_replacing_the_datas_own_cell_type_columns(model, c
     with caplog.at_level(logging.WARNING, logger="spatialcx"):
         scx.tl.predict(fresh, model, key_added="cell_type_scx")
     assert "no spatialcx prediction wrote" not in caplog.text and (fresh.obs["cell_type"] == "B cell").all()
+
+
+def test_predict_on_a_lazy_table_that_has_cell_ontology_columns(model, tmp_path):
+    """A lazily read table with CL columns (a CELLxGENE table, an earlier annotation): the stale ids are removed."""
+    q = _data(n=300, seed=12)
+    eager = q.copy()
+    scx.tl.predict(eager, model)
+    q.obs["cell_type"] = pd.Categorical(["T cell"] * q.n_obs)
+    q.obs["cell_type_ontology_term_id"] = pd.Categorical(["CL:0000084"] * q.n_obs)
+    q.write_zarr(tmp_path / "q.zarr")
+    lazy = ad.experimental.read_lazy(tmp_path / "q.zarr")
+    scx.tl.predict(lazy, model)
+    assert "cell_type_ontology_term_id" not in lazy.obs.columns
+    assert "label" in lazy.obs.columns
+    obs = lazy.obs.to_memory()
+    assert (obs.index == eager.obs_names).all()
+    assert (obs["cell_type"].astype(str) == eager.obs["cell_type"].astype(str)).all()
+    np.testing.assert_allclose(lazy.obsm["cell_type_decision_scores"], eager.obsm["cell_type_decision_scores"])
+
+
+def test_no_shared_genes_error_finds_the_gene_names_of_a_lazy_table(model, tmp_path):
+    """A lazily read table named by Ensembl ids (as CELLxGENE's) with symbols in a var column: the error names it."""
+    q = _data(n=50, seed=13)
+    q.var["feature_name"] = pd.Categorical(q.var_names)
+    q.var_names = [f"ENSG{i:011d}" for i in range(q.n_vars)]
+    q.write_zarr(tmp_path / "q.zarr")
+    lazy = ad.experimental.read_lazy(tmp_path / "q.zarr")
+    with pytest.raises(ValueError, match=r"var\['feature_name'\] holds 70 of them"):
+        scx.tl.predict(lazy, model)
+    assert "cell_type" not in lazy.obs.columns

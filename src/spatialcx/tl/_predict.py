@@ -455,6 +455,8 @@ def _find_gene_names(adata: AnnData, where: str, model: CellTypeModel, n_found: 
     from spatialcx.pp._harmonize import looks_like_ensembl
 
     var = adata.raw.var if where == "raw.X" and adata.raw is not None else adata.var
+    if not isinstance(var, pd.DataFrame) and hasattr(var, "to_memory"):  # a lazily read table's var (Dataset2D)
+        var = var.to_memory()
     features = pd.Index(model.features)
     best, best_n = None, n_found
     for name in var.columns:
@@ -465,7 +467,7 @@ def _find_gene_names(adata: AnnData, where: str, model: CellTypeModel, n_found: 
         if n > best_n:
             best, best_n = name, n
     if best is not None:
-        which = "var" if var is adata.var else "raw.var"
+        which = "raw.var" if where == "raw.X" and adata.raw is not None else "var"
         return (
             f" {which}[{best!r}] holds {best_n} of them: name the genes by it, e.g. "
             f"`adata.var_names = adata.{which}[{best!r}].astype(str)` (then `adata.var_names_make_unique()`)."
@@ -536,7 +538,8 @@ def write_predictions(
                 stale,
                 key_added,
             )
-        adata.obs = adata.obs.drop(columns=stale)
+        # a column selection, not DataFrame.drop: a lazily read table's obs (anndata's Dataset2D) has no drop
+        adata.obs = adata.obs[[c for c in adata.obs.columns if c not in stale]]
 
 
 def warn_if_foreign(adata: AnnData, key_added: str) -> None:
