@@ -841,3 +841,21 @@ def test_benchmark_label_generator_is_deterministic():
     a = distinct_labels(700, seed=0)
     assert len(a) == len(set(a)) == 700 and a == distinct_labels(700, seed=0)
     assert os.environ["SPATIALCX_CACHE_DIR"] != str(Path.home() / ".cache" / "spatialcx")
+
+
+def test_add_ontology_ids_on_a_lazily_read_table(tmp_path):
+    """A table read with anndata.experimental.read_lazy (obs columns are xarray arrays, without pandas' .cat)."""
+    from anndata.experimental import read_lazy
+
+    obs = pd.DataFrame(
+        {"lab": pd.Categorical(["T cell", "B cell", "T cell", "Astro"]), "lab2": ["T cell", "B cell", "x", "Astro"]},
+        index=list("abcd"),
+    )
+    AnnData(np.ones((4, 2)), obs=obs).write_h5ad(tmp_path / "t.h5ad")
+    lazy = read_lazy(tmp_path / "t.h5ad")
+    scx.tl.add_ontology_ids(lazy, "lab")  # was: 'DataArray' object has no attribute 'cat'
+    assert list(np.asarray(lazy.obs["cell_type_ontology_term_id"])) == ["CL:0000084", "CL:0000236", "CL:0000084",
+                                                                         "CL:0000127"]  # fmt: skip
+    scx.tl.add_ontology_ids(lazy, "lab2", target_key="x_ontology_term_id")
+    scx.tl.add_ontology_ids(lazy, "lab2", target_key="x_ontology_term_id", skip_if_exists=True)
+    assert list(np.asarray(lazy.obs["x_ontology_term_id"])) == ["CL:0000084", "CL:0000236", "unknown", "CL:0000127"]

@@ -346,7 +346,7 @@ def add_ontology_ids(
     ['Cluster 3']
     >>> mapping.save("ontology_mapping.csv")  # doctest: +SKIP
     """
-    from spatialcx._table import resolve_table
+    from spatialcx._table import obs_column, resolve_table
     from spatialcx.ontology import resolve_index
 
     for name, key in (("source_key", source_key), ("target_key", target_key), ("label_key", label_key)):
@@ -366,13 +366,13 @@ def add_ontology_ids(
             f"obs has no column {source_key!r} with labels to map; available columns: {list(adata.obs.columns)}."
         )
     idx = resolve_index(index)
-    codes, labels = _factorize(adata.obs[source_key])
+    codes, labels = _factorize(obs_column(adata, source_key))  # also a lazily read table's column
 
     keep = np.zeros(adata.n_obs, dtype=bool)
     old_id_codes = old_ids = None
     if skip_if_exists and target_key in adata.obs.columns:
         # per distinct value, not per cell: which old ids are current CL terms
-        old_id_codes, old_ids = _factorize(adata.obs[target_key])
+        old_id_codes, old_ids = _factorize(obs_column(adata, target_key))
         valid = np.array([v in idx for v in old_ids] + [False], dtype=bool)
         keep = valid[old_id_codes]
     elif target_key in adata.obs.columns:
@@ -391,7 +391,7 @@ def add_ontology_ids(
     if keep.any():
         # cells that keep their id: one more pair per distinct (old id, old name)
         if label_key in adata.obs.columns:
-            name_codes, old_names = _factorize(adata.obs[label_key])
+            name_codes, old_names = _factorize(obs_column(adata, label_key))
         else:
             name_codes, old_names = np.full(adata.n_obs, -1), []
         combo = old_id_codes[keep].astype(np.int64) * (len(old_names) + 1) + np.where(  # type: ignore[index]
