@@ -50,7 +50,6 @@ intersphinx_mapping = {
     "pandas": ("https://pandas.pydata.org/docs/", None),
     "scipy": ("https://docs.scipy.org/doc/scipy/", None),
     "matplotlib": ("https://matplotlib.org/stable/", None),
-    "squidpy": ("https://squidpy.readthedocs.io/en/stable/", None),
     "celltypist": ("https://celltypist.readthedocs.io/en/latest/", None),
 }
 # The Cell Ontology index is internal (the `index` argument of tl.add_ontology_ids / tl.map_labels documents what it

@@ -659,21 +659,16 @@ def test_3d_coordinates_link_and_merge_within_their_layer():
     assert layers.uns["domain"]["median_nn_distance"] == pytest.approx(SPACING)
 
 
-def test_radius_graph_matches_brute_force_and_needs_no_squidpy(monkeypatch):
-    """Cells at most max_distance apart are linked (ties included), never across libraries; squidpy is not imported.
+def test_radius_graph_matches_brute_force():
+    """Cells at most max_distance apart are linked (ties included), never across libraries.
 
     Was: a squidpy radius graph, whose import took 8-16 s and whose graph took most of the time at 1M cells.
     """
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial.distance import cdist
 
-    import spatialcx._utils
     from spatialcx.tl import _domains
 
-    def no_squidpy():
-        raise AssertionError("squidpy imported")
-
-    monkeypatch.setattr(spatialcx._utils, "import_squidpy", no_squidpy)
     rng = np.random.default_rng(0)
     coords = rng.integers(0, 40, size=(300, 2)).astype(float)  # integer positions: many pairs exactly 3 apart
     libraries = rng.integers(0, 3, 300)

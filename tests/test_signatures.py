@@ -388,6 +388,25 @@ def test_smooth_on_the_real_merfish_store(merfish_store):
     np.testing.assert_allclose(smooth, raw[nn].mean(axis=1), rtol=1e-4, atol=1e-5)
 
 
+def test_smoothing_takes_each_cell_and_its_nearest_others_also_where_cells_share_a_position():
+    """Six cells at each of 50 positions, 4 neighbours: each cell averages itself and 4 distinct others of its spot."""
+    from spatialcx.tl._signatures import _smooth
+
+    rng = np.random.default_rng(0)
+    coords = np.repeat(rng.uniform(0, 1000, (50, 2)), 6, axis=0)
+    member = np.tile(np.arange(6), 50)
+    scores = (2.0**member)[:, None].astype(np.float32)  # one bit per member of a spot
+    others = np.rint(_smooth(scores, coords, n_neighbors=4, source="test")[:, 0] * 5 - scores[:, 0]).astype(int)
+    assert all(bin(v).count("1") == 4 for v in others)  # four distinct others
+    assert not (others & (1 << member)).any()  # never the cell itself twice
+    # no shared positions: the mean over the cell and its 4 nearest, as a plain k-d tree query gives them
+    from scipy.spatial import cKDTree
+
+    xy, values = rng.uniform(0, 1000, (500, 2)), rng.normal(size=(500, 3)).astype(np.float32)
+    _, nn = cKDTree(xy).query(xy, k=5)
+    np.testing.assert_allclose(_smooth(values, xy, n_neighbors=4, source="test"), values[nn].mean(axis=1), atol=1e-6)
+
+
 def test_labels_written_to_the_store_come_with_the_scores_they_were_made_from(merfish_store):
     """Scores kept in memory (write=False), then annotate_domains writes: the store named scores it did not hold."""
     import spatialdata as sd

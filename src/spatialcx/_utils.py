@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import numbers
@@ -102,31 +101,6 @@ def check_replaceable(path: str | os.PathLike) -> None:
             f"{str(path)!r} is read-only; it is not replaced. Write elsewhere, or make it writable "
             f"(chmod u+w) to replace it."
         )
-
-
-def import_squidpy() -> Any:
-    """``import squidpy``, without the docstring-template notices (SyntaxWarning) its dependency docrep emits."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
-        import squidpy
-
-    return squidpy
-
-
-@contextlib.contextmanager
-def quiet_spatialdata_logger() -> Iterator[None]:
-    """Silence the INFO line squidpy logs for every graph it builds (through spatialdata's logger)."""
-    import logging
-
-    sd_logger = logging.getLogger("spatialdata._logging")
-    level = sd_logger.level
-    sd_logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        sd_logger.setLevel(level)
 
 
 def import_optional(module: str, extra: str) -> Any:

@@ -36,13 +36,9 @@ def default_cache_dir() -> Path:
     env = os.environ.get(_CACHE_ENV)
     if env:
         return Path(env).expanduser()
-    try:
-        import platformdirs
+    import platformdirs
 
-        return Path(platformdirs.user_cache_dir("spatialcx"))
-    except ImportError:  # pragma: no cover - platformdirs comes with most scientific stacks
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        return Path(base) / "spatialcx"
+    return Path(platformdirs.user_cache_dir("spatialcx"))
 
 
 def split_protocol(uri: str | os.PathLike) -> tuple[str | None, str]:

@@ -85,7 +85,7 @@ def score_signatures(
         ``n`` (the mean z-score, which favours small sets in a per-cell comparison).
     smooth
         Average each cell's scores with its ``n_neighbors`` nearest spatial neighbours
-        (:func:`squidpy.gr.spatial_neighbors_knn`), which reduces the noise of sparse panels.
+        (:meth:`scipy.spatial.cKDTree.query`), which reduces the noise of sparse panels.
     n_neighbors
         Neighbours used by ``smooth``.
     spatial_key
@@ -415,13 +415,14 @@ def _signature_scores(
 
 
 def _smooth(scores: np.ndarray, coords: np.ndarray, *, n_neighbors: int, source: str) -> np.ndarray:
-    """Average each cell's scores with those of its ``n_neighbors`` nearest neighbours (itself included)."""
+    """Average each cell's scores with those of its ``n_neighbors`` nearest neighbours (itself included).
+
+    The neighbours come from :meth:`scipy.spatial.cKDTree.query`; a cell is always its own (when more than
+    ``n_neighbors`` cells share its position, the others are the first ones found there).
+    """
     import scipy.sparse as sp
-    from anndata import AnnData as _AnnData
+    from scipy.spatial import cKDTree
 
-    from spatialcx._utils import import_squidpy, quiet_spatialdata_logger
-
-    sq = import_squidpy()
     n_obs = scores.shape[0]
     coords = np.asarray(coords, dtype=np.float64)[:, :2]
     if not np.isfinite(coords).all():
@@ -433,14 +434,18 @@ def _smooth(scores: np.ndarray, coords: np.ndarray, *, n_neighbors: int, source:
     k = min(n_neighbors, n_obs - 1)
     if k < 1:
         return scores
-    tmp = _AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n_obs).astype(str)), obsm={"spatial": coords})
-    with quiet_spatialdata_logger():
-        conn, _ = sq.gr.spatial_neighbors_knn(tmp, n_neighs=k, copy=True)
-    w = sp.csr_matrix(conn, dtype=np.float64)
-    w.data[:] = 1.0
-    w = w + sp.identity(n_obs, format="csr")
-    w = sp.diags(1.0 / np.asarray(w.sum(axis=1)).ravel()) @ w
-    return np.asarray(w @ scores.astype(np.float64), dtype=np.float32)
+    _, nn = cKDTree(coords).query(coords, k=k + 1)
+    rows = np.arange(n_obs)
+    # the k nearest other cells: where a cell is among its own first k, the (k+1)-th nearest takes its place
+    nn[:, 0] = np.where(nn[:, 0] == rows, nn[:, k], nn[:, 0])  # usually the cell itself (distance 0)
+    found = nn[:, 1:k] == rows[:, None]  # a cell that shares its position with others may come later
+    nn[:, 1:k][found] = nn[:, k][found.any(axis=1)]
+    nn[:, k] = rows  # and the cell itself
+    w = sp.csr_matrix(
+        (np.full(nn.size, 1.0 / (k + 1), dtype=np.float32), nn.ravel(), np.arange(0, nn.size + 1, k + 1)),
+        shape=(n_obs, n_obs),
+    )
+    return np.asarray(w @ np.asarray(scores, dtype=np.float32), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------------
