@@ -654,3 +654,22 @@ def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
     imported = scx.CellTypeModel.from_celltypist("~/ct.pkl", trust_pickle=True)
     assert list(imported.classes) == ["x", "y"]
     assert list(work.iterdir()) == []  # no folder named "~" in the working folder
+
+
+def test_ensembl_ids_match_across_versions():
+    """A model of unversioned Ensembl ids scores a table whose ids carry versions (and the other way round)."""
+    ids = ["ENSG00000141510", "ENSG00000012048", "ENSG00000139618"]
+    m = _tiny_model(features=ids)
+    present, cols = m.match_genes(["ENSG00000139618.17", "ENSG00000141510.16", "ENSG00000012048.23", "ENSG1.1"])
+    assert present.tolist() == [0, 1, 2] and cols.tolist() == [1, 2, 0]
+    versioned = _tiny_model(features=[f"{g}.5" for g in ids])
+    assert versioned.match_genes(ids)[1].tolist() == [0, 1, 2]
+    # exact names first; a version-free name held twice in the table is not guessed
+    present, cols = m.match_genes(["ENSG00000141510", "ENSG00000012048.1", "ENSG00000012048.2", "ENSG00000139618.9"])
+    assert present.tolist() == [0, 2] and cols.tolist() == [0, 3]
+    x = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(
+        m.decision_function(x[:, [2, 0, 1]], genes=["ENSG00000139618.17", "ENSG00000141510.16", "ENSG00000012048.2"]),
+        m.decision_function(x, genes=ids),
+        rtol=1e-12,
+    )

@@ -85,6 +85,23 @@ class ScoringWeights:
         return self.clip + self.shift
 
 
+def _match_ensembl_versions(features: np.ndarray, index: pd.Index, pos: np.ndarray) -> np.ndarray:
+    """``pos`` with the Ensembl ids not found exactly matched without their versions, where that is one to one."""
+    from spatialcx.pp._harmonize import looks_like_ensembl, strip_version
+
+    if not (looks_like_ensembl(features) and looks_like_ensembl(index)):
+        return pos
+    names = pd.Index(strip_version(index))
+    wanted = pd.Series(strip_version(features))
+    usable = ~names.duplicated(keep=False) & ~np.isin(np.arange(len(index)), pos[pos >= 0])
+    todo = np.flatnonzero((pos < 0) & ~wanted.duplicated(keep=False).to_numpy())
+    cols = np.flatnonzero(usable)
+    found = names[cols].get_indexer(wanted.to_numpy()[todo])
+    out = pos.copy()
+    out[todo[found >= 0]] = cols[found[found >= 0]]
+    return out
+
+
 def model_file_path(path: str | os.PathLike) -> Path:
     """Where :meth:`CellTypeModel.save` writes for ``path``: ``~`` expanded, ``.npz`` appended unless it is the suffix."""
     path = Path(path).expanduser()
@@ -283,7 +300,9 @@ class CellTypeModel:
         """Locate the model's genes among the column names of a query.
 
         Names are compared exactly (case-sensitive); model genes missing from ``genes`` are left out. Duplicated
-        names in ``genes`` are an error only when they are model genes (which column would be meant?).
+        names in ``genes`` are an error only when they are model genes (which column would be meant?). Ensembl ids
+        not found exactly are matched without their version (``ENSG00000141510`` finds ``ENSG00000141510.16``),
+        where that names one column.
 
         Parameters
         ----------
@@ -316,6 +335,8 @@ class CellTypeModel:
             single = np.flatnonzero(~repeated)  # the model's genes are all among the names that occur once
             pos = index[single].get_indexer(self.features)
             pos = np.where(pos >= 0, single[np.maximum(pos, 0)], -1)
+        if (pos < 0).any():
+            pos = _match_ensembl_versions(self.features, index, pos)
         present = np.flatnonzero(pos >= 0)
         return present, pos[present]
 
