@@ -430,6 +430,25 @@ def test_an_invalid_settings_chunk_size_is_an_error(model, monkeypatch):
     assert "cell_type" not in q.obs
 
 
+def test_n_jobs_minus_one_means_every_core(model, monkeypatch):
+    """As in scikit-learn and scanpy: -1 every core, -2 all but one (it was one thread)."""
+    import os
+
+    from spatialcx._settings import n_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [n_workers(n, 100) for n in (None, -1, -2, 3, 1)] == [8, 8, 7, 3, 1]
+    assert n_workers(-1, 2) == 2 and n_workers(-20, 100) == 1
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="n_jobs must be None or a non-zero whole number"):
+            n_workers(bad, 10)
+    q = _data(n=300, seed=2)
+    expected = scx.tl.predict(q, model, copy=True).obsm["cell_type_decision_scores"]
+    monkeypatch.setattr(scx.settings, "n_jobs", -1)
+    monkeypatch.setattr(scx.settings, "chunk_size", 50)
+    np.testing.assert_array_equal(scx.tl.predict(q, model, copy=True).obsm["cell_type_decision_scores"], expected)
+
+
 def test_filters_keep_missing_labels_missing_and_check_the_confidence(model):
     q = _data(n=300, seed=3)
     scx.tl.predict(q, model)

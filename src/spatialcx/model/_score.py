@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -11,7 +10,7 @@ import numpy as np
 from scipy import sparse
 
 from spatialcx._matrix import default_chunk_size, is_dask, iter_row_blocks, normalize_block
-from spatialcx._settings import settings
+from spatialcx._settings import n_workers, settings
 from spatialcx._utils import as_str_array, progress
 from spatialcx.model._model import CellTypeModel, ScoringWeights
 
@@ -130,7 +129,7 @@ def score_matrix(
 
     n_chunks = -(-n // chunk)
     blocks = progress(iter_row_blocks(matrix, chunk), total=n_chunks, desc="scoring cells")
-    workers = max(1, min(settings.n_jobs or os.cpu_count() or 1, n_chunks))
+    workers = n_workers(settings.n_jobs, n_chunks)
     if workers == 1:
         for start, stop, block in blocks:
             _put(start, stop, _one(block, start))
