@@ -50,6 +50,17 @@ def xenium_bone_marrow():
     return adata
 
 
+@pytest.fixture
+def home_and_work(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """``(home, work)``: two empty folders, ``$HOME`` set to the first and the working folder to the second."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    return home, work
+
+
 def _top_clusters(adata, gene: str, n: int = 1) -> list[str]:
     """The ``n`` clusters of ``obs["cluster"]`` with the most counts of ``gene`` per cell, highest first."""
     import numpy as np

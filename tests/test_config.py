@@ -272,13 +272,9 @@ def test_config_key_added_reaches_the_table(tmp_path):
     assert "ct" not in table.obs
 
 
-def test_yaml_file_in_the_home_folder(tmp_path, monkeypatch):
+def test_yaml_file_in_the_home_folder(home_and_work):
     """``to_yaml("~/x.yaml")`` writes into the home folder and ``from_yaml`` reads it back from there."""
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(work)
+    home, work = home_and_work
     config = scx.tl.AnnotationConfig(references=["/data/ref.h5ad"], label_keys="cell_type", tissue="lung")
     config.to_yaml("~/run.yaml")
     assert (home / "run.yaml").is_file()

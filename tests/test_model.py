@@ -638,13 +638,9 @@ def test_minibatch_balance_cell_type_balances_what_is_trained_on(monkeypatch):
     assert (balanced == "rare").mean() == pytest.approx(1 / 2, abs=0.05)  # two types, half the draws each
 
 
-def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
+def test_home_folder_paths_are_expanded(home_and_work):
     """``~`` in a path means the home folder for save, load and the CellTypist import, not a folder named ``~``."""
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(work)
+    home, work = home_and_work
     m = _tiny_model()
     written = m.save("~/models/tiny")
     assert written == home / "models" / "tiny.npz" and written.is_file()
