@@ -103,7 +103,7 @@ def _match_ensembl_versions(features: np.ndarray, index: pd.Index, pos: np.ndarr
 
 
 def model_file_path(path: str | os.PathLike) -> Path:
-    """Where :meth:`CellTypeModel.save` writes for ``path``: ``~`` expanded, ``.npz`` appended unless it is the suffix."""
+    """Where :meth:`CellTypeModel.save` writes for ``path``: ``~`` expanded, ``.npz`` appended unless the suffix."""
     path = Path(path).expanduser()
     if path.suffix != ".npz":
         path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
