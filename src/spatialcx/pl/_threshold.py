@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,13 +69,11 @@ def threshold(
     import matplotlib.pyplot as plt
 
     from .._table import get_table
+    from .._utils import whole_number
     from ._utils import check_show, hand_over, save_figure
 
     show = check_show(show, "threshold")
-    if isinstance(max_points, bool) or not isinstance(max_points, numbers.Integral) or max_points < 1:
-        raise ValueError(
-            f"max_points={max_points!r} must be a positive integer: the most cells drawn in each scatter (e.g. 20000)."
-        )
+    max_points = whole_number(max_points, "max_points", minimum=1)  # the most cells drawn in each scatter
     adata = get_table(data, table_key)
     params, score, cluster = _classification(adata, key)
     features = list(params.get("features", []))
