@@ -884,6 +884,51 @@ def test_failed_write_restores_the_table_in_memory(v3_store, monkeypatch):
     assert _snapshot(v3_store) == before
 
 
+def test_ctrl_c_while_writing_puts_the_table_in_memory_back(v3_store, monkeypatch):
+    """A KeyboardInterrupt before the new table is in place leaves memory as the store: both as they were."""
+    import anndata.io
+
+    sdata = sd.read_zarr(v3_store)
+    table = sdata.tables["table"]
+    obs_before = table.obs.copy()
+    before = _snapshot(v3_store)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    ref = resolve_table(sdata, write=True)
+    ref.adata.obs["cell_type"] = "T cell"
+    ref.adata.uns["new"] = "x"
+    monkeypatch.setattr(anndata.io, "write_elem", interrupted)
+    with pytest.raises(KeyboardInterrupt) as info:
+        ref.finish()
+    assert "left as it was" in " ".join(getattr(info.value, "__notes__", []))
+    pd.testing.assert_frame_equal(table.obs, obs_before)
+    assert "new" not in table.uns
+    assert _snapshot(v3_store) == before
+
+
+def test_ctrl_c_after_the_swap_keeps_the_results_in_memory(v3_store, monkeypatch):
+    """A KeyboardInterrupt while tidying up after the new table is in place: the store has the results, memory too."""
+    real = _table._refresh_consolidated
+
+    def interrupted(group_dir):
+        if Path(group_dir) == v3_store:  # the store's own metadata, refreshed after the swap
+            raise KeyboardInterrupt
+        real(group_dir)
+
+    sdata = sd.read_zarr(v3_store)
+    ref = resolve_table(sdata, write=True)
+    ref.adata.obs["cell_type"] = "T cell"
+    monkeypatch.setattr(_table, "_refresh_consolidated", interrupted)
+    with pytest.raises(KeyboardInterrupt) as info:
+        ref.finish()
+    assert getattr(info.value, _table.WRITTEN_ATTR) is True
+    assert "cell_type" in sdata.tables["table"].obs
+    monkeypatch.undo()
+    assert (sd.read_zarr(v3_store).tables["table"].obs["cell_type"] == "T cell").all()
+
+
 @pytest.mark.parametrize("key", ["a/b", "", "__x", 3])
 def test_keys_that_cannot_be_stored_are_refused_before_anything_is_written(key):
     from spatialcx._table import check_key
@@ -979,17 +1024,18 @@ def test_read_only_calls_take_no_snapshot(v3_store):
     assert ref.before is not None and ref.before[2]["lock"] is sdata.tables["table"].uns["lock"]
 
 
-def test_failed_write_of_domains_puts_the_shapes_back_too(v3_store, monkeypatch):
+@pytest.mark.parametrize("error", [OSError("disk full (simulated)"), KeyboardInterrupt()])
+def test_failed_write_of_domains_puts_the_shapes_back_too(v3_store, monkeypatch, error):
     sdata = sd.read_zarr(v3_store)
     table = sdata.tables["table"]
     table.obs["high"] = 1
     before_shapes = set(sdata.shapes)
 
     def broken(*args, **kwargs):
-        raise OSError("disk full (simulated)")
+        raise error
 
     monkeypatch.setattr(_table, "_stage_and_swap", broken)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(type(error)):
         scx.tl.spatial_domains(sdata, "high", value=1, max_distance=50.0, min_cells=2, add_shapes=True)
     assert set(sdata.shapes) == before_shapes and "domain" not in table.obs
 

@@ -203,7 +203,7 @@ class TableRef:
         if write and self.sdata.path is not None:
             try:
                 write_table(self.sdata, self.table_key, elements=elements)
-            except Exception as e:
+            except BaseException as e:  # a Ctrl-C too: memory and the store must still agree
                 if getattr(e, WRITTEN_ATTR, False):  # the store holds the results: memory must keep them too
                     raise
                 self.restore()
@@ -825,7 +825,7 @@ def _after_write(step: Any) -> None:
     """Run a tidying step that comes after the new table is in the store; a failure says the table was written."""
     try:
         step()
-    except Exception as e:
+    except BaseException as e:  # a Ctrl-C while tidying up too: the new table is in the store
         setattr(e, WRITTEN_ATTR, True)
         e.add_note("The new element is in the store; only the tidying up after writing it failed.")
         raise

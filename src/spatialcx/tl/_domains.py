@@ -331,7 +331,7 @@ def spatial_domains(
         del ref.sdata.shapes[stale_key]
     try:
         out = ref.finish(write=write, elements=("obs", "uns"))
-    except Exception as e:
+    except BaseException as e:  # the table was put back on a Ctrl-C too
         from spatialcx._table import WRITTEN_ATTR
 
         put_back = not getattr(e, WRITTEN_ATTR, False)
