@@ -114,10 +114,17 @@ def _write_props(tmp_path, fmt, props):
     return str(path)
 
 
-@pytest.mark.parametrize("fmt", ["dict", "json", "csv"])
-def test_target_proportions_all_three_formats(tmp_path, three_types, fmt):
+@pytest.mark.parametrize("fmt", ["dict", "series", "table", "json", "csv"])
+def test_target_proportions_all_formats(tmp_path, three_types, fmt):
     props = {"T": 0.5, "B": 0.3, "NK": 0.2}
-    source = props if fmt == "dict" else _write_props(tmp_path, fmt, props)
+    if fmt == "dict":
+        source = props
+    elif fmt == "series":
+        source = pd.Series(props)
+    elif fmt == "table":  # the CSV file's table, e.g. from pd.read_csv
+        source = pd.DataFrame({"cell_type": list(props), "proportion": list(props.values())})
+    else:
+        source = _write_props(tmp_path, fmt, props)
     assert read_target_proportions(source) == props
     alloc = cap_and_fill(three_types, max_cells_per_type=5_000, target_proportions=source, min_cells_per_type=0)
     totals = alloc.sum(axis=1)
@@ -177,6 +184,13 @@ def test_bad_proportion_files(tmp_path):
     txt.write_text("x")
     with pytest.raises(ValueError, match=".json or .csv"):
         read_target_proportions(txt)
+    table = pd.DataFrame({"cell_type": ["T", "T"], "proportion": [0.5, 0.2]})
+    with pytest.raises(ValueError, match=r"lists \['T'\] more than once"):
+        read_target_proportions(table)
+    with pytest.raises(ValueError, match="exactly the columns cell_type,proportion"):
+        read_target_proportions(table.rename(columns={"proportion": "share"}))
+    with pytest.raises(TypeError, match="target_proportions is a list; give a dict"):
+        read_target_proportions([("T", 0.5)])
 
 
 # ------------------------------------------------------------------------------------------------ AnnData layer
@@ -327,6 +341,38 @@ def test_subsample_balanced_reads_only_the_drawn_cells_of_a_backed_or_lazy_refer
     got = pd.crosstab(out.obs["original_label"], out.obs["reference_source"])
     assert got.loc["mac"].tolist() == [86, 14] and got.loc["T"].tolist() == [40, 0]
     assert out.uns["spatialcx_balance"]["n_cells"] == 140
+
+
+def test_subsample_balanced_on_a_view_of_a_backed_reference(tmp_path):
+    """A subset of a backed file (a view) is drawn from too; anndata cannot index such a view again."""
+    adata = _reference({("mac", "A"): 300, ("mac", "B"): 50, ("T", "A"): 40, ("NK", "B"): 30})
+    adata.X = sp.csr_matrix(np.arange(adata.n_obs * 3, dtype=np.float32).reshape(-1, 3))
+    adata.write_h5ad(tmp_path / "combined.h5ad")
+    backed = ad.read_h5ad(tmp_path / "combined.h5ad", backed="r")
+    keep = (adata.obs["original_label"] != "NK").to_numpy()
+    kwargs = {"max_cells_per_type": 100, "min_cells_per_source": 10, "random_state": 5}
+    out = scx.pp.subsample_balanced(backed[keep, [2, 0]], "original_label", **kwargs)
+    expected = scx.pp.subsample_balanced(adata[keep, [2, 0]].copy(), "original_label", **kwargs)
+    assert not out.isbacked and out.n_obs == 140 and list(out.var_names) == ["2", "0"]
+    assert list(out.obs_names) == list(expected.obs_names)
+    np.testing.assert_array_equal(out.X.toarray(), expected.X.toarray())
+
+
+def test_cells_used_follows_the_references_when_source_key_is_none_or_another_column():
+    adata = _reference({("mac", "A"): 300, ("mac", "B"): 50, ("T", "A"): 40})
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")
+    for source_key in (None, "donor", "reference_source"):
+        out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=100, source_key=source_key)
+        refs = out.uns["spatialcx_references"]
+        got = {name: dict(zip(e["cells_used"]["cell_types"], e["cells_used"]["n_cells"])) for name, e in refs.items()}
+        expected = pd.crosstab(out.obs["reference_source"], out.obs["original_label"])
+        assert got["A"] == {t: n for t, n in expected.loc["A"].items() if n}, source_key
+        assert got["B"] == {"mac": int(expected.loc["B", "mac"])} and sum(got["B"].values()) > 0, source_key
+    # no column names the references: no cells_used rather than zero cells (and none left from an earlier draw)
+    del adata.obs["reference_source"]
+    adata.uns["spatialcx_references"]["A"]["cells_used"] = {"cell_types": ["mac"], "n_cells": [1]}
+    out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=100, source_key="donor")
+    assert all("cells_used" not in e for e in out.uns["spatialcx_references"].values())
 
 
 def test_subsample_balanced_draw_does_not_depend_on_the_order_of_the_cells():

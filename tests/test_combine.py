@@ -152,6 +152,42 @@ def test_types_too_small_to_keep_take_no_share_of_max_cells_per_ref():
     assert kept.n_obs == 100 and kept.obs["original_label"].value_counts()["rare0"] == 3  # rare types kept whole
 
 
+def test_max_cells_per_ref_never_removes_a_type_that_has_enough_cells(caplog):
+    """Three types of 100 cells capped to 15 cells in all: 5 each, below min_cells_per_type=10, but not removed."""
+    ref = make_ref({"A": 100, "B": 100, "C": 100}, MOUSE_SYMBOLS)
+    x = ref.X.toarray()
+    x[ref.obs["label"].to_numpy() == "C", 0] = 0  # C: 100 cells, 5 read, some of them without counts
+    x[ref.obs["label"].to_numpy() == "C", 1:] = np.repeat([[0], [1]], 50, axis=0)
+    ref.X = sp.csr_matrix(x)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        out = scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS, max_cells_per_ref=15, min_cells_per_type=10)
+    counts = out.obs["original_label"].value_counts()
+    assert counts["A"] == counts["B"] == 5 and 0 < counts["C"] < 5
+    assert out.uns["spatialcx_combine"]["removed_types"] == []
+    assert "Removing" not in caplog.text
+    assert "max_cells_per_ref=15 leaves 3 cell types with fewer than min_cells_per_type=10 cells" in caplog.text
+    assert "'A' (5 of 100)" in caplog.text
+
+
+def test_target_proportions_of_a_type_removed_as_too_small_say_so():
+    a = make_ref({"T cell": 40, "NK cell": 6}, MOUSE_SYMBOLS)
+    b = make_ref({"T cell": 30, "B cell": 20}, MOUSE_SYMBOLS, prefix="d")
+    out = scx.pp.combine_references([a, b], "label", genes=MOUSE_SYMBOLS, min_cells_per_type=10)
+    with pytest.raises(
+        ValueError, match=r"names \['NK cell'\], which combine_references removed.*min_cells_per_type=10"
+    ):
+        scx.pp.subsample_balanced(out, "original_label", target_proportions={"NK cell": 0.2})
+    with pytest.raises(ValueError, match=r"names \['Mast cell'\], which are not among the cell types present"):
+        scx.pp.subsample_balanced(out, "original_label", target_proportions={"Mast cell": 0.2})
+
+
+def test_real_reference_capped_below_min_cells_per_type_keeps_its_types(shared_data):
+    path = shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad")
+    out = scx.pp.combine_references(path, "cell_type_author", max_cells_per_ref=100)  # 13 types of 69 to 100 cells
+    assert out.n_obs == 100 and out.obs["original_label"].nunique() == 13
+    assert out.obs["original_label"].value_counts().between(7, 8).all()
+
+
 def test_whole_number_labels_held_as_floats_read_as_integers():
     ref = make_ref({"1": 20, "2": 20}, MOUSE_SYMBOLS)
     ref.obs["label"] = ref.obs["label"].astype(float)

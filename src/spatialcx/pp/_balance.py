@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 SourceBalance = Literal["proportional", "equal"]
-TargetProportions = Mapping[str, float] | pd.Series | str | os.PathLike | None
+TargetProportions = Mapping[str, float] | pd.Series | pd.DataFrame | str | os.PathLike | None
 _TOL = 1e-6
 #: Key in ``.uns`` of the output of :func:`subsample_balanced` (parameters and the allocation table).
 BALANCE_UNS_KEY = "spatialcx_balance"
@@ -300,18 +300,40 @@ def cap_and_fill(
 # --------------------------------------------------------------------------------------------------------------------
 # Target proportions
 # --------------------------------------------------------------------------------------------------------------------
-def read_target_proportions(source: TargetProportions) -> dict[str, float] | None:
-    """Read target proportions from a mapping, a JSON file (``{"cell type": proportion}``) or a CSV file.
+def _table_proportions(table: pd.DataFrame, origin: str) -> dict[Any, Any]:
+    """``{cell type: proportion}`` from a table with exactly the columns ``cell_type`` and ``proportion``."""
+    if list(table.columns) != ["cell_type", "proportion"]:
+        raise ValueError(
+            f"target_proportions {origin} has columns {list(table.columns)}; it must have exactly the columns "
+            "cell_type,proportion (in this order)."
+        )
+    dup = table["cell_type"][table["cell_type"].duplicated()].tolist()
+    if dup:
+        raise ValueError(f"target_proportions {origin} lists {dup} more than once.")
+    return dict(zip(table["cell_type"], table["proportion"]))
 
-    The CSV must have the header ``cell_type,proportion``. Values must be numbers in ``[0, 1]``.
+
+def read_target_proportions(source: TargetProportions) -> dict[str, float] | None:
+    """Read target proportions from a mapping, a table, a JSON file (``{"cell type": proportion}``) or a CSV file.
+
+    A table (:class:`pandas.DataFrame`) or CSV file must have the columns ``cell_type,proportion``. Values must be
+    numbers in ``[0, 1]``.
     """
     if source is None:
         return None
     if isinstance(source, pd.Series):
         source = source.to_dict()
-    if isinstance(source, Mapping):
+    if isinstance(source, pd.DataFrame):
+        raw = _table_proportions(source, "table")
+        origin = "target_proportions"
+    elif isinstance(source, Mapping):
         raw = dict(source)
         origin = "target_proportions"
+    elif not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            f"target_proportions is a {type(source).__name__}; give a dict {{cell type: proportion}}, a pandas Series "
+            "or DataFrame (columns cell_type, proportion), or the path of a .json or .csv file."
+        )
     else:
         path = Path(source).expanduser()
         origin = str(path)
@@ -332,16 +354,7 @@ def read_target_proportions(source: TargetProportions) -> dict[str, float] | Non
                     'mapping cell types to proportions, e.g. {"T cell": 0.2}.'
                 )
         elif suffix == ".csv":
-            table = pd.read_csv(path, dtype={"cell_type": str})
-            if list(table.columns) != ["cell_type", "proportion"]:
-                raise ValueError(
-                    f"target_proportions file {origin!r} has columns {list(table.columns)}; it must have exactly the "
-                    "header cell_type,proportion."
-                )
-            dup = table["cell_type"][table["cell_type"].duplicated()].tolist()
-            if dup:
-                raise ValueError(f"target_proportions file {origin!r} lists {dup} more than once.")
-            raw = dict(zip(table["cell_type"], table["proportion"]))
+            raw = _table_proportions(pd.read_csv(path, dtype={"cell_type": str}), f"file {origin!r}")
         else:
             raise ValueError(
                 f"target_proportions file {origin!r} must end in .json or .csv (got {suffix or 'no suffix'!r})."
@@ -445,12 +458,12 @@ def subsample_balanced(
         ``"cell_type_ontology_term_id"`` so that "CD4+ T cells" and "CD4-positive, alpha-beta T cell" from two
         references form one group. Cells with no value there are grouped by their label.
     target_proportions
-        Wanted share of each type (or group) in the output: a dict, a JSON file or a CSV file with header
-        ``cell_type,proportion``. Resolved against the output size the cap alone gives; named types override the
-        cap; the others share the rest. Names must exist; proportions sum to at most 1 (to exactly 1 when all
-        types are named, and all types must be named when they sum to 1). When the cells available cannot give
-        the shares asked for (a named type has too few cells, or the other types cannot take up the rest), a
-        warning gives the shares obtained.
+        Wanted share of each type (or group) in the output: a dict, a JSON file, or a table (DataFrame or CSV
+        file) with the columns ``cell_type,proportion``. Resolved against the output size the cap alone gives;
+        named types override the cap; the others share the rest. Names must exist; proportions sum to at most 1 (to
+        exactly 1 when all types are named, and all types must be named when they sum to 1). When the cells
+        available cannot give the shares asked for (a named type has too few cells, or the other types cannot take
+        up the rest), a warning gives the shares obtained.
     random_state
         Seed of the draw.
 
@@ -462,7 +475,9 @@ def subsample_balanced(
     ``uns["spatialcx_balance"]`` records the parameters and the allocation table (``groups`` x ``sources``:
     ``available`` and ``drawn``); each entry of ``uns["spatialcx_references"]`` (a dict keyed by source name, as
     written by :func:`~spatialcx.pp.combine_references`) gets ``cells_used``: ``cell_types`` and ``n_cells``, the
-    cells drawn per ``label_key`` value.
+    cells drawn per ``label_key`` value. The reference of each cell is read from ``obs[source_key]``, or from
+    ``obs["reference_source"]`` when ``source_key`` is ``None`` or groups the cells otherwise (its values are not
+    the references' names).
     """
     from .._table import obs_column
 
@@ -504,16 +519,18 @@ def subsample_balanced(
         np.zeros((len(g_names), len(s_names)), dtype=np.int64), index=pd.Index(g_names), columns=pd.Index(s_names)
     )
     np.add.at(counts.values, (g_codes, s_codes), 1)
+    props = read_target_proportions(target_proportions) or {}
+    if group_by is None:
+        _check_not_removed(props, set(g_names), adata.uns.get("spatialcx_combine"))
     alloc = cap_and_fill(
         counts,
         max_cells_per_type=max_cells_per_type,
         min_cells_per_type=min_cells_per_type,
         source_balance=source_balance,
         min_cells_per_source=min_cells_per_source,
-        target_proportions=target_proportions,
+        target_proportions=props or None,
     )
 
-    props = read_target_proportions(target_proportions) or {}
     rng = np.random.default_rng(random_state)
     cell_key = g_codes.astype(np.int64) * len(s_names) + s_codes
     # within a group and source, cells are ordered by (a fixed hash of) their name before drawing, so that the same
@@ -542,7 +559,7 @@ def subsample_balanced(
 
         out = lazy_subset(adata, idx).to_memory()
     elif adata.isbacked:  # backed: read only the drawn cells
-        out = adata[idx].to_memory()
+        out = _backed_rows(adata, idx)
     else:
         out = adata[idx].copy()
     for col in {label_key, group_by, source_key} - {None}:
@@ -567,17 +584,80 @@ def subsample_balanced(
     }
     refs = out.uns.get(REFERENCES_UNS_KEY)
     if isinstance(refs, Mapping):
-        used = pd.crosstab(sources.iloc[idx].to_numpy(), labels.iloc[idx].to_numpy())
-        updated = {}
-        for ref_name, entry in refs.items():
-            entry = dict(entry)
-            name = str(entry.get("name", ref_name))
-            row = used.loc[name] if name in used.index else pd.Series(dtype=np.int64)
-            row = row[row > 0]
-            entry["cells_used"] = {"cell_types": [str(t) for t in row.index], "n_cells": row.astype(int).tolist()}
-            updated[ref_name] = entry
-        out.uns[REFERENCES_UNS_KEY] = updated
+        out.uns[REFERENCES_UNS_KEY] = _cells_used(adata, refs, labels, idx, sources, source_key, obs_names)
     logger.info(
         "Balanced subsample: %d of %d cells, %d groups, %d sources.", len(idx), adata.n_obs, len(g_names), len(s_names)
     )
     return out
+
+
+def _check_not_removed(props: Mapping[str, float], present: set[str], combine: Any) -> None:
+    """Raise a ValueError when target proportions name types that :func:`combine_references` removed as too small."""
+    removed = combine.get("removed_types") if isinstance(combine, Mapping) else None
+    if removed is None:
+        return
+    gone = [t for t in props if t not in present and t in {str(r) for r in removed}]
+    if gone:
+        raise ValueError(
+            f"target_proportions names {gone}, which combine_references removed: fewer than "
+            f"min_cells_per_type={combine.get('min_cells_per_type')} cells across the references. Leave them out of "
+            "target_proportions, or combine with a lower min_cells_per_type (or filter_min_cells=False) to keep them."
+        )
+
+
+def _backed_rows(adata: AnnData, idx: np.ndarray) -> AnnData:
+    """``adata[idx]`` of a backed AnnData in memory, reading only those cells, also when ``adata`` is a view.
+
+    anndata cannot index a view of a backed AnnData again ("cannot make a view of a view"): the view's parent is
+    indexed with the view's own rows and genes instead.
+    """
+    if not adata.is_view:
+        return adata[idx].to_memory()
+    parent = adata._adata_ref
+    rows = np.arange(parent.n_obs)[adata._oidx][idx]
+    return parent[rows, adata._vidx].to_memory()
+
+
+def _cells_used(
+    adata: AnnData,
+    refs: Mapping[str, Mapping],
+    labels: pd.Series,
+    idx: np.ndarray,
+    sources: pd.Series,
+    source_key: str | None,
+    obs_names: pd.Index,
+) -> dict[str, Any]:
+    """The provenance entries with ``cells_used``: the cells drawn from each reference, per label.
+
+    The reference of each cell is read from ``obs[source_key]``, or from the column ``combine_references`` wrote
+    (``reference_source``) when ``source_key`` is ``None`` or names another grouping (e.g. donors): the column whose
+    values are the entries' names. When no column names the references, ``cells_used`` is left out rather than
+    written as zero cells.
+    """
+    from .._table import obs_column
+
+    names = {str(entry.get("name", key)) if isinstance(entry, Mapping) else str(key) for key, entry in refs.items()}
+    column = None
+    columns = list(adata.obs.columns)
+    for key in dict.fromkeys(k for k in (source_key, SOURCE_KEY) if k is not None and k in columns):
+        values = sources if key == source_key else obs_column(adata, key).set_axis(obs_names)
+        if values.notna().all() and {str(v) for v in pd.unique(values)} <= names:
+            column = values.astype(str)
+            break
+    if column is None:
+        logger.info("No obs column names the references of uns[%r]: cells_used is not written.", REFERENCES_UNS_KEY)
+    used = None if column is None else pd.crosstab(column.iloc[idx].to_numpy(), labels.iloc[idx].to_numpy())
+    updated = {}
+    for ref_name, entry in refs.items():
+        if not isinstance(entry, Mapping):
+            updated[ref_name] = entry
+            continue
+        entry = dict(entry)
+        entry.pop("cells_used", None)  # from an earlier draw: it describes other cells
+        if used is not None:
+            name = str(entry.get("name", ref_name))
+            row = used.loc[name] if name in used.index else pd.Series(dtype=np.int64)
+            row = row[row > 0]
+            entry["cells_used"] = {"cell_types": [str(t) for t in row.index], "n_cells": row.astype(int).tolist()}
+        updated[ref_name] = entry
+    return updated

@@ -186,8 +186,9 @@ def combine_references(
        found in every reference, in panel order; too small an overlap raises a ValueError.
     3. Cells: at most ``max_cells_per_ref`` labelled cells, the largest types capped first so that rare types stay
        whole, drawn at random within a type.
-    4. Across references, types with fewer than ``min_cells_per_type`` cells are removed (``filter_min_cells=True``)
-       or kept with a warning.
+    4. Across references, types with fewer than ``min_cells_per_type`` labelled cells (counted before
+       ``max_cells_per_ref``, so a cap never removes a type) are removed (``filter_min_cells=True``) or kept with a
+       warning.
     5. Expression: the raw counts are located with the normalization detection (``layers["counts"]``,
        ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X``, ``X``); a reference with only verified log1p(10k)
        data is used through ``expm1`` of it (counts per 10,000, which normalize to the same values). Cells with no
@@ -215,7 +216,8 @@ def combine_references(
     exclude_labels
         Labels that are not cell types; ``[]`` keeps everything.
     min_cells_per_type
-        Fewest cells a type needs across references.
+        Fewest labelled cells a type needs across references (before ``max_cells_per_ref``; a warning names the
+        types that the cap leaves with fewer).
     filter_min_cells
         Remove types below ``min_cells_per_type`` (otherwise keep them with a warning).
     random_state
@@ -319,11 +321,12 @@ def combine_references(
             has_label = labels.notna().to_numpy()
             is_excluded = labels.astype(object).isin(list(excluded_set)).to_numpy() & has_label
             valids.append(has_label & ~is_excluded)
-        # types too small across all references, before capping: they must not take a share of max_cells_per_ref
+        # a type's size is its labelled cells across all references, before max_cells_per_ref caps them: a type of
+        # 100 cells capped to 8 is not too small. Types too small must not take a share of max_cells_per_ref either.
+        type_totals = pd.concat([h.labels[v] for h, v in zip(handles, valids)]).astype(str).value_counts()
         set_aside = pd.Series(dtype=np.int64)  # type -> its cells across references
         if filter_min_cells and min_cells_per_type > 1:
-            totals = pd.concat([h.labels[v] for h, v in zip(handles, valids)]).astype(str).value_counts()
-            set_aside = totals[totals < min_cells_per_type]
+            set_aside = type_totals[type_totals < min_cells_per_type]
         too_small = set(set_aside.index)
         for h, valid in zip(handles, valids):
             labels = h.labels
@@ -357,13 +360,13 @@ def combine_references(
             ]
         ).sort_values(ascending=False, kind="stable")
         _warn_case_variants(all_labels)
-        small = sorted(all_labels.index[all_labels < min_cells_per_type])
+        small = sorted(type_totals.index[type_totals < min_cells_per_type])
         if small and filter_min_cells:
             logger.warning(
                 "Removing %d cell types with fewer than %d cells across references: %s.",
                 len(small),
                 min_cells_per_type,
-                ", ".join(f"{t!r} ({all_labels[t]})" for t in small),
+                ", ".join(f"{t!r} ({type_totals[t]})" for t in small),
             )
             small_set = set(small)
             chosen = [c[~np.isin(h.labels.to_numpy()[c].astype(str), list(small_set))] for h, c in zip(handles, chosen)]
@@ -372,7 +375,19 @@ def combine_references(
                 "Keeping %d cell types with fewer than %d cells (filter_min_cells=False): %s.",
                 len(small),
                 min_cells_per_type,
-                ", ".join(f"{t!r} ({all_labels[t]})" for t in small),
+                ", ".join(f"{t!r} ({type_totals[t]})" for t in small),
+            )
+        chosen_sizes = all_labels.reindex(type_totals.index, fill_value=0)
+        capped = chosen_sizes[(chosen_sizes < min_cells_per_type) & (type_totals >= min_cells_per_type)]
+        if len(capped):
+            logger.warning(
+                "max_cells_per_ref=%s leaves %d cell types with fewer than min_cells_per_type=%d cells: %s. They are "
+                "kept; raise max_cells_per_ref to train on more of their cells.",
+                max_cells_per_ref,
+                len(capped),
+                min_cells_per_type,
+                ", ".join(f"{t!r} ({int(capped[t])} of {int(type_totals[t])})" for t in sorted(capped.index)[:10])
+                + (f" and {len(capped) - 10} more" if len(capped) > 10 else ""),
             )
 
         # expression ---------------------------------------------------------------------------------------------
@@ -406,8 +421,10 @@ def combine_references(
             )
         obs = pd.concat(obs_parts)
         if filter_min_cells:
-            sizes = obs[output_key].value_counts()
-            now_small = set(sizes.index[sizes < min_cells_per_type])
+            # cells with counts, plus the cells that max_cells_per_ref left unread (they may have counts)
+            read = obs[output_key].value_counts().reindex(type_totals.index, fill_value=0)
+            sizes = read + type_totals - chosen_sizes
+            now_small = set(sizes.index[sizes < min_cells_per_type]) & (set(obs[output_key]) - set(small))
             if now_small:
                 logger.warning(
                     "Removing %s: fewer than %d cells with counts over the shared genes.",
