@@ -421,6 +421,62 @@ def test_interstitial_macrophages_map_to_macrophage():
     assert (t["score"] >= 0.9).all()
 
 
+def test_precursor_prefixes_are_kept(index):
+    """A precursor is not the cell it becomes: "Pre-"/"Pro-" are never dropped to fall back to the mature type."""
+    got = ids(
+        ["Pre-adipocytes", "Pro-erythroblasts", "Pro-monocytes", "Pre-osteoblasts", "Pre-pDC", "Pro-megakaryocytes",
+         "Pre-cDC", "Pre-T", "Pro-B", "Pre-B", "Large pre-B"]
+    )  # fmt: skip
+    assert got == {
+        "Pre-adipocytes": "CL:0002334",  # preadipocyte, not adipocyte
+        "Pro-erythroblasts": "CL:0000547",  # proerythroblast, not erythroblast
+        "Pro-monocytes": "CL:0000559",  # promonocyte, not monocyte
+        "Pre-osteoblasts": "CL:0007010",  # preosteoblast, not osteoblast
+        "Pre-pDC": "unknown",  # not plasmacytoid dendritic cell
+        "Pro-megakaryocytes": "unknown",  # not megakaryocyte
+        "Pre-cDC": "unknown",  # not (conventional) dendritic cell
+        "Pre-T": "unknown",  # not T cell
+        "Pro-B": "CL:0000826",
+        "Pre-B": "CL:0000817",
+        "Large pre-B": "CL:0000817",
+    }
+    assert index.name("CL:0002334") == "preadipocyte" and index.name("CL:0000547") == "proerythroblast"
+
+
+def test_effector_memory_t_cells_are_memory_t_cells(index):
+    """CL's effector memory T cells are memory T cells, not "effector T cell" (which is not their ancestor)."""
+    got = ids(["Tem", "TEM", "Effector memory T cells", "CD8 TEM", "CD4 TEM", "Tcm", "Effector T"])
+    assert got == {
+        "Tem": "CL:0000813",
+        "TEM": "CL:0000813",
+        "Effector memory T cells": "CL:0000813",
+        "CD8 TEM": "CL:0000913",
+        "CD4 TEM": "CL:0000905",
+        "Tcm": "CL:0000813",
+        "Effector T": "CL:0000911",
+    }
+    for specific in ("CL:0000913", "CL:0000905"):
+        assert index.is_ancestor("CL:0000813", specific) and not index.is_ancestor("CL:0000911", specific)
+
+
+def test_collecting_duct_cells_are_kidney_collecting_duct_cells(index):
+    # not "duct epithelial cell", which is no ancestor of the kidney collecting duct cell
+    got = ids(["Collecting duct cells", "Collecting duct", "Collecting duct principal cells"])
+    assert got == dict.fromkeys(got, "CL:1001225")
+    assert not index.is_ancestor("CL:0000068", "CL:1001225")
+
+
+def test_on_and_off_retinal_cells_are_told_apart():
+    # "ON" is a word of these names, not a preposition: a label without it is not the ON subtype
+    got = ids(["Midget ganglion cells", "Parasol ganglion cells", "ON bipolar cells", "OFF midget ganglion cells"])
+    assert got == {
+        "Midget ganglion cells": "unknown",  # was "ON midget ganglion cell"
+        "Parasol ganglion cells": "unknown",  # was "ON parasol ganglion cell"
+        "ON bipolar cells": "CL:0000749",
+        "OFF midget ganglion cells": "CL:4033047",
+    }
+
+
 @pytest.mark.parametrize("values", [["0", "1", "2", "0"], [1, 2, 3, 1], [1.0, 2.0, np.nan, 1.0]])
 def test_cluster_numbers_as_labels_are_named_in_a_warning(values, caplog):
     adata = AnnData(np.zeros((4, 1)))
@@ -620,7 +676,7 @@ def test_add_ontology_ids_copy_keys_and_skip_if_exists():
     assert copy is not adata and {"ct_ontology_term_id", "ct_ontology_label"} <= set(copy.obs)
     assert "ct_ontology" in copy.uns
 
-    # keep existing valid CL ids (and their names); map only the other cells
+    # keep existing valid CL ids, named by the ontology (not by the stale or hand-written names there); map the rest
     adata.obs["cell_type_ontology_term_id"] = [
         "CL:0000084",
         "not-an-id",
@@ -636,8 +692,9 @@ def test_add_ontology_ids_copy_keys_and_skip_if_exists():
         "CL:0000084", "CL:0000624", "CL:0000235", "CL:0000236", "unknown", "CL:0000084", "CL:0002399",
     ]  # fmt: skip
     assert adata.obs["cell_type_ontology_label"].tolist()[:4] == [
-        "my T", "CD4-positive, alpha-beta T cell", "macrophage", "B cell",
+        "T cell", "CD4-positive, alpha-beta T cell", "macrophage", "B cell",
     ]  # fmt: skip
+    assert "my T" not in adata.obs["cell_type_ontology_label"].cat.categories
     assert adata.uns["cell_type_ontology"]["params"]["n_cells_kept"] == 3
     scx.tl.add_ontology_ids(adata, "author")  # without skip_if_exists: everything is mapped again
     assert adata.obs["cell_type_ontology_term_id"].tolist()[0] == "CL:0000624"
@@ -692,7 +749,7 @@ def test_add_ontology_ids_works_per_distinct_value(monkeypatch):
     expected = pd.Series(obs["author"].astype(str)).map(mapping.to_dict()).to_numpy()
     kept = np.isin(old, ["CL:0000084", "CL:0000236"])
     assert (got[kept] == old[kept]).all() and (got[~kept] == expected[~kept]).all()
-    assert (names[old == "CL:0000084"] == "my T").all() and (names[old == "CL:0000236"] == "B cell").all()
+    assert (names[old == "CL:0000084"] == "T cell").all() and (names[old == "CL:0000236"] == "B cell").all()
     assert set(names[~kept]) <= {"CD4-positive, alpha-beta T cell", "macrophage", "unknown", "oligodendrocyte",
                                  "CD1c-positive myeloid dendritic cell"}  # fmt: skip
     assert isinstance(obs["cell_type_ontology_term_id"].dtype, pd.CategoricalDtype)
@@ -733,12 +790,16 @@ def test_add_ontology_ids_on_real_author_labels(shared_data):
     assert by_label["Smc"] == "CL:0000192"
     assert by_label["VIP"] == "CL:4023016"
     assert by_label["SST"] == "CL:4023017"
-    for label in ("eL2/3", "eL5-1", "L5-1", "Lhx6", "NPY", "Reln"):  # kept as they are, with "unknown"
+    for label in ("eL2/3", "eL5-2", "eL5-3", "eL6-1", "eL6-2"):  # excitatory neurons of a layer (STARmap's names)
+        assert by_label[label] == "CL:0000679"
+    for label in ("L5-1", "Lhx6", "NPY", "Reln"):  # kept as they are, with "unknown"
         assert by_label.get(label, "unknown") == "unknown"
     assert "NA" not in by_label or by_label["NA"] == "unknown"
     ids_ = adata.obs["cell_type_ontology_term_id"]
     astro = (adata.obs["cell_type_author"] == "Astro").to_numpy()
     assert (ids_[astro] == "CL:0000127").all() and astro.sum() == 240
+    excitatory = adata.obs["cell_type_author"].astype(str).str.startswith("eL").to_numpy()
+    assert (ids_[excitatory] == "CL:0000679").all() and excitatory.sum() == 1826
 
 
 def test_unmappable_classes_keep_their_names():

@@ -61,13 +61,17 @@ SCORE_CANONICAL = 0.9
 SCORE_TOKEN = 0.85
 SCORE_SIMILARITY = 0.7
 
-STOP = frozenset({"cell", "of", "the", "and", "in", "or", "from", "to", "with", "for", "by", "on", "at"})
+STOP = frozenset({"cell", "of", "the", "and", "in", "or", "from", "to", "with", "for", "by", "at"})
 _KIND_PRIORITY = {"user": 0, "alias": 1, "label": 2, "synonym": 3, "obsolete": 4}
 _TAXON_RE = re.compile(r"\((?:mmus|primate|homo sapiens|sensu [^)]*|metazoa)\)\s*$", re.I)
 _ID_RE = re.compile(r"\s*CL[:_](\d{7})\s*")
 _BARE_CD_RE = re.compile(r"cd\d+(?!\d)(?!hi$|lo$)[a-z]{0,2}")
 _NUMBERED = frozenset({"type", "group", "class", "layer", "stage", "grade", "phase", "fraction", "helper", "subset"})
 _ADJ_SUFFIXES = ("al", "ar", "ic", "ous", "ive", "ary", "ory")
+#: Nouns with an adjective's ending: "memory" says what a T or B cell is, it does not only qualify it.
+_NOT_ADJECTIVES = frozenset({"memory"})
+#: Prefixes glued to the next word when the ontology knows the glued word ("Pre-adipocytes" -> preadipocyte).
+_PREFIXES = frozenset({"pre", "pro"})
 _LOCATION = frozenset(
     {"gland", "tissue", "region", "zone", "area", "layer", "tract", "mucosa", "niche", "wall", "side"}
 )
@@ -277,7 +281,7 @@ class LabelMatcher:
             return 2.0
         if token in self.heads:
             return 1.0
-        if token in _LOCATION or (len(token) >= 5 and token.endswith(_ADJ_SUFFIXES)):
+        if token in _LOCATION or (len(token) >= 5 and token.endswith(_ADJ_SUFFIXES) and token not in _NOT_ADJECTIVES):
             return 0.5
         if token not in self.idf:
             if token in gene_symbols():
@@ -301,10 +305,10 @@ class LabelMatcher:
         return ranked[0][1]
 
     def canonical(self, norm: str) -> str:
-        """Expand abbreviations, apply the rewrites, sign bare CD markers and add implied words."""
+        """Glue prefixes, expand abbreviations, apply the rewrites, sign bare CD markers and add implied words."""
         p = self.patterns
         abbreviations = p.abbreviations
-        s = " ".join(_expand(t, abbreviations) for t in norm.split())
+        s = " ".join(_expand(t, abbreviations) for t in self._glue_prefixes(norm.split()))
         if self._any_rewrite.search(s):
             for rx, repl, _ in p.rewrites:
                 s = rx.sub(repl, s)
@@ -318,6 +322,20 @@ class LabelMatcher:
             ):
                 tokens.extend(t for t in rule["add"] if t not in present)
         return " ".join(tokens)
+
+    def _glue_prefixes(self, tokens: list[str]) -> list[str]:
+        """Join ``pre``/``pro`` to the next word when the ontology has the joined word (``pro erythroblast``)."""
+        out: list[str] = []
+        i = 0
+        while i < len(tokens):
+            t = tokens[i]
+            if t in _PREFIXES and i + 1 < len(tokens) and t + tokens[i + 1] in self.idf:
+                out.append(t + tokens[i + 1])
+                i += 2
+            else:
+                out.append(t)
+                i += 1
+        return out
 
     @staticmethod
     def _strip_number(s: str) -> str:

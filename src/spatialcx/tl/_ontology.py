@@ -317,8 +317,8 @@ def add_ontology_ids(
         obs column for the CL names; default ``target_key`` with ``_term_id`` replaced by ``_label``
         (``cell_type_ontology_label``).
     skip_if_exists
-        Keep the ids already in ``obs[target_key]`` where they are current CL ids (and their names in
-        ``obs[label_key]``); map only the other cells.
+        Keep the ids already in ``obs[target_key]`` where they are current CL ids (``obs[label_key]`` gets their
+        canonical CL names); map only the other cells.
     index
         The Cell Ontology index or user entries that extend it; see :func:`map_labels`. A user file is a CSV/TSV
         with the columns ``label`` and ``ontology_term_id``, or a JSON object ``{label: CL id}``.
@@ -389,20 +389,12 @@ def add_ontology_ids(
     pair_names = [names_by_label.get(label, unknown) for label in labels] + [unknown]
     pair_of_cell = np.where(codes >= 0, codes, len(labels))
     if keep.any():
-        # cells that keep their id: one more pair per distinct (old id, old name)
-        if label_key in adata.obs.columns:
-            name_codes, old_names = _factorize(obs_column(adata, label_key))
-        else:
-            name_codes, old_names = np.full(adata.n_obs, -1), []
-        combo = old_id_codes[keep].astype(np.int64) * (len(old_names) + 1) + np.where(  # type: ignore[index]
-            name_codes[keep] >= 0, name_codes[keep], len(old_names)
-        )
-        inverse, combos = pd.factorize(combo)
-        for c in combos.tolist():
-            term, name_code = divmod(c, len(old_names) + 1)
-            given = old_names[name_code] if name_code < len(old_names) else ""
-            pair_ids.append(old_ids[term])  # type: ignore[index]
-            pair_names.append(given if given else idx.name(old_ids[term]))  # type: ignore[index]
+        # cells that keep their id: one more pair per distinct old id, named by the ontology (the CELLxGENE label
+        # column holds the canonical CL name of the id, never a name written earlier or by hand)
+        inverse, kept = pd.factorize(old_id_codes[keep])  # type: ignore[index]
+        for code in kept.tolist():
+            pair_ids.append(old_ids[code])  # type: ignore[index]
+            pair_names.append(idx.name(old_ids[code]))  # type: ignore[index]
         pair_of_cell[keep] = len(labels) + 1 + inverse
     ids = _categorical(pair_ids, pair_of_cell)
     names = _categorical(pair_names, pair_of_cell)
