@@ -52,6 +52,15 @@ def test_train_needs_a_quarter_of_the_panel_as_annotate_does(caplog):
     assert "20 of 80 panel genes found in the reference" in caplog.text and "Other0" in caplog.text
 
 
+def test_annotate_with_too_few_shared_genes_points_to_train_and_predict():
+    """The hint to train on the shared genes names the functions that take them: annotate has no genes argument."""
+    ref = _data(n=300, seed=1)
+    query = _data(n=50, g=81, seed=2)
+    query.var_names = [f"G{i}" for i in range(20)] + [f"Other{i}" for i in range(61)]  # 20 of 81: under a quarter
+    with pytest.raises(ValueError, match=r"genes=\[\.\.\.\] to scx.tl.train.*then scx.tl.predict.*annotate always"):
+        scx.tl.annotate(query, ref, label_keys="label", plots=False, add_ontology=False)
+
+
 def test_train_gene_floor_is_annotates_for_small_panels():
     ref = _data(n=300, seed=1)
     small = [f"G{i}" for i in range(6)] + [f"Other{i}" for i in range(6)]  # 6 of 12: half a small panel is enough

@@ -338,5 +338,6 @@ def check_overlap(
         f"needed to train a useful model. Missing e.g. {list(missing_example)[:5]}. Check that the references and the "
         "panel are the same species, that Ensembl-indexed references have var['feature_name'] or are human/mouse, "
         "and that the panel holds gene symbols. To train on the shared genes all the same (a model that sees only "
-        "that part of the panel), pass them as the panel: genes=[...]."
+        "that part of the panel), pass them as the panel: genes=[...] to scx.tl.train (or scx.pp.combine_references), "
+        "then scx.tl.predict; scx.tl.annotate always trains on the whole panel."
     )
