@@ -601,8 +601,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # zarr's notice about a future default is not actionable for users of the command
     warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
-    # docstring-template notices from a dependency's import, not about the user's data
-    warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
     verbose = args.verbose + getattr(args, "verbose_after", 0)
     scx.settings.verbosity = min(1 + verbose, 3)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
