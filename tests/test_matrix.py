@@ -81,8 +81,11 @@ def test_backed_csc_blocks_of_varying_sizes_across_windows(tmp_path, monkeypatch
     _assert_same(reader.rows(20, 40), x[20:40])  # out of order: read by a pass over the columns
 
 
-def test_backed_csc_unsorted_rows_within_columns(tmp_path):
+@pytest.mark.parametrize("pass_values", [None, 300])
+def test_backed_csc_unsorted_rows_within_columns(tmp_path, monkeypatch, count_reads, pass_values):
     x = _counts()
+    if pass_values is not None:  # windows of a few blocks, each read by one pass over the matrix
+        monkeypatch.setattr(_matrix, "_CSC_PASS", pass_values)
     csc = x.tocsc()
     for c in range(csc.shape[1]):  # reverse the rows within each column (still a valid CSC matrix)
         a, b = csc.indptr[c], csc.indptr[c + 1]
@@ -91,8 +94,12 @@ def test_backed_csc_unsorted_rows_within_columns(tmp_path):
     csc.has_sorted_indices = False
     backed = _backed(tmp_path, csc)
     assert (np.diff(backed.X.group["indices"][:50]) < 0).any()
-    for start, stop, block in iter_row_blocks(backed.X, 45):
+    count_reads.update(data=0, indices=0)
+    blocks = list(iter_row_blocks(backed.X, 45))
+    for start, stop, block in blocks:
         _assert_same(block, x[start:stop])
+    n_windows = 1 if pass_values is None else -(-x.nnz // pass_values)
+    assert count_reads["indices"] <= (n_windows + 1) * x.nnz  # a pass per window (and the check), not per block
 
 
 @pytest.mark.parametrize("unsorted", [False, True])
@@ -256,3 +263,149 @@ def test_gene_indices_refuses_only_repeated_names_that_are_asked_for():
         _matrix.gene_indices(names, ["A", "dup"])
     with pytest.raises(KeyError, match="not in the table"):
         _matrix.gene_indices(["dup", "dup"], ["A"])
+
+
+# ---------------------------------------------------------------- lazy arrays over CSC matrices on disk
+
+
+def _no_dask_compute(*args, **kwargs):
+    raise AssertionError("a block of rows was computed through dask (whole columns) instead of read from the file")
+
+
+def _lazy_csc(tmp_path, fmt: str, x: sparse.csr_matrix | None = None, **layers):
+    x = _counts() if x is None else x
+    table = ad.AnnData(X=x.tocsc(), layers={k: v.tocsc() for k, v in layers.items()})
+    table.obs_names = [f"c{i}" for i in range(x.shape[0])]
+    table.var_names = [f"g{i}" for i in range(x.shape[1])]
+    path = tmp_path / f"x.{fmt}"
+    table.write_h5ad(path) if fmt == "h5ad" else table.write_zarr(path)
+    return ad.experimental.read_lazy(path), table
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+@pytest.mark.parametrize("chunk", [1, 64, 300])
+def test_lazy_csc_row_blocks_are_read_from_the_file(tmp_path, fmt, chunk):
+    """anndata's lazy CSC arrays chunk by columns (every row in each chunk): blocks are read from the file instead."""
+    import dask
+
+    lazy, table = _lazy_csc(tmp_path, fmt)
+    assert len(lazy.X.chunks[0]) == 1  # dask would load whole columns for every block of rows
+    x = sparse.csr_matrix(table.X)
+    with dask.config.set(scheduler=_no_dask_compute):
+        blocks = list(iter_row_blocks(lazy.X, chunk))
+        assert [(s, e) for s, e, _ in blocks] == [(s, min(s + chunk, 300)) for s in range(0, 300, chunk)]
+        for start, stop, block in blocks:
+            _assert_same(block, x[start:stop])
+        for start, stop in [(0, 300), (37, 120), (299, 300), (10, 10)]:
+            _assert_same(read_rows(lazy.X, start, stop), x[start:stop])
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+@pytest.mark.parametrize(
+    "index",
+    [
+        (slice(40, 260), slice(None)),  # a range of cells
+        (slice(3, 290, 7), slice(5, 30)),  # every 7th cell, a range of genes
+        (
+            np.sort(np.random.default_rng(0).choice(300, 120, replace=False)),
+            np.array([30, 2, 17, 9]),
+        ),  # genes reordered
+        (np.array([250, 3, 3, 120, 0]), slice(None)),  # cells out of order and twice
+        (np.arange(300) % 4 == 1, np.arange(40) % 3 == 0),  # masks
+        (7, slice(None)),  # one cell
+        (slice(0, 0), slice(None)),  # no cell
+    ],
+)
+def test_views_of_lazy_csc_tables_are_read_from_the_file(tmp_path, fmt, index):
+    import dask
+
+    x = _counts()
+    lazy, table = _lazy_csc(tmp_path, fmt, x, counts=x * 2)
+    view, expected = lazy[index], table[index]
+    for got_matrix, want_matrix in ((view.X, expected.X), (view.layers["counts"], expected.layers["counts"])):
+        assert _matrix._stored_csc(got_matrix) is not None
+        want = sparse.csr_matrix(want_matrix)
+        with dask.config.set(scheduler=_no_dask_compute):
+            blocks = [block for _, _, block in iter_row_blocks(got_matrix, 50)]
+            got = sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix(want.shape, dtype=want.dtype)
+            _assert_same(got, want)
+            if want.shape[0] >= 3:
+                _assert_same(read_rows(got_matrix, 1, 3), want[1:3])
+    # a view of a view is a view of the table
+    inner = lazy[10:200][::3, 1:9]
+    _assert_same(sparse.vstack([b for *_, b in iter_row_blocks(inner.X, 16)], format="csr"), x[10:200:3, 1:9])
+
+
+def test_other_dask_arrays_are_read_through_dask_as_before(tmp_path):
+    """Arrays computed from a lazy table, or made by the user, are not taken for the file: dask computes them."""
+    import dask.array as da
+
+    x = _counts()
+    lazy, _ = _lazy_csc(tmp_path, "h5ad", x)
+    doubled = lazy.X * 2
+    from_user = da.from_array(x.tocsc(), chunks=(300, 16))
+    for array, want in ((doubled, x * 2), (from_user, x), (lazy.X.rechunk((100, 40)), x)):
+        assert _matrix._stored_csc(array) is None
+        got = sparse.vstack([b for *_, b in iter_row_blocks(array, 64)], format="csr")
+        np.testing.assert_array_equal(got.toarray(), want.toarray())
+
+
+def test_a_view_whose_values_were_replaced_is_not_read_from_the_file(tmp_path):
+    lazy, _ = _lazy_csc(tmp_path, "h5ad")
+    view = lazy[5:50]
+    other = lazy.X[6:51]  # not the view's subset: a different dask name
+    assert _matrix._stored_csc(view.X) is not None
+    assert _matrix._stored_csc(other) is None
+
+
+def test_compressed_chunked_csc_blocks_are_cut_from_passes_over_the_matrix(tmp_path, monkeypatch):
+    """In zarr every read decodes whole chunks: a window is read by one pass in large pieces, not column by column."""
+    import zarr
+
+    x = sparse.random(2000, 60, density=0.3, format="csr", random_state=3, dtype=np.float32)
+    backed_zarr = tmp_path / "x.zarr"
+    ad.AnnData(X=x.tocsc()).write_zarr(backed_zarr)
+    csc = ad.io.sparse_dataset(zarr.open_group(backed_zarr, mode="r")["X"])
+    monkeypatch.setattr(_matrix, "_CSC_GAP", 0)  # column pieces are never merged: one read per column otherwise
+    monkeypatch.setattr(_matrix, "_CSC_AHEAD", 1)
+    monkeypatch.setattr(_matrix, "_CSC_PASS", x.nnz // 4)  # windows of a quarter of the matrix
+    reads = {"n": 0}
+    original = zarr.Array.__getitem__
+
+    def counting(self, key):
+        if self.path.endswith("data"):
+            reads["n"] += 1
+        return original(self, key)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", counting)
+    blocks = list(iter_row_blocks(csc, 100))
+    _assert_same(sparse.vstack([b for *_, b in blocks], format="csr"), x)
+    assert reads["n"] <= 5  # one piece per window (4 or 5 windows), not one per column (60 per window)
+
+
+def test_gzip_compressed_backed_csc_blocks_equal_in_memory_rows(tmp_path, monkeypatch):
+    x = _counts()
+    ad.AnnData(X=x.tocsc()).write_h5ad(tmp_path / "x.h5ad", compression="gzip")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    assert _matrix._small_reads_decode_chunks(backed.X.group["data"])
+    monkeypatch.setattr(_matrix, "_CSC_PASS", 500)
+    for start, stop, block in iter_row_blocks(backed.X, 32):
+        _assert_same(block, x[start:stop])
+
+
+@pytest.mark.parametrize("where", ["backed", "lazy", "lazy view"])
+def test_rows_on_disk_reads_any_rows_of_a_csc_matrix_on_disk(tmp_path, where):
+    import dask
+
+    x = _counts()
+    lazy, table = _lazy_csc(tmp_path, "h5ad", x)
+    if where == "backed":
+        matrix, want = ad.read_h5ad(tmp_path / "x.h5ad", backed="r").X, x
+    elif where == "lazy":
+        matrix, want = lazy.X, x
+    else:
+        matrix, want = lazy[20:250, [4, 1, 8]].X, x[20:250][:, [4, 1, 8]]
+    rows = np.array([100, 3, 57, 3, 0])
+    with dask.config.set(scheduler=_no_dask_compute):
+        _assert_same(_matrix.rows_on_disk(matrix, rows), sparse.csr_matrix(want[rows]))
+    assert _matrix.rows_on_disk(x, rows) is None  # in memory: not its business

@@ -350,6 +350,26 @@ def test_backed_csc_is_read_by_column_blocks(tmp_path, counts, monkeypatch):
     assert status.stats == scx.pp.normalization_status(adata_of(sparse.csr_matrix(log1p_norm(c, 1e4)))).stats
 
 
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_lazy_csc_sample_is_read_from_the_file(tmp_path, suffix):
+    """anndata's lazy CSC array has one chunk of all rows per column block: the sampled rows are read from the file,
+    never computed through dask (which would load whole columns: the whole table)."""
+    import dask
+
+    def no_dask_compute(*args, **kwargs):
+        raise AssertionError("computed through dask")
+
+    c = make_counts(3000, 40, seed=6)
+    path = tmp_path / f"csc{suffix}"
+    a = adata_of(sparse.csc_matrix(c))
+    a.write_h5ad(path) if suffix == ".h5ad" else a.write_zarr(path)
+    lazy = ad.experimental.read_lazy(path)
+    with dask.config.set(scheduler=no_dask_compute):
+        status = scx.pp.normalization_status(lazy)
+    assert status.x_state == "raw"
+    assert status.stats == scx.pp.normalization_status(adata_of(sparse.csr_matrix(c))).stats
+
+
 @pytest.mark.parametrize("fmt", ["dense", "csr"])
 def test_backed_h5ad(tmp_path, counts, fmt, monkeypatch):
     from anndata._core.sparse_dataset import BaseCompressedSparseDataset

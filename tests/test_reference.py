@@ -430,3 +430,82 @@ def test_lazy_subset_of_read_lazy_matches_anndata(tmp_path, fmt):
     np.testing.assert_array_equal(got.obsm["spatial"], want.obsm["spatial"])
     # rows out of order are left to anndata
     assert not _reference.lazy_subset(lazy, rows[::-1]).X.name.startswith("spatialcx-csr-")
+
+
+def _no_dask_compute(*args, **kwargs):
+    raise AssertionError("computed through dask (whole columns of the file) instead of read from the file")
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_read_reference_of_a_csc_file_reads_only_the_chosen_genes(tmp_path, fmt, monkeypatch):
+    """A CSC reference subset by genes and max_cells reads the chosen genes' columns, not blocks of 1,000 columns."""
+    import dask
+
+    ref = make_reference(n=400, n_genes=40)
+    ref.X = sp.csc_matrix(ref.X.astype(np.int32))
+    ref.layers["counts"] = ref.X.copy()
+    path = tmp_path / f"r.{fmt}"
+    ref.write_h5ad(path) if fmt == "h5ad" else ref.write_zarr(path)
+    truth = sp.csr_matrix(ref.X)
+    read_cols = []
+    real = _reference._read_csr_chunk
+
+    def counting(source, block_info=None):
+        out = real(source, block_info)
+        read_cols.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(_reference, "_read_csr_chunk", counting)
+    genes = ["Gene7", "Gene2", "Gene30"]
+    lazy = scx.io.read_reference(path, label_key="cell_type", genes=genes, max_cells=100, random_state=3)
+    assert lazy.X.name.startswith("spatialcx-csc-") and lazy.layers["counts"].name.startswith("spatialcx-csc-")
+    rows = ref.obs_names.get_indexer(lazy.obs_names)
+    want = truth[rows][:, [7, 2, 30]].toarray()
+    mem = lazy.to_memory()
+    assert mem.X.dtype == np.int32 and sum(read_cols) == 6  # X and the layer: 3 genes each
+    np.testing.assert_array_equal(mem.X.toarray(), want)
+    np.testing.assert_array_equal(mem.layers["counts"].toarray(), want)
+    assert list(mem.var_names) == genes
+    # blocks of rows (training, scoring) and combine_references' reads come from the file, not through dask
+    from spatialcx._matrix import iter_row_blocks
+
+    with dask.config.set(scheduler=_no_dask_compute):
+        blocks = [b for _, _, b in iter_row_blocks(lazy.X, 16)]
+        np.testing.assert_array_equal(sp.vstack(blocks).toarray(), want)
+        sub = lazy[20:80:2, [2, 0]]
+        np.testing.assert_array_equal(
+            sp.vstack([b for _, _, b in iter_row_blocks(sub.X, 7)]).toarray(), want[20:80:2][:, [2, 0]]
+        )
+    with open_reference(lazy, "cell_type") as h, dask.config.set(scheduler=_no_dask_compute):
+        got = h.read(np.array([50, 3]), np.array([2, 0]))
+    np.testing.assert_array_equal(got.toarray(), want[[50, 3]][:, [2, 0]])
+    with open_reference(ad.experimental.read_lazy(path)[::3, [5, 1]], "cell_type") as h:
+        with dask.config.set(scheduler=_no_dask_compute):
+            got = h.read(np.array([9, 0, 4]), np.array([1, 0]))
+    np.testing.assert_array_equal(got.toarray(), truth[::3][[9, 0, 4]][:, [1, 5]].toarray())
+
+
+def test_read_reference_rejects_nan_max_cells(tmp_path):
+    make_reference().write_h5ad(tmp_path / "r.h5ad")
+    with pytest.raises(ValueError, match="max_cells is NaN"):  # was "cannot convert float NaN to integer"
+        scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=float("nan"))
+
+
+def test_read_reference_keeps_a_gene_asked_for_twice_once(tmp_path, caplog):
+    make_reference().write_h5ad(tmp_path / "r.h5ad")
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        lazy = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", genes=["Gene3", "Gene1", "Gene3"])
+    assert list(lazy.var_names) == ["Gene3", "Gene1"]
+    assert "1 genes are asked for more than once (e.g. 'Gene3'); each is kept once" in caplog.text
+    assert "not in the reference" not in caplog.text  # it was said to be missing
+    assert lazy.uns["spatialcx_reference"]["n_genes_requested"] == 2
+
+
+def test_read_reference_max_cells_without_any_cell_type_says_why(tmp_path):
+    ref = make_reference(n=60, sizes=(40, 20))
+    ref.obs["cell_type"] = pd.Categorical(np.where(np.arange(60) < 40, "Unknown", None))
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    with pytest.raises(ValueError, match=r"of its 60 cells, 20 have no label in obs\['cell_type'\] and the other 40 "):
+        scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=10)  # was: 0 cells, silently
+    lazy = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=10, exclude_labels=())
+    assert lazy.n_obs == 10

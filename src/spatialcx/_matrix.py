@@ -5,7 +5,11 @@ Everything here reads a matrix a block of rows at a time, so memory stays O(chun
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -13,7 +17,7 @@ import pandas as pd
 from scipy import sparse
 
 from ._constants import TARGET_SUM
-from ._settings import settings
+from ._settings import logger, settings
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -57,6 +61,12 @@ def read_rows(x: Any, start: int, stop: int) -> np.ndarray | sparse.csr_matrix:
     if sparse.issparse(x):
         block = x[start:stop]
         return block.tocsr() if not isinstance(block, sparse.csr_matrix) else block
+    stored = _stored_csc(x)
+    if stored is not None:  # a lazy array over a CSC matrix on disk: its dask chunks hold every row
+        if stop <= start:
+            return sparse.csr_matrix((0, x.shape[1]), dtype=x.dtype)
+        with stored.open() as reader:
+            return next(stored.blocks(reader, start, stop, stop - start))[2]
     if is_dask(x):
         block = x[start:stop].compute()
         return read_rows(block, 0, block.shape[0])
@@ -77,6 +87,11 @@ def iter_row_blocks(x: Any, chunk_size: int) -> Iterator[tuple[int, int, np.ndar
     if sparse.issparse(x) and not isinstance(x, sparse.csr_matrix | sparse.csr_array):
         # row slicing of CSC/COO is slow; convert once (the matrix is already in memory)
         x = sparse.csr_matrix(x)
+    stored = _stored_csc(x)
+    if stored is not None:  # a lazy array over a CSC matrix on disk: its dask chunks hold every row
+        with stored.open(read_ahead=True) as csc:
+            yield from stored.blocks(csc, 0, n, chunk_size)
+        return
     reader = _BackedCSCRows(x, read_ahead=True) if _is_backed_csc(x) else None
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
@@ -93,6 +108,9 @@ _CSC_BLOCK = 1 << 20
 _CSC_AHEAD = 1 << 19
 #: Neighbouring pieces of columns closer than this many stored values are read in one piece instead of two.
 _CSC_GAP = 4096
+#: About how many stored values a window holds when it is read by a pass over the matrix (read ahead; see
+#: :class:`_BackedCSCRows`): each pass decodes the whole matrix, so a window holds many blocks.
+_CSC_PASS = 1 << 21
 
 
 def _is_backed_csc(x: Any) -> bool:
@@ -111,6 +129,11 @@ class _BackedCSCRows:
     per column if more (fewer reads); without, it is the block asked for. Otherwise (rows not sorted within a
     column, or a block that does not start where the previous one stopped) the columns are read a batch at a time
     and the rows wanted are kept: one pass over the matrix per block, in bounded memory all the same.
+
+    In compressed chunked storage (zarr, compressed HDF5) every read decodes whole chunks, so reading each column's
+    piece of a window on its own would decode the matrix many times per window. There, and when the rows are not
+    sorted within a column, blocks asked for in order with ``read_ahead`` are cut from windows of about
+    :data:`_CSC_PASS` stored values (at least the block), each read by one pass over the columns in large pieces.
     """
 
     def __init__(self, x: Any, *, read_ahead: bool):
@@ -121,6 +144,7 @@ class _BackedCSCRows:
         self.shape = (int(x.shape[0]), int(x.shape[1]))
         self.read_ahead = read_ahead
         self._sorted: bool | None = None
+        self._compressed = _small_reads_decode_chunks(self.data) or _small_reads_decode_chunks(self.indices)
         self._pos = self.indptr[:-1].copy()  # per column: its first stored value of a row >= self._next
         self._window: sparse.csr_matrix | None = None  # rows self._w0:self._next
         self._w0 = self._next = 0
@@ -131,18 +155,23 @@ class _BackedCSCRows:
         if stop <= start:
             return sparse.csr_matrix((0, self.shape[1]), dtype=self.data.dtype)
         if start == self._at:
-            if self._sorted is None:
+            if self._sorted is None and not (self.read_ahead and self._compressed):
                 self._sorted = self._rows_sorted()
-            if self._sorted:
+            by_pass = self.read_ahead and (self._compressed or not self._sorted)  # windows read by passes
+            if by_pass or self._sorted:
                 pieces = []
                 while start < stop:
                     if start >= self._next:  # the window is used up: read the next one
                         size = stop - start
                         if self.read_ahead:
-                            ahead = max(_CSC_AHEAD, 256 * self.shape[1]) * self.shape[0]
-                            size *= max(1, ahead // max(int(self.indptr[-1]), 1) // size)
+                            ahead = _CSC_PASS if by_pass else max(_CSC_AHEAD, 256 * self.shape[1])
+                            size *= max(1, ahead * self.shape[0] // max(int(self.indptr[-1]), 1) // size)
+                        end = min(start + size, self.shape[0])
                         self._window = None
-                        self._window = self._next_rows(start, min(start + size, self.shape[0]))
+                        if by_pass:
+                            self._window, self._next = self._scan(start, end), end
+                        else:
+                            self._window = self._next_rows(start, end)
                         self._w0 = start
                     end = min(stop, self._next)
                     pieces.append(self._window[start - self._w0 : end - self._w0])  # a copy: frees the window
@@ -248,6 +277,13 @@ class _BackedCSCRows:
         return self._csr(rows.size, counts, new_rows, data)
 
 
+def _small_reads_decode_chunks(array: Any) -> bool:
+    """Whether every read of ``array`` decodes whole chunks (zarr; HDF5 with a compression or other filter)."""
+    if type(array).__module__.startswith("zarr"):
+        return True
+    return getattr(array, "compression", None) is not None or bool(getattr(array, "_filters", None))
+
+
 def _read_spans(array: Any, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``concatenate([array[l:h] for l, h in zip(lo, hi)])`` for increasing, non-overlapping spans of a 1-D array.
 
@@ -277,6 +313,217 @@ def _read_spans(array: Any, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
             pieces.append(piece)
         i = j
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=array.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lazy arrays over a CSC matrix on disk (anndata.experimental.read_lazy, and AnnData views of them)
+# --------------------------------------------------------------------------------------------------------------------
+class _CSCGroup:
+    """A CSC matrix's ``data`` / ``indices`` / ``indptr`` group, as :class:`_BackedCSCRows` reads it."""
+
+    format = "csc"
+
+    def __init__(self, group: Any, shape: tuple[int, int]):
+        self.group = group
+        self.shape = shape
+
+
+class _StoredCSC:
+    """Rows ``rows`` x columns ``cols`` (positions; ``None``: all, in order) of a CSC matrix in an HDF5 or zarr store.
+
+    ``where`` is the HDF5 file's path (opened anew by :meth:`open`) or anndata's dataset of a zarr group; ``elem`` is
+    the matrix's name in the file; ``shape`` the stored matrix's.
+    """
+
+    def __init__(self, where: Any, elem: str, shape: tuple[int, int], rows: np.ndarray | None, cols: np.ndarray | None):
+        self.where, self.elem, self.shape = where, elem, shape
+        self.rows, self.cols = rows, cols
+        self._sorted = rows is None or bool((np.diff(rows) > 0).all())
+
+    def subset(self, rows: np.ndarray | None, cols: np.ndarray | None) -> _StoredCSC:
+        """Rows ``rows`` x columns ``cols`` (positions in this array, any order; ``None``: all) of this array."""
+        new_rows = self.rows if rows is None else (rows if self.rows is None else self.rows[rows])
+        new_cols = self.cols if cols is None else (cols if self.cols is None else self.cols[cols])
+        return _StoredCSC(self.where, self.elem, self.shape, new_rows, new_cols)
+
+    @contextmanager
+    def group(self) -> Iterator[Any]:
+        """The stored matrix's group (an HDF5 file stays open until the block ends)."""
+        if isinstance(self.where, str | os.PathLike):
+            if Path(self.where).is_dir():
+                import zarr
+
+                yield zarr.open_group(os.fspath(self.where), mode="r")[self.elem]
+                return
+            import h5py
+
+            with h5py.File(self.where, "r") as f:
+                yield f[self.elem]
+            return
+        from anndata.abc import CSCDataset, CSRDataset
+
+        if isinstance(self.where, CSCDataset | CSRDataset):  # anndata's dataset of a zarr group
+            yield self.where.group
+        else:  # an open zarr group: the matrix's, or the file's
+            yield self.where[self.elem] if self.elem else self.where
+
+    @contextmanager
+    def open(self, *, read_ahead: bool = False) -> Iterator[_BackedCSCRows]:
+        """A reader of the stored matrix's rows (an HDF5 file stays open until the block ends)."""
+        with self.group() as group:
+            yield _BackedCSCRows(_CSCGroup(group, self.shape), read_ahead=read_ahead)
+
+    def blocks(
+        self, reader: _BackedCSCRows, start: int, stop: int, chunk_size: int
+    ) -> Iterator[tuple[int, int, sparse.csr_matrix]]:
+        """``(start, stop, block)`` over the rows ``start:stop`` of the array, ``chunk_size`` rows at a time, as CSR.
+
+        All the rows (the usual case) are read with the reader's cursors; rows in increasing order (a view) are cut
+        from windows of ``chunk_size`` stored rows read in order from the first (the stored matrix is read about once
+        in all); rows in any other order are read a block at a time, each by a pass over the stored matrix.
+        """
+        for a in range(start, stop, chunk_size):
+            b = min(a + chunk_size, stop)
+            if self.rows is None:
+                block = reader.rows(a, b)
+            elif self._sorted:
+                block = self._in_order(reader, self.rows[a:b], chunk_size)
+            else:
+                unique, inverse = np.unique(self.rows[a:b], return_inverse=True)
+                block = reader.select(unique)[inverse]
+            yield a, b, self._columns(block)
+
+    def take(self, reader: _BackedCSCRows, rows: np.ndarray) -> sparse.csr_matrix:
+        """Rows ``rows`` (positions in the array, any order) as CSR, in one pass over the stored matrix."""
+        rows = np.asarray(rows, dtype=np.int64)
+        stored = rows if self.rows is None else self.rows[rows]
+        unique, inverse = np.unique(stored, return_inverse=True)
+        block = reader.select(unique)
+        if not (unique.size == stored.size and np.array_equal(unique, stored)):
+            block = block[inverse]
+        return self._columns(block)
+
+    def _columns(self, block: sparse.csr_matrix) -> sparse.csr_matrix:
+        return block if self.cols is None else block[:, self.cols].tocsr()
+
+    def _in_order(self, reader: _BackedCSCRows, wanted: np.ndarray, window: int) -> sparse.csr_matrix:
+        """The stored rows ``wanted`` (increasing), read from the reader's cursors on, ``window`` rows at a time."""
+        if not wanted.size:
+            return sparse.csr_matrix((0, self.shape[1]), dtype=reader.data.dtype)
+        if int(wanted[0]) < reader._at:  # behind the cursors: one pass over the matrix
+            return reader.select(wanted)
+        pieces = []
+        a, end = reader._at, int(wanted[-1]) + 1
+        while a < end:
+            b = min(a + window, end)
+            i, j = np.searchsorted(wanted, [a, b])
+            block = reader.rows(a, b)  # read even without a row wanted: it moves the cursors on
+            if j > i:
+                pieces.append(block[wanted[i:j] - a])
+            a = b
+        return pieces[0] if len(pieces) == 1 else sparse.vstack(pieces, format="csr")
+
+
+def rows_on_disk(x: Any, rows: np.ndarray) -> sparse.csr_matrix | None:
+    """Rows ``rows`` (positions, any order) of a CSC matrix on disk as CSR, in one pass over it; else ``None``.
+
+    For anndata's backed CSC datasets and lazy arrays over CSC matrices (and views of them), whose own row
+    selection reads the whole matrix (anndata's backed slicing) or whole columns (dask chunks holding every row).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if _is_backed_csc(x):
+        unique, inverse = np.unique(rows, return_inverse=True)
+        out = _BackedCSCRows(x, read_ahead=False).select(unique)
+        return out if unique.size == rows.size and np.array_equal(unique, rows) else out[inverse]
+    stored = _stored_csc(x)
+    if stored is None:
+        return None
+    with stored.open() as reader:
+        return stored.take(reader, rows)
+
+
+#: Lazy arrays over CSC matrices on disk made by spatialcx itself (a reference's rows and genes), by dask name.
+STORED_CSC: weakref.WeakValueDictionary[str, _StoredCSC] = weakref.WeakValueDictionary()
+
+
+def _axis_positions(index: Any, n: int) -> np.ndarray | None:
+    """Positions an AnnData view's index (slice, integers, booleans) selects on an axis of length ``n``; None: all."""
+    if isinstance(index, slice):
+        pos = np.arange(n)[index]
+    else:
+        arr = np.atleast_1d(np.asarray(index))
+        pos = np.flatnonzero(arr) if arr.dtype == bool else np.where(arr < 0, arr + n, arr).astype(np.int64)
+    return None if pos.size == n and np.array_equal(pos, np.arange(n)) else pos
+
+
+def _lazy_csc_origin(x: Any) -> _StoredCSC | None:
+    """The CSC matrix on disk that ``x`` reads, when ``x`` is a dask array of :func:`anndata.experimental.read_lazy`.
+
+    Such an array has a single layer of tasks that call anndata's chunk reader on the file (h5ad: its path and the
+    matrix's name) or on the matrix's dataset (zarr).
+    """
+    layers = x.dask.layers
+    if len(layers) != 1:
+        return None
+    func = next(iter(layers.values())).indices[0][0]
+    if getattr(getattr(func, "func", None), "__name__", "") != "make_dask_chunk" or len(func.args) != 2:
+        return None
+    from anndata.abc import CSCDataset
+
+    where, elem = func.args
+    shape = tuple(int(s) for s in x.shape)
+    if isinstance(where, CSCDataset):
+        group = where.group
+        encoding, stored, dtype = group.attrs.get("encoding-type"), tuple(where.shape), where.group["data"].dtype
+    elif isinstance(where, str | os.PathLike) and not Path(where).is_dir():
+        import h5py
+
+        with h5py.File(where, "r") as f:
+            group = f[elem]
+            encoding, stored, dtype = group.attrs.get("encoding-type"), tuple(group.attrs["shape"]), group["data"].dtype
+    else:
+        return None
+    encoding = encoding.decode() if isinstance(encoding, bytes) else encoding
+    if encoding != "csc_matrix" or tuple(int(s) for s in stored) != shape or np.dtype(dtype) != x.dtype:
+        return None
+    return _StoredCSC(where, str(elem), shape, None, None)
+
+
+def _stored_csc(x: Any) -> _StoredCSC | None:
+    """Where ``x`` reads from, when it is a lazy array over a CSC matrix on disk (or an AnnData view of one).
+
+    anndata's lazy reader chunks a CSC matrix by columns only, so each chunk holds every row: reading a block of rows
+    through dask would load whole columns, the whole matrix when it is narrow. Those arrays, and the X / layers of
+    views of a lazily read AnnData, are read straight from the file instead. Anything else computed from them is
+    read through dask as it is (``None``).
+    """
+    if not is_dask(x) and not hasattr(x, "_view_args"):
+        return None
+    if not hasattr(x, "dask") or len(getattr(x, "shape", ())) != 2:
+        return None
+    try:
+        found = STORED_CSC.get(x.name) or _lazy_csc_origin(x)
+        if found is not None:
+            return found
+        ref = getattr(x, "_view_args", None)  # X or layers[key] of a view of a lazily read AnnData
+        if ref is None or ref.attrname not in ("X", "layers") or len(ref.keys) != (ref.attrname == "layers"):
+            return None
+        view = ref.parent
+        base = view._adata_ref
+        full = base.X if ref.attrname == "X" else base.layers[ref.keys[0]]
+        if full is None or not hasattr(full, "dask"):
+            return None
+        found = STORED_CSC.get(full.name) or _lazy_csc_origin(full)
+        if found is None:
+            return None
+        from anndata._core.index import _subset
+
+        if _subset(full, (view._oidx, view._vidx)).name != x.name:  # not (or no longer) the view's subset
+            return None
+        return found.subset(_axis_positions(view._oidx, full.shape[0]), _axis_positions(view._vidx, full.shape[1]))
+    except Exception as e:  # noqa: BLE001 - dask or anndata internals changed: read through dask instead
+        logger.debug("Not reading %s straight from disk: %s", getattr(x, "name", "the array"), e)
+        return None
 
 
 def normalize_block(

@@ -9,6 +9,7 @@ import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import DEFAULT_EXCLUDE_LABELS, READ_UNS_KEY, label_list
+from .._matrix import STORED_CSC, _lazy_csc_origin, _stored_csc, _StoredCSC
 from .._settings import logger
 from ._uri import fingerprint, resolve_uri
 
@@ -184,9 +186,26 @@ def _matrix_reader(matrix: Any) -> Callable[[np.ndarray, np.ndarray], sp.csr_mat
     source = _csr_source(matrix)
     if source is not None:  # a lazy array over an on-disk CSR matrix: read the file directly
         return source.read
+    stored = _stored_csc(matrix)
+    if stored is not None:  # a lazy array (or view) over an on-disk CSC matrix: its dask chunks hold every row
+        return partial(_read_stored_csc, stored)
     if _is_disk_array(matrix) and len(matrix.shape) == 2:
         return _DiskDense(matrix).read
     return _InMemory(matrix).read
+
+
+def _read_stored_csc(stored: _StoredCSC, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+    """Rows ``rows`` (sorted) x columns ``cols`` (any order) of a lazy array over a CSC matrix on disk, as CSR float32.
+
+    Only the columns asked for are read from the file, whole (as for a CSC file opened by its path).
+    """
+    src_rows = rows if stored.rows is None else stored.rows[rows]
+    src_cols = cols if stored.cols is None else stored.cols[cols]
+    row_set, row_of = np.unique(src_rows, return_inverse=True)  # a view may hold rows or genes out of order, or twice
+    col_set, col_of = np.unique(src_cols, return_inverse=True)
+    with stored.group() as group:
+        out = _DiskCompressed(group, "csc", stored.shape).read(row_set, col_set)
+    return out[row_of][:, col_of]
 
 
 def _is_disk_array(obj: Any) -> bool:
@@ -209,10 +228,11 @@ MAX_CHUNK_ROWS = 50_000
 
 @dataclass(eq=False)
 class _CSRSource:
-    """Rows ``rows`` x columns ``cols`` (on-disk positions; ``None``: all) of a CSR matrix in an HDF5 or zarr store.
+    """Rows ``rows`` x columns ``cols`` (on-disk positions; ``None``: all) of a CSR or CSC matrix in a file.
 
     ``store`` is the path of an HDF5 file or zarr folder (opened anew by every task, so any dask scheduler works,
-    ``dask.distributed`` included), or an open zarr group; ``elem`` is the matrix's group inside it.
+    ``dask.distributed`` included), or an open zarr group; ``elem`` is the matrix's group inside it; ``fmt`` is how
+    the matrix is stored (``"csr"`` or ``"csc"``).
     """
 
     store: Any
@@ -222,6 +242,7 @@ class _CSRSource:
     nnz: int
     rows: np.ndarray | None = None
     cols: np.ndarray | None = None
+    fmt: str = "csr"
 
     @property
     def out_shape(self) -> tuple[int, int]:
@@ -234,7 +255,7 @@ class _CSRSource:
         """Rows ``rows`` (sorted, no repeats) x columns ``cols`` (any order, no repeats) of this source."""
         new_rows = self.rows if rows is None else (rows if self.rows is None else self.rows[rows])
         new_cols = self.cols if cols is None else (cols if self.cols is None else self.cols[cols])
-        return _CSRSource(self.store, self.elem, self.shape, self.dtype, self.nnz, new_rows, new_cols)
+        return _CSRSource(self.store, self.elem, self.shape, self.dtype, self.nnz, new_rows, new_cols, self.fmt)
 
     def read(self, rows: np.ndarray, cols: np.ndarray | None = None, dtype: Any = np.float32) -> sp.csr_matrix:
         """Rows ``rows`` (positions in this source, sorted) x ``cols`` (positions, any order; ``None``: all)."""
@@ -245,7 +266,7 @@ class _CSRSource:
             src_cols = cols if self.cols is None else self.cols[cols]
         group, close = self._open()
         try:
-            return _DiskCompressed(group, "csr", self.shape).read(src_rows, src_cols, dtype)
+            return _DiskCompressed(group, self.fmt, self.shape).read(src_rows, src_cols, dtype)
         finally:
             close()
 
@@ -262,43 +283,51 @@ class _CSRSource:
         return f[self.elem], f.close
 
     def to_dask(self) -> Any:
-        """A dask array of this source, chunked by rows: computing it reads only its rows and keeps only its columns.
+        """A dask array of this source: computing it reads only its rows and keeps only its columns.
 
-        Chunks hold about :data:`CHUNK_ELEMS` stored values of the output (between :data:`MIN_CHUNK_ROWS` and
-        :data:`MAX_CHUNK_ROWS` rows).
+        A CSR matrix is chunked by rows, chunks holding about :data:`CHUNK_ELEMS` stored values of the output (between
+        :data:`MIN_CHUNK_ROWS` and :data:`MAX_CHUNK_ROWS` rows). A CSC matrix is chunked by columns (every chunk holds
+        all the rows), each chunk reading whole columns of the file that hold about :data:`CHUNK_ELEMS` stored values
+        (at least one column); :mod:`spatialcx` reads its blocks of rows straight from the file.
         """
         import dask.array as da
         from dask.base import tokenize
 
         n_rows, n_cols = self.out_shape
-        per_row = self.nnz / max(self.shape[0], 1) * n_cols / max(self.shape[1], 1)
-        step = int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, CHUNK_ELEMS // max(per_row, 1.0))))
-        chunks = (tuple(min(step, n_rows - s) for s in range(0, n_rows, step)) or (0,), (n_cols,))
-        name = "spatialcx-csr-" + tokenize(str(self.store), self.elem, self.rows, self.cols, self.dtype)
+        if self.fmt == "csc":
+            per_col = self.nnz / max(self.shape[1], 1)
+            step = int(max(1, CHUNK_ELEMS // max(per_col, 1.0)))
+            chunks = ((n_rows,), tuple(min(step, n_cols - s) for s in range(0, n_cols, step)) or (0,))
+        else:
+            per_row = self.nnz / max(self.shape[0], 1) * n_cols / max(self.shape[1], 1)
+            step = int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, CHUNK_ELEMS // max(per_row, 1.0))))
+            chunks = (tuple(min(step, n_rows - s) for s in range(0, n_rows, step)) or (0,), (n_cols,))
+        token = tokenize(str(self.store), self.elem, self.rows, self.cols, self.dtype)
+        meta = (sp.csc_matrix if self.fmt == "csc" else sp.csr_matrix)((0, 0), dtype=self.dtype)
         out = da.map_blocks(
-            _read_csr_chunk,
-            self,
-            name=name,
-            dtype=self.dtype,
-            chunks=chunks,
-            meta=sp.csr_matrix((0, 0), dtype=self.dtype),
+            _read_csr_chunk, self, name=f"spatialcx-{self.fmt}-{token}", dtype=self.dtype, chunks=chunks, meta=meta
         )
         _DASK_SOURCES[out.name] = self
+        if self.fmt == "csc":  # blocks of rows are read from the file by spatialcx._matrix
+            self._stored = _StoredCSC(self.store, self.elem, self.shape, self.rows, self.cols)
+            STORED_CSC[out.name] = self._stored
         return out
 
 
 def _read_csr_chunk(source: _CSRSource, block_info: Mapping[Any, Any] | None = None) -> sp.csr_matrix:
     """One chunk of :meth:`_CSRSource.to_dask` (in the file's dtype)."""
-    (start, stop), _ = block_info[None]["array-location"]
+    (start, stop), (c0, c1) = block_info[None]["array-location"]
+    if source.fmt == "csc":
+        return sp.csc_matrix(source.read(np.arange(start, stop), np.arange(c0, c1), dtype=source.dtype))
     return source.read(np.arange(start, stop), None, dtype=source.dtype)
 
 
 def _csr_source(matrix: Any) -> _CSRSource | None:
-    """Where a dask array reads from, when it is a whole on-disk CSR matrix as it was opened, else ``None``.
+    """Where a dask array reads from, when it is a whole on-disk CSR or CSC matrix as it was opened, else ``None``.
 
     Knows the arrays made by :meth:`_CSRSource.to_dask` and those of :func:`anndata.experimental.read_lazy` (one
-    task per block of rows, read from the file's CSR group); anything computed from them is not recognised, and is
-    read through dask as it is.
+    task per block of rows read from the file's CSR group, or per block of columns of a CSC group); anything computed
+    from them is not recognised, and is read through dask as it is.
     """
     name = getattr(matrix, "name", None)
     if not isinstance(name, str) or not hasattr(matrix, "dask"):
@@ -309,6 +338,13 @@ def _csr_source(matrix: Any) -> _CSRSource | None:
     try:  # an array of anndata's lazy reader: its only layer calls anndata's chunk reader on the file's group
         from anndata.abc import CSRDataset
 
+        csc = _lazy_csc_origin(matrix)
+        if csc is not None:
+            with csc.group() as group:
+                nnz = int(group["data"].shape[0])
+            if isinstance(csc.where, str | os.PathLike):
+                return _CSRSource(os.fspath(csc.where), csc.elem, csc.shape, np.dtype(matrix.dtype), nnz, fmt="csc")
+            return _CSRSource(csc.where.group, "", csc.shape, np.dtype(matrix.dtype), nnz, fmt="csc")
         layers = matrix.dask.layers
         if len(layers) != 1 or len(matrix.chunks[1]) != 1:
             return None
@@ -360,7 +396,9 @@ def lazy_subset(adata: AnnData, rows: Any = None, cols: Any = None) -> AnnData:
 
     X and the layers that are on-disk CSR matrices become dask arrays that read only the chosen rows (neighbouring
     ones in one piece) and keep only the chosen genes, in chunks of bounded size; anndata's own subsetting reads
-    every block of 1,000 rows that holds a chosen cell with all its genes. Everything else is subset by anndata.
+    every block of 1,000 rows that holds a chosen cell with all its genes. On-disk CSC matrices become dask arrays
+    that read only the chosen genes' columns and keep only the chosen rows; anndata's reads every column of each
+    block of 1,000 columns that holds a chosen gene, with all its rows. Everything else is subset by anndata.
     Other AnnData (in memory, backed, views), rows out of order or repeated, repeated genes: plain ``adata[rows,
     cols]``.
     """
@@ -855,7 +893,8 @@ def read_reference(
     TypeError
         When ``genes`` is a single string, or ``max_cells`` is not a number.
     ValueError
-        When ``max_cells`` is below 1, ``genes`` is empty, or none of ``genes`` is in the reference (X or raw).
+        When ``max_cells`` is below 1 or NaN, ``genes`` is empty, none of ``genes`` is in the reference (X or raw), or
+        (with ``max_cells``) no cell has a label that is not in ``exclude_labels``.
     KeyError
         When ``label_key`` is not an obs column.
     """
@@ -870,6 +909,8 @@ def read_reference(
         raise ValueError("genes is empty: give the genes to keep (e.g. scx.pp.panel_genes(sdata)), or None for all.")
     if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, numbers.Real)):
         raise TypeError(f"max_cells must be a number of cells or None, got {type(max_cells).__name__} {max_cells!r}.")
+    if max_cells is not None and np.isnan(max_cells):
+        raise ValueError("max_cells is NaN: give a number of cells (e.g. 100_000), or None to keep every cell.")
     if max_cells is not None and max_cells < 1:
         raise ValueError(
             f"max_cells must be >= 1 or None (None keeps every labelled cell), got {max_cells}; a reference without "
@@ -894,6 +935,17 @@ def read_reference(
     symbols = to_symbols(var_names, feature_names=feature)
     n_only_raw = 0
     if genes is not None:
+        genes = list(genes)
+        unique_genes = list(dict.fromkeys(genes))
+        if len(unique_genes) < len(genes):  # a gene twice would be read as a missing one, and X has each gene once
+            repeated = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
+            logger.warning(
+                "%s: %d genes are asked for more than once (e.g. %s); each is kept once.",
+                os.fspath(uri),
+                len(repeated),
+                ", ".join(map(repr, repeated[:5])),
+            )
+            genes = unique_genes
         match = match_genes(list(genes), symbols.symbols, ids=var_names)
         absent = list(match.missing)
         if raw_names is not None and match.missing:  # X may be a gene subset (e.g. highly variable genes) of raw
@@ -938,6 +990,14 @@ def read_reference(
         clean = clean_labels(labels, _stem(path))  # " Unknown" is "Unknown"; empty labels are no labels
         not_excluded = ~clean.isin(excluded).to_numpy()
         rows = choose_cells(clean, max_cells, rng=np.random.default_rng(random_state), valid=not_excluded)
+        if len(rows) == 0:
+            n_missing = int(clean.isna().sum())
+            raise ValueError(
+                f"No cell of {os.fspath(uri)!r} can be drawn for max_cells: of its {len(clean):,} cells, {n_missing:,} "
+                f"have no label in obs[{label_key!r}] and the other {len(clean) - n_missing:,} have a label in "
+                f"exclude_labels (e.g. {list(pd.unique(clean.dropna()))[:5]}), which are not cell types. A reference "
+                "without cells cannot train a model: check label_key, or pass exclude_labels=() to keep every label."
+            )
 
     if path.is_dir():
         lazy = read_lazy(str(path))

@@ -64,7 +64,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from spatialcx._constants import RAW_COUNT_LAYERS, READ_UNS_KEY, TARGET_SUM
-from spatialcx._matrix import _BackedCSCRows, _is_backed_csc
+from spatialcx._matrix import rows_on_disk
 from spatialcx._settings import logger
 
 if TYPE_CHECKING:
@@ -248,8 +248,9 @@ def _read_sampled_rows(x: Any, rows: np.ndarray) -> sparse.csr_matrix:
     """Read the (sorted, unique) ``rows`` of ``x`` into a float64 CSR matrix without explicit zeros."""
     if len(rows) == 0:
         return sparse.csr_matrix((0, x.shape[1]), dtype=np.float64)
-    if _is_backed_csc(x):  # anndata would read the whole matrix to select rows
-        out = sparse.csr_matrix(_BackedCSCRows(x, read_ahead=False).select(rows), dtype=np.float64)
+    on_disk = rows_on_disk(x, rows)  # backed or lazy CSC: anndata / dask would read the whole matrix or whole columns
+    if on_disk is not None:
+        out = sparse.csr_matrix(on_disk, dtype=np.float64)
         out.eliminate_zeros()
         return out
     if sparse.issparse(x) and x.format not in ("csr", "csc"):
