@@ -51,13 +51,16 @@ def _table(obs: pd.DataFrame, region: str, ids) -> AnnData:
     return TableModel.parse(adata, region=region, region_key="region", instance_key="cell_id")
 
 
-def _image(h: int = 40, w: int = 60, *, transform=None, scale_factors=None):
+def _image(h: int = 40, w: int = 60, *, transform=None, scale_factors=None, coordinate_system: str = "global"):
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Identity
 
     arr = np.arange(h * w, dtype=np.float32).reshape(1, h, w)
     return Image2DModel.parse(
-        arr, dims=("c", "y", "x"), transformations={"global": transform or Identity()}, scale_factors=scale_factors
+        arr,
+        dims=("c", "y", "x"),
+        transformations={coordinate_system: transform or Identity()},
+        scale_factors=scale_factors,
     )
 
 
@@ -908,3 +911,223 @@ def test_many_points_are_drawn_as_images_with_the_scatter_colours(monkeypatch):
     monkeypatch.setattr(_utils, "MAX_SCATTER_POINTS", 10_000)  # below it: the scatter, as before
     fig = scx.pl.confidence(adata, threshold=THRESHOLD)
     assert [type(c) for c in _cell_collections(fig.axes[0])] == [PathCollection, PathCollection]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fields of view in their own coordinate systems, cells without a position
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fields_of_view_sdata():
+    """Two fields of view (as MIBI-TOF or CosMx stores hold them): each an image and a labels element in its own
+    coordinate system, one table annotating both labels elements. ``fov2``'s image comes first in ``sdata.images``."""
+    from spatialdata import SpatialData
+    from spatialdata.models import Labels2DModel, TableModel
+    from spatialdata.transformations import Scale
+
+    rng = np.random.default_rng(3)
+    images, labels, obs = {}, {}, []
+    for fov, n in (("fov2", 3), ("fov1", 4)):
+        lab = np.zeros((40, 60), dtype=np.int32)
+        for i in range(n):
+            lab[5:9, 10 * i + 2 : 10 * i + 6] = i + 1  # 4 x 4 px squares
+        to_um = Scale([2.0, 2.0], axes=("x", "y"))
+        images[f"{fov}_image"] = _image(transform=to_um, coordinate_system=fov)
+        labels[f"{fov}_labels"] = Labels2DModel.parse(lab, dims=("y", "x"), transformations={fov: to_um})
+        obs.append(pd.DataFrame({"region": f"{fov}_labels", "cell_id": np.arange(1, n + 1)}))
+    obs = pd.concat(obs, ignore_index=True).set_axis([f"c{i}" for i in range(7)])
+    obs["region"] = pd.Categorical(obs["region"])
+    obs["cell_type"] = pd.Categorical(rng.choice(["B cell", "T cell"], 7))
+    obs["cell_type_confidence"] = rng.uniform(0, 1, 7)
+    table = TableModel.parse(
+        AnnData(np.zeros((7, 2), np.float32), obs=obs),
+        region=list(labels),
+        region_key="region",
+        instance_key="cell_id",
+    )
+    return SpatialData(images=images, labels=labels, tables={"table": table})
+
+
+def test_fields_of_view_in_their_own_coordinate_systems():
+    # A table annotating one labels element per field of view, each in its own coordinate system: drawing 'fov1'
+    # draws the cells of 'fov1_labels' over 'fov1_image'. It raised "Element 'fov2_labels' has no transformation to
+    # coordinate system 'fov1'" (and the first image, 'fov2_image', was taken whatever the coordinate system).
+    sdata = fields_of_view_sdata()
+    fig = scx.pl.confidence(sdata, coordinate_system="fov1")
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("4 cells from 'fov1_labels' over 'fov1_image'")
+    (im,) = ax.get_images()
+    assert im.get_label() == "image (fov1_image)"
+    offsets = np.concatenate([c.get_offsets() for c in _cell_collections(ax)])
+    # squares of 4 x 4 px at x = 2 + 10 i, y = 5, 2 µm per px: centres at (8 + 20 i, 14) µm
+    np.testing.assert_allclose(np.sort(offsets[:, 0]), [8.0, 28.0, 48.0, 68.0])
+    np.testing.assert_allclose(offsets[:, 1], 14.0)
+    assert "of 7 cells" in fig._suptitle.get_text()  # the strips keep every cell of the table
+    with pytest.raises(ValueError, match=r"coordinate system 'global'.*'fov1', 'fov2'\. Pass one of them"):
+        scx.pl.confidence(sdata)
+
+
+def test_first_image_in_the_coordinate_system_is_drawn():
+    from spatialdata import SpatialData
+
+    sdata = circles_sdata()
+    images = {"a_other": _image(coordinate_system="other"), "he": sdata.images["he"]}  # another system's image first
+    sdata = SpatialData(images=images, shapes=dict(sdata.shapes), tables=dict(sdata.tables))
+    fig = scx.pl.confidence(sdata)
+    assert [im.get_label() for im in fig.axes[0].get_images()] == ["image (he)"]
+    with pytest.raises(ValueError, match=r"'a_other' has no transformation to coordinate system 'global'"):
+        scx.pl.confidence(sdata, image_key="a_other")  # asked for by name: an error, not left out silently
+    del sdata.images["he"]
+    assert not scx.pl.confidence(sdata).axes[0].get_images()  # none in 'global': no image
+
+
+def test_cells_without_a_position_are_left_out(caplog):
+    # NaN centroids (cells without a segmentation, lost in a merge) crashed the plot ("figure size must be positive
+    # finite not (nan, 6.5)"); they are left out of the map, with a warning, and kept in the strips.
+    import logging
+
+    adata = points_adata()
+    adata.obsm["spatial"][:4] = np.nan
+    adata.obsm["spatial"][4, 1] = np.inf
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        fig = scx.pl.confidence(adata, point_size=5)
+    assert "5 of 300 cells of obsm['spatial'] have no finite position" in caplog.text
+    ax = fig.axes[0]
+    offsets = np.concatenate([c.get_offsets() for c in _cell_collections(ax)])
+    np.testing.assert_allclose(np.sort(offsets, axis=0), np.sort(adata.obsm["spatial"][5:], axis=0))
+    assert ax.get_title().startswith("295 cells from obsm['spatial']")
+    assert np.isfinite(ax.get_xlim()).all() and np.isfinite(ax.get_ylim()).all()
+    assert "of 300 cells" in fig._suptitle.get_text()
+    adata.obsm["spatial"][:] = np.nan  # no position at all: the strips only, as without coordinates
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        assert len(scx.pl.confidence(adata).axes) == 1
+    assert "None of the cells has a finite position" in caplog.text
+
+
+@pytest.mark.parametrize("max_shapes", [_utils.MAX_SHAPES, 5])
+def test_empty_geometries_are_left_out(monkeypatch, caplog, max_shapes):
+    # An empty polygon (as clipping or some segmentations leave) crashed the plot: shapely leaves empty geometries out
+    # of the coordinates it returns, so the cells no longer matched their rows ("zero-size array" on the polygons,
+    # "operands could not be broadcast" above MAX_SHAPES). Empty cells are left out; the others keep their rows.
+    import logging
+
+    from shapely.geometry import MultiPolygon, Point, Polygon, box
+    from spatialdata.models import ShapesModel
+
+    sdata = polygons_sdata()
+    gdf = sdata.shapes["cell_boundaries"]
+    geoms = list(gdf.geometry)
+    geoms[3] = Polygon()
+    geoms[5] = MultiPolygon([box(0, 0, 2, 2), box(200, 100, 202, 102)])
+    sdata.shapes["cell_boundaries"] = ShapesModel.parse(gdf.set_geometry(geoms))  # keeps its Scale(0.5)
+    monkeypatch.setattr(_utils, "MAX_SHAPES", max_shapes)
+    table = sdata.tables["table"]
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        (geom,) = _utils.cell_geometries(table, sdata)
+        fig = scx.pl.confidence(sdata)
+    assert "1 of 12 cells of 'cell_boundaries' have an empty geometry" in caplog.text
+    row_of = pd.Index(table.obs["cell_id"]).get_indexer(gdf.index)
+    drawn = sorted(set(geom.rows.tolist()))
+    assert drawn == sorted(set(range(12)) - {row_of[3]})
+    centres = {int(r): c for r, c in zip(geom.rows, geom.centers) if r != row_of[5]}
+    for i in set(range(12)) - {3, 5}:  # each cell at its own box: 8 x 4 px at (20 i, 10 i), 0.5 µm per px
+        np.testing.assert_allclose(centres[row_of[i]], [(20 * i + 4) * 0.5, (10 * i + 2) * 0.5])
+    assert fig.axes[0].get_title().startswith("11 cells from 'cell_boundaries'")
+    # circles with a NaN position, next to an empty point
+    points = [Point(np.nan, np.nan), Point()] + [Point(20 * i, 10 * i) for i in range(2, 12)]
+    sdata.shapes["cell_boundaries"] = ShapesModel.parse(gdf.set_geometry(points).assign(radius=2.0))
+    (geom,) = _utils.cell_geometries(table, sdata)
+    assert sorted(geom.rows.tolist()) == sorted(row_of[2:].tolist())
+    for row, centre in zip(geom.rows, geom.centers, strict=True):
+        i = int(np.flatnonzero(row_of == row)[0])
+        np.testing.assert_allclose(centre, [10 * i, 5 * i])
+
+
+def test_take_keeps_the_vertices_of_each_polygon():
+    geom = _utils.CellGeometry(
+        rows=np.array([0, 1, 1, 2]),
+        centers=np.array([[0.5, 0.5], [2.5, 0.5], [np.nan, np.nan], [4.5, 0.5]]),
+        kind="polygons",
+        n_cells=3,
+        vertices=np.array(
+            [
+                [0, 0],
+                [1, 0],
+                [1, 1],
+                [0, 0],
+                [2, 0],
+                [3, 0],
+                [3, 1],
+                [2, 0],
+                [np.nan, 0],
+                [0, 0],
+                [4, 0],
+                [5, 1],
+                [4, 0],
+            ],
+            dtype=float,
+        ),
+        offsets=np.array([0, 4, 8, 10, 13]),
+        source="cells",
+    )
+    np.testing.assert_array_equal(geom.placed(), [True, True, False, True])
+    kept = geom.take(np.flatnonzero(geom.placed()))
+    assert (kept.n_cells, kept.rows.tolist(), kept.offsets.tolist()) == (3, [0, 1, 2], [0, 4, 8, 11])
+    np.testing.assert_array_equal(kept.polygons()[2], [[4, 0], [5, 1], [4, 0]])
+    np.testing.assert_array_equal(kept.polygons()[1], geom.polygons()[1])
+    assert kept.bounds() == (0.0, 5.0, 0.0, 1.0)
+
+
+def test_a_single_cell_is_framed_readably():
+    # One cell (or all at one spot) was framed by a box of 1e-11 units: tick labels such as "1e-11+4.68e1".
+    adata = points_adata()[:1]
+    x, y = adata.obsm["spatial"][0]
+    ax = scx.pl.confidence(adata).axes[0]
+    np.testing.assert_allclose(ax.get_xlim(), (x - _utils.SINGLE_SPOT_PAD, x + _utils.SINGLE_SPOT_PAD))
+    np.testing.assert_allclose(ax.get_ylim(), (y + _utils.SINGLE_SPOT_PAD, y - _utils.SINGLE_SPOT_PAD))
+
+
+def test_3d_labels_are_circles_of_their_sections():
+    # In a 3D labels element a cell's circle had the area of its volume in voxels: sqrt(planes) times too wide (each
+    # cell over many others in a stack of 50 planes). It has the mean area of its sections now, wherever the chunks cut.
+    from spatialdata import SpatialData
+    from spatialdata.models import Labels3DModel
+    from spatialdata.transformations import Scale
+
+    stack = np.zeros((6, 30, 30), dtype=np.int32)
+    stack[1:4, 8:12, 18:22] = 1  # 4 x 4 px on planes 1 to 3, cut by the chunks in y and x
+    stack[0, 2:8, 2:8] = 2  # 6 x 6 px on one plane
+    stack[2:6, 20:23, 3:6] = 3  # 3 x 3 px on planes 2 to 5
+    element = Labels3DModel.parse(
+        stack,
+        dims=("z", "y", "x"),
+        chunks=(1, 10, 10),
+        transformations={"global": Scale([0.5, 0.5, 2.0], axes=("x", "y", "z"))},
+    )
+    rng = np.random.default_rng(0)
+    table = _table(_obs(3, rng), "cells3d", [3, 1, 2])
+    sdata = SpatialData(labels={"cells3d": element}, tables={"table": table})
+    (geom,) = _utils.cell_geometries(table, sdata)
+    order = np.argsort(geom.rows)
+    np.testing.assert_allclose(geom.centers[order], [[4.5 * 0.5, 21.5 * 0.5], [20 * 0.5, 10 * 0.5], [5 * 0.5, 5 * 0.5]])
+    sides = np.array([3, 4, 6]) * 0.5  # µm
+    np.testing.assert_allclose(geom.widths[order], 2 * np.sqrt(sides**2 / np.pi))
+
+
+def test_shapes_key_of_another_element_with_ids_repeated_across_regions_is_a_clear_error():
+    # The table numbers the cells of each field of view from 1: rows of both fields were matched to the shapes of one
+    # (cells of 'fov2' drawn at the places of cells of 'fov1').
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    sdata = fields_of_view_sdata()
+    sdata.shapes["fov1_circles"] = ShapesModel.parse(
+        np.array([[8.0, 14.0], [28.0, 14.0], [48.0, 14.0], [68.0, 14.0]]),
+        geometry=0,
+        radius=np.full(4, 4.0),
+        index=[1, 2, 3, 4],
+        transformations={"fov1": Identity()},
+    )
+    with pytest.raises(ValueError, match=r"'cell_id' values repeat across.*'fov1_labels', 'fov2_labels'"):
+        scx.pl.confidence(sdata, shapes_key="fov1_circles", coordinate_system="fov1")

@@ -200,7 +200,7 @@ def _prepare_map(
     geometries = _utils.cell_geometries(
         adata, sdata, shapes_key=shapes_key, coordinate_system=coordinate_system, spatial_key=spatial_key
     )
-    image = _utils.find_image(sdata, image_key)
+    image = _utils.find_image(sdata, image_key, coordinate_system)
     bounds = _utils.union_bounds([g.bounds() for g in geometries])
     layer = None
     if image is not None:
@@ -337,7 +337,9 @@ def confidence(
     shapes_key
         Shapes element to draw the cells from; ``None`` uses the shapes or labels element(s) the table annotates.
     coordinate_system
-        Coordinate system in which image and cells are drawn.
+        Coordinate system in which image and cells are drawn. When the table annotates several elements (one per
+        field of view, each in its own coordinate system), the map shows the cells of those in this coordinate
+        system; the strips keep all cells of the table.
     spatial_key
         obsm key with cell centroids, used when there are no shapes. Taken to be in ``coordinate_system`` units.
     cmap

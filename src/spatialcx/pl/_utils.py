@@ -56,6 +56,10 @@ MAX_POINT_PIXELS = 25
 #: wider edges would hide the cell's colour).
 MAX_EDGE_FRACTION = 0.2
 
+#: Margin, in coordinate-system units, around cells that all lie at one spot (e.g. a single cell drawn as a point):
+#: about a cell's size in µm or pixels.
+SINGLE_SPOT_PAD = 10.0
+
 Bounds = tuple[float, float, float, float]  # xmin, xmax, ymin, ymax
 
 
@@ -103,7 +107,16 @@ def _available(keys: Any) -> str:
     return ", ".join(repr(k) for k in keys) if keys else "none"
 
 
-def find_image(sdata: SpatialData | None, image_key: str | None = None) -> tuple[str, Any] | None:
+def _coordinate_systems(element: Any) -> list[str]:
+    """Names of the coordinate systems an element has a transformation to."""
+    from spatialdata.transformations import get_transformation
+
+    return list(get_transformation(element, get_all=True))
+
+
+def find_image(
+    sdata: SpatialData | None, image_key: str | None = None, coordinate_system: str | None = None
+) -> tuple[str, Any] | None:
     """Pick the image element to draw under the cells.
 
     Parameters
@@ -111,7 +124,11 @@ def find_image(sdata: SpatialData | None, image_key: str | None = None) -> tuple
     sdata
         The SpatialData object, or ``None`` (AnnData input: there is no image).
     image_key
-        Name of an element of ``sdata.images``; ``None`` picks the first one, if any.
+        Name of an element of ``sdata.images``; ``None`` picks the first one, if any (the first one with a
+        transformation to ``coordinate_system`` when it is given: one image per field of view, each in its own
+        coordinate system, is a common layout).
+    coordinate_system
+        The coordinate system the image is drawn in; only used when ``image_key`` is ``None``.
 
     Returns
     -------
@@ -132,9 +149,20 @@ def find_image(sdata: SpatialData | None, image_key: str | None = None) -> tuple
             )
         return None
     if image_key is None:
-        if len(sdata.images) == 0:
+        names = [
+            name
+            for name, element in sdata.images.items()
+            if coordinate_system is None or coordinate_system in _coordinate_systems(element)
+        ]
+        if not names:
+            if len(sdata.images):
+                logger.info(
+                    "No image element has a transformation to coordinate system %r (images: %s); drawing no image.",
+                    coordinate_system,
+                    _available(sdata.images.keys()),
+                )
             return None
-        image_key = next(iter(sdata.images))
+        image_key = names[0]
         logger.info("Drawing cells over image %r (the first image element); choose another with image_key.", image_key)
     elif image_key not in sdata.images:
         raise KeyError(
@@ -228,6 +256,34 @@ class CellGeometry:
         items = np.arange(len(self.rows)) if items is None else items
         return [self.vertices[self.offsets[i] : self.offsets[i + 1]] for i in items]
 
+    def take(self, items: np.ndarray) -> CellGeometry:
+        """The geometry of ``items`` only (positions into :attr:`rows`)."""
+        items = np.asarray(items, dtype=np.int64)
+        extra: dict[str, Any] = {}
+        if self.kind == "circles":
+            extra = {"widths": self.widths[items], "heights": self.heights[items], "angles": self.angles[items]}
+        elif self.kind == "polygons":
+            counts = np.diff(self.offsets)[items]
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            vertex = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - self.offsets[:-1][items], counts)
+            extra = {"vertices": self.vertices[vertex], "offsets": offsets}
+        rows = self.rows[items]
+        return CellGeometry(
+            rows=rows,
+            centers=self.centers[items],
+            kind=self.kind,
+            n_cells=int(np.unique(rows).size),
+            source=self.source,
+            **extra,
+        )
+
+    def placed(self) -> np.ndarray:
+        """Whether each item has a finite position (and size): items without one cannot be drawn."""
+        ok = np.isfinite(self.centers).all(axis=1)
+        if self.kind == "circles":
+            ok &= np.isfinite(self.widths) & np.isfinite(self.heights)
+        return ok
+
     def bounds(self) -> Bounds:
         """Return ``(xmin, xmax, ymin, ymax)`` of the cells, shapes included."""
         if self.kind == "polygons":
@@ -262,6 +318,14 @@ def _shapes_geometry(gdf: Any, matrix: np.ndarray, rows: np.ndarray, source: str
     import shapely
 
     geoms = np.asarray(gdf.geometry.values, dtype=object)
+    # Empty or missing geometries (left by some segmentations and clipping) have no position: they are not drawn, and
+    # they are dropped first, as shapely leaves them out of the coordinates it returns.
+    present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
+    if not present.all():
+        logger.warning(
+            "%d of %d cells of %r have an empty geometry and are not drawn.", (~present).sum(), present.size, source
+        )
+        gdf, geoms, rows = gdf.iloc[np.flatnonzero(present)], geoms[present], rows[present]
     types = shapely.get_type_id(geoms)
     if np.all(types == shapely.GeometryType.POINT):
         centers = apply_affine(matrix, shapely.get_coordinates(geoms)[:, :2])
@@ -343,17 +407,21 @@ def _label_lookup(ids: np.ndarray) -> Any:
     return lookup
 
 
-def _label_sums(block: np.ndarray, y0: int, x0: int, lookup: Any, n: int) -> tuple[np.ndarray, ...]:
-    """Pixel count and sums of pixel-centre coordinates of each label of ``block``, by position (nonzero only).
+def _label_sums(block: np.ndarray, y0: int, x0: int, z0: int, lookup: Any, n: int) -> tuple[np.ndarray, ...]:
+    """Pixel count, sums of pixel-centre coordinates and first and last ``z`` of each label of ``block``, by position.
 
-    ``block`` is ``(..., y, x)``; it is read in strips of about a million pixels, so that memory stays a few bytes
-    per pixel of a strip plus three numbers per cell.
+    ``block`` is ``(y, x)`` or ``(z, y, x)`` (its first plane at ``z0``); only labels present in it are returned
+    (their positions first). It is read in strips of about a million pixels, so that memory stays a few bytes per
+    pixel of a strip plus a few numbers per cell.
     """
     block = np.asarray(block)
     ny, nx = block.shape[-2:]
     block = block.reshape(-1, ny, nx)
+    nz = block.shape[0]
     counts, sum_x, sum_y = np.zeros(n), np.zeros(n), np.zeros(n)
-    step = max(1, 2**20 // max(nx * block.shape[0], 1))
+    z_first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    z_last = np.full(n, -1, dtype=np.int64)
+    step = max(1, 2**20 // max(nx * nz, 1))
     x = np.arange(nx, dtype=float) + (x0 + 0.5)
     for start in range(0, ny, step):
         strip = block[:, start : start + step]
@@ -367,16 +435,23 @@ def _label_sums(block: np.ndarray, y0: int, x0: int, lookup: Any, n: int) -> tup
         counts += np.bincount(pos, minlength=n)
         sum_x += np.bincount(pos, weights=xs, minlength=n)
         sum_y += np.bincount(pos, weights=ys.reshape(-1)[keep], minlength=n)
+        if nz > 1:
+            zs = np.repeat(np.arange(z0, z0 + nz, dtype=np.int64), strip.shape[1] * nx)[keep]
+            np.minimum.at(z_first, pos, zs)
+            np.maximum.at(z_last, pos, zs)
     present = np.flatnonzero(counts)
-    return present, counts[present], sum_x[present], sum_y[present]
+    if nz == 1:
+        z_first[present] = z_last[present] = z0
+    return present, counts[present], sum_x[present], sum_y[present], z_first[present], z_last[present]
 
 
 def _labels_geometry(element: Any, matrix: np.ndarray, ids: Any, rows: np.ndarray, source: str) -> CellGeometry:
     """Cells of a labels element: circles of each label's area at its centroid, for the table rows ``rows``.
 
     The element is read chunk by chunk (memory of a chunk plus a few numbers per cell), at full resolution or, above
-    ``MAX_LABEL_PIXELS``, at the finest pyramid level under it. In 3D elements a label's voxels are counted over all
-    ``z`` (its circle has the area of its volume in voxels, its centre the mean of its voxels' ``x, y``).
+    ``MAX_LABEL_PIXELS``, at the finest pyramid level under it. In 3D elements a label's circle has the mean area of
+    its sections (its voxels over the planes from its first to its last ``z``), its centre the mean of its voxels'
+    ``x, y``.
     """
     import dask
     import dask.array as da
@@ -405,17 +480,27 @@ def _labels_geometry(element: Any, matrix: np.ndarray, ids: Any, rows: np.ndarra
     data = chosen.transpose(*dims).data
     data = data if isinstance(data, da.Array) else da.from_array(np.asarray(data))
     lookup = _label_lookup(np.where(valid, ids, np.iinfo(np.int64).max))
-    y_starts = np.concatenate([[0], np.cumsum(data.chunks[-2])[:-1]])
-    x_starts = np.concatenate([[0], np.cumsum(data.chunks[-1])[:-1]])
+    starts = [np.concatenate([[0], np.cumsum(chunks)[:-1]]) for chunks in data.chunks]
     tasks = [
-        dask.delayed(_label_sums)(data.blocks[idx], int(y_starts[idx[-2]]), int(x_starts[idx[-1]]), lookup, ids.size)
+        dask.delayed(_label_sums)(
+            data.blocks[idx],
+            int(starts[-2][idx[-2]]),
+            int(starts[-1][idx[-1]]),
+            int(starts[0][idx[0]]) if data.ndim == 3 else 0,
+            lookup,
+            ids.size,
+        )
         for idx in np.ndindex(*data.numblocks)
     ]
     counts, sum_x, sum_y = np.zeros(ids.size), np.zeros(ids.size), np.zeros(ids.size)
-    for present, c, x, y in dask.compute(*tasks):
+    z_first = np.full(ids.size, np.iinfo(np.int64).max, dtype=np.int64)
+    z_last = np.full(ids.size, -1, dtype=np.int64)
+    for present, c, x, y, first, last in dask.compute(*tasks):
         counts[present] += c
         sum_x[present] += x
         sum_y[present] += y
+        z_first[present] = np.minimum(z_first[present], first)
+        z_last[present] = np.maximum(z_last[present], last)
     found = counts > 0
     if not found.any():
         raise ValueError(
@@ -425,7 +510,8 @@ def _labels_geometry(element: Any, matrix: np.ndarray, ids: Any, rows: np.ndarra
     if not found.all():
         logger.warning("%d of %d cells have no label in %r and are not drawn.", (~found).sum(), found.size, source)
     px = np.column_stack([sum_x[found] / counts[found] * sx, sum_y[found] / counts[found] * sy])
-    diameters = 2 * np.sqrt(counts[found] * sx * sy / np.pi)
+    planes = z_last[found] - z_first[found] + 1  # 1 in 2D
+    diameters = 2 * np.sqrt(counts[found] / planes * sx * sy / np.pi)
     return _circles(rows[found], apply_affine(matrix, px), diameters, matrix, source)
 
 
@@ -442,7 +528,9 @@ def cell_geometries(
     Cells come from the shapes or labels element(s) that the table annotates (``uns["spatialdata_attrs"]``: region,
     region_key, instance_key), or from ``shapes_key``, transformed to ``coordinate_system``; without them, from
     the centroids in ``obsm[spatial_key]`` (taken to be in ``coordinate_system`` units already). The cells of a
-    labels element are circles of each label's area at its centroid (see :data:`MAX_LABEL_PIXELS`).
+    labels element are circles of each label's area at its centroid (see :data:`MAX_LABEL_PIXELS`). Annotated
+    elements without a transformation to ``coordinate_system`` are left out (one field of view per coordinate
+    system), and so are cells without a position (empty geometries, NaN coordinates), with a warning.
 
     Parameters
     ----------
@@ -467,9 +555,10 @@ def cell_geometries(
     KeyError
         ``shapes_key`` is not a shapes element.
     NoCoordinatesError
-        No coordinates at all (a ``ValueError``).
+        No coordinates at all, or none finite (a ``ValueError``).
     ValueError
-        The table cannot be matched to the shapes or labels.
+        The table cannot be matched to the shapes or labels, or none of the elements it annotates is in
+        ``coordinate_system``.
     """
     from spatialdata.models import get_table_keys
 
@@ -494,6 +583,25 @@ def cell_geometries(
         targets = [shapes_key]
     elif sdata is not None:
         targets = [r for r in regions if r in sdata.shapes or r in sdata.labels]
+        # A table may annotate one element per field of view, each in its own coordinate system (MIBI-TOF, CosMx
+        # FOVs): only those in coordinate_system are drawn there.
+        systems = {r: _coordinate_systems(sdata.shapes[r] if r in sdata.shapes else sdata.labels[r]) for r in targets}
+        inside = [r for r in targets if coordinate_system in systems[r]]
+        if targets and not inside:
+            found = sorted({cs for names in systems.values() for cs in names})
+            raise ValueError(
+                f"The elements the table annotates ({_available(targets)}) have no transformation to coordinate "
+                f"system {coordinate_system!r}, so its cells cannot be drawn there. Their coordinate systems: "
+                f"{_available(found)}. Pass one of them as coordinate_system."
+            )
+        if len(inside) < len(targets):
+            logger.info(
+                "Drawing the cells of %s in coordinate system %r; those of %s (not in it) are left out of the map.",
+                _available(inside),
+                coordinate_system,
+                _available(set(targets) - set(inside)),
+            )
+        targets = inside
     else:
         targets = []
 
@@ -516,6 +624,13 @@ def cell_geometries(
             geometries.append(_labels_geometry(element, matrix, ids, rows, name))
             continue
         gdf = sdata.shapes[name]
+        if name not in regions and len(regions) > 1 and adata.obs[instance_key].duplicated().any():
+            raise ValueError(
+                f"shapes_key={name!r} is not an element the table annotates, and the table's {instance_key!r} values "
+                f"repeat across the elements it annotates ({_available(regions)}), so its rows cannot be matched to "
+                f"the shapes of {name!r}. Leave shapes_key=None to draw the cells of the annotated elements, or link "
+                "the table to this element with spatialdata.models.TableModel.parse."
+            )
         pos = instance_positions(gdf.index, adata.obs[instance_key].to_numpy()[rows])
         found = pos >= 0
         if not found.any():
@@ -533,7 +648,7 @@ def cell_geometries(
         matrix = affine_matrix(gdf, coordinate_system, name=name)
         geometries.append(_shapes_geometry(gdf.iloc[pos[found]], matrix, rows[found], name))
     if geometries:
-        return geometries
+        return _placed_only(geometries)
 
     if spatial_key in adata.obsm:
         xy = np.asarray(adata.obsm[spatial_key], dtype=float)
@@ -541,15 +656,14 @@ def cell_geometries(
             raise ValueError(f"obsm[{spatial_key!r}] must be an (n_cells, 2) array of x, y; found shape {xy.shape}.")
         if sdata is not None:
             logger.info("No shapes found for the table; drawing centroids from obsm[%r] as they are.", spatial_key)
-        return [
-            CellGeometry(
-                rows=np.arange(adata.n_obs),
-                centers=xy[:, :2],
-                kind="points",
-                n_cells=adata.n_obs,
-                source=f"obsm[{spatial_key!r}]",
-            )
-        ]
+        geometry = CellGeometry(
+            rows=np.arange(adata.n_obs),
+            centers=xy[:, :2],
+            kind="points",
+            n_cells=adata.n_obs,
+            source=f"obsm[{spatial_key!r}]",
+        )
+        return _placed_only([geometry])
 
     where = (
         f"the table annotates {regions or 'no element'} (shapes elements: {_available(sdata.shapes.keys())}; "
@@ -562,6 +676,35 @@ def cell_geometries(
         f"(obsm keys: {_available(adata.obsm.keys())}). Add cell centroids as obsm[{spatial_key!r}] "
         "(n_cells x 2), or link the table to its shapes with spatialdata.models.TableModel.parse."
     )
+
+
+def _placed_only(geometries: list[CellGeometry]) -> list[CellGeometry]:
+    """Leave out the cells without a finite position (NaN centroids, vertices or radii), with a warning.
+
+    Raises
+    ------
+    NoCoordinatesError
+        No cell has a finite position.
+    """
+    kept = []
+    for geom in geometries:
+        ok = geom.placed()
+        if not ok.all():
+            logger.warning(
+                "%d of %d cells of %s have no finite position (NaN coordinates) and are not drawn.",
+                len(np.unique(geom.rows[~ok])),
+                geom.n_cells,
+                geom.source if geom.source.startswith("obsm[") else repr(geom.source),
+            )
+            geom = geom.take(np.flatnonzero(ok))
+        if len(geom.rows):
+            kept.append(geom)
+    if not kept:
+        raise NoCoordinatesError(
+            f"None of the cells has a finite position in {', '.join(g.source for g in geometries)} (all coordinates "
+            "are NaN or all geometries are empty). Check the cells' coordinates or pass the element that holds them."
+        )
+    return kept
 
 
 def _points_per_data_unit(ax: Axes) -> float:
@@ -984,11 +1127,15 @@ def draw_image(ax: Axes, layer: ImageLayer, *, zorder: float = 0) -> AxesImage:
 
 
 def set_spatial_limits(ax: Axes, bounds: Bounds, *, pad: float = 0.02) -> None:
-    """Frame ``bounds`` with equal aspect and y pointing down, as images are shown."""
+    """Frame ``bounds`` with equal aspect and y pointing down, as images are shown.
+
+    Bounds of no extent (one cell drawn as a point, or all cells at one spot) are framed by a box of
+    ``2 * SINGLE_SPOT_PAD`` units around them, not by one of float rounding size.
+    """
     xmin, xmax, ymin, ymax = bounds
-    dx = max(xmax - xmin, 1e-9) * pad
-    dy = max(ymax - ymin, 1e-9) * pad
-    d = max(dx, dy)
+    d = max(xmax - xmin, ymax - ymin, 0.0) * pad
+    if d <= 1e-9 * max(abs(xmin), abs(xmax), abs(ymin), abs(ymax), 1.0):
+        d = SINGLE_SPOT_PAD
     ax.set_xlim(xmin - d, xmax + d)
     ax.set_ylim(ymax + d, ymin - d)
     ax.set_aspect("equal")
