@@ -669,3 +669,106 @@ def test_ensembl_ids_match_across_versions():
         m.decision_function(x, genes=ids),
         rtol=1e-12,
     )
+
+
+def test_decision_function_refuses_a_matrix_its_gene_names_do_not_describe():
+    """A table wider than the model was scored on its first columns, whatever genes they held; now that is an error."""
+    m = _tiny_model()
+    x = np.array([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    with pytest.raises(ValueError, match="x has 5 columns but the model has 3 genes"):
+        m.decision_function(x)  # used to return the scores of columns 0-2
+    with pytest.raises(ValueError, match="x has 2 columns but the model has 3 genes"):
+        m.decision_function(x[:, :2])  # used to raise IndexError
+    with pytest.raises(ValueError, match="genes has 3 names but x has 5 columns"):
+        m.decision_function(x, genes=["a", "b", "c"])
+    with pytest.raises(ValueError, match="genes has 5 names but x has 3 columns"):
+        m.decision_function(x[:, :3], genes=["c", "b", "a", "d", "e"])
+    with pytest.raises(TypeError, match="not an AnnData"):
+        m.decision_function(ad.AnnData(x))
+    # what they should have been: the names given, column by column
+    named = m.decision_function(x, genes=["e", "c", "a", "d", "b"])
+    np.testing.assert_allclose(named, m.decision_function(x[:, [2, 4, 1]]), rtol=1e-12)
+    np.testing.assert_allclose(m.decision_function(x[0, :3]), m.decision_function(x[:, :3]), rtol=0)  # one cell
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "minibatch", "epochs": 0}, "epochs must be a positive whole number"),
+        ({"method": "minibatch", "batch_size": 0}, "batch_size must be a positive whole number"),
+        ({"method": "auto", "batch_size": 2.5}, "batch_size must be a positive whole number"),
+        ({"method": "lbfgs"}, "Unknown training method 'lbfgs'"),
+        ({"clip": float("nan")}, "clip must be a number"),
+    ],
+)
+def test_fit_model_refuses_settings_that_cannot_train(monkeypatch, kwargs, match):
+    """Such settings failed after the data were scaled, with AttributeError / 'range() arg 3' / sklearn's NaN error."""
+    import spatialcx.model._train as train
+
+    def no_scaling(*args, **kw):
+        raise AssertionError("the data were scaled before the settings were checked")
+
+    monkeypatch.setattr(train, "_scale_params", no_scaling)
+    ref = _lognorm(_counts(n=200, g=20, k=3))
+    with pytest.raises(ValueError, match=match):
+        fit_model(ref.X, ref.obs["label"], ref.var_names, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["auto", "logreg", "sgd"])
+def test_balance_cell_type_outside_minibatch_is_reported(caplog, method):
+    """balance_cell_type only changes mini-batch training; asked for with another method it was ignored silently."""
+    ref = _lognorm(_counts(n=300, g=20, k=3))
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        fit_model(ref.X, ref.obs["label"], ref.var_names, method=method, balance_cell_type=True, calibrate=False)
+    assert "balance_cell_type applies to method='minibatch' only" in caplog.text
+    assert f"method={method!r}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        fit_model(ref.X, ref.obs["label"], ref.var_names, method="minibatch", epochs=1, balance_cell_type=True)
+        fit_model(ref.X, ref.obs["label"], ref.var_names, method=method, calibrate=False)
+    assert "balance_cell_type" not in caplog.text
+
+
+def test_duplicated_features_and_npz_given_to_from_celltypist_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match=r"1 duplicated gene names \(e.g. \['a'\]\).*var_names_make_unique"):
+        _tiny_model(features=["a", "b", "a"])
+    path = _tiny_model().save(tmp_path / "m.npz")
+    # was: "not a readable CellTypist model ... A load persistent id instruction was encountered" (the zip unpickled)
+    with pytest.raises(ValueError, match=r"zip \(\.npz\) archive, not a CellTypist \.pkl.*CellTypeModel\.load"):
+        scx.CellTypeModel.from_celltypist(path, trust_pickle=True)
+
+
+def test_real_celltypist_model_scores_as_celltypist_annotate(shared_data, tmp_path):
+    """A model trained by celltypist on a real scRNA-seq reference, imported as an object and from its .pkl, scores
+    a real MERFISH query (genes reordered, some missing, an extra and a repeated non-model gene) as celltypist does."""
+    import celltypist
+
+    folder = shared_data("hypothalamus_merfish_pair")
+    ref = _lognorm(ad.read_h5ad(folder / "reference_scrna.h5ad"))
+    query = _lognorm(ad.read_h5ad(folder / "merfish_query.h5ad"))
+    ct_model = celltypist.train(ref, labels="cell_type_author", use_SGD=True, max_iter=50, n_jobs=1)
+    ct_model.write(str(tmp_path / "hyp.pkl"))
+    cols = np.random.default_rng(0).permutation(query.n_vars)[:120]
+    dense = query.X[:, cols].toarray()
+    q = ad.AnnData(np.hstack([dense, np.ones((query.n_obs, 3))]), obs=query.obs[[]])
+    q.var_names = [*query.var_names[cols], "extra", "dup", "dup"]
+    res = celltypist.annotate(q.copy(), model=ct_model, majority_voting=False)
+    theirs = res.decision_matrix.to_numpy()
+    for source in (ct_model, tmp_path / "hyp.pkl"):
+        model = scx.CellTypeModel.from_celltypist(source, trust_pickle=True)
+        assert model.classes.tolist() == res.decision_matrix.columns.astype(str).tolist()
+        ours = model.decision_function(q.X, q.var_names)
+        assert np.abs(ours - theirs).max() <= 1e-9 * np.abs(theirs).max()
+        assert (model.classes[ours.argmax(1)] == res.predicted_labels["predicted_labels"].astype(str)).all()
+
+
+def test_description_with_numpy_or_tuple_keys_saves_and_exports(tmp_path):
+    """``dict(zip(np.unique(y), counts))`` has np.int64 keys: save and to_celltypist raised json's TypeError on them."""
+    labels, counts = np.unique(np.array([3, 1, 3]), return_counts=True)
+    m = _tiny_model(
+        description={"counts": dict(zip(labels, counts, strict=True)), ("a", "b"): [np.float32(1.5), (1, 2)]}
+    )
+    back = scx.CellTypeModel.load(m.save(tmp_path / "m.npz"))
+    assert back.description == {"counts": {"1": 1, "3": 2}, "('a', 'b')": [1.5, [1, 2]]}
+    assert back.model_hash == m.model_hash
+    assert scx.CellTypeModel.from_celltypist(m.to_celltypist()).description == back.description

@@ -61,6 +61,20 @@ def test_annotate_with_too_few_shared_genes_points_to_train_and_predict():
         scx.tl.annotate(query, ref, label_keys="label", plots=False, add_ontology=False)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"method": "lbfgs"}, "Unknown training method"), ({"epochs": 0}, "epochs must be")]
+)
+def test_train_refuses_settings_that_cannot_train_before_reading_the_reference(monkeypatch, kwargs, match):
+    import spatialcx.pp._normalization as norm
+
+    def no_reading(*args, **kw):
+        raise AssertionError("the reference was read before the settings were checked")
+
+    monkeypatch.setattr(norm, "find_expression_source", no_reading)
+    with pytest.raises(ValueError, match=match):
+        scx.tl.train(_data(n=100, seed=1), "label", **kwargs)
+
+
 def test_train_gene_floor_is_annotates_for_small_panels():
     ref = _data(n=300, seed=1)
     small = [f"G{i}" for i in range(6)] + [f"Other{i}" for i in range(6)]  # 6 of 12: half a small panel is enough
@@ -489,6 +503,30 @@ def test_train_on_a_lazy_reference_equals_in_memory(tmp_path):
     assert scx.tl.train(lazy, "label", genes=genes).model_hash == expected
     handle = scx.io.read_reference(tmp_path / "ref.zarr", label_key="label")
     assert scx.tl.train(handle, "label", genes=genes).model_hash == expected
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_predict_on_a_lazy_csc_table_reads_rows_from_the_file(model, tmp_path, suffix):
+    """anndata's lazy CSC array holds every row in each chunk: scoring it through dask would load whole columns (the
+    whole table); its blocks of rows are read from the file instead, and nothing is computed through dask."""
+    import dask
+
+    def no_dask_compute(*args, **kwargs):
+        raise AssertionError("computed through dask")
+
+    q = _data(n=900, seed=9)
+    eager = q.copy()
+    scx.tl.predict(eager, model)
+    q.X = sparse.csc_matrix(q.X)
+    path = tmp_path / f"q{suffix}"
+    q.write_h5ad(path) if suffix == ".h5ad" else q.write_zarr(path)
+    lazy = ad.experimental.read_lazy(path)
+    with dask.config.set(scheduler=no_dask_compute):
+        out = scx.tl.predict(lazy, model, chunk_size=200, copy=True)
+    np.testing.assert_allclose(out.obsm["cell_type_decision_scores"], eager.obsm["cell_type_decision_scores"])
+    predicted = out.obs["cell_type_predicted"]
+    predicted = predicted.compute() if hasattr(predicted, "compute") else predicted
+    assert (np.asarray(predicted) == eager.obs["cell_type_predicted"].to_numpy()).all()
 
 
 def test_predict_lazy_zarr_table_on_dask_distributed(model, tmp_path):

@@ -196,8 +196,14 @@ class CellTypeModel:
             raise ValueError(
                 f"target_sum must be a positive number of counts per cell (10,000), got {self.target_sum}."
             )
-        if pd.Index(self.features).has_duplicates:
-            raise ValueError("The model's features contain duplicated gene names.")
+        repeated = pd.Index(self.features)
+        repeated = repeated[repeated.duplicated()].unique()
+        if len(repeated):
+            raise ValueError(
+                f"The model's features contain {len(repeated)} duplicated gene names (e.g. {list(repeated[:5])}): each "
+                "gene must name one column of coef, or a query column would be scored twice. Make the names unique "
+                "(e.g. train on an AnnData after `adata.var_names_make_unique()`)."
+            )
         if self.normalize_over not in ("genes", "all"):
             raise ValueError(f"normalize_over must be 'genes' or 'all', got {self.normalize_over!r}.")
         if self.calibration is not None:
@@ -288,13 +294,38 @@ class CellTypeModel:
         Returns
         -------
         ``(n_cells, n_classes)`` float64 scores, equal to CellTypist's decision matrix.
+
+        Raises
+        ------
+        ValueError
+            When ``x`` has another number of columns than ``genes`` names (or, without ``genes``, than the model has
+            genes).
+        TypeError
+            When ``x`` is an AnnData (pass ``adata.X`` and ``genes=adata.var_names``).
         """
+        if hasattr(x, "X") and hasattr(x, "var_names"):
+            raise TypeError(
+                "decision_function takes an expression matrix, not an AnnData: pass its log1p-normalized matrix and "
+                "its gene names, `model.decision_function(adata.X, genes=adata.var_names)`, or use "
+                "`scx.tl.predict(adata, model)`, which normalizes the counts itself."
+            )
+        x = sparse.csr_matrix(x)
         if genes is None:
-            present = np.arange(self.n_features)
-            cols = present
-        else:
-            present, cols = self.match_genes(genes)
-        return self.scoring_weights(present).score(sparse.csr_matrix(x)[:, cols])
+            if x.shape[1] != self.n_features:
+                raise ValueError(
+                    f"x has {x.shape[1]} columns but the model has {self.n_features} genes. Without `genes`, the "
+                    "columns of x must be the model's features in order; pass the column names to score any other "
+                    "matrix: `model.decision_function(x, genes=adata.var_names)`."
+                )
+            return self.scoring_weights(np.arange(self.n_features)).score(x)
+        genes = as_str_array(genes)
+        if len(genes) != x.shape[1]:
+            raise ValueError(
+                f"genes has {len(genes)} names but x has {x.shape[1]} columns: pass one name per column of x, in "
+                "order (e.g. `genes=adata.var_names` with `adata.X`)."
+            )
+        present, cols = self.match_genes(genes)
+        return self.scoring_weights(present).score(x[:, cols])
 
     def match_genes(self, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Locate the model's genes among the column names of a query.
@@ -345,9 +376,9 @@ class CellTypeModel:
         """Write the model to an ``.npz`` archive of plain arrays and JSON metadata (loading it executes no code).
 
         The archive holds the features, classes, weights, intercept and scaler as arrays, and the clip,
-        normalization, target sum, description, calibration and :attr:`~spatialcx.CellTypeModel.model_hash` as JSON. The file is written
-        atomically: an interrupted save leaves any previous file at ``path`` intact. Missing parent folders are
-        created.
+        normalization, target sum, description, calibration and :attr:`~spatialcx.CellTypeModel.model_hash` as
+        JSON. The file is written atomically: an interrupted save leaves any previous file at ``path`` intact.
+        Missing parent folders are created.
 
         Parameters
         ----------
@@ -369,7 +400,8 @@ class CellTypeModel:
             "normalize_over": self.normalize_over,
             "target_sum": self.target_sum,
             "model_hash": self.model_hash,
-            "description": self.description,
+            # keys as JSON can hold them (json.dumps refuses numpy or tuple keys, e.g. np.int64 labels' counts)
+            "description": _jsonable(self.description),
         }
         if self.calibration is not None:
             meta["calibration"] = self.calibration
@@ -399,9 +431,9 @@ class CellTypeModel:
         Parameters
         ----------
         path
-            The ``.npz`` file written by :meth:`~spatialcx.CellTypeModel.save`, or the name given to ``save`` (``"model"``
-            finds ``model.npz`` when there is no file ``model``). CellTypist ``.pkl`` models are not read here; import
-            them with :meth:`from_celltypist`.
+            The ``.npz`` file written by :meth:`~spatialcx.CellTypeModel.save`, or the name given to ``save``
+            (``"model"`` finds ``model.npz`` when there is no file ``model``). CellTypist ``.pkl`` models are not read
+            here; import them with :meth:`from_celltypist`.
 
         Returns
         -------
@@ -533,6 +565,13 @@ class CellTypeModel:
                     f"No CellTypist model file at {str(path)!r} (resolved: {str(path.resolve())!r}). Pass the path "
                     "of a local .pkl file; CellTypist model names are not downloaded here: fetch them with "
                     "`celltypist.models.download_models(model=...)` and pass the file's path."
+                )
+            with open(path, "rb") as fh:
+                magic = fh.read(2)
+            if magic == b"PK":  # a zip: what CellTypeModel.save writes, never a pickle
+                raise ValueError(
+                    f"{path} is a zip (.npz) archive, not a CellTypist .pkl: a model written by CellTypeModel.save? "
+                    "Read it with `scx.CellTypeModel.load(path)`."
                 )
             from celltypist.models import Model
 
@@ -724,7 +763,7 @@ def _restore_exported(cls: type[CellTypeModel], exported: Any, arrays: dict[str,
 
 def _plain_json(v: Any) -> Any:
     """``v`` as plain JSON values (dicts, lists, str, numbers, bools, None), as :meth:`CellTypeModel.save` writes it."""
-    return None if v is None else json.loads(json.dumps(v, default=_json_default))
+    return None if v is None else json.loads(json.dumps(_jsonable(v), default=_json_default))
 
 
 def _jsonable(v: Any) -> Any:

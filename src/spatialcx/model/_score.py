@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import sparse
 
-from spatialcx._matrix import default_chunk_size, is_dask, iter_row_blocks, normalize_block
+from spatialcx._matrix import _stored_csc, default_chunk_size, is_dask, iter_row_blocks, normalize_block
 from spatialcx._settings import n_workers, settings
 from spatialcx._utils import as_str_array, progress
 from spatialcx.model._model import CellTypeModel, ScoringWeights
@@ -98,7 +98,8 @@ def score_matrix(
 
     Each block of rows is read, log1p-normalized (over the model's genes found in the table, or over all genes) and
     scored on its sparse non-zeros; dask arrays are scored block-parallel with whatever scheduler is active,
-    ``dask.distributed`` included.
+    ``dask.distributed`` included, except a lazily read CSC matrix (its dask chunks hold every row, so a block of rows
+    would load whole columns): its blocks of rows are read straight from the file, in this process.
 
     ``where`` names the matrix in error messages (``"layers['counts']"``).
 
@@ -114,7 +115,7 @@ def score_matrix(
     present, cols = model.match_genes(as_str_array(var_names))
     sw = model.scoring_weights(present)
     chunk = scoring_chunk_size(matrix, len(cols), chunk_size)
-    if is_dask(matrix):
+    if is_dask(matrix) and _stored_csc(matrix) is None:  # a lazy CSC matrix on disk: read by rows below instead
         scores, expressed = _score_dask(matrix, cols, kind, over, model.target_sum, sw, chunk, where)
         return scores, present, expressed
     n = matrix.shape[0]

@@ -49,6 +49,17 @@ def _coef_from(clf: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, intercept
 
 
+def _check_fit_params(method: Any, batch_size: Any, epochs: Any, clip: Any) -> None:
+    """A ValueError for settings that cannot train, raised before the data are read or densified."""
+    if method not in ("auto", "logreg", "sgd", "minibatch"):
+        raise ValueError(f"Unknown training method {method!r}; use 'auto', 'logreg', 'sgd' or 'minibatch'.")
+    for name, value, what in (("batch_size", batch_size, "cells per mini-batch"), ("epochs", epochs, "passes")):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive whole number of {what} (mini-batch SGD), got {value!r}.")
+    if isinstance(clip, bool) or not isinstance(clip, int | float | np.number) or np.isnan(clip):
+        raise ValueError(f"clip must be a number (the upper clip of scaled values; CellTypist: 10), got {clip!r}.")
+
+
 def fit_model(
     x: sparse.spmatrix | np.ndarray,
     labels: Sequence[str] | np.ndarray,
@@ -83,6 +94,7 @@ def fit_model(
     fit) and the confidence calibration is fitted on them (stored as ``model.calibration``; see
     :func:`spatialcx.tl.transform_confidence`).
     """
+    _check_fit_params(method, batch_size, epochs, clip)
     from sklearn.linear_model import LogisticRegression, SGDClassifier
     from sklearn.multiclass import OneVsRestClassifier
 
@@ -105,8 +117,17 @@ def fit_model(
         raise ValueError("No gene is expressed in the training cells.")
     mean, scale = _scale_params(x, with_mean)
     n, g = x.shape
+    asked = method
     if method == "auto":
         method = "logreg" if n * g <= AUTO_DENSE_LIMIT else "minibatch"
+    if balance_cell_type and method != "minibatch":
+        logger.warning(
+            "balance_cell_type applies to method='minibatch' only (it draws the cells of each mini-batch); method=%r%s "
+            "trains on every cell once, unbalanced. Pass method='minibatch' to balance the cell types, or balance the "
+            "reference first with scx.pp.subsample_balanced.",
+            asked,
+            f" (here {method!r})" if asked != method else "",
+        )
     if max_iter is None:
         max_iter = 1000 if n < 50_000 else 500 if n < 500_000 else 200
     rng = np.random.default_rng(random_state)
@@ -137,8 +158,8 @@ def fit_model(
             for start in range(0, n, batch_size):
                 idx = np.sort(order[start : start + batch_size])
                 clf.partial_fit(_scaled_dense(x[idx], mean, scale, clip), labels[idx], classes=classes)
-    else:
-        raise ValueError(f"Unknown training method {method!r}; use 'auto', 'logreg', 'sgd' or 'minibatch'.")
+    else:  # pragma: no cover - rejected by _check_fit_params
+        raise AssertionError(method)
 
     coef, intercept = _coef_from(clf, len(classes))
     clf_classes = as_str_array(getattr(clf, "classes_", classes))

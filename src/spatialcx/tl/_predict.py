@@ -171,7 +171,9 @@ def train(
     The trained :class:`~spatialcx.CellTypeModel`.
     """
     from spatialcx import __version__
+    from spatialcx.model._train import _check_fit_params
 
+    _check_fit_params(method, batch_size, epochs, 10.0)  # before the reference is read
     labels = _labels(reference, label_key)
     excluded = label_list(exclude_labels)
     panel = _resolve_genes(genes)
