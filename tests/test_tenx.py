@@ -655,3 +655,63 @@ def test_suffix_stripping_keeps_its_rules():
 
     ids = pd.Index(["AAAC-1", "AAAC-12", "a-b", "x-", "cellid_000000042-1", "cellid_000", "cellid_12a-1", "c-1-2", "7"])
     assert list(_strip_suffix(ids)) == ["AAAC", "AAAC", "a-b", "x-", "42", "0", "cellid_12a", "c-1", "7"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files as users export them, and tables as users build them
+
+
+def test_rows_with_more_fields_than_the_header(tmp_path):
+    # a delimiter at the end of each row (empty last field): read as it is, never the labels as barcodes
+    (tmp_path / "clusters.csv").write_text("Barcode,Cluster\naaabckmo-1,1,\naaabckmp-1,10,\n")
+    df = scx.io.read_10x_cell_types(tmp_path / "clusters.csv")
+    assert list(df.index) == ["aaabckmo-1", "aaabckmp-1"] and df["fine_cell_type"].tolist() == ["1", "10"]
+    # a label holding the delimiter without quotes: its fields would shift or be lost
+    for text in ("cell_id,group\na-1,T cell, CD4\nb-1,B cell\n", "cell_id,group\na-1,B cell\nb-1,T cell, CD4\n"):
+        (tmp_path / "groups.csv").write_text(text)
+        with pytest.raises(ValueError, match="a row has more fields than the header.*Quote the fields"):
+            scx.io.read_10x_cell_types(tmp_path / "groups.csv")
+
+
+def test_xenium_explorer_export_with_bom_crlf_and_quotes(tmp_path):
+    text = '\ufeff"cell_id","group","color"\r\n"aaabckmo-1","T cell, CD4","#1f77b4"\r\n"aaabckmp-1","","#ff7f0e"\r\n'
+    (tmp_path / "groups.csv").write_bytes(text.encode("utf-8"))
+    df = scx.io.read_10x_cell_types(tmp_path / "groups.csv")
+    assert df.attrs["source"] == "xenium_explorer" and list(df.index) == ["aaabckmo-1", "aaabckmp-1"]
+    assert df["fine_cell_type"].iloc[0] == "T cell, CD4" and pd.isna(df["fine_cell_type"].iloc[1])
+
+
+def test_repeated_table_ids_are_reported(tmp_path, caplog):
+    import logging
+
+    # two samples concatenated: their Xenium cell ids repeat; the file is of one sample
+    (tmp_path / "groups.csv").write_text("cell_id,group\naaabckmo-1,T cell\naaabckmp-1,B cell\n")
+    obs = pd.DataFrame({"cell_id": ["aaabckmo-1", "aaabckmp-1", "aaabckmo-1"]}, index=["s1_0", "s1_1", "s2_0"])
+    adata = ad.AnnData(obs=obs)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.io.add_10x_cell_types(adata, tmp_path / "groups.csv", add_ontology=False)
+    assert "2 table cells share their id (matched by obs['cell_id'])" in caplog.text
+    assert "(1 file cells, e.g. ['aaabckmo-1'])" in caplog.text
+    assert adata.obs["10x_fine"].astype(object).tolist() == ["T cell", "B cell", "T cell"]
+
+
+def test_cluster_numbers_are_categories_in_numeric_order(tmp_path):
+    (tmp_path / "clusters.csv").write_text("Barcode,Cluster\na-1,10\nb-1,2\nc-1,1\nd-1,2\n")
+    adata = table(["a-1", "b-1", "c-1", "d-1"], extra=0)
+    scx.io.add_10x_cell_types(adata, tmp_path / "clusters.csv", add_ontology=False)
+    fine = adata.obs["10x_fine"]
+    assert fine.cat.categories.tolist() == ["1", "2", "10"] and fine.astype(object).tolist() == ["10", "2", "1", "2"]
+    (tmp_path / "groups.csv").write_text("cell_id,group\na-1,Cluster 2\nb-1,Cluster 10\n")
+    scx.io.add_10x_cell_types(adata, tmp_path / "groups.csv", add_ontology=False)
+    assert adata.obs["10x_fine"].cat.categories.tolist() == ["Cluster 10", "Cluster 2"]  # text: as pandas sorts it
+
+
+def test_file_without_any_label_is_reported(tmp_path, caplog):
+    import logging
+
+    (tmp_path / "groups.csv").write_text("cell_id,group\na-1,\nb-1,\n")
+    adata = table(["a-1", "b-1"], extra=0)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.io.add_10x_cell_types(adata, tmp_path / "groups.csv")
+    assert "none of the 2 matched cells has a label in groups.csv (columns ['group'] are empty)" in caplog.text
+    assert adata.obs[["10x_fine", "10x_ontology_term_id"]].isna().all().all()

@@ -6,6 +6,7 @@ import io
 import lzma
 import re
 import tarfile
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from pandas.errors import ParserError
+from pandas.errors import ParserError, ParserWarning
 
 from .._constants import UNKNOWN_ONTOLOGY_ID
 from .._settings import logger
@@ -104,8 +105,9 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
     FileNotFoundError
         No such file, or no / several ``cell_types.csv`` (or, without one, ``clusters.csv``) in the folder or archive.
     ValueError
-        Not a readable CSV (binary content, text that is not UTF-8, a truncated or damaged ``.gz``), a header without
-        rows, no barcode column, no cell type column, duplicated barcodes, or non-numeric values in a numeric column.
+        Not a readable CSV (binary content, text that is not UTF-8, a truncated or damaged ``.gz``, a row with more
+        fields than the header), a header without rows, no barcode column, no cell type column, duplicated barcodes,
+        or non-numeric values in a numeric column.
     """
     path = _find_csv(Path(path).expanduser())
     name = path.name
@@ -116,15 +118,19 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
             name = f"{path.name}/{member[0]}"
             source = io.BytesIO(member[1])
         compression, sep = _sniff(source, path.suffix if member is None else Path(member[0]).suffix)
-        raw = pd.read_csv(
-            source,
-            sep=sep,
-            compression=compression,
-            dtype=str,
-            keep_default_na=False,
-            na_values=[""],
-            encoding="utf-8",
-        )
+        with warnings.catch_warnings():
+            # rows with more (non-empty) fields than the header: an error rather than fields dropped in silence
+            warnings.simplefilter("error", ParserWarning)
+            raw = pd.read_csv(
+                source,
+                sep=sep,
+                compression=compression,
+                dtype=str,
+                keep_default_na=False,
+                na_values=[""],
+                encoding="utf-8",
+                index_col=False,  # never take the barcodes as an index (and the labels as barcodes) on ragged rows
+            )
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"{name} is empty; expected a header with a barcode and cell type columns.") from e
     except (PermissionError, FileNotFoundError):  # unreadable, or no / several candidate files in an archive
@@ -138,17 +144,24 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
         zipfile.BadZipFile,
         tarfile.TarError,
         ParserError,
+        ParserWarning,
     ) as e:
+        fix = (
+            "Pass the cell_types.csv (UTF-8 text, optionally gzipped) written by Cell Ranger / Space Ranger, copying "
+            "or downloading it again if it was cut short."
+        )
         if isinstance(e, UnicodeDecodeError):
             why = "its content is not UTF-8 text (a binary file, or text in another encoding?)"
-        elif isinstance(e, ParserError):
-            why = "its content cannot be parsed as CSV (a binary file?)"
+        elif isinstance(e, ParserError | ParserWarning):
+            why = (
+                "a row has more fields than the header (a label holding the delimiter without quotes?), or the "
+                "content is not CSV (a binary file?)"
+            )
+            fix = 'Quote the fields that hold the delimiter ("T cell, CD4"), or pass a CSV written by the 10x tools.'
         else:  # EOFError, zlib / lzma / zip errors, gzip.BadGzipFile (an OSError)
             why = "the file is truncated or damaged (an interrupted download or copy?)"
         raise ValueError(
-            f"{str(path)!r} is not a readable 10x cell_types CSV: {why}; {type(e).__name__}: {e}. Pass the "
-            "cell_types.csv (UTF-8 text, optionally gzipped) written by Cell Ranger / Space Ranger, copying or "
-            "downloading it again if it was cut short."
+            f"{str(path)!r} is not a readable 10x cell_types CSV: {why}; {type(e).__name__}: {str(e).strip()}. {fix}"
         ) from e
     rename = _canonical_columns(raw.columns)
     loupe = False
@@ -251,13 +264,15 @@ def add_10x_cell_types(
     -------
     ``None``, or a copy of ``data`` when ``copy=True``. Writes obs columns ``{key_added}_broad``,
     ``{key_added}_coarse``, ``{key_added}_fine``, ``{key_added}_coarse_unfiltered``, ``{key_added}_hierarchy``
-    (categorical), ``{key_added}_probability``, ``{key_added}_umi_count``, ``{key_added}_cell_count_in_model``
-    (float; those present in the file; missing for cells not in it), ``{key_added}_ontology_term_id`` and
+    (categorical; cluster numbers in numeric order), ``{key_added}_probability``, ``{key_added}_umi_count``,
+    ``{key_added}_cell_count_in_model`` (float; those present in the file; missing for cells not in it),
+    ``{key_added}_ontology_term_id`` and
     ``{key_added}_ontology_label`` (CL id and name of the finest level, ``"unknown"`` where no term fits; with
     ``add_ontology``, or the ids of the file), and ``uns[key_added]`` (source, file name, ids matched by, level used
     for the CL ids, matching counts, columns written). Columns that an earlier call with the same ``key_added`` wrote
     and this one does not are removed; replacing an obs column it did not write is logged as a warning. Fewer than
-    half of the table's cells in the file is logged as a warning.
+    half of the table's cells in the file, table cells that share an id (and so one file row), and a file without any
+    label are logged as warnings.
 
     Raises
     ------
@@ -289,8 +304,22 @@ def add_10x_cell_types(
     id_source, pos = _match_ids(adata, df, id_key)
     matched = pos >= 0
     n_matched = int(matched.sum())
-    n_file_unmatched = int(df.shape[0] - np.count_nonzero(np.bincount(pos[matched], minlength=df.shape[0])))
+    hits = np.bincount(pos[matched], minlength=df.shape[0])
+    n_file_unmatched = int(df.shape[0] - np.count_nonzero(hits))
     file_name = df.attrs.get("file", "the file")
+    n_shared = int(hits[hits > 1].sum())
+    if n_shared:  # one file cell given to several table cells: ids repeated in the table, e.g. of several samples
+        shared = pd.unique(df.index.to_numpy()[np.flatnonzero(hits > 1)])
+        logger.warning(
+            "add_10x_cell_types: %d table cells share their id (matched by %s) with another table cell and got the "
+            "same row of %s (%d file cells, e.g. %s). Are cells of several samples concatenated in the table? Annotate "
+            "one sample's cells at a time, or pass id_key= an obs column whose ids are unique.",
+            n_shared,
+            id_source,
+            file_name,
+            shared.size,
+            list(shared[:3]),
+        )
     if n_matched < 0.5 * adata.n_obs:
         logger.warning(
             "add_10x_cell_types: only %d of %d table cells (%.0f%%) are in %s (matched by %s); the others get missing "
@@ -319,9 +348,17 @@ def add_10x_cell_types(
         else:
             vals = np.where(matched, vals.astype(object), None)
             vals = pd.Series(vals, dtype=object).where(lambda s: s.notna(), np.nan)
-            new_cols[f"{key_added}_{short}"] = pd.Categorical(vals)
+            new_cols[f"{key_added}_{short}"] = _labels_categorical(vals)
 
     levels = [lvl for lvl in LEVELS if lvl in df.columns]
+    if all(new_cols[f"{key_added}_{_OUT_NAMES[lvl]}"].isna().all() for lvl in levels):
+        logger.warning(
+            "add_10x_cell_types: none of the %d matched cells has a label in %s (columns %s are empty): all cells get "
+            "missing values. Was the file exported before the cells were grouped?",
+            n_matched,
+            file_name,
+            [df.attrs.get("label_column", lvl) if lvl == "fine_cell_type" else lvl for lvl in levels],
+        )
     onto_level = levels[-1]
     onto_key = f"{key_added}_ontology_term_id"
     onto_source = None
@@ -568,15 +605,19 @@ def _match_ids(adata: AnnData, df: pd.DataFrame, id_key: str | None) -> tuple[st
     near-tie with a different pairing is reported.
     """
     file_ids = _as_ids(df.index)
-    file_stripped = _strip_suffix(file_ids)
+    file_stripped: pd.Index | None = None
     tried: list[tuple[int, str, np.ndarray]] = []
     collisions: list[str] = []
     candidates = _id_candidates(adata, id_key)
     for name, ids in candidates.items():
         pos = file_ids.get_indexer(ids)
         tried.append((int((pos >= 0).sum()), name, pos))
-        if not file_stripped.is_unique or (pos >= 0).all():
-            continue  # (with every cell paired, ignoring the suffix would pair them the same)
+        if (pos >= 0).all():
+            continue  # with every cell paired, ignoring the suffix would pair them the same
+        if file_stripped is None:  # only when needed: a Python loop over the file's ids
+            file_stripped = _strip_suffix(file_ids)
+        if not file_stripped.is_unique:
+            continue
         pos = file_stripped.get_indexer(_strip_suffix(ids))
         hit = pos >= 0
         sel = hit & (np.bincount(pos[hit], minlength=len(file_ids)) > 1)[np.maximum(pos, 0)]  # rows hit twice or more
@@ -615,6 +656,15 @@ def _match_ids(adata: AnnData, df: pd.DataFrame, id_key: str | None) -> tuple[st
             rivals[0][0],
         )
     return name, pos
+
+
+def _labels_categorical(values: pd.Series) -> pd.Categorical:
+    """Labels as a categorical; cluster numbers (``1``, ``2``, ``10``) in numeric rather than text order."""
+    cat = pd.Categorical(values)
+    numbers = pd.to_numeric(pd.Series(cat.categories), errors="coerce")
+    if len(numbers) > 1 and numbers.notna().all():
+        cat = cat.reorder_categories(cat.categories[np.argsort(numbers.to_numpy(), kind="stable")])
+    return cat
 
 
 def _previous_columns(adata: AnnData, key_added: str) -> list[str]:
