@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -363,25 +365,37 @@ def test_a_spatialdata_store_as_reference_says_to_pass_its_table(tmp_path):
     assert lazy.n_obs == 60
 
 
-@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
-def test_read_reference_subset_is_read_straight_from_disk(tmp_path, fmt, monkeypatch):
-    """With genes and max_cells, X and the counts layer read only the chosen rows and genes, in bounded chunks."""
+def _integer_reference_file(tmp_path, fmt: str, layout) -> tuple[ad.AnnData, Path]:
+    """A 400-cell x 40-gene reference with integer counts in X and layers["counts"] (``layout``: CSR or CSC), written."""
     ref = make_reference(n=400, n_genes=40)
-    ref.X = sp.csr_matrix(ref.X.astype(np.int32))
+    ref.X = layout(ref.X.astype(np.int32))
     ref.layers["counts"] = ref.X.copy()
     path = tmp_path / f"r.{fmt}"
     ref.write_h5ad(path) if fmt == "h5ad" else ref.write_zarr(path)
-    monkeypatch.setattr(_reference, "MIN_CHUNK_ROWS", 16)
-    monkeypatch.setattr(_reference, "MAX_CHUNK_ROWS", 16)
-    read_rows = []
+    return ref, path
+
+
+def _count_chunk_reads(monkeypatch, axis: int) -> list[int]:
+    """The rows (``axis=0``) or genes (``axis=1``) of every chunk the lazy reader reads, in order, as it reads them."""
+    seen: list[int] = []
     real = _reference._read_csr_chunk
 
     def counting(source, block_info=None):
         out = real(source, block_info)
-        read_rows.append(out.shape[0])
+        seen.append(out.shape[axis])
         return out
 
     monkeypatch.setattr(_reference, "_read_csr_chunk", counting)
+    return seen
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_read_reference_subset_is_read_straight_from_disk(tmp_path, fmt, monkeypatch):
+    """With genes and max_cells, X and the counts layer read only the chosen rows and genes, in bounded chunks."""
+    ref, path = _integer_reference_file(tmp_path, fmt, sp.csr_matrix)
+    monkeypatch.setattr(_reference, "MIN_CHUNK_ROWS", 16)
+    monkeypatch.setattr(_reference, "MAX_CHUNK_ROWS", 16)
+    read_rows = _count_chunk_reads(monkeypatch, axis=0)
     genes = ["Gene7", "Gene2", "Gene30"]
     lazy = scx.io.read_reference(path, label_key="cell_type", genes=genes, max_cells=100, random_state=3)
     assert lazy.X.chunks[0] == (16,) * 6 + (4,)
@@ -441,21 +455,9 @@ def test_read_reference_of_a_csc_file_reads_only_the_chosen_genes(tmp_path, fmt,
     """A CSC reference subset by genes and max_cells reads the chosen genes' columns, not blocks of 1,000 columns."""
     import dask
 
-    ref = make_reference(n=400, n_genes=40)
-    ref.X = sp.csc_matrix(ref.X.astype(np.int32))
-    ref.layers["counts"] = ref.X.copy()
-    path = tmp_path / f"r.{fmt}"
-    ref.write_h5ad(path) if fmt == "h5ad" else ref.write_zarr(path)
+    ref, path = _integer_reference_file(tmp_path, fmt, sp.csc_matrix)
     truth = sp.csr_matrix(ref.X)
-    read_cols = []
-    real = _reference._read_csr_chunk
-
-    def counting(source, block_info=None):
-        out = real(source, block_info)
-        read_cols.append(out.shape[1])
-        return out
-
-    monkeypatch.setattr(_reference, "_read_csr_chunk", counting)
+    read_cols = _count_chunk_reads(monkeypatch, axis=1)
     genes = ["Gene7", "Gene2", "Gene30"]
     lazy = scx.io.read_reference(path, label_key="cell_type", genes=genes, max_cells=100, random_state=3)
     assert lazy.X.name.startswith("spatialcx-csc-") and lazy.layers["counts"].name.startswith("spatialcx-csc-")
