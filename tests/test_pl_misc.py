@@ -312,3 +312,48 @@ def test_threshold_figure_is_closed_unless_show_and_saved_atomically(classified,
     assert not (tmp_path / "t.txt").exists() and plt.get_fignums() == []  # the figure was left open
     with pytest.raises(TypeError, match="threshold: show must be True or False"):
         scx.pl.threshold(classified, "t", show=None)
+
+
+def test_ontology_mapping_long_labels_differing_at_their_end_stay_distinct():
+    # long author labels that differ only at the end were all cut to the same text: the rows could not be told apart
+    names = [f"a very long cell type name from a reference atlas, subtype number {i}" for i in range(12)]
+    table = pd.DataFrame(
+        {
+            "input_label": [*names, "B cells"],
+            "ontology_term_id": ["unknown"] * 12 + ["CL:0000236"],
+            "ontology_label": ["unknown"] * 12 + ["B cell"],
+            "tier": [-1] * 12 + [1],
+            "score": [0.1] * 12 + [1.0],
+        }
+    )
+    fig = scx.pl.ontology_mapping(table, sort="input")
+    shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(set(shown)) == len(shown) == 13
+    assert "B cells" in shown
+    for i in range(12):  # each keeps its start and its end
+        (row,) = [s for s in shown if s.endswith(f"subtype number {i}")]
+        assert row.startswith("a very long") and "\u2026" in row and len(row) <= 40
+
+
+def test_ontology_mapping_max_labels_bounds_the_rows_when_most_labels_are_unknown():
+    # before: "the unknowns are always kept", so 300 unknown cluster names drew 300 rows whatever max_labels said
+    n = 300
+    table = pd.DataFrame(
+        {
+            "input_label": [f"{i:03d} L2/3 IT CTX Glut" for i in range(n)] + ["Astrocytes", "Microglia"],
+            "ontology_term_id": ["unknown"] * n + ["CL:0000127", "CL:0000129"],
+            "ontology_label": ["unknown"] * n + ["astrocyte", "microglial cell"],
+            "tier": [-1] * n + [1, 0],
+            "score": [0.1] * n + [1.0, 0.9],
+        }
+    )
+    fig = scx.pl.ontology_mapping(table, max_labels=20)
+    shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(shown) == 20 and fig.get_figheight() < 10
+    assert shown == [f"{i:03d} L2/3 IT CTX Glut" for i in range(20)]  # unknowns first, in the table's order
+    assert fig.axes[0].get_title() == "Cell Ontology mapping: 2 of 302 labels mapped, 300 unknown (showing 20)"
+    # room left: the unknowns, then the mapped labels in the sort order, which is kept
+    table = table.iloc[[*range(5), n, n + 1]]
+    fig = scx.pl.ontology_mapping(table, max_labels=6, sort="input")
+    shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert shown == [f"{i:03d} L2/3 IT CTX Glut" for i in range(5)] + ["Astrocytes"]

@@ -50,6 +50,22 @@ def _shorten(label: str) -> str:
     return label if len(label) <= MAX_LABEL_CHARS else label[: MAX_LABEL_CHARS - 1].rstrip() + "\u2026"
 
 
+def _shorten_all(labels: list[str]) -> list[str]:
+    """Shorten each label, keeping distinct labels distinct on the axis.
+
+    Labels that would be cut to the same text (long names differing only at their end, as in ``"... subtype 1"``
+    and ``"... subtype 2"``) keep their start and their end around a middle ellipsis instead.
+    """
+    short = [_shorten(x) for x in labels]
+    counts = pd.Series(short).value_counts()
+    head = (MAX_LABEL_CHARS - 1) // 2
+    tail = MAX_LABEL_CHARS - 1 - head
+    return [
+        s if counts[s] == 1 or len(x) <= MAX_LABEL_CHARS else x[:head].rstrip() + "\u2026" + x[-tail:].lstrip()
+        for x, s in zip(labels, short, strict=True)
+    ]
+
+
 def ontology_mapping(
     mapping: OntologyMapping | pd.DataFrame,
     *,
@@ -78,7 +94,8 @@ def ontology_mapping(
         Row order: ``"tier"`` (unknowns last, then by score), ``"score"`` (highest first) or ``"input"``
         (alphabetical).
     max_labels
-        Draw at most this many rows (the unknowns are always kept).
+        Draw at most this many rows: the unknowns first, then the others in the ``sort`` order. The title says how
+        many are shown.
     show_ids
         Append the CL id to each CL name.
     title
@@ -110,7 +127,7 @@ def ontology_mapping(
         raise ValueError(f"sort must be 'input', 'score' or 'tier', got {sort!r}.")
     if int(max_labels) < 1:
         raise ValueError(f"max_labels must be at least 1, got {max_labels}.")
-    t = table.copy()
+    t = table.reset_index(drop=True)  # a copy, with unique row labels
     t["input_label"] = t["input_label"].astype(str)
     unknown = (t["ontology_term_id"].astype(str) == "unknown").to_numpy()
     t["_unknown"] = unknown
@@ -122,15 +139,19 @@ def ontology_mapping(
         t = t.sort_values(["_unknown", "tier", "score"], ascending=[True, True, False], kind="stable")
     n_total = len(t)
     if n_total > max_labels:
-        keep_unknown = t[t["_unknown"]]
-        rest = t[~t["_unknown"]].head(max(int(max_labels) - len(keep_unknown), 0))
-        t = pd.concat([rest, keep_unknown]).head(max(int(max_labels), len(keep_unknown)))
-        logger.info("ontology_mapping: drawing %d of %d labels (all unknowns kept).", len(t), n_total)
+        # unknowns first (they need attention), then the others in the sort order; max_labels rows at most
+        keep = pd.concat([t[t["_unknown"]], t[~t["_unknown"]]]).head(int(max_labels)).index
+        t = t[t.index.isin(keep)]
+        logger.info(
+            "ontology_mapping: drawing %d of %d labels (unknowns first); raise max_labels to draw more.",
+            len(t),
+            n_total,
+        )
 
     shared = t.loc[~t["_unknown"], "ontology_term_id"].duplicated(keep=False)
     shared_ids = set(t.loc[~t["_unknown"]][shared.to_numpy()]["ontology_term_id"]) if len(shared) else set()
     n = len(t)
-    inputs = [_shorten(x) for x in t["input_label"]]
+    inputs = _shorten_all(list(t["input_label"]))
     names = []
     for tid, name, unk in zip(t["ontology_term_id"], t["ontology_label"], t["_unknown"], strict=True):
         if unk:
