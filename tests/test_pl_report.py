@@ -465,6 +465,20 @@ def test_annotation_report_reports_failures_without_raising(table, caplog):
     assert len(plt.get_fignums()) == 2  # show=True keeps the drawn figures open
 
 
+def test_annotation_report_removes_the_files_of_a_plot_it_could_not_draw_again(table, tmp_path, caplog):
+    """A plot drawn by an earlier report and failing now must not leave its old file looking current."""
+    out = tmp_path / "qc"
+    first = scx.pl.annotation_report(table, plots_dir=out, formats=("png", "pdf"))
+    assert first["ontology_mapping"]["error"] is None and (out / "ontology_mapping.pdf").is_file()
+    del table.uns["cell_type"]["ontology_mapping"]
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        again = scx.pl.annotation_report(table, plots_dir=out, formats=("png", "pdf"))
+    assert again["ontology_mapping"]["error"] is not None
+    assert not (out / "ontology_mapping.png").exists() and not (out / "ontology_mapping.pdf").exists()
+    assert "drawn by an earlier report" in caplog.text
+    assert (out / "confidence.png").is_file() and again["confidence"]["error"] is None  # the others are kept
+
+
 def test_annotation_report_invalid_arguments_raise_first(table, tmp_path):
     out = tmp_path / "qc"
     with pytest.raises(KeyError, match="'labels'"):
@@ -473,6 +487,9 @@ def test_annotation_report_invalid_arguments_raise_first(table, tmp_path):
         scx.pl.annotation_report(table, plots_dir=out, formats=("png", "docx"))
     with pytest.raises(ValueError, match=r"threshold must be a confidence in \[0, 1\]"):
         scx.pl.annotation_report(table, plots_dir=out, threshold=-0.1)
+    for dpi in (0, -72, float("nan"), True, "150"):  # refused once, before any plot is drawn
+        with pytest.raises(ValueError, match="annotation_report: dpi must be a positive number"):
+            scx.pl.annotation_report(table, plots_dir=out, dpi=dpi)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         scx.pl.annotation_report(table, plots_dir=tmp_path / "file")

@@ -109,7 +109,8 @@ def annotation_report(
         Name of the table in ``data.tables`` (SpatialData only).
     plots_dir
         Folder to save the figures into as ``{name}.{fmt}`` (created); ``None`` saves nothing (and, by default,
-        shows the figures instead: see ``show``).
+        shows the figures instead: see ``show``). A plot that is not drawn leaves no file there: one an earlier
+        report saved under its name is removed (with a warning), so that the folder never shows an old result.
     mapping
         Ontology mapping to draw (:func:`spatialcx.tl.map_labels`); default the one in ``uns[key]``, else the one
         :func:`spatialcx.tl.add_ontology_ids` kept in ``uns[f"{key}_ontology"]``.
@@ -140,7 +141,8 @@ def annotation_report(
     TypeError
         ``show`` is not a bool or None.
     ValueError
-        ``threshold`` is not in [0, 1], a format is not a figure format, or ``plots_dir`` is a file.
+        ``threshold`` is not in [0, 1], a format is not a figure format, ``dpi`` is not a positive number, or
+        ``plots_dir`` is a file.
 
     Examples
     --------
@@ -160,6 +162,7 @@ def annotation_report(
     check_label_column(adata, key, fn=fn)
     threshold = resolve_threshold(adata, key, threshold, fn=fn)
     formats = _check_formats(formats)
+    dpi = _utils.check_dpi(dpi, fn)  # before anything is drawn, rather than once per plot
     if show is not None and not isinstance(show, bool | np.bool_):
         raise TypeError(f"{fn}: show must be True, False or None (show when plots_dir is None), got {show!r}.")
     directory = None
@@ -192,6 +195,7 @@ def annotation_report(
         except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn is reported, never raised
             entry["error"] = f"{type(e).__name__}: {e}"
             logger.warning("%s: the %s plot was not drawn: %s", fn, name, entry["error"])
+            _remove_stale(directory, name, formats, fn)
             continue
         if directory is not None:
             for fmt in formats:
@@ -203,3 +207,14 @@ def annotation_report(
     drawn = [n for n, r in report.items() if r["error"] is None]
     logger.info("%s: drew %s%s", fn, ", ".join(drawn) or "nothing", f" into {directory}" if directory else "")
     return report
+
+
+def _remove_stale(directory: Path | None, name: str, formats: Sequence[str], fn: str) -> None:
+    """Remove the files an earlier report drew for a plot that was not drawn now: they would look current."""
+    if directory is None:
+        return
+    for fmt in formats:
+        old = directory / f"{name}.{fmt}"
+        if old.is_file():
+            old.unlink()
+            logger.warning("%s: removed %s, drawn by an earlier report, as the plot was not drawn now.", fn, old)

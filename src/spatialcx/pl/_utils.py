@@ -1168,6 +1168,13 @@ def hand_over(fig: Figure, show: bool) -> Figure:
     return fig
 
 
+def check_dpi(dpi: Any, fn: str = "save_figure") -> float:
+    """``dpi`` as a float; a ValueError unless it is a positive finite number (a bool is not one)."""
+    if isinstance(dpi, bool) or not isinstance(dpi, int | float | np.integer | np.floating) or not 0 < dpi < np.inf:
+        raise ValueError(f"{fn}: dpi must be a positive number of dots per inch (e.g. 150), got {dpi!r}.")
+    return float(dpi)
+
+
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = SAVE_DPI) -> Path:
     """Write a figure, choosing the format from the suffix; parent folders are created.
 
@@ -1190,8 +1197,9 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = SAVE_DP
     Raises
     ------
     ValueError
-        The suffix is missing or not a format matplotlib can write.
+        The suffix is missing or not a format matplotlib can write, or ``dpi`` is not a positive number.
     """
+    dpi = check_dpi(dpi)
     path = Path(path).expanduser()
     fmt = path.suffix.lower().lstrip(".")
     supported = fig.canvas.get_supported_filetypes()
