@@ -49,7 +49,7 @@ def _coef_from(clf: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, intercept
 
 
-def _check_fit_params(method: Any, batch_size: Any, epochs: Any, clip: Any) -> None:
+def _check_fit_params(method: Any, batch_size: Any, epochs: Any, clip: Any = 10.0) -> None:
     """A ValueError for settings that cannot train, raised before the data are read or densified."""
     if method not in ("auto", "logreg", "sgd", "minibatch"):
         raise ValueError(f"Unknown training method {method!r}; use 'auto', 'logreg', 'sgd' or 'minibatch'.")

@@ -173,7 +173,7 @@ def train(
     from spatialcx import __version__
     from spatialcx.model._train import _check_fit_params
 
-    _check_fit_params(method, batch_size, epochs, 10.0)  # before the reference is read
+    _check_fit_params(method, batch_size, epochs)  # before the reference is read (train clips at 10, as CellTypist)
     labels = _labels(reference, label_key)
     excluded = label_list(exclude_labels)
     panel = _resolve_genes(genes)
