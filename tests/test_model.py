@@ -141,6 +141,17 @@ def test_load_finds_the_file_save_wrote_under_the_name_given(tmp_path):
         scx.CellTypeModel.load(tmp_path / "other_model")
 
 
+def test_save_and_load_take_suffixes_in_any_case(tmp_path):
+    ref = _lognorm(_counts())
+    model = fit_model(ref.X, ref.obs["label"], ref.var_names)
+    # before: save("model.NPZ") wrote model.NPZ.npz, and load("model.PKL") tried to read a pickle as an archive
+    assert model.save(tmp_path / "model.NPZ") == tmp_path / "model.NPZ"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.NPZ"]
+    assert scx.CellTypeModel.load(tmp_path / "model.NPZ").model_hash == model.model_hash
+    with pytest.raises(ValueError, match="pickle"):
+        scx.CellTypeModel.load(tmp_path / "model.PKL")
+
+
 def test_from_celltypist_path_requires_trust(tmp_path):
     ref = _lognorm(_counts())
     model = fit_model(ref.X, ref.obs["label"], ref.var_names)

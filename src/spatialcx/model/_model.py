@@ -103,9 +103,12 @@ def _match_ensembl_versions(features: np.ndarray, index: pd.Index, pos: np.ndarr
 
 
 def model_file_path(path: str | os.PathLike) -> Path:
-    """Where :meth:`CellTypeModel.save` writes for ``path``: ``~`` expanded, ``.npz`` appended unless the suffix."""
+    """Where :meth:`CellTypeModel.save` writes for ``path``: ``~`` expanded, ``.npz`` appended unless the suffix.
+
+    The suffix is compared without case: ``model.NPZ`` is written as given, not as ``model.NPZ.npz``.
+    """
     path = Path(path).expanduser()
-    if path.suffix != ".npz":
+    if path.suffix.lower() != ".npz":
         path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
     return path
 
@@ -452,9 +455,9 @@ class CellTypeModel:
             f"{path} is a pickle (a CellTypist model?). Pickles can execute code when loaded; import it with "
             "`scx.CellTypeModel.from_celltypist(path, trust_pickle=True)` only if you trust its source."
         )
-        if path.suffix == ".pkl":
+        if path.suffix.lower() == ".pkl":
             raise ValueError(pickle_hint)
-        if not path.exists() and path.suffix != ".npz" and path.with_name(path.name + ".npz").is_file():
+        if not path.exists() and path.suffix.lower() != ".npz" and path.with_name(path.name + ".npz").is_file():
             path = path.with_name(path.name + ".npz")  # save("model") wrote model.npz
         if not path.exists():
             raise FileNotFoundError(f"Model file {str(path)!r} does not exist; pass the path returned by model.save().")
