@@ -529,6 +529,37 @@ def test_predict_on_a_lazy_csc_table_reads_rows_from_the_file(model, tmp_path, s
     assert (np.asarray(predicted) == eager.obs["cell_type_predicted"].to_numpy()).all()
 
 
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+@pytest.mark.parametrize("copy", [True, False])
+def test_predict_on_a_view_of_a_lazy_csc_table_reads_rows_from_the_file(model, tmp_path, suffix, copy):
+    """A view of a lazy CSC table (every other cell, some genes) is predicted from the file too: the view's copy (for
+    copy=True, or the view made actual for copy=False) keeps the matrix on disk, not a dask selection of whole columns."""
+    import dask
+
+    from spatialcx._matrix import _stored_csc
+
+    def no_dask_compute(*args, **kwargs):
+        raise AssertionError("computed through dask")
+
+    q = _data(n=900, seed=9)
+    rows, genes = slice(1, None, 2), np.sort(np.random.default_rng(1).choice(q.n_vars, q.n_vars - 3, replace=False))
+    eager = q[rows, genes].copy()
+    scx.tl.predict(eager, model)
+    q.X = sparse.csc_matrix(q.X)
+    path = tmp_path / f"q{suffix}"
+    q.write_h5ad(path) if suffix == ".h5ad" else q.write_zarr(path)
+    view = ad.experimental.read_lazy(path)[rows, genes]
+    with dask.config.set(scheduler=no_dask_compute):
+        out = scx.tl.predict(view, model, chunk_size=200, copy=copy)
+    out = view if out is None else out
+    assert not out.is_view and _stored_csc(out.X) is not None  # before: a dask selection reading whole columns
+    np.testing.assert_allclose(out.obsm["cell_type_decision_scores"], eager.obsm["cell_type_decision_scores"])
+    predicted = out.obs["cell_type_predicted"]
+    predicted = predicted.compute() if hasattr(predicted, "compute") else predicted
+    assert (np.asarray(predicted) == eager.obs["cell_type_predicted"].to_numpy()).all()
+    assert list(out.obs_names) == list(eager.obs_names) and list(out.var_names) == list(eager.var_names)
+
+
 def test_predict_lazy_zarr_table_on_dask_distributed(model, tmp_path):
     """A lazily read zarr table (dask array of sparse chunks) scored on a dask.distributed cluster (worker processes)."""
     from distributed import Client, LocalCluster

@@ -248,12 +248,12 @@ def resolve_table(
     if isinstance(data, AnnData):
         if copy:
             # a backed AnnData copies only to a file; the copy returned is an in-memory one
-            adata = data.to_memory() if data.isbacked else data.copy()
+            adata = data.to_memory() if data.isbacked else _actual_copy(data)
             return TableRef(adata=adata, sdata=None, table_key=table_key, copy=True)
         if data.is_view:
             # as scanpy does: turn the view into an actual AnnData so that changes land in the object itself (a view
             # of a backed AnnData is read into memory: anndata copies those only to a file)
-            data._init_as_actual(data.to_memory() if data.isbacked else data.copy())
+            data._init_as_actual(data.to_memory() if data.isbacked else _actual_copy(data))
         return TableRef(adata=data, sdata=None, table_key=table_key)
     adata = _table_from_sdata(data, table_key)
     if copy:
@@ -262,6 +262,26 @@ def resolve_table(
     if write and data.path is not None:  # changes will be written into the store: keep what to restore if that fails
         ref.snapshot()
     return ref
+
+
+def _actual_copy(adata: AnnData) -> AnnData:
+    """``adata.copy()``; a view of a lazily read AnnData keeps its matrices on disk, read only for the view's rows.
+
+    anndata copies such a view's X as a dask selection of the whole table's chunks; for a matrix stored CSC, chunked by
+    columns, every block of rows read from it would then load whole columns (the whole matrix, for a panel).
+    """
+    import pandas as pd
+
+    if adata.is_view and not isinstance(adata.obs, pd.DataFrame):  # a view of anndata.experimental.read_lazy output
+        from .io._reference import lazy_subset
+
+        try:
+            sub = lazy_subset(adata._adata_ref, adata._oidx, adata._vidx)
+        except Exception:  # noqa: BLE001 - anndata's private view attributes may change: copy as anndata does
+            sub = None
+        if sub is not None and not sub.is_view:
+            return sub
+    return adata.copy()
 
 
 def obs_column(adata: AnnData, key: str) -> pd.Series:
