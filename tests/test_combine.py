@@ -533,6 +533,20 @@ def test_a_reference_given_twice_is_warned_about(caplog, tmp_path):
     assert out.n_obs == 40 and out.obs_names.is_unique
 
 
+def test_references_with_the_same_names_but_other_counts_are_not_called_a_repeat(caplog):
+    """Two replicates with default cell names ("0", "1", ...) and the same labels are different references."""
+    a = make_ref({"T cell": 20, "B cell": 20}, MOUSE_SYMBOLS)
+    b = a.copy()
+    b.X = b.X[::-1].copy()  # other counts, same cell names, gene names and labels
+    b.obs["label"] = a.obs["label"].to_numpy()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.pp.combine_references({"a": a, "b": b}, "label")
+    assert "same checksum" not in caplog.text  # before: "References ['a', 'b'] have the same checksum"
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.pp.combine_references({"a": a, "b": b, "c": a.copy()}, "label")
+    assert "References ['a', 'c'] have the same checksum" in caplog.text
+
+
 @pytest.mark.filterwarnings("ignore:Variable names are not unique")
 def test_repeated_var_names_of_panel_genes_are_warned_about(caplog):
     ref = make_ref({"T cell": 20}, ["Gad1", "Sst", "Gad1", "Actb", "Cd3e"])

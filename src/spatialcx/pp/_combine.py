@@ -111,22 +111,45 @@ def _warn_case_variants(counts: pd.Series) -> None:
         )
 
 
+def _same_first_cells(handles: list[ReferenceHandle], n: int = 64) -> list[list[ReferenceHandle]]:
+    """``handles`` grouped by the expression of their first ``n`` cells (all genes), read as float64 CSR."""
+    groups: list[tuple[sp.csr_matrix, list[ReferenceHandle]]] = []
+    for h in handles:
+        k = min(n, h.n_obs)
+        block = sp.csr_matrix(h.read(np.arange(k), np.arange(len(h.var_names))), dtype=np.float64)
+        block.sum_duplicates()
+        block.eliminate_zeros()
+        for first, group in groups:
+            if first.shape == block.shape and (first != block).nnz == 0:
+                group.append(h)
+                break
+        else:
+            groups.append((block, [h]))
+    return [group for _, group in groups]
+
+
 def _warn_same_data(handles: list[ReferenceHandle]) -> None:
-    """Warn when references have the same checksum: a reference given twice has its cells counted twice."""
-    by_checksum: dict[str, list[str]] = {}
+    """Warn when references have the same checksum: a reference given twice has its cells counted twice.
+
+    Files are compared by their checksum; references in memory by their cell names, gene names and labels, and, when
+    those agree, by the expression of their first cells (the same cells processed two ways are not a repeat).
+    """
+    by_checksum: dict[str, list[ReferenceHandle]] = {}
     for h in handles:
         if h.checksum:
-            by_checksum.setdefault(h.checksum, []).append(h.name)
-    for same in by_checksum.values():
-        if len(same) > 1:
-            logger.warning(
-                "References %s have the same checksum (of the file; in memory: of the cell names, gene names and "
-                "labels): they look like one reference given %d times, so each of its cells would count %d times in "
-                "training. Pass each reference once.",
-                same,
-                len(same),
-                len(same),
-            )
+            by_checksum.setdefault(h.checksum, []).append(h)
+    for checksum, same in by_checksum.items():
+        groups = _same_first_cells(same) if len(same) > 1 and checksum.startswith("sha256-names:") else [same]
+        for group in groups:
+            if len(group) > 1:
+                logger.warning(
+                    "References %s have the same checksum (of the file; in memory: of the cell names, gene names, "
+                    "labels and the first cells' expression): they look like one reference given %d times, so each "
+                    "of its cells would count %d times in training. Pass each reference once.",
+                    [h.name for h in group],
+                    len(group),
+                    len(group),
+                )
 
 
 def _check_values(counts: sp.csr_matrix, handle: ReferenceHandle, rows: np.ndarray, genes: list[str]) -> None:
