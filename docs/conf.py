@@ -55,3 +55,20 @@ intersphinx_mapping = {
 # The Cell Ontology index is internal (the `index` argument of tl.add_ontology_ids / tl.map_labels documents what it
 # accepts); its class has no page of its own.
 nitpick_ignore = [("py:class", "spatialcx.ontology._index.OntologyIndex")]
+
+
+# Public classes are documented where users import them (scx.CellTypeModel, scx.tl.OntologyMapping, ...): type hints
+# name them there, not by the private module that defines them.
+_PUBLIC_MODULES = {
+    "spatialcx.model._model": "spatialcx",
+    "spatialcx.tl._ontology": "spatialcx.tl",
+    "spatialcx.tl._config": "spatialcx.tl",
+}
+
+
+def typehints_fixup_module_name(module: str) -> str:
+    """The public module of a class defined in a private one."""
+    return _PUBLIC_MODULES.get(module, module)
+
+
+suppress_warnings = ["config.cache"]  # the function above cannot be pickled; the environment is rebuilt instead
