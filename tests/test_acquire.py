@@ -371,3 +371,100 @@ def test_dataset_id_in_upper_case_is_the_census_id(tmp_path, fake_census):
     assert out == f"{tmp_path}/refs/{upper.lower()}.h5ad"
     assert scx.io.acquire_reference(f"cellxgene://{upper.lower()}", tmp_path / "refs") == out
     assert len(fake_census["download"]) == 1  # re-used
+
+
+class NoCredentialsError(Exception):
+    """Stands in for ``botocore.exceptions.NoCredentialsError``: names neither the URI nor the fix."""
+
+
+def test_remote_output_is_checked_before_anything_is_downloaded(tmp_path, fake_census, fake_gcs, monkeypatch):
+    cls = type(fsspec.filesystem("gs"))
+
+    def no_credentials(self, *args, **kwargs):
+        raise NoCredentialsError("Unable to locate credentials")
+
+    monkeypatch.setattr(cls, "exists", no_credentials)
+    with pytest.raises(OSError, match=r"Looking up the output 'gs://bucket/covid.h5ad' failed .*credentials"):
+        scx.io.acquire_reference("cellxgene://lung_covid", "gs://bucket/covid.h5ad", force=True)
+    monkeypatch.delitem(FSSPEC_REGISTRY._registry, "gs")
+    monkeypatch.setitem(
+        FSSPEC_REGISTRY.known_implementations,
+        "gs",
+        {"class": "spatialcx_no_such_module.GCSFileSystem", "err": "Please install gcsfs"},
+    )
+    with pytest.raises(ImportError, match=r"spatialcx\[gcs\]"):
+        scx.io.acquire_reference("cellxgene://lung_covid", "gs://bucket/covid.h5ad", force=True)
+    assert not fake_census["download"]  # neither error came after a download
+
+
+def test_existing_output_folder_with_a_dot_given_with_tilde_or_as_file_uri(home_and_work, fake_census):
+    home, _ = home_and_work
+    (home / "refs.v1").mkdir()
+    out = scx.io.acquire_reference("cellxgene://lung_covid", "~/refs.v1")
+    assert out == "~/refs.v1/lung_covid.h5ad" and (home / "refs.v1" / "lung_covid.h5ad").is_file()
+    uri = scx.io.acquire_reference("cellxgene://lung_covid", (home / "refs.v1").as_uri())
+    assert uri == (home / "refs.v1" / "lung_covid.h5ad").as_uri() and len(fake_census["download"]) == 1  # re-used
+
+
+def test_census_query_of_millions_of_cells_needs_max_cells(tmp_path, fake_census, monkeypatch):
+    from spatialcx.io import _acquire
+
+    monkeypatch.setattr(_acquire, "CENSUS_MAX_CELLS_UNCAPPED", 500)  # the stand-in Census matches 585 cells
+    with pytest.raises(ValueError, match=r"matches 585 Homo sapiens cells, more than 500.*max_cells=585"):
+        scx.io.acquire_reference("cellxgene://?tissue=lung", tmp_path / "q.h5ad")
+    assert not fake_census["get_anndata"] and not (tmp_path / "q.h5ad").exists()
+    assert (
+        ad.read_h5ad(scx.io.acquire_reference("cellxgene://?tissue=lung", tmp_path / "q.h5ad", max_cells=585)).n_obs
+        == 585
+    )
+
+
+def test_census_query_without_cells_says_how_values_are_spelled(tmp_path, fake_census, monkeypatch):
+    monkeypatch.setattr(
+        sys.modules["cellxgene_census"], "get_obs", lambda *a, **k: pd.DataFrame({"soma_joinid": [], "cell_type": []})
+    )
+    with pytest.raises(ValueError, match=r"no Homo sapiens cells for .*'Lung'.*matched exactly.*tissue=lung"):
+        scx.io.acquire_reference("cellxgene://?tissue=Lung", tmp_path / "q.h5ad")
+    assert not (tmp_path / "q.h5ad").exists()
+
+
+def test_synapse_without_credentials_says_where_they_go(tmp_path, fake_synapse, monkeypatch):
+    class SynapseAuthenticationError(Exception):
+        pass
+
+    class SynapseNoCredentialsError(SynapseAuthenticationError):  # what synapseclient raises
+        pass
+
+    def login(self, **kwargs):
+        raise SynapseNoCredentialsError("No credentials provided.")
+
+    monkeypatch.delenv("SYNAPSE_AUTH_TOKEN", raising=False)
+    monkeypatch.setattr(sys.modules["synapseclient"].Synapse, "login", login)
+    with pytest.raises(PermissionError, match=r"syn7: SYNAPSE_AUTH_TOKEN is not set .*PersonalAccessTokens"):
+        scx.io.acquire_reference("synapse://syn7", tmp_path / "refs")
+    assert not fake_synapse["get"] and not any((tmp_path / "refs").iterdir())
+    monkeypatch.setenv("SYNAPSE_AUTH_TOKEN", "expired")
+    with pytest.raises(PermissionError, match="the token in SYNAPSE_AUTH_TOKEN was refused"):
+        scx.io.acquire_reference("synapse://syn7", tmp_path / "refs")
+
+    def offline(self, **kwargs):
+        raise ConnectionError("Synapse is unreachable")
+
+    monkeypatch.setattr(sys.modules["synapseclient"].Synapse, "login", offline)
+    with pytest.raises(ConnectionError, match="unreachable"):  # not a credentials problem: left as it is
+        scx.io.acquire_reference("synapse://syn7", tmp_path / "refs")
+
+
+def test_partial_downloads_left_by_a_killed_acquisition_are_removed(tmp_path, fake_census):
+    from spatialcx.io import _uri
+
+    refs = tmp_path / "refs"
+    stale, live = refs / ".spatialcx-acquire-dead", refs / ".spatialcx-acquire-live"
+    for folder in (stale, live):
+        (folder / "download").mkdir(parents=True)
+        (folder / "download" / "source.h5ad").write_bytes(b"half a download")
+    old = os.stat(stale).st_mtime - 2 * _uri.STALE_TEMPORARY_SECONDS
+    for p in (stale / "download" / "source.h5ad", stale / "download", stale):
+        os.utime(p, (old, old))
+    scx.io.acquire_reference("cellxgene://lung_covid", refs)
+    assert sorted(p.name for p in refs.iterdir()) == [".spatialcx-acquire-live", "lung_covid.h5ad"]  # may be running

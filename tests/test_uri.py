@@ -99,7 +99,7 @@ def test_http_folder_is_refused_clearly(tmp_path, monkeypatch):
     LocalHTTP.clear_instance_cache()
     monkeypatch.setitem(FSSPEC_REGISTRY._registry, "http", LocalHTTP)
     cache = tmp_path / "cache"
-    with pytest.raises(ValueError, match="folder .* served over http://"):
+    with pytest.raises(ValueError, match="web page .* or a folder .* served over http://"):
         scx.io.resolve_uri("http://example.org/ref.zarr", cache_dir=cache)
     assert not (cache / "references").exists() or not any((cache / "references").iterdir())
     assert ad.read_h5ad(scx.io.resolve_uri("http://example.org/ref.h5ad", cache_dir=cache)).n_obs == 20
@@ -358,3 +358,39 @@ def test_each_endpoint_gets_its_own_cache_entry(tmp_path, memfs):
         uri, cache_dir=cache, storage_options={"endpoint_url": "https://a.example.org", "key": "k", "secret": "s"}
     )
     assert same == first and same.read_bytes() == b"first endpoint"
+
+
+class NoCredentialsError(Exception):
+    """Stands in for ``botocore.exceptions.NoCredentialsError``: names neither the URI nor the fix."""
+
+
+def test_remote_access_errors_name_the_uri_and_the_fix(tmp_path, fake_gcs, monkeypatch):
+    (fake_gcs / "bucket").mkdir()
+    _small_adata(10).write_h5ad(fake_gcs / "bucket" / "lung.h5ad")
+    cls = type(fsspec.filesystem("gs"))
+    real_exists, real_get_file = cls.exists, cls.get_file
+    cache = tmp_path / "cache"
+
+    def no_credentials(self, *args, **kwargs):
+        raise NoCredentialsError("Unable to locate credentials")
+
+    monkeypatch.setattr(cls, "exists", no_credentials)
+    with pytest.raises(OSError, match=r"Looking up 'gs://bucket/lung.h5ad' failed .*Unable to locate credentials") as e:
+        scx.io.resolve_uri("gs://bucket/lung.h5ad", cache_dir=cache)
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in str(e.value) and "'token': 'anon'" in str(e.value)
+    assert isinstance(e.value.__cause__, NoCredentialsError)
+
+    def forbidden(self, *args, **kwargs):
+        raise PermissionError("403 Forbidden")
+
+    monkeypatch.setattr(cls, "exists", forbidden)
+    with pytest.raises(PermissionError, match=r"gs://bucket/lung.h5ad.*403 Forbidden.*public bucket"):
+        scx.io.resolve_uri("gs://bucket/lung.h5ad", cache_dir=cache)
+
+    monkeypatch.setattr(cls, "exists", real_exists)
+    monkeypatch.setattr(cls, "get_file", no_credentials)
+    with pytest.raises(OSError, match=r"Downloading 'gs://bucket/lung.h5ad' failed .*Nothing was cached"):
+        scx.io.resolve_uri("gs://bucket/lung.h5ad", cache_dir=cache)
+    assert not (cache / "references").exists() or not any((cache / "references").iterdir())
+    monkeypatch.setattr(cls, "get_file", real_get_file)
+    assert ad.read_h5ad(scx.io.resolve_uri("gs://bucket/lung.h5ad", cache_dir=cache)).n_obs == 10

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ import pandas as pd
 
 from .._settings import logger
 from .._utils import import_optional, write_atomically
-from ._uri import _local_path, get_filesystem, is_remote, split_protocol
+from . import _uri
+from ._uri import _local_path, get_filesystem, is_remote, remote_error, split_protocol
 
 #: Predefined CELLxGENE datasets for ``acquire_reference("cellxgene://<key>", ...)``. ``dataset_id`` is the
 #: CELLxGENE dataset id (stable across versions) that ``cellxgene_census.download_source_h5ad`` takes; all have raw
@@ -86,8 +89,12 @@ CENSUS_OBS_COLUMNS = (
     "dataset_id",
     "donor_id",
 )
+#: A Census query matching more cells than this is refused without ``max_cells``: the cells are held in memory
+#: at once (all genes), which takes tens of GB for a million cells.
+CENSUS_MAX_CELLS_UNCAPPED = 1_000_000
 #: Key in ``.uns`` of an acquired reference (what was asked for and where it came from).
 ACQUIRE_UNS_KEY = "spatialcx_acquisition"
+_TMP_PREFIX = ".spatialcx-acquire-"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SYNAPSE_ID = re.compile(r"^syn\d+(\.\d+)?$")
 
@@ -112,7 +119,7 @@ def _output_target(output: str | os.PathLike, default_name: str) -> str:
     name = text.rstrip("/").rsplit("/", 1)[-1]
     if text.lower().endswith(".h5ad"):
         return text
-    if text.endswith("/") or "." not in name or (not is_remote(text) and Path(text).is_dir()):
+    if text.endswith("/") or "." not in name or (not is_remote(text) and _local_target(text).is_dir()):
         return text.rstrip("/") + "/" + default_name
     raise ValueError(
         f"output {text!r} must be an .h5ad file or a folder (a name without suffix, or ending in '/'), local or a "
@@ -126,10 +133,14 @@ def _local_target(target: str) -> Path:
 
 
 def _exists(target: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether ``target`` exists; for a remote one this also checks that its filesystem is installed and reachable."""
     if not is_remote(target):
         return _local_target(target).exists()
     fs, path = get_filesystem(target, storage_options)
-    return fs.exists(path)
+    try:
+        return bool(fs.exists(path))
+    except Exception as e:  # credentials, network, ...: say which output and how to fix it
+        raise remote_error(target, "Looking up the output", e, "Nothing was acquired. ") from e
 
 
 def _recorded(target: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -182,7 +193,10 @@ def _store(local: Path, target: str, storage_options: dict[str, Any] | None) -> 
         parent = path.rsplit("/", 1)[0]
         if parent and parent != path:
             fs.makedirs(parent, exist_ok=True)
-        fs.put_file(str(local), path)
+        try:
+            fs.put_file(str(local), path)
+        except Exception as e:
+            raise remote_error(target, "Uploading the reference to", e) from e
         return
     dest = _local_target(target)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +204,16 @@ def _store(local: Path, target: str, storage_options: dict[str, Any] | None) -> 
         os.replace(local, dest)  # same folder tree, same filesystem: atomic
         return
     write_atomically(dest, lambda tmp: shutil.copyfile(local, tmp))
+
+
+def _remove_stale_acquisitions(folder: Path) -> None:
+    """Remove temporary folders in ``folder`` left by an acquisition that was killed (unchanged for a day)."""
+    now = time.time()
+    for path in folder.glob(f"{_TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if now - _uri._last_change(path) > _uri.STALE_TEMPORARY_SECONDS:
+                logger.info("Removing %s, left by an interrupted acquisition.", path)
+                _uri._remove(path)
 
 
 def _mark(path: Path, info: dict[str, Any]) -> None:
@@ -293,7 +317,19 @@ def _acquire_census_query(
     with census_mod.open_soma(census_version=census_version) as census:
         obs = census_mod.get_obs(census, organism, value_filter=value_filter, column_names=["soma_joinid", "cell_type"])
         if len(obs) == 0:
-            raise ValueError(f"The CELLxGENE Census ({census_version}) has no {organism} cells for {value_filter!r}.")
+            raise ValueError(
+                f"The CELLxGENE Census ({census_version}) has no {organism} cells for {value_filter!r}. Values are "
+                "matched exactly, as CELLxGENE spells them (lower case names such as tissue=lung, disease=normal, "
+                "cell_type=B cell); check them on https://cellxgene.cziscience.com or with cellxgene_census.get_obs."
+            )
+        if max_cells is None and len(obs) > CENSUS_MAX_CELLS_UNCAPPED:
+            raise ValueError(
+                f"The CELLxGENE Census query {value_filter!r} matches {len(obs):,} {organism} cells, more than "
+                f"{CENSUS_MAX_CELLS_UNCAPPED:,}: downloading all of them holds them in memory at once (tens of GB), "
+                "and training uses at most max_cells_per_ref (100,000 by default) per reference anyway. Pass "
+                f"max_cells=100_000 (rare types are kept whole), narrow the query, or pass max_cells={len(obs)} to "
+                "download every cell."
+            )
         # SOMA reads need not return rows in the same order twice: the seeded draw is made in soma_joinid order
         obs = obs.sort_values("soma_joinid", kind="stable").reset_index(drop=True)
         rows = choose_cells(obs["cell_type"].astype(object), max_cells, rng=np.random.default_rng(random_state))
@@ -322,10 +358,26 @@ def _acquire_synapse(syn_id: str, tmp_dir: Path) -> Path:
     synapseclient = import_optional("synapseclient", "synapse")
     syn = synapseclient.Synapse()
     token = os.environ.get("SYNAPSE_AUTH_TOKEN")
-    if token:
-        syn.login(authToken=token, silent=True)
-    else:
-        syn.login(silent=True)  # ~/.synapseConfig or cached credentials
+    try:
+        if token:
+            syn.login(authToken=token, silent=True)
+        else:
+            syn.login(silent=True)  # ~/.synapseConfig or cached credentials
+    except Exception as e:
+        # synapseclient's SynapseNoCredentialsError / SynapseAuthenticationError say neither where credentials go
+        # nor how to get them; its other errors (network, ...) are left as they are
+        if not any(cls.__name__ == "SynapseAuthenticationError" for cls in type(e).__mro__):
+            raise
+        found = (
+            "the token in SYNAPSE_AUTH_TOKEN was refused"
+            if token
+            else "SYNAPSE_AUTH_TOKEN is not set and ~/.synapseConfig holds no credentials"
+        )
+        raise PermissionError(
+            f"Could not log in to Synapse to download {syn_id}: {found} ({type(e).__name__}: {e}). Create a personal "
+            "access token (with download permission) at https://www.synapse.org/#!PersonalAccessTokens: and set "
+            "SYNAPSE_AUTH_TOKEN to it, or write it to ~/.synapseConfig as `authtoken = <token>` under [authentication]."
+        ) from e
     entity = syn.get(syn_id, downloadLocation=str(tmp_dir))
     if getattr(entity, "path", None) is None:
         raise ValueError(
@@ -381,7 +433,8 @@ def acquire_reference(
         alone and a FileExistsError says what it holds.
     max_cells
         Keep at most this many cells, chosen from the labels alone (largest types capped first, see
-        :func:`spatialcx.io.read_reference`). For Census queries only the chosen cells are downloaded.
+        :func:`spatialcx.io.read_reference`). For Census queries only the chosen cells are downloaded; a query
+        matching more than 1,000,000 cells needs ``max_cells`` (the cells are held in memory at once).
     label_key
         Label column used by ``max_cells`` (default: the dataset's, ``"cell_type"`` for CELLxGENE; a Synapse file
         without one is subsampled uniformly).
@@ -406,7 +459,12 @@ def acquire_reference(
         When the ``census`` (``cellxgene://``) or ``synapse`` (``synapse://``) extra, or the fsspec filesystem of a
         remote ``output`` (``gcs`` / ``s3`` extras), is not installed.
     ValueError
-        For an unknown source, dataset, query key or output name.
+        For an unknown source, dataset, query key or output name, a Census query that matches no cells, or one that
+        matches more than 1,000,000 cells without ``max_cells``.
+    PermissionError
+        When Synapse refuses the login (no or wrong credentials).
+    OSError
+        When a remote ``output`` cannot be reached (credentials, network); checked before anything is downloaded.
     """
     protocol, rest = split_protocol(source)
     if protocol not in ("cellxgene", "synapse"):
@@ -448,7 +506,9 @@ def acquire_reference(
         name = f"{syn_id}.h5ad"
         info["synapse_id"] = syn_id
     target = _output_target(output, name)
-    if not force and _exists(target, storage_options):
+    # checked even with force: a missing extra or credentials for a remote output are reported before the download
+    exists = _exists(target, storage_options)
+    if exists and not force:
         identity = ("value_filter", "organism", "dataset_id", "synapse_id", "census_version", "max_cells")
         wanted = {key: info[key] for key in identity if key in info}
         if max_cells is not None:
@@ -462,7 +522,8 @@ def acquire_reference(
     local_parent = None if is_remote(target) else _local_target(target).parent
     if local_parent is not None:
         local_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".spatialcx-acquire-", dir=local_parent) as tmp_name:
+        _remove_stale_acquisitions(local_parent)  # a killed run leaves its partial download (GBs) behind
+    with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX, dir=local_parent) as tmp_name:
         tmp = Path(tmp_name)
         final = tmp / "reference.h5ad"
         if query is not None:

@@ -202,7 +202,7 @@ def _atomic_download(fs, rpath: str, dest: Path, *, is_dir: bool, replace: bool 
             expected = fs.info(rpath).get("size")
             got = tmp.stat().st_size
             if expected is not None and int(expected) != got:
-                raise OSError(
+                raise _IncompleteDownloadError(
                     f"Incomplete download of {rpath!r}: got {got} bytes, the remote file has {expected}. "
                     "Nothing was cached; run again (the download restarts)."
                 )
@@ -228,6 +228,45 @@ def _atomic_download(fs, rpath: str, dest: Path, *, is_dir: bool, replace: bool 
         if _cached(dest) is None:  # a failed first download leaves no empty cache folder
             with contextlib.suppress(OSError):
                 dest.parent.rmdir()
+
+
+class _IncompleteDownloadError(OSError):
+    """A download that ended without error but short: its message already says what happened and what to do."""
+
+
+def _access_hint(protocol: str | None) -> str:
+    """How to give a remote filesystem of ``protocol`` access (credentials, public buckets)."""
+    if protocol in ("s3", "s3a"):
+        return (
+            "Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws (or "
+            "storage_options={'key': ..., 'secret': ...}); for a public bucket pass storage_options={'anon': True}."
+        )
+    if protocol in ("gs", "gcs"):
+        return (
+            "Credentials come from GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login` (or "
+            "storage_options={'token': ...}); for a public bucket pass storage_options={'token': 'anon'}."
+        )
+    return "Check the URI, the network connection and the credentials (storage_options)."
+
+
+def remote_error(uri: str, action: str, error: BaseException, note: str = "") -> Exception:
+    """``error``, raised by a remote filesystem during ``action`` on ``uri``, as an error naming the URI and the fix.
+
+    Filesystem libraries raise their own errors (``botocore``'s ``NoCredentialsError``, ``aiohttp``'s connection
+    errors, ...) that name neither the URI nor what to do. Built-in exception types are kept (``PermissionError``
+    stays a ``PermissionError``); others become the nearest built-in ``OSError``. Chain it with ``from error``.
+    """
+    protocol, _ = split_protocol(uri)
+    message = f"{action} {uri!r} failed with {type(error).__name__}: {error}. {note}{_access_hint(protocol)}"
+    if type(error).__module__ == "builtins":
+        try:
+            return type(error)(message)
+        except TypeError:  # a built-in type with a constructor of its own
+            pass
+    for cls in (FileNotFoundError, PermissionError, ConnectionError, TimeoutError):
+        if isinstance(error, cls):
+            return cls(message)
+    return OSError(message)
 
 
 def _remote_is_dir(fs, rpath: str, protocol: str) -> bool:
@@ -284,6 +323,10 @@ def resolve_uri(
     ------
     FileNotFoundError
         When a local path or remote object does not exist.
+    OSError
+        When the remote filesystem cannot be reached or refuses access (missing credentials, network errors), or a
+        download ends short; the message names the URI and how to give access. Built-in error types raised by the
+        filesystem (``PermissionError``, ``ConnectionError``, ...) are kept.
     ImportError
         When the protocol needs an optional extra that is not installed.
     ValueError
@@ -312,19 +355,30 @@ def resolve_uri(
         logger.info("Using cached copy of %s", text)
         return cached
     fs, rpath = get_filesystem(text, storage_options)
-    if not fs.exists(rpath):
+    try:
+        exists = fs.exists(rpath)
+        is_dir = exists and _remote_is_dir(fs, rpath, protocol)
+    except Exception as e:  # credentials, network, ...: say which URI and how to fix it
+        raise remote_error(text, "Looking up", e) from e
+    if not exists:
         raise FileNotFoundError(
-            f"Remote reference {text!r} does not exist (or is not readable with these credentials)."
+            f"Remote reference {text!r} does not exist (or is not readable with these credentials). Check the URI. "
+            f"{_access_hint(protocol)}"
         )
-    is_dir = _remote_is_dir(fs, rpath, protocol)
     if is_dir and protocol in ("http", "https"):
         raise ValueError(
-            f"{text!r} is a folder (a zarr store) served over {protocol}://, which cannot list the files in a folder "
-            "reliably, so it cannot be downloaded whole. Give the URL of an .h5ad file, a gs:// or s3:// URI of the "
+            f"{text!r} answers with a page of links, not a file: a web page (such as a dataset's landing page) or a "
+            f"folder (a zarr store) served over {protocol}://, which cannot list the files in a folder reliably, so it "
+            "cannot be downloaded whole. Give the download URL of the .h5ad file itself, a gs:// or s3:// URI of the "
             "store, or download the store and pass its local path."
         )
     logger.info("Downloading %s to %s", text, dest)
-    return _atomic_download(fs, rpath, dest, is_dir=is_dir, replace=force)
+    try:
+        return _atomic_download(fs, rpath, dest, is_dir=is_dir, replace=force)
+    except _IncompleteDownloadError:
+        raise
+    except Exception as e:  # nothing was cached: the next call downloads again
+        raise remote_error(text, "Downloading", e, "Nothing was cached; run again to retry. ") from e
 
 
 def fingerprint(path: str | os.PathLike) -> str:
