@@ -822,13 +822,16 @@ def choose_cells(
     pos = np.flatnonzero(mask)
     if max_cells is None or len(pos) <= max_cells:
         return pos
-    values = labels.to_numpy()[pos].astype(str)
-    codes, names = pd.factorize(values, sort=True)
-    counts = pd.Series(np.bincount(codes, minlength=len(names)), index=pd.Index(names))
-    keep_n = cap_to_total(counts, int(max_cells))
+    # labels are grouped by their text (1 and "1" are one type); only the distinct values are turned into text, so
+    # millions of cells (a CELLxGENE Census query) are not converted one by one
+    codes, uniques = pd.factorize(labels.iloc[pos], sort=False)
+    text_codes, names = pd.factorize(np.asarray(uniques, dtype=object).astype(str), sort=True)
+    codes = text_codes[codes]
+    sizes = np.bincount(codes, minlength=len(names))
+    keep_n = cap_to_total(pd.Series(sizes, index=pd.Index(names)), int(max_cells))
+    by_type = np.split(pos[np.argsort(codes, kind="stable")], np.cumsum(sizes)[:-1])  # each type's cells, in order
     chosen = []
-    for code, t in enumerate(names):
-        members = pos[codes == code]
+    for t, members in zip(names, by_type, strict=True):
         k = int(keep_n[t])
         chosen.append(members if k >= len(members) else rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
