@@ -337,8 +337,56 @@ def test_image_and_shapes_keys():
 
 
 def _strip_points(ax):
-    (coll,) = [c for c in ax.collections if str(c.get_label()).startswith("cells")]
-    return coll.get_offsets()
+    colls = [c for c in ax.collections if str(c.get_label()).startswith("cells")]
+    return np.concatenate([c.get_offsets() for c in colls])
+
+
+def test_cells_of_small_types_are_not_hidden_by_their_median():
+    # A type of one cell has its median at that cell: the small translucent dot lay under the black median line and
+    # the strip looked empty (two cells: both half covered). They are drawn as larger outlined dots over the lines.
+    from spatialcx.pl._confidence import FEW_CELLS
+
+    adata = points_adata(300)
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    labels[:3] = ["single", "pair", "pair"]
+    adata.obs["cell_type"] = pd.Categorical(labels)
+    conf = adata.obs["cell_type_confidence"].to_numpy()
+    conf[:3] = [0.9, 0.7, 0.72]
+    adata.obs["cell_type_confidence"] = conf
+    ax = scx.pl.confidence(adata).axes[1]
+    (medians,) = [c for c in ax.collections if c.get_label() == "median"]
+    (few,) = [c for c in ax.collections if c.get_label() == f"cells of types of fewer than {FEW_CELLS} cells"]
+    (many,) = [c for c in ax.collections if c.get_label() == "cells"]
+    assert many.get_zorder() < medians.get_zorder() < few.get_zorder()  # the median line stays over crowded strips
+    ticks = [t.get_text().rsplit(" (", 1)[0] for t in ax.get_xticklabels()]
+    offsets = few.get_offsets()
+    columns = [ticks[int(i)] for i in np.round(offsets[:, 0])]
+    assert sorted(zip(columns, np.round(offsets[:, 1], 6))) == [("pair", 0.7), ("pair", 0.72), ("single", 0.9)]
+    assert few.get_sizes()[0] > many.get_sizes()[0] and few.get_alpha() is None  # larger and opaque
+    assert len(many.get_offsets()) == 297
+    assert "large dots: types of fewer than 10 cells" in ax.get_title().replace("\n", " ")
+    ax = scx.pl.confidence(points_adata(300)).axes[1]  # no small type: no such dots, nothing in the key
+    assert not [c for c in ax.collections if "fewer" in str(c.get_label())]
+    assert "large dots" not in ax.get_title()
+
+
+def test_one_cell_is_not_called_cells():
+    adata = points_adata(1)
+    fig = scx.pl.confidence(adata, threshold=0.5)
+    assert fig._suptitle.get_text() == "cell_type_confidence: 0 of 1 cell (0.0%) below 0.5"
+    assert fig.axes[0].get_title().startswith("1 cell from obsm['spatial']\n")
+    fig = scx.pl.confidence(points_adata(30), max_points_per_type=1)
+    assert "at most 1 random cell drawn per type" in fig.axes[1].get_title().replace("\n", " ")
+
+
+def test_a_single_cell_map_is_as_tall_as_its_colourbar():
+    # One cell is framed by a square, but the panel was sized for the narrowest map (its bounds are 0 by 0): the
+    # square map shrank to half the panel's height, with the colourbar standing out above and below it.
+    fig = scx.pl.confidence(points_adata(1))
+    fig.canvas.draw()
+    ax_map, cbar = fig.axes[0], fig.axes[2]
+    assert cbar.get_label() == "<colorbar>"
+    assert ax_map.get_position().height >= cbar.get_position().height
 
 
 def test_strip_threshold_sorting_shares():
@@ -1131,3 +1179,38 @@ def test_shapes_key_of_another_element_with_ids_repeated_across_regions_is_a_cle
     )
     with pytest.raises(ValueError, match=r"'cell_id' values repeat across.*'fov1_labels', 'fov2_labels'"):
         scx.pl.confidence(sdata, shapes_key="fov1_circles", coordinate_system="fov1")
+
+
+def test_cells_drawn_as_tiny_points_are_not_outlined():
+    # Markers a few pixels wide with a red edge each came out red all over (the edge lies half outside the marker):
+    # 85,000 Xenium cells at 1.2 points across, half of them below the threshold, hid every colour. They keep their
+    # colour only, and the title says where the threshold is.
+    from spatialcx.pl._confidence import MIN_OUTLINED_POINTS
+
+    adata = points_adata()
+    n_low = int((adata.obs["cell_type_confidence"] < THRESHOLD).sum())
+    ax = scx.pl.confidence(adata, point_size=(MIN_OUTLINED_POINTS * 0.8) ** 2).axes[0]
+    (low,) = _cell_collections(ax, "low")
+    assert _n_items(low) == n_low > 0
+    np.testing.assert_array_equal(low.get_linewidths(), 0.0)
+    assert (
+        ax.get_title().splitlines()[1]
+        == f"{n_low} ({n_low / 300:.1%}) below 0.8 (under the red mark of the colour bar)"
+    )
+    ax = scx.pl.confidence(adata, point_size=(MIN_OUTLINED_POINTS * 1.2) ** 2).axes[0]  # wide enough: outlined
+    (low,) = _cell_collections(ax, "low")
+    np.testing.assert_allclose(low.get_edgecolors(), [to_rgba(LOW_COLOR)])
+    assert np.all(low.get_linewidths() > 0)
+    assert "red outline" in ax.get_title()
+
+
+def test_the_colourbar_of_a_wide_map_is_not_taller_than_the_map():
+    # A tissue three times as wide as tall (as Xenium sections often are) is drawn in a panel twice as wide as tall:
+    # the map is shorter than the panel, and the colourbar stood out above and below it.
+    adata = points_adata()
+    adata.obsm["spatial"][:, 0] *= 3
+    fig = scx.pl.confidence(adata)
+    fig.canvas.draw()
+    ax_map, cbar = fig.axes[0], fig.axes[2]
+    assert cbar.get_label() == "<colorbar>"
+    assert cbar.get_position().height <= ax_map.get_position().height

@@ -31,14 +31,27 @@ MISSING_COLOR = "#bdbdbd"
 OUTLINE_WIDTH = 0.8
 #: Thinnest outline, as a share of ``OUTLINE_WIDTH``, reached when nearly all cells are below the threshold.
 MIN_OUTLINE_SCALE = 0.3
+#: Cells drawn as points narrower than this (points) are not outlined: a scatter marker's edge lies half outside it,
+#: and on markers a few pixels wide the red edges of crowded cells cover their colours (85,000 Xenium cells drawn as
+#: points 1.2 points across came out red all over with half of them below the threshold). Their colour shows the
+#: confidence, with the threshold marked on the colour bar.
+MIN_OUTLINED_POINTS = 2.5
 #: Longest line of a type's name under the strips; longer names are wrapped at spaces.
 MAX_LABEL_LINE = 40
 #: Width of a character of the strip panel's title, in ems (a generous average, so that wrapped lines fit).
 _CHAR_WIDTH_EM = 0.6
 #: Room the strip panel's y axis (label and tick labels) takes left of the plot, in inches.
 _Y_AXIS_INCHES = 0.9
+#: Types with fewer cells than this have their cells drawn as larger, outlined dots over the median line: one cell sits
+#: on its type's median (as does the middle cell of any odd number), and a few small dots look like an empty strip.
+FEW_CELLS = 10
 
 _WRITERS = "`scx.tl.predict` or `scx.tl.annotate`"
+
+
+def _cells(n: int) -> str:
+    """``"1 cell"``, ``"2,000 cells"``."""
+    return f"{n:,} cell" if n == 1 else f"{n:,} cells"
 
 
 def _check_columns(adata: AnnData, key: str, confidence_key: str) -> tuple[pd.Series, np.ndarray, str]:
@@ -120,11 +133,31 @@ def _strip_panel(
     x, y = np.concatenate(xs), np.concatenate(ys)
     n_types = len(summary)
     size = 6.0 if n_types <= 20 else 3.0
-    points = ax.scatter(x, y, c=y, cmap=cmap, norm=norm, s=size, alpha=0.7, linewidths=0, rasterized=True)
+    # Types of many cells: small translucent dots under the median line, which stays visible over the crowd. Types of
+    # few cells: larger opaque dots with a dark edge over the lines, so that no cell is hidden by its median.
+    few = np.repeat(summary["n"].to_numpy() < FEW_CELLS, [len(v) for v in xs])
+    points = ax.scatter(
+        x[~few], y[~few], c=y[~few], cmap=cmap, norm=norm, s=size, alpha=0.7, linewidths=0, rasterized=True, zorder=1
+    )
     points.set_label("cells")  # artists keep their labels (no legend is drawn)
+    if few.any():
+        ax.scatter(
+            x[few],
+            y[few],
+            c=y[few],
+            cmap=cmap,
+            norm=norm,
+            s=4 * size,
+            edgecolors="black",
+            linewidths=0.6,
+            zorder=3,
+            label=f"cells of types of fewer than {FEW_CELLS} cells",
+        )
     positions = np.arange(n_types)
-    ax.hlines(summary["median"], positions - 0.4, positions + 0.4, colors="black", linewidths=1.5, label="median")
-    ax.axhline(threshold, color=LOW_COLOR, linestyle="--", linewidth=1.2, label=f"threshold {threshold:g}")
+    ax.hlines(
+        summary["median"], positions - 0.4, positions + 0.4, colors="black", linewidths=1.5, label="median", zorder=2
+    )
+    ax.axhline(threshold, color=LOW_COLOR, linestyle="--", linewidth=1.2, label=f"threshold {threshold:g}", zorder=2)
 
     ax.set_xticks(positions)
     ax.set_xticklabels(
@@ -170,9 +203,13 @@ def _strip_panel(
     from matplotlib.font_manager import FontProperties
 
     key = ["(black: median; red: share of cells below the threshold"]
-    if (summary["n"] > max_points_per_type).any():
+    if (summary["n"] < FEW_CELLS).any():
         key[0] += ";"
-        key.append(f"at most {max_points_per_type:,} random cells drawn per type")
+        key.append(f"large dots: types of fewer than {FEW_CELLS} cells")
+    if (summary["n"] > max_points_per_type).any():
+        key[-1] += ";"
+        noun = "cell" if max_points_per_type == 1 else "cells"
+        key.append(f"at most {max_points_per_type:,} random {noun} drawn per type")
     key[-1] += ")"
     em = FontProperties(size="medium").get_size_in_points()
     chars = max(20, int((width_in - _Y_AXIS_INCHES) * 72 / (_CHAR_WIDTH_EM * em)))
@@ -219,6 +256,20 @@ def _prepare_map(
     return _MapData(geometries, layer, bounds)
 
 
+def _framed_aspect(bounds: _utils.Bounds) -> float:
+    """Width over height of the map as :func:`~spatialcx.pl._utils.set_spatial_limits` frames ``bounds``.
+
+    One cell, or cells at one spot, are framed by a square: the bounds' own ratio (0 / 0) would size the panel for
+    a map it does not draw, with the colourbar standing out above and below it.
+    """
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()  # not in pyplot: nothing to close
+    _utils.set_spatial_limits(ax, bounds)
+    (x0, x1), (y1, y0) = ax.get_xlim(), ax.get_ylim()
+    return (x1 - x0) / (y1 - y0)
+
+
 def outline_width(share_low: float) -> float:
     """Width (points) of the red outline of low-confidence cells when ``share_low`` of the cells are below.
 
@@ -261,7 +312,10 @@ def _map_panel(
     # more cells are below the threshold: outlining most cells says little, and thick outlines would hide their
     # colours and the image (draw_cells also keeps it thin next to small cells).
     _utils.draw_cells(ax, geometries, face, subset=~low, point_size=point_size)
-    _utils.draw_cells(
+    from matplotlib.collections import PathCollection
+
+    outlined = []
+    for artist in _utils.draw_cells(
         ax,
         geometries,
         face,
@@ -270,13 +324,21 @@ def _map_panel(
         linewidth=width,
         point_size=point_size,
         label="low-confidence cells",
-    )
+    ):
+        tiny = isinstance(artist, PathCollection) and np.sqrt(np.max(artist.get_sizes())) < MIN_OUTLINED_POINTS
+        if tiny:
+            artist.set_edgecolor("none")
+            artist.set_linewidth(0.0)
+        outlined.append(not tiny)
 
     where = f" over {map_data.layer.name!r}" if map_data.layer is not None else ""
     sources = sorted({g.source if g.source.startswith("obsm[") else repr(g.source) for g in geometries})
-    lines = [f"{int(drawn.sum()):,} cells from {', '.join(sources)}{where}"]
-    outline = "red outline" if width == OUTLINE_WIDTH else "thin red outline"
-    lines.append(f"{outline}: {n_low:,} ({share_low:.1%}) below {threshold:g}")
+    lines = [f"{_cells(int(drawn.sum()))} from {', '.join(sources)}{where}"]
+    if any(outlined):
+        outline = "red outline" if width == OUTLINE_WIDTH else "thin red outline"
+        lines.append(f"{outline}: {n_low:,} ({share_low:.1%}) below {threshold:g}")
+    else:  # cells too small to outline (or none below)
+        lines.append(f"{n_low:,} ({share_low:.1%}) below {threshold:g} (under the red mark of the colour bar)")
     if (~finite & drawn).any():
         lines[-1] += f"; grey: {int((~finite & drawn).sum()):,} without confidence"
     ax.set_title("\n".join(lines), fontsize="medium")
@@ -308,13 +370,15 @@ def confidence(
     """Plot cell-type confidence over the tissue and per cell type.
 
     Left: the cells, coloured by confidence, over the tissue image (SpatialData only), with cells below
-    ``threshold`` outlined in red. Cells are drawn from the shapes element the table annotates (circles or
+    ``threshold`` outlined in red (cells drawn as points narrower than ``MIN_OUTLINED_POINTS``, 2.5 points, keep their
+    colour only: an outline would cover it). Cells are drawn from the shapes element the table annotates (circles or
     polygons) or from ``shapes_key``, or, when the table annotates a labels element (as the Xenium and CosMx readers
     make it), as circles of each label's area at its centroid; all are transformed to ``coordinate_system`` like the
     image, so both align whatever their transformations. Without such an element, cells are drawn from the
     centroids in ``obsm[spatial_key]``. Right: confidence per cell
     type as jittered strips (types sorted by median confidence, highest first; at most ``max_points_per_type``
-    random cells drawn per type), with the median, the threshold and the share of each type's cells below it.
+    random cells drawn per type; the cells of types of fewer than ``FEW_CELLS``, 10, as larger dots over the median),
+    with the median, the threshold and the share of each type's cells below it.
 
     Parameters
     ----------
@@ -428,11 +492,13 @@ def confidence(
 
     # Widths: the map keeps the tissue's aspect ratio (plus the colourbar), the strips grow with the types.
     strip_width = max(4.0, 0.28 * len(summary) + 1.5)
-    map_width = 0.0
+    map_width, cbar_shrink = 0.0, 0.8
     if map_data is not None:
-        xmin, xmax, ymin, ymax = map_data.bounds
-        aspect = float(np.clip((xmax - xmin) / max(ymax - ymin, 1e-12), 0.6, 2.0))
+        framed = _framed_aspect(map_data.bounds)
+        aspect = float(np.clip(framed, 0.6, 2.0))
         map_width = 5.0 * aspect + 1.6
+        # a map wider than the panel leaves is shorter than it: so is the colourbar, which would stand out otherwise
+        cbar_shrink *= min(1.0, aspect / framed)
     if figsize is None:  # (the strips alone: wide enough for the figure's title)
         figsize = (map_width + strip_width, 6.5) if map_data is not None else (max(strip_width + 0.5, 6.5), 6.5)
     fig = plt.figure(figsize=figsize, layout="constrained")
@@ -467,7 +533,9 @@ def confidence(
         _strip_panel(ax_strip, labels, conf, summary, width_in=float(figsize[0]) * strip_share, **strip_kwargs)
         from matplotlib.cm import ScalarMappable
 
-        cbar = sub_map.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_map, shrink=0.8, pad=0.02, aspect=30)
+        cbar = sub_map.colorbar(
+            ScalarMappable(norm=norm, cmap=cmap), ax=ax_map, shrink=cbar_shrink, pad=0.02, aspect=30
+        )
         cbar.set_label(confidence_key)
         cbar.ax.axhline(threshold, color=LOW_COLOR, linewidth=2)
         _finish(fig, conf, finite, threshold, confidence_key, title, save)
@@ -492,7 +560,7 @@ def _finish(
     n_low = int((conf[finite] < threshold).sum())
     if title is None:
         title = (
-            f"{confidence_key}: {n_low:,} of {int(finite.sum()):,} cells ({n_low / finite.sum():.1%}) "
+            f"{confidence_key}: {n_low:,} of {_cells(int(finite.sum()))} ({n_low / finite.sum():.1%}) "
             f"below {threshold:g}"
         )
         em = FontProperties(size="large").get_size_in_points()
