@@ -26,6 +26,9 @@ def demo_files(tmp_path_factory):
     sdata.write(root / "slide.zarr")
     table = sdata.tables["table"].copy()
     table.write_h5ad(root / "slide.h5ad")
+    table.write_zarr(root / "cells.zarr")  # an AnnData zarr store, not a SpatialData one
+    del sdata.tables["table"]
+    sdata.write(root / "no_table.zarr")
     return root
 
 
@@ -181,6 +184,10 @@ def test_classify_h5ad_with_plot(demo_files, tmp_path, capsys):
         (["annotate", "{h5ad}", "-r", "{ref}::no_such_column"], 1, "no_such_column"),
         (["classify", "{truncated}", "CD19"], 2, "could not be read as an .h5ad file"),
         (["annotate", "{h5ad}", "-r", "{ref}::cell_type", "--model-out", "{h5ad}/m.npz"], 1, "model_out"),
+        (["classify", "{anndata_zarr}", "CD19"], 2, r"is an AnnData zarr store, not a SpatialData store.*write_h5ad"),
+        (["classify", "{no_table}", "CD19"], 2, r"holds no table of cells \(its elements: \['cells', 'image'\]\)"),
+        (["annotate", "{h5ad}", "-r", "{tmp}/nope.h5ad::cell_type"], 2, r"reference \S+nope.h5ad does not exist"),
+        (["annotate", "{h5ad}", "-r", "{ref}::cell_type", "--out", "{tmp}"], 2, r"is a folder; --out is the .h5ad"),
     ],
 )
 def test_errors_are_one_line_and_write_nothing(demo_files, tmp_path, capsys, argv, code, message):
@@ -194,10 +201,11 @@ def test_errors_are_one_line_and_write_nothing(demo_files, tmp_path, capsys, arg
     truncated = tmp_path / "truncated.h5ad"
     truncated.write_bytes((demo_files / "slide.h5ad").read_bytes()[:5000])
     fill["truncated"] = str(truncated)
+    fill["anndata_zarr"], fill["no_table"] = str(demo_files / "cells.zarr"), str(demo_files / "no_table.zarr")
     assert cli_main([a.format(**fill) for a in argv]) == code
     err = capsys.readouterr().err
     assert err.startswith(f"spatialcx {argv[0]}: error: ") and re.search(message, err), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("\n") == 2 and "Pass --out" not in err
     assert _digest(h5ad) == before
 
 
@@ -376,6 +384,12 @@ def test_annotate_from_a_config_file_with_overrides(demo_files, tmp_path, capsys
         ("references: [ref.h5ad]\nlabel_keys: cell_type\nthreshhold: 0.5\n", [], r"Unknown AnnotationConfig keys"),
         ("references: [ref.h5ad]\nlabel_keys: cell_type\n", ["--threshold", "2"], r"confidence_threshold must be"),
         ("references: ref.h5ad\n", [], r"AnnotationConfig needs \['label_keys'\]"),
+        (
+            "references: [ref.h5ad\nlabel_keys: cell_type\n",
+            [],
+            r"--config \S+run.yaml: not valid YAML at line 2, column 11: expected ',' or '\]', but got ':' \(while "
+            r"parsing a flow sequence that starts at line 1, column 13\)\.",
+        ),
     ],
 )
 def test_annotate_config_errors_are_one_line(demo_files, tmp_path, capsys, config, extra, message):
@@ -390,7 +404,22 @@ def test_annotate_config_errors_are_one_line(demo_files, tmp_path, capsys, confi
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("spatialcx annotate: error: ") and re.search(message, err), err
+    assert err.count("\n") == 2  # one line, and the hint about -vv
     assert "cell_type" not in ad.read_h5ad(h5ad).obs
+
+
+@pytest.mark.parametrize(("make", "message"), [(None, "does not exist"), ("mkdir", "is a folder")])
+def test_annotate_config_that_is_not_a_file(demo_files, tmp_path, capsys, make, message):
+    """A --config path that does not exist or is a folder is a wrong argument (status 2), reported on one line."""
+    config = tmp_path / "run.yaml"
+    if make:
+        config.mkdir()
+    assert cli_main(["annotate", str(demo_files / "slide.h5ad"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"spatialcx annotate: error: --config {config} {message}; pass the YAML file of the annotation settings.\n"
+        "(run with -vv for the full traceback)\n"
+    )
 
 
 def test_annotate_caps_are_checked_by_the_parser(capsys):
@@ -399,3 +428,90 @@ def test_annotate_caps_are_checked_by_the_parser(capsys):
             cli_main(["annotate", "x.h5ad", "-r", "ref.h5ad::cell_type", "--max-cells-per-ref", bad])
         assert exc.value.code == 2
         assert "expected a positive number of cells or 'none'" in capsys.readouterr().err
+
+
+def test_classify_domains_keep_sections_apart(demo_files, tmp_path, capsys):
+    """--library-key: sections sharing one coordinate frame get their own domains; --spatial-key: other coordinates."""
+    import pandas as pd
+
+    one = ad.read_h5ad(demo_files / "slide.h5ad")
+    shifted = one.copy()
+    shifted.obsm["spatial"] = one.obsm["spatial"] + 5.0  # a second section in the same frame, a little offset
+    two = ad.concat({"a": one, "b": shifted}, label="section", index_unique="-")
+    two.obsm["xy"] = two.obsm.pop("spatial")
+    src = tmp_path / "sections.h5ad"
+    two.write_h5ad(src)
+    argv = ["classify", str(src), "CD19", "MS4A1", "--domains", "--max-distance", "35", "--spatial-key", "xy", "--out"]
+
+    assert cli_main([*argv, str(tmp_path / "mixed.h5ad")]) == 0
+    obs = ad.read_h5ad(tmp_path / "mixed.h5ad").obs
+    mixed = pd.crosstab(obs["domain"], obs["section"])
+    assert ((mixed > 0).sum(axis=1) == 2).all()  # without it, each domain links the cells of both sections
+
+    assert cli_main([*argv, str(tmp_path / "apart.h5ad"), "--library-key", "section"]) == 0
+    assert "domain: 2 domain(s)" in capsys.readouterr().out
+    out = ad.read_h5ad(tmp_path / "apart.h5ad")
+    apart = pd.crosstab(out.obs["domain"], out.obs["section"])
+    assert ((apart > 0).sum(axis=1) == 1).all() and set(apart.columns) == {"a", "b"}
+    assert out.uns["domain"]["spatial_key"] == "xy"
+
+
+def test_ctrl_c_is_one_line_with_status_130(demo_files, tmp_path, monkeypatch, capsys):
+    """Ctrl-C stops the command with 'interrupted' and status 130, no traceback (-vv re-raises); the file is kept."""
+    src = tmp_path / "slide.h5ad"
+    src.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    before = _digest(src)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scx.tl, "annotate_from_config", interrupted)
+    argv = ["annotate", str(src), "-r", f"{demo_files / 'ref.h5ad'}::cell_type"]
+    try:
+        rc = cli_main(argv)
+    except KeyboardInterrupt:  # (not caught by the command: a failure here, not a stop of the test session)
+        rc = None
+    assert rc == 130
+    assert capsys.readouterr().err == "spatialcx annotate: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):
+        cli_main([*argv, "-vv"])
+    assert _digest(src) == before and [p.name for p in tmp_path.iterdir()] == ["slide.h5ad"]
+
+
+def test_a_read_only_store_is_refused_before_the_work(demo_files, tmp_path, capsys):
+    """A store marked read-only is not written into (even by root), and says how to annotate a copy."""
+    import os
+
+    store = tmp_path / "slide.zarr"
+    shutil.copytree(demo_files / "slide.zarr", store)
+    for folder in (store, store / "tables", store / "tables" / "table"):
+        os.chmod(folder, 0o555)
+    try:
+        assert cli_main(["classify", str(store), "CD19"]) == 2
+        err = capsys.readouterr().err
+        assert f"{store} is read-only" in err and "Copy it (cp -r" in err and err.count("\n") == 2
+        assert not list(store.rglob("threshold*"))
+    finally:
+        for folder in (store, store / "tables", store / "tables" / "table"):
+            os.chmod(folder, 0o755)
+
+
+def test_a_10x_matrix_is_not_taken_for_an_h5ad(shared_data, capsys):
+    """Xenium's cell_feature_matrix.h5 (HDF5, like .h5ad) is named as a 10x matrix, with how to convert it."""
+    matrix = shared_data("xenium_bonemarrow", "cell_feature_matrix.h5")
+    assert cli_main(["classify", str(matrix), "CD19"]) == 2
+    err = capsys.readouterr().err
+    assert "is a 10x Genomics HDF5 matrix" in err and "scanpy.read_10x_h5" in err and "is it complete" not in err
+
+
+def test_python_dash_m_runs_the_command():
+    """``python -m spatialcx`` is the ``spatialcx`` command (for environments whose scripts folder is not on PATH)."""
+    import subprocess
+    import sys
+
+    import spatialcx as scx
+
+    done = subprocess.run([sys.executable, "-m", "spatialcx", "--version"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == f"spatialcx {scx.__version__}"
+    done = subprocess.run([sys.executable, "-m", "spatialcx", "annotate"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "usage: spatialcx annotate" in done.stderr

@@ -36,6 +36,29 @@ def _is_h5ad(path: Path) -> bool:
     return False
 
 
+def _not_h5ad_reason(path: Path) -> str | None:
+    """Why an HDF5 file that anndata cannot read is no ``.h5ad`` (``None`` when it looks like one, or is unreadable)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+            encoding = f.attrs.get("encoding-type")
+    except Exception:  # noqa: BLE001 - a damaged file: anndata's own error says more
+        return None
+    if encoding == "anndata" or {"X", "obs"} & set(keys):
+        return None
+    if "matrix" in keys:
+        return (
+            "is a 10x Genomics HDF5 matrix (such as Xenium's cell_feature_matrix.h5), not an .h5ad file. Read the "
+            "whole output folder into a SpatialData store (spatialdata_io.xenium(folder).write('slide.zarr')), or "
+            "convert the matrix (scanpy.read_10x_h5(path).write_h5ad('cells.h5ad')) and pass that."
+        )
+    return (
+        f"is an HDF5 file but not an AnnData .h5ad (top-level keys: {keys[:10]}). Pass an .h5ad or a SpatialData store."
+    )
+
+
 def _write_h5ad_atomic(adata: Any, path: Path) -> None:
     """Write ``adata`` to ``path`` through a temporary file renamed over it: never a partial file."""
     from spatialcx._utils import write_atomically
@@ -71,7 +94,11 @@ def _check_out(out: str, *, data: Path, inputs: Sequence[str] = (), overwrite: b
                 f"--out {out} is the reference {spec}; writing there would replace the reference. Choose another "
                 "--out file."
             )
-    if target.is_file() and not _same_file(target, data) and not overwrite:  # (a folder is reported later)
+    if target.is_dir():
+        raise CommandError(
+            f"--out {out} is a folder; --out is the .h5ad file to write, e.g. --out {target / data.name}."
+        )
+    if target.is_file() and not _same_file(target, data) and not overwrite:
         raise CommandError(f"--out {out} exists; pass --overwrite to replace it, or choose another file.")
 
 
@@ -105,6 +132,9 @@ def _open_data(
         try:
             adata = ad.read_h5ad(path)
         except Exception as e:
+            reason = _not_h5ad_reason(path)
+            if reason is not None:
+                raise CommandError(f"{path_str} {reason}") from e
             raise CommandError(
                 f"{path_str} could not be read as an .h5ad file ({type(e).__name__}: {e}); is it complete? Pass an "
                 ".h5ad file or a SpatialData store."
@@ -115,7 +145,8 @@ def _open_data(
         try:  # before the work, not after it: a read-only file, a folder, an unwritable folder
             check_writable_file(target, "--out" if out is not None else "the input")
         except (PermissionError, ValueError) as e:
-            raise CommandError(f"{e} Pass --out to write the result to another file.") from e
+            hint = " Pass --out to write the result to another file." if out is None else ""
+            raise CommandError(f"{e}{hint}") from e
 
         def save() -> str:
             _write_h5ad_atomic(adata, target)
@@ -126,6 +157,11 @@ def _open_data(
         raise CommandError(
             "--out applies to .h5ad input only; a SpatialData store is annotated in place (copy the store first to "
             "keep the original)."
+        )
+    if _zarr_encoding(path) == "anndata":
+        raise CommandError(
+            f"{path_str} is an AnnData zarr store, not a SpatialData store; the command reads SpatialData stores and "
+            f".h5ad files. Convert it: anndata.read_zarr({path_str!r}).write_h5ad('cells.h5ad'), and pass that."
         )
     import spatialdata as sd
 
@@ -138,11 +174,36 @@ def _open_data(
             f"{path_str} could not be read as a SpatialData zarr store ({type(e).__name__}: {e}). Pass a SpatialData "
             "store or an .h5ad file."
         ) from e
+    if not sdata.tables:
+        elements = sorted(name for _, name, _ in sdata.gen_spatial_elements())
+        raise CommandError(
+            f"{path_str} holds no table of cells (its elements: {elements}); "
+            "the command annotates a table. Make the store with the platform's spatialdata-io reader, which adds the "
+            "table, or pass an .h5ad."
+        )
     if table_key not in sdata.tables:
         raise CommandError(
             f"{path_str} has no table {table_key!r}; its tables: {sorted(sdata.tables)}. Choose one with --table-key."
         )
+    for folder in (path, path / "tables", path / "tables" / table_key):
+        if folder.is_dir() and (not folder.stat().st_mode & 0o222 or not os.access(folder, os.W_OK)):
+            raise CommandError(
+                f"{path_str} is read-only ({folder} cannot be written); a SpatialData store is annotated in place. "
+                f"Copy it (cp -r {path_str} copy.zarr) and pass the copy, or make it writable (chmod -R u+w)."
+            )
     return sdata, lambda: path_str
+
+
+def _zarr_encoding(path: Path) -> str | None:
+    """The ``encoding-type`` of a zarr group's attributes (``"anndata"`` for an AnnData store), if it has one."""
+    if not path.is_dir():
+        return None
+    try:
+        import zarr
+
+        return zarr.open_group(path, mode="r").attrs.get("encoding-type")
+    except Exception:  # noqa: BLE001 - not a zarr group: spatialdata's reader reports it
+        return None
 
 
 def _table(data: Any, table_key: str) -> Any:
@@ -262,6 +323,22 @@ def _positive(value: str, *, no_cap: bool = False) -> int | str:
 _cap = functools.partial(_positive, no_cap=True)
 
 
+def _yaml_error(error: Exception) -> str:
+    """The message of a config error on one line; a YAML syntax error names its line and column."""
+    import yaml
+
+    cause = error.__cause__
+    if isinstance(cause, yaml.MarkedYAMLError) and cause.problem_mark is not None:
+        mark = cause.problem_mark
+        message = f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {cause.problem}"
+        if cause.context:
+            where = cause.context_mark
+            start = f" that starts at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            message += f" ({cause.context}{start})"
+        return f"{message}."
+    return " ".join(str(error).split())
+
+
 def _annotation_config(args: argparse.Namespace) -> Any:
     """The :class:`~spatialcx.tl.AnnotationConfig` of an ``annotate`` command: ``--config``, then the options given."""
     from spatialcx._constants import DEFAULT_EXCLUDE_LABELS
@@ -269,10 +346,14 @@ def _annotation_config(args: argparse.Namespace) -> Any:
 
     values: dict[str, Any] = {}
     if args.config is not None:
+        config_path = Path(args.config).expanduser()
+        if not config_path.is_file():
+            what = "is a folder" if config_path.is_dir() else "does not exist"
+            raise CommandError(f"--config {args.config} {what}; pass the YAML file of the annotation settings.")
         try:
-            values = AnnotationConfig.from_yaml(Path(args.config).expanduser()).to_dict()
-        except (TypeError, ValueError) as e:
-            raise CommandError(f"--config {args.config}: {e}") from e
+            values = AnnotationConfig.from_yaml(config_path).to_dict()
+        except (TypeError, ValueError, OSError) as e:
+            raise CommandError(f"--config {args.config}: {_yaml_error(e)}") from e
     elif not args.reference:
         raise CommandError("no reference: give one or more -r PATH[::LABEL_KEY], or a --config file that lists them.")
     if args.reference:  # -r replaces the config's references
@@ -316,6 +397,13 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     import spatialcx as scx
 
     config = _annotation_config(args)
+    for reference in config.references:
+        local = _local_path(str(reference))
+        if local is not None and not local.exists():
+            raise CommandError(
+                f"reference {reference} does not exist (looked for {local.resolve()}). Check the path, or give a "
+                "remote URI (gs://, s3://, https://)."
+            )
     data, save = _open_data(
         args.store, table_key=config.table_key, out=args.out, inputs=config.references, overwrite=args.overwrite
     )
@@ -364,6 +452,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             f"{key}_cluster",
             value=1,
             table_key=args.table_key,
+            spatial_key=args.spatial_key,
+            library_key=args.library_key,
             platform=args.platform,
             max_distance=args.max_distance,
             min_cells=args.min_cells,
@@ -586,7 +676,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cls.add_argument("--max-distance", type=float, default=None, help="linking distance of the domains")
     cls.add_argument(
-        "--min-cells", type=int, default=10, help="smallest domain (smaller ones are merged; default: %(default)s)"
+        "--min-cells",
+        type=int,
+        default=10,
+        help="smallest domain: a smaller one joins the nearest domain within twice the linking distance, or is "
+        "dropped (default: %(default)s)",
+    )
+    cls.add_argument(
+        "--library-key",
+        default=None,
+        metavar="COLUMN",
+        help="obs column of the sections or samples (e.g. section): cells of different sections are never linked "
+        "into one domain",
+    )
+    cls.add_argument(
+        "--spatial-key",
+        default="spatial",
+        help="obsm key of the cell coordinates for the domains (default: %(default)s; a SpatialData table without "
+        "it uses the centroids of its cells' shapes)",
     )
     cls.add_argument("--out", default=None, help=out_help)
     cls.add_argument("--overwrite", action="store_true", help=overwrite_help)
@@ -596,24 +703,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spatialcx`` command."""
-    import spatialcx as scx
-
-    args = build_parser().parse_args(argv)
-    # zarr's notice about a future default is not actionable for users of the command
-    warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
-    verbose = args.verbose + getattr(args, "verbose_after", 0)
-    scx.settings.verbosity = min(1 + verbose, 3)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    verbose, prog = 0, "spatialcx"
     try:
-        return int(args.func(args) or 0)
-    except (CommandError, ValueError, KeyError, OSError, ImportError) as e:
+        import spatialcx as scx
+
+        args = build_parser().parse_args(argv)
+        prog = f"spatialcx {args.command}"
+        # zarr's notice about a future default is not actionable for users of the command
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        verbose = args.verbose + getattr(args, "verbose_after", 0)
+        scx.settings.verbosity = min(1 + verbose, 3)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return int(args.func(args) or 0)
+        except (CommandError, ValueError, KeyError, OSError, ImportError) as e:
+            if verbose >= 2:
+                raise
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e
+            notes = "".join(f" {note}" for note in getattr(e, "__notes__", []))
+            print(f"{prog}: error: {message}{notes}", file=sys.stderr)
+            print("(run with -vv for the full traceback)", file=sys.stderr)
+            return 2 if isinstance(e, CommandError) else 1
+    except KeyboardInterrupt:
         if verbose >= 2:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        notes = "".join(f" {note}" for note in getattr(e, "__notes__", []))
-        print(f"spatialcx {args.command}: error: {message}{notes}", file=sys.stderr)
-        print("(run with -vv for the full traceback)", file=sys.stderr)
-        return 2 if isinstance(e, CommandError) else 1
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 if __name__ == "__main__":  # pragma: no cover
