@@ -264,6 +264,9 @@ def test_demo_checks_its_arguments_before_any_work(tmp_path, capsys):
     assert cli_main(["demo", "--threshold", "1.5", "--out", str(out)]) == 2
     assert "--threshold must be a confidence in [0, 1], got 1.5" in capsys.readouterr().err
     assert not out.exists()  # nothing written
+    assert cli_main(["demo", "--min-accuracy", "98", "--out", str(out)]) == 2  # a percentage: no run could pass
+    assert "--min-accuracy must be an accuracy in [0, 1], got 98" in capsys.readouterr().err
+    assert not out.exists()
     assert cli_main(["demo", "--n-cells", "10", "--out", str(out)]) == 2
     assert "--n-cells must be at least 50" in capsys.readouterr().err  # the option, not the Python argument
     assert not out.exists()

@@ -228,6 +228,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if not 0 <= args.threshold <= 1:
         raise CommandError(f"--threshold must be a confidence in [0, 1], got {args.threshold:g}.")
+    if not 0 <= args.min_accuracy <= 1:  # (NaN too) above 1, every run would fail after all the work
+        raise CommandError(f"--min-accuracy must be an accuracy in [0, 1], got {args.min_accuracy:g}.")
     if args.n_cells < MIN_CELLS:
         raise CommandError(
             f"--n-cells must be at least {MIN_CELLS} (every cell type of the demo needs cells), got {args.n_cells}."
