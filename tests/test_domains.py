@@ -89,6 +89,16 @@ def test_default_distances_platform_and_data_driven(caplog):
     assert "median nearest-neighbour" in caplog.text
 
 
+def test_cells_stacked_in_pairs_still_give_a_distance():
+    """Every cell with a twin at its position (duplicated centroids): the distance comes from the distinct positions."""
+    one = grid_table()
+    adata = ad.concat([one, one], index_unique="-")
+    scx.tl.spatial_domains(adata, "selected")  # before: "fewer than two distinct cell positions"
+    assert adata.uns["domain"]["median_nn_distance"] == pytest.approx(SPACING)
+    want = members(scx.tl.spatial_domains(one, "selected", min_cells=5, copy=True))  # twins: twice the cells
+    assert sorted(map(sorted, members(adata).values())) == sorted(map(sorted, want.values()))
+
+
 def test_sections_are_never_linked():
     one = grid_table()
     two = grid_table()

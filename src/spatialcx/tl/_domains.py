@@ -527,7 +527,9 @@ def _median_nn_distance(coords: np.ndarray, libraries: np.ndarray | None, max_ce
     dists = []
     rng = np.random.default_rng(0)
     for g in groups:
-        pts = coords[g]
+        # distinct positions: cells stacked at one spot (duplicated centroids, a cell and its twin) would give a
+        # nearest neighbour at distance 0, and, when every cell has a twin, no distance at all
+        pts = np.unique(coords[g], axis=0)
         if pts.shape[0] < 2:
             continue
         tree = cKDTree(pts)
@@ -536,9 +538,7 @@ def _median_nn_distance(coords: np.ndarray, libraries: np.ndarray | None, max_ce
         dists.append(d[:, 1])
     if not dists:
         return float("nan")
-    d = np.concatenate(dists)
-    d = d[d > 0]
-    return float(np.median(d)) if d.size else float("nan")
+    return float(np.median(np.concatenate(dists)))
 
 
 def _components(coords: np.ndarray, libraries: np.ndarray | None, distance: float) -> np.ndarray:
