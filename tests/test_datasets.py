@@ -301,7 +301,13 @@ def test_sizes_follow_the_arguments():
         ({"n_reference_genes": 100}, ValueError, r"n_reference_genes.*between"),
         ({"n_reference_genes": 100_000}, ValueError, r"n_reference_genes.*between"),
         ({"n_genes": 100_000}, ValueError, r"n_genes.*or fewer"),
-        ({"n_cells": 10}, ValueError, r"n_cells.*at least"),
+        # before: "at least 1 ... Pass `n_reference_genes=1`", which failed again
+        ({"n_reference_genes": 0}, ValueError, r"n_reference_genes` is 0.*between \d{3} and \d{4}"),
+        ({"n_reference_genes": -3}, ValueError, r"n_reference_genes` is -3.*between \d{3} and \d{4}"),
+        ({"n_reference_genes": 2.0}, TypeError, r"n_reference_genes.*integer"),
+        # before: every minimum claimed "so that every cell type ... fits", untrue for 50 cells
+        ({"n_cells": 10}, ValueError, r"n_cells.*at least 50 \(a smaller section is too sparse"),
+        ({"n_reference_cells": 100}, ValueError, r"n_reference_cells.*at least 130 \(10 for each of its 13 cell types"),
         ({"n_cells": 400.5}, TypeError, r"n_cells.*integer"),
         ({"n_reference_cells": True}, TypeError, r"n_reference_cells.*integer"),
         ({"random_state": "zero"}, TypeError, r"random_state"),

@@ -232,7 +232,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise CommandError(f"--min-accuracy must be an accuracy in [0, 1], got {args.min_accuracy:g}.")
     if args.n_cells < MIN_CELLS:
         raise CommandError(
-            f"--n-cells must be at least {MIN_CELLS} (every cell type of the demo needs cells), got {args.n_cells}."
+            f"--n-cells must be at least {MIN_CELLS} (a smaller section is too sparse to show its tissue), got {args.n_cells}."
         )
     out = Path(args.out).expanduser()
     try:

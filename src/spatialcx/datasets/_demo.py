@@ -418,14 +418,16 @@ def demo(
     Parameters
     ----------
     n_cells
-        Number of cells in the tissue section; the section grows with it (see above).
+        Number of cells in the tissue section; the section grows with it (see above). At least 50; below a few
+        hundred cells, a rare cell type or compartment may be missing from the section.
     n_genes
         Number of genes on the spatial panel (all markers, programme and housekeeping genes, then others). At least
         the number of those required genes.
     n_reference_cells
-        Number of cells in the reference.
+        Number of cells in the reference. At least 10 per cell type (130); every type has cells in both sources.
     n_reference_genes
-        Number of genes in the reference.
+        Number of genes in the reference: at least the panel genes it shares, at most those plus the demo's other
+        gene symbols (an error names the range for the chosen panel).
     random_state
         Seed (a non-negative integer, or a generator) of everything random: layout, expression profiles, counts
         and image. The same seed gives identical data; ``None`` draws fresh entropy.
@@ -456,11 +458,16 @@ def demo(
     >>> sdata, reference = scx.datasets.demo()
     >>> sdata["table"].obs["true_cell_type"].value_counts()  # doctest: +SKIP
     """
-    _check_positive_int(n_cells, "n_cells", minimum=MIN_CELLS)
-    _check_positive_int(n_reference_cells, "n_reference_cells", minimum=10 * len(CELL_TYPES))
+    _check_int(n_cells, "n_cells", minimum=MIN_CELLS, why="a smaller section is too sparse to show its tissue")
+    _check_int(
+        n_reference_cells,
+        "n_reference_cells",
+        minimum=10 * len(CELL_TYPES),
+        why=f"10 for each of its {len(CELL_TYPES)} cell types",
+    )
     required = _required_genes()
-    _check_positive_int(n_genes, "n_genes", minimum=len(required))
-    _check_positive_int(n_reference_genes, "n_reference_genes", minimum=1)
+    _check_int(n_genes, "n_genes", minimum=len(required), why="the marker, programme and housekeeping genes")
+    _check_int(n_reference_genes, "n_reference_genes")  # its range depends on the panel: checked with the genes
     if not isinstance(image, bool | np.bool_):
         raise TypeError(f"`image` must be True or False, got {image!r} ({type(image).__name__}).")
 
@@ -515,17 +522,16 @@ def demo(
 # ----------------------------------------------------------------------------------------------------------------------
 # inputs
 
-#: Fewest cells of a demo slide: every cell type and required gene fits.
+#: Fewest cells of a demo slide (below a few hundred cells, a rare type or compartment may still be missing).
 MIN_CELLS = 50
 
 
-def _check_positive_int(value: object, name: str, *, minimum: int) -> None:
+def _check_int(value: object, name: str, *, minimum: int | None = None, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(
-            f"`{name}` is {value}, but the demo needs at least {minimum} (so that every cell type and required gene "
-            f"fits). Pass `{name}={minimum}` or more."
+            f"`{name}` is {value}, but the demo needs at least {minimum} ({why}). Pass `{name}={minimum}` or more."
         )
 
 
