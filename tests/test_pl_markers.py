@@ -1,7 +1,10 @@
-"""scx.pl.marker_dotplot: titles that fit, free-text labels, cluster numbers, the unassigned label of annotate_domains."""
+"""scx.pl.marker_dotplot, deg_heatmap and validation_2d: titles that fit, free-text labels, cluster numbers, the order
+of the rows, the unassigned label of annotate_domains, many types."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import re
 
 import anndata as ad
@@ -240,3 +243,117 @@ def test_plots_read_a_view_without_changing_it():
     assert rows_and_genes(fig)[1] == ["MS4A1", "CD79A", "CD3E", "CD3D"]
     scx.pl.validation_2d(view, markers=markers)
     assert view.is_view and list(view.obs.columns) == ["cell_type", "cell_type_confidence"]
+
+
+def clusters(sizes: dict[str, int], n_genes: int = 30, seed: int = 0) -> ad.AnnData:
+    """Counts of clusters ``{label: n_cells}`` (string labels), each cluster with its own expression profile."""
+    rng = np.random.default_rng(seed)
+    names = list(sizes)
+    which = np.repeat(np.arange(len(names)), list(sizes.values()))
+    profiles = rng.gamma(0.5, 1.0, (len(names), n_genes))
+    x = rng.poisson(profiles[which] * 4).astype(np.float32)
+    obs = pd.DataFrame({"cluster": np.asarray(names, dtype=object)[which]}, index=[f"c{i}" for i in range(which.size)])
+    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+
+
+def test_cluster_numbers_are_rows_in_numeric_order():
+    """Cluster numbers sorted as text: rows "1", "10", "11", "2", ... in deg_heatmap and marker_dotplot."""
+    adata = clusters({str(i): 20 for i in [3, 10, 1, 2, 11]})
+    numeric = ["1", "2", "3", "10", "11"]
+    markers = {str(i): [f"G{i}"] for i in [1, 2, 3, 10, 11]}
+    obs = adata.obs
+    columns = {
+        "str": obs["cluster"],
+        "int": obs["cluster"].astype(int),
+        "float with NaN": obs["cluster"].astype(float).where(np.arange(adata.n_obs) % 20 != 0),  # shown as "3"
+        "categorical, pandas' text order": obs["cluster"].astype("category"),
+        "string dtype": obs["cluster"].astype("string"),
+    }
+    for what, column in columns.items():
+        adata.obs["label"] = column
+        assert rows_and_genes(scx.pl.marker_dotplot(adata, key="label", markers=markers))[0] == numeric, what
+    adata.obs["label"] = columns["categorical, pandas' text order"]
+    assert rows_and_genes(scx.pl.deg_heatmap(adata, key="label", pval_cutoff=None))[0] == numeric
+    # an order the user set is kept
+    order = ["11", "3", "1", "10", "2"]
+    adata.obs["label"] = pd.Categorical(obs["cluster"], categories=order)
+    assert rows_and_genes(scx.pl.deg_heatmap(adata, key="label", pval_cutoff=None))[0] == order
+    assert rows_and_genes(scx.pl.marker_dotplot(adata, key="label", markers=markers))[0] == order
+    # numbers inside names too, and names after numbers
+    adata.obs["label"] = obs["cluster"].map(lambda c: f"type {c}" if c != "3" else "B cell")
+    markers = {f"type {c}": [f"G{c}"] for c in [1, 2, 10, 11]}
+    expected = ["B cell", "type 1", "type 2", "type 10", "type 11"]
+    assert rows_and_genes(scx.pl.marker_dotplot(adata, key="label", markers=markers))[0] == expected
+
+
+def test_validation_2d_panels_of_types_of_equal_size_in_numeric_order():
+    adata = clusters({"10": 30, "2": 30, "1": 50})
+    adata.obs["cluster_confidence"] = np.linspace(0.0, 1.0, adata.n_obs)
+    fig = scx.pl.validation_2d(adata, key="cluster", markers={c: ["G0", "G1"] for c in ["1", "2", "10"]})
+    # largest first, then (before: "10" before "2", as text) in the order of the labels
+    assert [ax.get_title().rsplit(" (", 1)[0] for ax in fig.axes] == ["1", "2", "10"]
+
+
+def test_deg_heatmap_max_types_shows_the_largest_types(caplog):
+    """Hundreds of clusters drew a heatmap of hundreds of rows (and five times as many columns), slowly."""
+    assert inspect.signature(scx.pl.deg_heatmap).parameters["max_types"].default == 60  # references are unaffected
+    adata = clusters({"10": 80, "2": 30, "1": 60, "7": 20, "3": 50, "11": 40, "4": 5, "12": 3})
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        fig = scx.pl.deg_heatmap(adata, key="cluster", max_types=4, pval_cutoff=None)
+    # the four largest, in the order of the labels
+    assert rows_and_genes(fig)[0] == ["1", "3", "10", "11"]
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape[0] == 4 and image.shape[1] == len(rows_and_genes(fig)[1])
+    assert set(header_owners(fig)) <= {"1", "3", "10", "11"}
+    text = notes(fig)
+    assert "2 smaller types not shown (max_types=4)" in text
+    assert "fewer than 10 cells, not tested: 4 (5), 12 (3)" in text
+    assert "6 types, more than max_types=4: the 2 smaller ones are not shown: 2 (30), 7 (20)" in caplog.text
+    # no note and no warning when every type is shown
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        fig = scx.pl.deg_heatmap(adata, key="cluster", max_types=6, pval_cutoff=None)
+    assert len(rows_and_genes(fig)[0]) == 6 and "max_types" not in notes(fig) and not caplog.text
+    with pytest.raises(ValueError, match=r"max_types must be an integer of at least 2, got 1"):
+        scx.pl.deg_heatmap(adata, key="cluster", max_types=1)
+
+
+def header_owners(fig) -> list[str]:
+    return [t.get_text() for a in fig.axes for t in a.texts if t.get_gid() == "group_label"]
+
+
+def test_deg_heatmap_repeated_gene_names_get_a_clear_error():
+    """Two genes of one name failed inside pandas: "Reindexing only valid with uniquely valued Index objects"."""
+    adata = clusters({"a": 20, "b": 20})
+    adata.var_names = ["G0", "G0", *adata.var_names[2:]]
+    with pytest.raises(
+        ValueError, match=r"^deg_heatmap: the gene names of X repeat \(1, e\.g\. \['G0'\]\).*make_unique"
+    ):
+        scx.pl.deg_heatmap(adata, key="cluster")
+
+
+@pytest.mark.parametrize("fn", ["deg_heatmap", "marker_dotplot", "validation_2d"])
+def test_a_numeric_column_as_labels_gets_a_short_error(fn):
+    """A column of numbers passed as the labels (a group per cell) put every value into the error: megabytes of it at
+    a million cells."""
+    adata = clusters({"a": 300, "b": 300})
+    adata.obs["score"] = np.random.default_rng(0).random(adata.n_obs)
+    adata.obs["score_confidence"] = 0.9
+    with pytest.raises(ValueError, match=r"score.*\(1\), .* and 580 more\. Lower min_cells") as e:
+        getattr(scx.pl, fn)(adata, key="score", markers={"a": ["G0"]}) if fn != "deg_heatmap" else scx.pl.deg_heatmap(
+            adata, key="score"
+        )
+    assert len(str(e.value)) < 1200
+
+
+def test_validation_2d_type_without_marker_counts_gets_a_plain_axis():
+    """A type whose markers have no count in any cell got an x axis from 0 to 0.001, ticks 0.0000 ... 0.0010."""
+    adata = clusters({"a": 30, "b": 30})
+    adata.X[:, 0] = 0
+    adata.obs["cluster_confidence"] = np.tile(np.linspace(0.0, 1.0, 30), 2)  # 6 of each type's 30 cells >= 0.8
+    fig = scx.pl.validation_2d(adata, key="cluster", markers={"a": ["G0"], "b": ["G1"]})
+    axes = {ax.get_title().rsplit(" (", 1)[0]: ax for ax in fig.axes}
+    assert axes["a"].get_xlim() == pytest.approx((-0.04, 1.04))
+    assert "confident w/o markers 20.0%" in " ".join(t.get_text() for t in axes["a"].texts)
+    xmax = float(np.log1p(adata.X[:, 1] / adata.X.sum(axis=1) * 1e4).max())
+    assert axes["b"].get_xlim() == pytest.approx((-0.04 * xmax, 1.04 * xmax))

@@ -19,6 +19,7 @@ from ._markers import (
     draw_group_header,
     fit_text,
     group_codes,
+    name_counts,
     unassigned_label,
 )
 
@@ -44,15 +45,48 @@ def subsample_groups(codes: np.ndarray, n_groups: int, max_cells_per_group: int,
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
+def _largest_groups(
+    groups: list[str], codes: np.ndarray, sizes: np.ndarray, max_types: int, *, fn: str
+) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    """The ``max_types`` largest groups, in their order (ties: the earlier one), renumbered; how many are left out.
+
+    The cells of the groups left out get code -1; their names are logged.
+    """
+    if len(groups) <= max_types:
+        return groups, codes, sizes, 0
+    by_size = np.argsort(-sizes, kind="stable")
+    keep, drop = np.sort(by_size[:max_types]), np.sort(by_size[max_types:])
+    logger.warning(
+        "%s: %d types, more than max_types=%d: the %d smaller ones are not shown: %s. Pass a larger max_types to show "
+        "them, or plot a subset of the table.",
+        fn,
+        len(groups),
+        max_types,
+        drop.size,
+        name_counts({groups[i]: int(sizes[i]) for i in drop}),
+    )
+    remap = np.full(len(groups) + 1, -1, dtype=np.int64)
+    remap[1:][keep] = np.arange(keep.size)
+    return [groups[i] for i in keep], remap[codes + 1], sizes[keep], int(drop.size)
+
+
 def _normalized_rows(adata: AnnData, rows: np.ndarray) -> tuple[AnnData, str]:
     """A new AnnData of log1p(10k) expression (sparse) of ``rows``, every gene of the expression source."""
     from .._matrix import normalize_block
     from ..pp._normalization import _read_sampled_rows, find_expression_source
 
     src = find_expression_source(adata)
+    names = pd.Index(src.var_names.astype(str))
+    if not names.is_unique:
+        dup = list(names[names.duplicated()].unique())
+        raise ValueError(
+            f"deg_heatmap: the gene names of {src.where} repeat ({len(dup)}, e.g. {dup[:5]}): every gene is tested and "
+            "drawn by its name, so two genes of one name would be mixed up. Make them unique first, e.g. with "
+            "`adata.var_names_make_unique()`."
+        )
     block = _read_sampled_rows(src.matrix, rows)
     x = normalize_block(block, np.arange(block.shape[1]), kind=src.kind, over="all")
-    tmp = AnnData(X=x.astype(np.float32), var=pd.DataFrame(index=pd.Index(src.var_names.astype(str))))
+    tmp = AnnData(X=x.astype(np.float32), var=pd.DataFrame(index=names))
     tmp.uns["log1p"] = {"base": None}
     return tmp, src.where
 
@@ -93,6 +127,7 @@ def deg_heatmap(
     n_genes: int = 5,
     pval_cutoff: float | None = 0.05,
     method: str = "wilcoxon",
+    max_types: int = 60,
     min_cells: int = 10,
     max_cells_per_group: int = 2000,
     random_state: int = 0,
@@ -105,12 +140,12 @@ def deg_heatmap(
 ) -> Figure:
     """Heatmap of the top differentially expressed panel genes of each predicted type.
 
-    The cells of each type in obs[``key``] (``"Unassigned"`` left out; types with at least ``min_cells`` cells) are
-    subsampled to at most ``max_cells_per_group`` (seeded), normalized to log1p(10k) from the raw counts, and tested
-    one type against the rest with :func:`scanpy.tl.rank_genes_groups` on a temporary AnnData (nothing is written
-    into the table). Each type contributes its best up-regulated genes (positive score and log fold change,
-    Benjamini-Hochberg adjusted p-value below ``pval_cutoff``; each gene shown once): ``n_genes`` at most, fewer
-    when fewer pass, so that background genes are not drawn as if they were markers. The
+    The cells of each type in obs[``key``] (``"Unassigned"`` left out; types with at least ``min_cells`` cells, the
+    ``max_types`` largest) are subsampled to at most ``max_cells_per_group`` (seeded), normalized to log1p(10k) from
+    the raw counts, and tested one type against the rest with :func:`scanpy.tl.rank_genes_groups` on a temporary
+    AnnData (nothing is written into the table). Each type contributes its best up-regulated genes (positive score
+    and log fold change, Benjamini-Hochberg adjusted p-value below ``pval_cutoff``; each gene shown once):
+    ``n_genes`` at most, fewer when fewer pass, so that background genes are not drawn as if they were markers. The
     heatmap shows each type's mean expression over the subsample, z-scored per gene across types; the blocks where
     a type meets its own genes are outlined.
 
@@ -129,9 +164,13 @@ def deg_heatmap(
     method
         Test of :func:`scanpy.tl.rank_genes_groups`: ``"wilcoxon"``, ``"t-test"``, ``"t-test_overestim_var"`` or
         ``"logreg"``.
+    max_types
+        Most types (rows): the largest ones, shown in the order of obs[``key``]'s categories. The smaller types are
+        left out of the test and the figure, counted in a note and named in a logged warning. The default keeps the
+        types of typical references; hundreds (fine clusters) would make an unreadable figure, slowly.
     min_cells
-        Types with fewer cells are left out (named in the title). A type of a single cell cannot be tested, so it is
-        left out (and named) even with ``min_cells=1``.
+        Types with fewer cells are left out (named in a note over the heatmap). A type of a single cell cannot be
+        tested, so it is left out (and named) even with ``min_cells=1``.
     max_cells_per_group
         Most cells per type used for the test and the means.
     random_state
@@ -160,7 +199,7 @@ def deg_heatmap(
     KeyError
         ``key`` is missing from obs.
     ValueError
-        Fewer than two types have ``min_cells`` cells, or a bad argument.
+        Fewer than two types have ``min_cells`` cells, gene names repeat, or a bad argument.
     """
     import matplotlib.pyplot as plt
     import scanpy as sc
@@ -171,6 +210,7 @@ def deg_heatmap(
     adata, _ = _utils.split_data(data, table_key)
     check_label_column(adata, key, fn=fn)
     n_genes = check_positive_int(n_genes, "n_genes", fn=fn)
+    max_types = check_positive_int(max_types, "max_types", fn=fn, minimum=2)
     min_cells = check_positive_int(min_cells, "min_cells", fn=fn)
     max_cells_per_group = check_positive_int(max_cells_per_group, "max_cells_per_group", fn=fn, minimum=2)
     if pval_cutoff is not None and (
@@ -192,8 +232,10 @@ def deg_heatmap(
         raise ValueError(
             f"{fn}: differential expression needs at least two types with min_cells={min_cells} cells in "
             f"obs[{key!r}] (besides 'Unassigned'); found {groups or 'none'}"
-            f"{f' and smaller ones {too_small}' if too_small else ''}. Lower min_cells or check the labels."
+            + (f" and smaller ones: {name_counts(too_small)}" if too_small else "")
+            + ". Lower min_cells or check the labels."
         )
+    groups, codes, sizes, n_left_out = _largest_groups(groups, codes, sizes, max_types, fn=fn)
     rows = subsample_groups(codes, len(groups), max_cells_per_group, random_state)
     tmp, where = _normalized_rows(adata, rows)
     group_names = np.asarray(groups, dtype=object)[codes[rows]]
@@ -237,7 +279,13 @@ def deg_heatmap(
     cell_w, cell_h = max(0.26 * n_cols, 1.5), max(0.3 * n_rows, 1.2)
     left_w = _label_width(row_labels)
     fig_w = left_w + cell_w + 1.3
-    fig_h = 0.7 + header_h + cell_h + gene_h + (0.35 if too_small else 0.0)
+    notes = []
+    if n_left_out:
+        notes.append(f"{n_left_out} smaller types not shown (max_types={max_types})")
+    if too_small:
+        notes.append(f"fewer than {min_cells} cells, not tested: {name_counts(too_small)}")
+    note = wrap_notes(notes, cell_w + 1.2, 8)
+    fig_h = 0.7 + header_h + cell_h + gene_h + (0.15 + 0.14 * (note.count("\n") + 1) if note else 0.0)
     fig = plt.figure(figsize=(max(fig_w, 6.0), max(fig_h, 3.5)), layout="constrained")
     try:
         grid = fig.add_gridspec(2, 2, height_ratios=[header_h, cell_h], width_ratios=[cell_w, 0.25], hspace=0.0)
@@ -271,14 +319,8 @@ def deg_heatmap(
             # wrapped to the figure's width, which few genes make narrow
             title = fit_text(title, fig.get_figwidth() - 0.3, 10)
         fig.suptitle(title, fontsize=10)
-        if too_small:
-            note = f"fewer than {min_cells} cells, not tested: " + ", ".join(f"{k} ({v})" for k, v in too_small.items())
-            header.set_title(
-                wrap_notes([note], cell_w + 1.2, 8),
-                fontsize=8,
-                color="#c62828",
-                loc="left",
-            )
+        if note:
+            header.set_title(note, fontsize=8, color="#c62828", loc="left")
         if save is not None:
             _utils.save_figure(fig, save, dpi=dpi)
     except BaseException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,12 +63,50 @@ def check_label_column(adata: AnnData, column: str, *, fn: str, what: str = "cel
         )
 
 
+#: A label that is a number ("3", "-1", "0.5"): sorted by its value.
+_NUMBER_RE = re.compile(r"[+-]?\d+(?:\.\d*)?")
+_DIGITS_RE = re.compile(r"(\d+)")
+
+
+def natural_key(label: Any) -> tuple:
+    """Sort key that orders numbers by value: ``"2"`` before ``"10"``, ``"type 2"`` before ``"type 10"``.
+
+    Labels that are numbers come first, by value; the others are compared piece by piece, runs of digits as numbers.
+    """
+    text = str(label)
+    if _NUMBER_RE.fullmatch(text.strip()):
+        return (0, float(text), text)
+    parts = _DIGITS_RE.split(text)  # text, digits, text, ...: the same kind at the same position in any two labels
+    return (1, tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text)
+
+
 def as_categorical(labels: pd.Series) -> pd.Categorical:
-    """``labels`` as a Categorical (its own categories when categorical, sorted values otherwise), nulls missing."""
+    """``labels`` as a Categorical, nulls missing, groups in the order a reader expects.
+
+    A categorical column keeps its category order, unless that order is the plain text order pandas gives by default
+    (``"1", "10", "2"``) and numbers in the labels read otherwise: then, as for any other column, the labels are
+    sorted with :func:`natural_key` (``"1", "2", "10"``; ``"type 2"`` before ``"type 10"``). Whole-number floats (a
+    column of cluster ids with NaN) are shown as integers (``"3"``, not ``"3.0"``).
+    """
     if isinstance(labels.dtype, pd.CategoricalDtype):
-        return labels.array
-    values = labels.to_numpy(dtype=object)
-    return pd.Categorical(np.where(pd.isna(values), None, values.astype(str)))
+        cat = labels.array
+        names = [str(c) for c in cat.categories]
+        if not cat.ordered and names == sorted(names):
+            natural = sorted(range(len(names)), key=lambda i: natural_key(names[i]))
+            if natural != list(range(len(names))):
+                cat = cat.reorder_categories(cat.categories[natural])
+        return cat
+    if pd.api.types.is_float_dtype(labels.dtype):
+        numbers = labels.to_numpy(dtype=float, na_value=np.nan)
+        numbers = numbers[~np.isnan(numbers)]
+        if (np.abs(numbers) < 2**53).all() and np.array_equal(numbers, np.round(numbers)):
+            labels = labels.astype("Int64")
+    codes, uniques = pd.factorize(labels, use_na_sentinel=True)  # hashed: fast on millions of cells
+    names = [str(u) for u in uniques]
+    categories = sorted(set(names), key=natural_key)  # two values may read alike (1 and "1" in an object column)
+    position = {name: i for i, name in enumerate(categories)}
+    remap = np.array([position[name] for name in names] + [-1], dtype=np.int64)
+    return pd.Categorical.from_codes(remap[codes], categories=categories)
 
 
 def group_codes(
@@ -93,6 +132,16 @@ def group_codes(
     codes = remap[base + 1]
     groups = [c for c, k in zip(cats, keep, strict=True) if k]
     return groups, codes, counts[keep].astype(np.int64), too_small
+
+
+#: Most groups named in an error or a note (a numeric column passed as labels has a group per cell).
+MAX_NAMED = 20
+
+
+def name_counts(counts: Mapping[str, int], limit: int = MAX_NAMED) -> str:
+    """``"a (3), b (2)"``: the first ``limit`` groups of ``counts`` with their sizes, and how many more there are."""
+    named = ", ".join(f"{k} ({v:,})" for k, v in list(counts.items())[:limit])
+    return named + (f" and {len(counts) - limit:,} more" if len(counts) > limit else "")
 
 
 def unassigned_label(adata: AnnData, key: str) -> str:
@@ -482,7 +531,7 @@ def wrap_notes(notes: Sequence[str], width_in: float, fontsize: float) -> str:
 
 
 def _expression_blocks(adata: AnnData, genes: Sequence[str], chunk_size: int | None, desc: str):
-    """Yield ``(start, stop, csr)``: log1p(10k) of ``genes`` (library size over all genes), a block of cells at a time."""
+    """Yield ``(start, stop, csr)``: log1p(10k) of ``genes`` (library size over all genes), a block of cells at once."""
     from .._matrix import default_chunk_size, gene_indices, iter_row_blocks, normalize_block
     from ..pp._normalization import find_expression_source
 
@@ -791,7 +840,8 @@ def marker_dotplot(
     if not groups:
         raise ValueError(
             f"{fn}: no group of obs[{column!r}] has at least min_cells={min_cells} cells (besides "
-            f"{', '.join(map(repr, exclude))}); groups found: {too_small or 'none'}. Lower min_cells or check the labels."
+            f"{', '.join(map(repr, exclude))}); groups found: {name_counts(too_small) or 'none'}. Lower min_cells or "
+            "check the labels."
         )
     n_unassigned, n_unlabelled = int(labels.isin(exclude).sum()), int(labels.isna().sum())
     panel = expression_source_genes(adata)
@@ -831,9 +881,7 @@ def marker_dotplot(
     fig_w = max(left_w + dots_w + legend_w + 0.4, 6.0)
     notes = _no_markers_text(marker_sets)
     if too_small:
-        notes.append(
-            f"fewer than {min_cells} cells, not shown: " + ", ".join(f"{k} ({v})" for k, v in too_small.items())
-        )
+        notes.append(f"fewer than {min_cells} cells, not shown: {name_counts(too_small)}")
     if n_unassigned:
         notes.append(f"{n_unassigned:,} {' / '.join(map(repr, exclude))} cells not shown")
     if n_unlabelled:
@@ -1065,7 +1113,7 @@ def validation_2d(
     if not groups:
         raise ValueError(
             f"{fn}: no type in obs[{label_key!r}] has at least min_cells={min_cells} cells; types found: "
-            f"{too_small or 'none'}. Lower min_cells."
+            f"{name_counts(too_small) or 'none'}. Lower min_cells."
         )
     panel = expression_source_genes(adata)
     marker_sets = resolve_markers(
@@ -1081,7 +1129,7 @@ def validation_2d(
             f"({', '.join(groups[:8])}{', ...' if len(groups) > 8 else ''}), so marker evidence cannot be shown. "
             "Pass markers={type: [panel genes]}."
         )
-    order = sorted(with_markers, key=lambda g: (-int(sizes[groups.index(g)]), g))
+    order = sorted(with_markers, key=lambda g: (-int(sizes[groups.index(g)]), groups.index(g)))
     shown = order[:max_types]
     scores = cell_marker_scores(adata, codes, [marker_sets.genes.get(g, []) for g in groups], chunk_size=chunk_size)
 
@@ -1097,7 +1145,7 @@ def validation_2d(
     if len(order) > max_types:
         notes.append(f"{len(order) - max_types} smaller types not shown (max_types={max_types})")
     if too_small:
-        notes.append(f"fewer than {min_cells} cells: " + ", ".join(too_small))
+        notes.append(f"fewer than {min_cells} cells: " + name_counts(too_small))
     note = wrap_notes(notes, fig_w, 9)
     if title is None:
         title = wrap_notes(
@@ -1145,8 +1193,9 @@ def validation_2d(
             )
             marker_text = textwrap.shorten(", ".join(stat.markers), width=int(panel_w * 13), placeholder=" …")
             ax.set_xlabel(f"mean log1p of {marker_text}", fontsize=7.5)
-            xmax = float(np.nanmax(x)) if np.isfinite(x).any() else 1.0
-            ax.set_xlim(-0.04 * max(xmax, 1e-3), max(xmax, 1e-3) * 1.04)
+            xmax = float(np.nanmax(x)) if np.isfinite(x).any() else 0.0
+            xmax = xmax if xmax > 0 else 1.0  # no marker count in any cell: a plain 0-1 axis, not 0-0.001
+            ax.set_xlim(-0.04 * xmax, xmax * 1.04)
             ax.set_ylim(-0.03, 1.03)
             ax.tick_params(labelsize=7)
         for ax in axes[:, 0]:
