@@ -318,6 +318,20 @@ def test_deg_heatmap_max_types_shows_the_largest_types(caplog):
         scx.pl.deg_heatmap(adata, key="cluster", max_types=1)
 
 
+def test_marker_dotplot_max_types_shows_the_largest_groups(caplog):
+    """Hundreds of named groups drew a dot plot of hundreds of rows; the largest max_types are shown."""
+    assert inspect.signature(scx.pl.marker_dotplot).parameters["max_types"].default == 60
+    adata = clusters({"10": 80, "2": 30, "1": 60, "7": 20, "3": 50, "11": 40})
+    markers = {name: [f"G{i}"] for i, name in enumerate(["10", "2", "1", "7", "3", "11"])}
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        fig = scx.pl.marker_dotplot(adata, key="cluster", markers=markers, max_types=4)
+    rows, genes = rows_and_genes(fig)
+    assert rows == ["1", "3", "10", "11"]  # before: all six rows
+    assert genes == ["G0", "G1", "G2", "G3", "G4", "G5"]  # marker sets given are all shown, in their order
+    assert "2 smaller groups not shown (max_types=4)" in notes(fig)
+    assert "6 types, more than max_types=4: the 2 smaller ones are not shown: 2 (30), 7 (20)" in caplog.text
+
+
 def header_owners(fig) -> list[str]:
     return [t.get_text() for a in fig.axes for t in a.texts if t.get_gid() == "group_label"]
 

@@ -19,6 +19,7 @@ from ._markers import (
     draw_group_header,
     fit_text,
     group_codes,
+    largest_groups,
     name_counts,
     unassigned_label,
 )
@@ -43,31 +44,6 @@ def subsample_groups(codes: np.ndarray, n_groups: int, max_cells_per_group: int,
             members = rng.choice(members, size=max_cells_per_group, replace=False)
         picked.append(members)
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
-
-
-def _largest_groups(
-    groups: list[str], codes: np.ndarray, sizes: np.ndarray, max_types: int, *, fn: str
-) -> tuple[list[str], np.ndarray, np.ndarray, int]:
-    """The ``max_types`` largest groups, in their order (ties: the earlier one), renumbered; how many are left out.
-
-    The cells of the groups left out get code -1; their names are logged.
-    """
-    if len(groups) <= max_types:
-        return groups, codes, sizes, 0
-    by_size = np.argsort(-sizes, kind="stable")
-    keep, drop = np.sort(by_size[:max_types]), np.sort(by_size[max_types:])
-    logger.warning(
-        "%s: %d types, more than max_types=%d: the %d smaller ones are not shown: %s. Pass a larger max_types to show "
-        "them, or plot a subset of the table.",
-        fn,
-        len(groups),
-        max_types,
-        drop.size,
-        name_counts({groups[i]: int(sizes[i]) for i in drop}),
-    )
-    remap = np.full(len(groups) + 1, -1, dtype=np.int64)
-    remap[1:][keep] = np.arange(keep.size)
-    return [groups[i] for i in keep], remap[codes + 1], sizes[keep], int(drop.size)
 
 
 def _normalized_rows(adata: AnnData, rows: np.ndarray) -> tuple[AnnData, str]:
@@ -235,7 +211,7 @@ def deg_heatmap(
             + (f" and smaller ones: {name_counts(too_small)}" if too_small else "")
             + ". Lower min_cells or check the labels."
         )
-    groups, codes, sizes, n_left_out = _largest_groups(groups, codes, sizes, max_types, fn=fn)
+    groups, codes, sizes, n_left_out = largest_groups(groups, codes, sizes, max_types, fn=fn)
     rows = subsample_groups(codes, len(groups), max_cells_per_group, random_state)
     tmp, where = _normalized_rows(adata, rows)
     group_names = np.asarray(groups, dtype=object)[codes[rows]]

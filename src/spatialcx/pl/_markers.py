@@ -144,6 +144,31 @@ def name_counts(counts: Mapping[str, int], limit: int = MAX_NAMED) -> str:
     return named + (f" and {len(counts) - limit:,} more" if len(counts) > limit else "")
 
 
+def largest_groups(
+    groups: list[str], codes: np.ndarray, sizes: np.ndarray, max_types: int, *, fn: str
+) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    """The ``max_types`` largest groups, in their order (ties: the earlier one), renumbered; how many are left out.
+
+    The cells of the groups left out get code -1; their names are logged.
+    """
+    if len(groups) <= max_types:
+        return groups, codes, sizes, 0
+    by_size = np.argsort(-sizes, kind="stable")
+    keep, drop = np.sort(by_size[:max_types]), np.sort(by_size[max_types:])
+    logger.warning(
+        "%s: %d types, more than max_types=%d: the %d smaller ones are not shown: %s. Pass a larger max_types to show "
+        "them, or plot a subset of the table.",
+        fn,
+        len(groups),
+        max_types,
+        drop.size,
+        name_counts({groups[i]: int(sizes[i]) for i in drop}),
+    )
+    remap = np.full(len(groups) + 1, -1, dtype=np.int64)
+    remap[1:][keep] = np.arange(keep.size)
+    return [groups[i] for i in keep], remap[codes + 1], sizes[keep], int(drop.size)
+
+
 def unassigned_label(adata: AnnData, key: str) -> str:
     """The label of filtered cells: ``uns[key]["unassigned_label"]`` when recorded, else ``"Unassigned"``."""
     params = adata.uns.get(key)
@@ -737,6 +762,7 @@ def marker_dotplot(
     markers: Mapping[str, Sequence[str]] | str | os.PathLike[str] | pd.DataFrame | None = None,
     groupby: str | None = None,
     max_genes_per_type: int = 5,
+    max_types: int = 60,
     min_cells: int = 10,
     table_key: str = "table",
     chunk_size: int | None = None,
@@ -780,6 +806,10 @@ def marker_dotplot(
         closest ancestor in the marker table (logged).
     max_genes_per_type
         Most canonical markers shown per type (the first ones on the panel, in the order of the marker table).
+    max_types
+        Most groups (rows): the largest ones, in the order of the column's categories. The others are left out
+        (with their canonical markers), counted in a note and named in a logged warning; hundreds of fine clusters
+        would make an unreadable figure.
     min_cells
         Groups with fewer cells are not shown (they are named in the title).
     table_key
@@ -833,6 +863,7 @@ def marker_dotplot(
         logger.info("%s: obs has no %r column; canonical markers are looked up by group name.", fn, key)
     min_cells = check_positive_int(min_cells, "min_cells", fn=fn)
     max_genes_per_type = check_positive_int(max_genes_per_type, "max_genes_per_type", fn=fn)
+    max_types = check_positive_int(max_types, "max_types", fn=fn)
 
     exclude = _unassigned_labels(adata, key, column)
     labels = obs_column(adata, column)
@@ -843,6 +874,7 @@ def marker_dotplot(
             f"{', '.join(map(repr, exclude))}); groups found: {name_counts(too_small) or 'none'}. Lower min_cells or "
             "check the labels."
         )
+    groups, codes, sizes, n_left_out = largest_groups(groups, codes, sizes, max_types, fn=fn)
     n_unassigned, n_unlabelled = int(labels.isin(exclude).sum()), int(labels.isna().sum())
     panel = expression_source_genes(adata)
     sep = combined_label_sep(adata, column)
@@ -880,6 +912,8 @@ def marker_dotplot(
     left_w, legend_w = _label_width(row_labels), 1.5
     fig_w = max(left_w + dots_w + legend_w + 0.4, 6.0)
     notes = _no_markers_text(marker_sets)
+    if n_left_out:
+        notes.append(f"{n_left_out} smaller groups not shown (max_types={max_types})")
     if too_small:
         notes.append(f"fewer than {min_cells} cells, not shown: {name_counts(too_small)}")
     if n_unassigned:
