@@ -425,6 +425,19 @@ def test_model_out_expands_the_home_folder(demo_tiny, tmp_path, monkeypatch):
     assert table.uns["cell_type"]["model_path"] == str(home / "models" / "colon.npz")
 
 
+def test_a_relative_model_out_is_recorded_as_an_absolute_path(demo_tiny, tmp_path, monkeypatch):
+    """The table (and its store) may be opened from another working folder: the path it records must still hold."""
+    sdata, reference = demo_tiny
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    table = sdata.tables["table"].copy()
+    scx.tl.annotate(table, reference, label_keys="cell_type", plots=False, add_ontology=False, model_out="m")
+    recorded = table.uns["cell_type"]["model_path"]
+    assert recorded == str(tmp_path / "run" / "m.npz")
+    monkeypatch.chdir(tmp_path)
+    assert scx.CellTypeModel.load(recorded).model_hash == table.uns["cell_type"]["model_hash"]
+
+
 def test_target_proportions_are_read_first_and_recorded(demo_tiny, tmp_path):
     sdata, reference = demo_tiny
     table = sdata.tables["table"].copy()
@@ -454,9 +467,21 @@ def test_bad_argument_types_fail_before_the_references_are_read(tmp_path):
         ({"tissue": None}, TypeError, "tissue must be a string"),
         ({"train_kwargs": {"genes": ["A"]}}, ValueError, r"train_kwargs sets \['genes'\], which annotate sets"),
         ({"train_kwargs": {"c": 0.5}}, ValueError, r"train_kwargs names \['c'\], which are not options"),
+        # training settings that cannot train: refused before the references are read, not after
+        ({"train_kwargs": {"method": "fast"}}, ValueError, "train_kwargs: Unknown training method 'fast'"),
+        ({"train_kwargs": {"epochs": 0}}, ValueError, "train_kwargs: epochs must be a positive whole number"),
+        ({"train_kwargs": {"C": -1}}, ValueError, "train_kwargs: C must be a positive number"),
+        ({"train_kwargs": {"C": "0.5"}}, ValueError, "train_kwargs: C must be a positive number"),
+        ({"train_kwargs": {"alpha": float("nan")}}, ValueError, "train_kwargs: alpha must be a non-negative number"),
+        ({"train_kwargs": {"n_jobs": "all"}}, ValueError, "train_kwargs: n_jobs must be a whole number"),
+        ({"label_keys": None}, TypeError, "label_keys must name the label column of the references"),
+        ({"label_keys": [3]}, TypeError, r"label_keys must be obs column names .*got 3 in \[3\]"),
+        ({"label_keys": ""}, ValueError, "label_keys must be obs column names"),
     ):
         with pytest.raises(error, match=match):
-            scx.tl.annotate(adata, missing, label_keys="cell_type", **kwargs)
+            scx.tl.annotate(adata, missing, **{"label_keys": "cell_type", **kwargs})
+    with pytest.raises(TypeError, match=r"references must be a labelled AnnData.*got NoneType"):
+        scx.tl.annotate(adata, None, label_keys="cell_type")
 
 
 def test_a_reference_type_named_unassigned_is_refused(demo_tiny):

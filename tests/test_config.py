@@ -84,6 +84,8 @@ def test_target_proportions_mapping_in_yaml():
         ("references: []\nlabel_keys: x\n", ValueError, "at least one reference"),
         ("- a\n- b\n", ValueError, "YAML mapping"),
         ("references: [a\n", ValueError, "not valid YAML"),
+        ("references: [a.h5ad]\nlabel_keys: ''\n", ValueError, "label_keys must be obs column names"),
+        ("references: ['']\nlabel_keys: x\n", ValueError, "references holds an empty path"),
     ],
 )
 def test_bad_configs(text, error, match):
@@ -97,6 +99,9 @@ def test_missing_config_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"Config file 'annotate_config' does not exist"):
         AnnotationConfig.from_yaml("annotate_config")  # a file name without suffix, not YAML text
+    (tmp_path / "conf.yaml").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"Config file '.*conf.yaml' is a folder"):
+        AnnotationConfig.from_yaml(tmp_path / "conf.yaml")
 
 
 HEAD = "references: [a.h5ad]\nlabel_keys: x\n"
@@ -119,6 +124,11 @@ HEAD = "references: [a.h5ad]\nlabel_keys: x\n"
         ("target_proportions: {T cell: -0.2}", ValueError, "non-negative numbers"),
         ("target_proportions: {T cell: many}", ValueError, "non-negative numbers"),
         ("exclude_labels: [NA, null]", TypeError, r"exclude_labels must hold labels.*\[None\]"),
+        # what annotate would refuse is reported when the file is read, not after the data are loaded
+        ("key_added: cell/type", ValueError, "key_added='cell/type' cannot be stored in a zarr or h5ad file"),
+        ("train_kwargs: {c: 0.5}", ValueError, r"train_kwargs names \['c'\], which are not options"),
+        ("train_kwargs: {method: fast}", ValueError, "train_kwargs: Unknown training method 'fast'"),
+        ("train_kwargs: {C: 0}", ValueError, "train_kwargs: C must be a positive number"),
     ],
 )
 def test_mistyped_values_are_reported_by_key(line, error, match):
@@ -156,6 +166,27 @@ def test_no_cap_and_round_trip_of_every_field(tmp_path):
     again = AnnotationConfig.from_yaml(tmp_path / "c.yaml")
     assert Path(again.references[0]).resolve() == Path("a.h5ad").resolve()
     assert again.max_cells_per_type is None and again.max_cells_per_ref is None and again.plots is False
+
+
+def test_numpy_numbers_are_written_as_plain_yaml(tmp_path):
+    """Fields set from numpy values (a count, a seed) are kept as Python numbers, so to_yaml can write them."""
+    cfg = AnnotationConfig(
+        references=["a.h5ad"],
+        label_keys="x",
+        max_cells_per_type=np.int64(2000),
+        max_cells_per_ref=np.int32(50_000),
+        chunk_size=np.uint16(4096),
+        random_state=np.int64(7),
+        confidence_threshold=np.float32(0.5),
+        train_kwargs={"C": np.float64(0.25), "epochs": np.int64(3)},
+    )
+    text = cfg.to_yaml(tmp_path / "c.yaml")
+    assert "max_cells_per_type: 2000\n" in text and "random_state: 7\n" in text and "C: 0.25\n" in text
+    again = AnnotationConfig.from_yaml(tmp_path / "c.yaml")
+    caps = (again.max_cells_per_type, again.max_cells_per_ref, again.chunk_size)
+    assert caps == (2000, 50_000, 4096) and again.random_state == 7
+    assert again.train_kwargs == {"C": 0.25, "epochs": 3} and again.confidence_threshold == 0.5
+    assert type(cfg.random_state) is int and type(cfg.train_kwargs["epochs"]) is int
 
 
 def test_annotate_from_config_passes_every_field(monkeypatch, tmp_path):

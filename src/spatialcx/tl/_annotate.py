@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +38,14 @@ def _as_list(
     A mapping of references (``{source name: reference}``) is kept as it is, with its names; anything else becomes a
     list with one label key per reference.
     """
+    if isinstance(references, bytes) or not (
+        isinstance(references, str | os.PathLike | Iterable) or hasattr(references, "obs")
+    ):
+        raise TypeError(
+            "references must be a labelled AnnData, an .h5ad/.zarr path or URI, a list of them, or a mapping "
+            f"{{source name: reference}}; got {type(references).__name__} ({references!r})."
+        )
+    label_keys = _check_label_keys(label_keys)
     if isinstance(references, Mapping):
         if not references:
             raise ValueError(
@@ -72,6 +80,28 @@ def _as_list(
             "(or a single string used for all)."
         )
     return references, label_keys
+
+
+def _check_label_keys(label_keys: Any) -> str | list[str] | Mapping[str, str]:
+    """``label_keys`` as given (a sequence as a list), checked: a column name, a list of them, or a mapping of them."""
+    if isinstance(label_keys, Mapping):
+        values = list(label_keys.values())
+    elif isinstance(label_keys, str):
+        values = [label_keys]
+    elif isinstance(label_keys, Iterable) and not isinstance(label_keys, bytes):
+        values = label_keys = list(label_keys)
+    else:
+        raise TypeError(
+            f"label_keys must name the label column of the references: a string for all, a list with one per "
+            f"reference, or a mapping {{source name: column}}; got {type(label_keys).__name__} ({label_keys!r})."
+        )
+    bad = [v for v in values if not isinstance(v, str) or not v]
+    if bad:
+        raise (ValueError if bad[0] == "" else TypeError)(
+            f"label_keys must be obs column names (non-empty strings), got {bad[0]!r} in {label_keys!r}; name the "
+            "column of each reference that holds its cell-type labels."
+        )
+    return label_keys
 
 
 def ontology_names(classes: Sequence[str], *, index: Any = None) -> tuple[list[str], list[str], list[str], Any]:
@@ -333,8 +363,8 @@ def annotate(
         if mapping is not None:
             params["ontology_mapping"] = _mapping_lists(mapping)
         filter_low_confidence(adata, key=key_added, threshold=confidence_threshold, unassigned_label=UNASSIGNED)
-        if model_path is not None:
-            adata.uns[key_added]["model_path"] = str(model_path)
+        if model_path is not None:  # absolute: the table (and its store) may be opened from any working folder
+            adata.uns[key_added]["model_path"] = os.path.abspath(model_path)
     except BaseException:
         ref.restore()
         _discard(staged, created)
@@ -369,10 +399,30 @@ def _check_train_kwargs(train_kwargs: Mapping[str, Any] | None, train: Any) -> N
             f"train_kwargs sets {set_here}, which annotate sets itself (the reference, its labels and the panel genes) "
             "or takes as its own arguments (exclude_labels, random_state, chunk_size); pass those to annotate."
         )
-    options = [p for p in inspect.signature(train).parameters if p not in own]
+    parameters = inspect.signature(train).parameters
+    options = [p for p in parameters if p not in own]
     unknown = sorted(k for k in train_kwargs if k not in options)
     if unknown:
         raise ValueError(f"train_kwargs names {unknown}, which are not options of scx.tl.train; valid: {options}.")
+    # values that cannot train are refused now, not once the references are read (remote ones downloaded)
+    from spatialcx.model._train import _check_fit_params
+
+    settings = {name: train_kwargs.get(name, parameters[name].default) for name in ("method", "batch_size", "epochs")}
+    try:
+        _check_fit_params(**settings)
+    except ValueError as e:
+        raise ValueError(f"train_kwargs: {e}") from None
+    for name, what, valid in (("C", "positive", lambda v: v > 0), ("alpha", "non-negative", lambda v: 0 <= v < np.inf)):
+        value = train_kwargs.get(name, parameters[name].default)
+        if isinstance(value, bool) or not isinstance(value, Real) or not valid(value):  # NaN is not valid either
+            raise ValueError(
+                f"train_kwargs: {name} must be a {what} number (the L2 regularisation of scx.tl.train), got {value!r}."
+            )
+    n_jobs = train_kwargs.get("n_jobs")
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, Integral)):
+        raise ValueError(
+            f"train_kwargs: n_jobs must be a whole number of jobs (-1: all cores) or None, got {n_jobs!r}."
+        )
 
 
 def _check_no_unassigned_class(labels: pd.Series) -> None:

@@ -57,7 +57,9 @@ class AnnotationConfig:
     ----------
     references
         Paths or URIs of the references (``.h5ad``, AnnData ``.zarr``; ``file://``, ``https://``, ``gs://``,
-        ``s3://``). Relative local paths in a YAML file are taken relative to that file.
+        ``s3://``). Relative local paths in a YAML file (here and in ``target_proportions``, ``model_out`` and
+        ``plots_dir``) are taken relative to that file; elsewhere (YAML text, a mapping, the constructor) relative to
+        the working folder.
     label_keys
         Label column of each reference, or one for all.
     exclude_labels
@@ -89,7 +91,10 @@ class AnnotationConfig:
     random_state: int = 0
 
     def __post_init__(self) -> None:
+        from spatialcx._table import check_key
+        from spatialcx.tl._annotate import _check_label_keys, _check_train_kwargs
         from spatialcx.tl._confidence import CONFIDENCE_METHODS
+        from spatialcx.tl._predict import train
 
         if isinstance(self.references, str | os.PathLike):
             self.references = [self.references]
@@ -103,6 +108,10 @@ class AnnotationConfig:
         self.references = [os.fspath(r) for r in self.references]
         if not self.references:
             raise ValueError("AnnotationConfig needs at least one reference (a path or URI) in 'references'.")
+        if "" in self.references:
+            raise ValueError(
+                f"references holds an empty path in {self.references!r}; give each reference's path or URI."
+            )
         if isinstance(self.label_keys, list | tuple):
             _check_strings("label_keys", self.label_keys, "a label column name (a string) or a list of them")
             self.label_keys = list(self.label_keys)
@@ -113,9 +122,11 @@ class AnnotationConfig:
                 )
         elif not isinstance(self.label_keys, str):
             raise TypeError(f"label_keys must be a string or a list of strings, got {_shown(self.label_keys)}.")
+        _check_label_keys(self.label_keys)  # no empty names
         for name in ("table_key", "tissue", "balance", "confidence", "key_added"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {_shown(getattr(self, name))}.")
+        check_key(self.key_added, "key_added")  # a name zarr and h5ad can store, checked when the file is read
         if self.balance not in ("proportional", "equal"):
             raise ValueError(f"balance must be 'proportional' or 'equal', got {self.balance!r}.")
         if self.confidence not in CONFIDENCE_METHODS:
@@ -129,6 +140,8 @@ class AnnotationConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
                 what = "null: no cap" if name != "chunk_size" else "null: chosen by size"
                 raise ValueError(f"{name} must be a positive integer (or {what}), got {_shown(value)}.")
+            if value is not None:
+                setattr(self, name, int(value))  # a numpy integer would not be written by to_yaml
         if self.train_kwargs is not None:
             if not isinstance(self.train_kwargs, Mapping):
                 raise TypeError(
@@ -136,12 +149,14 @@ class AnnotationConfig:
                     f"{_shown(self.train_kwargs)}."
                 )
             _check_strings("train_kwargs", list(self.train_kwargs), "a mapping with option names (strings) as keys")
-            self.train_kwargs = dict(self.train_kwargs)
+            self.train_kwargs = {k: v.item() if isinstance(v, np.generic) else v for k, v in self.train_kwargs.items()}
+            _check_train_kwargs(self.train_kwargs, train)  # the option names and values, when the file is read
         for name in ("add_ontology", "plots"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {_shown(getattr(self, name))}.")
         if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
             raise TypeError(f"random_state must be an integer seed, got {_shown(self.random_state)}.")
+        self.random_state = int(self.random_state)
         if isinstance(self.target_proportions, os.PathLike):
             self.target_proportions = os.fspath(self.target_proportions)
         if self.target_proportions is not None and not isinstance(self.target_proportions, str | Mapping):
@@ -196,7 +211,8 @@ class AnnotationConfig:
         values
             The fields of :class:`AnnotationConfig` by name; ``references`` and ``label_keys`` are required.
         base_dir
-            Folder that relative local reference paths are joined to (URIs and absolute paths are kept).
+            Folder that relative local paths (references, ``target_proportions``, ``model_out``, ``plots_dir``) are
+            joined to (URIs and absolute paths are kept); ``None``: they stay relative to the working folder.
 
         Returns
         -------
@@ -231,7 +247,8 @@ class AnnotationConfig:
         Parameters
         ----------
         source
-            A ``.yaml``/``.yml`` file (relative reference paths are taken relative to its folder) or YAML text.
+            A ``.yaml``/``.yml`` file (relative local paths in it are taken relative to its folder) or YAML text
+            (relative to the working folder).
 
         Returns
         -------
@@ -246,6 +263,8 @@ class AnnotationConfig:
             text, base = str(source), None
         else:
             path = Path(source).expanduser()
+            if path.is_dir():
+                raise IsADirectoryError(f"Config file {str(path)!r} is a folder; pass the YAML file in it.")
             if not path.is_file():
                 raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
             text, base = path.read_text(), path.parent
