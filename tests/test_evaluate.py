@@ -118,3 +118,72 @@ def test_evaluate_leaves_a_view_a_view():
     table = scx.tl.evaluate_confidence(view, "author")
     assert view.is_view
     assert table.loc["calibrated", "n_cells"] == (adata.obs["author"] != "NA").sum()
+
+
+def _noisy_calls(n: int, seed: int = 0) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """True labels (with missing and NA cells), predictions (with a type absent from the truth) and confidence."""
+    rng = np.random.default_rng(seed)
+    types = np.array([f"t{i}" for i in range(8)])
+    truth = pd.Series(types[rng.integers(0, 8, n)], dtype=object)
+    truth[rng.random(n) < 0.05] = np.nan
+    truth[rng.random(n) < 0.05] = "NA"
+    right = rng.random(n) < 0.7
+    pred = np.where(
+        right, truth.fillna("t0").to_numpy(dtype=str), np.append(types, "only_predicted")[rng.integers(0, 9, n)]
+    )
+    conf = np.clip(np.where(right, 0.7, 0.4) + rng.normal(0, 0.2, n), 0, 1)
+    return pd.Series(pd.Categorical(truth)), pred, conf
+
+
+def test_metrics_agree_with_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    truth, pred, conf = _noisy_calls(3000)
+    m = scx.tl.confidence_metrics(truth, pred, conf, threshold=0.5)
+    keep = truth.notna().to_numpy() & (truth.astype(str) != "NA").to_numpy()
+    y, p, c = truth.astype(str).to_numpy()[keep], pred[keep], conf[keep]
+    assert m["n_cells"] == keep.sum()
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+    assert m["auroc"] == pytest.approx(roc_auc_score(y == p, c))
+    assert m["correct_kept"] == pytest.approx((c[y == p] >= 0.5).mean())
+    assert m["wrong_removed"] == pytest.approx((c[y != p] < 0.5).mean())
+
+
+def test_label_checks_do_not_compare_every_pair_of_cells(monkeypatch):
+    """np.isin compares str/object arrays pair by pair (cells x cells): hours for a slide of a million cells."""
+    pairwise = []
+    isin = np.isin
+
+    def spy(element, test_elements, *args, **kwargs):
+        a, b = np.asarray(element), np.asarray(test_elements)
+        if a.dtype.kind in "OUT" and a.size * b.size > 1e6:
+            pairwise.append((a.size, b.size))
+        return isin(element, test_elements, *args, **kwargs)
+
+    monkeypatch.setattr(np, "isin", spy)
+    truth, pred, conf = _noisy_calls(5000)
+    m = scx.tl.confidence_metrics(truth, pred, conf, known_classes=[f"t{i}" for i in range(8)])
+    assert pairwise == [] and m["n_cells"] > 4000
+
+
+def test_input_shapes_and_threshold_type_are_checked():
+    with pytest.raises(
+        ValueError, match=r"confidence must hold one value per cell \(a 1-D sequence\), got an array of shape \(2, 2\)"
+    ):
+        scx.tl.confidence_metrics(["a", "b"], ["a", "b"], [[0.9, 0.1], [0.2, 0.8]])  # decision scores by mistake
+    with pytest.raises(ValueError, match=r"truth must hold one value per cell"):
+        scx.tl.confidence_metrics("a", "a", 0.5)
+    for bad in ("0.8", None):
+        with pytest.raises(TypeError, match="threshold must be a number"):
+            scx.tl.confidence_metrics(["a"], ["a"], [0.5], threshold=bad)
+
+
+def test_compare_methods_one_method_as_str_and_softmax_asked_without_calibration():
+    scores = np.random.default_rng(1).normal(size=(30, 2))
+    truth = np.array(["a", "b"])[scores.argmax(axis=1)]
+    one = scx.tl.compare_confidence_methods(scores, ["a", "b"], truth, methods="raw")
+    assert one.index.tolist() == ["raw"] and one.loc["raw", "accuracy"] == 1.0
+    with pytest.raises(ValueError, match="calibration"):  # was an empty table
+        scx.tl.compare_confidence_methods(scores, ["a", "b"], truth, methods=["softmax"])
+    assert "softmax" not in scx.tl.compare_confidence_methods(scores, ["a", "b"], truth).index  # default: skipped

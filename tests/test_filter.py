@@ -130,3 +130,47 @@ def test_refiltering_a_backed_store_keeps_the_predictions(tmp_path):
         assert back.uns["ct"]["confidence_threshold"] == threshold
         assert back.uns["ct"]["n_unassigned"] == int((conf < threshold).sum())  # filtered here
         assert dict(back.uns["spatialdata_attrs"]) == dict(table.uns["spatialdata_attrs"])  # link to the shapes kept
+
+
+def test_unassigned_label_must_be_a_str_that_names_no_cell_type(tmp_path):
+    """A number or None as the label broke writing to h5ad or failed inside pandas; a class name merged cell types."""
+    adata = _predicted(["A", "A", "B", "B"], [0.9, 0.2, 0.9, 0.3])
+    before = adata.obs.copy()
+    for bad in (None, 0):
+        with pytest.raises(TypeError, match="unassigned_label must be a str"):
+            scx.tl.filter_low_confidence(adata, unassigned_label=bad)
+    with pytest.raises(ValueError, match="unassigned_label must be a label"):
+        scx.tl.filter_low_confidence(adata, unassigned_label="")
+    # low-confidence B cells labelled "A" would be counted as A cells
+    with pytest.raises(ValueError, match=r"'A' is one of the model's cell types \(uns\['cell_type'\]\['classes'\]\)"):
+        scx.tl.filter_low_confidence(adata, unassigned_label="A")
+    with pytest.raises(ValueError, match="'B' is one of the model's cell types"):
+        scx.tl.filter_low_count_types(adata, min_cells=3, unassigned_label="B")
+    pd.testing.assert_frame_equal(adata.obs, before)  # nothing written
+    assert set(adata.uns["cell_type"]) == {"classes"}
+    # a label that names no type is written, and the table still round-trips through h5ad
+    scx.tl.filter_low_confidence(adata, unassigned_label="low confidence")
+    assert adata.obs["cell_type"].astype(str).tolist() == ["A", "low confidence", "B", "low confidence"]
+    adata.write_h5ad(tmp_path / "t.h5ad")
+    assert ad.read_h5ad(tmp_path / "t.h5ad").obs["cell_type"].astype(str).tolist()[1] == "low confidence"
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_filters_on_a_lazily_read_table(tmp_path, suffix):
+    """A table read with anndata.experimental.read_lazy has xarray obs columns (no ``to_numpy(dtype=...)``): both
+    filters read them (annotate on such a table failed in the confidence filter) and give the in-memory results."""
+    labels = ["A"] * 6 + ["B"] * 8 + ["C"] * 2
+    conf = np.linspace(0.05, 1.0, len(labels))
+    eager = _predicted(labels, conf)
+    eager.obs["cell_type_ontology_term_id"] = pd.Categorical(
+        np.where(np.asarray(labels) == "A", "CL:0000236", "unknown")
+    )
+    path = tmp_path / f"t{suffix}"
+    eager.write_h5ad(path) if suffix == ".h5ad" else eager.write_zarr(path)
+    lazy = ad.experimental.read_lazy(path)
+    for table in (eager, lazy):
+        scx.tl.filter_low_confidence(table, threshold=0.2)
+        scx.tl.filter_low_count_types(table, min_cells=3)
+    for column in ("cell_type", "cell_type_ontology_term_id"):
+        assert np.asarray(lazy.obs[column]).astype(str).tolist() == eager.obs[column].astype(str).tolist()
+    assert eager.obs["cell_type"].value_counts().to_dict() == {"B": 8, "Unassigned": 5, "A": 3}

@@ -8,6 +8,7 @@ the model never saw (an unseen type), the share that falls below the threshold.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,15 +75,25 @@ def confidence_metrics(
     """
     from sklearn.metrics import f1_score, roc_auc_score
 
-    y = pd.Series(np.asarray(truth, dtype=object))
-    pred = as_str_array(predicted)
-    conf = np.asarray(confidence, dtype=np.float64)
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise TypeError(f"threshold must be a number in [0, 1] (a confidence), got {threshold!r}.")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
+    arrays = {"truth": np.asarray(truth, dtype=object), "predicted": np.asarray(predicted, dtype=object)}
+    arrays["confidence"] = np.asarray(confidence, dtype=np.float64)
+    for name, values in arrays.items():
+        if values.ndim != 1:
+            raise ValueError(
+                f"{name} must hold one value per cell (a 1-D sequence), got an array of shape {values.shape}. "
+                "Pass one column: e.g. the confidence `obs['cell_type_confidence']`, not the decision scores."
+            )
+    y = pd.Series(arrays["truth"])
+    pred = as_str_array(arrays["predicted"])
+    conf = arrays["confidence"]
     if not (len(y) == len(pred) == len(conf)):
         raise ValueError(
             f"truth, predicted and confidence must have one value per cell; got {len(y)}, {len(pred)} and {len(conf)}."
         )
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
     bad = np.isnan(conf) | (conf < 0) | (conf > 1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
@@ -97,7 +108,7 @@ def confidence_metrics(
         known = labelled
     else:  # a set or any other collection of class names
         classes = as_str_array(list(known_classes))
-        known = labelled & np.isin(y_str, classes)
+        known = labelled & pd.Series(y_str).isin(classes).to_numpy()  # hashed: np.isin compares str pairwise
         if labelled.any() and not known.any():
             logger.warning(
                 "confidence_metrics: none of the %d labelled cells has a true label among the model's %d classes "
@@ -112,7 +123,7 @@ def confidence_metrics(
     out: dict[str, float] = {"n_cells": int(known.sum()), "n_unseen": int(unseen.sum())}
     if known.any():
         correct = y_str[known] == pred[known]
-        if not np.isin(pred[known], y_str[known]).any():
+        if pd.Index(pd.unique(y_str[known])).intersection(pd.unique(pred[known])).empty:
             logger.warning(
                 "confidence_metrics: the predicted labels (e.g. %s) and the true labels (e.g. %s) have no label in "
                 "common, so every call counts as wrong. If they name the same types differently (e.g. Cell Ontology "
@@ -122,7 +133,10 @@ def confidence_metrics(
             )
         c = conf[known]
         out["accuracy"] = float(correct.mean())
-        out["macro_f1"] = float(f1_score(y_str[known], pred[known], average="macro", zero_division=0))
+        # the labels as integer codes (one per label of truth or predictions): the same F1, without sorting strings
+        codes = pd.factorize(np.concatenate([y_str[known], pred[known].astype(object)]))[0]
+        y_codes, pred_codes = codes[: correct.size], codes[correct.size :]
+        out["macro_f1"] = float(f1_score(y_codes, pred_codes, average="macro", zero_division=0))
         out["auroc"] = float(roc_auc_score(correct, c)) if 0 < correct.sum() < correct.size else float("nan")
         out["correct_kept"] = float((c[correct] >= threshold).mean()) if correct.any() else float("nan")
         out["wrong_removed"] = float((c[~correct] < threshold).mean()) if (~correct).any() else float("nan")
@@ -137,7 +151,7 @@ def compare_confidence_methods(
     classes: Sequence[str],
     truth: Sequence[str] | np.ndarray | pd.Series,
     *,
-    methods: Sequence[str] | None = None,
+    methods: Sequence[str] | str | None = None,
     calibration: Mapping[str, Any] | CellTypeModel | None = None,
     threshold: float = 0.8,
     exclude_labels: Sequence[str] | str | None = DEFAULT_EXCLUDE_LABELS,
@@ -154,8 +168,8 @@ def compare_confidence_methods(
     truth
         True label of each cell (see :func:`~spatialcx.tl.confidence_metrics`).
     methods
-        Confidence methods (:func:`~spatialcx.tl.transform_confidence`); all of them by default. ``"softmax"`` is
-        skipped without a calibration.
+        Confidence methods (:func:`~spatialcx.tl.transform_confidence`; a str is one method); ``None``: all of them,
+        ``"softmax"`` only with a calibration. A method named here that needs a calibration raises without one.
     calibration
         The model or its calibration dict.
     threshold, exclude_labels
@@ -173,12 +187,13 @@ def compare_confidence_methods(
     classes = as_str_array(classes)
     if scores.ndim != 2 or scores.shape[1] != len(classes):
         raise ValueError(f"decision_scores has shape {scores.shape} but there are {len(classes)} classes.")
-    methods = list(CONFIDENCE_METHODS if methods is None else methods)
-    has_calibration = _calibration_dict(calibration, len(classes)) is not None
+    # every method by default (softmax only with a calibration); a method named without one raises, in transform
+    skip = set() if methods is not None or _calibration_dict(calibration, len(classes)) is not None else {"softmax"}
+    methods = list(CONFIDENCE_METHODS if methods is None else [methods] if isinstance(methods, str) else methods)
     predicted = classes[scores.argmax(axis=1)]
     rows = {}
     for method in methods:
-        if method == "softmax" and not has_calibration:
+        if method in skip:
             continue
         conf = transform_confidence(scores, method, calibration=calibration, without_counts=without_counts)
         rows[method] = confidence_metrics(
@@ -193,7 +208,7 @@ def evaluate_confidence(
     *,
     key: str = KEY_ADDED,
     threshold: float = 0.8,
-    methods: Sequence[str] | None = None,
+    methods: Sequence[str] | str | None = None,
     calibration: Mapping[str, Any] | CellTypeModel | None = None,
     exclude_labels: Sequence[str] | str | None = DEFAULT_EXCLUDE_LABELS,
     table_key: str = "table",
@@ -214,7 +229,8 @@ def evaluate_confidence(
         Confidence threshold of the kept/removed shares.
     methods
         ``None``: evaluate the confidence stored in the table (row named by ``uns[key]["confidence_method"]``).
-        Otherwise recompute each method from the stored decision scores (see :func:`compare_confidence_methods`).
+        Otherwise recompute each method (a str is one method) from the stored decision scores (see
+        :func:`compare_confidence_methods`).
     calibration
         The model (or its calibration dict), for methods that use one.
     exclude_labels

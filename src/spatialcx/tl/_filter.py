@@ -9,8 +9,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from spatialcx._constants import KEY_ADDED, PREDICTED_SUFFIX, UNASSIGNED, UNKNOWN_ONTOLOGY_ID, output_keys
+from spatialcx._constants import (
+    DEFAULT_EXCLUDE_LABELS,
+    KEY_ADDED,
+    PREDICTED_SUFFIX,
+    UNASSIGNED,
+    UNKNOWN_ONTOLOGY_ID,
+    output_keys,
+)
 from spatialcx._settings import logger
+from spatialcx._table import obs_column
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -35,14 +43,14 @@ def _base_labels(adata: AnnData, key: str, source_key: str | None) -> np.ndarray
     if source_key is not None:
         if source_key not in adata.obs:
             raise KeyError(f"source_key {source_key!r} is not a column of obs; available: {list(adata.obs.columns)}.")
-        return _labels(adata.obs[source_key])
+        return _labels(obs_column(adata, source_key))
     predicted = key + PREDICTED_SUFFIX
     if predicted in adata.obs:
         names = _class_lists(adata, key, "names")
-        labels = _labels(adata.obs[predicted])
+        labels = _labels(obs_column(adata, predicted))
         return _lookup(labels, names, labels) if names else labels
     if key in adata.obs:
-        return _labels(adata.obs[key])
+        return _labels(obs_column(adata, key))
     raise KeyError(
         f"Neither {key!r} nor {predicted!r} is a column of obs; run `scx.tl.predict` or `scx.tl.annotate` first."
     )
@@ -60,6 +68,34 @@ def _class_lists(adata: AnnData, key: str, field: str) -> dict[str, str]:
     if not classes or len(classes) != len(values):
         return {}
     return {str(c): str(v) for c, v in zip(classes, values, strict=True)}
+
+
+def _check_unassigned_label(unassigned_label: object, adata: AnnData | None, key: str) -> str:
+    """``unassigned_label`` if it is a non-empty str that names none of the model's cell types in ``adata.uns[key]``.
+
+    A class that is not a cell type (one of :data:`~spatialcx._constants.DEFAULT_EXCLUDE_LABELS`, such as
+    ``Unassigned`` in an imported model) may share the label: its cells have no type either. ``adata=None``: the labels
+    do not come from the model, so its classes are not checked.
+    """
+    if not isinstance(unassigned_label, str):
+        raise TypeError(
+            f"unassigned_label must be a str (the label of the cells filtered out, e.g. 'Unassigned'), got "
+            f"{unassigned_label!r}."
+        )
+    if not unassigned_label.strip():
+        raise ValueError(f"unassigned_label must be a label for the cells filtered out, got {unassigned_label!r}.")
+    params = adata.uns.get(key) if adata is not None else None
+    for field in ("classes", "names"):  # the model's classes, and the final names annotate gave them
+        values = params.get(field) if isinstance(params, Mapping) else None
+        if values is None or unassigned_label in DEFAULT_EXCLUDE_LABELS:
+            continue
+        if unassigned_label in {str(v) for v in np.asarray(values, dtype=object).ravel()}:
+            raise ValueError(
+                f"unassigned_label {unassigned_label!r} is one of the model's cell types (uns[{key!r}][{field!r}]): "
+                "the cells of that type and the cells filtered out could not be told apart. Pass another label, "
+                "e.g. unassigned_label='Low confidence'."
+            )
+    return unassigned_label
 
 
 def _write_labels(adata: AnnData, key: str, labels: np.ndarray, unassigned_label: str) -> None:
@@ -84,25 +120,25 @@ def _ontology_columns(
     keys = output_keys(key)
     if keys["ontology_id"] not in adata.obs:
         return None
-    current = _labels(adata.obs[keys["ontology_id"]])
+    current = _labels(obs_column(adata, keys["ontology_id"]))
     current[pd.isna(current)] = UNKNOWN_ONTOLOGY_ID
     has_names = keys["ontology_label"] in adata.obs
     class_ids = _class_lists(adata, key, "ontology_term_ids") if from_predictions else {}
     if class_ids and keys["predicted"] in adata.obs:
-        predicted = _labels(adata.obs[keys["predicted"]])
+        predicted = _labels(obs_column(adata, keys["predicted"]))
         ids = _lookup(predicted, class_ids, np.full(len(predicted), UNKNOWN_ONTOLOGY_ID, dtype=object))
         ids[unassigned] = UNKNOWN_ONTOLOGY_ID
         return ids, None  # annotate's names are already unfiltered
     terms = _recorded_terms(adata, key)
     if key in adata.obs:  # label/id(/name) triples of the cells that have an id now
-        old_names = _labels(adata.obs[keys["ontology_label"]]) if has_names else np.full(len(current), None)
-        pairs = pd.DataFrame({"label": _labels(adata.obs[key]), "id": current, "name": old_names})
+        old_names = _labels(obs_column(adata, keys["ontology_label"])) if has_names else np.full(len(current), None)
+        pairs = pd.DataFrame({"label": _labels(obs_column(adata, key)), "id": current, "name": old_names})
         pairs = pairs.dropna(subset=["label", "id"])
         pairs = pairs[pairs["id"] != UNKNOWN_ONTOLOGY_ID].drop_duplicates("label")
         for label, term, name in zip(pairs["label"], pairs["id"], pairs["name"], strict=True):
             terms.setdefault(label, (term, name))
     ids = current.copy()
-    names = _labels(adata.obs[keys["ontology_label"]]) if has_names else None
+    names = _labels(obs_column(adata, keys["ontology_label"])) if has_names else None
     if terms:
         ids = _lookup(labels, {k: v[0] for k, v in terms.items()}, ids)
         if names is not None:
@@ -141,7 +177,7 @@ def _recorded_terms(adata: AnnData, key: str) -> dict[str, tuple[str, str | None
 
 
 def _check_confidence(adata: AnnData, confidence_key: str) -> np.ndarray:
-    values = adata.obs[confidence_key]
+    values = obs_column(adata, confidence_key)  # (a lazy table's obs columns are xarray arrays)
     conf = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
     unreadable = np.isnan(conf) & ~pd.isna(values).to_numpy()
     if unreadable.any():
@@ -198,7 +234,7 @@ def filter_low_confidence(
     threshold
         Cells with confidence strictly below it (or missing) become ``unassigned_label``.
     unassigned_label
-        Label of filtered cells.
+        Label of filtered cells: a str that names none of the model's cell types (``uns[key]["classes"]``).
     source_key
         Column with the labels to filter (see above).
     table_key, copy, write
@@ -219,10 +255,10 @@ def filter_low_confidence(
     Raises
     ------
     TypeError
-        When the threshold is not a number.
+        When the threshold is not a number, or ``unassigned_label`` is not a str.
     ValueError
-        When the threshold is not in [0, 1], or the confidence column holds values that are not numbers or lie
-        outside [0, 1] (a percentage, say).
+        When the threshold is not in [0, 1], the confidence column holds values that are not numbers or lie
+        outside [0, 1] (a percentage, say), or ``unassigned_label`` is empty or names one of the model's cell types.
     """
     from spatialcx._table import resolve_table
 
@@ -238,11 +274,12 @@ def filter_low_confidence(
             f"Confidence column {confidence_key!r} is not in obs; run `scx.tl.predict` or `scx.tl.annotate` first."
         )
     conf = _check_confidence(adata, confidence_key)
+    from_predictions = source_key is None or source_key == key + PREDICTED_SUFFIX
+    unassigned_label = _check_unassigned_label(unassigned_label, adata if from_predictions else None, key)
     base = _base_labels(adata, key, source_key)
     # NaN confidence counts as low; a cell without a label has no call to filter: it stays missing
     low = ~(conf >= threshold) & ~pd.isna(base)
     labels = np.where(low, unassigned_label, base)
-    from_predictions = source_key is None or source_key == key + PREDICTED_SUFFIX
     terms = _ontology_columns(adata, key, labels, base, labels == unassigned_label, from_predictions=from_predictions)
     # all computed: write
     _write_labels(adata, key, labels, unassigned_label)
@@ -306,6 +343,14 @@ def filter_low_count_types(
     ``unknown`` in ``{key}_ontology_term_id`` when the table has that column; missing labels stay missing and do not
     count as a type. :func:`filter_low_confidence` starts again from the unfiltered labels: it restores the removed
     types and drops this record.
+
+    Raises
+    ------
+    TypeError
+        When ``min_cells`` is not a whole number or ``unassigned_label`` not a str.
+    ValueError
+        When ``min_cells`` is negative, or ``unassigned_label`` is empty or names one of the model's cell types
+        (``uns[key]["classes"]``): rare cells would merge into that type.
     """
     from spatialcx._table import resolve_table
     from spatialcx._utils import whole_number
@@ -318,7 +363,8 @@ def filter_low_count_types(
     if unassigned_label is None:
         recorded = adata.uns[key].get("unassigned_label") if isinstance(adata.uns.get(key), Mapping) else None
         unassigned_label = UNASSIGNED if recorded is None else str(recorded)
-    base = _labels(adata.obs[key])
+    unassigned_label = _check_unassigned_label(unassigned_label, adata, key)
+    base = _labels(obs_column(adata, key))
     counts = pd.Series(base).value_counts()  # missing labels are not a type
     rare = [str(t) for t, c in counts.items() if c < min_cells and t != unassigned_label]
     labels = np.where(pd.Series(base).isin(rare).to_numpy(), unassigned_label, base)
