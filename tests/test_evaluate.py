@@ -187,3 +187,14 @@ def test_compare_methods_one_method_as_str_and_softmax_asked_without_calibration
     with pytest.raises(ValueError, match="calibration"):  # was an empty table
         scx.tl.compare_confidence_methods(scores, ["a", "b"], truth, methods=["softmax"])
     assert "softmax" not in scx.tl.compare_confidence_methods(scores, ["a", "b"], truth).index  # default: skipped
+
+
+def test_cluster_ids_stored_as_floats_match_predictions():
+    """Integer truth with a missing value is stored as floats: "3.0" never equalled the prediction "3"."""
+    truth = pd.Series([1, 2, None, 3, 1, 2], dtype=float)
+    predicted = ["1", "2", "3", "3", "1", "1"]
+    got = scx.tl.confidence_metrics(truth, predicted, [0.9, 0.9, 0.9, 0.9, 0.5, 0.4], known_classes=["1", "2", "3"])
+    assert got["n_cells"] == 5 and got["accuracy"] == pytest.approx(0.8)  # before: 0.0, every call wrong
+    assert got["n_unseen"] == 0
+    again = scx.tl.confidence_metrics(truth.to_numpy(), np.array(predicted, dtype=object), [0.9] * 6)
+    assert again["accuracy"] == pytest.approx(0.8)

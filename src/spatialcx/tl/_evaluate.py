@@ -37,6 +37,20 @@ METRICS: tuple[str, ...] = (
 )
 
 
+def _whole_numbers_as_int(values: Any) -> np.ndarray:
+    """``values`` as an object array; floats that are all whole numbers become ints.
+
+    Cluster ids stored as floats because of a missing value would read ``"3.0"``, which never equals a prediction
+    ``"3"``.
+    """
+    arr = np.asarray(values.to_numpy() if hasattr(values, "to_numpy") else values)  # (pandas, xarray)
+    if arr.dtype.kind == "f" and arr.ndim == 1:
+        finite = arr[np.isfinite(arr)]
+        if finite.size and (np.abs(finite) < 2**53).all() and np.array_equal(finite, np.round(finite)):
+            return pd.Series(arr).astype("Int64").astype(object).to_numpy()  # missing: pd.NA
+    return np.asarray(arr, dtype=object)
+
+
 def confidence_metrics(
     truth: Sequence[str] | np.ndarray | pd.Series,
     predicted: Sequence[str] | np.ndarray | pd.Series,
@@ -79,7 +93,7 @@ def confidence_metrics(
         raise TypeError(f"threshold must be a number in [0, 1] (a confidence), got {threshold!r}.")
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
-    arrays = {"truth": np.asarray(truth, dtype=object), "predicted": np.asarray(predicted, dtype=object)}
+    arrays = {"truth": _whole_numbers_as_int(truth), "predicted": _whole_numbers_as_int(predicted)}
     arrays["confidence"] = np.asarray(confidence, dtype=np.float64)
     for name, values in arrays.items():
         if values.ndim != 1:
