@@ -380,6 +380,21 @@ def test_annotate_from_a_config_file_with_overrides(demo_files, tmp_path, capsys
     assert list(params["exclude_labels"]) == ["Unstable"] and "Ambiguous" in params["classes"]
 
 
+def test_annotate_config_with_named_references(demo_files, tmp_path, capsys):
+    """references: {name: path} in the config names the sources in the provenance; a missing one is found first."""
+    (tmp_path / "run.yaml").write_text(
+        f"references: {{colon_atlas: {demo_files / 'ref.h5ad'}}}\nlabel_keys: {{colon_atlas: cell_type}}\n"
+    )
+    out_path = tmp_path / "o.h5ad"
+    argv = ["annotate", str(demo_files / "slide.h5ad"), "--config", str(tmp_path / "run.yaml"), "--out", str(out_path)]
+    assert cli_main(argv) == 0
+    provenance = ad.read_h5ad(out_path).uns["cell_type"]["references"]
+    assert [entry["name"] for entry in provenance.values()] == ["colon_atlas"]
+    (tmp_path / "run.yaml").write_text("references: {atlas: missing.h5ad}\nlabel_keys: cell_type\n")
+    assert cli_main([*argv, "--overwrite"]) == 2
+    assert "reference missing.h5ad does not exist" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
+
+
 @pytest.mark.parametrize(
     ("config", "extra", "message"),
     [

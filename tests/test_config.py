@@ -141,7 +141,7 @@ def test_mistyped_values_are_reported_by_key(line, error, match):
 def test_mistyped_references_are_reported(tmp_path, refs):
     path = tmp_path / "c.yaml"
     path.write_text(f"references: {refs}\nlabel_keys: x\n")
-    with pytest.raises(TypeError, match="references must be a path or URI, or a list of them"):
+    with pytest.raises(TypeError, match="references must be a path or URI, a list of them .* or a mapping"):
         AnnotationConfig.from_yaml(path)
     with pytest.raises(TypeError, match="label_keys must be a label column name"):
         AnnotationConfig.from_yaml("references: [a.h5ad]\nlabel_keys: [1]\n")
@@ -311,3 +311,42 @@ def test_yaml_file_in_the_home_folder(home_and_work):
     assert (home / "run.yaml").is_file()
     assert scx.tl.AnnotationConfig.from_yaml("~/run.yaml") == config
     assert list(work.iterdir()) == []
+
+
+def test_named_references_read_round_trip_and_reach_annotate(monkeypatch, tmp_path):
+    """references: {name: path} names the sources (as annotate's mapping does); label_keys may name them too."""
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "c.yaml"
+    path.write_text(
+        "references: {hlca: refs/lung.h5ad, airway: gs://bucket/airway.zarr}\n"
+        "label_keys: {airway: ann_finest_level, hlca: cell_type}\n"
+    )
+    cfg = AnnotationConfig.from_yaml(path)  # before: "references must be a path or URI, or a list of them"
+    assert cfg.references == {"hlca": str(tmp_path / "conf/refs/lung.h5ad"), "airway": "gs://bucket/airway.zarr"}
+    assert cfg.label_keys == {"hlca": "cell_type", "airway": "ann_finest_level"}
+    assert AnnotationConfig.from_yaml(cfg.to_yaml(tmp_path / "other.yaml")) == cfg
+    monkeypatch.chdir(tmp_path)
+    relative = AnnotationConfig(references={"hlca": "conf/refs/lung.h5ad"}, label_keys="cell_type")
+    assert "hlca: refs/lung.h5ad" in relative.to_yaml(tmp_path / "conf" / "again.yaml")  # relative to the file
+    seen = {}
+    monkeypatch.setattr(_annotate, "annotate", lambda data, references, **kw: seen.update(refs=references, **kw))
+    scx.tl.annotate_from_config(ad.AnnData(np.zeros((2, 2))), cfg)
+    assert seen["refs"] == cfg.references and seen["label_keys"] == cfg.label_keys
+    one_key = AnnotationConfig.from_yaml("references: {a: a.h5ad, b: b.h5ad}\nlabel_keys: cell_type\n")
+    assert one_key.references == {"a": "a.h5ad", "b": "b.h5ad"} and one_key.label_keys == "cell_type"
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "match"),
+    [
+        ("references: [a.h5ad]\nlabel_keys: {a: x}\n", ValueError, "label_keys is a mapping .* but references is a"),
+        ("references: {a: a.h5ad, b: b.h5ad}\nlabel_keys: {a: x}\n", ValueError, r"missing: \['b'\]"),
+        ("references: {a: a.h5ad}\nlabel_keys: {a: x, c: y}\n", ValueError, r"not a reference: \['c'\]"),
+        ("references: {1: a.h5ad}\nlabel_keys: x\n", TypeError, "source names"),
+        ("references: {a: 3}\nlabel_keys: x\n", TypeError, "or a mapping"),
+        ("references: {a: ''}\nlabel_keys: x\n", ValueError, "empty path"),
+    ],
+)
+def test_named_references_errors(text, error, match):
+    with pytest.raises(error, match=match):
+        AnnotationConfig.from_yaml(text)

@@ -399,7 +399,8 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     import spatialcx as scx
 
     config = _annotation_config(args)
-    for reference in config.references:
+    paths = list(config.references.values()) if isinstance(config.references, dict) else list(config.references)
+    for reference in paths:
         local = _local_path(str(reference))
         if local is not None and not local.exists():
             raise CommandError(
@@ -407,7 +408,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
                 "remote URI (gs://, s3://, https://)."
             )
     data, save = _open_data(
-        args.store, table_key=config.table_key, out=args.out, inputs=config.references, overwrite=args.overwrite
+        args.store, table_key=config.table_key, out=args.out, inputs=paths, overwrite=args.overwrite
     )
     t0 = time.perf_counter()
     scx.tl.annotate_from_config(data, config)

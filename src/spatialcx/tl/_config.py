@@ -46,6 +46,8 @@ class AnnotationConfig:
           - cellxgene_lung.h5ad                 # relative to the YAML file
           - gs://my-bucket/refs/airway.zarr
         label_keys: [cell_type, ann_finest_level]
+        # or named:  references: {hlca: cellxgene_lung.h5ad, airway: gs://...}
+        #            label_keys: {hlca: cell_type, airway: ann_finest_level}
         tissue: lung
         balance: proportional
         max_cells_per_type: 5000
@@ -57,11 +59,13 @@ class AnnotationConfig:
     ----------
     references
         Paths or URIs of the references (``.h5ad``, AnnData ``.zarr``; ``file://``, ``https://``, ``gs://``,
-        ``s3://``). Relative local paths in a YAML file (here and in ``target_proportions``, ``model_out`` and
-        ``plots_dir``) are taken relative to that file; elsewhere (YAML text, a mapping, the constructor) relative to
-        the working folder.
+        ``s3://``), or a mapping ``{source name: path}`` that names them (the names go into ``reference_source`` and
+        the provenance; otherwise they come from the file names). Relative local paths in a YAML file (here and in
+        ``target_proportions``, ``model_out`` and ``plots_dir``) are taken relative to that file; elsewhere (YAML
+        text, a mapping, the constructor) relative to the working folder.
     label_keys
-        Label column of each reference, or one for all.
+        Label column of each reference (a list in the order of ``references``, or a mapping with the same source
+        names), or one for all.
     exclude_labels
         Reference labels that are not cell types, left out of training; ``None`` (default): the package's list
         (``NA``, ``Unknown``, ``Doublet``, ``Ambiguous``, ...), as in :func:`spatialcx.tl.annotate`.
@@ -70,8 +74,8 @@ class AnnotationConfig:
         As in :func:`spatialcx.tl.annotate`.
     """
 
-    references: list[str]
-    label_keys: str | list[str]
+    references: list[str] | dict[str, str]
+    label_keys: str | list[str] | dict[str, str]
     table_key: str = "table"
     tissue: str = "unknown"
     balance: str = "proportional"
@@ -98,30 +102,56 @@ class AnnotationConfig:
 
         if isinstance(self.references, str | os.PathLike):
             self.references = [self.references]
-        if not isinstance(self.references, list | tuple) or not all(
-            isinstance(r, str | os.PathLike) for r in self.references
-        ):
+        named = isinstance(self.references, Mapping)
+        paths = list(self.references.values()) if named else self.references
+        if not isinstance(paths, list | tuple) or not all(isinstance(r, str | os.PathLike) for r in paths):
             raise TypeError(
-                f"references must be a path or URI, or a list of them (in YAML: references: [atlas.h5ad]), got "
-                f"{_shown(self.references)}."
+                "references must be a path or URI, a list of them (in YAML: references: [atlas.h5ad]) or a mapping "
+                f"{{source name: path}} (in YAML: references: {{atlas: atlas.h5ad}}), got {_shown(self.references)}."
             )
-        self.references = [os.fspath(r) for r in self.references]
-        if not self.references:
+        if named:
+            _check_strings("references", list(self.references), "a mapping with source names (strings) as keys")
+            self.references = {str(k): os.fspath(v) for k, v in self.references.items()}
+        else:
+            self.references = [os.fspath(r) for r in self.references]
+        paths = list(self.references.values()) if named else self.references
+        if not paths:
             raise ValueError("AnnotationConfig needs at least one reference (a path or URI) in 'references'.")
-        if "" in self.references:
+        if "" in paths:
             raise ValueError(
                 f"references holds an empty path in {self.references!r}; give each reference's path or URI."
             )
-        if isinstance(self.label_keys, list | tuple):
+        if isinstance(self.label_keys, Mapping):
+            if not named:
+                raise ValueError(
+                    f"label_keys is a mapping (keys {list(self.label_keys)}) but references is a list; name the "
+                    "references the same way (references: {name: path}) or give label_keys as a list in their order."
+                )
+            _check_strings("label_keys", list(self.label_keys.values()), "label column names (strings)")
+            missing = sorted(set(self.references) - set(self.label_keys))
+            extra = sorted(set(self.label_keys) - set(self.references))
+            if missing or extra:
+                raise ValueError(
+                    f"label_keys names the references {sorted(self.label_keys)} but references names "
+                    f"{sorted(self.references)}; give a label column for each named reference"
+                    + (f" (missing: {missing})" if missing else "")
+                    + (f" (not a reference: {extra})" if extra else "")
+                    + "."
+                )
+            self.label_keys = {str(k): self.label_keys[k] for k in self.references}
+        elif isinstance(self.label_keys, list | tuple):
             _check_strings("label_keys", self.label_keys, "a label column name (a string) or a list of them")
             self.label_keys = list(self.label_keys)
-            if len(self.label_keys) != len(self.references):
+            if len(self.label_keys) != len(paths):
                 raise ValueError(
                     f"{len(self.references)} references but {len(self.label_keys)} label_keys: give one per reference "
                     "or a single string for all."
                 )
         elif not isinstance(self.label_keys, str):
-            raise TypeError(f"label_keys must be a string or a list of strings, got {_shown(self.label_keys)}.")
+            raise TypeError(
+                f"label_keys must be a string, a list of strings or a mapping {{source name: column}}, got "
+                f"{_shown(self.label_keys)}."
+            )
         _check_label_keys(self.label_keys)  # no empty names
         for name in ("table_key", "tissue", "balance", "confidence", "key_added"):
             if not isinstance(getattr(self, name), str):
@@ -229,11 +259,14 @@ class AnnotationConfig:
         if base_dir is not None:
             base = Path(base_dir)
             refs = values["references"]
-            if isinstance(refs, str | list | tuple):  # anything else is reported by the constructor
-                refs = [refs] if isinstance(refs, str) else list(refs)
-                values["references"] = [
-                    os.path.normpath(base / r) if isinstance(r, str) and _is_local_relative(r) else r for r in refs
-                ]
+
+            def join(r: Any) -> Any:
+                return os.path.normpath(base / r) if isinstance(r, str) and _is_local_relative(r) else r
+
+            if isinstance(refs, Mapping):
+                values["references"] = {k: join(r) for k, r in refs.items()}
+            elif isinstance(refs, str | list | tuple):  # anything else is reported by the constructor
+                values["references"] = [join(r) for r in ([refs] if isinstance(refs, str) else refs)]
             for name in (*_PATH_FIELDS, "target_proportions"):
                 value = values.get(name)
                 if isinstance(value, str) and _is_local_relative(value):
@@ -315,7 +348,9 @@ class AnnotationConfig:
                     return os.path.abspath(value)
 
             refs = values["references"]
-            values["references"] = rebase(refs) if isinstance(refs, str) else [rebase(r) for r in refs]
+            values["references"] = (
+                {k: rebase(r) for k, r in refs.items()} if isinstance(refs, Mapping) else [rebase(r) for r in refs]
+            )
             for name in (*_PATH_FIELDS, "target_proportions"):
                 values[name] = rebase(values[name])
         text = yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
