@@ -772,3 +772,44 @@ def test_error_for_a_gene_subset_or_another_log_base_says_so(counts):
     sc.pp.log1p(log2, base=2)
     with pytest.raises(ValueError, match=r"uns\['log1p'\] says base=2"):
         scx.pp.ensure_normalized(log2)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr", "csc", "dask"])
+def test_ensure_normalized_never_overwrites_other_counts_in_x(counts, fmt):
+    """X holds ambient-corrected integer counts, layers['counts'] the original ones: X's counts must not be lost."""
+    import dask.array as da
+
+    rng = np.random.default_rng(1)
+    corrected = np.maximum(counts - rng.binomial(1, 0.3, counts.shape), 0).astype(np.float32)
+    to = {
+        "dense": np.asarray,
+        "csr": sparse.csr_matrix,
+        "csc": sparse.csc_matrix,
+        "dask": lambda m: da.from_array(m, chunks=(500, -1)),
+    }[fmt]
+    a = adata_of(to(corrected.copy()))
+    a.layers["counts"] = counts.copy()
+    before = a.X
+    with pytest.raises(ValueError, match=r"X holds raw counts of its own that differ from .* layers\['counts'\]") as e:
+        scx.pp.ensure_normalized(a)
+    assert "adata.layers['counts_x'] = adata.X.copy()" in str(e.value)
+    assert a.X is before and list(a.layers) == ["counts"] and "log1p" not in a.uns  # nothing changed
+    # the same counts (float32 rounding aside) in both: normalized as before
+    same = adata_of(to(np.expm1(np.log1p(counts)).astype(np.float32)))
+    same.layers["counts"] = counts.copy()
+    scx.pp.ensure_normalized(same)
+    x = same.X  # made from layers["counts"]
+    np.testing.assert_allclose(x.toarray() if sparse.issparse(x) else x, log1p_norm(counts, 1e4), rtol=1e-5, atol=1e-5)
+
+
+def test_ensure_normalized_never_overwrites_other_counts_in_x_subset_of_raw(counts):
+    """X a gene subset of raw: compared with raw.X on X's genes only."""
+    raw = adata_of(counts.copy())
+    a = raw[:, 10:50].copy()
+    a.raw = raw
+    scx.pp.ensure_normalized(a.copy())  # same counts: fine
+    a.X[3, 2] += 1
+    with pytest.raises(ValueError, match=r"differ from the raw counts in raw.X \(e.g. cell '3', gene 'g12'") as e:
+        scx.pp.ensure_normalized(a)
+    assert "adata.raw = None" in str(e.value)
+    assert "counts" not in a.layers

@@ -793,6 +793,65 @@ def _check_counts_values(counts: Any, where: str, obs_names: pd.Index, var_names
     )
 
 
+def _near(a: Any, b: Any) -> np.ndarray:
+    """``|a - b| < max(INTEGER_TOL, INTEGER_RTOL * |b|)`` (equal but for float32 rounding), elementwise."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b) < np.maximum(INTEGER_TOL, INTEGER_RTOL * np.abs(b))
+
+
+#: Rows compared at a time when ``X``'s counts are checked against the raw source (bounds memory).
+_COMPARE_BLOCK_ROWS = 100_000
+
+
+def _check_x_counts_kept(adata: AnnData, counts: Any, cols: np.ndarray | None, where: str, random_state: int) -> None:
+    """A ValueError when ``X`` holds counts other than those in ``where``, which are about to replace them.
+
+    ``X`` is normalized from the first raw source (e.g. ``layers["counts"]``); when ``X`` holds counts of its own
+    (ambient-corrected counts next to the original ones, say) they would be lost. In-memory matrices are compared
+    whole, block by block; dask and backed ones on the sampled cells only. Values equal within the integer test's
+    tolerance (float32 rounding) count as equal.
+    """
+    x = adata.X
+    n_obs = adata.n_obs
+    in_memory = all(isinstance(m, np.ndarray) or sparse.issparse(m) for m in (x, counts))
+    if in_memory:
+        blocks = (np.arange(s, min(s + _COMPARE_BLOCK_ROWS, n_obs)) for s in range(0, n_obs, _COMPARE_BLOCK_ROWS))
+    else:
+        chunks = x.chunks[0] if hasattr(x, "chunks") and hasattr(x, "compute") else None
+        blocks = iter([_sample_row_indices(n_obs, max(adata.n_vars, counts.shape[1]), random_state, chunks)])
+    for rows in blocks:
+        if in_memory:  # a block of rows, as it is stored
+            mine, theirs = x[rows[0] : rows[-1] + 1], counts[rows[0] : rows[-1] + 1]
+        else:
+            mine, theirs = _read_sampled_rows(x, rows), _read_sampled_rows(counts, rows)
+        theirs = theirs if cols is None else theirs[:, cols]
+        if sparse.issparse(mine) != sparse.issparse(theirs):
+            mine, theirs = sparse.csr_matrix(mine), sparse.csr_matrix(theirs)
+        differ = mine != theirs  # exact first (cheap), then the tolerance on those values only
+        found = differ.nonzero()
+        if found[0].size:
+            a = np.asarray(mine[found]).ravel() if sparse.issparse(mine) else mine[found]
+            b = np.asarray(theirs[found]).ravel() if sparse.issparse(theirs) else theirs[found]
+            keep = ~_near(a, b)
+            found = (found[0][keep], found[1][keep])
+        if found[0].size == 0:
+            continue
+        r, c = int(found[0][0]), int(found[1][0])
+        move = (
+            "adata.raw = None"
+            if where == "raw.X"
+            else f"adata.layers['{where[8:-2]}_old'] = adata.layers.pop('{where[8:-2]}')"
+        )
+        raise ValueError(
+            f"X holds raw counts of its own that differ from the raw counts in {where} (e.g. cell "
+            f"{adata.obs_names[rows[r]]!r}, gene {adata.var_names[c]!r}: {mine[r, c]:g} in X, {theirs[r, c]:g} in "
+            f"{where}{'' if in_memory else ', among the sampled cells'}). X would be normalized from {where}, the "
+            "first raw source found, and its own counts would be lost. Keep them under another name first (e.g. "
+            f"adata.layers['counts_x'] = adata.X.copy()), or, if X's counts are the ones to use, move {where} out of "
+            f"the way ({move}), then call again."
+        )
+
+
 def _check_x_replaceable(adata: AnnData) -> None:
     if adata.isbacked:
         raise ValueError(
@@ -817,7 +876,9 @@ def ensure_normalized(
     - raw counts found: ``X`` becomes ``log1p(normalize_total(counts, target_sum))`` (scanpy; sparse stays
       sparse, dask stays lazy; float16 counts are computed in float32, which their totals would overflow). When the
       counts are in ``X`` they are first kept in ``layers["counts"]``. When they are in ``raw.X``, cells are
-      normalized over all of ``raw``'s genes and ``X``'s genes are kept.
+      normalized over all of ``raw``'s genes and ``X``'s genes are kept. When ``X`` holds counts that differ from
+      those of the raw source (e.g. ambient-corrected counts in ``X``, the original ones in ``layers["counts"]``):
+      a ValueError, since they would be lost.
     - no raw counts, ``X`` already log1p data whose median ``expm1`` row sum is within 20 % of ``target_sum``
       (``"log1p_10k"`` for the default), or a gene subset of such data verified in its file by
       :func:`spatialcx.io.read_reference`: ``X`` is left as it is.
@@ -858,9 +919,10 @@ def ensure_normalized(
     ------
     ValueError
         No raw counts and ``X`` not normalized as asked (unless ``unsafe_force``); the counts are in ``X`` but
-        ``layers["counts"]`` holds something else; ``raw`` lacks some of ``X``'s genes; a backed table would need a
-        new ``X``; in-memory raw counts hold NaN, infinite or negative values (in any cell, not only the sampled
-        ones).
+        ``layers["counts"]`` holds something else; ``X`` holds counts that differ from the raw source's (compared
+        whole when both are in memory, on the sampled cells otherwise); ``raw`` lacks some of ``X``'s genes; a
+        backed table would need a new ``X``; in-memory raw counts hold NaN, infinite or negative values (in any
+        cell, not only the sampled ones).
     """
     if not (np.isfinite(target_sum) and target_sum > 0):
         raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
@@ -894,6 +956,8 @@ def ensure_normalized(
         cols = _columns_of_x_in_raw(adata, names, "the raw counts") if status.raw_source == "raw.X" else None
         _check_x_replaceable(adata)
         _check_counts_values(counts, status.raw_source, adata.obs_names, pd.Index(names))
+        if status.raw_source != "X" and status.x_state == "raw":
+            _check_x_counts_kept(adata, counts, cols, status.raw_source, random_state)
         logger.info(f"normalizing the raw counts in {status.raw_source} to log1p({target_sum:g}) in X")
         new_x = _log1p_normalized(counts, target_sum)
         if cols is not None:
