@@ -742,3 +742,89 @@ def test_plot_bad_max_points_and_missing_obs_feature():
     with pytest.raises(KeyError, match=r"used the obs column\(s\) \['mk0_counts'\], which are no longer in the table"):
         scx.pl.threshold(adata)
     assert len(plt.get_fignums()) == n_open
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ks: discrete scores, a marker expressed in every cell
+
+
+def test_ks_marker_in_every_cell_is_not_split():
+    # Every cell expresses the marker (one Poisson population, no zeros): the steps of the discrete counts were
+    # counted as a departure from the bulk, and 1601 of 3000 cells (53 %) were called a high "minority".
+    rng = np.random.default_rng(0)
+    n = 3000
+    x = rng.poisson(1.0, (n, 20)).astype(np.float32)
+    x[:, 0] = rng.poisson(20, n)
+    adata = ad.AnnData(
+        sparse.csr_matrix(x),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]),
+        var=pd.DataFrame(index=[f"G{i}" for i in range(20)]),
+    )
+    scx.tl.classify_by_threshold(adata, "G0", method="ks")
+    fit = adata.uns["threshold"]["fit"]
+    assert not fit["zero_inflated"] and fit["side"] == "above_floor"
+    assert adata.uns["threshold"]["n_high"] == n - 1  # every cell above the lowest score, with a warning
+
+
+@pytest.mark.parametrize(
+    ("values", "was"),
+    [
+        (lambda r: r.poisson(20, 3000).astype(float), "high_minority, 21 % high"),
+        (lambda r: np.log1p(r.poisson(20, 3000)), "high_minority, 70 % high"),
+        (lambda r: r.poisson(5, 3000).astype(float), "low_minority, 56 % high"),
+    ],
+    ids=["counts", "log1p_counts", "few_counts"],
+)
+def test_ks_discrete_single_population_is_not_split(values, was):
+    from spatialcx.tl._threshold import _split_ks
+
+    x = values(np.random.default_rng(0))
+    threshold, _, info = _split_ks(x, random_state=0)
+    assert info["side"] == "above_floor", was
+    assert threshold == x.min()
+
+
+def test_ks_high_minority_is_above_the_bulk_median():
+    from spatialcx.tl._threshold import _split_ks
+
+    # a discrete bulk (1 to ~10 counts over a library of ~90) without a minority: its steps once made a "high
+    # minority" of 69 % of the cells
+    rng = np.random.default_rng(0)
+    n = 20_000
+    counts = rng.poisson(5, n) + 1
+    x = np.log1p(counts / (counts + rng.poisson(90, n)) * 1e4).astype(np.float32).astype(np.float64)
+    threshold, _, info = _split_ks(x, random_state=0)
+    assert info["side"] != "high_minority" or (x > threshold).mean() < 0.5
+    # a real high minority is still found
+    truth = rng.random(n) < 0.1
+    y = np.where(truth, rng.normal(5, 1, n), rng.normal(0, 1, n))
+    threshold, _, info = _split_ks(y, random_state=0)
+    assert info["side"] == "high_minority" and ((y > threshold) == truth).mean() > 0.97
+
+
+@pytest.mark.parametrize(
+    ("value", "exc", "match"),
+    [
+        (None, TypeError, r"max_fit_cells must be a whole number, got NoneType None"),
+        (1000.5, ValueError, r"max_fit_cells must be a whole number >= 10, got 1000.5"),
+        (5, ValueError, r"max_fit_cells must be a whole number >= 10, got 5"),
+    ],
+)
+def test_max_fit_cells_is_checked(value, exc, match):
+    # were: int(None)'s TypeError, and 1000.5 accepted as 1000
+    adata, _ = make_counts(n=300)
+    with pytest.raises(exc, match=match):
+        scx.tl.classify_by_threshold(adata, MARKERS, max_fit_cells=value)
+    _unchanged(adata, [])
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5, 6])
+def test_ks_discrete_values_are_not_modes_of_their_own(seed):
+    from spatialcx.tl._threshold import _split_ks
+
+    # log1p of one Poisson population: the density estimate resolved each integer as a mode, so the lowest values
+    # were split off as a low minority with a mode of its own (seeds 1, 3, 5, 6 of 8)
+    x = np.log1p(np.random.default_rng(seed).poisson(20, 3000)).astype(float)
+    _, _, info = _split_ks(x, random_state=0)
+    assert info["statistic_low"] > info["critical_value"]  # the steps still depart from a Gaussian ...
+    assert info["side"] == "above_floor"  # ... but they are one population

@@ -107,9 +107,10 @@ def classify_by_threshold(
           refused with a ValueError rather than cut through its middle.
         - ``"ks"``: a Kolmogorov-Smirnov-inspired split for a minority population, robust to zero-inflation. Cells
           at the lowest score (zeros) are low; on the remaining cells a robust Gaussian is fitted to the bulk
-          (median and one-sided spread) and the threshold is where the empirical CDF departs most from it. When
-          the departing minority lies below the bulk (dropout-heavy markers whose non-zero cells are mostly
-          positive) it is split off only if it forms its own mode; otherwise every non-zero cell is high.
+          (median and one-sided spread) and the threshold is where the empirical CDF (tied values counted
+          together) departs most from it, above the bulk's median. When the departing minority lies below the bulk
+          (dropout-heavy markers whose non-zero cells are mostly positive) it is split off only if it forms its own
+          mode; otherwise every non-zero cell is high.
     probability_cutoff
         P(high) above which a cell is high (``gmm`` only), in (0, 1). ``ks`` ignores it, with a warning when it is
         not the default.
@@ -157,7 +158,7 @@ def classify_by_threshold(
         score that is not two populations.
     """
     from .._table import check_key, resolve_table
-    from .._utils import check_writable_dir
+    from .._utils import check_writable_dir, whole_number
 
     if metagene not in METAGENES:
         raise ValueError(f"metagene={metagene!r} is not supported; choose one of {list(METAGENES)}.")
@@ -185,8 +186,7 @@ def classify_by_threshold(
             f"random_state must be an integer seed, got {random_state!r} ({type(random_state).__name__}); the "
             "classification is seeded so that it can be reproduced: pass e.g. random_state=0."
         )
-    if int(max_fit_cells) < MIN_CELLS:
-        raise ValueError(f"max_fit_cells={max_fit_cells} is below {MIN_CELLS}; use a larger value (default 50000).")
+    max_fit_cells = whole_number(max_fit_cells, "max_fit_cells", minimum=MIN_CELLS)  # e.g. 50000 (the default)
     if plots_dir is not None and not plot:
         raise ValueError("plots_dir was given but plot=False; pass plot=True to draw and save the figure.")
     check_key(key_added, "key_added")
@@ -656,15 +656,18 @@ def _split_ks(score: np.ndarray, *, random_state: int) -> tuple[float, np.ndarra
         return floor, _soft(score, floor, scale, at_floor if zero_inflated else None), info
 
     n = v.size
-    ecdf = np.arange(1, n + 1, dtype=np.float64) / n
+    # the empirical CDF at and just below each value, counting tied values together (discrete scores, e.g. cells
+    # with one count and the same library size): ranks within a run of ties are not departures from the bulk
+    ecdf_at = np.searchsorted(v, v, side="right") / n
+    ecdf_below = np.searchsorted(v, v, side="left") / n
     med = float(np.median(v))
     q_lo, q_hi = np.quantile(v, _SIGMA_QUANTILES)
     tiny = 1e-9 * max(1.0, abs(med))
     sd_left, sd_right = max(med - q_lo, tiny), max(q_hi - med, tiny)
     # excess of cells above t over a Gaussian fitted to the left half of the bulk (a high minority) ...
-    d_high = norm.cdf(v, med, sd_left) - ecdf
+    d_high = norm.cdf(v, med, sd_left) - ecdf_at
     # ... and of cells below t over a Gaussian fitted to the right half (a low minority)
-    d_low = np.r_[0.0, ecdf[:-1]] - norm.cdf(v, med, sd_right)
+    d_low = ecdf_below - norm.cdf(v, med, sd_right)
     i_high, i_low = int(np.argmax(d_high)), int(np.argmax(d_low))
     stat_high, stat_low = float(d_high[i_high]), float(d_low[i_low])
     critical = float(kstwo.isf(KS_ALPHA, n))
@@ -679,7 +682,10 @@ def _split_ks(score: np.ndarray, *, random_state: int) -> tuple[float, np.ndarra
             "alpha": KS_ALPHA,
         }
     )
-    high_ok, low_ok = stat_high > critical, stat_low > critical
+    # a departure that starts below the bulk's median would call most cells high: that is no minority (e.g. the
+    # steps of a discrete score, or a skewed bulk)
+    high_below_median = bool(v[i_high] < med)
+    high_ok, low_ok = stat_high > critical and not high_below_median, stat_low > critical
     low_mode = False
     if low_ok and stat_low > stat_high:
         t_low = float(v[max(i_low - 1, 0)])
@@ -703,7 +709,12 @@ def _split_ks(score: np.ndarray, *, random_state: int) -> tuple[float, np.ndarra
             stat_low,
             critical,
             KS_ALPHA,
-            "; the low departure forms no mode of its own" if low_ok else "",
+            ("; the low departure forms no mode of its own" if low_ok else "")
+            + (
+                "; the high departure starts below the bulk's median"
+                if high_below_median and stat_high > critical
+                else ""
+            ),
             floor,
         )
     info["side"] = side
@@ -727,7 +738,13 @@ def _has_low_mode(v: np.ndarray, t: float, center: float, *, random_state: int) 
     if np.ptp(sub) <= 0:
         return False
     kde = gaussian_kde(sub)
-    kde.set_bandwidth(kde.factor * 0.5)  # Scott's rule over-smooths two close modes (e.g. ambient and expressing)
+    # Scott's rule over-smooths two close modes (e.g. ambient and expressing): half of it, but no narrower than the
+    # typical (median) step between the distinct values of the central 90 % (a discrete score, e.g. log1p of
+    # integers, would otherwise show a mode at each of its values; a continuous one has tiny steps)
+    lo_q, hi_q = np.quantile(sub, [0.05, 0.95])
+    steps = np.diff(np.unique(sub[(sub >= lo_q) & (sub <= hi_q)]))
+    step = float(np.median(steps)) if steps.size else 0.0
+    kde.set_bandwidth(max(kde.factor * 0.5, step / float(np.sqrt(kde.covariance[0, 0]) / kde.factor)))
     grid = np.linspace(v[0], v[-1], 2 * _KDE_GRID)
     density = kde(grid)
     low, bulk = grid <= t, grid >= center
