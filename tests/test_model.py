@@ -710,6 +710,14 @@ def test_decision_function_refuses_a_matrix_its_gene_names_do_not_describe():
         ({"method": "auto", "batch_size": 2.5}, "batch_size must be a positive whole number"),
         ({"method": "lbfgs"}, "Unknown training method 'lbfgs'"),
         ({"clip": float("nan")}, "clip must be a number"),
+        ({"method": "logreg", "max_iter": 0}, "max_iter must be a positive whole number"),  # sklearn: a warning only
+        ({"method": "sgd", "max_iter": 0}, "max_iter must be a positive whole number"),
+        ({"method": "minibatch", "balance_cell_type": "no"}, "balance_cell_type must be True or False"),
+        ({"C": -1.0}, "C must be a positive number"),
+        ({"method": "minibatch", "alpha": 0.0}, "alpha must be a positive finite number"),
+        ({"method": "logreg", "alpha": float("nan")}, "alpha must be a non-negative finite number"),
+        ({"n_jobs": 1.5}, "n_jobs must be None"),
+        ({"random_state": -1}, "random_state must be a non-negative whole number"),
     ],
 )
 def test_fit_model_refuses_settings_that_cannot_train(monkeypatch, kwargs, match):

@@ -757,3 +757,98 @@ def test_no_shared_genes_error_finds_the_gene_names_of_a_lazy_table(model, tmp_p
     with pytest.raises(ValueError, match=r"var\['feature_name'\] holds 70 of them"):
         scx.tl.predict(lazy, model)
     assert "cell_type" not in lazy.obs.columns
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_iter": 0}, "max_iter must be a positive whole number"),  # sklearn only warns: an untrained model
+        ({"max_iter": 2.5}, "max_iter must be a positive whole number"),
+        ({"min_genes": 0}, "min_genes must be a whole number of at least 1"),
+        ({"min_genes": "10"}, "min_genes must be a whole number of at least 1"),
+        ({"balance_cell_type": "yes"}, "balance_cell_type must be True or False"),
+        ({"balance_cell_type": "no", "method": "minibatch"}, "balance_cell_type must be True or False"),  # balanced
+        ({"C": 0}, "C must be a positive number"),
+        ({"C": float("nan")}, "C must be a positive number"),
+        ({"alpha": 0, "method": "sgd"}, "alpha must be a positive finite number"),
+        ({"alpha": -1.0}, "alpha must be a positive finite number"),
+        ({"n_jobs": 0}, "n_jobs must be None"),
+        ({"random_state": "seed"}, "random_state must be a non-negative whole number"),
+        ({"chunk_size": 0}, "chunk_size must be a positive whole number"),
+    ],
+)
+def test_train_refuses_untrainable_settings_before_reading_labels_or_expression(monkeypatch, kwargs, match):
+    """These trained an unfitted model (max_iter=0), balanced on "no", or failed in scikit-learn once the data were
+    read; min_genes=0 asked for fewer than one shared gene."""
+    import spatialcx._table as table
+    import spatialcx.pp._normalization as norm
+
+    def no_reading(*args, **kw):
+        raise AssertionError("the reference was read before the settings were checked")
+
+    monkeypatch.setattr(norm, "find_expression_source", no_reading)
+    monkeypatch.setattr(table, "obs_column", no_reading)
+    with pytest.raises(ValueError, match=match):
+        scx.tl.train(_data(n=100, seed=1), "label", genes=[f"G{i}" for i in range(70)], **kwargs)
+
+
+def test_train_reads_labels_as_combine_references_does():
+    """Missing labels written out as text ("nan", after ``astype(str)``), empty labels and surrounding whitespace made
+    classes of their own ("nan", "type 1 " beside "type 1"); whole numbers stored as floats were named "1.0"."""
+    ref = _data(n=400, seed=20)
+    genes = [f"G{i}" for i in range(70)]
+    labels = ref.obs["label"].astype(str).to_numpy().copy()
+    missing = np.zeros(ref.n_obs, dtype=bool)
+    missing[:12] = True
+    expected_ref = ref[~missing].copy()
+    expected = scx.tl.train(expected_ref, "label", genes=genes)
+    messy = labels.astype(object)
+    messy[:6], messy[6:9], messy[9:12] = "nan", "", "<NA>"
+    messy[20:40] = [f"{v} " for v in messy[20:40]]  # trailing spaces
+    ref.obs["label"] = pd.Categorical(messy)
+    model = scx.tl.train(ref, "label", genes=genes)
+    assert model.classes.tolist() == expected.classes.tolist() == ["type 0", "type 1", "type 2", "type 3"]
+    assert model.model_hash == expected.model_hash
+    assert model.description["n_cells_unlabelled"] == 12 and sum(model.description["cells_per_type"]["n_cells"]) == 388
+    # numeric cluster labels with missing values (a float column): "0", not "0.0", as combine_references names them
+    ref.obs["cluster"] = pd.Series(labels, index=ref.obs_names).str[-1].astype(float).where(~missing)
+    assert scx.tl.train(ref, "cluster", genes=genes).classes.tolist() == ["0", "1", "2", "3"]
+
+
+def test_train_records_the_settings_that_shaped_the_model():
+    """balance_cell_type, batch_size and epochs were not recorded (two different models had the same description), a
+    max_iter that mini-batch training does not use was, and the cells left out by exclude_labels were not."""
+    ref = _data(n=300, seed=21)
+    labels = ref.obs["label"].astype(str).to_numpy().copy()
+    labels[:7] = "Doublet"
+    ref.obs["label"] = labels
+    genes = [f"G{i}" for i in range(70)]
+    balanced = scx.tl.train(
+        ref, "label", genes=genes, method="minibatch", epochs=2, batch_size=50, balance_cell_type=True
+    )
+    d = balanced.description
+    assert (d["method"], d["method_requested"], d["batch_size"], d["epochs"]) == ("minibatch", "minibatch", 50, 2)
+    assert d["balance_cell_type"] is True and "max_iter" not in d and d["clip"] == 10.0
+    assert d["excluded_labels"] == {"labels": ["Doublet"], "n_cells": [7]} and d["n_cells_unlabelled"] == 0
+    plain = scx.tl.train(ref, "label", genes=genes, method="minibatch", epochs=2, batch_size=50)
+    assert plain.description["balance_cell_type"] is False and plain.model_hash != balanced.model_hash
+    auto = scx.tl.train(ref, "label", genes=genes, max_iter=30).description
+    assert (auto["method"], auto["method_requested"], auto["max_iter"]) == ("logreg", "auto", 30)
+    assert "batch_size" not in auto and "balance_cell_type" not in auto
+
+
+def test_train_on_real_labels_saved_as_text_keeps_missing_labels_out(shared_data):
+    """The real hypothalamus reference with some labels missing, saved after ``obs[key].astype(str)`` (a common way to
+    make a column writable): the missing labels came back as a trained class "nan"."""
+    ref = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad"))
+    query = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "merfish_query.h5ad"))
+    labels = ref.obs["cell_type_author"].astype(object).to_numpy().copy()
+    labels[np.random.default_rng(0).choice(ref.n_obs, 60, replace=False)] = np.nan
+    ref.obs["cell_type_author"] = pd.Categorical(labels)
+    kw = {"genes": query, "method": "minibatch", "epochs": 2}
+    expected = scx.tl.train(ref, "cell_type_author", **kw)
+    ref.obs["cell_type_author"] = ref.obs["cell_type_author"].astype(str)
+    assert (ref.obs["cell_type_author"] == "nan").sum() == 60
+    model = scx.tl.train(ref, "cell_type_author", **kw)
+    assert "nan" not in model.classes and model.n_classes == 13  # 14 author types less "Ambiguous" (excluded)
+    assert model.model_hash == expected.model_hash

@@ -49,7 +49,19 @@ def _coef_from(clf: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, intercept
 
 
-def _check_fit_params(method: Any, batch_size: Any, epochs: Any, clip: Any = 10.0) -> None:
+def _check_fit_params(
+    method: Any,
+    batch_size: Any,
+    epochs: Any,
+    clip: Any = 10.0,
+    *,
+    max_iter: Any = None,
+    balance_cell_type: Any = False,
+    C: Any = 1.0,
+    alpha: Any = 1e-4,
+    n_jobs: Any = None,
+    random_state: Any = 0,
+) -> None:
     """A ValueError for settings that cannot train, raised before the data are read or densified."""
     if method not in ("auto", "logreg", "sgd", "minibatch"):
         raise ValueError(f"Unknown training method {method!r}; use 'auto', 'logreg', 'sgd' or 'minibatch'.")
@@ -58,6 +70,40 @@ def _check_fit_params(method: Any, batch_size: Any, epochs: Any, clip: Any = 10.
             raise ValueError(f"{name} must be a positive whole number of {what} (mini-batch SGD), got {value!r}.")
     if isinstance(clip, bool) or not isinstance(clip, int | float | np.number) or np.isnan(clip):
         raise ValueError(f"clip must be a number (the upper clip of scaled values; CellTypist: 10), got {clip!r}.")
+    if max_iter is not None and (
+        isinstance(max_iter, bool) or not isinstance(max_iter, int | np.integer) or max_iter < 1
+    ):
+        # scikit-learn takes max_iter=0 and returns an unfitted model with a warning only
+        raise ValueError(
+            f"max_iter must be a positive whole number of solver iterations, or None for CellTypist's defaults (1000 "
+            f"below 50,000 cells, 500 below 500,000, else 200), got {max_iter!r}: the classifier would not be trained."
+        )
+    if not isinstance(balance_cell_type, bool | np.bool_):
+        # a string such as "no" is truthy: it would balance the cell types
+        raise ValueError(
+            f"balance_cell_type must be True or False (mini-batch cells drawn inversely to their type's frequency), "
+            f"got {balance_cell_type!r}."
+        )
+    if isinstance(C, bool) or not isinstance(C, int | float | np.number) or not C > 0:  # NaN is not > 0
+        raise ValueError(f"C must be a positive number (the inverse L2 regularisation of 'logreg'), got {C!r}.")
+    # SGD's learning rate (scikit-learn's 'optimal') divides by alpha; 'logreg' does not use it
+    positive = method != "logreg"
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, int | float | np.number)
+        or not (alpha > 0 if positive else alpha >= 0)
+        or not np.isfinite(alpha)
+    ):
+        raise ValueError(
+            f"alpha must be a {'positive' if positive else 'non-negative'} finite number (the L2 regularisation of "
+            f"the SGD methods; method={method!r}), got {alpha!r}."
+        )
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int | np.integer) or n_jobs == 0):
+        raise ValueError(f"n_jobs must be None (one) or a non-zero whole number (-1: every core), got {n_jobs!r}.")
+    if random_state is not None and (
+        isinstance(random_state, bool) or not isinstance(random_state, int | np.integer) or random_state < 0
+    ):
+        raise ValueError(f"random_state must be a non-negative whole number (the seed), got {random_state!r}.")
 
 
 def fit_model(
@@ -94,7 +140,18 @@ def fit_model(
     fit) and the confidence calibration is fitted on them (stored as ``model.calibration``; see
     :func:`spatialcx.tl.transform_confidence`).
     """
-    _check_fit_params(method, batch_size, epochs, clip)
+    _check_fit_params(
+        method,
+        batch_size,
+        epochs,
+        clip,
+        max_iter=max_iter,
+        balance_cell_type=balance_cell_type,
+        C=C,
+        alpha=alpha,
+        n_jobs=n_jobs,
+        random_state=random_state,
+    )
     from sklearn.linear_model import LogisticRegression, SGDClassifier
     from sklearn.multiclass import OneVsRestClassifier
 
@@ -167,15 +224,22 @@ def fit_model(
     desc.update(
         {
             "method": method,
+            "method_requested": asked,
             "C": C,
             "alpha": alpha,
-            "max_iter": max_iter,
             "random_state": random_state,
             "n_cells": int(n),
             "n_genes": int(g),
             "with_mean": with_mean,
+            "clip": float(clip),
         }
     )
+    if method == "minibatch":  # the settings that shaped it (max_iter is not used)
+        desc.update(
+            {"batch_size": int(batch_size), "epochs": int(epochs), "balance_cell_type": bool(balance_cell_type)}
+        )
+    else:
+        desc["max_iter"] = int(max_iter)
     model = CellTypeModel(
         features=features,
         classes=clf_classes,

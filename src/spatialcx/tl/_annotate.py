@@ -404,25 +404,22 @@ def _check_train_kwargs(train_kwargs: Mapping[str, Any] | None, train: Any) -> N
     unknown = sorted(k for k in train_kwargs if k not in options)
     if unknown:
         raise ValueError(f"train_kwargs names {unknown}, which are not options of scx.tl.train; valid: {options}.")
-    # values that cannot train are refused now, not once the references are read (remote ones downloaded)
+    # values that cannot train are refused now, not once the references are read (remote ones downloaded): the
+    # checks scx.tl.train makes before it reads anything
     from spatialcx.model._train import _check_fit_params
+    from spatialcx.tl._predict import _check_min_genes
 
-    settings = {name: train_kwargs.get(name, parameters[name].default) for name in ("method", "batch_size", "epochs")}
+    settings = {name: train_kwargs.get(name, parameters[name].default) for name in _FIT_SETTINGS}
     try:
-        _check_fit_params(**settings)
+        method, batch_size, epochs = (settings.pop(name) for name in ("method", "batch_size", "epochs"))
+        _check_fit_params(method, batch_size, epochs, **settings)
+        _check_min_genes(train_kwargs.get("min_genes", parameters["min_genes"].default))
     except ValueError as e:
         raise ValueError(f"train_kwargs: {e}") from None
-    for name, what, valid in (("C", "positive", lambda v: v > 0), ("alpha", "non-negative", lambda v: 0 <= v < np.inf)):
-        value = train_kwargs.get(name, parameters[name].default)
-        if isinstance(value, bool) or not isinstance(value, Real) or not valid(value):  # NaN is not valid either
-            raise ValueError(
-                f"train_kwargs: {name} must be a {what} number (the L2 regularisation of scx.tl.train), got {value!r}."
-            )
-    n_jobs = train_kwargs.get("n_jobs")
-    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, Integral)):
-        raise ValueError(
-            f"train_kwargs: n_jobs must be a whole number of jobs (-1: all cores) or None, got {n_jobs!r}."
-        )
+
+
+#: Options of scx.tl.train checked by ``_check_fit_params`` (the first three by position).
+_FIT_SETTINGS = ("method", "batch_size", "epochs", "max_iter", "balance_cell_type", "C", "alpha", "n_jobs")
 
 
 def _check_no_unassigned_class(labels: pd.Series) -> None:

@@ -69,6 +69,15 @@ def _resolve_genes(genes: Sequence[str] | AnnData | SpatialData | None) -> list[
     return [str(g) for g in genes]
 
 
+def _check_min_genes(min_genes: Any) -> None:
+    """A ValueError for a ``min_genes`` of :func:`train` that is not a whole number of at least one gene."""
+    if isinstance(min_genes, bool) or not isinstance(min_genes, int | np.integer) or min_genes < 1:
+        raise ValueError(
+            f"min_genes must be a whole number of at least 1 (the panel genes the reference must share; 1 leaves only "
+            f"the rule of a quarter of the panel), got {min_genes!r}."
+        )
+
+
 def training_matrix(
     reference: AnnData,
     genes: Sequence[str],
@@ -129,7 +138,9 @@ def train(
         ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X`` or ``X`` (see :func:`spatialcx.pp.normalization_status`);
         verified log1p(10k) data in ``X`` is used when no counts exist.
     label_key
-        Column of ``reference.obs`` with the cell-type labels. Cells with missing labels are ignored.
+        Column of ``reference.obs`` with the cell-type labels. Cells with missing labels are ignored, as are empty labels
+        and missing labels written out as text (``"nan"``, ``"<NA>"``); surrounding whitespace is stripped (as
+        :func:`~spatialcx.pp.combine_references` reads labels).
     genes
         The panel: gene names, or the spatial table / SpatialData (its :func:`~spatialcx.pp.panel_genes`).
         ``None`` uses every gene of the reference. Panel genes are found in the reference exactly, else
@@ -147,7 +158,8 @@ def train(
     alpha
         L2 regularisation of the SGD methods.
     max_iter
-        Iterations (CellTypist's defaults by number of cells when None).
+        Solver iterations of ``"logreg"`` and ``"sgd"``, at least 1 (CellTypist's defaults by number of cells when
+        None); ``"minibatch"`` runs ``epochs`` passes instead.
     batch_size, epochs, balance_cell_type
         Mini-batch SGD settings: ``epochs`` passes over as many cells as the reference has, ``batch_size`` at a time;
         with ``balance_cell_type`` the cells of each pass are drawn with replacement, inversely to their type's
@@ -155,7 +167,8 @@ def train(
     min_genes
         Panel genes the reference must share: at least this many (half of a panel of fewer than ``2 * min_genes``
         genes) and at least a quarter of the panel, the rule of :func:`~spatialcx.pp.combine_references` and
-        :func:`~spatialcx.tl.annotate`; fewer is an error. Missing panel genes are logged as a warning.
+        :func:`~spatialcx.tl.annotate`; fewer is an error. ``1`` leaves only the quarter rule. Missing panel genes are
+        logged as a warning.
     random_state
         Seed of everything random.
     n_jobs
@@ -173,10 +186,28 @@ def train(
     from spatialcx import __version__
     from spatialcx.model._train import _check_fit_params
 
-    _check_fit_params(method, batch_size, epochs)  # before the reference is read (train clips at 10, as CellTypist)
-    labels = _labels(reference, label_key)
+    # before the reference is read (train clips at 10, as CellTypist)
+    _check_fit_params(
+        method,
+        batch_size,
+        epochs,
+        max_iter=max_iter,
+        balance_cell_type=balance_cell_type,
+        C=C,
+        alpha=alpha,
+        n_jobs=n_jobs,
+        random_state=random_state,
+    )
+    _check_min_genes(min_genes)
+    from spatialcx._matrix import default_chunk_size
+
+    default_chunk_size(1, chunk_size)  # a ValueError for a chunk_size that is not a positive whole number
     excluded = label_list(exclude_labels)
     panel = _resolve_genes(genes)
+    from spatialcx.io._reference import clean_labels
+
+    # as combine_references / annotate: "nan" / "" (missing written as text) are no labels, "T cell " is "T cell"
+    labels = clean_labels(_labels(reference, label_key), label_key)
     from spatialcx.pp._normalization import find_expression_source
 
     source = find_expression_source(reference)
@@ -207,6 +238,7 @@ def train(
     if not keep.all():
         logger.info("%d reference cells without a label are ignored", int((~keep).sum()))
     left_out = keep & labels.astype(str).isin(excluded).to_numpy()
+    excluded_counts = labels[left_out].astype(str).value_counts().sort_index()
     if left_out.any():
         names = sorted(set(labels[left_out].astype(str)))
         logger.warning(
@@ -237,6 +269,11 @@ def train(
         "n_shared_genes": len(shared),
         # labels are never dict keys in uns (they may not be valid zarr names): two aligned lists
         "cells_per_type": {"labels": [str(k) for k in counts.index], "n_cells": [int(v) for v in counts]},
+        "n_cells_unlabelled": int((~labels.notna()).sum()),
+        "excluded_labels": {
+            "labels": [str(k) for k in excluded_counts.index],
+            "n_cells": [int(v) for v in excluded_counts],
+        },
     }
     model = fit_model(
         x,
