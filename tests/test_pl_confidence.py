@@ -662,8 +662,8 @@ def test_outlines_thin_on_small_cells():
         kind="circles",
         n_cells=2,
         source="circles",
-        widths=np.full(2, 1.0),
-        heights=np.full(2, 1.0),
+        widths=np.full(2, 1.5),
+        heights=np.full(2, 1.5),
         angles=np.zeros(2),
     )
     points = _utils.CellGeometry(rows=np.arange(2), centers=centers, kind="points", n_cells=2, source="points")
@@ -671,13 +671,16 @@ def test_outlines_thin_on_small_cells():
     _utils.set_spatial_limits(ax, (0.0, 100.0, 0.0, 100.0))
     faces = np.ones((2, 4))
     (coll,) = _utils.draw_cells(ax, [circles], faces, edgecolor=LOW_COLOR, linewidth=0.8)
-    diameter_pt = 1.0 * _utils._points_per_data_unit(ax)
-    assert diameter_pt < 4
+    diameter_pt = 1.5 * _utils._points_per_data_unit(ax)
+    assert _utils.MIN_SHAPE_POINTS < diameter_pt < 4
     np.testing.assert_allclose(coll.get_linewidths(), _utils.MAX_EDGE_FRACTION * diameter_pt)
+    assert coll.get_gid() == "outlined"
     (pts,) = _utils.draw_cells(ax, [points], faces, edgecolor=LOW_COLOR, linewidth=0.8, point_size=9.0)
     np.testing.assert_allclose(pts.get_linewidths(), _utils.MAX_EDGE_FRACTION * 3.0)  # 3 points across
     (big,) = _utils.draw_cells(ax, [points], faces, edgecolor=LOW_COLOR, linewidth=0.8, point_size=100.0)
     np.testing.assert_allclose(big.get_linewidths(), 0.8)  # 10 points across: the width asked for
+    (tiny,) = _utils.draw_cells(ax, [points], faces, edgecolor=LOW_COLOR, linewidth=0.8, point_size=4.0)
+    assert np.all(tiny.get_linewidths() == 0) and tiny.get_gid() is None  # 2 points across: no edge
 
 
 def _channels_image(good: np.ndarray, n_channels: int, names=None):

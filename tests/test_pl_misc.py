@@ -357,3 +357,79 @@ def test_ontology_mapping_max_labels_bounds_the_rows_when_most_labels_are_unknow
     fig = scx.pl.ontology_mapping(table, max_labels=6, sort="input")
     shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert shown == [f"{i:03d} L2/3 IT CTX Glut" for i in range(5)] + ["Astrocytes"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Red edges of low-confidence cells too small to be outlined
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _circles_sdata(n: int = 400, radius: float = 0.4):
+    """Circles on a 20 x 20 grid, so small on the map (about 2 points across) that an edge would cover their colour."""
+    import geopandas as gpd
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+
+    rng = np.random.default_rng(0)
+    xy = np.stack(np.meshgrid(np.arange(20.0), np.arange(20.0)), -1).reshape(-1, 2)[:n] * 5
+    shapes = ShapesModel.parse(gpd.GeoDataFrame({"radius": np.full(n, radius)}, geometry=gpd.points_from_xy(*xy.T)))
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(rng.choice(["B cell", "T cell"], n)),
+            "cell_type_confidence": rng.uniform(0, 1, n),
+            "region": pd.Categorical(["cells"] * n),
+            "cell_id": np.arange(n),
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    table = TableModel.parse(
+        ad.AnnData(np.zeros((n, 1), np.float32), obs=obs), region="cells", region_key="region", instance_key="cell_id"
+    )
+    return SpatialData(shapes={"cells": shapes}, tables={"table": table})
+
+
+def test_small_circles_below_the_threshold_keep_their_colour():
+    # Circles 1.5-2.5 points across got a red edge of a fifth of their diameter: crowded, they came out red all over.
+    # They are drawn as points now, which keep their colour only, like the scatter of centroids.
+    from spatialcx.pl import _utils
+    from spatialcx.pl._confidence import MIN_OUTLINED_POINTS
+
+    sdata = _circles_sdata(radius=0.3)
+    ax = scx.pl.confidence(sdata, threshold=0.5).axes[0]
+    low = [c for c in ax.collections if c.get_label().startswith("low-confidence")]
+    assert len(low) == 1 and len(low[0].get_offsets()) == int((sdata["table"].obs["cell_type_confidence"] < 0.5).sum())
+    np.testing.assert_array_equal(low[0].get_linewidths(), 0.0)
+    assert 1.5 < np.sqrt(low[0].get_sizes()).max() < MIN_OUTLINED_POINTS  # drawn as circles, with an edge, before
+    assert "under the red mark of the colour bar" in ax.get_title()
+    assert _utils.MIN_SHAPE_POINTS == MIN_OUTLINED_POINTS  # shapes drawn as shapes are wide enough to outline
+
+
+def test_many_tiny_points_get_no_red_ring_as_the_scatter_gets_no_edge(monkeypatch):
+    # Above MAX_SCATTER_POINTS, low-confidence points narrower than MIN_OUTLINED_POINTS got a red ring around groups of
+    # them, while the same points drawn as a scatter get no edge: both paths now draw no outline.
+    from spatialcx.pl import _utils
+    from spatialcx.pl._confidence import LOW_COLOR, MIN_OUTLINED_POINTS
+
+    monkeypatch.setattr(_utils, "MAX_SCATTER_POINTS", 50)
+    rng = np.random.default_rng(1)
+    n = 300
+    adata = ad.AnnData(
+        np.zeros((n, 1), np.float32),
+        obs=pd.DataFrame(
+            {"cell_type": pd.Categorical(rng.choice(["B", "T"], n)), "cell_type_confidence": rng.uniform(0, 1, n)},
+            index=[f"c{i}" for i in range(n)],
+        ),
+        obsm={"spatial": rng.uniform(0, 100, (n, 2))},
+    )
+    red = np.asarray(to_rgba(LOW_COLOR)[:3], dtype=np.float32)
+    for width, ringed in ((MIN_OUTLINED_POINTS * 0.8, False), (MIN_OUTLINED_POINTS * 1.2, True)):
+        ax = scx.pl.confidence(adata, threshold=0.5, point_size=width**2).axes[0]
+        low = [im for im in ax.get_images() if im.get_label().startswith("low-confidence")]
+        assert len(low) == 1
+        rgba = np.asarray(low[0].get_array())
+        n_red = int(np.all(np.isclose(rgba[..., :3], red), axis=-1)[rgba[..., 3] > 0].sum())
+        assert (n_red > 0) == ringed
+        # the title says what is drawn (it said "red outline" over the image either way)
+        assert ("red outline" in ax.get_title()) == ringed
+        assert ("under the red mark of the colour bar" in ax.get_title()) == (not ringed)
+        plt.close("all")

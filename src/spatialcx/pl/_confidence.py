@@ -31,11 +31,9 @@ MISSING_COLOR = "#bdbdbd"
 OUTLINE_WIDTH = 0.8
 #: Thinnest outline, as a share of ``OUTLINE_WIDTH``, reached when nearly all cells are below the threshold.
 MIN_OUTLINE_SCALE = 0.3
-#: Cells drawn as points narrower than this (points) are not outlined: a scatter marker's edge lies half outside it,
-#: and on markers a few pixels wide the red edges of crowded cells cover their colours (85,000 Xenium cells drawn as
-#: points 1.2 points across came out red all over with half of them below the threshold). Their colour shows the
-#: confidence, with the threshold marked on the colour bar.
-MIN_OUTLINED_POINTS = 2.5
+#: Cells drawn as points narrower than this (points) are not outlined (see ``_utils.MIN_OUTLINED_POINTS``): their
+#: colour shows the confidence, with the threshold marked on the colour bar.
+MIN_OUTLINED_POINTS = _utils.MIN_OUTLINED_POINTS
 #: Longest line of a type's name under the strips; longer names are wrapped at spaces.
 MAX_LABEL_LINE = 40
 #: Width of a character of the strip panel's title, in ems (a generous average, so that wrapped lines fit).
@@ -312,24 +310,19 @@ def _map_panel(
     # more cells are below the threshold: outlining most cells says little, and thick outlines would hide their
     # colours and the image (draw_cells also keeps it thin next to small cells).
     _utils.draw_cells(ax, geometries, face, subset=~low, point_size=point_size)
-    from matplotlib.collections import PathCollection
-
-    outlined = []
-    for artist in _utils.draw_cells(
-        ax,
-        geometries,
-        face,
-        subset=low,
-        edgecolor=LOW_COLOR,
-        linewidth=width,
-        point_size=point_size,
-        label="low-confidence cells",
-    ):
-        tiny = isinstance(artist, PathCollection) and np.sqrt(np.max(artist.get_sizes())) < MIN_OUTLINED_POINTS
-        if tiny:
-            artist.set_edgecolor("none")
-            artist.set_linewidth(0.0)
-        outlined.append(not tiny)
+    outlined = [
+        artist.get_gid() == "outlined"  # cells drawn as points too small to outline keep their colour only
+        for artist in _utils.draw_cells(
+            ax,
+            geometries,
+            face,
+            subset=low,
+            edgecolor=LOW_COLOR,
+            linewidth=width,
+            point_size=point_size,
+            label="low-confidence cells",
+        )
+    ]
 
     where = f" over {map_data.layer.name!r}" if map_data.layer is not None else ""
     sources = sorted({g.source if g.source.startswith("obsm[") else repr(g.source) for g in geometries})
@@ -410,7 +403,7 @@ def confidence(
         Colormap for confidence.
     point_size
         Marker area (points²) when cells are drawn as points (centroids, more than 100,000 shapes, or shapes
-        smaller than 1.5 points on the figure); ``None`` sizes markers from the cells' size, at least a pixel.
+        smaller than 2.5 points on the figure); ``None`` sizes markers from the cells' size, at least a pixel.
     max_points_per_type
         Most cells drawn per type in the strips (a seeded random subset); statistics use all cells.
     figsize
