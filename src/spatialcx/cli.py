@@ -232,7 +232,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise CommandError(f"--min-accuracy must be an accuracy in [0, 1], got {args.min_accuracy:g}.")
     if args.n_cells < MIN_CELLS:
         raise CommandError(
-            f"--n-cells must be at least {MIN_CELLS} (a smaller section is too sparse to show its tissue), got {args.n_cells}."
+            f"--n-cells must be at least {MIN_CELLS} (a smaller section is too sparse to show its tissue), got "
+            f"{args.n_cells}."
         )
     out = Path(args.out).expanduser()
     try:

@@ -138,9 +138,9 @@ def train(
         ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X`` or ``X`` (see :func:`spatialcx.pp.normalization_status`);
         verified log1p(10k) data in ``X`` is used when no counts exist.
     label_key
-        Column of ``reference.obs`` with the cell-type labels. Cells with missing labels are ignored, as are empty labels
-        and missing labels written out as text (``"nan"``, ``"<NA>"``); surrounding whitespace is stripped (as
-        :func:`~spatialcx.pp.combine_references` reads labels).
+        Column of ``reference.obs`` with the cell-type labels. Cells with missing labels are ignored, as are empty
+        labels and missing labels written out as text (``"nan"``, ``"<NA>"``); surrounding whitespace is stripped
+        (as :func:`~spatialcx.pp.combine_references` reads labels).
     genes
         The panel: gene names, or the spatial table / SpatialData (its :func:`~spatialcx.pp.panel_genes`).
         ``None`` uses every gene of the reference. Panel genes are found in the reference exactly, else
