@@ -32,6 +32,7 @@ def test_count_filter_uses_the_unassigned_label_of_the_confidence_filter():
     scx.tl.filter_low_count_types(adata, min_cells=3)
     assert adata.obs["cell_type"].value_counts().to_dict() == {"low confidence": 13, "A": 5}
     assert adata.uns["cell_type"]["removed_types"] == ["C"]
+    assert adata.uns["cell_type"]["n_unassigned"] == 13  # before: 12, the confidence filter's count, stale
     assert adata.uns["cell_type"]["unassigned_label"] == "low confidence"
     # an explicit label still wins, and is recorded
     other = _predicted(["A"] * 5 + ["C"], [0.9] * 6)

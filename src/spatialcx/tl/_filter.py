@@ -242,7 +242,8 @@ def filter_low_confidence(
 
     Returns
     -------
-    The copy when ``copy=True``, else None. ``uns[key]["confidence_threshold"]`` records the threshold; a record of
+    The copy when ``copy=True``, else None. ``uns[key]["confidence_threshold"]`` records the threshold and
+    ``uns[key]["n_unassigned"]`` the number of cells that became ``unassigned_label``; a record of
     :func:`filter_low_count_types` is dropped, as the types it removed are restored. When the table
     has ``{key}_ontology_term_id`` (as :func:`~spatialcx.tl.annotate` writes it), filtered cells get ``unknown`` there,
     as the CELLxGENE schema asks of cells without a cell type; the others get the id of their label (from the per-class
@@ -337,9 +338,10 @@ def filter_low_count_types(
 
     Returns
     -------
-    The copy when ``copy=True``, else None. ``uns[key]["removed_types"]`` lists the removed types, those of earlier
-    calls included (filtering again is idempotent), ``uns[key]["min_cells_per_type"]`` the largest ``min_cells``
-    still in effect, and ``uns[key]["unassigned_label"]`` the label their cells got. Cells of removed types get
+    The copy when ``copy=True``, else None. ``uns[key]["n_unassigned"]`` counts the cells labelled
+    ``unassigned_label`` (those of the confidence filter included). ``uns[key]["removed_types"]`` lists the removed
+    types, those of earlier calls included (filtering again is idempotent), ``uns[key]["min_cells_per_type"]`` the
+    largest ``min_cells`` still in effect, and ``uns[key]["unassigned_label"]`` the label their cells got. Cells of removed types get
     ``unknown`` in ``{key}_ontology_term_id`` when the table has that column; missing labels stay missing and do not
     count as a type. :func:`filter_low_confidence` starts again from the unfiltered labels: it restores the removed
     types and drops this record.
@@ -381,6 +383,7 @@ def filter_low_count_types(
             COUNT_FILTER_KEYS[0]: effective,
             COUNT_FILTER_KEYS[1]: sorted({*rare, *earlier}),
             "unassigned_label": unassigned_label,
+            "n_unassigned": int((labels == unassigned_label).sum()),  # the low-confidence cells and the rare types'
         }
     )
     adata.uns[key] = params
