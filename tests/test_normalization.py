@@ -551,7 +551,13 @@ def test_never_overwrites_other_counts_layer(counts):
     ("transform", "state", "hint"),
     [
         (lambda c: log1p_norm(c, 1e4, log=False), "linear", "sum to a median of 10,000), sc.pp.normalize_total"),
-        (lambda c: log1p_norm(c, 100), "log1p_other", "median of 100"),
+        # cells normalized to different totals (around 100): no constant to rescale by (one total per cell is
+        # rescaled exactly, see test_log1p_of_scanpys_default_normalize_total_is_rescaled_exactly)
+        (
+            lambda c: np.log1p(np.expm1(log1p_norm(c, 100)) * (0.5 + (np.arange(len(c)) % 11)[:, None] / 10)),
+            "log1p_other",
+            "X looks like log1p of data normalized to a median of 100 counts per cell",
+        ),
         (lambda c: log1p_norm(c, 1e4) - 1, "negative", "negative"),
     ],
 )
@@ -813,3 +819,46 @@ def test_ensure_normalized_never_overwrites_other_counts_in_x_subset_of_raw(coun
         scx.pp.ensure_normalized(a)
     assert "adata.raw = None" in str(e.value)
     assert "counts" not in a.layers
+
+
+def test_log1p_of_scanpys_default_normalize_total_is_rescaled_exactly():
+    """sc.pp.normalize_total without target_sum scales every cell to the median total (here a few hundred), then
+    sc.pp.log1p: without the counts, this was refused as "log1p_other"; every cell has the same total, so it is
+    rescaled exactly to log1p(10k). A gene subset of it (no constant totals) is still refused."""
+    counts = sparse.csr_matrix(make_counts(seed=3).astype(np.float32))
+    want = ad.AnnData(counts.copy())
+    sc.pp.normalize_total(want, target_sum=1e4)
+    sc.pp.log1p(want)
+    adata = ad.AnnData(counts.copy())
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    status = scx.pp.normalization_status(adata)
+    assert status.x_state == "log1p_other" and not status.is_usable
+    assert "ensure_normalized rescales it exactly" in status.stats["checked"]["X"]["reason"]
+    with pytest.raises(ValueError, match=r"X is log1p of counts normalized to [\d,.]+ per cell .*rescales it exactly"):
+        scx.tl.predict(adata, _tiny_model(adata.var_names))
+    scx.pp.ensure_normalized(adata)  # before: ValueError "No usable expression matrix"
+    np.testing.assert_allclose(adata.X.toarray(), want.X.toarray(), rtol=1e-5, atol=1e-5)
+    assert scx.pp.normalization_status(adata).x_state == "log1p_10k"
+    # scanpy's layout: the log1p data frozen in raw, X scaled
+    frozen = ad.AnnData(counts.copy())
+    sc.pp.normalize_total(frozen)
+    sc.pp.log1p(frozen)
+    frozen.raw = frozen
+    sc.pp.scale(frozen)
+    scx.pp.ensure_normalized(frozen)
+    np.testing.assert_allclose(np.asarray(frozen.X.todense()), want.X.toarray(), rtol=1e-5, atol=1e-5)
+    subset = ad.AnnData(counts.copy())
+    sc.pp.normalize_total(subset)
+    sc.pp.log1p(subset)
+    subset = subset[:, :40].copy()  # highly variable genes, say: the totals are no longer constant
+    with pytest.raises(ValueError, match="No usable expression matrix"):
+        scx.pp.ensure_normalized(subset)
+
+
+def _tiny_model(genes):
+    from spatialcx.model._model import CellTypeModel
+
+    genes = [str(g) for g in genes]
+    k = len(genes)
+    return CellTypeModel(genes, ["a", "b"], np.zeros((2, k)), [0.0, 0.0], np.zeros(k), np.ones(k))

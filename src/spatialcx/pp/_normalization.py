@@ -49,7 +49,9 @@ its genes (recorded in ``uns["spatialcx_reference"]``; ``_x_log1p_in_file`` chec
 
 ``"log1p_cpm"`` data (in ``X`` or ``raw.X``) is not usable as it is, but :func:`ensure_normalized` rescales it exactly:
 ``log1p(expm1(x) * 1e4 / 1e6)`` is the log1p of the same counts normalized to 10,000 per cell (a constant factor on
-the ``expm1`` scale, so a gene subset keeps its cells' relative totals); the check's ``reason`` says so.
+the ``expm1`` scale, so a gene subset keeps its cells' relative totals); the check's ``reason`` says so. So is
+``"log1p_other"`` data whose ``expm1`` row sums are one number in every sampled cell (``sc.pp.normalize_total``
+without ``target_sum`` scales every cell to the median total, e.g. 2,481.5): ``log1p(expm1(x) * 1e4 / 2481.5)``.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ INTEGER_RTOL = 1e-6
 INTEGER_FRACTION = 0.95
 #: Counts per cell of CPM data.
 CPM = 1e6
+#: Largest ``(q90 - q10) / median`` of the ``expm1`` row sums of log1p data normalized to one total per cell (float32
+#: rounding leaves about 1e-6): such data, whatever the total, is rescaled exactly by :func:`ensure_normalized`.
+CONSTANT_SUM_SPREAD = 1e-3
 #: Median expm1 row sums of log1p data normalized to 10,000 counts per cell.
 LOG1P_10K_RANGE: tuple[float, float] = (8e3, 1.2e4)
 #: Median expm1 row sums of log1p data normalized to a million counts per cell (CPM).
@@ -439,7 +444,7 @@ def _inspect(adata: AnnData, random_state: int) -> tuple[NormalizationStatus, di
         # what ensure_normalized converts (see there): X, else raw.X
         for where in ("X", "raw.X"):
             nominal = _log1p_nominal_target(checked.get(where, {}))
-            if nominal == CPM:
+            if nominal is not None and nominal != TARGET_SUM:
                 checked[where]["reason"] += "; scx.pp.ensure_normalized rescales it exactly to log1p(10k)"
             if nominal is not None:
                 break
@@ -547,10 +552,26 @@ def _raw_log1p_at(status: NormalizationStatus, target_sum: float = TARGET_SUM) -
 
 
 def _log1p_nominal_target(result: dict[str, Any]) -> float | None:
-    """``1e4`` or ``1e6`` when a classified matrix is log1p of counts normalized to 10,000 or to a million per cell."""
+    """The counts per cell that a classified matrix of log1p data was normalized to, when it can be rescaled exactly.
+
+    ``1e4`` or ``1e6`` (within 20 %, as :func:`_log1p_normalized_to`); otherwise the common ``expm1`` row sum when
+    every sampled cell has the same one (within ``CONSTANT_SUM_SPREAD``): ``sc.pp.normalize_total`` without
+    ``target_sum`` scales every cell to the median of the totals, a number of no meaning of its own. A gene subset
+    (highly variable genes) has no constant row sums and gets ``None``, as do counts that were never normalized.
+    """
     for nominal in (TARGET_SUM, CPM):
         if _log1p_normalized_to(result, nominal):
             return nominal
+    median, spread = result.get("expm1_row_sum_median"), result.get("expm1_row_sum_spread")
+    if (
+        str(result.get("state", "")).startswith("log1p")
+        and median is not None
+        and median > 0
+        and spread is not None
+        and spread <= CONSTANT_SUM_SPREAD  # (NaN, a single cell, is not)
+        and not result.get("expm1_integer_fraction", 0.0) > INTEGER_FRACTION
+    ):
+        return float(median)
     return None
 
 
@@ -633,7 +654,11 @@ def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET
             "(X = log1p(expm1(X) / 100)), or provide the counts. "
         ),
         "log1p_other": (
-            "X looks like log1p of data normalized to a median of "
+            f"X is log1p of counts normalized to {x_nominal:,.1f} per cell (sc.pp.normalize_total without target_sum "
+            "scales every cell to the median total): scx.pp.ensure_normalized(adata) rescales it exactly to "
+            "log1p(10k), or provide the counts. "
+            if (x_nominal := _log1p_nominal_target(x)) is not None
+            else "X looks like log1p of data normalized to a median of "
             f"{status.x_target_sum or float('nan'):,.0f} counts per cell (or of unnormalized counts, in which case "
             "np.rint(np.expm1(X)) gives the counts back, or of a gene subset of log1p(10k) data, e.g. highly "
             "variable genes, whose row sums are smaller: give the counts, or X before it was subset). "
@@ -648,10 +673,12 @@ def _unusable_message(status: NormalizationStatus, *, target_sum: float = TARGET
         if base is not None
         else ""
     )
+    raw_nominal = _log1p_nominal_target(checked.get("raw.X", {}))
     raw_hint = (
-        "raw.X holds log1p of CPM: scx.pp.ensure_normalized(adata) sets X to it, rescaled exactly to log1p(10k), for "
-        "X's genes. "
-        if _log1p_nominal_target(checked.get("raw.X", {})) == CPM and status.x_state != "log1p_cpm"
+        "raw.X holds log1p of "
+        + ("CPM" if raw_nominal == CPM else f"counts normalized to {raw_nominal:,.1f} per cell")
+        + ": scx.pp.ensure_normalized(adata) sets X to it, rescaled exactly to log1p(10k), for X's genes. "
+        if raw_nominal is not None and raw_nominal != TARGET_SUM and _log1p_nominal_target(x) is None
         else ""
     )
     return (
@@ -884,8 +911,9 @@ def ensure_normalized(
       :func:`spatialcx.io.read_reference`: ``X`` is left as it is.
     - no raw counts, ``X`` not such data but ``raw.X`` is (scanpy's layout: log1p data frozen in ``raw``, then ``X``
       scaled or subset to highly variable genes): ``X`` becomes ``raw.X`` for ``X``'s genes.
-    - no raw counts, ``X`` log1p of counts normalized to 10,000 or to 1,000,000 (CPM) per cell, but not to
-      ``target_sum``: ``X`` becomes ``log1p(expm1(X) * target_sum / 1e4)`` (or ``/ 1e6``), exactly the log1p of the
+    - no raw counts, ``X`` log1p of counts normalized to 10,000 or to 1,000,000 (CPM) per cell, or to any one total
+      per cell (``sc.pp.normalize_total`` without ``target_sum``: the median total), but not to ``target_sum``: ``X``
+      becomes ``log1p(expm1(X) * target_sum / 1e4)`` (or ``/ 1e6``, or ``/`` that total), exactly the log1p of the
       counts normalized to ``target_sum`` (sparse stays sparse, dask stays lazy). The same from ``raw.X`` (for ``X``'s
       genes) when ``X`` is neither.
     - otherwise: a ValueError saying what was found and how to fix it, or, with ``unsafe_force=True``, ``X`` is
