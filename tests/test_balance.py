@@ -432,9 +432,9 @@ def test_subsample_balanced_on_read_lazy_reads_the_drawn_cells_from_disk(tmp_pat
     path = tmp_path / f"r.{fmt}"
     adata.write_h5ad(path) if fmt == "h5ad" else adata.write_zarr(path)
     calls = []
-    real = _reference._read_csr_chunk
+    real = _reference._read_sparse_chunk
     monkeypatch.setattr(
-        _reference, "_read_csr_chunk", lambda s, block_info=None: calls.append(1) or real(s, block_info)
+        _reference, "_read_sparse_chunk", lambda s, block_info=None: calls.append(1) or real(s, block_info)
     )
     kwargs = {"max_cells_per_type": 60, "min_cells_per_type": 5, "source_key": "src", "random_state": 4}
     lazy = scx.pp.subsample_balanced(ad.experimental.read_lazy(path), "ct", **kwargs)

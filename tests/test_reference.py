@@ -378,14 +378,14 @@ def _integer_reference_file(tmp_path, fmt: str, layout) -> tuple[ad.AnnData, Pat
 def _count_chunk_reads(monkeypatch, axis: int) -> list[int]:
     """The rows (``axis=0``) or genes (``axis=1``) of every chunk the lazy reader reads, in order, as it reads them."""
     seen: list[int] = []
-    real = _reference._read_csr_chunk
+    real = _reference._read_sparse_chunk
 
     def counting(source, block_info=None):
         out = real(source, block_info)
         seen.append(out.shape[axis])
         return out
 
-    monkeypatch.setattr(_reference, "_read_csr_chunk", counting)
+    monkeypatch.setattr(_reference, "_read_sparse_chunk", counting)
     return seen
 
 

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import DEFAULT_EXCLUDE_LABELS, READ_UNS_KEY, label_list
-from .._matrix import STORED_CSC, _lazy_csc_origin, _stored_csc, _StoredCSC
+from .._matrix import STORED_CSC, _axis_positions, _lazy_csc_origin, _stored_csc, _StoredCSC
 from .._settings import logger
 from ._uri import fingerprint, resolve_uri
 
@@ -183,7 +183,7 @@ def _matrix_reader(matrix: Any) -> Callable[[np.ndarray, np.ndarray], sp.csr_mat
     if isinstance(matrix, CSRDataset | CSCDataset):
         fmt = "csr" if isinstance(matrix, CSRDataset) else "csc"
         return _DiskCompressed(matrix.group, fmt, tuple(matrix.shape)).read
-    source = _csr_source(matrix)
+    source = _sparse_source(matrix)
     if source is not None:  # a lazy array over an on-disk CSR matrix: read the file directly
         return source.read
     stored = _stored_csc(matrix)
@@ -216,8 +216,8 @@ def _is_disk_array(obj: Any) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 # Lazy (dask) arrays over on-disk CSR matrices: rows and genes chosen before anything is read
 # --------------------------------------------------------------------------------------------------------------------
-#: Lazy arrays made by :meth:`_CSRSource.to_dask`, by dask name, so that readers can go to the file directly.
-_DASK_SOURCES: weakref.WeakValueDictionary[str, _CSRSource] = weakref.WeakValueDictionary()
+#: Lazy arrays made by :meth:`_SparseSource.to_dask`, by dask name, so that readers can go to the file directly.
+_DASK_SOURCES: weakref.WeakValueDictionary[str, _SparseSource] = weakref.WeakValueDictionary()
 #: Stored values per chunk of those arrays (about; anndata's lazy reader holds 1,000 rows of any width) ...
 CHUNK_ELEMS = 2_000_000
 #: ... with at least this many rows ...
@@ -227,7 +227,7 @@ MAX_CHUNK_ROWS = 50_000
 
 
 @dataclass(eq=False)
-class _CSRSource:
+class _SparseSource:
     """Rows ``rows`` x columns ``cols`` (on-disk positions; ``None``: all) of a CSR or CSC matrix in a file.
 
     ``store`` is the path of an HDF5 file or zarr folder (opened anew by every task, so any dask scheduler works,
@@ -251,11 +251,11 @@ class _CSRSource:
             self.shape[1] if self.cols is None else len(self.cols),
         )
 
-    def subset(self, rows: np.ndarray | None, cols: np.ndarray | None) -> _CSRSource:
+    def subset(self, rows: np.ndarray | None, cols: np.ndarray | None) -> _SparseSource:
         """Rows ``rows`` (sorted, no repeats) x columns ``cols`` (any order, no repeats) of this source."""
         new_rows = self.rows if rows is None else (rows if self.rows is None else self.rows[rows])
         new_cols = self.cols if cols is None else (cols if self.cols is None else self.cols[cols])
-        return _CSRSource(self.store, self.elem, self.shape, self.dtype, self.nnz, new_rows, new_cols, self.fmt)
+        return _SparseSource(self.store, self.elem, self.shape, self.dtype, self.nnz, new_rows, new_cols, self.fmt)
 
     def read(self, rows: np.ndarray, cols: np.ndarray | None = None, dtype: Any = np.float32) -> sp.csr_matrix:
         """Rows ``rows`` (positions in this source, sorted) x ``cols`` (positions, any order; ``None``: all)."""
@@ -305,7 +305,7 @@ class _CSRSource:
         token = tokenize(str(self.store), self.elem, self.rows, self.cols, self.dtype)
         meta = (sp.csc_matrix if self.fmt == "csc" else sp.csr_matrix)((0, 0), dtype=self.dtype)
         out = da.map_blocks(
-            _read_csr_chunk, self, name=f"spatialcx-{self.fmt}-{token}", dtype=self.dtype, chunks=chunks, meta=meta
+            _read_sparse_chunk, self, name=f"spatialcx-{self.fmt}-{token}", dtype=self.dtype, chunks=chunks, meta=meta
         )
         _DASK_SOURCES[out.name] = self
         if self.fmt == "csc":  # blocks of rows are read from the file by spatialcx._matrix
@@ -314,18 +314,18 @@ class _CSRSource:
         return out
 
 
-def _read_csr_chunk(source: _CSRSource, block_info: Mapping[Any, Any] | None = None) -> sp.csr_matrix:
-    """One chunk of :meth:`_CSRSource.to_dask` (in the file's dtype)."""
+def _read_sparse_chunk(source: _SparseSource, block_info: Mapping[Any, Any] | None = None) -> sp.csr_matrix:
+    """One chunk of :meth:`_SparseSource.to_dask` (in the file's dtype)."""
     (start, stop), (c0, c1) = block_info[None]["array-location"]
     if source.fmt == "csc":
         return sp.csc_matrix(source.read(np.arange(start, stop), np.arange(c0, c1), dtype=source.dtype))
     return source.read(np.arange(start, stop), None, dtype=source.dtype)
 
 
-def _csr_source(matrix: Any) -> _CSRSource | None:
+def _sparse_source(matrix: Any) -> _SparseSource | None:
     """Where a dask array reads from, when it is a whole on-disk CSR or CSC matrix as it was opened, else ``None``.
 
-    Knows the arrays made by :meth:`_CSRSource.to_dask` and those of :func:`anndata.experimental.read_lazy` (one
+    Knows the arrays made by :meth:`_SparseSource.to_dask` and those of :func:`anndata.experimental.read_lazy` (one
     task per block of rows read from the file's CSR group, or per block of columns of a CSC group); anything computed
     from them is not recognised, and is read through dask as it is.
     """
@@ -343,8 +343,8 @@ def _csr_source(matrix: Any) -> _CSRSource | None:
             with csc.group() as group:
                 nnz = int(group["data"].shape[0])
             if isinstance(csc.where, str | os.PathLike):
-                return _CSRSource(os.fspath(csc.where), csc.elem, csc.shape, np.dtype(matrix.dtype), nnz, fmt="csc")
-            return _CSRSource(csc.where.group, "", csc.shape, np.dtype(matrix.dtype), nnz, fmt="csc")
+                return _SparseSource(os.fspath(csc.where), csc.elem, csc.shape, np.dtype(matrix.dtype), nnz, fmt="csc")
+            return _SparseSource(csc.where.group, "", csc.shape, np.dtype(matrix.dtype), nnz, fmt="csc")
         layers = matrix.dask.layers
         if len(layers) != 1 or len(matrix.chunks[1]) != 1:
             return None
@@ -365,30 +365,28 @@ def _csr_source(matrix: Any) -> _CSRSource | None:
                 dtype, nnz = group["data"].dtype, int(group["data"].shape[0])
             if shape != tuple(matrix.shape) or dtype != matrix.dtype:
                 return None
-            return _CSRSource(os.fspath(where), str(elem), shape, np.dtype(dtype), nnz)
+            return _SparseSource(os.fspath(where), str(elem), shape, np.dtype(dtype), nnz)
         else:
             return None
         shape = tuple(int(s) for s in where.shape)
         if shape != tuple(matrix.shape) or group["data"].dtype != matrix.dtype:
             return None
-        return _CSRSource(group, "", shape, np.dtype(group["data"].dtype), int(group["data"].shape[0]))
+        return _SparseSource(group, "", shape, np.dtype(group["data"].dtype), int(group["data"].shape[0]))
     except Exception as e:  # noqa: BLE001 - dask or anndata internals changed: read through dask instead
         logger.debug("Not reading %s straight from disk: %s", name, e)
         return None
 
 
 def _positions(index: Any, n: int) -> np.ndarray | None:
-    """Positions selected by ``index`` (slice, integers, booleans) of an axis of length ``n``; ``None``: all."""
-    if index is None or (isinstance(index, slice) and index == slice(None)):
+    """Positions selected by ``index`` (slice, integers, booleans) of an axis of length ``n``; ``None``: all.
+
+    A TypeError for anything else (names, say), which :func:`lazy_subset` leaves to anndata.
+    """
+    if index is None:
         return None
-    if isinstance(index, slice):
-        return np.arange(n)[index]
-    arr = np.asarray(index)
-    if arr.dtype == bool:
-        return np.flatnonzero(arr)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"positions expected, got {arr.dtype}")
-    return np.where(arr < 0, arr + n, arr).astype(np.int64)
+    if not isinstance(index, slice) and (kind := np.asarray(index).dtype.kind) not in "iub":
+        raise TypeError(f"positions expected, got values of kind {kind!r}")
+    return _axis_positions(index, n)
 
 
 def lazy_subset(adata: AnnData, rows: Any = None, cols: Any = None) -> AnnData:
@@ -415,7 +413,7 @@ def lazy_subset(adata: AnnData, rows: Any = None, cols: Any = None) -> AnnData:
     arrays = {"X": adata.X, **{("layers", k): v for k, v in adata.layers.items()}}
     fast = {}
     for key, arr in arrays.items():
-        source = _csr_source(arr)
+        source = _sparse_source(arr)
         if source is not None:
             fast[key] = source.subset(r, c).to_dask()
     if not fast:
