@@ -805,9 +805,8 @@ def draw_cells(
                 shown,
             )
             kind = "points"
-        lw = 0.0
-        if edgecolor is not None and kind != "points":
-            lw = _edge_width(linewidth, geom.typical_size() * _points_per_data_unit(ax))
+        edged = edgecolor is not None  # shapes are drawn as shapes only when wide enough to outline (see above)
+        lw = _edge_width(linewidth, geom.typical_size() * _points_per_data_unit(ax)) if edged else 0.0
         if kind == "circles":
             coll = EllipseCollection(
                 geom.widths[items],
@@ -833,7 +832,7 @@ def draw_cells(
                 size = float(point_size)
             # points too narrow to be outlined keep their colour only (an edge, or a ring around groups of them in
             # the image, would cover their colours)
-            edged = edgecolor is not None and np.sqrt(size) >= MIN_OUTLINED_POINTS
+            edged = edged and np.sqrt(size) >= MIN_OUTLINED_POINTS
             if items.size > MAX_SCATTER_POINTS:
                 coll = draw_points_image(
                     ax, geom.centers[items], fc, size=size, edgecolor=edgecolor if edged else None, linewidth=linewidth
@@ -851,8 +850,7 @@ def draw_cells(
                 linewidths=_edge_width(linewidth, np.sqrt(size)) if edged else 0.0,
                 marker="o" if size >= 4 else "s",  # a square is cheaper and looks the same at a few pixels
             )
-            lw = 1.0 if edged else 0.0
-        coll.set_gid("outlined" if edgecolor is not None and lw > 0 else None)
+        coll.set_gid("outlined" if edged else None)
         coll.set_rasterized(rasterized)
         coll.set_label(f"{label} ({geom.source})")
         collections.append(coll)
