@@ -40,6 +40,22 @@ def as_str_array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=object).astype(str)
 
 
+def label_text(values: Any) -> np.ndarray:
+    """Labels (a 1-D array, list, Series or Categorical) as an object array of ``str``, missing values as ``None``.
+
+    Each distinct label is converted once (a table of a million cells has a few dozen). Whole numbers held as floats
+    (``3.0``: a column of cluster ids with a missing value is stored as floats) read ``"3"``, as the class ``3`` a
+    model was trained on, never ``"3.0"``.
+    """
+    import pandas as pd
+
+    if not isinstance(values, pd.Series | pd.Categorical | pd.Index):
+        values = pd.Series(np.asarray(values, dtype=object))
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)  # missing values get -1: the None appended last
+    names = [str(int(u)) if isinstance(u, float | np.floating) and float(u).is_integer() else str(u) for u in uniques]
+    return np.array([*names, None], dtype=object)[codes]
+
+
 def whole_number(value: Any, name: str, *, minimum: int = 0, none_ok: bool = False) -> int:
     """``value`` as an int: a whole number (``5``, ``np.int64(5)``, ``1e4``, a YAML ``10.0``) of at least ``minimum``.
 

@@ -21,6 +21,7 @@ from anndata import AnnData
 from .._constants import DEFAULT_EXCLUDE_LABELS, READ_UNS_KEY, label_list
 from .._matrix import STORED_CSC, _axis_positions, _lazy_csc_origin, _stored_csc, _StoredCSC
 from .._settings import logger
+from .._utils import label_text
 from ._uri import fingerprint, resolve_uri
 
 if TYPE_CHECKING:
@@ -779,9 +780,7 @@ def clean_labels(labels: pd.Series, name: str) -> pd.Series:
     held as floats (``3.0``, a numeric column with missing values) become ``"3"``. Works on the distinct values only,
     so it stays cheap for millions of cells.
     """
-    codes, uniques = pd.factorize(labels.astype(object), use_na_sentinel=True)
-    # whole numbers stored as floats (a numeric column with missing values) read as "3", not "3.0"
-    raw = [str(int(u)) if isinstance(u, float) and u.is_integer() else str(u) for u in uniques]
+    codes, raw = pd.factorize(label_text(labels.astype(object)), use_na_sentinel=True)  # "3", not "3.0"
     stripped = np.array([None if u.strip() in MISSING_AS_TEXT else u.strip() or None for u in raw], dtype=object)
     changed = [(r, c) for r, c in zip(raw, stripped) if r != c]
     if changed:

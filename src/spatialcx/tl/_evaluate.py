@@ -16,7 +16,7 @@ import pandas as pd
 
 from spatialcx._constants import DEFAULT_EXCLUDE_LABELS, KEY_ADDED, label_list, output_keys
 from spatialcx._settings import logger
-from spatialcx._utils import as_str_array
+from spatialcx._utils import as_str_array, label_text
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -35,20 +35,6 @@ METRICS: tuple[str, ...] = (
     "n_unseen",
     "unseen_below",
 )
-
-
-def _whole_numbers_as_int(values: Any) -> np.ndarray:
-    """``values`` as an object array; floats that are all whole numbers become ints.
-
-    Cluster ids stored as floats because of a missing value would read ``"3.0"``, which never equals a prediction
-    ``"3"``.
-    """
-    arr = np.asarray(values.to_numpy() if hasattr(values, "to_numpy") else values)  # (pandas, xarray)
-    if arr.dtype.kind == "f" and arr.ndim == 1:
-        finite = arr[np.isfinite(arr)]
-        if finite.size and (np.abs(finite) < 2**53).all() and np.array_equal(finite, np.round(finite)):
-            return pd.Series(arr).astype("Int64").astype(object).to_numpy()  # missing: pd.NA
-    return np.asarray(arr, dtype=object)
 
 
 def confidence_metrics(
@@ -93,17 +79,17 @@ def confidence_metrics(
         raise TypeError(f"threshold must be a number in [0, 1] (a confidence), got {threshold!r}.")
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
-    arrays = {"truth": _whole_numbers_as_int(truth), "predicted": _whole_numbers_as_int(predicted)}
-    arrays["confidence"] = np.asarray(confidence, dtype=np.float64)
-    for name, values in arrays.items():
-        if values.ndim != 1:
+    conf = np.asarray(confidence, dtype=np.float64)
+    for name, values in (("truth", truth), ("predicted", predicted), ("confidence", conf)):
+        shape = np.shape(values)
+        if len(shape) != 1:
             raise ValueError(
-                f"{name} must hold one value per cell (a 1-D sequence), got an array of shape {values.shape}. "
+                f"{name} must hold one value per cell (a 1-D sequence), got an array of shape {shape}. "
                 "Pass one column: e.g. the confidence `obs['cell_type_confidence']`, not the decision scores."
             )
-    y = pd.Series(arrays["truth"])
-    pred = as_str_array(arrays["predicted"])
-    conf = arrays["confidence"]
+    # labels as text, missing ones None; cluster ids stored as floats ("3.0") read "3", as the predictions do
+    y = pd.Series(label_text(truth))
+    pred = as_str_array(label_text(predicted))
     if not (len(y) == len(pred) == len(conf)):
         raise ValueError(
             f"truth, predicted and confidence must have one value per cell; got {len(y)}, {len(pred)} and {len(conf)}."

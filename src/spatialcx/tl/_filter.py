@@ -19,6 +19,7 @@ from spatialcx._constants import (
 )
 from spatialcx._settings import logger
 from spatialcx._table import obs_column
+from spatialcx._utils import label_text
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -29,13 +30,8 @@ COUNT_FILTER_KEYS = ("min_cells_per_type", "removed_types")
 
 
 def _labels(values: pd.Series) -> np.ndarray:
-    """Labels as an object array of ``str``, missing values kept as ``None`` (never the string ``"nan"``).
-
-    Each distinct label is converted once (a table of a million cells has a few dozen), not each cell.
-    """
-    codes, uniques = pd.factorize(values)  # missing values get the code -1: the ``None`` appended last
-    names = np.array([str(u) for u in uniques] + [None], dtype=object)
-    return names[codes]
+    """Labels as an object array of ``str``, missing values kept as ``None`` (never the string ``"nan"``)."""
+    return label_text(values)
 
 
 def _base_labels(adata: AnnData, key: str, source_key: str | None) -> np.ndarray:
