@@ -411,14 +411,13 @@ def _check_train_kwargs(train_kwargs: Mapping[str, Any] | None, train: Any) -> N
 
     settings = {name: train_kwargs.get(name, parameters[name].default) for name in _FIT_SETTINGS}
     try:
-        method, batch_size, epochs = (settings.pop(name) for name in ("method", "batch_size", "epochs"))
-        _check_fit_params(method, batch_size, epochs, **settings)
+        _check_fit_params(**settings)
         _check_min_genes(train_kwargs.get("min_genes", parameters["min_genes"].default))
     except ValueError as e:
         raise ValueError(f"train_kwargs: {e}") from None
 
 
-#: Options of scx.tl.train checked by ``_check_fit_params`` (the first three by position).
+#: Options of scx.tl.train checked by ``_check_fit_params``.
 _FIT_SETTINGS = ("method", "batch_size", "epochs", "max_iter", "balance_cell_type", "C", "alpha", "n_jobs")
 
 
