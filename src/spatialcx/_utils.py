@@ -40,19 +40,26 @@ def as_str_array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=object).astype(str)
 
 
-def label_text(values: Any) -> np.ndarray:
-    """Labels (a 1-D array, list, Series or Categorical) as an object array of ``str``, missing values as ``None``.
+def label_codes(values: Any) -> tuple[np.ndarray, list[str]]:
+    """``(codes, names)`` of labels (a 1-D array, list, Series or Categorical), ``-1`` coding a missing label.
 
-    Each distinct label is converted once (a table of a million cells has a few dozen). Whole numbers held as floats
+    ``names[codes[i]]`` is cell ``i``'s label as text. Each distinct label is converted once (a table of a million cells has a few dozen). Whole numbers held as floats
     (``3.0``: a column of cluster ids with a missing value is stored as floats) read ``"3"``, as the class ``3`` a
-    model was trained on, never ``"3.0"``.
+    model was trained on, never ``"3.0"``. Two values may read alike (``1`` and ``"1"`` in an object column): both
+    names are kept, as given.
     """
     import pandas as pd
 
     if not isinstance(values, pd.Series | pd.Categorical | pd.Index):
         values = pd.Series(np.asarray(values, dtype=object))
-    codes, uniques = pd.factorize(values, use_na_sentinel=True)  # missing values get -1: the None appended last
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)  # hashed: fast on millions of cells
     names = [str(int(u)) if isinstance(u, float | np.floating) and float(u).is_integer() else str(u) for u in uniques]
+    return codes, names
+
+
+def label_text(values: Any) -> np.ndarray:
+    """Labels as an object array of ``str``, missing values as ``None`` (see :func:`label_codes`)."""
+    codes, names = label_codes(values)
     return np.array([*names, None], dtype=object)[codes]
 
 

@@ -27,7 +27,7 @@ from scipy import sparse
 from .._constants import CONFIDENCE_SUFFIX, ONTOLOGY_ID_SUFFIX, PREDICTED_SUFFIX, UNASSIGNED, UNKNOWN_ONTOLOGY_ID
 from .._settings import logger
 from .._table import obs_column
-from .._utils import progress
+from .._utils import label_codes, progress
 from . import _utils
 
 if TYPE_CHECKING:
@@ -96,13 +96,7 @@ def as_categorical(labels: pd.Series) -> pd.Categorical:
             if natural != list(range(len(names))):
                 cat = cat.reorder_categories(cat.categories[natural])
         return cat
-    if pd.api.types.is_float_dtype(labels.dtype):
-        numbers = labels.to_numpy(dtype=float, na_value=np.nan)
-        numbers = numbers[~np.isnan(numbers)]
-        if (np.abs(numbers) < 2**53).all() and np.array_equal(numbers, np.round(numbers)):
-            labels = labels.astype("Int64")
-    codes, uniques = pd.factorize(labels, use_na_sentinel=True)  # hashed: fast on millions of cells
-    names = [str(u) for u in uniques]
+    codes, names = label_codes(labels)  # whole-number floats (cluster ids with NaN) read "3"
     categories = sorted(set(names), key=natural_key)  # two values may read alike (1 and "1" in an object column)
     position = {name: i for i, name in enumerate(categories)}
     remap = np.array([position[name] for name in names] + [-1], dtype=np.int64)
