@@ -121,6 +121,82 @@ def test_failed_h5ad_write_leaves_the_file(demo_files, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["slide.h5ad"]
 
 
+def _h5ad_with_everything(demo_files, path):
+    """The demo table with log1p X, counts in a layer, raw, var columns, varm and obsp: what a scanpy user has."""
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    adata = ad.read_h5ad(demo_files / "slide.h5ad")
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.raw = adata
+    adata.var["highly_variable"] = np.arange(adata.n_vars) % 2 == 0
+    adata.varm["loadings"] = np.arange(adata.n_vars * 2, dtype=float).reshape(-1, 2)
+    adata.obsp["connectivities"] = sp.eye(adata.n_obs, format="csr")
+    adata.write_h5ad(path)
+    return adata
+
+
+def _h5_datasets(path, group):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        out = {}
+        f[group].visititems(lambda name, obj: out.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None)
+        return out
+
+
+def test_h5ad_is_updated_without_reading_its_matrices(demo_files, tmp_path, monkeypatch, capsys):
+    """classify on an .h5ad reads X in chunks from the file and replaces only obs, obsm and uns in the copy written."""
+    from scipy.sparse import csr_matrix
+
+    src = tmp_path / "slide.h5ad"
+    before = _h5ad_with_everything(demo_files, src)
+    untouched = {g: _h5_datasets(src, g) for g in ("X", "layers", "raw", "var", "varm", "obsp")}
+    read = []
+    real_read = ad.read_h5ad
+    monkeypatch.setattr(ad, "read_h5ad", lambda *a, **k: read.append(k.get("backed")) or real_read(*a, **k))
+
+    assert cli_main(["classify", str(src), "CD19", "CD79A", "--method", "ks"]) == 0
+    assert read == ["r"]  # opened backed: X stays on disk
+    assert "written into" in capsys.readouterr().out
+    for group, datasets in untouched.items():  # byte for byte what the file held
+        after = _h5_datasets(src, group)
+        assert after.keys() == datasets.keys(), group
+        for name, values in datasets.items():
+            np.testing.assert_array_equal(after[name], values, err_msg=f"{group}/{name}")
+    out = real_read(src)
+    assert out.obs["threshold_cluster"].isin([0, 1]).all() and out.obs["threshold_cluster"].sum() > 0
+    assert out.uns["threshold"]["method"] == "ks" and "spatialdata_attrs" in out.uns
+    np.testing.assert_array_equal(out.obsm["spatial"], before.obsm["spatial"])
+    np.testing.assert_array_equal(out.obs["true_cell_type"], before.obs["true_cell_type"])
+    assert isinstance(out.layers["counts"], csr_matrix) and out.raw.n_vars == before.raw.n_vars
+    assert out.var["highly_variable"].tolist() == before.var["highly_variable"].tolist()
+    assert [p.name for p in tmp_path.iterdir()] == ["slide.h5ad"]  # no temporary file left
+
+
+def test_failed_h5ad_update_leaves_the_file(demo_files, tmp_path, monkeypatch, capsys):
+    """A write that fails after the copy (here in uns) leaves the input as it was and no temporary file."""
+    import anndata.io
+
+    src = tmp_path / "slide.h5ad"
+    src.write_bytes((demo_files / "slide.h5ad").read_bytes())
+    before = _digest(src)
+    real_write = anndata.io.write_elem
+
+    def fail_on_uns(group, name, elem, *args, **kwargs):
+        if name == "uns":
+            raise OSError("disk full")
+        return real_write(group, name, elem, *args, **kwargs)
+
+    monkeypatch.setattr(anndata.io, "write_elem", fail_on_uns)
+    assert cli_main(["classify", str(src), "CD19"]) == 1
+    assert "error: disk full" in capsys.readouterr().err
+    assert _digest(src) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["slide.h5ad"]
+
+
 def test_classify_store_with_domains(demo_files, tmp_path, capsys):
     import shutil
 

@@ -66,6 +66,34 @@ def _write_h5ad_atomic(adata: Any, path: Path) -> None:
     write_atomically(path, adata.write_h5ad, suffix=".h5ad")
 
 
+#: What the commands change in a table: the rest of an ``.h5ad`` file (X, layers, raw, var, ...) is copied as it is.
+CHANGED_ELEMENTS = ("obs", "obsm", "uns")
+
+
+def _update_h5ad_atomic(adata: Any, source: Path, path: Path) -> None:
+    """Write the backed ``adata`` read from ``source`` to ``path``, crash-safely, without reading its matrices.
+
+    The file is copied byte for byte to a temporary file beside ``path``, its :data:`CHANGED_ELEMENTS` are replaced by
+    ``adata``'s, and the copy is renamed over ``path``: readers see the old file or the whole new one, and the
+    matrices (X, layers, raw) are never read into memory (a million-cell file is annotated in the memory of its obs).
+    """
+    import h5py
+    from anndata.io import write_elem
+
+    from spatialcx._utils import write_atomically
+
+    adata.strings_to_categoricals()  # as AnnData.write_h5ad does (obs only: var is not written)
+
+    def write(tmp: Path) -> None:
+        shutil.copyfile(source, tmp)
+        adata.file.close()  # nothing reads the matrices any more; an open file could not be replaced on Windows
+        with h5py.File(tmp, "r+") as f:
+            for name in CHANGED_ELEMENTS:
+                write_elem(f, name, adata.obs if name == "obs" else dict(getattr(adata, name)))
+
+    write_atomically(path, write, suffix=".h5ad")
+
+
 def _local_path(spec: str) -> Path | None:
     """The local file a path or ``file://`` URI names (``None`` for a remote URI), read as ``resolve_uri`` does."""
     if spec.startswith(("file://", "local://")):
@@ -113,7 +141,8 @@ def _open_data(
     """Open a SpatialData zarr store or an ``.h5ad`` file; return it and a function that saves the result.
 
     A SpatialData store is annotated in place (the functions persist their keys crash-safely); an ``.h5ad`` file is
-    rewritten atomically, in place or to ``out``. ``out`` never replaces one of ``inputs`` (e.g. the references),
+    read backed (X stays on disk) and written atomically, in place or to ``out``, with only its obs, obsm and uns
+    replaced. ``out`` never replaces one of ``inputs`` (e.g. the references),
     nor an existing file unless ``overwrite``.
     """
     path = Path(path_str).expanduser()
@@ -129,8 +158,12 @@ def _open_data(
             _check_out(out, data=path, inputs=inputs, overwrite=overwrite)
         import anndata as ad
 
-        try:
-            adata = ad.read_h5ad(path)
+        try:  # X (and raw.X) stay on disk: the functions read them in chunks, and save() copies them unread
+            import h5py
+
+            with h5py.File(path, "r") as f:  # a file of anndata < 0.7 has no encoding: it is rewritten whole
+                current = "encoding-type" in f.attrs
+            adata = ad.read_h5ad(path, backed="r" if current else None)
         except Exception as e:
             reason = _not_h5ad_reason(path)
             if reason is not None:
@@ -149,7 +182,10 @@ def _open_data(
             raise CommandError(f"{e}{hint}") from e
 
         def save() -> str:
-            _write_h5ad_atomic(adata, target)
+            if adata.isbacked:
+                _update_h5ad_atomic(adata, path, target)
+            else:
+                _write_h5ad_atomic(adata, target)
             return str(target)
 
         return adata, save
@@ -522,7 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
 
-    data_help = "SpatialData zarr store (annotated in place, crash-safely) or .h5ad file (rewritten atomically)"
+    data_help = (
+        "SpatialData zarr store (annotated in place, crash-safely) or .h5ad file (its obs, obsm and uns replaced "
+        "atomically)"
+    )
     out_help = (
         "for .h5ad input: write the result here instead of replacing the input (an existing file only with --overwrite)"
     )
