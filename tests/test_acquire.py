@@ -142,6 +142,21 @@ def test_predefined_dataset_download_and_reuse(tmp_path, fake_census):
     assert len(fake_census["download"]) == 2
 
 
+def test_forced_acquisition_through_a_symlink_replaces_the_linked_file(tmp_path, fake_census):
+    """An output that is a link to a file on another disk stays a link; the file it points to is replaced."""
+    big_disk = tmp_path / "big"
+    big_disk.mkdir()
+    (big_disk / "lung.h5ad").write_bytes(b"old")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    link = refs / "lung.h5ad"
+    link.symlink_to(big_disk / "lung.h5ad")
+    scx.io.acquire_reference("cellxgene://human_lung_cell_atlas", link, force=True)
+    assert link.is_symlink() and link.resolve() == (big_disk / "lung.h5ad").resolve()
+    assert ad.read_h5ad(link).n_obs == 372
+    assert sorted(p.name for p in refs.iterdir()) == ["lung.h5ad"] and sorted(os.listdir(big_disk)) == ["lung.h5ad"]
+
+
 def test_predefined_dataset_with_max_cells(tmp_path, fake_census):
     out = scx.io.acquire_reference("cellxgene://lung_covid", tmp_path / "covid.h5ad", max_cells=100)
     adata = ad.read_h5ad(out)

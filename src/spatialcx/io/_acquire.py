@@ -199,6 +199,8 @@ def _store(local: Path, target: str, storage_options: dict[str, Any] | None) -> 
             raise remote_error(target, "Uploading the reference to", e) from e
         return
     dest = _local_target(target)
+    if dest.is_symlink():  # a link to a file elsewhere (a larger disk, say) keeps pointing there, to the new file
+        dest = Path(os.path.realpath(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
     if local.parent == dest.parent or local.parent.parent == dest.parent:
         os.replace(local, dest)  # same folder tree, same filesystem: atomic
