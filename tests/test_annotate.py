@@ -463,7 +463,8 @@ def test_bad_argument_types_fail_before_the_references_are_read(tmp_path):
     missing = tmp_path / "not_read.h5ad"
     for kwargs, error, match in (
         ({"confidence_threshold": "0.5"}, TypeError, "confidence_threshold must be a number in"),
-        ({"random_state": None}, TypeError, "random_state must be an integer seed"),
+        ({"random_state": None}, TypeError, "random_state must be a non-negative integer seed"),
+        ({"random_state": -1}, ValueError, "random_state must be a non-negative integer seed"),
         ({"tissue": None}, TypeError, "tissue must be a string"),
         ({"train_kwargs": {"genes": ["A"]}}, ValueError, r"train_kwargs sets \['genes'\], which annotate sets"),
         ({"train_kwargs": {"c": 0.5}}, ValueError, r"train_kwargs names \['c'\], which are not options"),

@@ -264,6 +264,9 @@ def test_classify_h5ad_with_plot(demo_files, tmp_path, capsys):
         (["classify", "{no_table}", "CD19"], 2, r"holds no table of cells \(its elements: \['cells', 'image'\]\)"),
         (["annotate", "{h5ad}", "-r", "{tmp}/nope.h5ad::cell_type"], 2, r"reference \S+nope.h5ad does not exist"),
         (["annotate", "{h5ad}", "-r", "{ref}::cell_type", "--out", "{tmp}"], 2, r"is a folder; --out is the .h5ad"),
+        # settings named by the option given, checked before the references are read
+        (["annotate", "{h5ad}", "-r", "{ref}::cell_type", "--confidence-threshold", "1.5"], 2, "--threshold must be"),
+        (["annotate", "{h5ad}", "-r", "{ref}::cell_type", "--seed", "-3"], 2, "--seed must be a non-negative integer"),
     ],
 )
 def test_errors_are_one_line_and_write_nothing(demo_files, tmp_path, capsys, argv, code, message):
@@ -476,7 +479,11 @@ def test_annotate_config_with_named_references(demo_files, tmp_path, capsys):
     [
         (None, [], "no reference: give one or more -r"),
         ("references: [ref.h5ad]\nlabel_keys: cell_type\nthreshhold: 0.5\n", [], r"Unknown AnnotationConfig keys"),
-        ("references: [ref.h5ad]\nlabel_keys: cell_type\n", ["--threshold", "2"], r"confidence_threshold must be"),
+        (
+            "references: [ref.h5ad]\nlabel_keys: cell_type\n",
+            ["--threshold", "2"],
+            r"--threshold must be a number in \[0, 1\], got 2\.0",
+        ),
         ("references: ref.h5ad\n", [], r"AnnotationConfig needs \['label_keys'\]"),
         (
             "references: [ref.h5ad\nlabel_keys: cell_type\n",

@@ -115,6 +115,7 @@ HEAD = "references: [a.h5ad]\nlabel_keys: x\n"
         ("confidence: best", ValueError, r"confidence must be one of \[.*'calibrated'"),
         ("random_state: seven", TypeError, "random_state must be an integer seed, got 'seven'"),
         ("random_state: 1.5", TypeError, "random_state must be an integer seed"),
+        ("random_state: -2", ValueError, "random_state must be a non-negative integer seed, got -2"),
         ("plots: 'no'", TypeError, "plots must be true or false, got 'no'"),
         ("add_ontology: 0", TypeError, "add_ontology must be true or false, got 0"),
         ("tissue: 5", TypeError, "tissue must be a string, got 5"),

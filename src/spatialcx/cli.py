@@ -428,8 +428,13 @@ def _annotation_config(args: argparse.Namespace) -> Any:
     try:
         return AnnotationConfig(**values)
     except (TypeError, ValueError) as e:
+        message = str(e)
+        for dest, field in _CONFIG_OPTIONS.items():  # a value given as an option is named as the option
+            if getattr(args, dest) is not None and message.startswith(f"{field} "):
+                message = f"--{dest.replace('_', '-')}{message[len(field) :]}"
+                break
         where = f" (with --config {args.config})" if args.config is not None else ""
-        raise CommandError(f"{e}{where}") from e
+        raise CommandError(f"{message}{where}") from e
 
 
 def _cmd_annotate(args: argparse.Namespace) -> int:

@@ -257,10 +257,10 @@ def annotate(
     for name, cap in (("max_cells_per_type", max_cells_per_type), ("max_cells_per_ref", max_cells_per_ref)):
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, Integral) or cap < 1):
             raise ValueError(f"{name} must be a positive integer (or None: no cap), got {cap!r}.")
-    if isinstance(random_state, bool) or not isinstance(random_state, Integral):
-        raise TypeError(
-            f"random_state must be an integer seed (e.g. 0), got {random_state!r}: annotate is reproducible, so every "
-            "draw and the training are seeded."
+    if isinstance(random_state, bool) or not isinstance(random_state, Integral) or random_state < 0:
+        raise (ValueError if isinstance(random_state, Integral) else TypeError)(
+            f"random_state must be a non-negative integer seed (e.g. 0), got {random_state!r}: annotate is "
+            "reproducible, so every draw and the training are seeded."
         )
     if not isinstance(tissue, str):
         raise TypeError(f"tissue must be a string naming the tissue of the sample (e.g. 'lung'), got {tissue!r}.")

@@ -186,6 +186,8 @@ class AnnotationConfig:
                 raise TypeError(f"{name} must be true or false, got {_shown(getattr(self, name))}.")
         if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
             raise TypeError(f"random_state must be an integer seed, got {_shown(self.random_state)}.")
+        if self.random_state < 0:  # numpy seeds are non-negative
+            raise ValueError(f"random_state must be a non-negative integer seed, got {_shown(self.random_state)}.")
         self.random_state = int(self.random_state)
         if isinstance(self.target_proportions, os.PathLike):
             self.target_proportions = os.fspath(self.target_proportions)
