@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -715,3 +716,81 @@ def test_file_without_any_label_is_reported(tmp_path, caplog):
         scx.io.add_10x_cell_types(adata, tmp_path / "groups.csv")
     assert "none of the 2 matched cells has a label in groups.csv (columns ['group'] are empty)" in caplog.text
     assert adata.obs[["10x_fine", "10x_ontology_term_id"]].isna().all().all()
+
+
+def test_suffix_is_only_stripped_where_ids_did_not_pair_as_they_are(tmp_path, monkeypatch):
+    # ignoring the suffix loops over ids in Python (seconds at a million cells): only ids that need it go through it
+    from spatialcx.io import _tenx
+
+    stripped: list[int] = []
+    strip = _tenx._strip_suffix
+    monkeypatch.setattr(_tenx, "_strip_suffix", lambda ids: stripped.append(len(ids)) or strip(ids))
+    # a Xenium Explorer export of some of the table's cells: every file cell pairs as it is, nothing to strip
+    (tmp_path / "groups.csv").write_text("cell_id,group\naaabckmo-1,T cell\naaabhbfn-1,B cell\n")
+    adata = ad.AnnData(obs=pd.DataFrame({"cell_id": ["aaabckmo-1", "aaabhbfn-1", "aaabmaca-1"]}, index=["0", "1", "2"]))
+    scx.io.add_10x_cell_types(adata, tmp_path / "groups.csv", add_ontology=False)
+    assert adata.uns["10x"]["id_source"] == "obs['cell_id']" and stripped == []
+    # ids of which some lack the suffix: the file's ids, then only the table ids that did not pair as they are
+    (tmp_path / "mixed.csv").write_text("cell_id,group\na-1,T cell\nb-1,B cell\nc-1,B cell\nz-1,T cell\n")
+    adata = ad.AnnData(obs=pd.DataFrame({"cell_id": ["a-1", "b-1", "c", "q-1"]}, index=["0", "1", "2", "3"]))
+    scx.io.add_10x_cell_types(adata, tmp_path / "mixed.csv", add_ontology=False)
+    assert adata.uns["10x"]["id_source"] == "obs['cell_id'] (suffix ignored)"
+    assert adata.obs["10x_fine"].astype(object).tolist()[:3] == ["T cell", "B cell", "B cell"]
+    assert stripped == [4, 2, 4]  # file ids; 'c' and 'q-1' of obs['cell_id']; obs_names (none paired as they are)
+
+
+def test_read_errors_name_the_file_and_the_fix(tmp_path):
+    folder = tmp_path / "segmented_outs" / "cell_types" / "Azimuth"
+    folder.mkdir(parents=True)
+    path = folder / "cell_types.csv"
+    # the folder was passed: the message names the file found in it, not only "cell_types.csv"
+    path.write_text("barcode,fine_cell_type\n")
+    with pytest.raises(ValueError, match=re.escape(repr(str(path))) + " has a header"):
+        scx.io.read_10x_cell_types(tmp_path / "segmented_outs")
+    path.write_text("barcode,fine_cell_type\na-1,T cell\n ,B cell\n")
+    with pytest.raises(
+        ValueError, match=r"1 row\(s\) without a barcode / cell id \(e.g. data row 2\).*Remove those rows"
+    ):
+        scx.io.read_10x_cell_types(path)
+    # a numeric column is named as the file names it
+    path.write_text("barcode,fine_cell_type,final_level_softmax_prob\na-1,T cell,high\nb-1,B cell,0.9\n")
+    with pytest.raises(
+        ValueError, match=r"column 'final_level_softmax_prob' \(read as 'softmax_probability'\) has 1 non-numeric"
+    ):
+        scx.io.read_10x_cell_types(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match=re.escape(repr(str(path))) + " is empty.*Pass the file"):
+        scx.io.read_10x_cell_types(path)
+
+
+def test_xenium_output_folder_points_to_the_analysis_archive(tmp_path):
+    import gzip
+    import tarfile
+
+    # a Xenium output folder as the instrument writes it: the clusters only inside analysis.tar.gz
+    labels = pd.Series(["1", "2"], index=["aaabckmo-1", "aaabhbfn-1"])
+    analysis = _analysis_folder(
+        tmp_path / "work", {"gene_expression_graphclust": labels, "gene_expression_kmeans_2_clusters": labels}
+    )
+    out = tmp_path / "output-XETG00000__0011111__Region_1"
+    out.mkdir()
+    with tarfile.open(out / "analysis.tar.gz", "w:gz") as tar:
+        tar.add(analysis, arcname="analysis")
+    (out / "cells.csv.gz").write_bytes(gzip.compress(b"cell_id,x_centroid\naaabckmo-1,1.0\n"))
+    for name in ("analysis.zarr.zip", "cells.zarr.zip"):
+        (out / name).write_bytes(b"PK\x05\x06" + bytes(18))
+    with pytest.raises(
+        FileNotFoundError, match=r"only inside archives \(\['analysis.tar.gz'\]\).*gene_expression_graphclust/clusters"
+    ):
+        scx.io.read_10x_cell_types(out)
+
+
+def test_spaces_around_labels_are_removed(tmp_path):
+    # a hand-made export with a space after each comma: " T cell" would be another category than "T cell"
+    (tmp_path / "groups.csv").write_text("cell_id, group\na-1, T cell\nb-1, B cell \nc-1,T cell\nd-1,  \n")
+    df = scx.io.read_10x_cell_types(tmp_path / "groups.csv")
+    assert df["fine_cell_type"].tolist()[:3] == ["T cell", "B cell", "T cell"] and pd.isna(df["fine_cell_type"].iloc[3])
+    adata = table(["a-1", "b-1", "c-1", "d-1"], extra=0)
+    scx.io.add_10x_cell_types(adata, df)
+    assert adata.obs["10x_fine"].cat.categories.tolist() == ["B cell", "T cell"]
+    assert adata.obs["10x_ontology_term_id"].astype(object).tolist()[:3] == ["CL:0000084", "CL:0000236", "CL:0000084"]

@@ -111,11 +111,13 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
     """
     path = _find_csv(Path(path).expanduser())
     name = path.name
+    where = repr(str(path))  # errors name the file in full: a folder or an archive may hold several of that name
     try:
         member = _archive_member(path)
         source: Path | io.BytesIO = path
         if member is not None:  # a CSV inside a zip / tar archive
             name = f"{path.name}/{member[0]}"
+            where = f"{member[0]!r} in the archive {str(path)!r}"
             source = io.BytesIO(member[1])
         compression, sep = _sniff(source, path.suffix if member is None else Path(member[0]).suffix)
         with warnings.catch_warnings():
@@ -132,7 +134,10 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
                 index_col=False,  # never take the barcodes as an index (and the labels as barcodes) on ragged rows
             )
     except pd.errors.EmptyDataError as e:
-        raise ValueError(f"{name} is empty; expected a header with a barcode and cell type columns.") from e
+        raise ValueError(
+            f"{where} is empty; expected a header with a barcode and cell type columns, and a row per cell. Pass the "
+            "file the 10x pipeline or Xenium Explorer wrote (copying or downloading it again if it was cut short)."
+        ) from e
     except (PermissionError, FileNotFoundError):  # unreadable, or no / several candidate files in an archive
         raise
     except (
@@ -161,7 +166,7 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
         else:  # EOFError, zlib / lzma / zip errors, gzip.BadGzipFile (an OSError)
             why = "the file is truncated or damaged (an interrupted download or copy?)"
         raise ValueError(
-            f"{str(path)!r} is not a readable 10x cell_types CSV: {why}; {type(e).__name__}: {str(e).strip()}. {fix}"
+            f"{where} is not a readable 10x cell_types CSV: {why}; {type(e).__name__}: {str(e).strip()}. {fix}"
         ) from e
     rename = _canonical_columns(raw.columns)
     loupe = False
@@ -173,23 +178,31 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
     df = raw.rename(columns=rename)
     if "barcode" not in df.columns:
         raise ValueError(
-            f"{name} has no barcode / cell id column (columns: {list(raw.columns)}); expected one of "
+            f"{where} has no barcode / cell id column (columns: {list(raw.columns)}); expected one of "
             f"{list(COLUMN_ALIASES['barcode'])}. Rename the column that holds the barcodes / cell ids to 'barcode'."
         )
     if not any(level in df.columns for level in LEVELS):
         raise ValueError(
-            f"{name} has no cell type column (columns: {list(raw.columns)}); expected at least one of "
+            f"{where} has no cell type column (columns: {list(raw.columns)}); expected at least one of "
             f"{list(LEVELS)} (or the Azimuth names azimuth_broad / azimuth_medium / azimuth_fine, or a Xenium "
             "Explorer 'group', a clusters.csv 'Cluster', or a Loupe Browser export's one category column)."
         )
     if df.shape[0] == 0:
         raise ValueError(
-            f"{name} has a header ({list(raw.columns)}) but no rows: no cell was annotated. Was the annotation "
+            f"{where} has a header ({list(raw.columns)}) but no rows: no cell was annotated. Was the annotation "
             "run cut short, or did it fail (see the pipeline's log / web summary)?"
         )
     df["barcode"] = df["barcode"].str.strip().replace("", np.nan)
+    for col in set(rename.values()) - {"barcode", *_NUMERIC}:  # "a-1, T cell" (a space after the comma): "T cell"
+        codes, labels = pd.factorize(df[col])  # strip each distinct label once, not each row's
+        labels = pd.Series(labels, dtype=object).str.strip().replace("", np.nan).to_numpy(dtype=object)
+        df[col] = np.append(labels, np.nan)[codes]
     if df["barcode"].isna().any():
-        raise ValueError(f"{name} has {int(df['barcode'].isna().sum())} row(s) without a barcode.")
+        missing = df.index[df["barcode"].isna()]
+        raise ValueError(
+            f"{where} has {missing.size} row(s) without a barcode / cell id (e.g. data row {int(missing[0]) + 1}): "
+            "their labels cannot be given to any cell. Remove those rows, or fill in their ids."
+        )
     dup = df["barcode"][df["barcode"].duplicated()].unique()
     if dup.size:
         hint = (
@@ -199,7 +212,7 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
             else " Is it a concatenation of several samples? Split it per sample."
         )
         raise ValueError(
-            f"{name} lists {dup.size} barcode(s) more than once (e.g. {list(dup[:3])}); each cell must appear "
+            f"{where} lists {dup.size} barcode(s) more than once (e.g. {list(dup[:3])}); each cell must appear "
             f"once.{hint}"
         )
     for col in _NUMERIC:
@@ -207,7 +220,12 @@ def read_10x_cell_types(path: str | Path) -> pd.DataFrame:
             num = pd.to_numeric(df[col], errors="coerce")
             bad = num.isna() & df[col].notna()
             if bad.any():
-                raise ValueError(f"{name}: column {col!r} has non-numeric values such as {df.loc[bad, col].iloc[0]!r}.")
+                file_col = next(c for c, canonical in rename.items() if canonical == col)
+                raise ValueError(
+                    f"{where}: column {file_col!r} (read as {col!r}) has {int(bad.sum())} non-numeric value(s) such as "
+                    f"{df.loc[bad, col].iloc[0]!r}; it must hold numbers. Fix those values, or rename the column if it "
+                    "is not the 10x one of that name."
+                )
             df[col] = num
     df = df.set_index("barcode")
     df.index = df.index.astype(str)
@@ -441,6 +459,21 @@ def _find_csv(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist; pass a cell_types.csv or its folder.")
     names = [p.relative_to(path).as_posix() for p in path.rglob("*.csv*") if p.is_file()]
+    if not any(n.rsplit("/", 1)[-1] in _CELL_TYPE_NAMES + _CLUSTER_NAMES for n in names):
+        # e.g. a Xenium output folder: its clusters are inside analysis.tar.gz (*.zarr.zip are zarr stores, not CSVs)
+        archives = sorted(
+            p.relative_to(path).as_posix()
+            for p in path.rglob("*")
+            if p.is_file()
+            and (p.name.lower().endswith(_TAR_SUFFIXES) or (p.suffix.lower() == ".zip" and ".zarr" not in p.name))
+        )
+        if archives:
+            raise FileNotFoundError(
+                f"No cell_types.csv or clusters.csv in {str(path)!r}, only inside archives ({archives}). Extract the "
+                "one with the cell types or clusters (a Xenium output's are in analysis.tar.gz) and pass the CSV you "
+                "want, e.g. analysis/clustering/gene_expression_graphclust/clusters.csv, or pass an archive that holds "
+                "one such CSV."
+            )
     return path / _pick(names, f"{path.name!r}", "pass the one you want")
 
 
@@ -599,26 +632,37 @@ def _conflict(a: np.ndarray, b: np.ndarray) -> bool:
 def _match_ids(adata: AnnData, df: pd.DataFrame, id_key: str | None) -> tuple[str, np.ndarray]:
     """Pair the table's cells with the file's rows; returns (which ids matched, the file row of each cell or -1).
 
-    Each candidate id source is tried as it is, then with a ``-1``-style suffix removed on both sides (unless that
-    makes two different table ids, e.g. ``AAAC-1`` and ``AAAC-2`` of two samples, share one file row). The one pairing
-    the most cells wins; on a tie the more specific source (an id column before ``obs_names``) wins, and a tie or a
-    near-tie with a different pairing is reported.
+    Each candidate id source is tried as it is, then, unless one of them pairs every table cell or every file row that
+    way, with a ``-1``-style suffix removed on both sides (unless that makes two different table ids, e.g. ``AAAC-1``
+    and ``AAAC-2`` of two samples, share one file row). The one pairing the most cells wins; on a tie the more specific
+    source (an id column before ``obs_names``) wins, and a tie or a near-tie with a different pairing is reported.
     """
     file_ids = _as_ids(df.index)
     file_stripped: pd.Index | None = None
     tried: list[tuple[int, str, np.ndarray]] = []
     collisions: list[str] = []
     candidates = _id_candidates(adata, id_key)
+    exact = {name: file_ids.get_indexer(ids) for name, ids in candidates.items()}
+    # ids that pair every table cell, or every file row, as they are: ignoring the suffix is not needed (it could only
+    # pair more cells by giving a file row to a second table id, e.g. AAAC-2 the row of AAAC-1, which is refused)
+    explained = any(
+        (pos >= 0).all() or np.count_nonzero(np.bincount(pos[pos >= 0], minlength=len(file_ids))) == len(file_ids)
+        for pos in exact.values()
+    )
     for name, ids in candidates.items():
-        pos = file_ids.get_indexer(ids)
+        pos = exact[name]
         tried.append((int((pos >= 0).sum()), name, pos))
-        if (pos >= 0).all():
-            continue  # with every cell paired, ignoring the suffix would pair them the same
+        if explained:
+            continue
         if file_stripped is None:  # only when needed: a Python loop over the file's ids
             file_stripped = _strip_suffix(file_ids)
         if not file_stripped.is_unique:
             continue
-        pos = file_stripped.get_indexer(_strip_suffix(ids))
+        # an id equal to a file id keeps that row without its suffix too (the stripped file ids are unique): only the
+        # ids not paired as they are go through the (Python) suffix loop
+        miss = np.flatnonzero(pos < 0)
+        pos = pos.copy()
+        pos[miss] = file_stripped.get_indexer(_strip_suffix(ids[miss]))
         hit = pos >= 0
         sel = hit & (np.bincount(pos[hit], minlength=len(file_ids)) > 1)[np.maximum(pos, 0)]  # rows hit twice or more
         pairs = pd.DataFrame({"id": np.asarray(ids)[sel], "pos": pos[sel]}).drop_duplicates()
