@@ -511,3 +511,48 @@ def test_read_reference_max_cells_without_any_cell_type_says_why(tmp_path):
         scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=10)  # was: 0 cells, silently
     lazy = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", max_cells=10, exclude_labels=())
     assert lazy.n_obs == 10
+
+
+def test_read_reference_says_when_a_gene_asked_for_is_held_twice(tmp_path, caplog):
+    ref = make_reference(n_genes=6)
+    ref.var_names = ["Gene0", "Gene1", "Gene1", "Gene3", "Gene4", "Gene5"]
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        lazy = scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", genes=["Gene3", "Gene1"])
+    np.testing.assert_array_equal(lazy.to_memory().X.toarray(), ref.X[:, [3, 1]].toarray())  # the first entry
+    # before: the first of the two columns was taken without a word
+    assert "1 of the genes asked for are var names held more than once (e.g. ['Gene1'])" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        scx.io.read_reference(tmp_path / "r.h5ad", label_key="cell_type", genes=["Gene3", "Gene0"])
+    assert "more than once" not in caplog.text  # repeated names not asked for do not matter
+
+
+def test_read_reference_of_an_anndata_object_says_what_to_pass(tmp_path):
+    ref = make_reference()
+    with pytest.raises(TypeError, match="got an AnnData object.*pass it to scx.tl.train"):  # was: "expected str, ..."
+        scx.io.read_reference(ref, label_key="cell_type")
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    backed = ad.read_h5ad(tmp_path / "r.h5ad", backed="r")
+    with pytest.raises(TypeError, match=r"backed by .*r\.h5ad'.*pass that path"):
+        scx.io.read_reference(backed, label_key="cell_type")
+    backed.file.close()
+
+
+def test_a_file_or_folder_that_is_not_anndata_says_so(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "cell_feature_matrix.h5", "w") as f:  # a 10x HDF5 file: a 'matrix' group, no 'obs'
+        f.create_group("matrix")
+    with pytest.raises(ValueError, match=r"not an AnnData \.h5ad file.*holds \['matrix'\].*read_10x_h5"):
+        scx.io.read_reference(tmp_path / "cell_feature_matrix.h5", label_key="cell_type")  # was: KeyError 'obs'
+    with pytest.raises(ValueError, match="not an AnnData .h5ad file"):
+        open_reference(tmp_path / "cell_feature_matrix.h5", "cell_type")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(ValueError, match=r"not an AnnData \.zarr store"):  # was: zarr's GroupNotFoundError
+        scx.io.read_reference(tmp_path / "empty.zarr", label_key="cell_type")
+    import zarr
+
+    zarr.open_group(tmp_path / "other.zarr", mode="w").create_group("images")
+    with pytest.raises(ValueError, match=r"not an AnnData \.zarr store.*holds \['images'\]"):
+        scx.io.read_reference(tmp_path / "other.zarr", label_key="cell_type")

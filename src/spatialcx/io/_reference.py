@@ -510,7 +510,13 @@ def _open_store(path: Path) -> tuple[Any, Callable[[], None]]:
     if path.is_dir():
         import zarr
 
-        group = zarr.open_group(str(path), mode="r")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except FileNotFoundError as e:  # zarr's GroupNotFoundError: no zarr group there (an empty or other folder)
+            raise ValueError(
+                f"{str(path)!r} is a folder but not an AnnData .zarr store (no zarr group in it: {e}). References must "
+                "be AnnData .h5ad files or AnnData .zarr folders (written by adata.write_zarr)."
+            ) from e
         if "obs" not in group and "tables" in group:  # a SpatialData store: its tables are AnnData groups inside
             tables = sorted(group["tables"].group_keys()) if hasattr(group["tables"], "group_keys") else []
             inside = [str(path / "tables" / t) for t in tables]
@@ -519,6 +525,12 @@ def _open_store(path: Path) -> tuple[Any, Callable[[], None]]:
                 "its table (sdata.tables[...]) or the table's own folder"
                 + (f", e.g. {inside[0]!r}" if inside else "")
                 + "."
+            )
+        if "obs" not in group:
+            raise ValueError(
+                f"{str(path)!r} is a zarr store but not an AnnData .zarr store: it has no 'obs' (it holds "
+                f"{sorted(group.keys())[:10]}). References must be AnnData .h5ad files or AnnData .zarr folders "
+                "(written by adata.write_zarr)."
             )
         return group, lambda: None
     import h5py
@@ -530,6 +542,15 @@ def _open_store(path: Path) -> tuple[Any, Callable[[], None]]:
             f"Cannot open reference {str(path)!r} as an .h5ad (HDF5) file ({e}). References must be AnnData .h5ad "
             "files or AnnData .zarr folders."
         ) from e
+    if "obs" not in f:
+        keys = sorted(f.keys())[:10]
+        f.close()
+        raise ValueError(
+            f"{str(path)!r} is an HDF5 file but not an AnnData .h5ad file: it has no 'obs' (it holds {keys}). A 10x "
+            "Genomics .h5 matrix (e.g. cell_feature_matrix.h5) is read with scanpy.read_10x_h5; add the cell-type "
+            "labels to its obs, write it with adata.write_h5ad and pass that file (or pass the AnnData itself to "
+            "scx.tl.train / scx.pp.combine_references)."
+        )
     return f, f.close
 
 
@@ -891,10 +912,11 @@ def read_reference(
     Raises
     ------
     TypeError
-        When ``genes`` is a single string, or ``max_cells`` is not a number.
+        When ``uri`` is an AnnData object, ``genes`` is a single string, or ``max_cells`` is not a number.
     ValueError
-        When ``max_cells`` is below 1 or NaN, ``genes`` is empty, none of ``genes`` is in the reference (X or raw), or
-        (with ``max_cells``) no cell has a label that is not in ``exclude_labels``.
+        When ``uri`` is not an AnnData file or store, ``max_cells`` is below 1 or NaN, ``genes`` is empty, none of
+        ``genes`` is in the reference (X or raw), or (with ``max_cells``) no cell has a label that is not in
+        ``exclude_labels``.
     KeyError
         When ``label_key`` is not an obs column.
     """
@@ -903,6 +925,13 @@ def read_reference(
     from ..pp._harmonize import match_genes, to_symbols
     from ..pp._normalization import file_log1p_target_sum
 
+    if isinstance(uri, AnnData):
+        backed = f" (it is backed by {str(uri.filename)!r}: pass that path to read it lazily)" if uri.isbacked else ""
+        raise TypeError(
+            f"read_reference reads a reference from a file or URI, but got an AnnData object{backed}. An AnnData is a "
+            "reference already: pass it to scx.tl.train or scx.pp.combine_references as it is (adata[:, genes] "
+            "keeps only some genes)."
+        )
     if isinstance(genes, str):
         raise TypeError(f"genes must be a list of gene names, not a single string; pass genes=[{genes!r}].")
     if genes is not None and len(genes) == 0:
@@ -958,6 +987,15 @@ def read_reference(
                 f"reference has e.g. {list(symbols.symbols[:5])}). Check the species and gene naming."
             )
         logger.info("%s: %d of %d genes found.", os.fspath(uri), match.n_found, len(genes))
+        if match.repeated:  # as combine_references says: which of the columns is meant?
+            logger.warning(
+                "%s: %d of the genes asked for are var names held more than once (e.g. %s); the first entry of each "
+                "is used and the others are left out. Make var names unique (adata.var_names_make_unique()) or sum "
+                "the repeated entries first if they are the same gene.",
+                os.fspath(uri),
+                len(match.repeated),
+                list(match.repeated[:5]),
+            )
         if absent:
             more = f" and {len(absent) - 10} more" if len(absent) > 10 else ""
             logger.warning(
