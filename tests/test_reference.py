@@ -275,6 +275,11 @@ def test_read_reference_genes_only_in_raw(tmp_path, fmt, caplog):
     assert list(model.features) == panel
     only_raw = scx.io.read_reference(path, label_key="cell_type", genes=["Gene30", "Gene35"])
     assert only_raw.n_vars == 0 and only_raw.raw.n_vars == 40
+    # every gene asked for only in raw: X holds none, and train reads them from raw (it refused an X of 0 genes)
+    model = scx.tl.train(only_raw, "cell_type", genes=["Gene30", "Gene35"], min_genes=1)
+    assert list(model.features) == ["Gene30", "Gene35"]
+    eager = scx.tl.train(counts, "cell_type", genes=["Gene30", "Gene35"], min_genes=1)
+    np.testing.assert_allclose(model.coef, eager.coef, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="None of the 2 genes"):
         scx.io.read_reference(path, label_key="cell_type", genes=["Foo", "Bar"])
 

@@ -734,7 +734,8 @@ def find_expression_source(adata: AnnData, *, unsafe_force: bool = False, random
         When the table has no cells or no genes, or nothing usable is found and ``unsafe_force`` is false; the
         message says what was found and how to fix it.
     """
-    if adata.n_obs == 0 or adata.n_vars == 0:
+    raw_genes = adata.raw.n_vars if adata.raw is not None else 0  # X may hold none of them (read_reference(genes=))
+    if adata.n_obs == 0 or (adata.n_vars == 0 and raw_genes == 0):
         raise ValueError(
             f"The table has {adata.n_obs} cells x {adata.n_vars} genes: there is no expression to use. Was it subset "
             "to nothing (e.g. a filter or a category that matched no cell)?"
