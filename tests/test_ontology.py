@@ -312,6 +312,62 @@ def test_patterns_and_boundaries(label, expected):
     assert (m.term_id or "unknown") == expected, m
 
 
+def test_cl_ids_in_any_common_spelling_are_taken_as_such():
+    spellings = ["cl:0000236", "Cl_0000236", "CL0000236", "http://purl.obolibrary.org/obo/CL_0000236", "obo:CL_0000236"]
+    t = scx.tl.map_labels([*spellings, "CL:9999999", "CL:0000236 B cells"]).table.set_index("input_label")
+    assert t.loc[spellings, "ontology_term_id"].tolist() == ["CL:0000236"] * len(spellings)
+    assert (t.loc[spellings, "tier"] == 1).all() and (t.loc[spellings, "note"] == "Cell Ontology id").all()
+    assert t.loc["CL:9999999", "ontology_term_id"] == "unknown"
+    assert t.loc["CL:0000236 B cells", "note"] != "Cell Ontology id"  # an id inside a longer label is no id
+
+
+def test_exact_cl_names_win_over_words_that_reject_a_label():
+    """'hybrid' marks a doublet-like cluster, but CL has cell types with the word: their exact names are kept."""
+    got = ids(
+        [
+            "D1/D2-hybrid medium spiny neuron",
+            "Hybrid osteochondral skeletal cells",
+            "epithelial debris of Malassez",  # a CL synonym of "epithelial cell of Malassez"
+            "T/B hybrid",
+            "Hybrid",
+            "Debris",
+        ]
+    )
+    assert got == {
+        "D1/D2-hybrid medium spiny neuron": "CL:4030050",
+        "Hybrid osteochondral skeletal cells": "CL:0020028",
+        "epithelial debris of Malassez": "CL:0002166",
+        "T/B hybrid": "unknown",
+        "Hybrid": "unknown",
+        "Debris": "unknown",
+    }
+
+
+def test_abbreviations_the_ontology_uses_for_other_cells_are_flagged(caplog):
+    """'EC' reads as endothelial cell (the pattern table's rule), but CL also names 'type EC enteroendocrine cell'
+    (enterochromaffin): the reading is kept and the other one shown, in the note, the match and a warning."""
+    matcher = matcher_for(resolve_index(None))
+    ec = matcher.match("EC cells")
+    assert ec.term_id == "CL:0000115" and "CL:0000577" in ec.alternatives
+    assert matcher.match("Th").alternatives  # T helper, or the ontology's TH (tyrosine hydroxylase) neurons
+    assert matcher.match("Endo").alternatives == matcher.match("OPC").alternatives == ()  # no other reading in CL
+    with caplog.at_level("WARNING", logger="spatialcx"):
+        m = scx.tl.map_labels(["EC cells", "Arterial ECs", "Endo", "Astro"])
+    t = m.table.set_index("input_label")
+    assert t.loc["EC cells", "ontology_term_id"] == "CL:0000115"
+    assert t.loc["Arterial ECs", "ontology_term_id"] == "CL:1000413"
+    for label in ("EC cells", "Arterial ECs"):
+        note = t.loc[label, "note"]
+        assert "read 'EC' as 'endothelial cell'" in note and "type EC enteroendocrine cell (CL:0000577)" in note
+    assert "Cell Ontology also uses" not in t.loc["Endo", "note"] + t.loc["Astro", "note"]
+    assert "2 label(s) use an abbreviation" in caplog.text and "'EC cells' -> CL:0000115" in caplog.text
+    assert "index={label: CL id}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spatialcx"):  # the user's own reading wins, and nothing is flagged
+        m = scx.tl.map_labels(["EC cells"], index={"EC cells": "CL:0000577"})
+    assert m.to_dict() == {"EC cells": "CL:0000577"} and "abbreviation" not in caplog.text
+
+
 def test_negative_markers_glued_to_the_next_marker_stay_negative():
     normalize = load_patterns().normalizer
     assert normalize("CD4-CD8- T") == "cd4- cd8- t"

@@ -2,13 +2,13 @@
 
 A label goes through these steps in order and stops at the first that finds a term:
 
-1. a label that *is* a CL id (``CL:0000236``, ``CL_0000236``) is taken as such (tier 1, score 1; a deprecated id gives
-   its replacement);
+1. a label that *is* a CL id (``CL:0000236``, ``CL_0000236``, ``cl:0000236``, the term's IRI) is taken as such (tier 1,
+   score 1; a deprecated id gives its replacement);
 2. entries of a user index (``index=``) win over everything else (tier 0, score 1);
-3. a label with a word such as ``doublet``, ``unknown``, ``cluster``, ``hybrid`` or ``low quality`` is not a cell
-   type: ``unknown``;
-4. tier 1, exact: the normalised label equals a CL label (score 1.0), synonym (0.95) or the label of a deprecated term
+3. tier 1, exact: the normalised label equals a CL label (score 1.0), synonym (0.95) or the label of a deprecated term
    (0.9, mapped to its replacement);
+4. a label with a word such as ``doublet``, ``unknown``, ``cluster``, ``hybrid`` or ``low quality`` is not a cell
+   type: ``unknown`` (checked after step 3, so that CL's own "D1/D2-hybrid medium spiny neuron" is kept);
 5. a label that joins types (``NK/T``, ``Mono/Mac``, ``Chondrocytes & osteoblasts``) maps each part; when they differ,
    the label maps to their closest common CL term (``lymphocyte``, ``mononuclear phagocyte``) unless that term is as
    general as "cell" (then ``unknown``);
@@ -30,6 +30,11 @@ A label goes through these steps in order and stops at the first that finds a te
 
 Two different terms that tie at a step make the label ambiguous: it is not mapped. The caller
 (:func:`spatialcx.tl.map_labels`) turns matches below ``min_score`` into ``unknown``.
+
+An abbreviation of the pattern table has one reading (``EC`` -> endothelial cell). When the Cell Ontology itself uses
+the abbreviation for another cell type (``type EC enteroendocrine cell``, ``superior cervical ganglion TH neuron``),
+the match keeps the pattern table's reading but says so: its note names the other terms and
+:attr:`Match.alternatives` lists their ids, so that the caller can show the ambiguity.
 """
 
 from __future__ import annotations
@@ -64,7 +69,9 @@ SCORE_SIMILARITY = 0.7
 STOP = frozenset({"cell", "of", "the", "and", "in", "or", "from", "to", "with", "for", "by", "at"})
 _KIND_PRIORITY = {"user": 0, "alias": 1, "label": 2, "synonym": 3, "obsolete": 4}
 _TAXON_RE = re.compile(r"\((?:mmus|primate|homo sapiens|sensu [^)]*|metazoa)\)\s*$", re.I)
-_ID_RE = re.compile(r"\s*CL[:_](\d{7})\s*")
+#: A label that is a CL id: ``CL:0000236``, ``CL_0000236``, ``cl:0000236``, ``CL0000236`` or the term's IRI
+#: (``http://purl.obolibrary.org/obo/CL_0000236``, ``obo:CL_0000236``).
+_ID_RE = re.compile(r"\s*(?:(?:https?://purl\.obolibrary\.org/obo/|obo:))?CL[:_]?(\d{7})\s*", re.I)
 _BARE_CD_RE = re.compile(r"cd\d+(?!\d)(?!hi$|lo$)[a-z]{0,2}")
 _NUMBERED = frozenset({"type", "group", "class", "layer", "stage", "grade", "phase", "fraction", "helper", "subset"})
 _ADJ_SUFFIXES = ("al", "ar", "ic", "ous", "ive", "ary", "ory")
@@ -87,6 +94,8 @@ _ORGAN = frozenset(
     }
 )  # fmt: skip
 _TAXON_WORDS = frozenset({"human", "mouse", "homo", "sapien", "mmus", "primate", "vertebrata", "metazoa", "mammalian"})
+#: An upper-case word of a CL name ("EC" in "type EC enteroendocrine cell", "TH" in "TH/DBH neuron").
+_UPPER_WORD_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z][A-Z0-9]*(?![A-Za-z0-9])")
 _UNION_SEP_RE = re.compile(r"[/&]|\band\b")
 #: Terms too general to stand for two joined labels.
 _GENERIC = frozenset({"CL:0000000", "CL:0000003", "CL:0000255", "CL:0000548", "CL:0002371", "CL:0000010", "CL:0000211"})
@@ -108,6 +117,9 @@ class Match:
         The index name (normalised) that matched, or ``""``.
     note
         How the match was found, or why there is none.
+    alternatives
+        Other CL terms the label may mean: the Cell Ontology uses an abbreviation that the match read from the pattern
+        table (``EC`` -> endothelial cell) for them (``type EC enteroendocrine cell``).
     """
 
     term_id: str | None
@@ -115,6 +127,7 @@ class Match:
     score: float
     matched: str = ""
     note: str = ""
+    alternatives: tuple[str, ...] = ()
 
 
 class _Entry:
@@ -193,6 +206,8 @@ class LabelMatcher:
         normalize = self.normalize
         self._optional = patterns.optional_term_tokens
         self._cell_words: dict[str, bool] = {}
+        self._other_uses: dict[str, tuple[str, ...]] = {}
+        self._upper_words: dict[str, set[str]] | None = None
         self._any_rewrite = re.compile("|".join(f"(?:{rx.pattern})" for rx, _, _ in patterns.rewrites) or "(?!)")
         blocked = {(tid, normalize(syn)) for tid, syn in patterns.blocked_synonyms}
         taxon = {tid for tid in index.term_ids if _TAXON_RE.search(index.name(tid))}
@@ -361,6 +376,68 @@ class LabelMatcher:
             notes.append(why)
         return Match(tid, tier, score, entry.norm, "; ".join(notes))
 
+    def _abbreviation_readings(self, norm: str) -> list[tuple[str, str, tuple[str, ...]]]:
+        """``(abbreviation, reading, other CL ids)`` of each pattern-table abbreviation in a normalised label."""
+        out = []
+        for token in dict.fromkeys(self._glue_prefixes(norm.split())):
+            full = _expand(token, self.patterns.abbreviations)
+            if full != token:
+                key = token if token in self.patterns.abbreviations else token[:-1]
+                out.append((key, full, self._other_uses_of(key, full)))
+        return out
+
+    def _other_uses_of(self, abbreviation: str, full: str) -> tuple[str, ...]:
+        """Current CL terms whose label or a synonym uses ``abbreviation`` (as an upper-case word) for another cell.
+
+        Terms at, above or below the reading's own term are the same cell (``DC`` in "CD1c-positive DC"); terms of a
+        species-specific taxonomy ("OPC-Oligo cell (Mmus)") are left out, as they are from the token tier.
+        """
+        cached = self._other_uses.get(abbreviation)
+        if cached is not None:
+            return cached
+        index = self.index
+        if self._upper_words is None:  # once: upper-case words of every current, non-taxonomy CL name -> term ids
+            words: dict[str, set[str]] = {}
+            for tid in index.term_ids:
+                t = index.term(tid)
+                if not _TAXON_RE.search(t["label"]):
+                    for name in (t["label"], *t["synonyms"]):
+                        for w in _UPPER_WORD_RE.findall(name):
+                            words.setdefault(w, set()).add(tid)
+            self._upper_words = words
+        norm = self.normalize(full)
+        own = self._exact(self.exact_index, norm) or self._exact(self.exact_alias, norm)
+        found: tuple[str, ...] = ()
+        if own is not None and own.term_id in index:
+            mine = own.term_id
+            found = tuple(
+                sorted(
+                    tid
+                    for tid in self._upper_words.get(abbreviation.upper(), ())
+                    if tid != mine and not index.is_ancestor(mine, tid) and not index.is_ancestor(tid, mine)
+                )
+            )
+        self._other_uses[abbreviation] = found
+        return found
+
+    def _with_readings(self, match: Match, readings: list[tuple[str, str, tuple[str, ...]]]) -> Match:
+        """Add to a match the abbreviations it read, when the Cell Ontology uses them for other cells too."""
+        others = [(a, full, ids) for a, full, ids in readings if ids and match.term_id not in ids]
+        if not others:
+            return match
+        notes = [match.note] if match.note else []
+        alternatives: list[str] = []
+        for abbreviation, full, ids in others:
+            shown = ", ".join(f"{self.index.name(i)} ({i})" for i in ids[:3]) + (
+                f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+            )
+            notes.append(
+                f"read {abbreviation.upper()!r} as {full!r} (pattern table); the Cell Ontology also uses "
+                f"{abbreviation.upper()!r} for {shown}"
+            )
+            alternatives.extend(i for i in ids if i not in alternatives)
+        return Match(match.term_id, match.tier, match.score, match.matched, "; ".join(notes), tuple(alternatives))
+
     # ------------------------------------------------------------------ the tiers
     def match(self, label: object) -> Match:
         """Match one label."""
@@ -380,6 +457,12 @@ class LabelMatcher:
         entry = self._exact(self.exact_user, s0)
         if entry is not None:  # the user's own entries win over everything
             return self._resolved(entry, TIER_PATTERN, SCORE_USER)
+        # an exact Cell Ontology name wins over the words that mark a label as no cell type: "D1/D2-hybrid medium
+        # spiny neuron" and "hybrid osteochondral skeletal cell" are CL terms, not hybrids of two clusters
+        entry = self._exact(self.exact_index, s0)
+        if entry is not None:
+            score = {"label": SCORE_LABEL, "synonym": SCORE_SYNONYM}.get(entry.kind, SCORE_OBSOLETE)
+            return self._resolved(entry, TIER_EXACT, score, f"exact {entry.kind}")
         tokens0 = s0.split()
         rejected = self.patterns.reject_tokens.intersection(tokens0)
         if rejected:
@@ -387,10 +470,6 @@ class LabelMatcher:
         for phrase in self.patterns.reject_phrases:
             if f" {phrase} " in f" {s0} ":
                 return _unknown(f"not a cell type ({phrase!r})")
-        entry = self._exact(self.exact_index, s0)
-        if entry is not None:
-            score = {"label": SCORE_LABEL, "synonym": SCORE_SYNONYM}.get(entry.kind, SCORE_OBSOLETE)
-            return self._resolved(entry, TIER_EXACT, score, f"exact {entry.kind}")
         union = self._union(raw)
         if union is not None:
             return union
@@ -398,6 +477,7 @@ class LabelMatcher:
         if entry is not None:
             return self._resolved(entry, TIER_PATTERN, SCORE_ALIAS, "pattern table")
 
+        readings = self._abbreviation_readings(s0)
         c1 = self.canonical(s0)
         stripped = self._strip_number(c1)
         candidates = []
@@ -418,7 +498,8 @@ class LabelMatcher:
                 entry = self._exact(table, c)
                 if entry is not None:
                     what = kind or f"{entry.kind} after canonicalisation"
-                    return self._resolved(entry, TIER_PATTERN, SCORE_CANONICAL, f"{what} ({c!r})")
+                    found = self._resolved(entry, TIER_PATTERN, SCORE_CANONICAL, f"{what} ({c!r})")
+                    return self._with_readings(found, readings)
 
         ordered = [t for t in stripped.split() if t not in STOP]
         tokens = frozenset(ordered)
@@ -426,10 +507,10 @@ class LabelMatcher:
             return _unknown("no words left after canonicalisation")
         found = self._token_match(tokens, ordered, stripped)
         if found is not None and found.term_id is not None:
-            return found
+            return self._with_readings(found, readings)
         similar = self._similarity(tokens)
         if similar is not None and similar.term_id is not None:
-            return similar
+            return self._with_readings(similar, readings)
         best = max((x for x in (found, similar) if x is not None), key=lambda x: x.score, default=None)
         return best if best is not None else _unknown("no Cell Ontology term fits")
 

@@ -198,7 +198,9 @@ def map_labels(
     label or synonym, tier 0 the pattern table (abbreviations, plurals, ``+``/``-positive``, ``CD4 T``, ``Tregs``,
     ``cDC1``...), tier 2 the label's words in any order or a fall-back to the parent term the label's words name,
     tier 3 word overlap. Only CL ids come out; a label whose best match scores below ``min_score`` maps to
-    ``"unknown"``.
+    ``"unknown"``. A label read through an abbreviation that the Cell Ontology also uses for other cell types (``EC``:
+    endothelial cell, but also "type EC enteroendocrine cell") keeps the pattern table's reading; its ``note`` names
+    the other terms and a warning lists such labels (pass ``index={label: CL id}`` to choose another reading).
 
     Parameters
     ----------
@@ -235,6 +237,7 @@ def map_labels(
     matcher = matcher_for(idx)
     coarse = load_patterns().coarsen if coarsen else {}
     rows = []
+    ambiguous = []
     for label in distinct:
         m = matcher.match(label)
         term, tier, score, note = m.term_id, m.tier, m.score, m.note
@@ -249,6 +252,8 @@ def map_labels(
             rows.append((label, UNKNOWN_ONTOLOGY_ID, UNKNOWN_ONTOLOGY_ID, -1, round(score, 3), "", note))
         else:
             rows.append((label, term, idx.name(term), int(tier), round(score, 3), m.matched, note))
+            if m.alternatives:
+                ambiguous.append((label, term, m.alternatives))
     numeric = [label for label in distinct if _NUMBER_RE.fullmatch(label.strip())]
     if numeric and len(numeric) == len(distinct):
         logger.warning(
@@ -256,6 +261,21 @@ def map_labels(
             "e.g. from scx.tl.annotate_domains (marker genes) or obs[key].cat.rename_categories({...}).",
             ", ".join(repr(x) for x in numeric[:5]) + (", ..." if len(numeric) > 5 else ""),
             UNKNOWN_ONTOLOGY_ID,
+        )
+    if ambiguous:
+        shown = "; ".join(
+            f"{label!r} -> {term} ({idx.name(term)}), not {', '.join(f'{a} ({idx.name(a)})' for a in alts[:2])}"
+            + (f" or {len(alts) - 2} more" if len(alts) > 2 else "")
+            for label, term, alts in ambiguous[:5]
+        )
+        more = f"; and {len(ambiguous) - 5} more" if len(ambiguous) > 5 else ""
+        logger.warning(
+            "%d label(s) use an abbreviation that the Cell Ontology also uses for other cell types; they were read as "
+            "the pattern table reads them (see the 'note' column of the mapping): %s%s. If a label means another "
+            "type, say so with index={label: CL id}.",
+            len(ambiguous),
+            shown,
+            more,
         )
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     table["tier"] = table["tier"].astype(int)
