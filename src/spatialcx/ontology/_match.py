@@ -218,7 +218,7 @@ class LabelMatcher:
         self.slash_aliases: set[str] = set()
         token_entries: list[_Entry] = []
         for norm, tid, kind in index.names:
-            if kind == "synonym" and ((tid, norm) in blocked or (tid in taxon and norm.count(" ") < 2)):
+            if (tid, norm) in blocked or (kind == "synonym" and tid in taxon and norm.count(" ") < 2):
                 continue  # blocked, or a short synonym ("VIP", "Sst Chodl") of a species-specific taxonomy term
             entry = self._make_entry(norm, tid, kind, tid in taxon)
             self.exact_index.setdefault(norm, []).append(entry)
