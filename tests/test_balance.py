@@ -193,6 +193,16 @@ def test_bad_proportion_files(tmp_path):
         read_target_proportions([("T", 0.5)])
 
 
+def test_csv_proportions_read_cell_types_as_written(tmp_path):
+    """A CSV names types as written: "NA" or "None" is a type (kept with exclude_labels=()), not a missing value."""
+    path = tmp_path / "p.csv"
+    path.write_text("cell_type,proportion\nNA,0.2\nNone,0.1\nnull,0.1\n")
+    assert read_target_proportions(path) == {"NA": 0.2, "None": 0.1, "null": 0.1}
+    path.write_text("cell_type,proportion\nT,\n")
+    with pytest.raises(ValueError, match="Proportion of 'T' in .* is '', not a number"):
+        read_target_proportions(path)
+
+
 # ------------------------------------------------------------------------------------------------ AnnData layer
 def _reference(counts: dict[tuple[str, str], int], extra_obs: dict | None = None) -> ad.AnnData:
     labels, sources = [], []
@@ -288,6 +298,14 @@ def test_without_source_column_all_cells_are_one_source():
     both = _reference({("mac", "A"): 100, ("mac", "B"): 100})
     one = scx.pp.subsample_balanced(both, "original_label", max_cells_per_type=50, source_key=None)
     assert one.n_obs == 50 and one.uns["spatialcx_balance"]["sources"] == ["all"]
+
+
+def test_a_misspelt_source_key_is_an_error_not_one_source():
+    adata = _reference({("mac", "A"): 900, ("mac", "B"): 100})
+    with pytest.raises(KeyError, match=r"source_key 'referencesource' is not an obs column; .*source_key=None"):
+        scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=100, source_key="referencesource")
+    out = scx.pp.subsample_balanced(adata, "original_label", max_cells_per_type=100, source_balance="equal")
+    assert out.obs["reference_source"].value_counts().to_dict() == {"A": 50, "B": 50}
 
 
 def test_cells_without_a_source_are_an_error_not_a_source_named_nan():

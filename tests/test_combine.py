@@ -570,3 +570,24 @@ def test_bad_values_missed_by_the_sampled_detection_are_an_error(monkeypatch, ba
     assert scx.pp.normalization_status(ref).raw_source == "X"  # the sample does not see it
     with pytest.raises(ValueError, match=rf"Reference 'ref0': X holds {bad} for cell 'c137', gene 'Sst'; 1 values"):
         scx.pp.combine_references(ref, "label", genes=MOUSE_SYMBOLS)
+
+
+def test_a_reference_left_without_cells_does_not_narrow_the_shared_genes(caplog):
+    """A small reference whose only type is too small gives no cells: its genes must not limit the others' genes."""
+    atlas = make_ref({"T cell": 30, "B cell": 20}, MOUSE_SYMBOLS + ["Xist", "Pvalb"])
+    rare = make_ref({"tuft cell": 4}, MOUSE_SYMBOLS[:3], prefix="d")
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        out = scx.pp.combine_references({"atlas": atlas, "rare": rare}, "label", min_cells_per_type=10)
+    assert list(out.var_names) == MOUSE_SYMBOLS + ["Xist", "Pvalb"]
+    np.testing.assert_array_equal(out.layers["counts"].toarray(), atlas.X.toarray())
+    assert "reference 'rare' gives no cells: its 4 labelled cells" in caplog.text and "'tuft cell'" in caplog.text
+    assert "reference 'rare': 3 of 7 panel genes found" not in caplog.text
+    assert out.uns["spatialcx_references"]["rare"]["cells_kept"] == {"cell_types": [], "n_cells": []}
+    assert out.uns["spatialcx_combine"]["removed_types"] == ["tuft cell"]
+    # with a panel, the genes the small reference lacks stay in the model too
+    panel = ["Pvalb", "Sst", "Cd3e", "Gad1", "Actb", "Gad2", "Xist", "Vip"]
+    out = scx.pp.combine_references({"atlas": atlas, "rare": rare}, "label", genes=panel, min_cells_per_type=10)
+    assert list(out.var_names) == ["Pvalb", "Sst", "Cd3e", "Gad1", "Actb", "Gad2", "Xist"]
+    # every type too small: a clear error, not an empty table
+    with pytest.raises(ValueError, match=r"No cells left: every cell type has fewer than min_cells_per_type=50"):
+        scx.pp.combine_references({"atlas": atlas, "rare": rare}, "label", min_cells_per_type=50)

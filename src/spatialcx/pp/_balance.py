@@ -354,7 +354,9 @@ def read_target_proportions(source: TargetProportions) -> dict[str, float] | Non
                     'mapping cell types to proportions, e.g. {"T cell": 0.2}.'
                 )
         elif suffix == ".csv":
-            raw = _table_proportions(pd.read_csv(path, dtype={"cell_type": str}), f"file {origin!r}")
+            # cell types are read as written: "NA", "None" or "null" is a label here, not a missing value
+            table = pd.read_csv(path, dtype={"cell_type": str}, keep_default_na=False)
+            raw = _table_proportions(table, f"file {origin!r}")
         else:
             raise ValueError(
                 f"target_proportions file {origin!r} must end in .json or .csv (got {suffix or 'no suffix'!r})."
@@ -447,8 +449,9 @@ def subsample_balanced(
         ``max_cells_per_type``); matters when target proportions give a type only a few cells. Types are never
         dropped here (see ``combine_references``).
     source_key
-        obs column naming each cell's source; when absent (or ``None``), all cells are one source. Every cell needs a
-        source: missing values raise an error rather than forming a source of their own.
+        obs column naming each cell's source; ``None``, or the default column when absent (a reference that did not
+        come from ``combine_references``), makes all cells one source. Another column that is absent is a KeyError.
+        Every cell needs a source: missing values raise an error rather than forming a source of their own.
     source_balance
         ``"proportional"`` or ``"equal"``.
     min_cells_per_source
@@ -485,6 +488,12 @@ def subsample_balanced(
     for key, what in ((label_key, "label_key"), (group_by, "group_by")):
         if key is not None and key not in columns:
             raise KeyError(f"{what} {key!r} is not an obs column; available: {columns}.")
+    if source_key is not None and source_key != SOURCE_KEY and source_key not in columns:
+        # a misspelt column would otherwise turn the sources into one, and balance nothing across them
+        raise KeyError(
+            f"source_key {source_key!r} is not an obs column; available: {columns}. Pass source_key=None to treat "
+            "all cells as one source."
+        )
     if source_balance not in ("proportional", "equal"):
         raise ValueError(f"source_balance must be 'proportional' or 'equal', got {source_balance!r}.")
     obs_names = pd.Index(np.asarray(adata.obs_names))

@@ -211,7 +211,8 @@ def combine_references(
        whole, drawn at random within a type.
     4. Across references, types with fewer than ``min_cells_per_type`` labelled cells (counted before
        ``max_cells_per_ref``, so a cap never removes a type) are removed (``filter_min_cells=True``) or kept with a
-       warning.
+       warning. A reference left without cells by this is named in a warning and takes no part in step 2: its genes
+       do not limit the genes shared by the others.
     5. Expression: the raw counts are located with the normalization detection (``layers["counts"]``,
        ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X``, ``X``); a reference with only verified log1p(10k)
        data is used through ``expm1`` of it (counts per 10,000, which normalize to the same values). Cells with no
@@ -298,41 +299,6 @@ def combine_references(
             h.labels = clean_labels(h.labels, n)
         _warn_same_data(handles)
 
-        # genes --------------------------------------------------------------------------------------------------
-        symbols = [h.symbols() for h in handles]
-        if panel is None:
-            panel = _genes_in_every_reference(handles, symbols)
-        matches = [match_genes(panel, s.symbols, ids=h.var_names) for h, s in zip(handles, symbols)]
-        found_sets = [set(m.genes) for m in matches]
-        shared = [g for g in panel if all(g in f for f in found_sets)]
-        for h, m in zip(handles, matches):
-            if m.repeated:
-                logger.warning(
-                    "reference %r: %d panel genes are var names held more than once (e.g. %s); the first entry of "
-                    "each is used and the others are left out. Make var names unique (adata.var_names_make_unique()) "
-                    "or sum the repeated entries first if they are the same gene.",
-                    h.name,
-                    len(m.repeated),
-                    m.repeated[:5],
-                )
-            log = logger.warning if m.missing else logger.info
-            log(
-                "reference %r: %d of %d panel genes found (%d case-insensitively)%s",
-                h.name,
-                m.n_found,
-                len(panel),
-                m.n_case_insensitive,
-                f"; missing e.g. {m.missing[:5]} (they are left out of the model)." if m.missing else ".",
-            )
-        missing = [g for g in panel if g not in set(shared)]
-        check_overlap(
-            len(panel), {h.name: m.n_found for h, m in zip(handles, matches)}, len(shared), missing_example=missing
-        )
-        shared_cols = []
-        for m in matches:
-            pos = dict(zip(m.genes, m.columns))
-            shared_cols.append(np.asarray([pos[g] for g in shared], dtype=np.int64))
-
         # labels and cells ---------------------------------------------------------------------------------------
         rng = np.random.default_rng(random_state)
         chosen: list[np.ndarray] = []
@@ -413,12 +379,74 @@ def combine_references(
                 + (f" and {len(capped) - 10} more" if len(capped) > 10 else ""),
             )
 
+        # genes --------------------------------------------------------------------------------------------------
+        # a reference that gives no cells (all its types too small) must not narrow the genes of the others
+        gives = [len(c) > 0 for c in chosen]
+        if not any(gives):
+            raise ValueError(
+                f"No cells left: every cell type has fewer than min_cells_per_type={min_cells_per_type} labelled "
+                f"cells across references ({', '.join(f'{t!r} ({n})' for t, n in type_totals.iloc[:10].items())}"
+                f"{', ...' if len(type_totals) > 10 else ''}). Lower "
+                "min_cells_per_type, pass filter_min_cells=False, or add references with more cells of these types."
+            )
+        for h, n, g in zip(handles, n_labelled, gives):
+            if not g:
+                logger.warning(
+                    "reference %r gives no cells: its %d labelled cells are of types with fewer than "
+                    "min_cells_per_type=%d cells across references (%s). It is left out, and its genes do not limit "
+                    "the genes shared by the other references.",
+                    h.name,
+                    n,
+                    min_cells_per_type,
+                    ", ".join(repr(t) for t in sorted(set(h.labels.dropna()) - excluded_set)[:5]),
+                )
+        symbols = [h.symbols() for h in handles]
+        if panel is None:
+            panel = _genes_in_every_reference(
+                [h for h, g in zip(handles, gives) if g], [s for s, g in zip(symbols, gives) if g]
+            )
+        matches = [match_genes(panel, s.symbols, ids=h.var_names) for h, s in zip(handles, symbols)]
+        found_sets = [set(m.genes) for m, g in zip(matches, gives) if g]
+        shared = [g for g in panel if all(g in f for f in found_sets)]
+        for h, m, g in zip(handles, matches, gives):
+            if not g:
+                continue
+            if m.repeated:
+                logger.warning(
+                    "reference %r: %d panel genes are var names held more than once (e.g. %s); the first entry of "
+                    "each is used and the others are left out. Make var names unique (adata.var_names_make_unique()) "
+                    "or sum the repeated entries first if they are the same gene.",
+                    h.name,
+                    len(m.repeated),
+                    m.repeated[:5],
+                )
+            log = logger.warning if m.missing else logger.info
+            log(
+                "reference %r: %d of %d panel genes found (%d case-insensitively)%s",
+                h.name,
+                m.n_found,
+                len(panel),
+                m.n_case_insensitive,
+                f"; missing e.g. {m.missing[:5]} (they are left out of the model)." if m.missing else ".",
+            )
+        missing = [g for g in panel if g not in set(shared)]
+        check_overlap(
+            len(panel),
+            {h.name: m.n_found for h, m, g in zip(handles, matches, gives) if g},
+            len(shared),
+            missing_example=missing,
+        )
+        shared_cols = []
+        for m in matches:
+            pos = dict(zip(m.genes, m.columns))
+            shared_cols.append(np.asarray([pos[g] for g in shared if g in pos], dtype=np.int64))
+
         # expression ---------------------------------------------------------------------------------------------
         blocks: list[sp.csr_matrix] = []
         obs_parts: list[pd.DataFrame] = []
         empty_counts: list[int] = []
         for h, rows, cols in progress(zip(handles, chosen, shared_cols), total=len(handles), desc="references"):
-            counts = h.read(rows, cols)
+            counts = h.read(rows, cols) if len(rows) else sp.csr_matrix((0, len(shared)), dtype=np.float32)
             _check_values(counts, h, rows, shared)
             if h.kind == "log1p":
                 counts.data = np.expm1(counts.data)
