@@ -689,3 +689,24 @@ def test_radius_graph_matches_brute_force():
     adata = grid_table()
     scx.tl.spatial_domains(adata, "selected", max_distance=SPACING, min_cells=10, small_domains="drop")
     assert list(adata.uns["domain"]["n_cells"]) == [256, 176]  # neighbours exactly max_distance apart are linked
+
+
+def test_new_domains_of_a_lazy_table_drop_the_earlier_names(tmp_path, caplog):
+    """A table read with read_lazy: the earlier domain names are removed too (was: AttributeError, obs has no drop)."""
+    from anndata.experimental import read_lazy
+
+    adata = grid_table()
+    in_a = adata.obs["block"].to_numpy() == "A"
+    adata.obsm["signature"] = np.column_stack([in_a, ~in_a]).astype(float) + np.linspace(0, 0.1, adata.n_obs)[:, None]
+    adata.uns["signature"] = {"names": ["A type", "other type"]}
+    adata.write_zarr(tmp_path / "g.zarr")
+    lazy = read_lazy(tmp_path / "g.zarr")
+    scx.tl.spatial_domains(lazy, "selected", max_distance=15)
+    scx.tl.annotate_domains(lazy, "domain")
+    assert {"domain_annotation", "domain_annotation_cell"} <= set(lazy.obs.columns)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.spatial_domains(lazy, "selected", max_distance=55)
+    assert "removing the names that annotate_domains gave" in caplog.text
+    assert "domain_annotation" not in lazy.uns
+    assert not {"domain_annotation", "domain_annotation_cell"} & set(lazy.obs.columns)
+    assert {"block", "selected", "domain"} <= set(lazy.obs.columns) and lazy.n_obs == adata.n_obs

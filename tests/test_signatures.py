@@ -860,3 +860,115 @@ def test_cells_with_no_marker_signal_are_not_named_after_the_sparsest_set(xenium
     np.testing.assert_array_equal(shown, np.asarray(names)[scores[~below].argmax(axis=1)])
     # no single one-gene set takes a large share of the cells any more
     assert cell.value_counts(normalize=True).drop("Unassigned").max() < 0.2
+
+
+def test_smoothing_keeps_sections_that_share_coordinates_apart(caplog):
+    """Two sections laid over one coordinate frame: with library_key a cell's neighbours come from its own section."""
+    from scipy.spatial import cKDTree
+
+    one = make_tissue(n_per_region=40, seed=0)
+    two = make_tissue(n_per_region=40, seed=1)
+    adata = ad.concat({"s1": one, "s2": two}, label="section", index_unique="-")
+    scx.tl.score_signatures(adata, MARKERS, key_added="raw")
+    raw = adata.obsm["raw"].astype(np.float64)
+    expected = np.empty_like(raw)
+    for section in ("s1", "s2"):
+        rows = np.flatnonzero(adata.obs["section"] == section)
+        _, nn = cKDTree(adata.obsm["spatial"][rows]).query(adata.obsm["spatial"][rows], k=7)
+        expected[rows] = raw[rows[nn]].mean(axis=1)
+    scx.tl.score_signatures(adata, MARKERS, smooth=True, n_neighbors=6, library_key="section", key_added="apart")
+    np.testing.assert_allclose(adata.obsm["apart"], expected, rtol=1e-4, atol=1e-5)
+    assert adata.uns["apart"]["library_key"] == "section"
+    # without it, the sections are averaged together, and a warning names the column to pass
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.score_signatures(adata, MARKERS, smooth=True, n_neighbors=6, key_added="mixed")
+    assert "Pass library_key='section'" in caplog.text
+    assert np.abs(adata.obsm["mixed"] - expected).max() > 0.1
+    with pytest.raises(KeyError, match="no column 'sample'"):
+        scx.tl.score_signatures(adata, MARKERS, smooth=True, library_key="sample", key_added="bad")
+    assert "bad" not in adata.obsm
+
+
+def test_smoothing_in_3d_takes_neighbours_in_3d():
+    """Two layers of cells 1000 apart in z over the same x, y: a cell's neighbours are in its own layer."""
+    from spatialcx.tl._signatures import _smooth
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, (300, 2))
+    xyz = np.vstack([np.column_stack([xy, np.zeros(300)]), np.column_stack([xy, np.full(300, 1000.0)])])
+    scores = np.repeat([[0.0], [1.0]], 300, axis=0).astype(np.float32)  # one value per layer
+    smooth = _smooth(scores, xyz, n_neighbors=5, source="test")
+    np.testing.assert_array_equal(smooth, scores)
+
+
+def test_smoothing_queries_the_tree_in_its_own_order(monkeypatch):
+    """The points go to the k-d tree in its leaf order (cache-friendly at a million cells); the result is unchanged."""
+    import scipy.spatial
+
+    from spatialcx.tl._signatures import _smooth
+
+    queried = []
+
+    class Spy(scipy.spatial.cKDTree):
+        def query(self, x, *args, **kwargs):
+            queried.append((np.asarray(x).copy(), self.indices.copy(), self.data.copy()))
+            return super().query(x, *args, **kwargs)
+
+    rng = np.random.default_rng(0)
+    xy, values = rng.uniform(0, 1000, (2000, 2)), rng.normal(size=(2000, 3)).astype(np.float32)
+    _, nn = scipy.spatial.cKDTree(xy).query(xy, k=6)
+    monkeypatch.setattr(scipy.spatial, "cKDTree", Spy)
+    smooth = _smooth(values, xy, n_neighbors=5, source="test")
+    points, order, data = queried[0]
+    np.testing.assert_array_equal(points, data[order])
+    np.testing.assert_allclose(smooth, values[nn].mean(axis=1), atol=1e-6)
+
+
+def test_markers_that_only_raw_holds_are_scored():
+    """scanpy's layout: raw holds log1p of every gene, X a scaled subset. Markers outside X are read from raw."""
+    import scanpy as sc
+
+    adata = make_tissue(n_per_region=60)
+    scx.tl.score_signatures(adata, MARKERS, key_added="full")
+    scaled = adata.copy()
+    sc.pp.normalize_total(scaled, target_sum=1e4)
+    sc.pp.log1p(scaled)
+    scaled.raw = scaled
+    scaled = scaled[:, [g for g in scaled.var_names if g not in ("CD3D", "CD3E", "CD2", "MS4A1")]].copy()
+    sc.pp.scale(scaled)
+    scx.tl.score_signatures(scaled, MARKERS, key_added="full")
+    assert list(scaled.uns["full"]["names"]) == list(MARKERS) and list(scaled.uns["full"]["dropped"]) == []
+    assert list(scaled.uns["full"]["genes"]) == [",".join(v) for v in MARKERS.values()]
+    np.testing.assert_allclose(scaled.obsm["full"], adata.obsm["full"], rtol=1e-4, atol=1e-5)
+
+
+def test_new_scores_drop_the_labels_annotate_domains_made_from_the_old_ones(caplog):
+    adata = make_tissue(n_per_region=40)
+    scx.tl.score_signatures(adata, MARKERS)
+    scx.tl.annotate_domains(adata, "region")
+    before = adata.obs["region_annotation"].copy()
+    scx.tl.score_signatures(adata, MARKERS)  # the same scores again: the labels still hold
+    pd.testing.assert_series_equal(adata.obs["region_annotation"], before)
+    assert "region_annotation" in adata.uns
+    fewer = {k: v for k, v in MARKERS.items() if k != "T cells"}
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.score_signatures(adata, fewer)
+    assert "removing the labels that annotate_domains made" in caplog.text
+    assert "region_annotation" not in adata.uns
+    assert not {"region_annotation", "region_annotation_cell"} & set(adata.obs.columns)
+    assert {"truth", "region"} <= set(adata.obs.columns)
+    scx.tl.annotate_domains(adata, "region")
+    assert "T cells" not in adata.obs["region_annotation_cell"].cat.categories
+
+
+def test_new_scores_of_a_lazy_table_drop_the_earlier_labels(tmp_path):
+    from anndata.experimental import read_lazy
+
+    make_tissue(n_per_region=30).write_zarr(tmp_path / "t.zarr")
+    lazy = read_lazy(tmp_path / "t.zarr")
+    scx.tl.score_signatures(lazy, MARKERS)
+    scx.tl.annotate_domains(lazy, "region")
+    scx.tl.score_signatures(lazy, {k: v[:2] for k, v in MARKERS.items()})
+    assert "region_annotation" not in lazy.uns
+    assert not {"region_annotation", "region_annotation_cell"} & set(lazy.obs.columns)
+    assert {"truth", "region"} <= set(lazy.obs.columns)

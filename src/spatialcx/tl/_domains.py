@@ -269,7 +269,8 @@ def spatial_domains(
     if stale_names:
         for name in stale_names:
             del adata.uns[name]
-        adata.obs = adata.obs.drop(columns=[c for k in stale_names for c in (k, f"{k}_cell") if c in adata.obs])
+        gone = {c for k in stale_names for c in (k, f"{k}_cell")}
+        adata.obs = adata.obs[[c for c in adata.obs.columns if c not in gone]]  # a lazy table's obs has no drop()
         logger.warning(
             "spatial_domains(%r): removing the names that annotate_domains gave the domains of an earlier run "
             "(obs / uns %s): the domains changed. Run scx.tl.annotate_domains(data, %r) again to name the new ones.",
@@ -503,18 +504,26 @@ def _libraries(adata: AnnData, library_key: str | None) -> np.ndarray | None:
 SECTION_COLUMNS = ("library_id", "section", "sample", "sample_id", "slide", "slice")
 
 
-def _warn_if_sections(adata: AnnData) -> None:
+def _warn_if_sections(
+    adata: AnnData,
+    fn: str = "spatial_domains",
+    consequence: str = "cells of different sections are linked",
+    remedy: str = "keep each section's domains apart",
+) -> None:
+    """Warn when an obs column of :data:`SECTION_COLUMNS` has several values and no ``library_key`` was given."""
     for name in SECTION_COLUMNS:
         if name in adata.obs.columns:
             n = obs_column(adata, name).nunique()
             if n > 1:
                 logger.warning(
-                    "spatial_domains: obs[%r] has %d values (sections or samples?) but library_key is None, so cells "
-                    "of different sections are linked if their coordinates are close (as when sections share one "
-                    "coordinate frame). Pass library_key=%r to keep each section's domains apart.",
+                    "%s: obs[%r] has %d values (sections or samples?) but library_key is None, so %s if their "
+                    "coordinates are close (as when sections share one coordinate frame). Pass library_key=%r to %s.",
+                    fn,
                     name,
                     n,
+                    consequence,
                     name,
+                    remedy,
                 )
                 return
 
@@ -841,7 +850,7 @@ def _stale_annotations(adata: AnnData, key_added: str, domains: pd.Categorical) 
     ]
     if not runs or key_added not in adata.obs:
         return runs
-    old = adata.obs[key_added]
+    old = obs_column(adata, key_added)
     same = isinstance(old.dtype, pd.CategoricalDtype) and list(old.cat.categories) == list(domains.categories)
     return [] if same and np.array_equal(old.cat.codes.to_numpy(), domains.codes) else runs
 

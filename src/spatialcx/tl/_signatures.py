@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
+    from ..pp._normalization import ExpressionSource
+
 MarkerSets = Mapping[str, Sequence[str]] | str | Path | Any
 _GENE_KEYS = ("genes", "markers", "positive", "positive_markers", "marker_genes")
 #: What separates the genes of one string ("CD3D, CD3E" or "CD3D;CD3E").
@@ -38,6 +40,7 @@ def score_signatures(
     smooth: bool = False,
     n_neighbors: int = 10,
     spatial_key: str = "spatial",
+    library_key: str | None = None,
     chunk_size: int | None = None,
     copy: bool = False,
     write: bool = True,
@@ -85,13 +88,18 @@ def score_signatures(
         ``n`` (the mean z-score, which favours small sets in a per-cell comparison).
     smooth
         Average each cell's scores with its ``n_neighbors`` nearest spatial neighbours
-        (:meth:`scipy.spatial.cKDTree.query`), which reduces the noise of sparse panels.
+        (:meth:`scipy.spatial.cKDTree.query`; in 3D when the coordinates have a third column), which reduces the noise
+        of sparse panels.
     n_neighbors
         Neighbours used by ``smooth``.
     spatial_key
         Key of the coordinates in ``obsm`` (``smooth`` only). When ``obsm`` has none and ``data`` is a SpatialData
         whose table annotates a shapes element (SOPA, spatialdata-io), the centroids of the cells' shapes are used,
         as in :func:`spatialcx.tl.spatial_domains`.
+    library_key
+        obs column of sections / samples (``smooth`` only): a cell's neighbours are taken from its own section. Without
+        it, sections that share one coordinate frame are averaged together (a warning names a column such as
+        ``"section"`` or ``"library_id"`` when the table has one).
     chunk_size
         Cells per block read; default ``scx.settings.chunk_size``.
     copy
@@ -105,7 +113,8 @@ def score_signatures(
     ``uns[key_added]`` with ``names`` (the column order), ``genes`` (the genes used per signature, comma-joined),
     ``missing`` (the genes of each scored signature that are not in the panel, comma-joined), ``dropped``
     (signatures left out), ``coordinates`` (where the coordinates of ``smooth`` came from, or ``""``) and the
-    parameters.
+    parameters. The labels that :func:`annotate_domains` made from earlier scores under ``key_added`` (its obs
+    columns and ``uns`` entry) are removed, with a warning, when the scores change.
 
     Raises
     ------
@@ -114,11 +123,14 @@ def score_signatures(
     TypeError
         ``markers`` is not a mapping or a table, or a marker set is not a list of genes.
     ValueError
-        Empty or malformed marker sets, two sets of the same name, or no signature with enough panel genes.
+        Empty or malformed marker sets, two sets of the same name, no signature with enough panel genes, or (with
+        ``smooth``) cells without finite coordinates or a ``library_key`` column with missing values.
     KeyError
-        ``smooth=True`` and no coordinates (neither ``obsm[spatial_key]`` nor shapes linked to the table).
+        ``smooth=True`` and no coordinates (neither ``obsm[spatial_key]`` nor shapes linked to the table), or no
+        ``library_key`` column.
     """
     from .._table import check_key, resolve_table
+    from ..pp._normalization import find_expression_source
 
     if int(min_genes) < 1:
         raise ValueError(f"min_genes={min_genes} must be at least 1.")
@@ -129,17 +141,37 @@ def score_signatures(
 
     ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
-    names, used, missing, dropped = _match_genes(marker_sets, adata.var_names, int(min_genes), key_added=key_added)
-    coords, coords_source = None, ""
+    coords, coords_source, libraries = None, "", None
     if smooth:  # before reading any expression: a table without coordinates fails fast
-        from ._domains import _coordinates
+        from ._domains import _coordinates, _libraries, _warn_if_sections
 
         coords, coords_source = _coordinates(adata, spatial_key, ref.sdata)
+        libraries = _libraries(adata, library_key)
+        if library_key is None:
+            _warn_if_sections(
+                adata, "score_signatures", "cells are averaged with neighbours of other sections", "smooth each alone"
+            )
+    src = find_expression_source(adata)
+    # the genes of the matrix the scores are read from: raw.X may hold markers that X (e.g. highly variable genes) lacks
+    names, used, missing, dropped = _match_genes(marker_sets, src.var_names, int(min_genes), key_added=key_added)
 
-    scores, n_genes = _signature_scores(adata, used, standardize=bool(standardize), chunk_size=chunk_size)
+    scores, n_genes = _signature_scores(src, used, standardize=bool(standardize), chunk_size=chunk_size)
     if smooth:
-        scores = _smooth(scores, coords, n_neighbors=int(n_neighbors), source=coords_source)
+        scores = _smooth(scores, coords, n_neighbors=int(n_neighbors), source=coords_source, libraries=libraries)
 
+    stale = _stale_annotations(adata, key_added, names, scores)
+    if stale:
+        for name in stale:
+            del adata.uns[name]
+        gone = {c for k in stale for c in (k, f"{k}_cell")}
+        adata.obs = adata.obs[[c for c in adata.obs.columns if c not in gone]]  # a lazy table's obs has no drop()
+        logger.warning(
+            "score_signatures(%r): removing the labels that annotate_domains made from the earlier scores (obs / uns "
+            "%s): the scores changed. Run scx.tl.annotate_domains(data, groupby, signature_key=%r) again.",
+            key_added,
+            stale,
+            key_added,
+        )
     adata.obsm[key_added] = scores
     adata.uns[key_added] = {
         "names": list(names),
@@ -154,8 +186,33 @@ def score_signatures(
         "n_neighbors": int(n_neighbors) if smooth else 0,
         "coordinates": coords_source,
     }
+    if smooth and library_key is not None:
+        adata.uns[key_added]["library_key"] = library_key
     logger.info("score_signatures(%r): %d signature(s) scored over %d genes.", key_added, len(names), n_genes)
-    return ref.finish(write=write, elements=("obsm", "uns"))
+    return ref.finish(write=write, elements=("obs", "obsm", "uns") if stale else ("obsm", "uns"))
+
+
+def _stale_annotations(adata: AnnData, key_added: str, names: list[str], scores: np.ndarray) -> list[str]:
+    """The ``uns`` keys of the annotate_domains runs made from ``obsm[key_added]``, when the new scores differ.
+
+    Their labels and statistics would sit beside scores they were not made from.
+    """
+    runs = [
+        name
+        for name, value in adata.uns.items()
+        if isinstance(value, dict) and value.get("signature_key") == key_added and "groupby" in value
+    ]
+    if not runs:
+        return runs
+    earlier = adata.uns.get(key_added)
+    old_names = earlier.get("names") if isinstance(earlier, dict) else None
+    same = (
+        old_names is not None
+        and key_added in adata.obsm
+        and [str(n) for n in np.asarray(old_names).tolist()] == list(names)
+        and np.array_equal(np.asarray(adata.obsm[key_added]), scores)
+    )
+    return [] if same else runs
 
 
 def annotate_domains(
@@ -358,7 +415,7 @@ def annotate_domains(
 
 
 def _signature_scores(
-    adata: AnnData, used: list[list[str]], *, standardize: bool, chunk_size: int | None
+    src: ExpressionSource, used: list[list[str]], *, standardize: bool, chunk_size: int | None
 ) -> tuple[np.ndarray, int]:
     r"""Scores (float32, cells x signatures) of the gene sets ``used``, reading the expression chunk by chunk.
 
@@ -367,13 +424,12 @@ def _signature_scores(
     That is linear in the expression: the first pass over the rows accumulates ``m`` and ``s``
     (:func:`sklearn.utils.sparsefuncs.incr_mean_variance_axis`), the second computes ``X_block @ W - c`` for each block, with
     ``W[j, k] = w_k / s_j`` and ``c_k = sum_j W[j, k] m_j``. A gene that does not vary contributes nothing (z = 0).
-    Returns the scores and the number of genes read.
+    ``src`` is the table's expression (:func:`~spatialcx.pp._normalization.find_expression_source`), ``used`` names
+    genes of ``src.var_names``. Returns the scores and the number of genes read.
     """
     from .._matrix import default_chunk_size, gene_indices, iter_row_blocks, normalize_block
-    from ..pp._normalization import find_expression_source
 
     union = list(dict.fromkeys(g for genes in used for g in genes))
-    src = find_expression_source(adata)
     cols = gene_indices(src.var_names, union)
     chunk = default_chunk_size(src.matrix.shape[1], chunk_size)
     n_cells, n_genes = int(src.matrix.shape[0]), len(union)
@@ -414,38 +470,73 @@ def _signature_scores(
     return scores, n_genes
 
 
-def _smooth(scores: np.ndarray, coords: np.ndarray, *, n_neighbors: int, source: str) -> np.ndarray:
+def _smooth(
+    scores: np.ndarray,
+    coords: np.ndarray,
+    *,
+    n_neighbors: int,
+    source: str,
+    libraries: np.ndarray | None = None,
+) -> np.ndarray:
     """Average each cell's scores with those of its ``n_neighbors`` nearest neighbours (itself included).
 
-    The neighbours come from :meth:`scipy.spatial.cKDTree.query`; a cell is always its own (when more than
-    ``n_neighbors`` cells share its position, the others are the first ones found there).
+    The neighbours come from :meth:`scipy.spatial.cKDTree.query`, in 3D when the coordinates have a third column, and
+    only among the cells of the same library (``libraries``: one code per cell) when given. A cell is always its own
+    neighbour (when more than ``n_neighbors`` cells share its position, the others are the first ones found there); a
+    library of fewer than ``n_neighbors + 1`` cells averages over all its cells.
     """
     import scipy.sparse as sp
-    from scipy.spatial import cKDTree
 
     n_obs = scores.shape[0]
-    coords = np.asarray(coords, dtype=np.float64)[:, :2]
+    coords = np.asarray(coords, dtype=np.float64)[:, :3]
     if not np.isfinite(coords).all():
         bad = int((~np.isfinite(coords).all(axis=1)).sum())
         raise ValueError(
             f"{bad} cell(s) have non-finite coordinates in {source}; smoothing needs every cell's position. Fix or "
             "drop those cells, or use smooth=False."
         )
-    k = min(n_neighbors, n_obs - 1)
+    groups = [np.arange(n_obs)] if libraries is None else [np.flatnonzero(libraries == v) for v in np.unique(libraries)]
+    indptr, indices, weights = [np.zeros(1, dtype=np.int64)], [], []
+    row_of = np.empty(n_obs, dtype=np.int64)  # row of each cell in the stacked neighbour lists
+    done = 0
+    for rows in groups:
+        nn = rows[_neighbours(coords[rows], min(n_neighbors, rows.size - 1))]
+        indices.append(nn.ravel())
+        weights.append(np.full(nn.size, 1.0 / nn.shape[1], dtype=np.float32))
+        indptr.append(indptr[-1][-1] + nn.shape[1] * np.arange(1, rows.size + 1))
+        row_of[rows] = done + np.arange(rows.size)
+        done += rows.size
+    stacked = (np.concatenate(weights), np.concatenate(indices), np.concatenate(indptr))
+    w = sp.csr_matrix(stacked, shape=(n_obs, n_obs))[row_of]  # rows back in the order of the cells
+    return np.asarray(w @ np.asarray(scores, dtype=np.float32), dtype=np.float32)
+
+
+def _neighbours(coords: np.ndarray, k: int) -> np.ndarray:
+    """``(n, k + 1)`` positions of each point's ``k`` nearest other points, then of the point itself.
+
+    The points are queried in the k-d tree's own order (neighbouring points one after another, so the nodes visited
+    stay in the cache: about half the time on a million cells stored in no spatial order), over
+    ``scx.settings.n_jobs`` threads; the result depends on neither.
+    """
+    from scipy.spatial import cKDTree
+
+    from .._settings import n_workers, settings
+
+    n = coords.shape[0]
+    rows = np.arange(n)
     if k < 1:
-        return scores
-    _, nn = cKDTree(coords).query(coords, k=k + 1)
-    rows = np.arange(n_obs)
+        return rows[:, None]
+    tree = cKDTree(coords)
+    order = tree.indices
+    _, found = tree.query(coords[order], k=k + 1, workers=n_workers(settings.n_jobs, n))
+    nn = np.empty_like(found)
+    nn[order] = found
     # the k nearest other cells: where a cell is among its own first k, the (k+1)-th nearest takes its place
     nn[:, 0] = np.where(nn[:, 0] == rows, nn[:, k], nn[:, 0])  # usually the cell itself (distance 0)
-    found = nn[:, 1:k] == rows[:, None]  # a cell that shares its position with others may come later
-    nn[:, 1:k][found] = nn[:, k][found.any(axis=1)]
+    own = nn[:, 1:k] == rows[:, None]  # a cell that shares its position with others may come later
+    nn[:, 1:k][own] = nn[:, k][own.any(axis=1)]
     nn[:, k] = rows  # and the cell itself
-    w = sp.csr_matrix(
-        (np.full(nn.size, 1.0 / (k + 1), dtype=np.float32), nn.ravel(), np.arange(0, nn.size + 1, k + 1)),
-        shape=(n_obs, n_obs),
-    )
-    return np.asarray(w @ np.asarray(scores, dtype=np.float32), dtype=np.float32)
+    return nn
 
 
 # --------------------------------------------------------------------------------------------------------------------
