@@ -267,10 +267,7 @@ def spatial_domains(
     stale_names = _stale_annotations(adata, key_added, domains)
     adata.obs[key_added] = domains
     if stale_names:
-        for name in stale_names:
-            del adata.uns[name]
-        gone = {c for k in stale_names for c in (k, f"{k}_cell")}
-        adata.obs = adata.obs[[c for c in adata.obs.columns if c not in gone]]  # a lazy table's obs has no drop()
+        drop_annotations(adata, stale_names)
         logger.warning(
             "spatial_domains(%r): removing the names that annotate_domains gave the domains of an earlier run "
             "(obs / uns %s): the domains changed. Run scx.tl.annotate_domains(data, %r) again to name the new ones.",
@@ -836,6 +833,14 @@ def _stale_shapes_key(ref: TableRef, key_added: str, shapes_key: str | None, fou
         return None
     claimed = _runs_recording(sdata, key) - {(ref.table_key, key_added)}
     return None if claimed else key
+
+
+def drop_annotations(adata: AnnData, names: list[str]) -> None:
+    """Remove what the :func:`annotate_domains` runs ``names`` wrote: ``uns[name]``, ``obs[name]``, ``obs[name_cell]``."""
+    for name in names:
+        del adata.uns[name]
+    gone = {c for k in names for c in (k, f"{k}_cell")}
+    adata.obs = adata.obs[[c for c in adata.obs.columns if c not in gone]]  # a lazy table's obs has no drop()
 
 
 def _stale_annotations(adata: AnnData, key_added: str, domains: pd.Categorical) -> list[str]:

@@ -161,10 +161,9 @@ def score_signatures(
 
     stale = _stale_annotations(adata, key_added, names, scores)
     if stale:
-        for name in stale:
-            del adata.uns[name]
-        gone = {c for k in stale for c in (k, f"{k}_cell")}
-        adata.obs = adata.obs[[c for c in adata.obs.columns if c not in gone]]  # a lazy table's obs has no drop()
+        from ._domains import drop_annotations
+
+        drop_annotations(adata, stale)
         logger.warning(
             "score_signatures(%r): removing the labels that annotate_domains made from the earlier scores (obs / uns "
             "%s): the scores changed. Run scx.tl.annotate_domains(data, groupby, signature_key=%r) again.",
