@@ -791,3 +791,17 @@ def test_description_with_numpy_or_tuple_keys_saves_and_exports(tmp_path):
     assert back.description == {"counts": {"1": 1, "3": 2}, "('a', 'b')": [1.5, [1, 2]]}
     assert back.model_hash == m.model_hash
     assert scx.CellTypeModel.from_celltypist(m.to_celltypist()).description == back.description
+
+
+def test_duplicated_class_names_are_refused_when_the_model_is_made():
+    """Classes that read alike as text (1 and "1") made a model that scored, then crashed ``predict`` with pandas'
+    "Categorical categories must be unique" once the whole table was scored."""
+    with pytest.raises(ValueError, match=r"classes contain 1 duplicated names \(e.g. \['1'\].*one row of coef"):
+        scx.CellTypeModel(
+            features=["G1", "G2"],
+            classes=[1, "1", 2],
+            coef=np.zeros((3, 2)),
+            intercept=np.zeros(3),
+            scaler_mean=np.zeros(2),
+            scaler_scale=np.ones(2),
+        )

@@ -207,6 +207,14 @@ class CellTypeModel:
                 "gene must name one column of coef, or a query column would be scored twice. Make the names unique "
                 "(e.g. train on an AnnData after `adata.var_names_make_unique()`)."
             )
+        repeated = pd.Index(self.classes)
+        repeated = repeated[repeated.duplicated()].unique()
+        if len(repeated):
+            raise ValueError(
+                f"The model's classes contain {len(repeated)} duplicated names (e.g. {list(repeated[:5])}, compared as "
+                "text): each cell type must name one row of coef, or a predicted label could not say which row won. "
+                "Give every class its own name (labels that differ only in type, such as 1 and '1', read alike)."
+            )
         if self.normalize_over not in ("genes", "all"):
             raise ValueError(f"normalize_over must be 'genes' or 'all', got {self.normalize_over!r}.")
         if self.calibration is not None:

@@ -351,7 +351,8 @@ def predict(
         convention (``"genes"`` for models trained by :func:`train`, ``"all"`` for imported CellTypist models).
     min_gene_fraction
         Fewer of the model's genes in the table than this share is an error. Missing genes sit at their training
-        mean, as in CellTypist.
+        mean, as in CellTypist; a warning names them (and those the table spells in another case: names are matched
+        exactly), and ``uns[key_added]["n_genes_used"]`` counts the genes used.
     store_decision_scores
         Keep the cells x classes decision scores in ``obsm``.
     unsafe_force
@@ -408,12 +409,25 @@ def compute_predictions(
     unsafe_force: bool = False,
 ) -> Predictions:
     """Score ``adata`` with ``model`` and derive labels and confidences; ``adata`` is not modified."""
+    from spatialcx._matrix import default_chunk_size
     from spatialcx.pp._normalization import find_expression_source
+    from spatialcx.tl._confidence import CONFIDENCE_METHODS
 
-    model = _as_model(model)
+    # settings first: a typo must not cost a pass over the whole table
+    if confidence not in CONFIDENCE_METHODS:
+        raise ValueError(f"Unknown confidence method {confidence!r}; choose one of {CONFIDENCE_METHODS}.")
+    if (
+        isinstance(min_gene_fraction, bool)
+        or not isinstance(min_gene_fraction, int | float | np.integer | np.floating)
+        or not 0 <= min_gene_fraction <= 1
+    ):
+        raise ValueError(
+            f"min_gene_fraction must be a number in [0, 1] (the least share of the model's genes the table must have), "
+            f"got {min_gene_fraction!r}."
+        )
     check_normalize_over(normalize_over)
-    if not 0 <= min_gene_fraction <= 1:
-        raise ValueError(f"min_gene_fraction must be in [0, 1], got {min_gene_fraction}.")
+    default_chunk_size(1, chunk_size)  # a ValueError for a chunk_size that is not a positive whole number
+    model = _as_model(model)
     src = find_expression_source(adata, unsafe_force=unsafe_force)
     present, _ = model.match_genes(as_str_array(src.var_names))  # repeated model genes are an error
     frac = len(present) / model.n_features
@@ -427,9 +441,11 @@ def compute_predictions(
         )
     if len(present) < model.n_features:
         logger.warning(
-            "%d of the model's %d genes are missing from the table; they sit at their training mean (as in CellTypist)",
+            "%d of the model's %d genes are missing from the table (e.g. %s); they sit at their training mean (as in "
+            "CellTypist).%s",
             model.n_features - len(present),
             model.n_features,
+            *_missing_genes_note(model, present, src.var_names),
         )
     scores, _, expressed = score_matrix(
         src.matrix,
@@ -482,6 +498,23 @@ def compute_predictions(
         scores=scores,
         params=params,
         n_genes=expressed,
+    )
+
+
+def _missing_genes_note(model: CellTypeModel, present: np.ndarray, var_names: Any) -> tuple[list[str], str]:
+    """Examples of the model's genes missing from the table, and a hint when some are there under another case."""
+    missing = np.delete(model.features, present)
+    folded: dict[str, str] = {}
+    for name in as_str_array(var_names):
+        folded.setdefault(name.casefold(), name)
+    other_case = [(str(g), str(folded[g.casefold()])) for g in missing if g.casefold() in folded]
+    if not other_case:
+        return missing[:5].tolist(), ""
+    g, t = other_case[0]
+    return missing[:5].tolist(), (
+        f" {len(other_case)} of them are in the table under another case (e.g. the model's {g!r} is the table's "
+        f"{t!r}): names are matched exactly. Rename the table's genes to the model's spelling, or train a model on "
+        "this panel with `scx.tl.train(reference, label_key, genes=data)`."
     )
 
 
