@@ -895,3 +895,40 @@ def test_predict_warning_names_the_missing_genes_and_those_in_another_case(model
         scx.tl.predict(only_missing, model)
     assert "5 of the model's 70 genes are missing from the table (e.g. ['G10', 'G11'" in caplog.text
     assert "another case" not in caplog.text
+
+
+def _cellxgene_style(tmp_path):
+    """A reference laid out as CELLxGENE writes it: Ensembl ids, ``var["feature_name"]``, log1p X, counts in raw."""
+    counts = _data(n=600, g=30, seed=40)
+    symbols = list(counts.var_names)
+    ids = pd.Index([f"ENSG{i:011d}" for i in range(counts.n_vars)], name="gene_ids")
+    adata = counts.copy()
+    adata.var_names = ids
+    adata.var["feature_name"] = pd.Categorical(symbols)
+    adata.raw = adata.copy()  # raw.var: the ids only (feature_name lives in var)
+    del adata.raw.var["feature_name"]
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    path = tmp_path / "cxg.h5ad"
+    adata.write_h5ad(path)
+    return counts, adata, path
+
+
+def test_train_matches_a_panel_to_a_cellxgene_style_reference(tmp_path):
+    """The panel's symbols reach the Ensembl-named counts of raw through var["feature_name"], whether the reference is
+    in memory, read lazily with read_reference (X renamed to symbols, raw still by id) or given as a path. Before,
+    none of the panel genes was found ("Only 0 of 4 panel genes"), a lazy one without genes= failed with a KeyError,
+    and a path was an AttributeError."""
+    counts, adata, path = _cellxgene_style(tmp_path)
+    panel = ["G3", "G0", "g1", "G5", "G7", "G9"]  # "g1": the panel's own spelling, matched case-insensitively
+    expected = scx.tl.train(counts, "label", genes=panel)  # the same counts named by symbols
+    lazy = scx.io.read_reference(path, label_key="label")
+    for reference in (adata, lazy, path, str(path)):
+        model = scx.tl.train(reference, "label", genes=panel)
+        assert list(model.features) == panel
+        np.testing.assert_allclose(model.coef, expected.coef, rtol=1e-5, atol=1e-6)
+    whole = scx.tl.train(lazy, "label")  # X's genes (symbols), read from raw by id
+    assert list(whole.features) == list(counts.var_names)
+    np.testing.assert_allclose(whole.coef, scx.tl.train(counts, "label").coef, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="reference must be an AnnData or the path"):
+        scx.tl.train(42, "label")

@@ -655,20 +655,33 @@ def _find_source(adata: AnnData) -> Any:
     return find_expression_source(adata)
 
 
+def _columns(df: Any) -> list[str]:
+    """Column names of a DataFrame or of a lazily read one (``Dataset2D``)."""
+    return list(df.columns) if hasattr(df, "columns") else list(getattr(df, "keys", list)())
+
+
 def _feature_names_for(adata: AnnData, var_names: pd.Index) -> pd.Series | None:
-    """``feature_name`` aligned with ``var_names``, from var or raw.var (matched by id when needed)."""
+    """``feature_name`` aligned with ``var_names``, from var or raw.var (matched by id when needed).
+
+    A var whose names are symbols already and whose ids are in ``var["feature_id"]`` (as :func:`read_reference`
+    leaves an Ensembl-indexed file, and CELLxGENE Census writes) maps those ids to its names.
+    """
     candidates = [adata.var]
     if adata.raw is not None:
         candidates.insert(0, adata.raw.var)
     for var in candidates:
-        cols = list(var.columns) if hasattr(var, "columns") else list(getattr(var, "keys", list)())
-        if "feature_name" not in cols:
-            continue
-        values = pd.Series(np.asarray(var["feature_name"]).astype(object), index=pd.Index(np.asarray(var.index)))
-        if values.index.equals(var_names):
-            return values.reset_index(drop=True)
-        if values.index.is_unique:
-            return values.reindex(var_names).reset_index(drop=True)
+        cols = _columns(var)
+        options = []  # (ids, symbols)
+        if "feature_name" in cols:
+            options.append((np.asarray(var.index), np.asarray(var["feature_name"])))
+        if "feature_id" in cols:
+            options.append((np.asarray(var["feature_id"]), np.asarray(var.index)))
+        for ids, names in options:
+            values = pd.Series(names.astype(object), index=pd.Index(ids))
+            if values.index.equals(var_names):
+                return values.reset_index(drop=True)
+            if values.index.is_unique and values.index.isin(var_names).any():
+                return values.reindex(var_names).reset_index(drop=True)
     return None
 
 
@@ -1045,7 +1058,11 @@ def read_reference(
         lazy = read_lazy(h5py.File(path, "r"))
     if max_cells is not None or genes is not None:
         lazy = lazy_subset(lazy, rows, cols)
+    ids = np.asarray(var_names)[np.asarray(cols)].astype(str)
     lazy.var_names = pd.Index(np.asarray(new_names).astype(str))
+    if not np.array_equal(ids, np.asarray(lazy.var_names)) and "feature_id" not in _columns(lazy.var):
+        # the ids renamed to symbols stay beside them (CELLxGENE's column name): raw, named by id, is read through them
+        lazy.var["feature_id"] = ids
     lazy.uns[READ_UNS_KEY] = {
         "uri": os.fspath(uri),
         "name": _stem(path),

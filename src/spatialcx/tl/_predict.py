@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -107,8 +108,22 @@ def training_matrix(
     return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, len(cols)), dtype=np.float32)
 
 
+def _gene_symbols(reference: AnnData, names: pd.Index) -> pd.Index:
+    """Gene symbols of ``names`` (the expression source's var names), as :func:`~spatialcx.pp.combine_references` reads.
+
+    Ensembl ids are mapped through ``var["feature_name"]`` (CELLxGENE) or the packaged human / mouse tables.
+    """
+    from spatialcx.io._reference import _feature_names_for
+    from spatialcx.pp._harmonize import to_symbols
+
+    try:
+        return to_symbols(names, feature_names=_feature_names_for(reference, names)).symbols
+    except ValueError:  # Ensembl ids of a species without a packaged table, and no feature_name: names as they are
+        return names
+
+
 def train(
-    reference: AnnData,
+    reference: AnnData | str | os.PathLike,
     label_key: str,
     *,
     genes: Sequence[str] | AnnData | SpatialData | None = None,
@@ -134,9 +149,12 @@ def train(
     Parameters
     ----------
     reference
-        Labelled single-cell reference (in memory, backed or lazy). Raw counts are found in ``layers["counts"]``,
-        ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X`` or ``X`` (see :func:`spatialcx.pp.normalization_status`);
-        verified log1p(10k) data in ``X`` is used when no counts exist.
+        Labelled single-cell reference: an AnnData (in memory, backed or lazy), or the path or URI of an ``.h5ad`` /
+        AnnData ``.zarr`` (read lazily with :func:`~spatialcx.io.read_reference`, only the panel's genes). Raw counts
+        are found in ``layers["counts"]``, ``layers["raw_counts"]``, ``layers["raw"]``, ``raw.X`` or ``X`` (see
+        :func:`spatialcx.pp.normalization_status`); verified log1p(10k) data in ``X`` is used when no counts exist.
+        Genes named by Ensembl ids are matched to the panel by their symbols (``var["feature_name"]``, as CELLxGENE
+        writes it, or the packaged human / mouse tables), in ``raw`` too.
     label_key
         Column of ``reference.obs`` with the cell-type labels. Cells with missing labels are ignored, as are empty
         labels and missing labels written out as text (``"nan"``, ``"<NA>"``); surrounding whitespace is stripped
@@ -204,6 +222,17 @@ def train(
     default_chunk_size(1, chunk_size)  # a ValueError for a chunk_size that is not a positive whole number
     excluded = label_list(exclude_labels)
     panel = _resolve_genes(genes)
+    import anndata
+
+    if isinstance(reference, str | os.PathLike):  # a file or URI: read lazily, only the panel's genes
+        from spatialcx.io import read_reference
+
+        reference = read_reference(reference, label_key=label_key, genes=panel)
+    elif not isinstance(reference, anndata.AnnData):
+        raise TypeError(
+            "reference must be an AnnData or the path / URI of an .h5ad or AnnData .zarr, got "
+            f"{type(reference).__name__}."
+        )
     from spatialcx.io._reference import clean_labels
 
     # as combine_references / annotate: "nan" / "" (missing written as text) are no labels, "T cell " is "T cell"
@@ -211,16 +240,27 @@ def train(
     from spatialcx.pp._normalization import find_expression_source
 
     source = find_expression_source(reference)
+    from spatialcx.pp._harmonize import check_overlap, match_genes
+
+    # the genes of the counts read (raw.X may hold more genes than an X subset to highly variable genes, and name them
+    # by Ensembl id where X's were renamed to symbols), and their symbols
+    ref_genes = pd.Index(as_str_array(source.var_names))
     if panel is None:  # X's genes, as CellTypist trains
         shared = list(as_str_array(reference.var_names))
         read_as = shared
+        if not pd.Index(shared).isin(ref_genes).all():
+            found = match_genes(shared, _gene_symbols(reference, ref_genes), ids=ref_genes)
+            if found.missing:
+                raise KeyError(
+                    f"{len(found.missing)} of X's genes are not in the reference's {source.where} (e.g. "
+                    f"{found.missing[:5]}), which training reads. Pass genes= (the panel) to train on the genes it "
+                    "holds."
+                )
+            read_as = [str(ref_genes[c]) for c in found.columns]
     else:
-        from spatialcx.pp._harmonize import check_overlap, match_genes
-
         wanted = list(pd.Index(panel).unique())
-        # the genes of the counts read (raw.X may hold more genes than an X subset to highly variable genes)
-        ref_genes = pd.Index(as_str_array(source.var_names))
-        found = match_genes(wanted, ref_genes)  # exact first, then case-insensitively where unambiguous
+        # exact first, then case-insensitively where unambiguous; Ensembl ids through their symbols
+        found = match_genes(wanted, _gene_symbols(reference, ref_genes), ids=ref_genes)
         shared = found.genes  # the panel's spelling: the model scores the spatial table by these names
         read_as = [str(ref_genes[c]) for c in found.columns]
         (logger.warning if found.missing else logger.info)(
