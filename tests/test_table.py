@@ -445,6 +445,64 @@ def test_synthetic_store_round_trip(store, request):
     assert "cell_type" in consolidated["tables/table/uns"]
 
 
+@pytest.mark.parametrize("store", ["v3_store", "v2_store"])
+def test_text_with_missing_values_stays_missing(store, request):
+    """anndata writes an object column of strings as text, so None/NaN came back as the strings 'None'/'nan'."""
+    path = request.getfixturevalue(store)
+    sdata = sd.read_zarr(path)
+    table = sdata.tables["table"]
+    n = table.n_obs
+    text = ["B cell" if i % 3 else None for i in range(n)]
+    table.obs["label"] = pd.Series(text, index=table.obs_names, dtype=object)
+    table.obs["note"] = pd.Series(["x" if i % 2 else np.nan for i in range(n)], index=table.obs_names, dtype=object)
+    table.obs["empty"] = pd.Series([None] * n, index=table.obs_names, dtype=object)
+    table.obs["name"] = pd.Series([f"c{i}" for i in range(n)], index=table.obs_names, dtype=object)  # no missing
+    table.obsm["meta"] = pd.DataFrame({"source": pd.Series(text, index=table.obs_names, dtype=object)})
+
+    write_table(sdata)
+
+    assert table.obs["label"].dtype == object and table.obs["label"].isna().sum() == 20  # memory untouched
+    back = sd.read_zarr(path).tables["table"]
+    for key, frame in (("label", back.obs), ("note", back.obs), ("empty", back.obs), ("source", back.obsm["meta"])):
+        written = pd.Series(frame[key]).astype(object)
+        expected = (table.obs[key] if key != "source" else table.obsm["meta"][key]).to_numpy()
+        np.testing.assert_array_equal(written.isna().to_numpy(), pd.isna(expected), err_msg=key)
+        assert not written.isin(["None", "nan"]).any(), key
+        assert (written.dropna() == pd.Series(expected).dropna().to_numpy()).all(), key
+    assert back.obs["name"].dtype == object and back.obs["name"].tolist() == table.obs["name"].tolist()
+
+
+def test_a_value_anndata_cannot_store_is_named_with_the_fix(v3_store):
+    sdata = sd.read_zarr(v3_store)
+    sdata.tables["table"].obs["acquired"] = pd.date_range("2024-01-01", periods=sdata.tables["table"].n_obs)
+    before = _snapshot(v3_store)
+    with pytest.raises(Exception, match="DatetimeArray") as info:
+        write_table(sdata)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "'acquired'" in notes and "astype(str)" in notes and "left unchanged" in notes
+    assert _snapshot(v3_store) == before and not (v3_store / WORK_DIR).exists()
+
+
+def test_another_table_with_the_same_names_is_refused(v3_store):
+    """Tables named by position ('cell0', ... here) share their names: the layout of X tells them apart."""
+    sdata = sd.read_zarr(v3_store)
+    other = _synthetic_sdata(seed=1).tables["table"]  # same cells and genes names, other counts
+    other.obs["cell_type"] = "T cell"
+    sdata.tables["table"] = other
+    before = _snapshot(v3_store)
+    with pytest.raises(ValueError, match=r"different table put in place.*new key.*Nothing was written"):
+        write_table(sdata)
+    assert _snapshot(v3_store) == before
+
+    # the table read from the store, with X transformed in memory (same stored values), is written
+    sdata = sd.read_zarr(v3_store)
+    table = sdata.tables["table"]
+    table.X = table.X.multiply(1e4 / np.maximum(table.X.sum(axis=1), 1)).tocsr().log1p()
+    table.obs["cell_type"] = "T cell"
+    write_table(sdata, elements=("obs",))
+    assert (sd.read_zarr(v3_store).tables["table"].obs["cell_type"] == "T cell").all()
+
+
 def test_repeated_writes_change_dtype_and_delete(v3_store):
     sdata = sd.read_zarr(v3_store)
     table = sdata.tables["table"]
@@ -991,26 +1049,51 @@ def test_a_failure_right_after_the_swap_keeps_the_results_in_memory(v3_store, mo
     assert not (v3_store / WORK_DIR).exists()
 
 
-def test_read_only_store_says_so_and_changes_nothing(v3_store, monkeypatch):
-    """A store the user may not write to (chmod a-w, a read-only mount): the error names the store and the way out."""
+def _refuse_work_dir(monkeypatch, store: Path, code: int) -> None:
+    """Creating the work directory fails as on a store without write permission (EACCES) or a read-only mount."""
     import errno
 
     real_mkdir = Path.mkdir
+    error = PermissionError if code == errno.EACCES else OSError
 
     def refused(self, *args, **kwargs):
         if WORK_DIR in self.parts:
-            raise PermissionError(errno.EACCES, "Permission denied", str(v3_store / WORK_DIR))
+            raise error(code, os.strerror(code), str(store / WORK_DIR))
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", refused)
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EROFS"])
+def test_read_only_store_says_so_and_changes_nothing(v3_store, monkeypatch, code):
+    """A store the user may not write to (chmod a-w, a read-only mount): the error names the store and the way out."""
+    import errno
+
+    _refuse_work_dir(monkeypatch, v3_store, getattr(errno, code))
     sdata = sd.read_zarr(v3_store)
     before = _snapshot(v3_store)
     ref = resolve_table(sdata, write=True)
     ref.adata.obs["cell_type"] = "T cell"
-    with pytest.raises(PermissionError, match=r"Cannot write into the zarr store .*read-only.*Nothing in the store"):
+    with pytest.raises(OSError, match=r"Cannot write into the zarr store .*read-only.*Nothing in the store") as info:
         ref.finish()
+    assert info.value.errno == getattr(errno, code)
     assert "cell_type" not in sdata.tables["table"].obs  # memory and store still agree
     assert _snapshot(v3_store) == before
+
+
+def test_removing_shapes_from_a_read_only_store_changes_nothing(v3_store, monkeypatch):
+    """The consolidated metadata was rewritten without the element before the store turned out to be read-only."""
+    import errno
+
+    sdata = sd.read_zarr(v3_store)
+    sdata.shapes["domains"] = _squares(3)
+    _table.write_shapes_element(sdata, "domains")
+    before = _snapshot(v3_store)
+    _refuse_work_dir(monkeypatch, v3_store, errno.EACCES)
+    with pytest.raises(PermissionError, match=r"Cannot write into the zarr store .*Nothing in the store"):
+        _table.remove_shapes_element(sdata, "domains")
+    assert _snapshot(v3_store) == before
+    assert "domains" in zarr.open_group(str(v3_store), mode="r", use_consolidated=True)["shapes"]
 
 
 def test_read_only_calls_take_no_snapshot(v3_store):

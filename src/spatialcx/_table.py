@@ -374,7 +374,9 @@ def write_table(
     interrupted write leaves the previous table readable; leftovers of an interrupted write are cleaned up (and a
     table set aside is restored) by the next write to the same store. Consolidated metadata is refreshed when the
     store has it, and the store's zarr format (v2 or v3) is kept. A table that is not yet in the store is written
-    whole.
+    whole (with spatialdata's writer). Into a table already in the store, a text column (in ``obs``, ``var`` or a data
+    frame in ``obsm``/``varm``) with missing values is written as a categorical, so that they are read back as missing
+    rather than as the text ``'None'`` or ``'nan'``; the table in memory keeps its columns as they are.
 
     Writes into one store run one at a time (an advisory lock), but each writes the table as it is in memory: when
     two processes change the same table, the later write replaces the earlier one's changes (reload the store first).
@@ -398,9 +400,10 @@ def write_table(
         If there is no table ``table_key``.
     ValueError
         If ``sdata`` is not backed by a zarr store, the store is not local, ``elements`` names something that cannot
-        be written, the table no longer matches the one in the store (cells or genes), its link to the spatial
-        elements (``uns["spatialdata_attrs"]``) is broken or changed without writing both ``obs`` and ``uns``, or
-        ``.uns`` holds a value that cannot be serialised.
+        be written, the table no longer matches the one in the store (cells, genes, or the layout of a sparse X: a
+        different table with the same names), its link to the spatial elements (``uns["spatialdata_attrs"]``) is
+        broken or changed without writing both ``obs`` and ``uns``, or ``.uns`` holds a value that cannot be
+        serialised.
         Nothing in the store is changed in these cases.
 
     Examples
@@ -581,8 +584,39 @@ def _write_elem(group: zarr.Group, key: str, value: Any) -> None:
 
 def _element_value(adata: AnnData, name: str) -> Any:
     if name in ("obs", "var"):
-        return getattr(adata, name)
-    return dict(getattr(adata, name))
+        return _storable_frame(getattr(adata, name))
+    value = dict(getattr(adata, name))
+    if name in ("obsm", "varm"):
+        return {k: _storable_frame(v) if _is_frame(v) else v for k, v in value.items()}
+    return value
+
+
+def _is_frame(value: Any) -> bool:
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(value, pd.DataFrame)
+
+
+def _storable_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each text column that has missing values as a categorical, so that they stay missing on disk.
+
+    anndata writes an ``object`` column of strings as text, a missing value included: ``None`` and ``NaN`` would be read
+    back as the strings ``'None'`` and ``'nan'``. A categorical keeps them missing (as ``anndata.AnnData.write_zarr``
+    stores repeated strings). ``df`` itself is not changed.
+    """
+    import pandas as pd
+
+    converted = {}
+    for key, col in df.items():
+        if col.dtype != object or not col.isna().any():
+            continue
+        if pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty"):
+            converted[key] = pd.Categorical(col)
+    if not converted:
+        return df
+    out = df.copy(deep=False)
+    for key, values in converted.items():
+        out[key] = values
+    return out
 
 
 def _memory_group(zarr_format: int) -> zarr.Group:
@@ -664,6 +698,7 @@ def _check_matches_disk(live: Path, adata: AnnData, table_key: str, elements: tu
                 "in the store. Write the SpatialData object to a new store with `sdata.write(new_path)` instead. "
                 "Nothing was written."
             )
+    _check_same_matrix(group, adata, table_key, elements)
     linked = any(group.attrs.get(k) is not None for k in _LINK_KEYS)
     if "uns" in elements and linked and _ATTRS_KEY not in adata.uns:
         raise ValueError(
@@ -685,6 +720,50 @@ def _check_matches_disk(live: Path, adata: AnnData, table_key: str, elements: tu
             f"a table that spatialdata cannot read. Write both: `scx.io.write_table(sdata, {table_key!r}, "
             f"elements={tuple(sorted({*elements, 'obs', 'uns'}))})`. Nothing was written."
         )
+
+
+def _check_same_matrix(group: zarr.Group, adata: AnnData, table_key: str, elements: tuple[str, ...]) -> None:
+    """Refuse a table whose sparse X is laid out unlike the one in the store: it holds other cells.
+
+    Cell and gene names alone do not tell two tables apart when both are named by position (``'0'``, ``'1'``, ...).
+    The layout of a sparse X (which values each row, or column, stores) does, at the cost of reading one array of
+    ``n_obs + 1`` integers. Normalising or log-transforming X in memory keeps the layout, and an X recomputed from the
+    stored counts (``layers`` or ``raw``, as :func:`spatialcx.pp.ensure_normalized` does) has theirs. Dense matrices
+    and other formats are not compared.
+    """
+    import numpy as np
+    import scipy.sparse as sp
+
+    X = adata.X
+    if "X" not in group or not sp.issparse(X) or X.format not in ("csr", "csc"):
+        return
+
+    def same_layout(node: Any) -> bool | None:
+        """Whether the sparse matrix stored at ``node`` has X's layout; None when it is not comparable."""
+        if node.attrs.get("encoding-type") != f"{X.format}_matrix" or "indptr" not in node or "data" not in node:
+            return None
+        return node["data"].shape[0] == X.nnz and np.array_equal(node["indptr"][...], X.indptr)
+
+    stored = group["X"]
+    same = same_layout(stored)
+    if same is None or same:
+        return
+    sources = [group["layers"][k] for k in group["layers"]] if "layers" in group else []
+    if "raw" in group and "X" in group["raw"]:
+        sources.append(group["raw"]["X"])
+    if any(same_layout(node) for node in sources):
+        return
+    n_stored = stored["data"].shape[0]
+    axis = "row" if X.format == "csr" else "column"
+    counts = f"{X.nnz} values in memory, {n_stored} in the store" if n_stored != X.nnz else f"{n_stored} values each"
+    raise ValueError(
+        f"Table {table_key!r} in memory has the cells and genes of the one in the store, but its expression matrix X "
+        f"stores values in other places ({counts}, spread over the {axis}s differently), so it is most likely a "
+        "different table put in place of the one read from the store. Writing only "
+        f"{', '.join(elements)} would pair its annotations with the X kept in the store. Add it under a new key "
+        "(`sdata.tables['other'] = table`, then `scx.io.write_table(sdata, 'other')`), or write the SpatialData "
+        "object to a new store with `sdata.write(new_path)`. Nothing was written."
+    )
 
 
 def _normal_link(attrs: Any) -> dict[str, Any] | None:
@@ -757,13 +836,18 @@ def _new_stage(store: Path) -> Path:
     stage = store / WORK_DIR / f"stage-{uuid.uuid4().hex}"
     try:
         stage.mkdir(parents=True)
-    except PermissionError as e:
-        raise PermissionError(
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        how = (
+            "remount it read-write" if e.errno == errno.EROFS else "make it writable (e.g. `chmod -R u+w` on the store)"
+        )
+        raise type(e)(  # PermissionError for EACCES/EPERM, OSError for a read-only file system
             e.errno,
             f"Cannot write into the zarr store {store}: creating its work directory {e.filename} failed "
             f"({e.strerror}); the store (or the file system) is read-only for this user. Nothing in the store was "
-            "changed. Make it writable (e.g. `chmod -R u+w` on the store), or write the SpatialData object to a new "
-            "store with `sdata.write(new_path)`",
+            f"changed. To keep the results in the store, {how}, or write the SpatialData object to a new store with "
+            "`sdata.write(new_path)`",
         ) from e
     return stage
 
@@ -797,7 +881,16 @@ def _stage_table(live: Path, staged: Path, adata: AnnData, elements: tuple[str, 
             shutil.copy2(entry.path, target)  # the group's own small metadata files: copied, so edits stay local
     group = zarr.open_group(str(staged), mode="r+", use_consolidated=False)
     for name in elements:
-        _write_elem(group, name, _element_value(adata, name))
+        try:
+            _write_elem(group, name, _element_value(adata, name))
+        except Exception as e:
+            if type(e).__name__ == "IORegistryError":  # anndata has no writer for a value's type (its note names it)
+                e.add_note(
+                    f"anndata cannot store the value of {name} named above in a zarr store. Convert it to numbers, "
+                    f"bool, str or a categorical (e.g. `table.{name}[key] = table.{name}[key].astype(str)` for "
+                    "dates), or remove it."
+                )
+            raise
     if "uns" in elements and _ATTRS_KEY in adata.uns:
         # spatialdata mirrors the link in the table group's attributes; keep them equal to the new uns
         attrs = adata.uns[_ATTRS_KEY]
@@ -997,9 +1090,13 @@ def remove_shapes_element(sdata: SpatialData, shapes_key: str) -> bool:
         live = store / "shapes" / shapes_key
         if not live.exists():
             return False
-        _drop_from_consolidated(store, f"shapes/{shapes_key}")
-        stage = _new_stage(store)
-        os.rename(live, stage / shapes_key)
+        stage = _new_stage(store)  # first: a store that cannot be written to is refused before anything changes
+        try:
+            _drop_from_consolidated(store, f"shapes/{shapes_key}")
+            os.rename(live, stage / shapes_key)
+        except BaseException:
+            _cleanup(store, stage)
+            raise
         _fsync_dir(live.parent)
         _cleanup(store, stage)
         _refresh_consolidated(store)
