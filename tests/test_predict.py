@@ -932,3 +932,23 @@ def test_train_matches_a_panel_to_a_cellxgene_style_reference(tmp_path):
     np.testing.assert_allclose(whole.coef, scx.tl.train(counts, "label").coef, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="reference must be an AnnData or the path"):
         scx.tl.train(42, "label")
+
+
+def test_colours_of_columns_whose_categories_change_are_dropped(model, tmp_path):
+    """scanpy / spatialdata-plot keep a palette per categorical column in uns[f"{column}_colors"]: after a prediction
+    with other classes, the old palette was kept and drawn for the new categories (one colour each, by position)."""
+    query = _data(n=300, seed=50)
+    scx.tl.predict(query, model)
+    n = len(query.obs["cell_type"].cat.categories)
+    query.obs["batch"] = pd.Categorical(["a", "b"] * 150)
+    query.uns["cell_type_colors"] = np.array(["#000000"] * n, dtype=object)
+    query.uns["batch_colors"] = np.array(["#111111", "#222222"], dtype=object)
+    scx.tl.predict(query, model)  # the same classes: the palette still fits
+    assert list(query.uns["cell_type_colors"]) == ["#000000"] * n
+    reference = _data(n=600, seed=51, depth=5)
+    reference = reference[reference.obs["label"].isin(["type 0", "type 1"])].copy()
+    two = scx.tl.train(reference, "label", genes=[f"G{i}" for i in range(70)])
+    scx.tl.predict(query, two)  # other classes: the palette would colour them by position
+    assert "cell_type_colors" not in query.uns and "cell_type_predicted_colors" not in query.uns
+    assert list(query.uns["batch_colors"]) == ["#111111", "#222222"]  # a column left alone keeps its colours
+    query.write_h5ad(tmp_path / "q.h5ad")

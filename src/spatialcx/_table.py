@@ -141,6 +141,28 @@ class TableRef:
     #: obs, obsm and uns as they were when the table was resolved (backed SpatialData only): restored when writing
     #: into the store fails, so that the object in memory and the store still agree.
     before: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
+    #: The categories of each categorical obs column that has colours in ``uns[f"{column}_colors"]`` (scanpy's and
+    #: spatialdata-plot's palettes), when the table was resolved: colours of columns whose categories change are
+    #: dropped by :meth:`finish`, or they would be drawn for other categories.
+    colored: dict[str, list[Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.colored is None:
+            self.colored = _colored_categories(self.adata)
+
+    def drop_stale_colors(self) -> bool:
+        """Remove ``uns[f"{column}_colors"]`` of the columns whose categories changed; whether any was removed."""
+        stale = [
+            column
+            for column, categories in (self.colored or {}).items()
+            if f"{column}_colors" in self.adata.uns
+            and _colored_categories(self.adata, [column]).get(column) != categories
+        ]
+        for column in stale:
+            del self.adata.uns[f"{column}_colors"]
+        if stale:
+            logger.info("the colours of %s were removed: their categories changed (plots choose new ones)", stale)
+        return bool(stale)
 
     def snapshot(self) -> None:
         """Keep obs, obsm and uns as they are now (unless already kept), so that :meth:`restore` can put them back."""
@@ -179,6 +201,8 @@ class TableRef:
         The copy (AnnData for AnnData input, otherwise a new in-memory SpatialData that shares the other elements and
         holds the copied table) when the table was resolved with ``copy=True``, else ``None``.
         """
+        if self.drop_stale_colors() and "obs" in tuple(elements):
+            elements = (*tuple(elements), "uns") if "uns" not in tuple(elements) else tuple(elements)
         if self.copy:
             if self.sdata is None:
                 return self.adata
@@ -313,6 +337,26 @@ def check_key(value: Any, name: str = "key_added") -> str:
             "with '__' are reserved); choose a name without them, e.g. 'cell_type_v2'."
         )
     return value
+
+
+def _colored_categories(adata: AnnData, columns: Iterable[str] | None = None) -> dict[str, list[Any]]:
+    """The categories of the categorical obs ``columns`` (default: those with ``uns[f"{column}_colors"]``)."""
+    import pandas as pd
+
+    if columns is None:
+        uns_keys = list(adata.uns.keys()) if hasattr(adata.uns, "keys") else []
+        columns = [k[: -len("_colors")] for k in uns_keys if isinstance(k, str) and k.endswith("_colors")]
+    out: dict[str, list[Any]] = {}
+    for column in columns:
+        if column not in adata.obs.columns:
+            continue
+        try:
+            values = obs_column(adata, column)
+        except Exception:  # noqa: BLE001 - an obs entry that is no column: no colours of ours to keep in step
+            continue
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            out[column] = list(values.cat.categories)
+    return out
 
 
 def _copy_uns(uns: Mapping[str, Any]) -> dict[str, Any]:
