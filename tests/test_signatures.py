@@ -157,6 +157,20 @@ def test_spatial_smoothing_averages_neighbours():
     assert adata.uns["smooth"]["smooth"] and adata.uns["smooth"]["n_neighbors"] == 8
 
 
+def test_key_added_never_replaces_the_coordinates_or_another_obsm_entry():
+    """key_added="spatial" replaced the cells' coordinates with the scores (obsm[key_added] = scores)."""
+    adata = make_tissue(n_per_region=50)
+    coords = adata.obsm["spatial"].copy()
+    adata.obsm["X_umap"] = np.zeros((adata.n_obs, 2))
+    for key, what in (("spatial", "the cells' coordinates"), ("X_umap", "an entry that score_signatures did not")):
+        with pytest.raises(ValueError, match=re.escape(f"key_added={key!r} would replace obsm[{key!r}], {what}")):
+            scx.tl.score_signatures(adata, MARKERS, key_added=key)
+    np.testing.assert_array_equal(adata.obsm["spatial"], coords)
+    scx.tl.score_signatures(adata, MARKERS, key_added="sig")
+    scx.tl.score_signatures(adata, MARKERS, key_added="sig")  # its own earlier scores are replaced
+    assert adata.obsm["sig"].shape == (adata.n_obs, len(MARKERS))
+
+
 def test_annotate_domains_labels_regions_with_elbow_gap():
     adata = make_tissue()
     scx.tl.score_signatures(adata, MARKERS)

@@ -141,6 +141,7 @@ def score_signatures(
 
     ref = resolve_table(data, table_key, copy=copy, write=write)
     adata = ref.adata
+    _check_not_taken(adata, key_added, spatial_key)
     coords, coords_source, libraries = None, "", None
     if smooth:  # before reading any expression: a table without coordinates fails fast
         from ._domains import _coordinates, _libraries, _warn_if_sections
@@ -189,6 +190,18 @@ def score_signatures(
         adata.uns[key_added]["library_key"] = library_key
     logger.info("score_signatures(%r): %d signature(s) scored over %d genes.", key_added, len(names), n_genes)
     return ref.finish(write=write, elements=("obs", "obsm", "uns") if stale else ("obsm", "uns"))
+
+
+def _check_not_taken(adata: AnnData, key_added: str, spatial_key: str) -> None:
+    """Refuse a ``key_added`` whose ``obsm`` entry holds something else (the coordinates, an embedding)."""
+    earlier = adata.uns.get(key_added)
+    ours = isinstance(earlier, Mapping) and "names" in earlier and "genes" in earlier  # score_signatures' record
+    if key_added == spatial_key or (key_added in adata.obsm and not ours):
+        what = "the cells' coordinates" if key_added == spatial_key else "an entry that score_signatures did not write"
+        raise ValueError(
+            f"key_added={key_added!r} would replace obsm[{key_added!r}], {what}. Choose another key_added (e.g. "
+            "'signature')."
+        )
 
 
 def _stale_annotations(adata: AnnData, key_added: str, names: list[str], scores: np.ndarray) -> list[str]:
