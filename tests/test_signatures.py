@@ -203,6 +203,11 @@ def test_annotate_domains_unassigned_and_missing_groups():
     assert labels["B"] == "B cells"
     assert labels["Mac"] == "Unassigned" and labels["Myeloid"] == "Unassigned"
     assert adata.obs["ann"][adata.obs["domain"].isna()].isna().all()
+    # cluster ids with a missing value are stored as floats: groups 0.0, 1.0 read "0", "1" (as label_codes reads them)
+    codes = adata.obs["region"].astype("category").cat.codes.astype(float)
+    adata.obs["cluster"] = codes.where(adata.obs["region"] != "T")
+    scx.tl.annotate_domains(adata, "cluster", key_added="by_cluster")
+    assert sorted(adata.uns["by_cluster"]["groups"]) == ["0", "1", "2", "3"]  # not "0.0", ...; first-seen order
 
 
 def test_elbow_gap_rule():

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .._settings import logger
+from .._utils import label_text
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -373,7 +374,7 @@ def annotate_domains(
         or unassigned
         for gi in range(len(groups))
     ]
-    group_names = [str(g) for g in groups]
+    group_names = [str(g) for g in label_text(np.asarray(groups, dtype=object))]  # a float column's 0.0 reads "0"
     table = {
         "group": np.repeat(np.asarray(group_names, dtype=str), n_sig),
         "signature": np.tile(np.asarray(sig_names, dtype=str), len(groups)),
