@@ -253,6 +253,17 @@ def test_subsample_balanced_is_seeded():
     assert list(a.obs_names) != list(c.obs_names)
 
 
+def test_float_cluster_labels_read_as_whole_numbers():
+    """Labels stored as floats (cluster ids with a missing value elsewhere) read "3", as training and
+    combine_references read them: target_proportions keyed "3" matched no type before ("3.0")."""
+    adata = _reference({("1", "A"): 600, ("3", "A"): 600})
+    adata.obs["cluster"] = adata.obs["original_label"].astype(float)
+    out = scx.pp.subsample_balanced(adata, "cluster", max_cells_per_type=600, target_proportions={"1": 0.25, "3": 0.75})
+    assert out.uns["spatialcx_balance"]["groups"] == ["1", "3"]
+    counts = out.obs["cluster"].value_counts()
+    assert counts[3.0] == 600 and counts[1.0] < 600  # the proportions applied to the types they name
+
+
 def test_group_by_merges_differently_named_labels():
     names = {"CD4+ T cells": "CL:0000624", "CD4-positive, alpha-beta T cell": "CL:0000624", "B cell": "CL:0000236"}
     adata = _reference(

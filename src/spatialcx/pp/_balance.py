@@ -14,7 +14,7 @@ import pandas as pd
 
 from .._constants import SOURCE_KEY
 from .._settings import logger
-from .._utils import whole_number
+from .._utils import label_text, whole_number
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -503,12 +503,12 @@ def subsample_balanced(
             f"{int(labels.isna().sum())} cells have no label in obs[{label_key!r}]. Drop them or give them a label "
             "first (combine_references does this)."
         )
-    labels = labels.astype(str)
+    labels = pd.Series(label_text(labels), index=obs_names)  # float cluster ids 3.0 read "3", as in training
     if group_by is None:
         groups = labels
     else:
         raw = obs_column(adata, group_by).set_axis(obs_names)
-        groups = raw.astype(object).where(raw.notna(), labels).astype(str)
+        groups = pd.Series(label_text(raw), index=obs_names).where(raw.notna(), labels)
     if source_key in columns:
         raw_sources = obs_column(adata, source_key).set_axis(obs_names)
         if raw_sources.isna().any():
