@@ -199,22 +199,25 @@ class CellTypeModel:
             raise ValueError(
                 f"target_sum must be a positive number of counts per cell (10,000), got {self.target_sum}."
             )
-        repeated = pd.Index(self.features)
-        repeated = repeated[repeated.duplicated()].unique()
-        if len(repeated):
-            raise ValueError(
-                f"The model's features contain {len(repeated)} duplicated gene names (e.g. {list(repeated[:5])}): each "
-                "gene must name one column of coef, or a query column would be scored twice. Make the names unique "
-                "(e.g. train on an AnnData after `adata.var_names_make_unique()`)."
-            )
-        repeated = pd.Index(self.classes)
-        repeated = repeated[repeated.duplicated()].unique()
-        if len(repeated):
-            raise ValueError(
-                f"The model's classes contain {len(repeated)} duplicated names (e.g. {list(repeated[:5])}, compared as "
-                "text): each cell type must name one row of coef, or a predicted label could not say which row won. "
-                "Give every class its own name (labels that differ only in type, such as 1 and '1', read alike)."
-            )
+        for names, what, why in (
+            (
+                self.features,
+                "features contain {n} duplicated gene names (e.g. {examples})",
+                "each gene must name one column of coef, or a query column would be scored twice. Make the names "
+                "unique (e.g. train on an AnnData after `adata.var_names_make_unique()`).",
+            ),
+            (
+                self.classes,
+                "classes contain {n} duplicated names (e.g. {examples}, compared as text)",
+                "each cell type must name one row of coef, or a predicted label could not say which row won. Give "
+                "every class its own name (labels that differ only in type, such as 1 and '1', read alike).",
+            ),
+        ):
+            repeated = pd.Index(names)
+            repeated = repeated[repeated.duplicated()].unique()
+            if len(repeated):
+                found = what.format(n=len(repeated), examples=list(repeated[:5]))
+                raise ValueError(f"The model's {found}: {why}")
         if self.normalize_over not in ("genes", "all"):
             raise ValueError(f"normalize_over must be 'genes' or 'all', got {self.normalize_over!r}.")
         if self.calibration is not None:
