@@ -613,7 +613,12 @@ def test_missing_gene_and_dropped_set_warnings_are_short(caplog):
     assert messages and all(len(m) < 500 for m in messages), [len(m) for m in messages]
     missing = next(m for m in messages if "not in the panel and left out" in m)
     n_sets = sum(bool(m) for m in u["missing"])
-    assert f"marker genes of the {n_sets} signatures scored are not in the panel and left out (e.g. T cell: " in missing
+    n_scored = len(u["names"])
+    assert n_sets <= n_scored
+    assert (
+        f"marker genes of {n_sets} signatures (of the {n_scored} scored) are not in the panel and left out (e.g. T cell: "
+        in missing
+    )
     assert "uns['signature']['missing']" in missing and "; ..." in missing
     dropped = next(m for m in messages if "not scored" in m)
     assert f"{len(u['dropped'])} marker sets of {len(markers)} have no gene in the panel and are not scored" in dropped

@@ -866,10 +866,11 @@ def _match_genes(
         n_genes = len({g for v in all_missing.values() for g in v})
         examples = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(all_missing.items())[:_N_EXAMPLES])
         logger.warning(
-            "score_signatures: %s of the %s scored %s not in the panel and left out (e.g. %s%s); "
+            "score_signatures: %s of %s (of the %d scored) %s not in the panel and left out (e.g. %s%s); "
             "uns[%r]['missing'] lists them per signature.",
             _plural(n_genes, "marker gene"),
             _plural(len(all_missing), "signature"),
+            len(names),
             "is" if n_genes == 1 else "are",
             examples,
             "; ..." if len(all_missing) > _N_EXAMPLES else "",
