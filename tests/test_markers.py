@@ -198,3 +198,53 @@ def test_opalin_and_ermn_name_the_hypothalamus_oligodendrocytes(shared_data):
     labels = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
     assert labels["Mature oligodendrocyte"] == "oligodendrocyte"
     assert labels["Excitatory"] == "glutamatergic neuron" and labels["Astrocytes"] == "astrocyte"
+
+
+@pytest.mark.parametrize(
+    ("name", "species"),
+    [
+        ("Homo sapiens", "human"),
+        ("HUMAN", "human"),
+        ("hsapiens", "human"),
+        ("NCBITaxon:9606", "human"),
+        ("Mus musculus", "mouse"),
+        ("mus_musculus", "mouse"),
+        ("mmus", "mouse"),
+        ("NCBITaxon:10090", "mouse"),
+    ],
+)
+def test_other_names_of_the_species_are_accepted(name, species):
+    """``"Homo sapiens"`` (CELLxGENE's organism), ``"mmus"`` or a taxon id were refused as unknown species."""
+    assert scx.tl.load_canonical_markers(species=name) == scx.tl.load_canonical_markers(species=species)
+
+
+@pytest.mark.parametrize("name", ["rat", "Rattus norvegicus", "", None])
+def test_another_species_is_refused_with_the_way_out(name):
+    with pytest.raises(ValueError, match=r"species must be 'human' or 'mouse' .*got .*pass path= a marker file"):
+        scx.tl.load_canonical_markers(species=name)
+
+
+def test_mouse_cdc2_markers_are_neither_pan_myeloid_nor_neuronal():
+    """Itgam (CD11b: monocytes, macrophages, microglia) and Sirpa (myeloid cells and neurons) made the mouse
+    "CD1c-positive myeloid dendritic cell" set score in brain microglia and neurons."""
+    mouse = scx.tl.load_canonical_markers(species="mouse", tissue="brain")
+    cdc2 = mouse["CD1c-positive myeloid dendritic cell"]
+    assert not {"Itgam", "Sirpa"} & set(cdc2)
+    assert {"Cd209a", "Clec4a4", "Mgl2"} <= set(cdc2)
+
+
+def test_hypothalamus_endothelial_cells_and_microglia_are_named(shared_data):
+    """No generic endothelial or microglia marker is on the hypothalamus panel: its endothelial cells (Slco1a4-high)
+    were named "pericyte" (Rgs5) and its microglia (Selplg-high) were "Unassigned"."""
+    adata = ad.read_h5ad(shared_data("hypothalamus_merfish_pair", "reference_scrna.h5ad"))
+    markers = scx.tl.load_canonical_markers(species="mouse", tissue="brain")
+    assert "Slco1a4" in markers["brain microvascular endothelial cell"] and "Selplg" in markers["microglial cell"]
+    scx.tl.score_signatures(adata, markers)
+    scx.tl.annotate_domains(adata, "cell_type_author", key_added="domain")
+    labels = dict(zip(adata.uns["domain"]["groups"], adata.uns["domain"]["labels"], strict=True))
+    assert labels["Endothelial"] == "brain microvascular endothelial cell"
+    assert labels["Microglia"] == "microglial cell"
+    assert labels["Mural"].split("/")[0] == "pericyte"
+    human = scx.tl.load_canonical_markers(tissue="brain")["brain microvascular endothelial cell"]
+    assert human == ["CLDN5", "SLC2A1", "MFSD2A", "SLCO1A2"]
+    assert "brain microvascular endothelial cell" not in scx.tl.load_canonical_markers(tissue="liver")

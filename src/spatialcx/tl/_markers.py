@@ -12,6 +12,19 @@ from typing import Any, Literal
 
 MARKERS_FILE = "canonical_markers.json"
 _CL_ID_RE = re.compile(r"CL:\d{7}")
+#: Names of the two species (case, spaces and punctuation ignored): common and Latin names, their short forms
+#: (Ensembl's "hsapiens", Bioconductor's "Hs" / "Mm", KEGG's "hsa" / "mmu") and the NCBI taxon ids of CELLxGENE's
+#: ``organism_ontology_term_id``.
+_SPECIES = {
+    **dict.fromkeys(
+        ["human", "homosapiens", "hsapiens", "hs", "hsa", "hsap", "ncbitaxon9606", "9606"],
+        "human",
+    ),
+    **dict.fromkeys(
+        ["mouse", "musmusculus", "mmusculus", "mm", "mmu", "mmus", "ncbitaxon10090", "10090"],
+        "mouse",
+    ),
+}
 
 
 def _read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
@@ -60,6 +73,18 @@ def _gene_list(value: Any, field: str, name: str, where: str) -> list[str]:
     return list(dict.fromkeys(g.strip() for g in value if g.strip()))
 
 
+def _species(species: Any) -> Literal["human", "mouse"]:
+    """``"human"`` or ``"mouse"`` for any of their names in ``_SPECIES`` (``"Homo sapiens"``, ``"mmus"``, ...)."""
+    found = _SPECIES.get(re.sub(r"[^0-9a-z]+", "", species.lower())) if isinstance(species, str) else None
+    if found is None:
+        raise ValueError(
+            f"species must be 'human' or 'mouse' (or a name of either, e.g. 'Homo sapiens', 'Mus musculus', 'mmus', "
+            f"'NCBITaxon:10090'), got {species!r}. The packaged markers are HGNC (human) and MGI (mouse) symbols; "
+            "for another species, pass path= a marker file of its own symbols."
+        )
+    return found  # type: ignore[return-value]
+
+
 def _normal_tissue(text: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", str(text).lower()).split())
 
@@ -99,7 +124,7 @@ def _tissue_groups(
 
 def load_canonical_markers(
     *,
-    species: Literal["human", "mouse"] = "human",
+    species: Literal["human", "mouse"] | str = "human",
     key: Literal["name", "id"] = "name",
     tissue: str | Sequence[str] | None = None,
     path: str | os.PathLike[str] | None = None,
@@ -116,7 +141,9 @@ def load_canonical_markers(
     ----------
     species
         ``"human"`` (HGNC symbols) or ``"mouse"`` (MGI symbols: the human symbol in title case unless the table gives
-        the mouse genes explicitly).
+        the mouse genes explicitly). Other names of the two are accepted, case and punctuation ignored: ``"Homo
+        sapiens"``, ``"hsapiens"``, ``"hsa"``, ``"Mus musculus"``, ``"mmus"``, ``"mmu"``, and the NCBI taxon ids of
+        CELLxGENE's ``organism_ontology_term_id`` (``"NCBITaxon:9606"``, ``"NCBITaxon:10090"``).
     key
         Key the result by CL ``"name"`` (e.g. ``"T cell"``) or CL ``"id"`` (``"CL:0000084"``).
     tissue
@@ -138,16 +165,15 @@ def load_canonical_markers(
     FileNotFoundError
         The file is missing.
     ValueError
-        The file is empty, not JSON, or lists no cell type with markers; a record's ``markers`` (or ``mouse``) is not
-        a list of gene symbols; ``tissue`` is not a known tissue.
+        ``species`` is not a name of human or mouse; the file is empty, not JSON, or lists no cell type with markers;
+        a record's ``markers`` (or ``mouse``) is not a list of gene symbols; ``tissue`` is not a known tissue.
 
     Examples
     --------
     >>> markers = scx.tl.load_canonical_markers(species="mouse", tissue="brain")  # doctest: +SKIP
     >>> scx.tl.score_signatures(sdata, markers)  # doctest: +SKIP
     """
-    if species not in ("human", "mouse"):
-        raise ValueError(f"species must be 'human' or 'mouse', got {species!r}.")
+    species = _species(species)
     if key not in ("name", "id"):
         raise ValueError(f"key must be 'name' or 'id', got {key!r}.")
     data, where = _read(path)
