@@ -73,6 +73,26 @@ def test_celltypist_sgd_model_imported_scores_exactly():
     assert query.uns["cell_type"]["classes"] == model.classes.tolist()
 
 
+def test_genes_in_few_training_cells_are_named(caplog):
+    """A gene expressed in 1 of 1,308 reference cells (a macrophage) made a whole cortex query "macrophage" with high
+    confidence: its spread is tiny, so every query cell expressing it sat at the clip. Training names such genes."""
+    rng = np.random.default_rng(5)
+    x = rng.poisson(2.0, (400, 12)).astype(np.float64)
+    x[:, 3] = 0
+    x[[7, 9], 3] = 4.0  # g3: in 2 cells only
+    x[:, 8] = 0
+    x[:5, 8] = 1.0  # g8: in 5 cells
+    y = rng.choice(["a", "b"], 400)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        model = fit_model(sparse.csr_matrix(x), y, [f"g{i}" for i in range(12)], method="logreg")
+    assert "2 gene(s) are expressed in fewer than 10 of the 400 training cells (e.g. g3 (2), g8 (5))" in caplog.text
+    assert model.description["genes_in_few_cells"] == {"genes": ["g3", "g8"], "n_cells": [2, 5]}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        common = fit_model(sparse.csr_matrix(rng.poisson(2.0, (400, 12))), y, [f"g{i}" for i in range(12)])
+    assert "fewer than 10" not in caplog.text and "genes_in_few_cells" not in common.description
+
+
 def test_sparse_scoring_handles_values_above_clip_and_zero_variance_genes():
     rng = np.random.default_rng(3)
     x = sparse.random(300, 30, density=0.2, random_state=4, format="csr", dtype=np.float64) * 8

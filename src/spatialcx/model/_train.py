@@ -49,6 +49,37 @@ def _coef_from(clf: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, intercept
 
 
+#: A gene expressed in fewer training cells than this is named in a warning (see :func:`_genes_in_few_cells`).
+FEW_CELLS = 10
+
+
+def _genes_in_few_cells(features: np.ndarray, n_expressing: np.ndarray, n_cells: int) -> dict[str, list[Any]]:
+    """Warn about genes expressed in fewer than :data:`FEW_CELLS` training cells; return them (at most 50) and counts.
+
+    Their weights rest on those few cells, and the scaler (mean and spread over all training cells) puts a query cell
+    that expresses such a gene far above anything seen in training: at the clip, 10 spreads up, for a gene expressed
+    in under 1 % of the cells. A query that expresses it widely (another platform, tissue or depth) is then pulled
+    towards the types of those few cells.
+    """
+    rare = np.flatnonzero(n_expressing < FEW_CELLS)
+    if rare.size == 0:
+        return {}
+    rare = rare[np.argsort(n_expressing[rare], kind="stable")]
+    shown = ", ".join(f"{features[i]} ({int(n_expressing[i])})" for i in rare[:5])
+    logger.warning(
+        "%d gene(s) are expressed in fewer than %d of the %d training cells (e.g. %s): their weights rest on those "
+        "cells, and a query cell that expresses one is scored far above the training range (clipped at 10 spreads), "
+        "towards those cells' types. If the query expresses them widely (another platform or tissue), leave them out "
+        "of genes=, or use a reference that measures them.",
+        rare.size,
+        FEW_CELLS,
+        n_cells,
+        shown,
+    )
+    keep = rare[:50]
+    return {"genes": [str(features[i]) for i in keep], "n_cells": [int(n_expressing[i]) for i in keep]}
+
+
 def _check_fit_params(
     method: Any,
     batch_size: Any,
@@ -166,12 +197,14 @@ def fit_model(
             f"The reference has a single cell type ({classes.tolist()}); a classifier needs at least two. "
             "Add references with other types, or check that the label key is the cell-type column."
         )
-    expressed = np.asarray((x != 0).sum(axis=0)).ravel() > 0
+    n_expressing = np.asarray((x != 0).sum(axis=0)).ravel()
+    expressed = n_expressing > 0
     if not expressed.all():
         logger.info("%d genes are not expressed in any training cell and are dropped", int((~expressed).sum()))
-        x, features = x[:, expressed], features[expressed]
+        x, features, n_expressing = x[:, expressed], features[expressed], n_expressing[expressed]
     if x.shape[1] == 0:
         raise ValueError("No gene is expressed in the training cells.")
+    few = _genes_in_few_cells(features, n_expressing, x.shape[0])
     mean, scale = _scale_params(x, with_mean)
     n, g = x.shape
     asked = method
@@ -234,6 +267,8 @@ def fit_model(
             "clip": float(clip),
         }
     )
+    if few:
+        desc["genes_in_few_cells"] = few
     if method == "minibatch":  # the settings that shaped it (max_iter is not used)
         desc.update(
             {"batch_size": int(batch_size), "epochs": int(epochs), "balance_cell_type": bool(balance_cell_type)}
