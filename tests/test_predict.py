@@ -952,3 +952,36 @@ def test_colours_of_columns_whose_categories_change_are_dropped(model, tmp_path)
     assert "cell_type_colors" not in query.uns and "cell_type_predicted_colors" not in query.uns
     assert list(query.uns["batch_colors"]) == ["#111111", "#222222"]  # a column left alone keeps its colours
     query.write_h5ad(tmp_path / "q.h5ad")
+
+
+def test_genes_that_put_the_query_at_the_clip_are_named(caplog):
+    """A gene the reference detects in a few cells but the query expresses widely puts the query's cells at the clip
+    (10 spreads above the training mean) and pulls every call towards the types that expressed it: named now, also
+    when the table is a dask array (the counts of the blocks are summed)."""
+    import dask.array as da
+
+    reference = _data(n=800, g=20, seed=60, depth=5)
+    x = reference.X.toarray()
+    x[:, 0] = 0
+    x[:3, 0] = 5  # G0: in 3 reference cells
+    reference.X = sparse.csr_matrix(x)
+    model = scx.tl.train(reference, "label")
+    query = _data(n=400, g=20, seed=61, depth=5)
+    q = query.X.toarray()
+    q[:, 0] = 0
+    q[:300, 0] = 5  # G0 in 75 % of the query's cells
+    query.X = sparse.csr_matrix(q)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.predict(query, model)
+    assert "1 of the model's genes put more than 5 % of the cells at the clip" in caplog.text
+    assert "G0 (75% of cells)" in caplog.text
+    assert query.uns["cell_type"]["genes_at_clip"] == {"genes": ["G0"], "share": [0.75]}
+    lazy = ad.AnnData(da.from_array(query.X, chunks=(100, 20)), obs=query.obs[[]], var=query.var)
+    scx.tl.predict(lazy, model, chunk_size=100)
+    assert lazy.uns["cell_type"]["genes_at_clip"] == {"genes": ["G0"], "share": [0.75]}
+    np.testing.assert_array_equal(lazy.obs["cell_type_predicted"], query.obs["cell_type_predicted"])
+    caplog.clear()
+    plain = _data(n=400, g=20, seed=62, depth=5)
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.predict(plain, scx.tl.train(_data(n=800, g=20, seed=63, depth=5), "label"))
+    assert "at the clip" not in caplog.text and "genes_at_clip" not in plain.uns["cell_type"]

@@ -59,6 +59,12 @@ class ScoringWeights:
     z0: np.ndarray
     clip: float
 
+    def at_clip(self, x: sparse.csr_matrix) -> np.ndarray:
+        """For each present gene, how many cells of a normalized CSR block reach the clip (scaled value >= clip)."""
+        cols = x.indices
+        reached = x.data * self.inv_scale[cols] - self.shift[cols] >= self.clip
+        return np.bincount(cols[reached], minlength=self.weights.shape[0]).astype(np.int64)
+
     def score(self, x: sparse.spmatrix | np.ndarray) -> np.ndarray:
         """Decision scores ``(n_cells, n_classes)`` of a normalized block whose columns are the present genes."""
         # a new CSR object (the caller's is left alone); its values are replaced, never modified in place

@@ -24,12 +24,18 @@ def _score_block(
     sw: ScoringWeights,
     start: int = 0,
     where: str = "The expression matrix",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of one block of rows (the first being row ``start``), and how many of the model's genes each expresses."""
-    x = normalize_block(block, cols, kind=kind, over=over, target_sum=target_sum, row_offset=start, where=where)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score one block of rows (the first being row ``start``).
+
+    Returns the scores, how many of the model's genes each cell expresses, and for each of those genes how many
+    cells reach the clip.
+    """
+    x = sparse.csr_matrix(
+        normalize_block(block, cols, kind=kind, over=over, target_sum=target_sum, row_offset=start, where=where)
+    )
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
     expressed = np.bincount(rows[x.data != 0], minlength=x.shape[0])  # stored zeros do not count
-    return sw.score(x), expressed.astype(np.int64)
+    return sw.score(x), expressed.astype(np.int64), sw.at_clip(x)
 
 
 def _score_dask(
@@ -41,21 +47,31 @@ def _score_dask(
     sw: ScoringWeights,
     chunk: int,
     where: str = "The expression matrix",
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import dask
     import dask.array as da
 
     x = matrix.rechunk({0: min(chunk, matrix.shape[0]), 1: -1})
-    n_classes = sw.weights.shape[1]
+    n_classes, n_genes = sw.weights.shape[1], sw.weights.shape[0]
 
     def _block(b: Any, block_info: dict | None = None) -> np.ndarray:
         start = block_info[0]["array-location"][0][0] if block_info else 0
-        scores, expressed = _score_block(b, cols, kind, over, target_sum, sw, start, where)
+        scores, expressed, _ = _score_block(b, cols, kind, over, target_sum, sw, start, where)
         # the count of expressed genes travels as one more column (exact in float64)
         return np.column_stack([scores, expressed.astype(np.float64)])
 
+    def _clipped(b: Any, block_info: dict | None = None) -> np.ndarray:
+        start = block_info[0]["array-location"][0][0] if block_info else 0
+        return _score_block(b, cols, kind, over, target_sum, sw, start, where)[2][None, :]
+
     out = da.map_blocks(_block, x, dtype=np.float64, chunks=(x.chunks[0], (n_classes + 1,)), meta=np.empty((0, 0)))
-    out = np.asarray(out.compute())
-    return np.ascontiguousarray(out[:, :n_classes]), out[:, n_classes].astype(np.int64)
+    # one row of counts per block, summed: the blocks are read once for both (one graph)
+    per_block = da.map_blocks(
+        _clipped, x, dtype=np.int64, chunks=((1,) * len(x.chunks[0]), (n_genes,)), meta=np.empty((0, 0), np.int64)
+    )
+    out, at_clip = dask.compute(out, per_block.sum(axis=0))
+    out = np.asarray(out)
+    return np.ascontiguousarray(out[:, :n_classes]), out[:, n_classes].astype(np.int64), np.asarray(at_clip, np.int64)
 
 
 def is_sparse_matrix(matrix: Any) -> bool:
@@ -93,7 +109,7 @@ def score_matrix(
     normalize_over: Literal["genes", "all"] | None = None,
     chunk_size: int | None = None,
     where: str = "The expression matrix",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Decision scores of every row of ``matrix`` (cells x ``var_names``).
 
     Each block of rows is read, log1p-normalized (over the model's genes found in the table, or over all genes) and
@@ -105,9 +121,10 @@ def score_matrix(
 
     Returns
     -------
-    ``(scores, present, expressed)``: float64 ``(n_cells, n_classes)``, the indices of the model's genes found, and
-    for each cell the number of the model's genes it expresses (0: a cell without counts in those genes, whose scores
-    are the model's intercepts and scaler terms alone).
+    ``(scores, present, expressed, at_clip)``: float64 ``(n_cells, n_classes)``, the indices of the model's genes
+    found, for each cell the number of the model's genes it expresses (0: a cell without counts in those genes, whose
+    scores are the model's intercepts and scaler terms alone), and for each gene of ``present`` the number of cells
+    whose scaled value reaches the clip (in training, at most ``1 / clip**2`` of the cells can: Chebyshev).
     """
     check_normalize_over(normalize_over)
     # "genes" means: library size over the model's genes that the table has
@@ -116,17 +133,19 @@ def score_matrix(
     sw = model.scoring_weights(present)
     chunk = scoring_chunk_size(matrix, len(cols), chunk_size)
     if is_dask(matrix) and _stored_csc(matrix) is None:  # a lazy CSC matrix on disk: read by rows below instead
-        scores, expressed = _score_dask(matrix, cols, kind, over, model.target_sum, sw, chunk, where)
-        return scores, present, expressed
+        scores, expressed, at_clip = _score_dask(matrix, cols, kind, over, model.target_sum, sw, chunk, where)
+        return scores, present, expressed, at_clip
     n = matrix.shape[0]
     scores = np.empty((n, model.n_classes), dtype=np.float64)
     expressed = np.empty(n, dtype=np.int64)
+    at_clip = np.zeros(len(present), dtype=np.int64)
 
-    def _one(block: Any, start: int) -> tuple[np.ndarray, np.ndarray]:
+    def _one(block: Any, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return _score_block(block, cols, kind, over, model.target_sum, sw, start, where)
 
-    def _put(start: int, stop: int, result: tuple[np.ndarray, np.ndarray]) -> None:
-        scores[start:stop], expressed[start:stop] = result
+    def _put(start: int, stop: int, result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        scores[start:stop], expressed[start:stop] = result[0], result[1]
+        at_clip[:] += result[2]  # blocks are put one at a time, by this thread
 
     n_chunks = -(-n // chunk)
     blocks = progress(iter_row_blocks(matrix, chunk), total=n_chunks, desc="scoring cells")
@@ -134,7 +153,7 @@ def score_matrix(
     if workers == 1:
         for start, stop, block in blocks:
             _put(start, stop, _one(block, start))
-        return scores, present, expressed
+        return scores, present, expressed, at_clip
     # blocks are read in order by this thread (file-backed arrays are not thread-safe) and scored by a pool; numpy
     # and scipy release the GIL in the heavy loops. At most `workers` blocks are in flight: memory stays O(chunk).
     with ThreadPoolExecutor(workers) as pool:
@@ -146,4 +165,4 @@ def score_matrix(
                 _put(s0, s1, fut.result())
         for s0, s1, fut in pending:
             _put(s0, s1, fut.result())
-    return scores, present, expressed
+    return scores, present, expressed, at_clip

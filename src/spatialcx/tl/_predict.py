@@ -487,7 +487,7 @@ def compute_predictions(
             model.n_features,
             *_missing_genes_note(model, present, src.var_names),
         )
-    scores, _, expressed = score_matrix(
+    scores, _, expressed, at_clip = score_matrix(
         src.matrix,
         src.var_names,
         model,
@@ -496,6 +496,7 @@ def compute_predictions(
         chunk_size=chunk_size,
         where=f"The table's {src.where}",
     )
+    genes_at_clip = _genes_at_clip(model, present, at_clip, len(expressed))
     best = scores.argmax(axis=1)
     # A cell without counts in the model's genes has no evidence: its scores are the model's constant terms. It keeps
     # CellTypist's label, but gets confidence 0 and stays out of the dataset-level statistics of the confidence.
@@ -531,6 +532,8 @@ def compute_predictions(
         "versions": package_versions(),
         "model_description": _jsonable_dict(model.description),
     }
+    if genes_at_clip:
+        params["genes_at_clip"] = genes_at_clip
     return Predictions(
         labels=pd.Categorical.from_codes(best, categories=pd.Index(model.classes)),
         confidence=conf,
@@ -539,6 +542,41 @@ def compute_predictions(
         params=params,
         n_genes=expressed,
     )
+
+
+#: A model gene that puts more than this share of the query's cells at the clip is named in a warning.
+CLIP_SHARE_WARNING = 0.05
+
+
+def _genes_at_clip(model: CellTypeModel, present: np.ndarray, at_clip: np.ndarray, n_cells: int) -> dict[str, list]:
+    """Warn about model genes that put more than :data:`CLIP_SHARE_WARNING` of the cells at the clip; return them.
+
+    A scaled value at the clip is ``clip`` spreads above the training mean: by Chebyshev's inequality at most
+    ``1 / clip**2`` of the training cells (1 % for CellTypist's 10) can be there. A gene that puts far more query cells
+    there is expressed by the query far more than by the reference (another tissue, platform or depth: a gene the
+    reference detects in a handful of cells), and it pulls the calls towards the types that expressed it in training.
+    """
+    if n_cells == 0 or at_clip.size == 0:
+        return {}
+    share = at_clip / n_cells
+    over = np.flatnonzero(share > max(CLIP_SHARE_WARNING, 1.0 / model.clip**2))
+    if over.size == 0:
+        return {}
+    over = over[np.argsort(-share[over], kind="stable")]
+    genes = model.features[np.asarray(present)[over]]
+    logger.warning(
+        "%d of the model's genes put more than %.0f %% of the cells at the clip (%g spreads above the training mean, "
+        "where at most %.0f %% of training cells can be): e.g. %s. The table expresses them far more than the "
+        "reference does (another tissue, platform or depth), and they pull the calls towards the types that "
+        "expressed them in training. Check those calls (scx.pl.validation_2d), or train without these genes.",
+        over.size,
+        100 * CLIP_SHARE_WARNING,
+        model.clip,
+        100 / model.clip**2,
+        ", ".join(f"{g} ({share[i]:.0%} of cells)" for g, i in zip(genes[:5], over[:5])),
+    )
+    keep = slice(0, 50)
+    return {"genes": [str(g) for g in genes[keep]], "share": [round(float(v), 4) for v in share[over][keep]]}
 
 
 def _missing_genes_note(model: CellTypeModel, present: np.ndarray, var_names: Any) -> tuple[list[str], str]:
