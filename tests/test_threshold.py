@@ -494,7 +494,7 @@ def test_lazy_table_obs_columns(lazy_starmap):
     assert lazy.uns["t2"]["threshold"] == pytest.approx(lazy.uns["threshold"]["threshold"], abs=1e-6)
     assert lazy.uns["t2"]["n_high"] == n_high
     fig = scx.pl.threshold(lazy, "threshold")
-    assert f"{n_high} / {lazy.n_obs} high" in fig.axes[0].get_title()
+    assert f"{n_high:,} / {lazy.n_obs:,} high" in fig.axes[0].get_title()  # 3,704 cells: with a thousands separator
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def threshold(
             ax.set_xlabel(_axis_label(features[0], kinds[0]) if features else f"{key} score")
         ax.set_ylabel("cells")
         ax.set_title(
-            f"{params.get('method', '')}: threshold {thr:.3g}, {int(high.sum())} / {high.size} high", fontsize=9
+            f"{params.get('method', '')}: threshold {thr:.3g}, {int(high.sum()):,} / {high.size:,} high", fontsize=9
         )
         ax.legend(frameon=False, fontsize=8)
 
