@@ -630,9 +630,21 @@ def test_missing_gene_and_dropped_set_warnings_are_short(caplog):
     assert "1 marker set of 2 has fewer than 2 genes in the panel and is not scored (e.g. 'X')" in text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="spatialcx"):
-        scx.tl.score_signatures(adata, {"A": ["CD3D", "NOPE"], "B": ["CD3D"], "C": ["CD68"]}, key_added="twins")
+        scx.tl.score_signatures(adata, {"A": ["CD3D", "CD3E"], "B": ["CD3E", "CD3D"], "C": ["CD68"]}, key_added="twins")
     assert "1 group of marker sets has the same genes in the panel" in caplog.text and "'A' = 'B'" in caplog.text
     np.testing.assert_array_equal(adata.obsm["twins"][:, 0], adata.obsm["twins"][:, 1])
+    caplog.clear()
+    # a set that lost the genes that told it apart ("lamp5 interneuron" without LAMP5 is "GABAergic neuron"): it
+    # scored as the other set and named that set's cells after itself; it is not scored now
+    with caplog.at_level(logging.WARNING, logger="spatialcx"):
+        scx.tl.score_signatures(adata, {"A": ["CD3D", "NOPE"], "B": ["CD3D"], "C": ["CD68"]}, key_added="lost")
+    assert (
+        "1 marker set lost the genes that told it apart and is left with exactly the panel genes of another set, so "
+        "it is not scored (e.g. 'A' = 'B')" in caplog.text
+    )
+    assert "same genes in the panel" not in caplog.text
+    assert list(adata.uns["lost"]["names"]) == ["B", "C"] and list(adata.uns["lost"]["dropped"]) == ["A"]
+    assert "has no gene in the panel" not in caplog.text  # 'A' is not counted among the sets without genes
     assert list(adata.uns["k"]["dropped"]) == ["X"]
 
 

@@ -862,6 +862,35 @@ def _match_genes(
         names.append(name)
         used.append(found)
         missing.append(miss)
+    # a set that lost its own genes and is left with exactly another, complete set's ("lamp5 GABAergic interneuron"
+    # without LAMP5 is {GAD1, GAD2}, "GABAergic neuron") would score as that set and name its cells after itself
+    by_genes: dict[frozenset[str], list[int]] = {}
+    for i, genes in enumerate(used):
+        by_genes.setdefault(frozenset(genes), []).append(i)
+    reduced = {
+        i: next(j for j in group if not missing[j])
+        for group in by_genes.values()
+        if any(not missing[j] for j in group)
+        for i in group
+        if missing[i]
+    }
+    if reduced:
+        logger.warning(
+            "score_signatures: %s lost the genes that told %s apart and %s left with exactly the panel genes of "
+            "another set, so %s not scored (e.g. %s%s); uns[%r]['dropped'] lists them.",
+            _plural(len(reduced), "marker set"),
+            "it" if len(reduced) == 1 else "them",
+            "is" if len(reduced) == 1 else "are",
+            "it is" if len(reduced) == 1 else "they are",
+            "; ".join(f"{names[i]!r} = {names[j]!r}" for i, j in list(reduced.items())[:_N_EXAMPLES]),
+            "; ..." if len(reduced) > _N_EXAMPLES else "",
+            key_added,
+        )
+        dropped.extend(names[i] for i in reduced)
+        for name in (names[i] for i in reduced):
+            all_missing.pop(name, None)
+        keep = [i for i in range(len(names)) if i not in reduced]
+        names, used, missing = [names[i] for i in keep], [used[i] for i in keep], [missing[i] for i in keep]
     if all_missing:
         n_genes = len({g for v in all_missing.values() for g in v})
         examples = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(all_missing.items())[:_N_EXAMPLES])
@@ -876,17 +905,18 @@ def _match_genes(
             "; ..." if len(all_missing) > _N_EXAMPLES else "",
             key_added,
         )
-    if dropped:
+    too_few = dropped[: len(dropped) - len(reduced)]  # the sets left with too few genes (the reduced ones come last)
+    if too_few:
         shortfall = "no gene in the panel" if min_genes == 1 else f"fewer than {min_genes} genes in the panel"
         logger.warning(
             "score_signatures: %s of %d %s %s and %s not scored (e.g. %s%s); uns[%r]['dropped'] lists them.",
-            _plural(len(dropped), "marker set"),
+            _plural(len(too_few), "marker set"),
             len(marker_sets),
-            "has" if len(dropped) == 1 else "have",
+            "has" if len(too_few) == 1 else "have",
             shortfall,
-            "is" if len(dropped) == 1 else "are",
-            ", ".join(map(repr, dropped[:_N_EXAMPLES])),
-            ", ..." if len(dropped) > _N_EXAMPLES else "",
+            "is" if len(too_few) == 1 else "are",
+            ", ".join(map(repr, too_few[:_N_EXAMPLES])),
+            ", ..." if len(too_few) > _N_EXAMPLES else "",
             key_added,
         )
     same: dict[frozenset[str], list[str]] = {}
