@@ -875,16 +875,13 @@ def _match_genes(
         if missing[i]
     }
     if reduced:
+        one = len(reduced) == 1
+        pairs = [f"{names[i]!r} = {names[j]!r}" for i, j in reduced.items()]
         logger.warning(
-            "score_signatures: %s lost the genes that told %s apart and %s left with exactly the panel genes of "
-            "another set, so %s not scored (e.g. %s%s); uns[%r]['dropped'] lists them.",
-            _plural(len(reduced), "marker set"),
-            "it" if len(reduced) == 1 else "them",
-            "is" if len(reduced) == 1 else "are",
-            "it is" if len(reduced) == 1 else "they are",
-            "; ".join(f"{names[i]!r} = {names[j]!r}" for i, j in list(reduced.items())[:_N_EXAMPLES]),
-            "; ..." if len(reduced) > _N_EXAMPLES else "",
-            key_added,
+            f"score_signatures: {_plural(len(reduced), 'marker set')} lost the genes that told {'it' if one else 'them'} "
+            f"apart and {'is' if one else 'are'} left with exactly the panel genes of another set, so "
+            f"{'it is' if one else 'they are'} not scored (e.g. {'; '.join(pairs[:_N_EXAMPLES])}"
+            f"{'; ...' if len(pairs) > _N_EXAMPLES else ''}); uns[{key_added!r}]['dropped'] lists them."
         )
         dropped.extend(names[i] for i in reduced)
         for name in (names[i] for i in reduced):
