@@ -53,12 +53,14 @@ def _coef_from(clf: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 FEW_CELLS = 10
 
 
-def _genes_in_few_cells(features: np.ndarray, n_expressing: np.ndarray, n_cells: int) -> dict[str, list[Any]]:
+def _genes_in_few_cells(
+    features: np.ndarray, n_expressing: np.ndarray, n_cells: int, clip: float
+) -> dict[str, list[Any]]:
     """Warn about genes expressed in fewer than :data:`FEW_CELLS` training cells; return them (at most 50) and counts.
 
     Their weights rest on those few cells, and the scaler (mean and spread over all training cells) puts a query cell
-    that expresses such a gene far above anything seen in training: at the clip, 10 spreads up, for a gene expressed
-    in under 1 % of the cells. A query that expresses it widely (another platform, tissue or depth) is then pulled
+    that expresses such a gene far above anything seen in training: at the clip (``clip`` spreads up; 10, for a gene
+    expressed in under 1 % of the cells, with CellTypist's clip). A query that expresses it widely (another platform, tissue or depth) is then pulled
     towards the types of those few cells.
     """
     rare = np.flatnonzero(n_expressing < FEW_CELLS)
@@ -68,13 +70,14 @@ def _genes_in_few_cells(features: np.ndarray, n_expressing: np.ndarray, n_cells:
     shown = ", ".join(f"{features[i]} ({int(n_expressing[i])})" for i in rare[:5])
     logger.warning(
         "%d gene(s) are expressed in fewer than %d of the %d training cells (e.g. %s): their weights rest on those "
-        "cells, and a query cell that expresses one is scored far above the training range (clipped at 10 spreads), "
+        "cells, and a query cell that expresses one is scored far above the training range (clipped at %g spreads), "
         "towards those cells' types. If the query expresses them widely (another platform or tissue), leave them out "
         "of genes=, or use a reference that measures them.",
         rare.size,
         FEW_CELLS,
         n_cells,
         shown,
+        clip,
     )
     keep = rare[:50]
     return {"genes": [str(features[i]) for i in keep], "n_cells": [int(n_expressing[i]) for i in keep]}
@@ -204,7 +207,7 @@ def fit_model(
         x, features, n_expressing = x[:, expressed], features[expressed], n_expressing[expressed]
     if x.shape[1] == 0:
         raise ValueError("No gene is expressed in the training cells.")
-    few = _genes_in_few_cells(features, n_expressing, x.shape[0])
+    few = _genes_in_few_cells(features, n_expressing, x.shape[0], clip)
     mean, scale = _scale_params(x, with_mean)
     n, g = x.shape
     asked = method

@@ -204,18 +204,18 @@ def train(
     from spatialcx import __version__
     from spatialcx.model._train import _check_fit_params
 
-    # before the reference is read (train clips at 10, as CellTypist)
-    _check_fit_params(
-        method,
-        batch_size,
-        epochs,
-        max_iter=max_iter,
-        balance_cell_type=balance_cell_type,
-        C=C,
-        alpha=alpha,
-        n_jobs=n_jobs,
-        random_state=random_state,
-    )
+    fit_settings = {
+        "method": method,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "max_iter": max_iter,
+        "balance_cell_type": balance_cell_type,
+        "C": C,
+        "alpha": alpha,
+        "n_jobs": n_jobs,
+        "random_state": random_state,
+    }
+    _check_fit_params(**fit_settings)  # before the reference is read (train clips at 10, as CellTypist)
     _check_min_genes(min_genes)
     from spatialcx._matrix import default_chunk_size
 
@@ -315,21 +315,7 @@ def train(
             "n_cells": [int(v) for v in excluded_counts],
         },
     }
-    model = fit_model(
-        x,
-        y,
-        shared,
-        method=method,
-        C=C,
-        alpha=alpha,
-        max_iter=max_iter,
-        batch_size=batch_size,
-        epochs=epochs,
-        balance_cell_type=balance_cell_type,
-        random_state=random_state,
-        n_jobs=n_jobs,
-        description=description,
-    )
+    model = fit_model(x, y, shared, **fit_settings, description=description)
     logger.info("trained %r", model)
     return model
 
